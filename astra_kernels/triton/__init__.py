@@ -1,0 +1,1 @@
+"""Triton kernels (imported lazily: the CPU path never needs triton)."""
