@@ -1,0 +1,364 @@
+"""Proof-chain helpers shared by every kernel test of the package (see DEVELOPERS.md, "The proof chain").
+
+Step 1 of the chain runs each Triton kernel in Triton's interpreter on CPU tensors, against a float64
+torch reference, on fresh random inputs (never zeros), with outputs poisoned before the call. This
+module provides the pieces:
+
+* :func:`seeded_generator` - a ``torch.Generator`` with a fixed seed (tests are deterministic);
+* :func:`random_inputs` / :func:`random_ints` - random data that never contains exact zeros
+  (a kernel that forgets to write, or reads the wrong row, cannot hide behind zeros);
+* :func:`poison_like` / :func:`poisoned_empty` - output buffers filled with NaN (floats) or a
+  sentinel (:data:`POISON_INT` = -12345 for signed ints, :data:`POISON_U8` = 0xAB for uint8, ...) so
+  that an element the kernel never wrote is detected by :func:`assert_no_poison`;
+* :func:`assert_matches_reference` - compares a result with a float64 reference and reports the max
+  absolute / relative error and the worst element;
+* :func:`interpret_mode` / :func:`kernel_device` / :func:`interpreter_env` - how to get the
+  interpreter.
+
+How ``TRITON_INTERPRET`` works in triton 3.x (checked on 3.9)
+------------------------------------------------------------
+``@triton.jit`` reads ``triton.knobs.runtime.interpret`` (which falls back to the environment variable
+``TRITON_INTERPRET``) **when the decorator runs**, i.e. when the kernel module is imported: with it set
+the decorator returns an ``InterpretedFunction`` (runs on CPU tensors), otherwise a ``JITFunction``
+(needs a GPU). Setting the variable after the kernel module was imported has no effect on that
+module's kernels. Therefore:
+
+1. The test suite sets ``TRITON_INTERPRET=1`` in ``tests/conftest.py`` *before anything imports a kernel
+   module*, when no CUDA device is present (``os.environ.setdefault``, so an explicit
+   ``TRITON_INTERPRET=0`` from the user still wins). This is the normal route.
+2. :func:`interpret_mode` is the robust route for scripts / a process that already imported the
+   kernels: it sets the env var and the knob, and **reloads** every already-imported module under
+   ``astra_kernels.triton`` so that their ``@triton.jit`` decorators run again in interpreter mode; on
+   exit it restores the previous setting and reloads them again. ``importlib.reload`` updates the
+   module object in place, so code that looks kernels up as ``module.kernel`` at call time (as all ops
+   of this package do) sees the new functions; a name bound with ``from mod import kernel`` would not.
+3. :func:`interpreter_env` returns an environment for running a subprocess with the interpreter on
+   (or off: ``python -m astra_kernels.aot`` needs real ``JITFunction`` s and switches it off itself).
+
+``_dispatch.interpreting()`` reads the environment variable at call time, so ``backend="triton"`` on
+CPU tensors is accepted exactly while interpreting.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+
+POISON_INT = -12345
+POISON_U8 = 0xAB
+POISON_FLOAT = float("nan")
+
+_INT_POISON = {
+    torch.uint8: POISON_U8,
+    torch.int8: -85,  # 0xAB as int8
+    torch.int16: POISON_INT,
+    torch.int32: POISON_INT,
+    torch.int64: POISON_INT,
+    torch.bool: True,
+}
+
+
+def seeded_generator(seed: int = 0, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded with ``seed`` (CPU by default)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _gen(generator: Optional[torch.Generator], seed: Optional[int]) -> torch.Generator:
+    if generator is not None:
+        return generator
+    return seeded_generator(0 if seed is None else seed)
+
+
+def random_inputs(
+    *shape: int,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    scale: float = 1.0,
+    kind: str = "normal",
+    min_abs: float = 1e-3,
+) -> torch.Tensor:
+    """Random floats of ``shape`` that contain no exact zeros (``|x| >= min_abs * scale``).
+
+    ``kind="normal"``: standard normal times ``scale``; ``kind="uniform"``: uniform in
+    ``[-scale, scale]``. Values are drawn in float64 on the CPU (reproducible across devices) and then
+    cast to ``dtype`` and moved to ``device``.
+    """
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    g = _gen(generator, seed)
+    if kind == "normal":
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    elif kind == "uniform":
+        x = torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1
+    else:
+        raise ValueError(f"kind must be 'normal' or 'uniform', got {kind!r}")
+    small = x.abs() < min_abs
+    x = torch.where(small, torch.where(x < 0, -min_abs, min_abs) * torch.ones_like(x), x)
+    x = (x * scale).to(dtype)
+    # casting to a narrow dtype can underflow tiny values to 0: push them back out
+    if (x == 0).any():
+        x = torch.where(x == 0, torch.full_like(x, min_abs * scale), x)
+    return x.to(device)
+
+
+def random_ints(
+    *shape: int,
+    low: int,
+    high: int,
+    dtype: torch.dtype = torch.int64,
+    device: Union[str, torch.device] = "cpu",
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """Random integers in ``[low, high)`` (``torch.randint`` with a seeded generator)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    g = _gen(generator, seed)
+    return torch.randint(low, high, tuple(shape), generator=g, dtype=torch.int64).to(dtype).to(device)
+
+
+def poison_value(dtype: torch.dtype):
+    """The poison used for ``dtype``: NaN for floating dtypes, a sentinel for integer dtypes."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return POISON_FLOAT
+    if dtype in _INT_POISON:
+        return _INT_POISON[dtype]
+    return POISON_INT
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor like ``t`` filled with the poison of its dtype."""
+    return torch.full_like(t, poison_value(t.dtype))
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` in place with its poison; returns ``t``."""
+    return t.fill_(poison_value(t.dtype))
+
+
+def poisoned_empty(
+    *shape: int, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"
+) -> torch.Tensor:
+    """``torch.empty`` of ``shape`` filled with the poison of ``dtype``."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    return torch.full(tuple(shape), poison_value(dtype), dtype=dtype, device=device)
+
+
+def assert_no_poison(t: torch.Tensor, name: str = "output") -> None:
+    """Fail if any element of ``t`` still holds the poison (i.e. was never written)."""
+    t = t.detach().cpu()
+    if t.dtype.is_floating_point:
+        bad = torch.isnan(t)
+    else:
+        bad = t == poison_value(t.dtype)
+    n = int(bad.sum())
+    if n:
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{name}: {n} of {t.numel()} elements still poisoned (first at {idx})")
+
+
+def max_errors(actual: torch.Tensor, ref64: torch.Tensor) -> Tuple[float, float]:
+    """(max absolute error, max relative error) of ``actual`` against ``ref64``, in float64."""
+    a = actual.detach().cpu().to(torch.float64)
+    r = ref64.detach().cpu().to(torch.float64)
+    if a.numel() == 0:
+        return 0.0, 0.0
+    diff = (a - r).abs()
+    rel = diff / r.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return float(diff.max()), float(rel.max())
+
+
+def assert_matches_reference(
+    actual: torch.Tensor,
+    ref64: torch.Tensor,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+    name: str = "output",
+) -> Tuple[float, float]:
+    """Assert ``|actual - ref64| <= atol + rtol * |ref64|`` elementwise (computed in float64).
+
+    ``ref64`` is the float64 reference. Fails on shape mismatch, on any NaN/inf in ``actual`` that is
+    not in the reference (poison left in place counts), and reports the max abs / rel error, the
+    number of mismatching elements and the worst one. Returns (max_abs, max_rel).
+    """
+    if tuple(actual.shape) != tuple(ref64.shape):
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(ref64.shape)}")
+    a = actual.detach().cpu().to(torch.float64)
+    r = ref64.detach().cpu().to(torch.float64)
+    nonfinite = ~torch.isfinite(a) & torch.isfinite(r)
+    if nonfinite.any():
+        idx = nonfinite.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: {int(nonfinite.sum())} non-finite elements (poison or overflow) where the reference "
+            f"is finite; first at {idx}: {a[tuple(idx)].item()} vs {r[tuple(idx)].item()}"
+        )
+    diff = (a - r).abs()
+    tol = atol + rtol * r.abs()
+    bad = diff > tol
+    max_abs, max_rel = max_errors(a, r)
+    if bad.any():
+        worst = int(torch.argmax(diff - tol))
+        widx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.numel()} elements outside atol={atol} rtol={rtol}; "
+            f"max abs err {max_abs:.3e}, max rel err {max_rel:.3e}; worst at {list(widx)}: "
+            f"{a[widx].item()!r} vs reference {r[widx].item()!r}"
+        )
+    return max_abs, max_rel
+
+
+def assert_equal_ints(actual: torch.Tensor, expected: torch.Tensor, name: str = "output") -> None:
+    """Exact equality for integer results (codes, bytes) with a useful message."""
+    a = actual.detach().cpu()
+    e = expected.detach().cpu()
+    if tuple(a.shape) != tuple(e.shape):
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    ne = a.to(torch.int64) != e.to(torch.int64)
+    if ne.any():
+        idx = ne.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: {int(ne.sum())} of {a.numel()} elements differ; first at {idx}: "
+            f"{a[tuple(idx)].item()} vs expected {e[tuple(idx)].item()}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# interpreter control
+# --------------------------------------------------------------------------------------------------
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1`` is in effect for newly decorated kernels and for dispatch."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cuda_available() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - broken CUDA installs
+        return False
+
+
+def kernel_device() -> str:
+    """The device on which a ``backend="triton"`` test should put its tensors.
+
+    ``"cuda"`` on a GPU machine that is not interpreting, else ``"cpu"`` (interpreter).
+    """
+    if cuda_available() and not interpreting():
+        return "cuda"
+    return "cpu"
+
+
+def triton_runnable() -> bool:
+    """Whether a Triton kernel can run here (a GPU, or the interpreter on)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return interpreting() or cuda_available()
+
+
+def _kernel_modules() -> Sequence[str]:
+    return sorted(m for m in sys.modules if m.startswith("astra_kernels.triton.") and sys.modules[m] is not None)
+
+
+def _set_interpret(on: bool) -> None:
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        from triton import knobs
+
+        # assigning a bool pins the knob; deleting it makes it follow the environment again
+        if on:
+            knobs.runtime.interpret = True
+        else:
+            try:
+                del knobs.runtime.interpret
+            except AttributeError:
+                pass
+    except Exception:
+        pass
+
+
+def reload_kernel_modules() -> None:
+    """Re-run the ``@triton.jit`` decorators of every imported ``astra_kernels.triton.*`` module."""
+    for name in _kernel_modules():
+        importlib.reload(sys.modules[name])
+
+
+@contextlib.contextmanager
+def interpret_mode(on: bool = True) -> Iterator[None]:
+    """Run the body with Triton's interpreter switched on (or off with ``on=False``).
+
+    Sets ``TRITON_INTERPRET`` and ``triton.knobs.runtime.interpret`` and reloads the already imported
+    kernel modules so their kernels are (re)created in that mode; restores everything on exit.
+    """
+    prev_env = os.environ.get("TRITON_INTERPRET")
+    was = interpreting()
+    changed = was != on
+    _set_interpret(on)
+    if changed:
+        reload_kernel_modules()
+    try:
+        yield
+    finally:
+        if prev_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = prev_env
+        try:
+            from triton import knobs
+
+            try:
+                del knobs.runtime.interpret
+            except AttributeError:
+                pass
+        except Exception:
+            pass
+        if changed:
+            reload_kernel_modules()
+
+
+def interpreter_env(on: bool = True, base: Optional[dict] = None) -> dict:
+    """A copy of the environment (``base`` or ``os.environ``) with the interpreter on or off."""
+    env = dict(os.environ if base is None else base)
+    if on:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+__all__ = [
+    "POISON_INT",
+    "POISON_U8",
+    "POISON_FLOAT",
+    "seeded_generator",
+    "random_inputs",
+    "random_ints",
+    "poison_value",
+    "poison_like",
+    "poison_",
+    "poisoned_empty",
+    "assert_no_poison",
+    "max_errors",
+    "assert_matches_reference",
+    "assert_equal_ints",
+    "interpreting",
+    "cuda_available",
+    "kernel_device",
+    "triton_runnable",
+    "reload_kernel_modules",
+    "interpret_mode",
+    "interpreter_env",
+]
