@@ -1,0 +1,9 @@
+"""astra_kernels: the kernel layer of astra.
+
+Triton kernels (VQ encode/decode, packing, mixed-precision attention), float64 torch references,
+fast CPU paths, backend dispatch, and the C++ bit-stream codec. Knows nothing of models: no
+``transformers``, no ``torch.distributed``.
+"""
+from .codec import CODES_DTYPE, crc32c, frame_header, frame_layout, frame_nbytes, pack_codes, unpack_codes
+
+__version__ = "0.1.0"

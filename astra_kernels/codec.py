@@ -1,0 +1,137 @@
+"""Bit-stream codec: pack integer codes into framed, CRC32C-protected byte strings.
+
+The wire format is specified byte by byte in ``docs/wire-format.md``. Packing and unpacking run in
+C++ (``astra_kernels._codec``) directly on the tensors' memory (zero-copy for contiguous CPU
+tensors), with the GIL released; there is no Python loop over elements.
+
+* :func:`pack_codes` accepts any integer tensor (or numpy array) of at most 8 dimensions whose
+  values lie in ``[0, 2**bits)``, ``bits`` in 1..16. A non-contiguous input is copied to contiguous
+  memory first. CUDA tensors are copied to the host (the device-side packer is the Triton one).
+* :func:`unpack_codes` returns a contiguous CPU ``torch.int32`` tensor with the packed shape.
+
+Both raise :class:`ValueError` naming the problem for any malformed input; no byte string can make
+them read or write out of bounds.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import _codec
+
+__all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "crc32c", "CODES_DTYPE"]
+
+#: dtype of the codes returned by :func:`unpack_codes`.
+CODES_DTYPE = torch.int32
+
+# torch dtype -> C++ DType enum (csrc/codec.h). int8 works for widths up to 7 (non-negative values).
+_DTYPES = {
+    torch.uint8: 0,
+    torch.int8: 1,
+    torch.int16: 2,
+    torch.uint16: 3,
+    torch.int32: 4,
+    torch.uint32: 5,
+    torch.int64: 6,
+}
+
+
+def frame_layout(shape: Sequence[int], bits: int) -> Tuple[int, int, int]:
+    """``(header_nbytes, payload_nbytes, frame_nbytes)`` of a frame holding codes of ``shape``."""
+    _check_bits(bits)
+    return _codec.frame_layout(int(bits), [int(s) for s in shape])
+
+
+def frame_nbytes(shape: Sequence[int], bits: int) -> int:
+    """Size in bytes of the frame holding codes of ``shape`` at ``bits`` bits each."""
+    return frame_layout(shape, bits)[2]
+
+
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+    if not 1 <= int(bits) <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+
+
+def _as_cpu_tensor(x, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        if not x.flags.writeable:
+            x = x.copy()  # torch.from_numpy warns on read-only arrays
+        t = torch.from_numpy(x)
+    elif isinstance(x, (bytes, bytearray, memoryview)) and what == "frame":
+        t = torch.frombuffer(bytearray(x), dtype=torch.uint8)
+    else:
+        raise ValueError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pack ``codes`` (integer tensor, values in ``[0, 2**bits)``) into a 1-D ``torch.uint8`` frame.
+
+    ``out``, if given, is a contiguous 1-D uint8 CPU tensor of at least :func:`frame_nbytes` bytes;
+    the frame is written to its start and the matching view ``out[:nbytes]`` is returned.
+    """
+    if type(bits) is not int:  # noqa: E721 - fast path; numpy ints etc. are checked below
+        _check_bits(bits)
+        bits = int(bits)
+    if type(codes) is torch.Tensor and codes.is_cpu and codes.is_contiguous():  # noqa: E721
+        t = codes
+    else:
+        t = _as_cpu_tensor(codes, "codes")
+    code = _DTYPES.get(t.dtype)
+    if code is None:
+        raise ValueError(f"codes must have an integer dtype ({', '.join(str(d) for d in _DTYPES)}), got {t.dtype}")
+    shape = t.shape
+    if len(shape) > _codec.MAX_NDIM:
+        raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {len(shape)}")
+    if out is None:
+        # Size from the format (docs/wire-format.md); shape and bits are validated again in C++.
+        nbytes = 12 + 4 * len(shape) + (t.numel() * bits + 7) // 8 if 1 <= bits <= 16 else 0
+        out = torch.from_numpy(np.empty(nbytes, np.uint8))  # cheaper than torch.empty for small frames
+    elif not (isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.dim() == 1
+              and out.is_cpu and out.is_contiguous()):
+        raise ValueError("out must be a contiguous 1-D torch.uint8 CPU tensor")
+    n = _codec.pack(t.data_ptr(), code, shape, bits, out.data_ptr(), out.numel())
+    return out if n == out.numel() else out[:n]
+
+
+def frame_header(frame) -> Tuple[int, Tuple[int, ...]]:
+    """Validate a frame's header and size and return ``(bits, shape)`` (the CRC is checked by unpack)."""
+    f = _frame_tensor(frame)
+    return _codec.parse_header(f.data_ptr(), f.numel())
+
+
+def _frame_tensor(frame) -> torch.Tensor:
+    f = _as_cpu_tensor(frame, "frame")
+    if f.dtype != torch.uint8 or f.dim() != 1:
+        raise ValueError(f"frame must be a 1-D torch.uint8 tensor, got dtype={f.dtype} with {f.dim()} dims")
+    return f
+
+
+def unpack_codes(frame) -> torch.Tensor:
+    """Decode a frame made by :func:`pack_codes`; returns ``torch.int32`` codes with the packed shape."""
+    if type(frame) is torch.Tensor and frame.is_cpu and frame.dtype == torch.uint8 and frame.dim() == 1 \
+            and frame.is_contiguous():  # noqa: E721
+        f = frame
+    else:
+        f = _frame_tensor(frame)
+    ptr, n = f.data_ptr(), f.numel()
+    _, shape = _codec.parse_header(ptr, n)
+    out = torch.from_numpy(np.empty(shape, np.int32))
+    _codec.unpack(ptr, n, out.data_ptr(), out.numel())
+    return out
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of a uint8 tensor / bytes, continuing from ``crc`` (0 starts afresh)."""
+    t = _frame_tensor(data)
+    return _codec.crc32c(t.data_ptr(), t.numel(), int(crc))

@@ -1,0 +1,251 @@
+"""The C++ bit-stream codec: round trips, exact bytes, rejection of every malformed input, fuzzing."""
+import random
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from astra_kernels import crc32c, frame_header, frame_layout, frame_nbytes, pack_codes, unpack_codes
+
+
+# ---- an independent pure-Python model of docs/wire-format.md ----------------------------------
+def _crc32c_py(data: bytes, crc: int = 0) -> int:
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _ref_frame(codes: np.ndarray, bits: int) -> bytes:
+    flat = [int(v) for v in codes.reshape(-1)]
+    acc = 0
+    for i, c in enumerate(flat):
+        acc |= c << (i * bits)
+    payload = acc.to_bytes((len(flat) * bits + 7) // 8, "little")
+    head = b"ASTQ" + bytes([1, bits, codes.ndim, 0]) + b"".join(struct.pack("<I", d) for d in codes.shape)
+    return head + struct.pack("<I", _crc32c_py(head + payload)) + payload
+
+
+def _with_crc(frame: bytearray) -> bytearray:
+    """Recompute the CRC of a hand-edited frame (so a later check, not the CRC, must catch it)."""
+    ndim = frame[6]
+    off = 8 + 4 * ndim
+    frame[off:off + 4] = struct.pack("<I", _crc32c_py(bytes(frame[:off]) + bytes(frame[off + 4:])))
+    return frame
+
+
+SHAPES = [(), (0,), (1,), (2,), (7,), (8,), (9,), (33,), (512, 1), (17, 3), (2, 3, 4), (0, 5), (3, 0, 2),
+          (1, 1, 1, 1, 1, 1, 1, 3)]
+
+
+def _rand_codes(shape, bits, dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2 ** bits, shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+def test_crc32c_check_value():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_round_trip_every_width_and_shape(bits):
+    for i, shape in enumerate(SHAPES):
+        codes = _rand_codes(shape, bits, seed=bits * 100 + i)
+        frame = pack_codes(codes, bits)
+        assert frame.dtype == torch.uint8 and frame.dim() == 1
+        assert frame.numel() == frame_nbytes(shape, bits)
+        assert bytes(frame.numpy()) == _ref_frame(codes.numpy(), bits)
+        back = unpack_codes(frame)
+        assert back.dtype == torch.int32 and tuple(back.shape) == tuple(shape)
+        assert torch.equal(back.long(), codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,
+                                   torch.uint32, torch.int64])
+def test_input_dtypes(dtype):
+    bits = 7
+    codes = _rand_codes((5, 13), bits, dtype=dtype, seed=3)
+    assert torch.equal(unpack_codes(pack_codes(codes, bits)).long(), codes.long())
+
+
+def test_numpy_and_noncontiguous_inputs():
+    codes = _rand_codes((16, 9), 10, seed=4)
+    t = codes.t()  # non-contiguous view: packed in its logical (C) order
+    assert not t.is_contiguous()
+    assert torch.equal(unpack_codes(pack_codes(t, 10)).long(), t)
+    assert torch.equal(unpack_codes(pack_codes(codes.numpy(), 10)).long(), codes)
+    f = pack_codes(codes, 10)
+    assert torch.equal(unpack_codes(bytes(f.numpy())).long(), codes)  # bytes frames accepted
+
+
+def test_512_tokens_of_one_10_bit_code_take_640_payload_bytes():
+    header, payload, total = frame_layout((512, 1), 10)
+    assert (header, payload, total) == (20, 640, 660)
+    assert pack_codes(_rand_codes((512, 1), 10), 10).numel() == 660
+
+
+def test_exact_bytes_hand_checked():
+    # [1, 2, 3] at 10 bits: 1 at bit 0, 2 at bit 10, 3 at bit 20.
+    f = pack_codes(torch.tensor([1, 2, 3]), 10)
+    head = bytes([0x41, 0x53, 0x54, 0x51, 1, 10, 1, 0, 3, 0, 0, 0])
+    payload = bytes([0x01, 0x08, 0x30, 0x00])
+    assert bytes(f.numpy()) == head + struct.pack("<I", _crc32c_py(head + payload)) + payload
+    # 3 bits: 7, 0, 5 -> 0b01_000_111, 0b1 ; padding bits zero.
+    assert bytes(pack_codes(torch.tensor([7, 0, 5]), 3).numpy()[16:]) == bytes([0x47, 0x01])
+    # 16 bits: little-endian u16s.
+    assert bytes(pack_codes(torch.tensor([0x1234, 0xABCD]), 16).numpy()[16:]) == bytes([0x34, 0x12, 0xCD, 0xAB])
+    # 1 bit: LSB first.
+    assert bytes(pack_codes(torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1]), 1).numpy()[16:]) == bytes([0x0D, 0x01])
+    # 0-d tensor and empty tensors.
+    assert bytes(pack_codes(torch.tensor(5), 4).numpy()[12:]) == bytes([0x05])
+    assert pack_codes(torch.zeros(0, 4, dtype=torch.int32), 10).numel() == 12 + 8
+
+
+def test_out_buffer():
+    codes = _rand_codes((100,), 12)
+    buf = torch.full((1000,), 0xAB, dtype=torch.uint8)
+    f = pack_codes(codes, 12, out=buf)
+    assert f.data_ptr() == buf.data_ptr() and f.numel() == frame_nbytes((100,), 12)
+    assert torch.equal(unpack_codes(f).long(), codes)
+    with pytest.raises(ValueError, match="too small"):
+        pack_codes(codes, 12, out=torch.empty(10, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="out must be"):
+        pack_codes(codes, 12, out=torch.empty(1000, dtype=torch.int32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(bits=st.integers(1, 16), shape=st.lists(st.integers(0, 9), min_size=0, max_size=4), data=st.data())
+def test_property_round_trip_matches_reference(bits, shape, data):
+    n = int(np.prod(shape)) if shape else 1
+    vals = data.draw(st.lists(st.integers(0, 2 ** bits - 1), min_size=n, max_size=n))
+    codes = np.array(vals, dtype=np.int64).reshape(shape)
+    frame = pack_codes(codes, bits)
+    assert bytes(frame.numpy()) == _ref_frame(codes, bits)
+    assert np.array_equal(unpack_codes(frame).numpy(), codes)
+
+
+# ---- rejection -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, 17, -1, 10.0, True, "10", None])
+def test_rejects_bad_bits(bad):
+    with pytest.raises(ValueError, match="bits"):
+        pack_codes(torch.tensor([1]), bad)
+
+
+@pytest.mark.parametrize("bits", [1, 5, 10, 16])
+def test_rejects_out_of_range_codes(bits):
+    codes = _rand_codes((40,), bits)
+    codes[29] = 2 ** bits
+    with pytest.raises(ValueError, match=r"out of range at flat index 29"):
+        pack_codes(codes, bits)
+    codes[29] = -1
+    with pytest.raises(ValueError, match=r"out of range at flat index 29: -1"):
+        pack_codes(codes, bits)
+
+
+def test_rejects_bad_code_inputs():
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True, False]), torch.tensor([1 + 2j])):
+        with pytest.raises(ValueError, match="integer dtype"):
+            pack_codes(bad, 4)
+    with pytest.raises(ValueError, match="torch.Tensor or numpy"):
+        pack_codes([1, 2, 3], 4)
+    with pytest.raises(ValueError, match="at most 8 dimensions"):
+        pack_codes(torch.zeros([1] * 9, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        frame_layout((2 ** 32,), 4)
+
+
+def _frame(bits=10, shape=(6, 5), seed=7) -> bytearray:
+    return bytearray(pack_codes(_rand_codes(shape, bits, seed=seed), bits).numpy().tobytes())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda f: f[:5], "truncated frame"),
+        (lambda f: f[:11], "truncated frame"),
+        (lambda f: f[:-1], "truncated frame"),
+        (lambda f: f + b"\x00", "trailing bytes"),
+        (lambda f: b"XSTQ" + f[4:], "bad magic"),
+        (lambda f: f[:4] + b"\x02" + f[5:], "unsupported frame version 2"),
+        (lambda f: f[:5] + b"\x00" + f[6:], "bits=0"),
+        (lambda f: f[:5] + b"\x11" + f[6:], "bits=17"),
+        (lambda f: f[:6] + b"\x09" + f[7:], "ndim=9"),
+        (lambda f: f[:7] + b"\x01" + f[8:], "flags"),
+        (lambda f: _with_crc(bytearray(f[:8] + struct.pack("<I", 600) + f[12:])), "truncated frame: header announces"),
+        (lambda f: _with_crc(bytearray(f[:8] + struct.pack("<I", 2) + f[12:])), "trailing bytes"),
+        (lambda f: f[:-1] + bytes([f[-1] ^ 1]), "CRC mismatch"),
+        (lambda f: f[:17] + bytes([f[17] ^ 0x80]) + f[18:], "CRC mismatch"),  # the CRC field itself
+    ],
+)
+def test_rejects_corrupt_frames(mutate, message):
+    frame = bytes(mutate(_frame()))
+    with pytest.raises(ValueError, match=message):
+        unpack_codes(torch.frombuffer(bytearray(frame), dtype=torch.uint8) if frame else torch.empty(0, dtype=torch.uint8))
+
+
+def test_rejects_nonzero_padding_bits():
+    f = _frame(bits=3, shape=(3,))  # 9 bits -> 2 payload bytes, 7 padding bits
+    f[-1] |= 0x80
+    with pytest.raises(ValueError, match="padding bits"):
+        unpack_codes(bytes(_with_crc(f)))
+
+
+def test_rejects_huge_shape_claims_without_allocating():
+    f = _frame(bits=16, shape=(2, 3))
+    f[8:16] = struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF)
+    with pytest.raises(ValueError, match="truncated frame|too large"):
+        unpack_codes(bytes(_with_crc(f)))
+    g = bytearray(b"ASTQ" + bytes([1, 16, 8, 0]) + struct.pack("<8I", *[0xFFFFFFFF] * 8) + b"\0" * 4)
+    with pytest.raises(ValueError, match="too large"):
+        unpack_codes(bytes(g))
+
+
+def test_rejects_bad_frame_types():
+    with pytest.raises(ValueError, match="1-D torch.uint8"):
+        unpack_codes(torch.zeros(20, dtype=torch.int32))
+    with pytest.raises(ValueError, match="1-D torch.uint8"):
+        unpack_codes(torch.zeros(4, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="torch.Tensor or numpy"):
+        unpack_codes("ASTQ")
+    with pytest.raises(ValueError, match="truncated"):
+        frame_header(torch.zeros(3, dtype=torch.uint8))
+
+
+def test_fuzz_unpack_only_raises_value_error():
+    """>= 10^5 mutated, truncated, spliced and random frames: every one decodes or raises ValueError."""
+    rng = random.Random(1234)
+    seeds = [bytes(_frame(bits, shape, seed=i)) for i, (bits, shape) in enumerate(
+        [(1, (0,)), (3, (5,)), (8, ()), (10, (64, 1)), (13, (17, 3)), (16, (2, 3, 4)), (10, (512, 1))])]
+    decoded = rejected = 0
+    for it in range(100_000):
+        f = bytearray(rng.choice(seeds))
+        kind = it % 6
+        if kind == 0:
+            del f[rng.randrange(len(f) + 1):]
+        elif kind == 1:
+            i = rng.randrange(len(f))
+            f[i] ^= 1 << rng.randrange(8)
+        elif kind == 2:
+            f[rng.randrange(len(f))] = rng.randrange(256)
+        elif kind == 3:
+            f += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+        elif kind == 4:
+            f = bytearray(rng.randbytes(rng.randrange(64)))
+            if len(f) > 8 and rng.random() < 0.7:
+                f[:8] = b"ASTQ" + bytes([1, rng.randrange(1, 17), rng.randrange(0, 9), 0])
+        else:
+            a, b = rng.choice(seeds), rng.choice(seeds)
+            f = bytearray(a[: rng.randrange(len(a) + 1)] + b[rng.randrange(len(b) + 1):])
+        try:
+            unpack_codes(torch.frombuffer(f, dtype=torch.uint8) if f else torch.empty(0, dtype=torch.uint8))
+            decoded += 1
+        except ValueError:
+            rejected += 1
+    assert decoded + rejected == 100_000
+    assert rejected > 90_000  # nearly every mutation is caught (the rest are identity mutations)
