@@ -1,0 +1,192 @@
+"""Per-layer VQ codebooks: one ``[G, K, D/G]`` tensor per layer plus metadata, stored as safetensors."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+FORMAT = "astra-codebooks"
+FORMAT_VERSION = "1"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def code_bits(codebook_size: int) -> int:
+    """Bits per code for a codebook of ``codebook_size`` entries (ceil(log2 K), at least 1)."""
+    return max(1, math.ceil(math.log2(int(codebook_size))))
+
+
+class Codebooks:
+    """One ``[G, K, D/G]`` codebook per Transformer layer.
+
+    ``model_type`` is the HF ``config.model_type`` of the model family the codebooks were built for
+    (``"gpt2"``, ``"llama"``, ``"bert"``, ``"vit"``), ``hidden_size`` its D.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int):
+        tensors = list(tensors)
+        if not tensors:
+            raise ValueError("Codebooks needs at least one layer")
+        if not isinstance(model_type, str) or not model_type:
+            raise ValueError(f"model_type must be a non-empty string, got {model_type!r}")
+        hidden_size = int(hidden_size)
+        first = tensors[0]
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"codebook of layer {i} is not a tensor ({type(t).__name__})")
+            if t.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"codebook of layer {i} has dtype {t.dtype}; expected a floating dtype")
+            if t.ndim != 3:
+                raise ValueError(f"codebook of layer {i} has shape {tuple(t.shape)}; expected [G, K, D/G]")
+            if t.shape != first.shape or t.dtype != first.dtype:
+                raise ValueError(
+                    f"codebook of layer {i} is {tuple(t.shape)} {t.dtype}, layer 0 is {tuple(first.shape)} {first.dtype}; "
+                    "all layers must share shape and dtype"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"codebook of layer {i} contains NaN or Inf")
+        G, K, d = first.shape
+        if G < 1 or K < 1 or d < 1:
+            raise ValueError(f"codebook shape {tuple(first.shape)} has an empty dimension")
+        if G * d != hidden_size:
+            raise ValueError(f"codebooks are [G={G}, K={K}, D/G={d}] but hidden_size is {hidden_size} (G*D/G={G * d})")
+        if K > 65536:
+            raise ValueError(f"codebook size K={K} needs more than 16 bits per code (wire format limit)")
+        self.tensors: List[torch.Tensor] = tensors
+        self.model_type = model_type
+        self.hidden_size = hidden_size
+
+    # -- shape metadata ----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def groups(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.tensors[0].shape[1])
+
+    @property
+    def bits(self) -> int:
+        return code_bits(self.codebook_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.tensors[layer]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __repr__(self) -> str:
+        return (
+            f"Codebooks(model_type={self.model_type!r}, layers={self.num_layers}, hidden_size={self.hidden_size}, "
+            f"G={self.groups}, K={self.codebook_size}, bits={self.bits}, dtype={self.dtype})"
+        )
+
+    def to(self, *args, **kwargs) -> "Codebooks":
+        return Codebooks([t.to(*args, **kwargs) for t in self.tensors], model_type=self.model_type,
+                         hidden_size=self.hidden_size)
+
+    def bits_per_token(self) -> int:
+        return self.groups * self.bits
+
+    # -- model check -----------------------------------------------------------------------------
+    def check_model(self, model) -> None:
+        """Raise ValueError unless these codebooks fit ``model`` (family, hidden size, layer count)."""
+        from .models import family_of
+
+        fam = family_of(model)
+        if fam.name != self.model_type:
+            raise ValueError(f"codebooks were built for model_type {self.model_type!r}, model is {fam.name!r}")
+        if fam.hidden_size != self.hidden_size:
+            raise ValueError(f"codebooks have hidden_size {self.hidden_size}, model has {fam.hidden_size}")
+        if fam.num_layers != self.num_layers:
+            raise ValueError(f"codebooks have {self.num_layers} layers, model has {fam.num_layers}")
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, path: "str | os.PathLike") -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"layer.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors)}
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model_type": self.model_type,
+            "hidden_size": str(self.hidden_size),
+            "num_layers": str(self.num_layers),
+            "groups": str(self.groups),
+            "codebook_size": str(self.codebook_size),
+        }
+        save_file(tensors, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", model=None, *, device="cpu") -> "Codebooks":
+        """Load codebooks saved by :meth:`save`; with ``model``, also check they fit it."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no codebook file at {path}")
+        try:
+            f = safe_open(path, framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error types for malformed files
+            raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+        with f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an astra codebook file (metadata format={meta.get('format')!r})")
+            if meta.get("version") != FORMAT_VERSION:
+                raise ValueError(f"{path}: unsupported codebook format version {meta.get('version')!r}")
+            try:
+                n = int(meta["num_layers"])
+                hidden = int(meta["hidden_size"])
+                G = int(meta["groups"])
+                K = int(meta["codebook_size"])
+                model_type = meta["model_type"]
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{path}: missing or malformed codebook metadata ({e})") from e
+            keys = set(f.keys())
+            want = {f"layer.{i}" for i in range(n)}
+            if keys != want:
+                raise ValueError(f"{path}: expected tensors layer.0..layer.{n - 1}, found {sorted(keys)}")
+            tensors = [f.get_tensor(f"layer.{i}") for i in range(n)]
+        cb = cls(tensors, model_type=model_type, hidden_size=hidden)
+        if cb.groups != G or cb.codebook_size != K:
+            raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
+        if model is not None:
+            cb.check_model(model)
+        return cb
+
+    @classmethod
+    def random(cls, model, *, groups: int, codebook_size: int, seed: int = 0, scale: float = 1.0) -> "Codebooks":
+        """Gaussian random codebooks (for tests; use :func:`astra.calibrate` for useful ones)."""
+        from .models import family_of
+
+        fam = family_of(model)
+        D = fam.hidden_size
+        if D % groups:
+            raise ValueError(f"hidden size {D} is not divisible by G={groups}")
+        g = torch.Generator().manual_seed(seed)
+        t = [torch.randn(groups, codebook_size, D // groups, generator=g) * scale for _ in range(fam.num_layers)]
+        return cls(t, model_type=fam.name, hidden_size=D)
+
+
+def as_codebooks(codebooks, model) -> Optional[Codebooks]:
+    if codebooks is None:
+        return None
+    if isinstance(codebooks, (str, os.PathLike)):
+        return Codebooks.load(codebooks, model)
+    if not isinstance(codebooks, Codebooks):
+        raise TypeError(f"codebooks must be astra.Codebooks, a path, or None; got {type(codebooks).__name__}")
+    codebooks.check_model(model)
+    return codebooks
