@@ -6,11 +6,16 @@ Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`un
 """
 from .codebooks import Codebooks
 from .errors import AstraError, LaunchError, PeerError, UnsupportedModelError
-from .runtime import local_indices, simulate, split_indices, unpatch
+from .generation import simulate_generate
+from .launch import launch
+from .parallel import ParallelModel, parallelize
+from .runtime import LayerStats, local_indices, simulate, split_indices, unpatch
+from .transport import DEFAULT_TIMEOUT_S
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AstraError", "Codebooks", "LaunchError", "PeerError", "UnsupportedModelError",
-    "local_indices", "simulate", "split_indices", "unpatch",
+    "DEFAULT_TIMEOUT_S", "LayerStats", "ParallelModel", "launch", "local_indices", "parallelize", "simulate",
+    "simulate_generate", "split_indices", "unpatch",
 ]

@@ -290,14 +290,14 @@ def seq_geometry(fam: Family, inputs: Dict[str, Any]) -> Tuple[int, int]:
 
 def make_ctx(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool) -> Ctx:
     B, T = seq_geometry(fam, inputs)
-    chunks = split_indices(T, world_size, cls)
+    dev = next(fam.model.parameters()).device
+    chunks = [c.to(dev) for c in split_indices(T, world_size, cls)]
     mask = inputs.get("attention_mask")
     if mask is not None:
         if mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
     pos = inputs.get("position_ids")
-    dev = next(fam.model.parameters()).device
     default_pos = pos is None
     if fam.decoder:
         if pos is None:
@@ -327,13 +327,13 @@ class SimRuntime(_RuntimeBase):
     def _local_ext(self, r: int) -> torch.Tensor:
         chunk = self._ext(self.ctx.chunks[r])
         if self.ctx.cls:
-            return torch.cat([torch.tensor([r]), chunk])
+            return torch.cat([torch.tensor([r], device=chunk.device), chunk])
         return chunk
 
     def _local_global(self, r: int) -> torch.Tensor:
         chunk = self.ctx.chunks[r]
         if self.ctx.cls:
-            return torch.cat([torch.zeros(1, dtype=torch.long), chunk])
+            return torch.cat([chunk.new_zeros(1), chunk])
         return chunk
 
     def on_embeddings(self, out):
@@ -371,7 +371,7 @@ class SimRuntime(_RuntimeBase):
                 k_hat = torch.cat([kv_hat[s][0] for s in others], dim=2)
                 v_hat = torch.cat([kv_hat[s][1] for s in others], dim=2)
             else:
-                rg = torch.zeros(0, dtype=torch.long)
+                rg = lg[:0]
                 k_hat = k[:, :, :0]
                 v_hat = v[:, :, :0]
             lm, rm = _masks(ctx, lg, rg)

@@ -1,0 +1,128 @@
+"""``astra.launch``: spawn local gloo ranks on one machine (torchrun works too: see docs/runtime.md)."""
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, List, Optional
+
+from .errors import LaunchError
+
+_KEY = "__astra_launch__"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dump(obj) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _load(b: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(b), weights_only=False)
+
+
+def _worker(rank, world_size, port, backend, timeout_s, threads, fn, args, kwargs, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        import torch
+        import torch.distributed as dist
+
+        if threads:
+            torch.set_num_threads(threads)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        try:
+            result = fn(rank, *args, **kwargs)
+        finally:
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        q.put((rank, "ok", _dump(result)))
+    except BaseException as e:  # report everything, including SystemExit from fn
+        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout: float = 60.0,
+           join_timeout: Optional[float] = None, threads: int = 1, start_method: str = "spawn",
+           **kwargs) -> List[Any]:
+    """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` local processes joined in a ``backend`` process
+    group (gloo over loopback by default) and return the per-rank results, in rank order.
+
+    ``fn`` must be importable (module-level) and its result picklable. ``timeout`` is the process group's
+    collective timeout (seconds); ``join_timeout`` bounds the whole run (ranks still running then are
+    killed). Raises :class:`astra.LaunchError` if a rank raised, died, or was killed; the error carries the
+    results of the ranks that did return.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context(start_method)
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, float(timeout), threads, fn, args,
+                                               kwargs, q), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
+    results, errors = {}, {}
+    timed_out = False
+
+    def drain(block_s: float):
+        try:
+            rank, kind, payload = q.get(timeout=block_s)
+        except Exception:
+            return False
+        if kind == "ok":
+            results[rank] = _load(payload)
+        else:
+            errors[rank] = payload
+        return True
+
+    while len(results) + len(errors) < world_size:
+        if drain(0.1):
+            continue
+        if all(not p.is_alive() for p in procs):
+            # the last messages may still be in the pipe
+            while drain(0.5):
+                pass
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            timed_out = True
+            break
+    for p in procs:
+        if p.is_alive():
+            p.join(timeout=5 if not timed_out else 0.1)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+    dead = [r for r in range(world_size) if r not in results and r not in errors]
+    if errors or dead:
+        parts = []
+        if timed_out:
+            parts.append(f"launch timed out after {join_timeout}s")
+        if dead:
+            parts.append(f"rank(s) {dead} exited without a result (exit codes "
+                         f"{[procs[r].exitcode for r in dead]})")
+        for r, tb in sorted(errors.items()):
+            parts.append(f"rank {r} raised {tb.splitlines()[0]}")
+        msg = "; ".join(parts)
+        if errors:
+            msg += "\n\nfirst traceback:\n" + errors[min(errors)]
+        raise LaunchError(msg, results=results, errors=errors, dead=dead)
+    return [results[r] for r in range(world_size)]
