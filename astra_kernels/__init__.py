@@ -7,3 +7,4 @@ fast CPU paths, backend dispatch, and the C++ bit-stream codec. Knows nothing of
 from .codec import CODES_DTYPE, crc32c, frame_header, frame_layout, frame_nbytes, pack_codes, unpack_codes
 
 __version__ = "0.1.0"
+from .vq import default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference  # VQ ops (issue 3)
