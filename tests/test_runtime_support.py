@@ -22,9 +22,9 @@ for _p in (str(_ROOT), str(_ROOT / "python")):
 # --------------------------------------------------------------------------------------------
 def _vq_encode(x, codebook, *, backend="auto"):
     G, K, d = codebook.shape
-    xs = x.reshape(*x.shape[:-1], G, d).to(codebook.dtype)
-    dist = ((xs.unsqueeze(-2) - codebook) ** 2).sum(-1)  # [..., G, K]
-    return dist.argmin(-1).to(torch.int32)
+    xs = x.reshape(-1, G, d).to(codebook.dtype).transpose(0, 1)          # [G, N, d]
+    dist = (xs * xs).sum(-1, keepdim=True) - 2 * xs @ codebook.transpose(1, 2) + (codebook * codebook).sum(-1)[:, None]
+    return dist.argmin(-1).transpose(0, 1).reshape(*x.shape[:-1], G).to(torch.int32)
 
 
 def _vq_decode(codes, codebook):

@@ -4,6 +4,7 @@ Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`un
 :func:`calibrate`, :func:`simulate_generate`, and the errors :class:`PeerError`,
 :class:`UnsupportedModelError`, :class:`LaunchError`. Semantics: docs/runtime.md.
 """
+from .calibrate import calibrate
 from .codebooks import Codebooks
 from .errors import AstraError, LaunchError, PeerError, UnsupportedModelError
 from .generation import simulate_generate
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AstraError", "Codebooks", "LaunchError", "PeerError", "UnsupportedModelError",
-    "DEFAULT_TIMEOUT_S", "LayerStats", "ParallelModel", "launch", "local_indices", "parallelize", "simulate",
+    "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize", "simulate",
     "simulate_generate", "split_indices", "unpatch",
 ]
