@@ -417,11 +417,13 @@ def _launch_encode(x2, cb, cn, codes, words, bits: int, write: bool, fuse: bool)
     )
 
 
-def vq_encode_triton(x2: torch.Tensor, cb: torch.Tensor, cn: torch.Tensor) -> torch.Tensor:
-    """Codes ``[N, G]`` int32 for contiguous ``x2 [N, D]``, ``cb [G, K, DG]``, ``cn [G, K]`` fp32."""
+def vq_encode_triton(x2: torch.Tensor, cb: torch.Tensor, cn: torch.Tensor, out=None) -> torch.Tensor:
+    """Codes ``[N, G]`` int32 for contiguous ``x2 [N, D]``, ``cb [G, K, DG]``, ``cn [G, K]`` fp32.
+
+    ``out`` (contiguous int32 ``[N, G]``) is written if given (tests pass a poisoned one)."""
     N = x2.shape[0]
     G = cb.shape[0]
-    codes = torch.empty(N, G, dtype=torch.int32, device=x2.device)
+    codes = torch.empty(N, G, dtype=torch.int32, device=x2.device) if out is None else out
     if N:
         dummy = torch.zeros(1, dtype=torch.int32, device=x2.device)
         _launch_encode(x2, cb, cn, codes, dummy, 0, True, False)
@@ -437,11 +439,12 @@ def encode_and_pack_triton(x2, cb, cn, bits: int, shape) -> torch.Tensor:
     return _finish_frame(words, frame_header_bytes(shape, bits), H, P)
 
 
-def vq_decode_triton(codes2: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+def vq_decode_triton(codes2: torch.Tensor, cb: torch.Tensor, out=None) -> torch.Tensor:
     """``out [N, G*DG]`` (codebook dtype) for ``codes2 [N, G]`` int32 (range-checked by the caller)."""
     N, G = codes2.shape
     _, K, DG = cb.shape
-    out = torch.empty(N, G * DG, dtype=cb.dtype, device=cb.device)
+    if out is None:
+        out = torch.empty(N, G * DG, dtype=cb.dtype, device=cb.device)
     if N:
         BLOCK_M = 32
         BLOCK_D = min(64, max(16, _next_pow2(DG)))

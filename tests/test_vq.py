@@ -1,0 +1,248 @@
+"""VQ encode / decode: every backend against the float64 brute-force reference (proof chain steps 1, 3).
+
+Triton runs under the interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 when there
+is no GPU), so its shapes are kept small; the CPU path is also checked on the benchmark shape family.
+"""
+import pytest
+import torch
+
+import astra_kernels as ak
+from astra_kernels import testing as T
+from astra_kernels import vq
+
+BACKENDS = ["torch", "triton"]
+
+
+def _need(backend):
+    if backend == "triton" and not T.triton_runnable():
+        pytest.skip("triton kernels need a GPU or TRITON_INTERPRET=1")
+
+
+def _dev(backend):
+    return T.kernel_device() if backend == "triton" else "cpu"
+
+
+def _assert_codes_match(codes, x, cb, *, exact: bool, name="codes"):
+    """Codes equal the float64 argmin; with exact=False a different code is accepted only when its
+    float64 distance ties the minimum to within fp32 rounding of the distance computation."""
+    ref = vq.vq_encode_reference(x.cpu(), cb.cpu())
+    codes = codes.cpu()
+    assert codes.dtype == torch.int32
+    T.assert_no_poison(codes, name)
+    if exact:
+        T.assert_equal_ints(codes, ref, name)
+        return
+    ne = codes != ref
+    if ne.any():
+        d = vq.vq_distances_reference(x.cpu(), cb.cpu())                      # [..., G, K]
+        dc = d.gather(-1, codes.long().unsqueeze(-1)).squeeze(-1)
+        dr = d.gather(-1, ref.long().unsqueeze(-1)).squeeze(-1)
+        G, K, DG = cb.shape
+        scale = (x.cpu().double().reshape(*x.shape[:-1], G, DG).pow(2).sum(-1)
+                 + cb.cpu().double().pow(2).sum(-1).amax(-1))
+        gap = (dc - dr)[ne]
+        tol = 1e-5 * scale[ne]
+        assert bool((gap <= tol).all()), f"{int(ne.sum())} codes differ beyond ties: max gap {float(gap.max())}"
+        assert int(ne.sum()) <= max(1, codes.numel() // 100), f"too many tie disagreements: {int(ne.sum())}"
+
+
+CASES = [
+    # (tokens, G, K, DG, dtype)  tokens deliberately not multiples of the block size (64)
+    (37, 1, 100, 64, torch.float32),
+    (70, 1, 129, 96, torch.float32),
+    (45, 32, 40, 12, torch.float32),
+    (29, 32, 33, 24, torch.float16),
+    (66, 4, 1024, 24, torch.float32),
+    (13, 2, 17, 5, torch.float32),
+    (9, 1, 1, 16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,G,K,DG,dtype", CASES)
+def test_encode_matches_float64_reference(backend, n, G, K, DG, dtype):
+    _need(backend)
+    g = T.seeded_generator(1000 + n + G + K)
+    dev = _dev(backend)
+    x = T.random_inputs(n, G * DG, generator=g).to(dtype).to(dev)
+    cb = T.random_inputs(G, K, DG, generator=g).to(dtype).to(dev)
+    codes = ak.vq_encode(x, cb, backend=backend)
+    assert codes.shape == (n, G) and codes.device.type == x.device.type
+    _assert_codes_match(codes, x, cb, exact=(backend == "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encode_d768_k1024_g1(backend):
+    _need(backend)
+    g = T.seeded_generator(7)
+    n = 70 if backend == "triton" else 150
+    x = T.random_inputs(n, 768, generator=g).to(_dev(backend))
+    cb = T.random_inputs(1, 1024, 768, generator=g).to(_dev(backend))
+    _assert_codes_match(ak.vq_encode(x, cb, backend=backend), x, cb, exact=(backend == "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encode_d768_g32_and_d384_g32(backend):
+    _need(backend)
+    g = T.seeded_generator(8)
+    n = 65 if backend == "triton" else 130
+    K = 64 if backend == "triton" else 1024
+    for D in (768, 384):
+        x = T.random_inputs(n, D, generator=g).to(_dev(backend))
+        cb = T.random_inputs(32, K, D // 32, generator=g).to(_dev(backend))
+        _assert_codes_match(ak.vq_encode(x, cb, backend=backend), x, cb, exact=(backend == "torch"))
+
+
+def test_encode_leading_dims_and_empty():
+    g = T.seeded_generator(3)
+    cb = T.random_inputs(2, 50, 8, generator=g)
+    x = T.random_inputs(3, 5, 16, generator=g)
+    c = ak.vq_encode(x, cb)
+    assert c.shape == (3, 5, 2) and c.dtype == torch.int32
+    T.assert_equal_ints(c, vq.vq_encode_reference(x, cb))
+    e = ak.vq_encode(torch.empty(0, 16), cb)
+    assert e.shape == (0, 2) and e.dtype == torch.int32
+
+
+def test_cpu_path_exact_on_near_ties_and_duplicates():
+    """Adversarial data for the bf16 screen: duplicate codewords (exact ties -> lowest index), clusters
+    of >16 codewords within the screening error (exact full fallback), points near codewords."""
+    g = T.seeded_generator(11)
+    K, D = 300, 64
+    cb = T.random_inputs(1, K, D, generator=g)
+    cb[0, 10] = cb[0, 200]                                        # exact duplicate: ties go to 10
+    cb[0, 50:90] = cb[0, 49] + 1e-4 * T.random_inputs(40, D, generator=g)   # tight cluster of 41
+    cb[0, 120:124] = cb[0, 119] + 3e-3 * T.random_inputs(4, D, generator=g)  # small cluster
+    centers = torch.cat([cb[0, [200, 10, 49, 60, 119, 121]], cb[0, torch.arange(0, K, 7)]])
+    x = centers + 1e-3 * T.random_inputs(centers.shape, generator=g)
+    x = torch.cat([x, T.random_inputs(50, D, generator=g)])
+    codes = ak.vq_encode(x, cb, backend="torch")
+    T.assert_equal_ints(codes, vq.vq_encode_reference(x, cb))
+    assert codes[0, 0] == 10 and codes[1, 0] == 10
+
+
+def test_cpu_path_large_magnitudes_and_float64():
+    g = T.seeded_generator(12)
+    cb = T.random_inputs(2, 77, 20, generator=g, scale=1e6).double()
+    x = T.random_inputs(40, 40, generator=g, scale=1e6).double()
+    T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
+    # values whose bf16 products overflow fp32 accumulation: exact float64 fallback
+    cb2 = T.random_inputs(1, 20, 8, generator=g, scale=1e19)
+    x2 = T.random_inputs(10, 8, generator=g, scale=1e19)
+    T.assert_equal_ints(ak.vq_encode(x2, cb2, backend="torch"), vq.vq_encode_reference(x2, cb2))
+
+
+def test_triton_encode_writes_every_code_into_poisoned_output():
+    _need("triton")
+    from astra_kernels.triton import vq_kernels as K
+
+    g = T.seeded_generator(5)
+    dev = T.kernel_device()
+    x = T.random_inputs(67, 3 * 24, generator=g).to(dev)
+    cb = T.random_inputs(3, 70, 24, generator=g).to(dev)
+    out = T.poisoned_empty(67, 3, dtype=torch.int32, device=dev)
+    xk, cbk, cn = vq._triton_inputs(x, cb)
+    K.vq_encode_triton(xk, cbk, cn, out=out)
+    _assert_codes_match(out, x, cb, exact=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_matches_reference(backend, dtype):
+    _need(backend)
+    g = T.seeded_generator(21)
+    dev = _dev(backend)
+    G, K, DG = 4, 50, 24
+    cb = T.random_inputs(G, K, DG, generator=g).to(dtype).to(dev)
+    codes = T.random_ints(3, 37, G, low=0, high=K, generator=g, dtype=torch.int32).to(dev)
+    out = ak.vq_decode(codes, cb, backend=backend)
+    assert out.shape == (3, 37, G * DG) and out.dtype == dtype
+    ref = cb.cpu().double()[torch.arange(G)[None, None, :], codes.cpu().long()].reshape(3, 37, G * DG)
+    T.assert_matches_reference(out, ref, rtol=0, atol=0)
+
+
+def test_triton_decode_poisoned_output():
+    _need("triton")
+    from astra_kernels.triton import vq_kernels as K
+
+    g = T.seeded_generator(22)
+    dev = T.kernel_device()
+    cb = T.random_inputs(2, 9, 100, generator=g).to(dev)
+    codes = T.random_ints(41, 2, low=0, high=9, generator=g, dtype=torch.int32).to(dev)
+    out = T.poisoned_empty(41, 200, dtype=torch.float32, device=dev)
+    K.vq_decode_triton(codes, cb, out=out)
+    T.assert_matches_reference(out, vq.vq_decode_reference(codes.cpu(), cb.cpu().double()), rtol=0, atol=0)
+
+
+def test_decode_of_encode_is_nearest_codeword():
+    g = T.seeded_generator(23)
+    cb = T.random_inputs(1, 64, 16, generator=g)
+    x = T.random_inputs(30, 16, generator=g)
+    xh = ak.vq_decode(ak.vq_encode(x, cb), cb)
+    d = ((x[:, None, :].double() - cb[0][None].double()) ** 2).sum(-1).amin(-1)
+    T.assert_matches_reference(((x.double() - xh.double()) ** 2).sum(-1), d, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("where", ["x", "codebook"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_raises(backend, where, bad):
+    _need(backend)
+    g = T.seeded_generator(30)
+    x = T.random_inputs(10, 8, generator=g)
+    cb = T.random_inputs(2, 5, 4, generator=g)
+    (x if where == "x" else cb)[1, 2, ...] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ak.vq_encode(x, cb, backend=backend)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ak.encode_and_pack(x, cb, backend=backend)
+
+
+def test_codebook_mutation_is_rechecked():
+    cb = torch.ones(1, 4, 2)
+    x = torch.ones(3, 2)
+    ak.vq_encode(x, cb)
+    cb[0, 1, 1] = float("nan")  # in-place edit bumps the version counter: the cached check is redone
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ak.vq_encode(x, cb)
+
+
+def test_shape_and_dtype_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="codebook must have shape"):
+        ak.vq_encode(x, torch.randn(4, 8))
+    with pytest.raises(ValueError, match="last dim"):
+        ak.vq_encode(x, torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="x must be float"):
+        ak.vq_encode(x.long(), torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="codebook must be float"):
+        ak.vq_encode(x, torch.randint(0, 3, (1, 5, 8)))
+    with pytest.raises(ValueError, match="at most 65536"):
+        ak.vq_encode(torch.randn(2, 1), torch.randn(1, 65537, 1))
+    with pytest.raises(ValueError, match="backend"):
+        ak.vq_encode(x, torch.randn(1, 5, 8), backend="cuda")
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        ak.vq_encode(x.numpy(), torch.randn(1, 5, 8))
+
+
+def test_decode_errors():
+    cb = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        ak.vq_decode(torch.tensor([[0, 5]]), cb)
+    with pytest.raises(ValueError, match="out of range"):
+        ak.vq_decode(torch.tensor([[-1, 0]]), cb)
+    with pytest.raises(ValueError, match=r"shape \[..., G=2\]"):
+        ak.vq_decode(torch.tensor([[0, 1, 2]]), cb)
+    with pytest.raises(ValueError, match="integer"):
+        ak.vq_decode(torch.tensor([[0.0, 1.0]]), cb)
+
+
+def test_max_k_65536_cpu():
+    g = T.seeded_generator(40)
+    cb = T.random_inputs(1, 65536, 4, generator=g)
+    x = T.random_inputs(20, 4, generator=g)
+    T.assert_equal_ints(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb))
