@@ -135,7 +135,12 @@ def _mixed_attention(q, k, v, *, k_hat=None, v_hat=None, codes=None, k_table=Non
     return out
 
 
+def _encode_and_pack(x, codebook, bits=None, *, backend="auto"):
+    return _pack_codes(_vq_encode(x, codebook), bits)
+
+
 _STANDINS = {
+    "encode_and_pack": _encode_and_pack,
     "vq_encode": _vq_encode,
     "vq_decode": _vq_decode,
     "pack_codes": _pack_codes,

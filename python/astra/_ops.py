@@ -27,6 +27,11 @@ def vq_decode(codes, codebook):
     return _op("vq_decode")(codes, codebook)
 
 
+def encode_and_pack(x, codebook, bits):
+    """vq_encode + pack into one codec frame (fused Triton encode+pack on CUDA, C++ codec on CPU)."""
+    return _op("encode_and_pack")(x, codebook, bits)
+
+
 def pack_codes(codes, bits):
     return _op("pack_codes")(codes, bits)
 

@@ -81,11 +81,9 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
         C = xs[:, idx].clone()
     for _ in range(iters):
         codes = torch.cat([_ops.vq_encode(x[i: i + 4096], C).long() for i in range(0, N, 4096)])  # [N, G]
-        sums = torch.zeros(groups, k, d)
-        counts = torch.zeros(groups, k)
-        for gi in range(groups):
-            sums[gi].index_add_(0, codes[:, gi], xs[gi])
-            counts[gi].index_add_(0, codes[:, gi], torch.ones(N))
+        flat = (codes.t() + torch.arange(groups).unsqueeze(1) * k).reshape(-1)   # [G*N] into [G*K]
+        sums = torch.zeros(groups * k, d).index_add_(0, flat, xs.reshape(-1, d)).view(groups, k, d)
+        counts = torch.zeros(groups * k).index_add_(0, flat, torch.ones(groups * N)).view(groups, k)
         empty = counts == 0
         newC = sums / counts.clamp_min(1).unsqueeze(-1)
         if empty.any():  # re-seed empty clusters with random data points

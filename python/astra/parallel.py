@@ -70,8 +70,7 @@ class DistRuntime(_RuntimeBase):
         if self.codebooks is None:
             pend = self.transport.start_tensor(send, lengths, dim=1, stats=st, what=what)
         else:
-            codes = self.encode(layer, send)                       # [B, n, G] int32
-            frame = _ops.pack_codes(codes, self.codebooks.bits)
+            frame = _ops.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
             sizes = frame_sizes(ctx.B, lengths, self.codebooks.groups, self.codebooks.bits)
             pend = self.transport.start_frames(frame, sizes, stats=st, what=what)
         ctx.state[layer] = pend

@@ -1,0 +1,96 @@
+"""astra.Codebooks: construction checks, safetensors round trip, and clear errors on bad files/models."""
+import pytest
+import torch
+
+from test_runtime_support import tiny_model
+
+import astra
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_model("gpt2")
+
+
+def test_metadata_and_bits(gpt2):
+    cb = astra.Codebooks.random(gpt2, groups=4, codebook_size=1024, seed=3)
+    assert (cb.num_layers, cb.groups, cb.codebook_size, cb.bits, cb.hidden_size) == (2, 4, 1024, 10, 64)
+    assert cb[0].shape == (4, 1024, 16) and cb.model_type == "gpt2"
+    assert astra.Codebooks.random(gpt2, groups=1, codebook_size=1000).bits == 10
+    assert astra.Codebooks.random(gpt2, groups=1, codebook_size=2).bits == 1
+    assert astra.Codebooks.random(gpt2, groups=1, codebook_size=1).bits == 1
+
+
+def test_save_load_roundtrip(tmp_path, gpt2):
+    cb = astra.Codebooks.random(gpt2, groups=2, codebook_size=16, seed=1)
+    p = tmp_path / "cb.safetensors"
+    cb.save(p)
+    back = astra.Codebooks.load(p, gpt2)
+    assert back.model_type == "gpt2" and back.groups == 2 and back.codebook_size == 16
+    for a, b in zip(cb, back):
+        assert torch.equal(a, b)
+    # not a pickle: the file starts with the safetensors header length + JSON
+    raw = p.read_bytes()
+    assert raw[8:9] == b"{"
+
+
+def test_load_rejects_wrong_model(tmp_path, gpt2):
+    cb = astra.Codebooks.random(gpt2, groups=2, codebook_size=16)
+    p = tmp_path / "cb.safetensors"
+    cb.save(p)
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        astra.Codebooks.load(p, tiny_model("bert"))
+    import transformers as tf
+
+    deeper = tf.GPT2Model(tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=97, n_positions=64))
+    with pytest.raises(ValueError, match="2 layers, model has 3"):
+        astra.Codebooks.load(p, deeper)
+    wider = tf.GPT2Model(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64))
+    with pytest.raises(ValueError, match="hidden_size 64, model has 32"):
+        astra.Codebooks.load(p, wider)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ([torch.randn(2, 16, 32), torch.randn(2, 16, 16)], "all layers must share"),
+    ([torch.randn(2, 16)], "expected \\[G, K, D/G\\]"),
+    ([torch.randint(0, 3, (2, 16, 32))], "floating dtype"),
+    ([torch.full((2, 16, 32), float("nan"))], "NaN or Inf"),
+    ([torch.randn(3, 16, 32)], "hidden_size is 64"),
+    ([], "at least one layer"),
+])
+def test_constructor_validation(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        astra.Codebooks(bad, model_type="gpt2", hidden_size=64)
+
+
+def test_load_rejects_bad_files(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        astra.Codebooks.load(junk)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not an astra codebook file"):
+        astra.Codebooks.load(other)
+    inf = tmp_path / "inf.safetensors"
+    save_file({"layer.0": torch.full((1, 4, 64), float("inf"))}, str(inf), metadata={
+        "format": "astra-codebooks", "version": "1", "model_type": "gpt2", "hidden_size": "64",
+        "num_layers": "1", "groups": "1", "codebook_size": "4"})
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        astra.Codebooks.load(inf)
+    missing = tmp_path / "missing.safetensors"
+    save_file({"layer.0": torch.zeros(1, 4, 64)}, str(missing), metadata={
+        "format": "astra-codebooks", "version": "1", "model_type": "gpt2", "hidden_size": "64",
+        "num_layers": "2", "groups": "1", "codebook_size": "4"})
+    with pytest.raises(ValueError, match="expected tensors layer.0..layer.1"):
+        astra.Codebooks.load(missing)
+    with pytest.raises(FileNotFoundError):
+        astra.Codebooks.load(tmp_path / "nope.safetensors")
+
+
+def test_parallel_entry_points_check_codebooks(gpt2):
+    cb = astra.Codebooks.random(tiny_model("bert"), groups=1, codebook_size=4)
+    with pytest.raises(ValueError, match="built for model_type 'bert'"):
+        astra.simulate(gpt2, {"input_ids": torch.ones(1, 4, dtype=torch.long)}, world_size=2, codebooks=cb)

@@ -1,0 +1,153 @@
+"""astra.simulate: full-precision sequence parallelism equals the unmodified model (all four families,
+world sizes 1..4, T not divisible by N, padded batches); ASTRA semantics checks; clean patching."""
+import pytest
+import torch
+
+from test_runtime_support import main_output, tiny_inputs, tiny_model
+
+import astra
+
+FAMILIES = ["gpt2", "llama", "bert", "vit"]
+TOL = 1e-4
+
+
+def _compare(ref, out, inputs):
+    worst = 0.0
+    for key, r in ref.items():
+        if not isinstance(r, torch.Tensor):
+            continue
+        o = out[key]
+        assert o.shape == r.shape, key
+        d = (o - r).abs()
+        m = inputs.get("attention_mask")
+        if m is not None and d.dim() >= 2 and d.shape[:2] == m.shape:
+            d = d[m.bool()]
+        worst = max(worst, float(d.max()))
+    return worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_full_precision_sp_equals_model(family, padded):
+    if family == "vit" and padded:
+        pytest.skip("ViT inputs have no padding")
+    head = family != "bert"
+    for use_head in ([True, False] if head else [True]):
+        model = tiny_model(family, head=use_head)
+        inputs = tiny_inputs(family, seq=11, padded=padded)   # 11 tokens (ViT: 17): not divisible by 2, 3, 4
+        with torch.no_grad():
+            ref = model(**inputs)
+        for n in (1, 2, 3, 4):
+            out = astra.simulate(model, inputs, world_size=n)
+            assert type(out) is type(ref)
+            assert _compare(ref, out, inputs) < TOL, (family, use_head, n)
+
+
+def test_bert_distributed_class_token_full_precision():
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert", seq=10, padded=True)
+    with torch.no_grad():
+        ref = model(**inputs)
+    for n in (2, 3):
+        out = astra.simulate(model, inputs, world_size=n, class_token="distributed")
+        assert _compare(ref, out, inputs) < TOL
+
+
+def test_world_size_one_with_codebooks_is_exact():
+    # one rank has no non-local tokens: nothing is quantized
+    for family in FAMILIES:
+        model = tiny_model(family)
+        inputs = tiny_inputs(family)
+        cb = astra.Codebooks.random(model, groups=1, codebook_size=8)
+        with torch.no_grad():
+            ref = model(**inputs)
+        assert _compare(ref, astra.simulate(model, inputs, world_size=1, codebooks=cb), inputs) < TOL
+
+
+def test_quantized_nonlocal_changes_output_and_is_deterministic():
+    model = tiny_model("llama")
+    inputs = tiny_inputs("llama")
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=8, seed=2)
+    with torch.no_grad():
+        ref = main_output(model(**inputs))
+    a = main_output(astra.simulate(model, inputs, world_size=2, codebooks=cb))
+    b = main_output(astra.simulate(model, inputs, world_size=2, codebooks=cb))
+    assert torch.equal(a, b)
+    assert float((a - ref).abs().max()) > 1e-3
+    # causal: the first rank's queries see no non-local key (all non-local tokens come later)
+    first = astra.split_indices(inputs["input_ids"].shape[1], 2, False)[0]
+    assert float((a[:, first] - ref[:, first]).abs().max()) < TOL
+
+
+def test_nonlocal_kv_come_from_dequantized_hidden_state():
+    """With a codebook holding every hidden state exactly (one codeword per token of one sequence),
+    quantization is lossless, so ASTRA equals the model: the non-local K/V are the layer's own projections
+    of h_hat (bias included; RoPE at the global position)."""
+    for family in ("gpt2", "llama", "bert"):
+        model = tiny_model(family)
+        inputs = tiny_inputs(family, batch=1, seq=9)
+        from astra.calibrate import collect_hidden_states
+
+        hs = collect_hidden_states(model, [inputs])
+        cb = astra.Codebooks([h.unsqueeze(0).clone() for h in hs], model_type=family, hidden_size=64)
+        with torch.no_grad():
+            ref = model(**inputs)
+        out = astra.simulate(model, inputs, world_size=3, codebooks=cb)
+        assert _compare(ref, out, inputs) < TOL, family
+
+
+def test_vit_class_token_is_mean_over_rank_copies():
+    """With distributed class tokens every rank keeps its own class-token copy; the final class state is
+    the mean of the copies, placed where the pooler/classifier reads it."""
+    model = tiny_model("vit", head=False)
+    inputs = tiny_inputs("vit", batch=2)
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=4, seed=5)
+    seen = []
+    h = model.layernorm.register_forward_hook(lambda m, a, o: seen.append(o.clone()))  # runs before astra's
+    try:
+        out = astra.simulate(model, inputs, world_size=3, codebooks=cb)
+    finally:
+        h.remove()
+    copies = seen[0][:, :3]                       # [B, 3 copies, D] before the mean
+    assert seen[0].shape[1] == 3 + 16
+    assert float((copies[:, 0] - copies[:, 1]).abs().max()) > 1e-4   # ranks see different full-precision sets
+    assert torch.allclose(out.last_hidden_state[:, 0], copies.mean(1), atol=1e-6)
+    assert torch.allclose(out.last_hidden_state[:, 1:], seen[0][:, 3:], atol=0)
+    assert torch.allclose(model.pooler(out.last_hidden_state), out.pooler_output, atol=1e-6)
+
+
+def test_unsupported_and_bad_inputs():
+    import transformers as tf
+
+    distil = tf.DistilBertModel(tf.DistilBertConfig(n_layers=1, dim=32, n_heads=2, hidden_dim=64, vocab_size=50))
+    with pytest.raises(astra.UnsupportedModelError, match="does not support DistilBertModel"):
+        astra.simulate(distil.eval(), {"input_ids": torch.ones(1, 4, dtype=torch.long)}, world_size=2)
+    with pytest.raises(astra.UnsupportedModelError):
+        astra.simulate(torch.nn.Linear(2, 2), {}, world_size=2)
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="at least one per rank"):
+        astra.simulate(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, world_size=4)
+    with pytest.raises(astra.UnsupportedModelError, match="output_attentions"):
+        astra.simulate(model, {"input_ids": torch.ones(1, 4, dtype=torch.long), "output_attentions": True},
+                       world_size=2)
+    with pytest.raises(astra.UnsupportedModelError, match="distributed class tokens"):
+        astra.simulate(model, {"input_ids": torch.ones(1, 4, dtype=torch.long)}, world_size=2,
+                       class_token="distributed")
+    model.train()
+    with pytest.raises(astra.AstraError, match="eval"):
+        astra.simulate(model, {"input_ids": torch.ones(1, 4, dtype=torch.long)}, world_size=2)
+
+
+def test_simulate_leaves_model_untouched():
+    model = tiny_model("llama")
+    impl = model.config._attn_implementation
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = tiny_inputs("llama")
+    astra.simulate(model, inputs, world_size=2, codebooks=astra.Codebooks.random(model, groups=1, codebook_size=4))
+    assert model.config._attn_implementation == impl
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(hasattr(m, "_astra_runtime") for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    with torch.no_grad():
+        model(**inputs)  # still runs normally
