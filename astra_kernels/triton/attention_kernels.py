@@ -159,14 +159,19 @@ def mixed_attn_fwd_kernel(
 
 # -------------------------------------------------------------------------------------------- host
 def _blocks(dtype: torch.dtype, block_d: int, interpret: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a config."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, DOT_PREC) for a config (from the AOT report).
+
+    16-bit: 128x32, 8 warps (64x64 / 4-warp variants spill on the RoPE gather path).
+    fp32: ``tf32x3`` dots (three TF32 MMAs, ~fp32 accuracy, on tensor cores); plain ``ieee`` FMA dots
+    spill at every block shape that was tried.
+    """
     if interpret:
-        return 16, 16, 4, 1
+        return 16, 16, 4, 1, "ieee"
     if dtype == torch.float32:
-        return 64, 32, 4, 2
-    if block_d <= 64:
-        return 128, 64, 4, 2
-    return 128, 32, 8, 2
+        if block_d <= 64:
+            return 64, 16, 4, 2, "tf32x3"
+        return 32, 16, 4, 2, "tf32x3"
+    return 128, 32, 8, 2, "tf32"
 
 
 def mixed_attention_triton(plan):
@@ -229,7 +234,7 @@ def mixed_attention_triton(plan):
         U = ucodes.shape[1]
 
     interp = interpreting() and dev.type != "cuda"
-    BM, BN, warps, stages = _blocks(q.dtype, BLOCK_D, interp)
+    BM, BN, warps, stages, prec = _blocks(q.dtype, BLOCK_D, interp)
     grid = (triton.cdiv(Tl, BM), B * Hq)
     mixed_attn_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -243,7 +248,7 @@ def mixed_attention_triton(plan):
         HAS_LOCAL=has_local, HAS_LBIAS=lbias is not dummy_f,
         REMOTE_MODE=mode, ROPE=rope, HAS_RBIAS=rbias is not dummy_f,
         HAS_COUNT=has_count, CAUSAL=plan.causal,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC=prec,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -258,7 +263,7 @@ _STRIDE_ARGS = [f"stride_{t}{d}" for t in ("q", "k", "v", "o", "rk", "rv") for d
 def _spec(dt: str, Dh: int, *, mode: int, rope: bool, count: bool, causal: bool, lbias: bool, rbias: bool,
           label: str) -> AotSpec:
     block_d = max(16, 1 << (Dh - 1).bit_length())
-    BM, BN, warps, stages = _blocks(torch.float16 if dt != "fp32" else torch.float32, block_d, False)
+    BM, BN, warps, stages, prec = _blocks(torch.float16 if dt != "fp32" else torch.float32, block_d, False)
     ptr = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "QPOS": "i32", "LBIAS": "fp32",
            "RK": dt, "RV": dt, "RCODES": "i32", "RPOS": "i32", "RBIAS": "fp32",
            "UCODES": "i32", "UBIAS": "fp32", "COS": "fp32", "SIN": "fp32"}
@@ -273,22 +278,26 @@ def _spec(dt: str, Dh: int, *, mode: int, rope: bool, count: bool, causal: bool,
     cx = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_rkd=1, stride_rvd=1,
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_LOCAL=True, HAS_LBIAS=lbias, REMOTE_MODE=mode,
               ROPE=rope, HAS_RBIAS=rbias, HAS_COUNT=count, CAUSAL=causal,
-              DOT_PREC="ieee" if dt == "fp32" else "tf32")
+              DOT_PREC=prec)
     for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_LOCAL", "HAS_LBIAS", "REMOTE_MODE", "ROPE", "HAS_RBIAS",
               "HAS_COUNT", "CAUSAL", "DOT_PREC"):
         sig[n] = "constexpr"
     return AotSpec(name="mixed_attn_fwd_kernel", fn=mixed_attn_fwd_kernel, signature=sig, constexprs=cx,
                    label=f"{dt} Dh={Dh} {label} BM={BM} BN={BN}", num_warps=warps, num_stages=stages,
-                   expect_mma=dt != "fp32")
+                   expect_mma=True)
 
 
 AOT_SPECS = [
     _spec("fp16", 64, mode=0, rope=False, count=True, causal=False, lbias=True, rbias=False, label="count+lmask"),
-    _spec("fp16", 128, mode=2, rope=True, count=False, causal=True, lbias=False, rbias=True,
-          label="table+rope causal+rmask"),
+    _spec("fp16", 128, mode=2, rope=True, count=False, causal=True, lbias=True, rbias=True,
+          label="table+rope causal masks"),
+    _spec("bf16", 64, mode=2, rope=True, count=False, causal=True, lbias=True, rbias=True,
+          label="table+rope causal masks"),
     _spec("fp16", 64, mode=2, rope=True, count=False, causal=True, lbias=False, rbias=False, label="table+rope causal"),
     _spec("fp16", 128, mode=2, rope=False, count=True, causal=True, lbias=True, rbias=True,
           label="count+straddle causal masks"),
     _spec("bf16", 128, mode=1, rope=False, count=False, causal=True, lbias=True, rbias=True, label="per-token causal masks"),
     _spec("fp16", 80, mode=1, rope=False, count=False, causal=False, lbias=False, rbias=False, label="per-token Dh pad"),
+    _spec("fp32", 64, mode=2, rope=True, count=True, causal=True, lbias=True, rbias=True, label="all segments tf32x3"),
+    _spec("fp32", 128, mode=2, rope=True, count=True, causal=True, lbias=True, rbias=True, label="all segments tf32x3"),
 ]
