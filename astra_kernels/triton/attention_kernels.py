@@ -174,8 +174,11 @@ def _blocks(dtype: torch.dtype, block_d: int, interpret: bool):
     return 128, 32, 8, 2, "tf32"
 
 
-def mixed_attention_triton(plan):
-    """Run the fused kernel for a validated ``astra_kernels.attention._Plan``; returns (out, lse)."""
+def mixed_attention_triton(plan, out=None, lse=None):
+    """Run the fused kernel for a validated ``astra_kernels.attention._Plan``; returns (out, lse).
+
+    ``out`` ([B, Hq, Tl, Dh], q's dtype) / ``lse`` ([B, Hq, Tl] float32, contiguous) may be given
+    (tests pass poisoned buffers)."""
     from .._dispatch import interpreting
 
     q = plan.q
@@ -185,8 +188,14 @@ def mixed_attention_triton(plan):
     BLOCK_D = max(16, triton.next_power_of_2(Dh))
     if BLOCK_D > 256:
         raise ValueError(f"backend='triton' supports head_dim up to 256, got {Dh}")
-    out = torch.empty(B, Hq, Tl, Dh, dtype=q.dtype, device=dev)
-    lse = torch.empty(B, Hq, Tl, dtype=torch.float32, device=dev)
+    if out is None:
+        out = torch.empty(B, Hq, Tl, Dh, dtype=q.dtype, device=dev)
+    if lse is None:
+        lse = torch.empty(B, Hq, Tl, dtype=torch.float32, device=dev)
+    if tuple(out.shape) != (B, Hq, Tl, Dh) or out.dtype != q.dtype:
+        raise ValueError(f"out must be [{B}, {Hq}, {Tl}, {Dh}] {q.dtype}")
+    if tuple(lse.shape) != (B, Hq, Tl) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be a contiguous float32 [{B}, {Hq}, {Tl}] tensor")
     i32 = torch.int32
     dummy_i = torch.zeros(1, dtype=i32, device=dev)
     dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)

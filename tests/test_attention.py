@@ -1,0 +1,275 @@
+"""Mixed-precision attention: public API, CPU path (proof chain step 3) and merge, against the float64
+reference. The Triton kernel's interpreter tests are in test_attention_triton.py (they reuse make_case)."""
+import math
+
+import pytest
+import torch
+
+from astra_kernels.attention import (_plan, merge_attention, mixed_attention, mixed_attention_reference)
+from astra_kernels.testing import (assert_matches_reference, random_inputs, random_ints, seeded_generator)
+
+MODES = ("local", "per_token", "table", "rope", "count")
+
+
+def rope_tables(P, Dh, dtype=torch.float32, base=10000.0):
+    inv = 1.0 / (base ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh))
+    ang = torch.arange(P, dtype=torch.float64)[:, None] * inv[None, :]
+    ang = torch.cat((ang, ang), dim=1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def make_case(seed, *, mode="table", B=2, Hq=4, Hkv=2, Tl=17, Tr=23, Dh=32, K=13, causal=False, masks=True,
+              positions="interleaved", dtype=torch.float32):
+    """(q, k, v, kwargs) for one random call; kwargs holds everything but the backend."""
+    g = seeded_generator(seed)
+    q = random_inputs(B, Hq, Tl, Dh, dtype=dtype, generator=g)
+    k = random_inputs(B, Hkv, Tl, Dh, dtype=dtype, generator=g)
+    v = random_inputs(B, Hkv, Tl, Dh, dtype=dtype, generator=g)
+    kw = dict(causal=causal)
+    if mode == "local":
+        Tr = 0
+    elif mode == "per_token":
+        kw["k_hat"] = random_inputs(B, Hkv, Tr, Dh, dtype=dtype, generator=g)
+        kw["v_hat"] = random_inputs(B, Hkv, Tr, Dh, dtype=dtype, generator=g)
+    else:
+        kw["codes"] = random_ints(B, Tr, low=0, high=K, generator=g)
+        kw["k_table"] = random_inputs(K, Hkv, Dh, dtype=dtype, generator=g)
+        kw["v_table"] = random_inputs(K, Hkv, Dh, dtype=dtype, generator=g)
+        kw["count_weighted"] = mode == "count" if mode != "rope" else "auto"
+        if mode == "rope":
+            kw["rope_cos"], kw["rope_sin"] = rope_tables(Tl + Tr + 3, Dh)
+    if positions == "interleaved":  # arbitrary global positions, different per batch row
+        perms = torch.stack([torch.randperm(Tl + Tr, generator=g) for _ in range(B)])
+        kw["q_pos"] = perms[:, :Tl]
+        if Tr:
+            kw["kv_pos"] = perms[:, Tl:]
+    elif positions == "contiguous":  # sequence-parallel chunk in the middle: remote keys before and after
+        a = Tr // 2
+        kw["q_pos"] = a + torch.arange(Tl)
+        if Tr:
+            kw["kv_pos"] = torch.cat((torch.arange(a), a + Tl + torch.arange(Tr - a)))
+    if masks:
+        kw["local_mask"] = torch.rand(B, Tl, generator=g) > 0.25
+        if Tr:
+            kw["remote_mask"] = torch.rand(B, Tr, generator=g) > 0.25
+    return q, k, v, kw
+
+
+def check(out, lse, ref_out, ref_lse, dtype=torch.float32):
+    """Relative error bar: |out - ref| <= rtol * |ref| + rtol * max|ref| elementwise (a normwise relative
+    error under rtol; an element that is a near-cancelling sum only needs the absolute part), fp32:
+    rtol = 1e-5. lse: 1e-5 abs/rel. All-masked rows: out 0, lse -inf exactly where the reference has them."""
+    scale = float(ref_out.abs().max()) if ref_out.numel() else 1.0
+    if dtype == torch.float32:
+        rtol, atol = 1e-5, 1e-5 * scale
+    elif dtype == torch.float64:
+        rtol, atol = 1e-10, 1e-10 * scale
+    else:
+        rtol, atol = 2e-2, 1e-2 * scale
+    assert out.dtype == dtype
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "all-masked rows differ"
+    fin = torch.isfinite(ref_lse)
+    assert_matches_reference(out, ref_out, rtol=rtol, atol=atol, name="out")
+    lt = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    assert_matches_reference(lse[fin], ref_lse[fin], rtol=lt, atol=lt, name="lse")
+    assert bool((out[~fin] == 0).all()), "all-masked rows must output 0"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("positions", ["default", "interleaved", "contiguous"])
+def test_cpu_matches_reference(mode, causal, positions):
+    seed = hash((mode, causal, positions)) % 1000
+    q, k, v, kw = make_case(seed, mode=mode, causal=causal, positions=positions)
+    out, lse = mixed_attention(q, k, v, return_lse=True, backend="torch", **kw)
+    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    check(out, lse, ro, rl)
+
+
+@pytest.mark.parametrize("Tl,Tr", [(0, 5), (1, 0), (1, 1), (17, 0), (69, 1), (1, 69), (64, 64), (69, 130)])
+@pytest.mark.parametrize("mode", ["per_token", "rope", "count"])
+def test_cpu_sizes(Tl, Tr, mode):
+    q, k, v, kw = make_case(7 + Tl + 3 * Tr, mode=mode, Tl=Tl, Tr=Tr, causal=True, K=29)
+    out, lse = mixed_attention(q, k, v, return_lse=True, **kw)  # auto -> CPU path
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    if Tl:
+        ro, rl = mixed_attention_reference(q, k, v, **kw)
+        check(out, lse, ro, rl)
+
+
+@pytest.mark.parametrize("Hq,Hkv,Dh", [(1, 1, 32), (12, 12, 64), (8, 2, 128), (6, 3, 96), (4, 1, 40)])
+def test_cpu_heads_and_head_dims(Hq, Hkv, Dh):
+    for mode in ("rope", "count", "per_token"):
+        q, k, v, kw = make_case(Hq * Dh, mode=mode, Hq=Hq, Hkv=Hkv, Dh=Dh, B=1, Tl=9, Tr=21, causal=True)
+        out, lse = mixed_attention(q, k, v, return_lse=True, scale=0.3, **kw)
+        ro, rl = mixed_attention_reference(q, k, v, scale=0.3, **kw)
+        check(out, lse, ro, rl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cpu_dtypes(dtype):
+    for mode in ("per_token", "rope", "count"):
+        q, k, v, kw = make_case(3, mode=mode, dtype=dtype, causal=True)
+        out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
+        ro, rl = mixed_attention_reference(q, k, v, **kw)
+        check(out, lse, ro, rl, dtype=dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("positions", ["default", "interleaved", "contiguous"])
+def test_count_weighted_equals_per_token(causal, positions):
+    q, k, v, kw = make_case(11, mode="count", causal=causal, positions=positions, Tr=90, K=7)
+    kw.pop("count_weighted")
+    a, la = mixed_attention(q, k, v, count_weighted=True, return_lse=True, **kw)
+    b, lb = mixed_attention(q, k, v, count_weighted=False, return_lse=True, **kw)
+    c, lc = mixed_attention(q, k, v, return_lse=True, **kw)  # "auto" -> count weighted
+    assert torch.equal(a, c) and torch.equal(la, lc)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.isneginf(la), torch.isneginf(lb))
+    fin = torch.isfinite(lb)
+    torch.testing.assert_close(la[fin], lb[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_count_plan_segments():
+    """Contiguous chunks: every remote key is before or after all queries -> no per-token keys left."""
+    q, k, v, kw = make_case(5, mode="count", causal=True, positions="contiguous", Tr=40)
+    kw.pop("count_weighted")
+    args = dict(k_hat=None, v_hat=None, rope_cos=None, rope_sin=None, count_weighted="auto", scale=None,
+                include_local=True, validate=True)
+    args.update(kw)
+    p = _plan(q, k, v, **args)
+    assert p.r_mode == "none" and p.u_codes is not None
+    # the keys after the chunk are dropped from the counts: total count = visible earlier keys
+    Tr = kw["codes"].shape[1]
+    before = (kw["kv_pos"] < kw["q_pos"].min()) & kw["remote_mask"]
+    counts = p.u_logc.exp().nan_to_num(0.0).sum(dim=1)
+    assert torch.equal(counts.round().long(), before.sum(dim=1)), (counts, before.sum(dim=1), Tr)
+    # interleaved positions: keys visible to only some queries stay per-token
+    q, k, v, kw = make_case(5, mode="count", causal=True, positions="interleaved", Tr=40)
+    kw.pop("count_weighted")
+    args.update(kw)
+    p = _plan(q, k, v, **args)
+    assert p.r_mode == "gather"
+
+
+def test_all_masked_rows_and_merge_convention():
+    q, k, v, kw = make_case(2, mode="count", causal=True, positions="interleaved")
+    kw["local_mask"][0] = False
+    kw["remote_mask"][0] = False
+    out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
+    assert bool(torch.isneginf(lse[0]).all()) and bool((out[0] == 0).all())
+    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    check(out, lse, ro, rl)
+    # merging a fully masked partial with anything returns the other side unchanged
+    o2, l2 = merge_attention(out, lse, torch.full_like(out, float("nan")), torch.full_like(lse, float("-inf")))
+    assert torch.equal(o2, out) and torch.equal(l2, lse)
+
+
+@pytest.mark.parametrize("mode", ["per_token", "rope", "count"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_merge_local_and_nonlocal_passes(mode, causal):
+    q, k, v, kw = make_case(21, mode=mode, causal=causal, positions="interleaved")
+    full, lfull = mixed_attention(q, k, v, return_lse=True, **kw)
+    remote_kw = {n: kw[n] for n in ("k_hat", "v_hat", "codes", "k_table", "v_table", "rope_cos", "rope_sin",
+                                    "kv_pos", "remote_mask", "count_weighted") if n in kw}
+    o_loc, l_loc = mixed_attention(q, k, v, causal=causal, q_pos=kw["q_pos"], local_mask=kw["local_mask"],
+                                   return_lse=True)
+    o_rem, l_rem = mixed_attention(q, None, None, include_local=False, causal=causal, q_pos=kw["q_pos"],
+                                   return_lse=True, **remote_kw)
+    o, l = merge_attention(o_loc, l_loc, o_rem, l_rem)
+    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    check(o, l, ro, rl)
+    torch.testing.assert_close(o, full, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_validates_shapes():
+    a = torch.randn(2, 3, 4, 8)
+    la = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="shapes differ"):
+        merge_attention(a, la, torch.randn(2, 3, 5, 8), la)
+    with pytest.raises(ValueError, match="lse shapes"):
+        merge_attention(a, la, a, torch.randn(2, 3))
+
+
+def _bad(**over):
+    q, k, v, kw = make_case(1, mode="rope", masks=True)
+    kw.update(over)
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda q, k, v, kw: kw.update(k_hat=torch.randn(2, 2, 23, 32), v_hat=torch.randn(2, 2, 23, 32)), "not both"),
+    (lambda q, k, v, kw: kw.pop("v_table"), "needs codes, k_table and v_table"),
+    (lambda q, k, v, kw: kw.update(codes=kw["codes"] + 100), "out of table range"),
+    (lambda q, k, v, kw: kw.update(codes=-kw["codes"] - 1), "out of table range"),
+    (lambda q, k, v, kw: kw.update(codes=kw["codes"].float()), "integer"),
+    (lambda q, k, v, kw: kw.update(count_weighted=True), "RoPE"),
+    (lambda q, k, v, kw: kw.update(count_weighted="yes"), "count_weighted"),
+    (lambda q, k, v, kw: kw.update(rope_sin=None), "both rope_cos and rope_sin"),
+    (lambda q, k, v, kw: kw.update(rope_cos=kw["rope_cos"][:, :16]), "rope_cos/rope_sin"),
+    (lambda q, k, v, kw: kw.update(kv_pos=kw["kv_pos"] + 1000), "kv_pos out of RoPE table range"),
+    (lambda q, k, v, kw: kw.update(local_mask=kw["local_mask"].float()), "bool"),
+    (lambda q, k, v, kw: kw.update(remote_mask=kw["remote_mask"][:, :3]), "remote_mask"),
+    (lambda q, k, v, kw: kw.update(q_pos=torch.arange(5)), "q_pos"),
+    (lambda q, k, v, kw: kw.update(q_pos=kw["q_pos"].float()), "integer"),
+    (lambda q, k, v, kw: kw.update(k_table=kw["k_table"][:, :1], v_table=kw["v_table"][:, :1]), "kv heads"),
+    (lambda q, k, v, kw: kw.update(v_table=kw["v_table"][:-1]), "shapes differ"),
+    (lambda q, k, v, kw: kw["k_table"].__setitem__((0, 0, 0), float("nan")), "non-finite"),
+    (lambda q, k, v, kw: q.__setitem__((0, 0, 0, 0), float("inf")), "non-finite"),
+    (lambda q, k, v, kw: kw.update(scale=float("nan")), "scale"),
+])
+def test_validation_errors(change, msg):
+    q, k, v, kw = _bad()
+    change(q, k, v, kw)
+    with pytest.raises(ValueError, match=msg):
+        mixed_attention(q, k, v, **kw)
+
+
+def test_validation_shapes_and_modes():
+    q, k, v, kw = make_case(1, mode="per_token")
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        mixed_attention(q[:, :3], k, v, **kw)
+    with pytest.raises(ValueError, match="k/v must have shape"):
+        mixed_attention(q, k[:, :, :5], v[:, :, :5], **kw)
+    with pytest.raises(ValueError, match="share a dtype"):
+        mixed_attention(q, k.double(), v.double(), **kw)
+    with pytest.raises(ValueError, match="both k_hat and v_hat"):
+        mixed_attention(q, k, v, k_hat=kw["k_hat"])
+    with pytest.raises(ValueError, match="count_weighted=True needs table mode"):
+        mixed_attention(q, k, v, count_weighted=True, **kw)
+    with pytest.raises(ValueError, match="table mode only"):
+        mixed_attention(q, k, v, rope_cos=torch.ones(4, 32), rope_sin=torch.ones(4, 32), **kw)
+    with pytest.raises(ValueError, match="without non-local tokens"):
+        mixed_attention(q, k, v, kv_pos=torch.arange(3))
+    with pytest.raises(ValueError, match="required unless include_local=False"):
+        mixed_attention(q, None, None, **kw)
+    with pytest.raises(ValueError, match="backend"):
+        mixed_attention(q, k, v, backend="cuda", **kw)
+    with pytest.raises(ValueError, match="4-D"):
+        mixed_attention(q[0], k, v)
+
+
+def test_default_positions_causal_hide_remote():
+    """Defaults: local at 0..Tl-1, non-local after -> with causal=True the remote keys are invisible."""
+    q, k, v, kw = make_case(4, mode="per_token", positions="default", masks=False, causal=True)
+    a = mixed_attention(q, k, v, **kw)
+    b = mixed_attention(q, k, v, causal=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(seed=st.integers(0, 10_000), mode=st.sampled_from(MODES), causal=st.booleans(),
+           Tl=st.integers(1, 40), Tr=st.integers(0, 40), K=st.integers(1, 20), G=st.sampled_from([1, 2, 3]),
+           positions=st.sampled_from(["default", "interleaved", "contiguous"]))
+    def test_cpu_property(seed, mode, causal, Tl, Tr, K, G, positions):
+        q, k, v, kw = make_case(seed, mode=mode, causal=causal, Tl=Tl, Tr=Tr, K=K, Hq=2 * G, Hkv=2,
+                                positions=positions, Dh=16)
+        out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
+        ro, rl = mixed_attention_reference(q, k, v, **kw)
+        check(out, lse, ro, rl)
+except ImportError:  # pragma: no cover
+    pass
