@@ -25,7 +25,8 @@ DEFAULT_TIMEOUT_S = 60.0
 class Pending:
     """An in-flight all-gather; :meth:`wait` returns every rank's payload (own slot included)."""
 
-    def __init__(self, transport: "Transport", work, outs, finish: Callable, what: str, stats):
+    def __init__(self, transport: "Transport", work, outs, finish: Callable, what: str, stats, keep=None):
+        self._keep = keep        # the send buffer must outlive the asynchronous collective
         self._t = transport
         self._work = work
         self._outs = outs
@@ -93,7 +94,7 @@ class Transport:
         def finish(outs):
             return [outs[s][: int(sizes[s])] for s in range(self.world)]
 
-        return Pending(self, work, outs, finish, what, stats)
+        return Pending(self, work, outs, finish, what, stats, keep=buf)
 
     def start_tensor(self, x: torch.Tensor, lengths: Sequence[int], dim: int = 1, stats=None,
                      what="all-gather") -> Pending:
@@ -116,7 +117,7 @@ class Transport:
         def finish(outs):
             return [o.narrow(dim, 0, int(lengths[s])) for s, o in enumerate(outs)]
 
-        return Pending(self, work, outs, finish, what, stats)
+        return Pending(self, work, outs, finish, what, stats, keep=x)
 
     def all_gather_seq(self, x: torch.Tensor, lengths: Sequence[int], dim: int = 1, what="gather") -> torch.Tensor:
         parts = self.start_tensor(x, lengths, dim=dim, what=what).wait()
