@@ -1,0 +1,124 @@
+"""Proof chain step 1 for the fused mixed-attention kernel: the Triton kernel (interpreter on CPU, or a
+GPU when present) against the float64 reference, fresh random non-zero inputs, poisoned outputs.
+fp32 and fp16 only (no bf16 in the interpreter). Small shapes: the interpreter is slow."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from astra_kernels.attention import _plan, mixed_attention, mixed_attention_reference  # noqa: E402
+from astra_kernels.testing import (assert_no_poison, kernel_device, poisoned_empty,  # noqa: E402
+                                   triton_runnable)
+from test_attention import check, make_case  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_runnable(), reason="needs a GPU or TRITON_INTERPRET=1")
+
+_PLAN_DEFAULTS = dict(k_hat=None, v_hat=None, codes=None, k_table=None, v_table=None, rope_cos=None,
+                      rope_sin=None, q_pos=None, kv_pos=None, causal=False, local_mask=None, remote_mask=None,
+                      count_weighted="auto", scale=None, include_local=True, validate=True)
+
+
+def _to(dev, x):
+    return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+
+def run_kernel(q, k, v, kw):
+    """Plan on the host, then the kernel into poisoned out/lse buffers; returns CPU (out, lse)."""
+    from astra_kernels.triton import attention_kernels as ak
+
+    dev = kernel_device()
+    q, k, v = _to(dev, q), _to(dev, k), _to(dev, v)
+    kwd = {n: _to(dev, x) for n, x in kw.items()}
+    args = dict(_PLAN_DEFAULTS)
+    args.update(kwd)
+    plan = _plan(q, k, v, **args)
+    B, Hq, Tl, Dh = q.shape
+    out = poisoned_empty(B, Hq, Tl, Dh, dtype=q.dtype, device=dev)
+    lse = torch.full((B, Hq, Tl), 12345.0, dtype=torch.float32, device=dev)  # sentinel: -inf is legal
+    o, l = ak.mixed_attention_triton(plan, out=out, lse=lse)
+    assert o is out and l is lse
+    assert_no_poison(out, "out")
+    assert not bool((lse == 12345.0).any()), "lse not written"
+    return out.cpu(), lse.cpu()
+
+
+CASES = [
+    # (mode, Tl, Tr, Hq, Hkv, Dh, positions)
+    ("local", 17, 0, 4, 2, 32, "interleaved"),
+    ("local", 69, 0, 2, 1, 64, "default"),
+    ("per_token", 1, 17, 4, 2, 32, "interleaved"),
+    ("per_token", 17, 69, 4, 4, 40, "contiguous"),
+    ("table", 17, 1, 4, 2, 32, "interleaved"),
+    ("table", 69, 17, 2, 1, 32, "default"),
+    ("rope", 17, 69, 4, 2, 32, "interleaved"),
+    ("rope", 1, 1, 2, 2, 64, "contiguous"),
+    ("rope", 64, 17, 2, 1, 40, "default"),
+    ("rope", 17, 23, 2, 1, 96, "interleaved"),
+    ("count", 17, 69, 4, 2, 32, "interleaved"),
+    ("count", 69, 17, 2, 1, 32, "contiguous"),
+    ("count", 1, 64, 4, 2, 64, "default"),
+    ("count", 17, 0, 2, 2, 32, "default"),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-Tl{c[1]}-Tr{c[2]}-H{c[3]}/{c[4]}-D{c[5]}-{c[6]}")
+def test_kernel_matches_reference_fp32(case, causal):
+    mode, Tl, Tr, Hq, Hkv, Dh, positions = case
+    q, k, v, kw = make_case(100 + Tl + 7 * Tr + Dh, mode=mode, Tl=Tl, Tr=Tr, Hq=Hq, Hkv=Hkv, Dh=Dh, causal=causal,
+                            positions=positions, K=23)
+    out, lse = run_kernel(q, k, v, kw)
+    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    check(out, lse, ro, rl)
+
+
+@pytest.mark.parametrize("mode", ["per_token", "rope", "count"])
+def test_kernel_fp16(mode):
+    q, k, v, kw = make_case(9, mode=mode, Tl=17, Tr=23, causal=True, dtype=torch.float16)
+    out, lse = run_kernel(q, k, v, kw)
+    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    check(out, lse, ro, rl, dtype=torch.float16)
+
+
+def test_kernel_no_masks_and_all_masked_rows():
+    q, k, v, kw = make_case(31, mode="count", masks=False, positions="interleaved", causal=True)
+    out, lse = run_kernel(q, k, v, kw)
+    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    q, k, v, kw = make_case(32, mode="rope", positions="interleaved", causal=True)
+    kw["local_mask"][1] = False
+    kw["remote_mask"][1] = False
+    out, lse = run_kernel(q, k, v, kw)
+    assert bool(torch.isneginf(lse[1]).all()) and bool((out[1] == 0).all())
+    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+
+
+def test_kernel_count_equals_per_token_and_cpu():
+    q, k, v, kw = make_case(41, mode="count", Tr=69, K=5, causal=True, positions="interleaved")
+    kw.pop("count_weighted")
+    a, la = run_kernel(q, k, v, dict(kw, count_weighted=True))
+    b, lb = run_kernel(q, k, v, dict(kw, count_weighted=False))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    c, lc = mixed_attention(q, k, v, return_lse=True, backend="torch", **kw)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    fin = torch.isfinite(lc)
+    torch.testing.assert_close(la[fin], lc[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_nonlocal_only_pass_and_public_api():
+    dev = kernel_device()
+    q, k, v, kw = make_case(51, mode="rope", causal=True, positions="interleaved")
+    remote = {n: kw[n] for n in ("codes", "k_table", "v_table", "rope_cos", "rope_sin", "kv_pos", "remote_mask")}
+    out, lse = run_kernel(q, None, None, dict(remote, causal=True, q_pos=kw["q_pos"], include_local=False))
+    ro, rl = mixed_attention_reference(q, k, v, causal=True, q_pos=kw["q_pos"], include_local=False, **remote)
+    check(out, lse, ro, rl)
+    o2, l2 = mixed_attention(q.to(dev), k.to(dev), v.to(dev), backend="triton", return_lse=True,
+                             **{n: _to(dev, x) for n, x in kw.items()})
+    check(o2.cpu(), l2.cpu(), *mixed_attention_reference(q, k, v, **kw))
+
+
+def test_kernel_empty_query_block():
+    q, k, v, kw = make_case(61, mode="count", Tl=0, Tr=9)
+    dev = kernel_device()
+    out, lse = mixed_attention(q.to(dev), k.to(dev), v.to(dev), backend="triton", return_lse=True,
+                               **{n: _to(dev, x) for n, x in kw.items()})
+    assert out.shape == (2, 4, 0, 32) and lse.shape == (2, 4, 0)
