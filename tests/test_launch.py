@@ -1,0 +1,112 @@
+"""astra.launch (local gloo ranks), failure handling (a peer dies or stalls -> PeerError within the timeout,
+never a hang), and torchrun."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_runtime_support import tiny_inputs, tiny_model
+
+import astra
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _echo(rank, scale):
+    import torch.distributed as dist
+
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return {"rank": rank, "world": dist.get_world_size(), "sum": float(t) * scale, "x": torch.arange(3) * rank}
+
+
+def _fail_on_one(rank):
+    if rank == 1:
+        raise ValueError("boom from rank one")
+    return rank
+
+
+def test_launch_returns_results_in_rank_order():
+    out = astra.launch(_echo, 3, 2.0, join_timeout=120)
+    assert [o["rank"] for o in out] == [0, 1, 2]
+    assert all(o["world"] == 3 and o["sum"] == 6.0 for o in out)
+    assert torch.equal(out[2]["x"], torch.tensor([0, 2, 4]))
+
+
+def test_launch_reports_rank_errors():
+    with pytest.raises(astra.LaunchError, match="rank 1 raised ValueError: boom from rank one") as ei:
+        astra.launch(_fail_on_one, 2, join_timeout=120)
+    assert ei.value.results == {0: 0} and 1 in ei.value.errors
+
+
+def _forward_with_fault(rank, fault, victim, timeout):
+    """Every rank runs a parallel forward; the victim dies (os._exit) or stalls inside layer 1."""
+    model = tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2", seq=12)
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=8)
+    pm = astra.parallelize(model, cb, timeout=timeout)
+    pm(**inputs)  # one healthy forward first
+    if rank == victim:
+        def hook(module, args):
+            if fault == "die":
+                os._exit(17)
+            time.sleep(2 * timeout + 1)
+        model.transformer.h[1].attn.register_forward_pre_hook(hook, prepend=True)  # before astra sends
+    t0 = time.monotonic()
+    try:
+        pm(**inputs)
+    except astra.PeerError as e:
+        return ("peer_error", time.monotonic() - t0, str(e))
+    return ("ok", time.monotonic() - t0, "")
+
+
+@pytest.mark.parametrize("fault", ["die", "stall"])
+def test_peer_failure_raises_peer_error_within_timeout(fault):
+    timeout = 3.0
+    t0 = time.monotonic()
+    try:
+        results = dict(enumerate(astra.launch(_forward_with_fault, 3, fault, 2, timeout, join_timeout=90)))
+        dead = []
+    except astra.LaunchError as e:
+        results, dead = e.results, e.dead
+    assert time.monotonic() - t0 < 90
+    if fault == "die":
+        assert dead == [2]
+    for rank in (0, 1):
+        kind, elapsed, msg = results[rank]
+        assert kind == "peer_error", (rank, kind)
+        assert elapsed < timeout + 5.0, elapsed
+        assert "peer rank died" in msg and f"astra rank {rank}/3" in msg
+
+
+def test_torchrun(tmp_path):
+    script = tmp_path / "run_astra.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}, {str(ROOT / 'python')!r}]
+        import torch, torch.distributed as dist
+        import astra
+        from test_runtime_support import tiny_model, tiny_inputs
+        dist.init_process_group("gloo")
+        torch.set_num_threads(1)
+        model = tiny_model("llama")
+        inputs = tiny_inputs("llama", seq=9)
+        with torch.no_grad():
+            ref = model(**inputs).logits
+        pm = astra.parallelize(model)
+        full = pm.gather(pm(**inputs)).logits
+        assert float((full - ref).abs().max()) < 1e-4
+        print("TORCHRUN_OK", dist.get_rank(), flush=True)
+        dist.destroy_process_group()
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(astra.launch.__globals__["_free_port"]()), str(script)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("TORCHRUN_OK") == 2
