@@ -1,0 +1,104 @@
+"""CPU benchmark: mixed_attention (table / count-weighted form) vs the naive route a user would write.
+
+    PYTHONPATH=.:python python -m pytest bench/test_bench_attention.py --benchmark-only \
+        --benchmark-group-by=param:Tr --benchmark-columns=min,median,mean,rounds
+
+Setting (ViT/GPT-2-base sized layer, one device's view): Tl = 512 local tokens, Tr in {512, 3584}
+non-local tokens known by G = 1 codes, D = 768, 12 heads x 64, K = 1024 codewords, batch 1,
+bidirectional. Both routes run with ONE torch thread (torch.set_num_threads(1)), same inputs.
+
+* naive: ``h_hat = codebook[codes]``; ``k = h_hat @ Wk + bk``; ``v = h_hat @ Wv + bv``; reshape to heads,
+  concatenate with the local K/V, ``F.scaled_dot_product_attention``.
+* table_count: ``mixed_attention(q, k, v, codes=..., k_table=..., v_table=...)`` with the per-layer
+  tables ``codebook @ Wk + bk`` precomputed once (not timed: once per layer per model); "auto" picks the
+  count-weighted form (distinct codes + log(count)), input validation included in the timing.
+* table_per_token: same with ``count_weighted=False`` (gather every token's K/V row), for reference.
+"""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (_ROOT, os.path.join(_ROOT, "python")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from astra_kernels.attention import mixed_attention  # noqa: E402
+
+D, H, DH, K, TL = 768, 12, 64, 1024, 512
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _setup(Tr):
+    g = torch.Generator().manual_seed(1234 + Tr)
+    codebook = torch.randn(K, D, generator=g)
+    Wk = torch.randn(D, D, generator=g) / D ** 0.5
+    Wv = torch.randn(D, D, generator=g) / D ** 0.5
+    bk = torch.randn(D, generator=g) * 0.1
+    bv = torch.randn(D, generator=g) * 0.1
+    q = torch.randn(1, H, TL, DH, generator=g)
+    k = torch.randn(1, H, TL, DH, generator=g)
+    v = torch.randn(1, H, TL, DH, generator=g)
+    codes = torch.randint(0, K, (1, Tr), generator=g)
+    k_table = (codebook @ Wk + bk).view(K, H, DH)
+    v_table = (codebook @ Wv + bv).view(K, H, DH)
+    return dict(codebook=codebook, Wk=Wk, Wv=Wv, bk=bk, bv=bv, q=q, k=k, v=v, codes=codes,
+                k_table=k_table, v_table=v_table)
+
+
+def naive(s):
+    h_hat = s["codebook"][s["codes"][0]]                       # [Tr, D]
+    kr = (h_hat @ s["Wk"] + s["bk"]).view(1, -1, H, DH).transpose(1, 2)
+    vr = (h_hat @ s["Wv"] + s["bv"]).view(1, -1, H, DH).transpose(1, 2)
+    kk = torch.cat((s["k"], kr), dim=2)
+    vv = torch.cat((s["v"], vr), dim=2)
+    return F.scaled_dot_product_attention(s["q"], kk, vv)
+
+
+def ours(s, count_weighted="auto"):
+    return mixed_attention(s["q"], s["k"], s["v"], codes=s["codes"], k_table=s["k_table"], v_table=s["v_table"],
+                           count_weighted=count_weighted, backend="torch")
+
+
+_CACHE = {}
+
+
+def _case(Tr):
+    if Tr not in _CACHE:
+        s = _setup(Tr)
+        ref = naive(s)
+        for cw in ("auto", False):  # same answer as the naive route, or the timing means nothing
+            torch.testing.assert_close(ours(s, cw), ref, rtol=1e-4, atol=1e-4)
+        _CACHE[Tr] = s
+    return _CACHE[Tr]
+
+
+@pytest.mark.parametrize("Tr", [512, 3584])
+def test_naive_dequant_project_sdpa(benchmark, Tr):
+    s = _case(Tr)
+    benchmark.extra_info.update(route="naive", threads=torch.get_num_threads())
+    benchmark(naive, s)
+
+
+@pytest.mark.parametrize("Tr", [512, 3584])
+def test_mixed_attention_table_count(benchmark, Tr):
+    s = _case(Tr)
+    benchmark.extra_info.update(route="table_count", threads=torch.get_num_threads())
+    benchmark(ours, s)
+
+
+@pytest.mark.parametrize("Tr", [512, 3584])
+def test_mixed_attention_table_per_token(benchmark, Tr):
+    s = _case(Tr)
+    benchmark.extra_info.update(route="table_per_token", threads=torch.get_num_threads())
+    benchmark(ours, s, False)
