@@ -8,3 +8,4 @@ from .codec import CODES_DTYPE, crc32c, frame_header, frame_layout, frame_nbytes
 
 __version__ = "0.1.0"
 from .vq import default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference  # VQ ops (issue 3)
+from .attention import merge_attention, mixed_attention, mixed_attention_reference  # mixed-precision attention (issue 4)
