@@ -237,6 +237,15 @@ def _plan(q, k, v, *, k_hat, v_hat, codes, k_table, v_table, rope_cos, rope_sin,
         return plan
     if per_token:
         plan.r_mode, plan.r_k, plan.r_v, plan.r_pos, plan.r_valid = "direct", k_hat, v_hat, kp, rm
+        if plan.causal:
+            keep = _causal_keep(plan, kp, rm)
+            if keep is not None:
+                order, plan.r_valid = keep
+                idx = order.view(B, 1, -1, 1).expand(B, Hkv, order.shape[1], Dh)
+                plan.r_k, plan.r_v = k_hat.gather(2, idx), v_hat.gather(2, idx)
+                plan.r_pos = kp.gather(1, order)
+                if plan.r_k.shape[2] == 0:
+                    plan.r_mode = "none"
         return plan
     codes = codes.to(torch.int64)
     plan.r_k, plan.r_v = k_table, v_table
@@ -244,9 +253,35 @@ def _plan(q, k, v, *, k_hat, v_hat, codes, k_table, v_table, rope_cos, rope_sin,
         plan.r_mode, plan.r_codes, plan.r_pos, plan.r_valid = "gather", codes, kp, rm
         if rope:
             plan.rope_cos, plan.rope_sin = rope_cos, rope_sin
+        if plan.causal:
+            keep = _causal_keep(plan, kp, rm)
+            if keep is not None:
+                order, plan.r_valid = keep
+                plan.r_codes, plan.r_pos = codes.gather(1, order), kp.gather(1, order)
+                if order.shape[1] == 0:
+                    plan.r_mode = "none"
         return plan
     _split_counts(plan, codes, kp, rm, k_table.shape[0])
     return plan
+
+
+def _compact(keep: torch.Tensor):
+    """Per row, the indices of the kept entries first (stable), cut to the longest row's count.
+    Returns (order [B, S] int64, valid [B, S] bool)."""
+    S = int(keep.sum(dim=1).max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :S]
+    return order, keep.gather(1, order)
+
+
+def _causal_keep(plan: _Plan, kp, rm):
+    """Causal: drop the non-local keys no local query can see (after the last query, or padded).
+    None when nothing would be dropped."""
+    keep = kp <= plan.q_pos.max(dim=1, keepdim=True).values
+    if rm is not None:
+        keep = keep & rm
+    if bool(keep.all()):
+        return None
+    return _compact(keep)
 
 
 def _split_counts(plan: _Plan, codes, kp, rm, Kc: int) -> None:
@@ -273,14 +308,11 @@ def _split_counts(plan: _Plan, codes, kp, rm, Kc: int) -> None:
             ucodes = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :U]
         plan.u_codes = ucodes
         plan.u_logc = counts.gather(1, ucodes).log()  # log 0 = -inf pads rows with fewer codes
-    if some is not None:
-        S = int(some.sum(dim=1).max())
-        if S:
-            order = torch.argsort((~some).to(torch.int8), dim=1, stable=True)[:, :S]
-            plan.r_mode = "gather"
-            plan.r_codes = codes.gather(1, order)
-            plan.r_pos = kp.gather(1, order)
-            plan.r_valid = some.gather(1, order)
+    if some is not None and bool(some.any()):
+        order, plan.r_valid = _compact(some)
+        plan.r_mode = "gather"
+        plan.r_codes = codes.gather(1, order)
+        plan.r_pos = kp.gather(1, order)
 
 
 # ---------------------------------------------------------------------------------------- public API

@@ -287,3 +287,17 @@ def test_cpu_matmul_fallback_route(mode, monkeypatch):
         out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
         check(out, lse, *mixed_attention_reference(q, k, v, **kw))
     assert torch.float32 in A._FLASH_FAILED
+
+
+@pytest.mark.parametrize("mode", ["per_token", "rope"])
+def test_causal_plan_drops_keys_no_query_sees(mode):
+    q, k, v, kw = make_case(8, mode=mode, causal=True, positions="contiguous", Tr=30, masks=False)
+    args = dict(k_hat=None, v_hat=None, codes=None, k_table=None, v_table=None, rope_cos=None, rope_sin=None,
+                local_mask=None, remote_mask=None, count_weighted="auto", scale=None, include_local=True,
+                validate=True)
+    args.update(kw)
+    p = _plan(q, k, v, **args)
+    before = int((kw["kv_pos"] < kw["q_pos"].min()).sum())
+    assert p.r_pos.shape == (2, before) and bool((p.r_pos < kw["q_pos"].min()).all())
+    out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
+    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
