@@ -18,7 +18,7 @@ Zen4 machine this was written on, see bench/RESULTS.md) into ``dhat``. For every
 
     |x.c - S| <= ||x - xb|| ||c|| + ||xb|| ||c - cb||          (bf16 rounding of the inputs)
                + gamma_DG ||xb|| ||cb||                        (fp32 accumulation, any order)
-               + 2^-9 (1 + 2^-8) max_k |S(k)|                  (bf16 rounding of the output S)
+               + 2^-8 (1 + 2^-6) max_k |S(k)|                  (bf16 rounding of the output S)
 
 (``xb``, ``cb`` the bf16 inputs; the per-codebook maxima ``max ||c||``, ``max ||c - cb||``,
 ``max ||cb||`` are cached per codebook), plus the fp32 roundings of ``||c||^2`` and of ``dhat``. If the
@@ -48,8 +48,9 @@ __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "
 MAX_K = 65536
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
-_CHUNK_ELEMS = 1 << 21     # G * chunk * K per screening chunk
-_RERANK_M = 16            # screened candidates re-ranked exactly for ambiguous tokens
+_CHUNK_ELEMS = 1 << 18     # G * chunk * K per screening chunk (intermediates near L2 size)
+_MIN_CHUNK = 64            # tokens per chunk at least (bounds the Python overhead for large G * K)
+_REFINE_BATCH = 2048       # uncertified tokens refined per batch
 _EXACT_ELEMS = 1 << 22    # rows * K * DG per float64 block in exact computations
 
 
@@ -94,7 +95,9 @@ def _check_finite(t: torch.Tensor, name: str, cache: bool = False) -> None:
         key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
         if _finite_cache.get(key):
             return
-    if not bool(torch.isfinite(t).all()):
+    # one pass: a sum is finite iff no NaN/inf went in, unless it overflowed (then check elementwise)
+    tot = t.sum()
+    if not bool(torch.isfinite(tot)) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
     if key is not None:
         if len(_finite_cache) > 64:
@@ -167,7 +170,7 @@ def vq_decode_reference(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Te
 # fast CPU / torch path
 # --------------------------------------------------------------------------------------------------
 
-_U_BF16 = 2.0 ** -9   # unit roundoff of bfloat16 (8-bit significand)
+_U_BF16 = 2.0 ** -8   # unit roundoff of bfloat16 (8-bit significand incl. the implicit bit)
 _U_F32 = 2.0 ** -24
 
 
@@ -179,6 +182,7 @@ class _CodebookPrep:
         c = codebook.detach()
         c_hi = c.to(torch.float32) if c.dtype != torch.float64 else c
         cb = c_hi.to(torch.bfloat16)
+        self.cb32 = c.to(torch.float32).contiguous()                    # [G, K, DG] fp32 (refinement)
         self.cbT = cb.transpose(1, 2).contiguous()                       # [G, DG, K] bf16
         c64 = c.to(torch.float64)
         cn64 = (c64 * c64).sum(-1)                                       # [G, K]
@@ -189,6 +193,7 @@ class _CodebookPrep:
         self.max_cr = (cr.pow(2).sum(-1).sqrt().amax(-1) * slack).to(torch.float32)           # [G]
         self.max_cb = (cb.to(torch.float64).pow(2).sum(-1).sqrt().amax(-1) * slack).to(torch.float32)
         self.max_cn = (cn64.amax(-1) * slack).to(torch.float32)
+        self.max_c32r = ((c64 - self.cb32.to(torch.float64)).pow(2).sum(-1).sqrt().amax(-1) * slack).to(torch.float32)
         n = 2 * DG + 2
         self.gamma = n * _U_F32 / (1 - n * _U_F32)
 
@@ -230,6 +235,102 @@ def _exact_rerank(x64: torch.Tensor, cbg: torch.Tensor, cand: Optional[torch.Ten
     return out
 
 
+def _exact_among(x64: torch.Tensor, cbg: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Exact float64 argmin (the reference formula) of rows ``x64 [r, DG]`` over candidate codes
+    ``cand [r, m]`` (duplicates allowed); ties to the lowest code index. Returns int64 [r]."""
+    cs = torch.sort(cand, dim=-1).values
+    return _exact_rerank(x64, cbg, cs)
+
+
+_TIERS = (3, 16, 128)
+
+
+def _refine_group(xg32: torch.Tensor, xg_hi: torch.Tensor, rows_fn, K: int,
+                  e: torch.Tensor, g: int, codebook: torch.Tensor, p: "_CodebookPrep", top=None,
+                  ws: Optional[dict] = None) -> torch.Tensor:
+    """Exact codes for tokens whose screened argmin was not certified.
+
+    ``xg32 [r, DG]`` fp32 rows, ``xg_hi`` the same rows at input precision, ``rows_fn(sub)`` their
+    screened distances ``[len(sub), K]`` (computed only when a tier needs them), ``e [r]`` the screening error bound, ``top`` optionally the already known
+    ``(values, indices)`` of the smallest screened distances. Tier by tier (3 candidates, 16, 128, all K):
+    the candidates' distances are recomputed in fp32 (bound ``e2``); if the first screened distance left
+    out exceeds the best recomputed one by more than ``e + e2``, the argmin is among the candidates, and
+    unless another candidate is within ``2 e2`` of the best (then float64 decides) it is the best one.
+    """
+    r = xg32.shape[0]
+    out = torch.empty(r, dtype=torch.int64)
+    cb32 = p.cb32[g]
+    cn32 = p.cn[g]
+    nx = torch.linalg.vector_norm(xg32, dim=-1)
+    nres = torch.linalg.vector_norm((xg_hi - xg32.to(xg_hi.dtype)).to(torch.float32), dim=-1) if xg_hi.dtype == torch.float64 else torch.zeros_like(nx)
+    gam = p.gamma
+    e2 = (2 * gam * nx * p.max_c[g] + 2 * (nres + nx) * p.max_c32r[g] + 2 * nres * p.max_c[g] + 2 * _U_F32 * p.max_cn[g]
+          + 2 * _U_F32 * (p.max_cn[g] + 2 * nx * p.max_c[g])) * 1.01 + 1e-30
+    todo = torch.arange(r)
+    for m in _TIERS + (None,):
+        if todo.numel() == 0:
+            break
+        if m is not None and m + 1 > K:
+            continue
+        xr = xg32 if todo.numel() == r else xg32[todo]
+        if m is None:
+            d32 = cn32[None, :] - 2.0 * (xr @ cb32.T)                          # [t, K]
+            cand = None
+            inside = torch.ones(todo.numel(), dtype=torch.bool)
+        else:
+            if top is not None and top[0].shape[1] >= m + 1 and todo.numel() == r:
+                v, ci = top[0][:, :m + 1], top[1][:, :m + 1]
+            else:
+                v, ci = rows_fn(todo).topk(m + 1, dim=-1, largest=False, sorted=True)
+            cand = ci[:, :m]
+            flat = cand.reshape(-1)
+            need = flat.numel() * cb32.shape[1]
+            # gather the candidate rows into a reused buffer (fresh large allocations page-fault)
+            if ws is None:
+                ws = {}
+            buf = ws.get("gather")
+            if buf is None or buf.numel() < need:
+                buf = ws["gather"] = torch.empty(need, dtype=torch.float32)
+            rows_c = torch.index_select(cb32, 0, flat, out=buf[:need].view(flat.numel(), -1))
+            # in place (rows_c is a private buffer): bmm of tiny batches is slow, temporaries page-fault
+            dots = rows_c.view(cand.shape[0], m, -1).mul_(xr[:, None, :]).sum(-1)          # [t, m]
+            d32 = cn32[cand] - 2.0 * dots
+        best, arg = d32.min(dim=-1)
+        if m is not None:
+            inside = v[:, m] - e[todo] > best + e2[todo]
+        near = d32 <= (best + 2.0 * e2[todo])[:, None]
+        unique = near.sum(-1) == 1
+        if m is None:
+            # fp32 overflow (|x|, |c| beyond ~1e18): float64 over the whole codebook
+            bad = ~(torch.isfinite(d32).all(-1) & torch.isfinite(e2[todo]))
+            if bool(bad.any()):
+                bi = bad.nonzero().squeeze(1)
+                out[todo[bi]] = _exact_rerank(xg_hi[todo[bi]].to(torch.float64), codebook[g], None)
+                inside = inside & ~bad
+        done = inside & unique
+        sel = done.nonzero().squeeze(1)
+        out[todo[sel]] = arg[sel] if cand is None else cand[sel, arg[sel]]
+        tie = (inside & ~unique).nonzero().squeeze(1)
+        if tie.numel():
+            full = torch.arange(K)[None, :].expand(tie.numel(), K) if cand is None else cand[tie]
+            bi = full.gather(1, arg[tie][:, None]).expand_as(full)
+            cset = torch.where(near[tie], full, bi)
+            out[todo[tie]] = _exact_among(xg_hi[todo[tie]].to(torch.float64), codebook[g], cset)
+        todo = todo[~inside] if m is not None else todo[:0]
+    return out
+
+
+def _ws_view(ws: dict, name: str, shape, dtype) -> torch.Tensor:
+    """A contiguous ``shape`` view into the reusable workspace buffer ``ws[name]``."""
+    n = 1
+    for d in shape:
+        n *= d
+    buf = ws.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = ws[name] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
 def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Exact nearest-codeword codes ``[N, G]`` int32 for ``x2 [N, D]`` (see the module docstring)."""
     G, K, DG = codebook.shape
@@ -247,45 +348,62 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
             codes[:, g] = _exact_rerank(x2[:, g * DG:(g + 1) * DG].to(torch.float64), codebook[g], None).to(torch.int32)
         return codes
     p = _prep(codebook)
-    chunk = max(1, min(N, _CHUNK_ELEMS // (G * K)))
+    chunk = max(_MIN_CHUNK, _CHUNK_ELEMS // (G * K))
+    chunk = min(N, chunk)
+    ws: dict = {}
     work_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    t1 = min(K, _TIERS[0] + 1)
+    vals_all = torch.empty(G, N, t1, dtype=torch.float32)
+    idx_all = torch.empty(G, N, t1, dtype=torch.int64)
+    e_all = torch.empty(G, N, dtype=torch.float32)
+    direct = G == 1   # [1, n, t1] slices of the global buffers are contiguous: topk can write there
+    # stage 1: bf16 screen + certificate bound, chunk by chunk (intermediates stay cache sized)
     for s in range(0, N, chunk):
         xc = x2[s:s + chunk].to(work_dtype)
         n = xc.shape[0]
         xg = xc.reshape(n, G, DG).transpose(0, 1)                       # [G, n, DG] view
         xb = xg.to(torch.bfloat16)
-        S = torch.bmm(xb, p.cbT)                                         # [G, n, K] bf16
-        dhat = torch.add(p.cn[:, None, :], S, alpha=-2.0)               # [G, n, K] fp32
-        vals, idx = dhat.topk(2, dim=-1, largest=False, sorted=True)     # [G, n, 2]
+        # outputs go to buffers reused across chunks (fresh multi-MB allocations page-fault every time)
+        S = torch.bmm(xb, p.cbT, out=_ws_view(ws, "S", (G, n, K), torch.bfloat16))         # [G, n, K]
+        dhat = torch.add(p.cn[:, None, :], S, alpha=-2.0, out=_ws_view(ws, "dhat", (G, n, K), torch.float32))
+        if direct:
+            torch.topk(dhat, t1, dim=-1, largest=False, sorted=True,
+                       out=(vals_all[:, s:s + n], idx_all[:, s:s + n]))
+        else:
+            v, i = torch.topk(dhat, t1, dim=-1, largest=False, sorted=True,
+                              out=(_ws_view(ws, "vals", (G, n, t1), torch.float32),
+                                   _ws_view(ws, "idx", (G, n, t1), torch.int64)))
+            vals_all[:, s:s + n] = v
+            idx_all[:, s:s + n] = i
         smax = S.abs().amax(-1).to(torch.float32)                        # [G, n]
-        xr = (xg - xb.to(work_dtype)).to(torch.float32)
-        nxr = torch.linalg.vector_norm(xr, dim=-1) * (1 + 1e-5)
+        nxr = torch.linalg.vector_norm((xg - xb.to(work_dtype)).to(torch.float32), dim=-1) * (1 + 1e-5)
         nxb = (torch.linalg.vector_norm(xg.to(torch.float32), dim=-1) + nxr) * (1 + 1e-5)
         err_dot = (nxr * p.max_c[:, None] + nxb * p.max_cr[:, None] + p.gamma * nxb * p.max_cb[:, None]
-                   + _U_BF16 * (1 + 2.0 ** -8) * smax)
+                   + _U_BF16 * (1 + 2.0 ** -6) * smax)
         e = (2.0 * err_dot + 2 * _U_F32 * p.max_cn[:, None] + 2 * _U_F32 * (p.max_cn[:, None] + 2 * smax))
-        e = e * 1.001 + 1e-30
-        win = 2.0 * e
-        ok = (vals[..., 1] - vals[..., 0]) > win                         # [G, n]
-        cg = codes[s:s + n].transpose(0, 1)                              # [G, n] view
-        cg.copy_(idx[..., 0].to(torch.int32))
-        if bool(ok.all()):
-            continue
-        gi, ti = (~ok).nonzero(as_tuple=True)
-        m = min(K, _RERANK_M)
-        v_m, cand = dhat[gi, ti].topk(m, dim=-1, largest=False, sorted=True)
-        covered = (v_m[:, -1] > v_m[:, 0] + win[gi, ti]) if m < K else torch.ones_like(gi, dtype=torch.bool)
-        x64 = xg[gi, ti].to(torch.float64)
-        res = torch.empty_like(gi)
-        for g in torch.unique(gi).tolist():
-            sel_g = gi == g
-            for cov in (True, False):
-                sel = sel_g & (covered if cov else ~covered)
-                if not bool(sel.any()):
-                    continue
-                cs = torch.sort(cand[sel], dim=-1).values if cov else None
-                res[sel] = _exact_rerank(x64[sel], codebook[g], cs)
-        cg[gi, ti] = res.to(torch.int32)
+        e_all[:, s:s + n] = e * 1.001 + 1e-30
+    codes.copy_(idx_all[..., 0].transpose(0, 1))
+    ok = (vals_all[..., 1] - vals_all[..., 0]) > 2.0 * e_all            # [G, N]
+    if bool(ok.all()):
+        return codes
+    # stage 2: tokens whose screened argmin is not certified, in batches
+    for g in range(G):
+        amb = (~ok[g]).nonzero().squeeze(1)
+        for b0 in range(0, amb.numel(), _REFINE_BATCH):
+            ti = amb[b0:b0 + _REFINE_BATCH]
+            xh = x2[ti, g * DG:(g + 1) * DG]
+            if xh.dtype not in (torch.float32, torch.float64):
+                xh = xh.to(torch.float32)
+            xh32 = xh.to(torch.float32)
+
+            def rows_fn(sub, xh32=xh32, g=g):
+                # screened distances of these tokens, recomputed exactly as in stage 1 (the bound e
+                # holds for any fp32 accumulation order)
+                Sb = torch.mm(xh32[sub].to(torch.bfloat16), p.cbT[g])
+                return torch.add(p.cn[g][None, :], Sb, alpha=-2.0)
+
+            codes[ti, g] = _refine_group(xh32, xh, rows_fn, K, e_all[g, ti], g, codebook, p,
+                                         top=(vals_all[g, ti], idx_all[g, ti]), ws=ws).to(torch.int32)
     return codes
 
 
