@@ -6,7 +6,9 @@ tensors), with the GIL released; there is no Python loop over elements.
 
 * :func:`pack_codes` accepts any integer tensor (or numpy array) of at most 8 dimensions whose
   values lie in ``[0, 2**bits)``, ``bits`` in 1..16. A non-contiguous input is copied to contiguous
-  memory first. CUDA tensors are copied to the host (the device-side packer is the Triton one).
+  memory first. With ``backend="auto"`` CUDA tensors are packed on the device by the Triton packer
+  (byte-identical frames, returned on the device); ``backend="torch"`` always uses the C++ codec
+  (copying device tensors to the host), ``backend="triton"`` forces the Triton packer.
 * :func:`unpack_codes` returns a contiguous CPU ``torch.int32`` tensor with the packed shape.
 
 Both raise :class:`ValueError` naming the problem for any malformed input; no byte string can make
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from . import _codec
+from ._dispatch import resolve_backend
 
 __all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "crc32c", "CODES_DTYPE"]
 
@@ -74,15 +77,19 @@ def _as_cpu_tensor(x, what: str) -> torch.Tensor:
     return t
 
 
-def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Pack ``codes`` (integer tensor, values in ``[0, 2**bits)``) into a 1-D ``torch.uint8`` frame.
 
     ``out``, if given, is a contiguous 1-D uint8 CPU tensor of at least :func:`frame_nbytes` bytes;
-    the frame is written to its start and the matching view ``out[:nbytes]`` is returned.
+    the frame is written to its start and the matching view ``out[:nbytes]`` is returned (C++ codec
+    only). ``backend``: see the module docstring.
     """
     if type(bits) is not int:  # noqa: E721 - fast path; numpy ints etc. are checked below
         _check_bits(bits)
         bits = int(bits)
+    if backend != "auto" or (isinstance(codes, torch.Tensor) and not codes.is_cpu):
+        if resolve_backend(backend, codes if isinstance(codes, torch.Tensor) else None) == "triton":
+            return _pack_triton(codes, bits, out)
     if type(codes) is torch.Tensor and codes.is_cpu and codes.is_contiguous():  # noqa: E721
         t = codes
     else:
@@ -102,6 +109,28 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None) -> torch
         raise ValueError("out must be a contiguous 1-D torch.uint8 CPU tensor")
     n = _codec.pack(t.data_ptr(), code, shape, bits, out.data_ptr(), out.numel())
     return out if n == out.numel() else out[:n]
+
+
+def _pack_triton(codes, bits: int, out) -> torch.Tensor:
+    from .triton.vq_kernels import pack_frame_triton  # lazy: the CPU path never imports triton
+
+    _check_bits(bits)
+    if out is not None:
+        raise ValueError("out= is only supported by the C++ codec (backend='torch' or CPU tensors)")
+    if not isinstance(codes, torch.Tensor):
+        raise ValueError(f"codes must be a torch.Tensor for the Triton packer, got {type(codes).__name__}")
+    if codes.dtype not in _DTYPES:
+        raise ValueError(f"codes must have an integer dtype ({', '.join(str(d) for d in _DTYPES)}), got {codes.dtype}")
+    if codes.dim() > _codec.MAX_NDIM:
+        raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {codes.dim()}")
+    _codec.frame_layout(bits, list(codes.shape))  # validates the dims against the format
+    flat = codes.reshape(-1)
+    bad = ((flat < 0) | (flat >= (1 << bits))).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"code out of range at flat index {i}: {int(flat[i])} is not in [0, {1 << bits}) "
+                         f"for bits={bits}")
+    return pack_frame_triton(codes, bits)
 
 
 def frame_header(frame) -> Tuple[int, Tuple[int, ...]]:
