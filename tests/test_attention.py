@@ -301,3 +301,21 @@ def test_causal_plan_drops_keys_no_query_sees(mode):
     assert p.r_pos.shape == (2, before) and bool((p.r_pos < kw["q_pos"].min()).all())
     out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
     check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+
+
+def noncontig(x):
+    """Same values, [B, T, H, D] memory layout seen as [B, H, T, D] (what a runtime's .transpose gives)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if x.dim() == 4 else x.t().contiguous().t()
+
+
+@pytest.mark.parametrize("mode", ["per_token", "count", "rope"])
+def test_cpu_noncontiguous_inputs(mode):
+    q, k, v, kw = make_case(13, mode=mode, causal=True, positions="interleaved", Hq=4, Hkv=2)
+    q2, k2, v2 = noncontig(q), noncontig(k), noncontig(v)
+    assert not q2.is_contiguous()
+    kw2 = dict(kw)
+    for n in ("k_hat", "v_hat"):
+        if n in kw2:
+            kw2[n] = noncontig(kw2[n])
+    out, lse = mixed_attention(q2, k2, v2, return_lse=True, **kw2)
+    check(out, lse, *mixed_attention_reference(q, k, v, **kw))

@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from astra_kernels.attention import _plan, mixed_attention, mixed_attention_reference  # noqa: E402
 from astra_kernels.testing import (assert_no_poison, kernel_device, poisoned_empty,  # noqa: E402
                                    triton_runnable)
-from test_attention import check, make_case  # noqa: E402
+from test_attention import check, make_case, noncontig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -122,3 +122,11 @@ def test_kernel_empty_query_block():
     out, lse = mixed_attention(q.to(dev), k.to(dev), v.to(dev), backend="triton", return_lse=True,
                                **{n: _to(dev, x) for n, x in kw.items()})
     assert out.shape == (2, 4, 0, 32) and lse.shape == (2, 4, 0)
+
+
+@pytest.mark.parametrize("mode", ["per_token", "rope"])
+def test_kernel_noncontiguous_inputs(mode):
+    q, k, v, kw = make_case(14, mode=mode, causal=True, positions="interleaved")
+    kw2 = {n: (noncontig(x) if n in ("k_hat", "v_hat") else x) for n, x in kw.items()}
+    out, lse = run_kernel(noncontig(q), noncontig(k), noncontig(v), kw2)
+    check(out, lse, *mixed_attention_reference(q, k, v, **kw))

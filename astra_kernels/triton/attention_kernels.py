@@ -199,6 +199,11 @@ def mixed_attention_triton(plan, out=None, lse=None):
     i32 = torch.int32
     dummy_i = torch.zeros(1, dtype=i32, device=dev)
     dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+    for name, pos in (("q_pos", plan.q_pos), ("kv_pos", plan.r_pos)):
+        if pos is not None and pos.numel():
+            lo, hi = torch.aminmax(pos)
+            if int(lo) < -2**31 or int(hi) >= 2**31:
+                raise ValueError(f"backend='triton' needs {name} within int32, got [{int(lo)}, {int(hi)}]")
     qpos = plan.q_pos.to(i32).contiguous()
 
     has_local = plan.k is not None
