@@ -104,11 +104,12 @@ def test_encode_leading_dims_and_empty():
     assert e.shape == (0, 2) and e.dtype == torch.int32
 
 
-def test_cpu_path_exact_on_near_ties_and_duplicates():
-    """Adversarial data for the bf16 screen: duplicate codewords (exact ties -> lowest index), clusters
+@pytest.mark.parametrize("D", [64, 256])   # 64: fp32 screen (small group dims); 256: bf16 screen
+def test_cpu_path_exact_on_near_ties_and_duplicates(D):
+    """Adversarial data for the screens: duplicate codewords (exact ties -> lowest index), clusters
     of >16 codewords within the screening error (exact full fallback), points near codewords."""
     g = T.seeded_generator(11)
-    K, D = 300, 64
+    K = 300
     cb = T.random_inputs(1, K, D, generator=g)
     cb[0, 10] = cb[0, 200]                                        # exact duplicate: ties go to 10
     cb[0, 50:90] = cb[0, 49] + 1e-4 * T.random_inputs(40, D, generator=g)   # tight cluster of 41
@@ -127,9 +128,13 @@ def test_cpu_path_large_magnitudes_and_float64():
     x = T.random_inputs(40, 40, generator=g, scale=1e6).double()
     T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
     # values whose bf16 products overflow fp32 accumulation: exact float64 fallback
-    cb2 = T.random_inputs(1, 20, 8, generator=g, scale=1e19)
-    x2 = T.random_inputs(10, 8, generator=g, scale=1e19)
-    T.assert_equal_ints(ak.vq_encode(x2, cb2, backend="torch"), vq.vq_encode_reference(x2, cb2))
+    for DG in (8, 128):   # fp32 screen and bf16 screen
+        cb2 = T.random_inputs(1, 20, DG, generator=g, scale=1e19)
+        x2 = T.random_inputs(10, DG, generator=g, scale=1e19)
+        T.assert_equal_ints(ak.vq_encode(x2, cb2, backend="torch"), vq.vq_encode_reference(x2, cb2))
+    cb3 = T.random_inputs(2, 300, 128, generator=g, scale=1e3).double()
+    x3 = T.random_inputs(50, 256, generator=g, scale=1e3).double()
+    T.assert_equal_ints(ak.vq_encode(x3, cb3, backend="torch"), vq.vq_encode_reference(x3, cb3))
 
 
 def test_triton_encode_writes_every_code_into_poisoned_output():
