@@ -104,9 +104,13 @@ def _ensure_not_interpreting() -> None:
         reload_kernel_modules()
 
 
-def discover_specs() -> List[tuple]:
-    """[(module_name, AotSpec)] for every module of ``astra_kernels.triton`` that has ``AOT_SPECS``."""
-    _ensure_not_interpreting()
+def discover_specs(for_compile: bool = True) -> List[tuple]:
+    """[(module_name, AotSpec)] for every module of ``astra_kernels.triton`` that has ``AOT_SPECS``.
+
+    ``for_compile=True`` first switches Triton's interpreter off for this process (and re-imports the
+    kernel modules) so the specs hold compilable ``JITFunction`` s; pass False to only inspect them."""
+    if for_compile:
+        _ensure_not_interpreting()
     from . import triton as kpkg
 
     out = []

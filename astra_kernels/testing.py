@@ -105,7 +105,8 @@ def random_inputs(
     x = (x * scale).to(dtype)
     # casting to a narrow dtype can underflow tiny values to 0: push them back out
     if (x == 0).any():
-        x = torch.where(x == 0, torch.full_like(x, min_abs * scale), x)
+        fill = max(abs(min_abs * scale), torch.finfo(dtype).tiny) if dtype.is_floating_point else 1
+        x = torch.where(x == 0, torch.full_like(x, fill), x)
     return x.to(device)
 
 
