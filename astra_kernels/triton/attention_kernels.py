@@ -17,6 +17,10 @@ Grouped-query attention maps query head ``h`` to kv head ``h // GROUP``. ``head_
 power of two ``BLOCK_D`` with masks. Scores use ``exp2`` with ``scale * log2(e)`` folded in. A row that
 sees no key ends with ``l = 0``: it stores ``out = 0`` and ``lse = -inf``.
 
+Causal with strictly increasing local positions (``LOCAL_SORTED``, checked by the host - the usual
+contiguous chunk) stops the local loop at the end of the query block, the standard causal skip; with
+arbitrary positions every block is visited and masked by position.
+
 Positions, codes, biases are passed as contiguous ``[B, T]`` int32 / float32 arrays (the host
 normalises them); big tensors take explicit strides.
 """
@@ -100,7 +104,7 @@ def mixed_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LOCAL: tl.constexpr, HAS_LBIAS: tl.constexpr,
     REMOTE_MODE: tl.constexpr, ROPE: tl.constexpr, HAS_RBIAS: tl.constexpr,
-    HAS_COUNT: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_COUNT: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, LOCAL_SORTED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -125,11 +129,16 @@ def mixed_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if HAS_LOCAL:
+        n_local = Tl
+        if CAUSAL and LOCAL_SORTED:
+            # positions strictly increase along the local axis: keys past this query block come later
+            # than every query in it, so the loop stops at the block's end (the usual causal skip)
+            n_local = tl.minimum(Tl, (pid_m + 1) * BLOCK_M)
         acc, m_i, l_i = _attn_segment(
             acc, m_i, l_i, q, q_pos, offs_d, d_mask,
             K + b64 * stride_kb + hk64 * stride_kh, V + b64 * stride_vb + hk64 * stride_vh,
             stride_kt, stride_kd, stride_vt, stride_vd,
-            QPOS, QPOS + b64 * Tl, LBIAS + b64 * Tl, COS, SIN, Tl, half, qk_scale,
+            QPOS, QPOS + b64 * Tl, LBIAS + b64 * Tl, COS, SIN, n_local, half, qk_scale,
             BLOCK_N, False, False, HAS_LBIAS, CAUSAL, BLOCK_D, DOT_PREC)
     if REMOTE_MODE != 0:
         acc, m_i, l_i = _attn_segment(
@@ -161,7 +170,8 @@ def mixed_attn_fwd_kernel(
 def _blocks(dtype: torch.dtype, block_d: int, interpret: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, DOT_PREC) for a config (from the AOT report).
 
-    16-bit: 128x32, 8 warps (64x64 / 4-warp variants spill on the RoPE gather path).
+    16-bit: 128 x 32 (head_dim <= 64) / 128 x 16 (larger), 8 warps: 64x64 / 4-warp variants spill on
+    the RoPE gather path, and 128 x 32 at head_dim 128 sits at the 255-register edge.
     fp32: ``tf32x3`` dots (three TF32 MMAs, ~fp32 accuracy, on tensor cores); plain ``ieee`` FMA dots
     spill at every block shape that was tried.
     """
@@ -170,8 +180,10 @@ def _blocks(dtype: torch.dtype, block_d: int, interpret: bool):
     if dtype == torch.float32:
         if block_d <= 64:
             return 64, 16, 4, 2, "tf32x3"
-        return 32, 16, 4, 2, "tf32x3"
-    return 128, 32, 8, 2, "tf32"
+        return 16, 16, 4, 2, "tf32x3"
+    if block_d <= 64:
+        return 128, 32, 8, 2, "tf32"
+    return 128, 16, 8, 2, "tf32"
 
 
 def mixed_attention_triton(plan, out=None, lse=None):
@@ -247,6 +259,8 @@ def mixed_attention_triton(plan, out=None, lse=None):
         ubias = plan.u_logc.to(torch.float32).contiguous()
         U = ucodes.shape[1]
 
+    local_sorted = bool(plan.causal and has_local and Tl > 1
+                        and bool((plan.q_pos[:, 1:] > plan.q_pos[:, :-1]).all()))
     interp = interpreting() and dev.type != "cuda"
     BM, BN, warps, stages, prec = _blocks(q.dtype, BLOCK_D, interp)
     grid = (triton.cdiv(Tl, BM), B * Hq)
@@ -262,7 +276,7 @@ def mixed_attention_triton(plan, out=None, lse=None):
         HAS_LOCAL=has_local, HAS_LBIAS=lbias is not dummy_f,
         REMOTE_MODE=mode, ROPE=rope, HAS_RBIAS=rbias is not dummy_f,
         HAS_COUNT=has_count, CAUSAL=plan.causal,
-        DOT_PREC=prec,
+        DOT_PREC=prec, LOCAL_SORTED=local_sorted,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -292,9 +306,9 @@ def _spec(dt: str, Dh: int, *, mode: int, rope: bool, count: bool, causal: bool,
     cx = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_rkd=1, stride_rvd=1,
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_LOCAL=True, HAS_LBIAS=lbias, REMOTE_MODE=mode,
               ROPE=rope, HAS_RBIAS=rbias, HAS_COUNT=count, CAUSAL=causal,
-              DOT_PREC=prec)
+              DOT_PREC=prec, LOCAL_SORTED=causal)
     for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_LOCAL", "HAS_LBIAS", "REMOTE_MODE", "ROPE", "HAS_RBIAS",
-              "HAS_COUNT", "CAUSAL", "DOT_PREC"):
+              "HAS_COUNT", "CAUSAL", "DOT_PREC", "LOCAL_SORTED"):
         sig[n] = "constexpr"
     return AotSpec(name="mixed_attn_fwd_kernel", fn=mixed_attn_fwd_kernel, signature=sig, constexprs=cx,
                    label=f"{dt} Dh={Dh} {label} BM={BM} BN={BN}", num_warps=warps, num_stages=stages,
