@@ -30,8 +30,14 @@ All-masked convention: a query that sees no key at all gets ``out = 0`` and ``ls
 single pass (e.g. to overlap local attention with the arrival of codes; see ``include_local``).
 
 Backends (``astra_kernels._dispatch``): ``"triton"`` - one fused flash-attention-style kernel
-(``astra_kernels/triton/attention_kernels.py``); ``"torch"`` - the CPU path below (matmuls over
-[local keys ; distinct-code keys ; per-token keys], merged softmax, query-chunked to bound memory).
+(``astra_kernels/triton/attention_kernels.py``); ``"torch"`` - the CPU path below: one attention per
+key segment (local keys, distinct-code keys with ``log(count)`` bias, per-token non-local keys) through
+torch's fused CPU flash-attention kernel (it returns the log-sum-exp; an explicit matmul route is the
+fallback), merged by log-sum-exp, so keys are never concatenated and unmasked segments run unmasked.
+
+Precision: fp16/bf16 inputs are computed in fp32 on the CPU path (fp16-rounded output); the Triton
+kernel feeds fp16/bf16 to tensor cores with fp32 accumulation, and fp32 inputs use ``tf32x3`` dots on a
+GPU (about fp32 accuracy) and exact fp32 in the interpreter.
 """
 from __future__ import annotations
 
