@@ -48,7 +48,7 @@ __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "
 MAX_K = 65536
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
-_CHUNK_ELEMS = 1 << 18     # G * chunk * K per screening chunk (intermediates near L2 size)
+_CHUNK_ELEMS = 1 << 20     # G * chunk * K per screening chunk (4 MB of fp32 screened distances)
 _MIN_CHUNK = 64            # tokens per chunk at least (bounds the Python overhead for large G * K)
 _REFINE_BATCH = 2048       # uncertified tokens refined per batch
 _BF16_MIN_DG = 128         # group dims from which the bf16 screen pays off (else the fp32 one)
@@ -430,7 +430,7 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
                                    _ws_view(ws, "idx", (G, n, t1), torch.int64)))
             vals_all[:, s:s + n] = v
             idx_all[:, s:s + n] = i
-        smax = S.abs().amax(-1).to(torch.float32)                        # [G, n]
+        smax = torch.maximum(S.amax(-1), -S.amin(-1)).to(torch.float32)  # [G, n] max |S| (no temporary)
         nxr = torch.linalg.vector_norm((xg - xb.to(work_dtype)).to(torch.float32), dim=-1) * (1 + 1e-5)
         nxb = (torch.linalg.vector_norm(xg.to(torch.float32), dim=-1) + nxr) * (1 + 1e-5)
         err_dot = (nxr * p.max_c[:, None] + nxb * p.max_cr[:, None] + p.gamma * nxb * p.max_cb[:, None]
