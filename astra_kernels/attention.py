@@ -514,6 +514,22 @@ def _attention_flash_cpu(flash, plan, K, V, kpos, kbias, ct):
     causal = plan.causal and kpos is not None
     if causal and bool((kpos.max(dim=1).values <= plan.q_pos.min(dim=1).values).all()):
         causal = False  # every key of the segment is visible to every query (e.g. earlier chunks)
+    if causal and kpos is plan.q_pos and Tl > 1 and bool((kpos[:, 1:] > kpos[:, :-1]).all()):
+        # local segment, positions strictly increasing: the causal mask is the index triangle, which
+        # the flash kernel does itself (is_causal=True), skipping the blocks above the diagonal
+        Kx = K if G == 1 else K.repeat_interleave(G, dim=1)
+        Vx = V if G == 1 else V.repeat_interleave(G, dim=1)
+        mask = None if kbias is None else kbias.view(B, 1, 1, N)
+        o, l = flash(q.to(ct), Kx, Vx, 0.0, True, attn_mask=mask, scale=plan.scale)
+        o = o.reshape(B, Hq, Tl, Dh)
+        l = l.reshape(B, Hq, Tl).to(ct)
+        if kbias is not None:
+            empty = (~torch.isneginf(kbias)).cumsum(dim=1) == 0          # no visible key up to i
+            if bool(empty.any()):
+                e = empty.unsqueeze(1).expand(B, Hq, Tl)
+                o = o.masked_fill(e.unsqueeze(-1), 0.0)
+                l = l.masked_fill(e, _NEG_INF)
+        return o, l
     out = torch.empty(B, Hq, Tl, Dh, dtype=ct, device=q.device)
     lse = torch.empty(B, Hq, Tl, dtype=ct, device=q.device)
     chunk = Tl if not causal else max(1, min(Tl, _MASK_ELEMS // max(1, B * G * N)))

@@ -319,3 +319,17 @@ def test_cpu_noncontiguous_inputs(mode):
             kw2[n] = noncontig(kw2[n])
     out, lse = mixed_attention(q2, k2, v2, return_lse=True, **kw2)
     check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("mode", ["local", "count", "rope"])
+def test_cpu_causal_sorted_local_route(mode, Hq, Hkv):
+    """Increasing local positions take the flash kernel's own causal triangle; leading padded keys leave
+    the first queries with no key at all (out 0, lse -inf) when nothing non-local is visible."""
+    q, k, v, kw = make_case(17, mode=mode, causal=True, positions="default", Hq=Hq, Hkv=Hkv, Tl=37)
+    kw["local_mask"][:, :3] = False
+    kw["local_mask"][:, 3:] = True
+    out, lse = mixed_attention(noncontig(q), noncontig(k), noncontig(v), return_lse=True, **kw)
+    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    check(out, lse, ro, rl)
+    assert bool(torch.isneginf(lse[:, :, :3]).all())

@@ -130,3 +130,13 @@ def test_kernel_noncontiguous_inputs(mode):
     kw2 = {n: (noncontig(x) if n in ("k_hat", "v_hat") else x) for n, x in kw.items()}
     out, lse = run_kernel(noncontig(q), noncontig(k), noncontig(v), kw2)
     check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+
+
+def test_kernel_causal_sorted_skip_with_leading_padding():
+    """LOCAL_SORTED loop bound + rows whose only visible keys are padded (out 0, lse -inf)."""
+    q, k, v, kw = make_case(18, mode="count", causal=True, positions="default", Tl=37, Tr=20)
+    kw["local_mask"][:, :3] = False
+    kw["local_mask"][:, 3:] = True
+    out, lse = run_kernel(q, k, v, kw)
+    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    assert bool(torch.isneginf(lse[:, :, :3]).all())
