@@ -11,24 +11,35 @@ CPU path on CPU tensors; ``"triton"`` forces the Triton kernels (CPU tensors und
 
 The fast CPU path (:func:`_encode_torch`), exact by certificate
 ------------------------------------------------------------------
-Distances are ``d(k) = ||c_k||^2 - 2 x.c_k`` (``||x||^2`` does not move the argmin). The ``x.c`` products
-are screened with a **bf16** matmul (oneDNN, AVX512-BF16 ``vdpbf16ps``; ~2.7x faster than fp32 on the
-Zen4 machine this was written on, see bench/RESULTS.md) into ``dhat``. For every token a rigorous bound
-``e >= |d(k) - dhat(k)|`` for all ``k`` is computed from the actual rounding residuals:
+Distances are ``d(k) = ||c_k||^2 - 2 x.c_k`` (``||x||^2`` does not move the argmin). Stage 1 screens
+every token with one GEMM per chunk of tokens; stage 2 re-ranks only the tokens whose screened argmin
+is not *proven* correct.
 
-    |x.c - S| <= ||x - xb|| ||c|| + ||xb|| ||c - cb||          (bf16 rounding of the inputs)
-               + gamma_DG ||xb|| ||cb||                        (fp32 accumulation, any order)
-               + 2^-8 (1 + 2^-6) max_k |S(k)|                  (bf16 rounding of the output S)
+* Large group dims (``DG >= 128``, e.g. G = 1, D = 768): the ``x.c`` products are screened with a
+  **bf16** GEMM (oneDNN, AVX512-BF16; ~2.5-3x faster than fp32 on the Zen4 machine this was written
+  on). For each token a rigorous bound ``e >= |d(k) - dhat(k)|`` for all ``k`` is computed from the
+  actual rounding residuals::
 
-(``xb``, ``cb`` the bf16 inputs; the per-codebook maxima ``max ||c||``, ``max ||c - cb||``,
-``max ||cb||`` are cached per codebook), plus the fp32 roundings of ``||c||^2`` and of ``dhat``. If the
-second-smallest ``dhat`` exceeds the smallest by more than ``2e``, the screened argmin **is** the
-exact argmin (and is unique). Otherwise the token is re-ranked exactly in float64 over its 16 best
-screened candidates - provided the 16th lies outside the ``2e`` window, so the true argmin is among
-them - or, failing that, over the whole codebook. The result therefore equals the float64 brute-force
-argmin (the same formula as :func:`vq_encode_reference`), not just with high probability; only exact
-float64 ties may resolve differently if the two sums round differently. Tokens are processed in
-chunks so memory stays bounded (``[G, chunk, K]`` at most ~2M elements).
+      |x.c - S| <= ||x - xb|| ||c|| + ||xb|| ||c - cb||        (bf16 rounding of the inputs)
+                 + gamma_DG ||xb|| ||cb||                      (fp32 accumulation, any order)
+                 + 2^-8 (1 + 2^-6) max_k |S(k)|                (bf16 rounding of the output S)
+
+  (``xb``, ``cb`` the bf16 inputs; ``max ||c||``, ``max ||c - cb||``, ``max ||cb||`` cached per
+  codebook), plus the fp32 roundings of ``||c||^2`` and of ``dhat``.
+* Small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one **fp32** GEMM with the norms folded
+  in (``[x, 1] @ [c^T; -||c||^2 / 2]``) and a best / second-best pass; the bound is the fp32
+  accumulation error over ``DG + 1`` terms.
+
+If the second-smallest screened distance exceeds the smallest by more than ``2e``, the screened argmin
+**is** the exact argmin (and is unique). Otherwise (stage 2, :func:`_refine_group`) the token's best 3
+(then 16, then 128, then all K) screened candidates are recomputed in fp32 with their own bound
+``e2``; once the first screened distance left out exceeds the best recomputed one by more than
+``e + e2``, the argmin is among the candidates, and unless two candidates are within ``2 e2`` (then the
+reference float64 formula decides among them, lowest index first) it is the best one. Values that
+overflow fp32 go to float64 over the whole codebook. The result therefore equals the float64
+brute-force argmin of :func:`vq_encode_reference`, not just with high probability; only exact
+float64 ties could resolve differently if two sums round differently. Intermediates live in
+workspace buffers reused across chunks (fresh multi-MB allocations page-fault on every call).
 
 Non-finite values in ``x`` or the codebook raise ``ValueError`` (one ``torch.isfinite(...).all()``
 each; the codebook's result is cached with its version counter).
