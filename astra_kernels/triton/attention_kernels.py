@@ -263,6 +263,8 @@ def mixed_attention_triton(plan, out=None, lse=None):
                         and bool((plan.q_pos[:, 1:] > plan.q_pos[:, :-1]).all()))
     interp = interpreting() and dev.type != "cuda"
     BM, BN, warps, stages, prec = _blocks(q.dtype, BLOCK_D, interp)
+    if B * Hq > 65535:
+        raise ValueError(f"backend='triton' supports batch * query heads <= 65535 (grid axis 1), got {B * Hq}")
     grid = (triton.cdiv(Tl, BM), B * Hq)
     mixed_attn_fwd_kernel[grid](
         q, k, v, out, lse,
