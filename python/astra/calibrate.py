@@ -11,7 +11,6 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
-from . import _ops
 from .codebooks import Codebooks
 from .models import family_of
 
@@ -51,9 +50,26 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
     return out
 
 
+def _assign(xs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword per group for the Lloyd step: plain fp32 ``||c||^2 - 2 x.c`` argmin, ``[N, G]``.
+
+    Calibration only needs a good assignment, not the exact one, so it skips astra_kernels.vq_encode's
+    exactness certificate (which re-ranks near-ties in float64 and gets slow on the near-tied clusters
+    k-means produces). Encoding on the wire always goes through astra_kernels.vq_encode."""
+    G, N, d = xs.shape
+    K = C.shape[1]
+    cn = (C * C).sum(-1).unsqueeze(1)                                    # [G, 1, K]
+    step = max(1, (1 << 24) // max(1, G * K))
+    out = []
+    for i in range(0, N, step):
+        s = torch.baddbmm(cn, xs[:, i: i + step], C.transpose(1, 2), alpha=-2.0)
+        out.append(s.argmin(-1))
+    return torch.cat(out, dim=1).t()
+
+
 def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int = 0,
            init_samples: int = 4096) -> torch.Tensor:
-    """Grouped k-means: ``x [N, D]`` -> codebook ``[G, K, D/G]`` (assignment through astra_kernels.vq_encode)."""
+    """Grouped k-means: ``x [N, D]`` -> codebook ``[G, K, D/G]``."""
     N, D = x.shape
     if D % groups:
         raise ValueError(f"hidden size {D} is not divisible by G={groups}")
@@ -76,11 +92,20 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
             C[:, j] = sub[torch.arange(groups), idx]
             dmin = torch.minimum(dmin, ((sub - C[:, j: j + 1]) ** 2).sum(-1))
     else:
-        # random distinct data points (with replacement only if there are fewer points than codewords)
-        idx = torch.randperm(N, generator=g)[:k] if N >= k else torch.randint(0, N, (k,), generator=g)
-        C = xs[:, idx].clone()
+        # random *distinct* data points per group (duplicated codewords would only create exact ties);
+        # with fewer distinct points than codewords, the rest are jittered copies
+        C = torch.empty(groups, k, d)
+        for gi in range(groups):
+            u = torch.unique(xs[gi], dim=0)
+            u = u[torch.randperm(u.shape[0], generator=g)]
+            if u.shape[0] >= k:
+                C[gi] = u[:k]
+            else:
+                extra = u[torch.randint(0, u.shape[0], (k - u.shape[0],), generator=g)]
+                scale = u.std(0, keepdim=True).clamp_min(1e-6) * 1e-3
+                C[gi] = torch.cat([u, extra + torch.randn(extra.shape, generator=g) * scale])
     for _ in range(iters):
-        codes = torch.cat([_ops.vq_encode(x[i: i + 4096], C).long() for i in range(0, N, 4096)])  # [N, G]
+        codes = _assign(xs, C)                                          # [N, G]
         flat = (codes.t() + torch.arange(groups).unsqueeze(1) * k).reshape(-1)   # [G*N] into [G*K]
         sums = torch.zeros(groups * k, d).index_add_(0, flat, xs.reshape(-1, d)).view(groups, k, d)
         counts = torch.zeros(groups * k).index_add_(0, flat, torch.ones(groups * N)).view(groups, k)
