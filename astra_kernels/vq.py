@@ -46,7 +46,7 @@ each; the codebook's result is cached with its version counter).
 """
 from __future__ import annotations
 
-import math
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -96,25 +96,48 @@ def _check_x(x, G: int, DG: int) -> None:
         raise ValueError(f"x has last dim D={x.shape[-1]} but the codebook [G={G}, K, D//G={DG}] needs D={G * DG}")
 
 
-_finite_cache: Dict[tuple, bool] = {}
+class _IdentityCache:
+    """Per-tensor cache keyed by the tensor *object* (weakly referenced) plus its version counter,
+    data pointer, shape, strides, dtype and device: an in-place edit bumps the version, and a new
+    tensor that reuses a freed tensor's memory is a different object, so neither can hit a stale
+    entry."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self.d: Dict[int, tuple] = {}
+
+    @staticmethod
+    def _sig(t: torch.Tensor) -> tuple:
+        return (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+
+    def get(self, t: torch.Tensor):
+        e = self.d.get(id(t))
+        if e is not None and e[0]() is t and e[1] == self._sig(t):
+            return e[2]
+        return None
+
+    def put(self, t: torch.Tensor, value) -> None:
+        if len(self.d) >= self.maxsize:
+            self.d = {k: v for k, v in self.d.items() if v[0]() is not None}
+            if len(self.d) >= self.maxsize:
+                self.d.clear()
+        self.d[id(t)] = (weakref.ref(t), self._sig(t), value)
+
+
+_finite_cache = _IdentityCache(64)
 
 
 def _check_finite(t: torch.Tensor, name: str, cache: bool = False) -> None:
     if t.numel() == 0:
         return
-    key = None
-    if cache:
-        key = (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
-        if _finite_cache.get(key):
-            return
+    if cache and _finite_cache.get(t):
+        return
     # one pass: a sum is finite iff no NaN/inf went in, unless it overflowed (then check elementwise)
-    tot = t.sum()
-    if not bool(torch.isfinite(tot)) and not bool(torch.isfinite(t).all()):
+    tot = t.detach().sum()
+    if not bool(torch.isfinite(tot)) and not bool(torch.isfinite(t.detach()).all()):
         raise ValueError(f"{name} contains NaN or inf")
-    if key is not None:
-        if len(_finite_cache) > 64:
-            _finite_cache.clear()
-        _finite_cache[key] = True
+    if cache:
+        _finite_cache.put(t, True)
 
 
 def _check_codes(codes, G: int, K: int, check_range: bool = True) -> None:
@@ -221,17 +244,14 @@ class _CodebookPrep:
         return self._caug
 
 
-_prep_cache: Dict[tuple, _CodebookPrep] = {}
+_prep_cache = _IdentityCache(8)
 
 
 def _prep(codebook: torch.Tensor) -> _CodebookPrep:
-    key = (codebook.data_ptr(), codebook._version, tuple(codebook.shape), tuple(codebook.stride()),
-           codebook.dtype, str(codebook.device))
-    p = _prep_cache.get(key)
+    p = _prep_cache.get(codebook)
     if p is None:
-        if len(_prep_cache) >= 8:
-            _prep_cache.clear()
-        p = _prep_cache[key] = _CodebookPrep(codebook)
+        p = _CodebookPrep(codebook)
+        _prep_cache.put(codebook, p)
     return p
 
 
@@ -511,13 +531,14 @@ def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto")
     _check_finite(x, "x")
     lead = tuple(x.shape[:-1])
     x2 = x.detach().reshape(-1, G * DG)
-    if be == "triton":
-        from .triton import vq_kernels as _k
+    with torch.no_grad():
+        if be == "triton":
+            from .triton import vq_kernels as _k
 
-        xk, cb, cn = _triton_inputs(x2, codebook)
-        codes = _k.vq_encode_triton(xk, cb, cn)
-    else:
-        codes = _encode_torch(x2, codebook.detach())
+            xk, cb, cn = _triton_inputs(x2, codebook)
+            codes = _k.vq_encode_triton(xk, cb, cn)
+        else:
+            codes = _encode_torch(x2, codebook)   # the caller's tensor: the per-codebook cache keys on it
     return codes.reshape(*lead, G)
 
 

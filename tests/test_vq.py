@@ -216,6 +216,23 @@ def test_codebook_mutation_is_rechecked():
         ak.vq_encode(x, cb)
 
 
+def test_codebook_cache_never_serves_a_stale_codebook():
+    """Per-codebook data is cached by tensor identity + version: a new codebook that reuses a freed
+    one's memory, or an in-place edit, must not see the old entry."""
+    g = T.seeded_generator(31)
+    x = T.random_inputs(40, 256, generator=g)
+    for _ in range(3):
+        cb = T.random_inputs(1, 64, 256, generator=g)
+        T.assert_equal_ints(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb))
+        del cb
+    cb = T.random_inputs(1, 64, 256, generator=g)
+    ak.vq_encode(x, cb)
+    cb.mul_(-1.0)
+    T.assert_equal_ints(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb))
+    cbg = cb.clone().requires_grad_(True)
+    T.assert_equal_ints(ak.vq_encode(x, cbg), vq.vq_encode_reference(x, cb))
+
+
 def test_shape_and_dtype_errors():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="codebook must have shape"):
