@@ -268,3 +268,20 @@ def test_max_k_65536_cpu():
     cb = T.random_inputs(1, 65536, 4, generator=g)
     x = T.random_inputs(20, 4, generator=g)
     T.assert_equal_ints(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb))
+
+
+def test_block_topk_helpers_match_torch_topk():
+    g = T.seeded_generator(50)
+    for shp in [(3, 50, 1024), (32, 7, 1024), (2, 5, 96), (1, 9, 1000), (2, 3, 64)]:
+        S = T.random_inputs(*shp, generator=g)
+        S[0, 0, : min(64, shp[-1])] = S[0, 0, -1]          # many ties
+        S[0, 1, 5] = S[0, 1, shp[-1] - 3] = S[0, 1].max() + 1   # tied maximum: first occurrence wins
+        for k in (2, 4):
+            v, i = vq._block_topk(S, k, largest=False)
+            vr, _ = torch.topk(S, k, dim=-1, largest=False, sorted=True)
+            assert torch.equal(v, vr) and torch.equal(S.gather(-1, i), v)
+        v, i = vq._block_top2_largest(S)
+        vr, _ = torch.topk(S, 2, dim=-1, largest=True, sorted=True)
+        assert torch.equal(v, vr) and torch.equal(S.gather(-1, i[..., :1]), v[..., :1])
+        assert int(i[0, 1, 0]) == 5
+        T.assert_equal_ints(i[..., 0], S.argmax(-1))
