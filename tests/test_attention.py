@@ -1,6 +1,5 @@
 """Mixed-precision attention: public API, CPU path (proof chain step 3) and merge, against the float64
 reference. The Triton kernel's interpreter tests are in test_attention_triton.py (they reuse make_case)."""
-import math
 
 import pytest
 import torch

@@ -26,7 +26,6 @@ normalises them); big tensors take explicit strides.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
