@@ -155,6 +155,14 @@ def install_standins():
     import astra_kernels
 
     filled = []
+    if getattr(astra_kernels, "mixed_attention", None) is None:
+        try:  # the real op exists but may not be exported from the package yet
+            from astra_kernels.attention import mixed_attention
+
+            astra_kernels.mixed_attention = mixed_attention
+            filled.append("mixed_attention (from astra_kernels.attention)")
+        except ImportError:
+            pass
     for name, fn in _STANDINS.items():
         if getattr(astra_kernels, name, None) is None:
             setattr(astra_kernels, name, fn)
