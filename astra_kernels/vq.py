@@ -386,7 +386,9 @@ def _block_top2_largest(S: torch.Tensor, block: int = 32):
     dominates for the many short rows of grouped VQ. The index of the best is its first occurrence."""
     K = S.shape[-1]
     if K % block or K < 2 * block:
-        return torch.topk(S, 2, dim=-1, largest=True, sorted=True)
+        v = torch.topk(S, 2, dim=-1, largest=True, sorted=True).values
+        i1 = S.argmax(-1, keepdim=True)                                  # first occurrence
+        return v, torch.cat([i1, i1], dim=-1)
     nb = K // block
     Sb = S.view(*S.shape[:-1], nb, block)
     bm = Sb.amax(-1)                                                     # [..., nb]
