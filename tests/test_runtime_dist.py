@@ -18,7 +18,7 @@ def _diff(a, b, inputs):
     return float(d.max())
 
 
-def run_cases(rank, cases, timeout=30.0):
+def run_cases(rank, cases, timeout=30.0, overlap=True):
     """Rank body: for each case, compare this rank's gathered output with simulate and the model."""
     import torch.distributed as dist
 
@@ -34,7 +34,7 @@ def run_cases(rank, cases, timeout=30.0):
         with torch.no_grad():
             ref = model(**inputs)
         sim = astra.simulate(model, inputs, world_size=world, codebooks=cb, class_token=class_token)
-        pm = astra.parallelize(model, cb, class_token=class_token, timeout=timeout)
+        pm = astra.parallelize(model, cb, class_token=class_token, timeout=timeout, overlap=overlap)
         local = pm(**inputs)
         full = pm.gather(local)
         stats = [(s.bytes_sent, s.bytes_received, s.bytes_on_wire, s.wait_s) for s in pm.stats]

@@ -46,3 +46,7 @@ def frame_nbytes(shape, bits):
 
 def mixed_attention(q, k, v, **kw):
     return _op("mixed_attention")(q, k, v, **kw)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    return _op("merge_attention")(out_a, lse_a, out_b, lse_b)

@@ -14,8 +14,9 @@ from .transport import DEFAULT_TIMEOUT_S, Transport, frame_sizes
 
 class DistRuntime(_RuntimeBase):
     def __init__(self, model, codebooks, *, group=None, class_token="auto", timeout=DEFAULT_TIMEOUT_S,
-                 kv_tables="auto"):
+                 kv_tables="auto", overlap=True):
         super().__init__(model, codebooks, class_token)
+        self.overlap = bool(overlap)
         self.transport = Transport(group, timeout)
         self.rank = self.transport.rank
         self.world = self.transport.world
@@ -86,38 +87,52 @@ class DistRuntime(_RuntimeBase):
     def attention(self, module, q, k, v, scaling):
         ctx = self.ctx
         layer = module._astra_layer
-        parts = ctx.state.pop(layer).wait()
+        pend = ctx.state.pop(layer)
         others = [s for s in range(self.world) if s != self.rank]
         lg = self._local
         rg = torch.cat([ctx.chunks[s] for s in others]) if others else lg[:0]
         lm, rm = _masks(ctx, lg, rg)
-        common = dict(q_pos=lg, kv_pos=rg, causal=self.fam.causal, local_mask=lm, remote_mask=rm, scale=scaling)
-        k_hat = v_hat = None
+        causal, fam = self.fam.causal, self.fam
+        local_part = None
+        if self.overlap and others:
+            # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
+            local_part = _ops.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling,
+                                              return_lse=True)
+        parts = pend.wait()
         if not others:
-            o = _ops.mixed_attention(q, k, v, **common)
-        elif self.codebooks is None:
+            o = _ops.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling)
+            if ctx.capture is not None:
+                ctx.capture[layer] = (k, v)
+            return o.to(q.dtype).transpose(1, 2).contiguous(), None
+        remote = dict(kv_pos=rg, remote_mask=rm)
+        k_hat = v_hat = None
+        if self.codebooks is None:
             h_hat = torch.cat([parts[s] for s in others], dim=1)
             k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
-            o = _ops.mixed_attention(q, k, v, k_hat=k_hat, v_hat=v_hat, **common)
         else:
             codes = torch.cat([_ops.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
-            if self.tables is not None and (not self.fam.rope or ctx.default_pos):
+            if self.tables is not None and (not fam.rope or ctx.default_pos):
                 kt, vt = self.tables[layer]
-                extra = {}
-                if self.fam.rope:
-                    extra["rope_cos"], extra["rope_sin"] = self._rope_table(q.dtype)
-                o = _ops.mixed_attention(q, k, v, codes=codes[..., 0], k_table=kt, v_table=vt, **extra, **common)
+                remote.update(codes=codes[..., 0], k_table=kt, v_table=vt)
+                if fam.rope:
+                    remote["rope_cos"], remote["rope_sin"] = self._rope_table(q.dtype)
                 if ctx.capture is not None:
                     k_hat, v_hat = self.remote_kv(module, self.decode(layer, codes, q.dtype), self._pos_for(rg))
             else:
                 k_hat, v_hat = self.remote_kv(module, self.decode(layer, codes, q.dtype), self._pos_for(rg))
-                o = _ops.mixed_attention(q, k, v, k_hat=k_hat, v_hat=v_hat, **common)
+        if "codes" not in remote:
+            remote.update(k_hat=k_hat, v_hat=v_hat)
+        if local_part is None:
+            o = _ops.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling, **remote)
+        else:
+            o_r, lse_r = _ops.mixed_attention(q, None, None, include_local=False, q_pos=lg, causal=causal,
+                                              scale=scaling, return_lse=True, **remote)
+            o, _ = _ops.merge_attention(local_part[0], local_part[1], o_r, lse_r)
         if ctx.capture is not None:
             K = k.new_empty(k.shape[0], k.shape[1], ctx.T, k.shape[3])
             V = torch.empty_like(K)
             K[:, :, lg], V[:, :, lg] = k, v
-            if others:
-                K[:, :, rg], V[:, :, rg] = k_hat.to(K.dtype), v_hat.to(V.dtype)
+            K[:, :, rg], V[:, :, rg] = k_hat.to(K.dtype), v_hat.to(V.dtype)
             ctx.capture[layer] = (K, V)
         return o.to(q.dtype).transpose(1, 2).contiguous(), None
 
@@ -229,14 +244,17 @@ class ParallelModel:
 
 
 def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeout: float = DEFAULT_TIMEOUT_S,
-                kv_tables="auto") -> ParallelModel:
+                kv_tables="auto", overlap: bool = True) -> ParallelModel:
     """Make ``model`` one ASTRA rank of ``group`` (default: the world group). Patches the model in place
     (attention implementation + hooks; weights untouched); :func:`astra.unpatch` restores it.
 
     ``codebooks=None`` is full-precision sequence parallelism. ``timeout`` (seconds) bounds every wait on a
     peer: a dead or stalled peer raises :class:`astra.PeerError` on the surviving ranks. ``kv_tables``:
-    precompute per-layer codeword K/V tables and use the table attention path (G = 1 only; "auto")."""
+    precompute per-layer codeword K/V tables and use the table attention path (G = 1 only; "auto").
+    ``overlap``: run the local attention while the layer's codes are in flight and merge it with the
+    non-local part by log-sum-exp (else one fused pass after the codes arrive)."""
     cb = as_codebooks(codebooks, model)
-    rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables)
+    rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
+                     overlap=overlap)
     rt.install()
     return ParallelModel(model, rt)
