@@ -38,7 +38,15 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
         local = pm(**inputs)
         full = pm.gather(local)
         stats = [(s.bytes_sent, s.bytes_received, s.bytes_on_wire, s.wait_s) for s in pm.stats]
+        try:
+            model(**inputs)
+            raise AssertionError("calling the patched model directly must raise")
+        except astra.AstraError:
+            pass
         astra.unpatch(model)
+        with torch.no_grad():   # reversible: the unpatched model is the original model again
+            again = model(**inputs)
+        assert all(torch.equal(again[k], ref[k]) for k in ref.keys() if isinstance(ref[k], torch.Tensor))
         rec = {"case": (family, head, padded, G, class_token), "stats": stats,
                "local_len": {k: v.shape[1] for k, v in local.items() if isinstance(v, torch.Tensor) and v.dim() == 3},
                "local_idx": pm.last_local_indices.tolist(), "vs_sim": {}, "vs_ref": {},

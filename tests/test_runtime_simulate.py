@@ -151,3 +151,10 @@ def test_simulate_leaves_model_untouched():
         assert torch.equal(v, state[k])
     with torch.no_grad():
         model(**inputs)  # still runs normally
+
+
+def test_parallelize_needs_a_process_group():
+    model = tiny_model("gpt2")
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        astra.parallelize(model)
+    assert model.config._attn_implementation != "astra"

@@ -148,6 +148,9 @@ class _RuntimeBase:
             self._cb = [c.to(device=p.device, dtype=p.dtype) for c in self.codebooks.tensors]
         self._orig_impl = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTN_NAME)
+        if self.model.config._attn_implementation != ATTN_NAME:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} did not accept a custom attention implementation")
         ref = weakref.ref(self)
         for l, m in enumerate(self.fam.attn_modules):
             m._astra_runtime = ref
