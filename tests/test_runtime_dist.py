@@ -50,7 +50,8 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
         rec = {"case": (family, head, padded, G, class_token), "stats": stats,
                "local_len": {k: v.shape[1] for k, v in local.items() if isinstance(v, torch.Tensor) and v.dim() == 3},
                "local_idx": pm.last_local_indices.tolist(), "vs_sim": {}, "vs_ref": {},
-               "bits": None if cb is None else cb.bits, "type_ok": type(full) is type(ref)}
+               "bits": None if cb is None else cb.bits, "type_ok": type(full) is type(ref),
+               "tables": pm._rt.tables is not None}
         for key, r in ref.items():
             if isinstance(r, torch.Tensor):
                 rec["vs_sim"][key] = _diff(full[key], sim[key], inputs)
@@ -68,6 +69,7 @@ def check(results_per_rank, world):
         for rec in results:
             family, head, padded, G, class_token = rec["case"]
             assert rec["type_ok"]
+            assert rec["tables"] == (G == 1)          # G = 1 runs the precomputed K/V table path
             for key, d in rec["vs_sim"].items():
                 assert d < TOL, (rank, rec["case"], key, d)
             if G is None:

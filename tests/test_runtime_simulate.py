@@ -2,6 +2,8 @@
 world sizes 1..4, T not divisible by N, padded batches); ASTRA semantics checks; clean patching."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from test_runtime_support import main_output, tiny_inputs, tiny_model
 
@@ -158,3 +160,22 @@ def test_parallelize_needs_a_process_group():
     with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
         astra.parallelize(model)
     assert model.config._attn_implementation != "astra"
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 40), N=st.integers(1, 6), cls=st.booleans())
+def test_split_is_tensor_split_of_the_non_replicated_tokens(T, N, cls):
+    start = 1 if cls else 0
+    if T - start < N:
+        with pytest.raises(ValueError):
+            astra.split_indices(T, N, cls)
+        return
+    chunks = astra.split_indices(T, N, cls)
+    want = torch.tensor_split(torch.arange(start, T), N)
+    assert len(chunks) == N and all(torch.equal(a, b) for a, b in zip(chunks, want))
+    assert torch.equal(torch.cat(chunks), torch.arange(start, T))
+    sizes = [len(c) for c in chunks]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    for r in range(N):
+        loc = astra.local_indices(T, N, r, cls)
+        assert torch.equal(loc, torch.cat([torch.zeros(1, dtype=torch.long), chunks[r]]) if cls else chunks[r])
