@@ -46,12 +46,15 @@ def _generate_rank(rank, family, groups):
     model = tiny_model(family)
     inputs = tiny_inputs(family, seq=11)
     samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in (21, 22)]
+    padded = tiny_inputs(family, seq=11, padded=True)
     res = []
-    for G in groups:
+    for G, inp in [(G, inputs) for G in groups] + [(groups[-1], padded)]:
         cb = astra.calibrate(model, samples, groups=G, codebook_size=16, iters=4, seed=3)
-        sim = astra.simulate_generate(model, inputs["input_ids"], world_size=2, max_new_tokens=5, codebooks=cb)
+        mask = inp.get("attention_mask")
+        sim = astra.simulate_generate(model, inp["input_ids"], world_size=2, max_new_tokens=5, codebooks=cb,
+                                      attention_mask=mask)
         pm = astra.parallelize(model, cb, timeout=30)
-        got = pm.generate(inputs["input_ids"], max_new_tokens=5)
+        got = pm.generate(inp["input_ids"], max_new_tokens=5, attention_mask=mask)
         # the decode ran with the model's own attention; the model is still parallel afterwards
         assert model.config._attn_implementation == "astra"
         pm.unpatch()
