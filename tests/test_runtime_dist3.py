@@ -21,3 +21,28 @@ def test_three_gloo_ranks_single_pass_attention():
     cases = [("llama", True, True, 1, "auto"), ("bert", True, True, 32, "auto"), ("gpt2", True, True, None, "auto")]
     results = astra.launch(run_cases, 3, cases, 30.0, False, join_timeout=240)
     check(results, 3)
+
+
+def _subgroup_rank(rank):
+    import torch
+    import torch.distributed as dist
+
+    from test_runtime_support import tiny_inputs, tiny_model
+
+    group = dist.new_group([1, 2])             # every rank takes part in creating it
+    if rank == 0:
+        return None
+    model = tiny_model("llama")
+    inputs = tiny_inputs("llama", seq=9, padded=True)
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=8, seed=4)
+    sim = astra.simulate(model, inputs, world_size=2, codebooks=cb)
+    pm = astra.parallelize(model, cb, group=group, timeout=30)
+    assert (pm.rank, pm.world_size) == (rank - 1, 2)
+    full = pm.gather(pm(**inputs))
+    m = inputs["attention_mask"].bool()
+    return float((full.logits - sim.logits).abs()[m].max())
+
+
+def test_parallelize_on_a_subgroup():
+    out = astra.launch(_subgroup_rank, 3, join_timeout=120)
+    assert out[0] is None and out[1] < 1e-4 and out[2] < 1e-4
