@@ -542,8 +542,9 @@ def _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf
     # tokens whose screened argmin is not certified, in batches
     for g in range(G):
         amb = (~ok[g]).nonzero().squeeze(1)
-        for b0 in range(0, amb.numel(), _REFINE_BATCH):
-            ti = amb[b0:b0 + _REFINE_BATCH]
+        step = max(1, min(_REFINE_BATCH, (1 << 22) // K))     # bounds the [tokens, K] intermediates
+        for b0 in range(0, amb.numel(), step):
+            ti = amb[b0:b0 + step]
             xh = x2[ti, g * DG:(g + 1) * DG]
             if xh.dtype not in (torch.float32, torch.float64):
                 xh = xh.to(torch.float32)

@@ -285,3 +285,14 @@ def test_block_topk_helpers_match_torch_topk():
         assert torch.equal(v, vr) and torch.equal(S.gather(-1, i[..., :1]), v[..., :1])
         assert int(i[0, 1, 0]) == 5
         T.assert_equal_ints(i[..., 0], S.argmax(-1))
+
+
+@pytest.mark.parametrize("D", [32, 256])
+def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(D):
+    """250 of 300 codewords within ~1e-4 of each other: the 3 / 16 / 128-candidate tiers cannot prove
+    the argmin, the full-codebook tier (and float64 for the near-ties) must."""
+    g = T.seeded_generator(60 + D)
+    cb = T.random_inputs(1, 300, D, generator=g)
+    cb[0, 50:] = cb[0, 49] + 1e-4 * T.random_inputs(250, D, generator=g)
+    x = cb[0, 40:80] + 1e-5 * T.random_inputs(40, D, generator=g)
+    T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
