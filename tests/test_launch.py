@@ -13,6 +13,7 @@ import torch
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra
+from astra.launch import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +107,7 @@ def test_torchrun(tmp_path):
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(astra.launch.__globals__["_free_port"]()), str(script)],
+                        "--master-port", str(_free_port()), str(script)],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("TORCHRUN_OK") == 2

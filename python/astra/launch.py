@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -35,16 +37,16 @@ def _load(b: bytes):
     return torch.load(io.BytesIO(b), weights_only=False)
 
 
-def _worker(rank, world_size, port, backend, timeout_s, threads, fn, args, kwargs, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+def _worker(rank, world_size, init_method, backend, timeout_s, threads, fn, args, kwargs, q):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
     try:
         import torch
         import torch.distributed as dist
 
         if threads:
             torch.set_num_threads(threads)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         try:
             result = fn(rank, *args, **kwargs)
@@ -62,7 +64,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
            join_timeout: Optional[float] = None, threads: int = 1, start_method: str = "spawn",
            **kwargs) -> List[Any]:
     """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` local processes joined in a ``backend`` process
-    group (gloo over loopback by default) and return the per-rank results, in rank order.
+    group (gloo over loopback by default; file rendezvous) and return the per-rank results, in rank order.
 
     ``fn`` must be importable (module-level) and its result picklable. ``timeout`` is the process group's
     collective timeout (seconds); ``join_timeout`` bounds the whole run (ranks still running then are
@@ -73,9 +75,11 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context(start_method)
     q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, float(timeout), threads, fn, args,
-                                               kwargs, q), daemon=True)
+    # rendezvous through a fresh file (no port to race for with other processes on the machine)
+    rdv_dir = tempfile.mkdtemp(prefix="astra-launch-")
+    init_method = "file://" + os.path.join(rdv_dir, "rendezvous")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads, fn,
+                                               args, kwargs, q), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -111,6 +115,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+    shutil.rmtree(rdv_dir, ignore_errors=True)
     dead = [r for r in range(world_size) if r not in results and r not in errors]
     if errors or dead:
         parts = []
