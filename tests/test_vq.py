@@ -296,3 +296,27 @@ def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(
     cb[0, 50:] = cb[0, 49] + 1e-4 * T.random_inputs(250, D, generator=g)
     x = cb[0, 40:80] + 1e-5 * T.random_inputs(40, D, generator=g)
     T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
+
+
+@pytest.mark.parametrize("D", [32, 256])
+def test_cpu_path_centering_on_offset_data(D, monkeypatch):
+    """Hidden states with large common offsets (outlier dims): exact codes, and the certificate still
+    certifies a good share of the tokens because the screen works relative to the mean codeword
+    (without centering every token went to the expensive refinement)."""
+    g = T.seeded_generator(70 + D)
+    off = torch.zeros(D)
+    off[:4] = torch.tensor([60.0, -40.0, 30.0, 25.0])
+    off += 2.0
+    n = 400
+    x = T.random_inputs(n, D, generator=g) + off
+    cb = T.random_inputs(1, 256, D, generator=g) * 0.7 + off
+    refined = []
+    orig = vq._refine_group
+
+    def spy(*a, **k):
+        refined.append(a[0].shape[0])
+        return orig(*a, **k)
+
+    monkeypatch.setattr(vq, "_refine_group", spy)
+    T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
+    assert sum(refined) < 0.9 * n, sum(refined)
