@@ -1,5 +1,6 @@
 """VQ encode on the CPU: astra's fast path against FAISS IndexFlatL2 (k=1) and torch.cdist(...).argmin,
-same inputs, one thread each, K = 1024, D = 768, tokens in {512, 8192}, G in {1, 32}.
+same inputs, one thread each, K = 1024, D = 768, tokens in {512, 8192}, G in {1, 32}; plus one
+hidden-state-like case (8192 tokens, G = 1, a common offset with large outlier dims).
 
     python -m pytest bench/test_bench_vq.py --benchmark-only --benchmark-group-by=group \
         --benchmark-columns=min,median,mean,rounds
@@ -17,7 +18,7 @@ faiss = pytest.importorskip("faiss")
 from astra_kernels import vq_encode  # noqa: E402
 
 K, D = 1024, 768
-CASES = [(512, 1), (8192, 1), (512, 32), (8192, 32)]
+CASES = [(512, 1, "randn"), (8192, 1, "randn"), (512, 32, "randn"), (8192, 32, "randn"), (8192, 1, "offset")]
 IMPLS = ["astra", "faiss", "cdist"]
 
 
@@ -33,12 +34,18 @@ def _one_thread():
 _cache = {}
 
 
-def _inputs(n, G):
-    key = (n, G)
+def _inputs(n, G, data="randn"):
+    key = (n, G, data)
     if key not in _cache:
         g = torch.Generator().manual_seed(1234 + n + G)
         x = torch.randn(n, D, generator=g)
         cb = torch.randn(G, K, D // G, generator=g)
+        if data == "offset":
+            # hidden-state-like: a common offset with a few large outlier dims
+            off = torch.full((D,), 2.0)
+            off[:8] += torch.tensor([60.0, -40.0, 30.0, 25.0, -20.0, 15.0, 10.0, -10.0])
+            x = x + off
+            cb = cb * 0.7 + off.view(G, 1, D // G)
         xs = [np.ascontiguousarray(x[:, i * (D // G):(i + 1) * (D // G)].numpy()) for i in range(G)]
         xts = [torch.from_numpy(a) for a in xs]
         idx = []
@@ -50,8 +57,8 @@ def _inputs(n, G):
     return _cache[key]
 
 
-def _run(impl, n, G):
-    x, cb, xs, xts, idx = _inputs(n, G)
+def _run(impl, n, G, data):
+    x, cb, xs, xts, idx = _inputs(n, G, data)
     if impl == "astra":
         return lambda: vq_encode(x, cb, backend="torch")
     if impl == "faiss":
@@ -66,15 +73,15 @@ def _run(impl, n, G):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("n,G", CASES)
-def test_bench_vq_encode(benchmark, impl, n, G):
-    benchmark.group = f"vq_encode tokens={n} K={K} D={D} G={G}"
-    benchmark.extra_info.update(impl=impl, tokens=n, K=K, D=D, G=G, threads=1)
-    fn = _run(impl, n, G)
+@pytest.mark.parametrize("n,G,data", CASES)
+def test_bench_vq_encode(benchmark, impl, n, G, data):
+    benchmark.group = f"vq_encode tokens={n} K={K} D={D} G={G} data={data}"
+    benchmark.extra_info.update(impl=impl, tokens=n, K=K, D=D, G=G, data=data, threads=1)
+    fn = _run(impl, n, G, data)
     rounds = 5 if n * G <= 8192 else 3
     out = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
     codes = torch.as_tensor(np.asarray(out)).to(torch.int64).reshape(n, G)
-    ref = vq_encode(*_inputs(n, G)[:2], backend="torch").to(torch.int64)
+    ref = vq_encode(*_inputs(n, G, data)[:2], backend="torch").to(torch.int64)
     agree = float((codes == ref).double().mean())
     benchmark.extra_info["agreement_with_astra"] = agree
     # fp32 peers may pick a different code only at near-ties
