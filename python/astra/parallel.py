@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import _ops
+import astra_kernels as ak
 from .codebooks import as_codebooks
 from .errors import AstraError, UnsupportedModelError
 from .runtime import (Ctx, LayerStats, _masks, _RuntimeBase, check_inputs, local_indices, make_ctx)
@@ -71,7 +71,7 @@ class DistRuntime(_RuntimeBase):
         if self.codebooks is None:
             pend = self.transport.start_tensor(send, lengths, dim=1, stats=st, what=what)
         else:
-            frame = _ops.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
+            frame = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
             sizes = frame_sizes(ctx.B, lengths, self.codebooks.groups, self.codebooks.bits)
             pend = self.transport.start_frames(frame, sizes, stats=st, what=what)
         ctx.state[layer] = pend
@@ -96,11 +96,11 @@ class DistRuntime(_RuntimeBase):
         local_part = None
         if self.overlap and others:
             # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
-            local_part = _ops.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling,
+            local_part = ak.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling,
                                               return_lse=True)
         parts = pend.wait()
         if not others:
-            o = _ops.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling)
+            o = ak.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling)
             if ctx.capture is not None:
                 ctx.capture[layer] = (k, v)
             return o.to(q.dtype).transpose(1, 2).contiguous(), None
@@ -110,7 +110,7 @@ class DistRuntime(_RuntimeBase):
             h_hat = torch.cat([parts[s] for s in others], dim=1)
             k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
         else:
-            codes = torch.cat([_ops.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
+            codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
             if self.tables is not None and (not fam.rope or ctx.default_pos):
                 kt, vt = self.tables[layer]
                 remote.update(codes=codes[..., 0], k_table=kt, v_table=vt)
@@ -123,11 +123,11 @@ class DistRuntime(_RuntimeBase):
         if "codes" not in remote:
             remote.update(k_hat=k_hat, v_hat=v_hat)
         if local_part is None:
-            o = _ops.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling, **remote)
+            o = ak.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling, **remote)
         else:
-            o_r, lse_r = _ops.mixed_attention(q, None, None, include_local=False, q_pos=lg, causal=causal,
+            o_r, lse_r = ak.mixed_attention(q, None, None, include_local=False, q_pos=lg, causal=causal,
                                               scale=scaling, return_lse=True, **remote)
-            o, _ = _ops.merge_attention(local_part[0], local_part[1], o_r, lse_r)
+            o, _ = ak.merge_attention(local_part[0], local_part[1], o_r, lse_r)
         if ctx.capture is not None:
             K = k.new_empty(k.shape[0], k.shape[1], ctx.T, k.shape[3])
             V = torch.empty_like(K)

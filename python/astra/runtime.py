@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _ops
+import astra_kernels as ak
 from .codebooks import Codebooks
 from .errors import AstraError, UnsupportedModelError
 from .models import Family, family_of
@@ -218,10 +218,10 @@ class _RuntimeBase:
         return k, v
 
     def encode(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return _ops.vq_encode(h, self._cb[layer])
+        return ak.vq_encode(h, self._cb[layer])
 
     def decode(self, layer: int, codes: torch.Tensor, dtype) -> torch.Tensor:
-        return _ops.vq_decode(codes, self._cb[layer]).to(dtype)
+        return ak.vq_decode(codes, self._cb[layer]).to(dtype)
 
     def _pos_for(self, idx: torch.Tensor) -> Optional[torch.Tensor]:
         if self.ctx.pos_ids is None:
@@ -378,7 +378,7 @@ class SimRuntime(_RuntimeBase):
                 k_hat = k[:, :, :0]
                 v_hat = v[:, :, :0]
             lm, rm = _masks(ctx, lg, rg)
-            o = _ops.mixed_attention(
+            o = ak.mixed_attention(
                 q[:, :, le], k[:, :, le], v[:, :, le], k_hat=k_hat, v_hat=v_hat, q_pos=lg, kv_pos=rg,
                 causal=self.fam.causal, local_mask=lm, remote_mask=rm, scale=scaling,
             )

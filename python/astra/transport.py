@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import _ops
+import astra_kernels as ak
 from .errors import PeerError
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -138,4 +138,4 @@ class Transport:
 
 
 def frame_sizes(batch: int, lengths: Sequence[int], groups: int, bits: int) -> List[int]:
-    return [_ops.frame_nbytes((batch, int(n), groups), bits) for n in lengths]
+    return [ak.frame_nbytes((batch, int(n), groups), bits) for n in lengths]
