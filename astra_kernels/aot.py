@@ -1,6 +1,6 @@
 """Ahead-of-time compile report for every Triton kernel of the package (proof chain, step 2).
 
-    python -m astra_kernels.aot [--arch 80 90] [--kernel SUBSTR ...] [--json] [--keep DIR]
+    python -m astra_kernels.aot [--arch 80 90] [--kernel SUBSTR ...] [--json] [--keep DIR] [--jobs N]
 
 Every module under ``astra_kernels/triton/`` exposes ``AOT_SPECS: list[AotSpec]``: one entry per
 kernel and representative constexpr configuration. This module imports all of them, compiles each spec
@@ -9,11 +9,12 @@ with ``triton.compile`` for sm_80 and sm_90 (no GPU needed), and prints one row 
     kernel | arch | config | warps | stages | regs | spills | smem | mma | status
 
 * ``regs`` / ``spills``: from ``ptxas -v`` (Triton's bundled ptxas) run on the generated PTX
-  (``spill stores + spill loads`` bytes, plus the stack frame), cross-checked with
-  ``cuobjdump --dump-resource-usage`` on the cubin (REG, LOCAL);
+  (``spill stores + spill loads`` bytes, plus the stack frame); ``cuobjdump --dump-resource-usage``
+  on the cubin (REG, LOCAL) is the fallback if ptxas cannot be run;
 * ``smem``: ``metadata.shared`` (bytes of shared memory Triton allocates);
-* ``mma``: which tensor-core instructions the SASS/PTX contains: ``wgmma`` (Hopper warpgroup MMA,
-  SASS ``HGMMA``), ``mma.sync`` (SASS ``HMMA``), or ``-``.
+* ``mma``: which tensor-core instructions the PTX contains (the SASS is checked too when the PTX
+  shows none): ``wgmma`` (Hopper warpgroup MMA, SASS ``HGMMA``), ``mma.sync`` (SASS ``HMMA``), or
+  ``-``.
 
 ``main()`` returns non-zero if any spec fails to compile, spills, or has ``expect_mma=True`` and no
 tensor-core instruction (sm_80: ``mma.sync``; sm_90: ``wgmma``, or ``mma.sync`` when Triton did not pick
@@ -242,14 +243,18 @@ def compile_spec(spec: AotSpec, arch: int, module: str = "", keep: Optional[str]
         except Exception as e:
             res.errors.append(str(e))
         sass = ""
-        try:
-            cinfo = _cuobjdump(cubin, td)
-            sass = cinfo.get("sass", "")
-            res.local = cinfo.get("local")
-            if res.regs is None:
-                res.regs = cinfo.get("regs")
-        except Exception as e:
-            res.errors.append(f"cuobjdump failed: {e}")
+        # cuobjdump (~0.5 s a kernel) only where it adds something: ptxas -v failed, the PTX shows no
+        # tensor-core instruction for a spec that needs one, or --keep wants the SASS
+        need_sass = keep or res.regs is None or (spec.expect_mma and _mma_kind(ptx, "") == "-")
+        if need_sass:
+            try:
+                cinfo = _cuobjdump(cubin, td)
+                sass = cinfo.get("sass", "")
+                res.local = cinfo.get("local")
+                if res.regs is None:
+                    res.regs = cinfo.get("regs")
+            except Exception as e:
+                res.errors.append(f"cuobjdump failed: {e}")
     if keep:
         os.makedirs(keep, exist_ok=True)
         base = os.path.join(keep, f"{spec.name}.{spec.label}.sm{arch}".replace("/", "_").replace(" ", ""))
@@ -270,14 +275,26 @@ def compile_spec(spec: AotSpec, arch: int, module: str = "", keep: Optional[str]
     return res
 
 
-def run(archs: Sequence[int] = ARCHS, kernel_filters: Sequence[str] = (), keep: Optional[str] = None) -> List[AotResult]:
-    results = []
-    for module, spec in discover_specs():
-        if kernel_filters and not any(f in spec.name for f in kernel_filters):
-            continue
-        for arch in archs:
-            results.append(compile_spec(spec, arch, module=module, keep=keep))
-    return results
+_JOBS: List[tuple] = []   # (module, spec, arch, keep) for forked workers
+
+
+def _run_job(i: int) -> AotResult:
+    module, spec, arch, keep = _JOBS[i]
+    return compile_spec(spec, arch, module=module, keep=keep)
+
+
+def run(archs: Sequence[int] = ARCHS, kernel_filters: Sequence[str] = (), keep: Optional[str] = None,
+        jobs: int = 1) -> List[AotResult]:
+    """Compile every selected (spec, arch); ``jobs > 1`` compiles in forked worker processes."""
+    global _JOBS
+    _JOBS = [(module, spec, arch, keep) for module, spec in discover_specs()
+             if not kernel_filters or any(f in spec.name for f in kernel_filters) for arch in archs]
+    if jobs > 1 and len(_JOBS) > 1 and sys.platform.startswith("linux"):
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(_JOBS))) as pool:
+            return pool.map(_run_job, range(len(_JOBS)), chunksize=1)
+    return [_run_job(i) for i in range(len(_JOBS))]
 
 
 def format_table(results: Sequence[AotResult]) -> str:
@@ -302,9 +319,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--kernel", nargs="+", default=[], help="only specs whose kernel name contains one of these")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--keep", default=None, help="write ptx / cubin / sass of every compile into this folder")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel compile processes (default: CPU count, at most 8)")
     a = p.parse_args(argv)
     try:
-        results = run(a.arch, a.kernel, keep=a.keep)
+        results = run(a.arch, a.kernel, keep=a.keep, jobs=a.jobs)
     except Exception as e:
         print(f"aot: discovery failed: {type(e).__name__}: {e}", file=sys.stderr)
         traceback.print_exc()
