@@ -7,7 +7,7 @@ import astra_kernels as ak
 from astra_kernels import testing as T
 from astra_kernels import vq
 
-pytestmark = pytest.mark.skipif(not T.triton_runnable(), reason="triton kernels need a GPU or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(not T.triton_runnable(), reason="triton kernels need a GPU or TRITON_INTERPRET=1")
 
 
 def _crc32c_bitwise(data: bytes) -> int:
@@ -49,6 +49,7 @@ def test_python_reference_matches_spec_example():
     assert _crc32c_bitwise(b"123456789") == 0xE3069283  # CRC-32C check value
 
 
+@needs_triton
 @pytest.mark.parametrize("bits", list(range(1, 17)))
 def test_triton_pack_equals_cpp_codec_all_widths(bits):
     g = T.seeded_generator(100 + bits)
@@ -63,6 +64,7 @@ def test_triton_pack_equals_cpp_codec_all_widths(bits):
         T.assert_equal_ints(ak.unpack_codes(f.cpu()), codes)
 
 
+@needs_triton
 def test_crc_over_many_chunks_and_larger_chunk_len():
     """Payloads spanning many CRC lanes, one not a multiple of the chunk length (front padding), and one
     large enough that the chunk length doubles."""
@@ -85,6 +87,7 @@ def test_crc_over_many_chunks_and_larger_chunk_len():
     assert state ^ c0 ^ 0xFFFFFFFF == _crc32c_bitwise(data)
 
 
+@needs_triton
 def test_triton_pack_is_deterministic():
     """The packer ORs into a zeroed word buffer (so poisoning does not apply; a missing header / CRC
     write shows up as zero bytes in the byte comparisons). Atomic OR is order independent: a frame
@@ -97,6 +100,7 @@ def test_triton_pack_is_deterministic():
     assert bytes(a.tolist()) == _frame_python(codes, 10)
 
 
+@needs_triton
 @pytest.mark.parametrize("n,G,K,DG,bits", [
     (37, 1, 100, 64, None), (45, 32, 40, 12, None), (29, 32, 33, 24, 16), (66, 4, 1024, 24, None), (5, 3, 2, 8, 1),
 ])
