@@ -104,7 +104,8 @@ class _IdentityCache:
     """Per-tensor cache keyed by the tensor *object* (weakly referenced) plus its version counter,
     data pointer, shape, strides, dtype and device: an in-place edit bumps the version, and a new
     tensor that reuses a freed tensor's memory is a different object, so neither can hit a stale
-    entry."""
+    entry. Inference tensors (made under ``torch.inference_mode``) have no version counter, so they
+    are never cached (an in-place edit could not be detected): they are recomputed on every call."""
 
     def __init__(self, maxsize: int):
         self.maxsize = maxsize
@@ -115,12 +116,16 @@ class _IdentityCache:
         return (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
 
     def get(self, t: torch.Tensor):
+        if t.is_inference():
+            return None
         e = self.d.get(id(t))
         if e is not None and e[0]() is t and e[1] == self._sig(t):
             return e[2]
         return None
 
     def put(self, t: torch.Tensor, value) -> None:
+        if t.is_inference():
+            return
         if len(self.d) >= self.maxsize:
             self.d = {k: v for k, v in self.d.items() if v[0]() is not None}
             if len(self.d) >= self.maxsize:

@@ -320,3 +320,15 @@ def test_cpu_path_centering_on_offset_data(D, monkeypatch):
     monkeypatch.setattr(vq, "_refine_group", spy)
     T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
     assert sum(refined) < 0.9 * n, sum(refined)
+
+
+def test_inference_mode_tensors_are_encoded_and_never_cached():
+    """Tensors made under torch.inference_mode have no version counter: no stale cache, no crash."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 48, generator=g)
+    with torch.inference_mode():
+        cb = torch.randn(2, 64, 24, generator=g)
+        codes = ak.vq_encode(x, cb, backend="torch")
+        assert torch.equal(codes, ak.vq_encode_reference(x, cb))
+        cb.mul_(-1.0)  # in-place edit of an inference tensor: must not hit a cached entry
+        assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
