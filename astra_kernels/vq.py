@@ -12,7 +12,8 @@ CPU path on CPU tensors; ``"triton"`` forces the Triton kernels (CPU tensors und
 The fast CPU path (:func:`_encode_torch`), exact by certificate
 ------------------------------------------------------------------
 Distances are ``d(k) = ||c_k||^2 - 2 x.c_k`` (``||x||^2`` does not move the argmin). Stage 1 screens
-every token with one GEMM per chunk of tokens; stage 2 re-ranks only the tokens whose screened argmin
+every token with one GEMM per chunk of tokens followed by one fused C++ pass over the scores
+(``csrc/screen.cpp``: distance, top-t and ``max |S|`` in one AVX-512 scan, :func:`_screen_topk`); stage 2 re-ranks only the tokens whose screened argmin
 is not *proven* correct. Both stages work relative to the mean codeword ``mu`` of each group
 (``||x - c||`` is translation invariant): the rounding-error bounds below then scale with
 ``||x - mu||`` and ``||c - mu||``, not with large common offsets (outlier dims of real hidden states,
@@ -55,6 +56,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import _codec
 from ._dispatch import resolve_backend
 
 __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "vq_distances_reference",
@@ -377,57 +379,29 @@ def _refine_group(xg32: torch.Tensor, nres: torch.Tensor, xg_hi: torch.Tensor, r
     return out
 
 
-def _block_topk(S: torch.Tensor, k: int, largest: bool, block: int = 32):
-    """``torch.topk(S, k, dim=-1, sorted=True)`` values and indices, computed as: per-block extrema
-    (a vectorized amin/amax pass, ~10x cheaper than topk), the ``k`` best blocks, then topk over just
-    those ``k * block`` elements. Exact: each of the ``k`` best elements lies in one of the ``k``
-    blocks with the best extrema (ties may pick different but equal-valued elements)."""
-    K = S.shape[-1]
-    if K % block or K < 4 * block or k > K // block:
-        return torch.topk(S, k, dim=-1, largest=largest, sorted=True)
-    nb = K // block
-    Sb = S.view(*S.shape[:-1], nb, block)
-    bm = Sb.amax(-1) if largest else Sb.amin(-1)                         # [..., nb]
-    bi = torch.topk(bm, k, dim=-1, largest=largest, sorted=False).indices
-    cand = (bi[..., None] * block + torch.arange(block, device=S.device)).flatten(-2)   # [..., k*block]
-    v, j = torch.topk(S.gather(-1, cand), k, dim=-1, largest=largest, sorted=True)
-    return v, cand.gather(-1, j)
-
-
-def _block_top2(S: torch.Tensor, largest: bool, block: int = 32):
-    """Values ``[..., 2]`` (best first) and indices of the two best entries of each row of ``S``
-    (largest or smallest), with only vectorized reductions (amax/amin, argmax/argmin) and small
-    gathers: topk's per-row overhead dominates for rows of ~1000 entries. The index of the best is
-    its first occurrence; the second index is a copy of the first (callers use only the value)."""
-    K = S.shape[-1]
-    arg = torch.argmax if largest else torch.argmin
-    ext = torch.amax if largest else torch.amin
-    worst = float("-inf") if largest else float("inf")
-    if K % block or K < 2 * block:
-        v = torch.topk(S, 2, dim=-1, largest=largest, sorted=True).values
-        i1 = arg(S, dim=-1, keepdim=True)                                # first occurrence
-        return v, torch.cat([i1, i1], dim=-1)
-    nb = K // block
-    Sb = S.view(*S.shape[:-1], nb, block)
-    bm = ext(Sb, dim=-1)                                                 # [..., nb] block extrema
-    b1 = arg(bm, dim=-1, keepdim=True)                                   # first block holding the best
-    w = Sb.gather(-2, b1[..., None].expand(*b1.shape, block)).squeeze(-2)   # [..., block]
-    j1 = arg(w, dim=-1, keepdim=True)                                    # first position in it
-    v1 = w.gather(-1, j1)
-    w2 = ext(w.scatter(-1, j1, worst), dim=-1, keepdim=True)             # runner-up inside the block
-    o2 = ext(bm.scatter(-1, b1, worst), dim=-1, keepdim=True)            # best of the other blocks
-    v = torch.cat([v1, torch.maximum(w2, o2) if largest else torch.minimum(w2, o2)], dim=-1)
-    i1 = b1 * block + j1
-    return v, torch.cat([i1, i1], dim=-1)
-
-
-def _block_top2_largest(S: torch.Tensor, block: int = 32):
-    return _block_top2(S, True, block)
+def _screen_topk(S: torch.Tensor, cn: Optional[torch.Tensor], alpha: float, vals: torch.Tensor, idx: torch.Tensor,
+                 smax: Optional[torch.Tensor] = None) -> None:
+    """One fused pass of the C++ scan (``csrc/screen.cpp``) over screened scores ``S [rows, K]`` (bf16 or
+    fp32, contiguous rows): ``vals / idx [rows, t]`` <- the ``t`` smallest ``d = cn + alpha * S`` per row
+    (fp32, the value ``torch.add(cn, S, alpha=alpha)`` gives), ascending, ties to the lowest index;
+    ``smax [rows]`` <- ``max |S|``. Replaces add + topk + amax/amin (several passes, ~6x slower).
+    Rows with fewer than ``t`` finite candidates (fp32 overflow) are redone with ``torch.topk``."""
+    rows, K = S.shape
+    t = vals.shape[1]
+    assert S.stride(1) == 1 and vals.is_contiguous() and idx.is_contiguous() and idx.dtype == torch.int64
+    assert cn is None or (cn.is_contiguous() and cn.dtype == torch.float32)
+    assert smax is None or (smax.is_contiguous() and smax.dtype == torch.float32)
+    if _codec.screen_topk(S.data_ptr(), S.dtype == torch.bfloat16, rows, K, S.stride(0),
+                          0 if cn is None else cn.data_ptr(), float(alpha), t, vals.data_ptr(), idx.data_ptr(),
+                          0 if smax is None else smax.data_ptr()):
+        short = (idx[:, -1] < 0).nonzero().squeeze(1)
+        d = S[short].float() * alpha if cn is None else torch.add(cn, S[short].float(), alpha=alpha)
+        vals[short], idx[short] = torch.topk(d, t, dim=-1, largest=False, sorted=True)
 
 
 def _encode_fp32_small(x2, codebook, p, codes, chunk: int, ws: dict):
     """Screen for small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one fp32 GEMM per chunk
-    with the norms folded in (``[x, 1] @ [c^T; -||c||^2/2]``) and a top-2, i.e. two passes over the
+    with the norms folded in (``[x, 1] @ [c^T; -||c||^2/2]``) and a fused top-2 scan, i.e. two passes over the
     ``[G, chunk, K]`` scores like FAISS's flat search; at these sizes the GEMM is cheap and a bf16
     screen would only add passes. Error bound: fp32 accumulation over ``DG + 1`` terms."""
     G, K, DG = codebook.shape
@@ -447,9 +421,8 @@ def _encode_fp32_small(x2, codebook, p, codes, chunk: int, ws: dict):
         xa = xa_full[:, :n]
         xa[..., :DG].copy_(xg)
         Sp = torch.bmm(xa, caug, out=_ws_view(ws, "Sp", (G, n, K), torch.float32))       # x.c - |c|^2/2
-        v, i = _block_top2_largest(Sp)                                    # second index unused
-        vals_all[:, s:s + n] = v.mul(-2.0)                               # screened distances, ascending
-        idx_all[:, s:s + n] = i
+        for g in range(G):                                               # screened distances -2 Sp, ascending
+            _screen_topk(Sp[g], None, -2.0, vals_all[g, s:s + n], idx_all[g, s:s + n])
         nx = torch.linalg.vector_norm(xa[..., :DG], dim=-1) * (1 + 1e-5)
         mc, mcn = p.max_c[:, None], p.max_cn[:, None]
         e = (2 * gam * (nx * mc + mcn) + 4 * _U_F32 * (mcn + 2 * nx * mc) + 2 * nx * p.max_c32r[:, None]
@@ -528,15 +501,9 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         xb.copy_(xg)
         # outputs go to buffers reused across chunks (fresh multi-MB allocations page-fault every time)
         S = torch.bmm(xb, p.cbT, out=_ws_view(ws, "S", (G, n, K), torch.bfloat16))         # [G, n, K]
-        dhat = torch.add(p.cn[:, None, :], S, alpha=-2.0, out=_ws_view(ws, "dhat", (G, n, K), torch.float32))
-        # top-t1 of every token (a reduction-only top-2 plus topk on the uncertified half only was
-        # measured no faster: about half of the tokens are uncertified on random data)
-        v2, i2 = torch.topk(dhat, t1, dim=-1, largest=False, sorted=True,
-                            out=(_ws_view(ws, "vals", (G, n, t1), torch.float32),
-                                 _ws_view(ws, "idx", (G, n, t1), torch.int64)))
-        vals_all[:, s:s + n] = v2
-        idx_all[:, s:s + n] = i2
-        smax = torch.maximum(S.amax(-1), -S.amin(-1)).to(torch.float32)  # [G, n] max |S| (no temporary)
+        smax = _ws_view(ws, "smax", (G, n), torch.float32)             # [G, n] max |S|
+        for g in range(G):                                               # screened distances: top-t1, fused
+            _screen_topk(S[g], p.cn[g], -2.0, vals_all[g, s:s + n], idx_all[g, s:s + n], smax[g])
         if work_dtype == torch.float32:
             xr = _ws_view(ws, "xr", (G, n, DG), torch.float32)
             xr.copy_(xb)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "codec.h"
+#include "screen.h"
 
 namespace py = pybind11;
 
@@ -80,6 +81,19 @@ PYBIND11_MODULE(_codec, m) {
         return astra::crc32c_update(crc, ptr<const uint8_t>(data), n);
       },
       py::arg("data_ptr"), py::arg("nbytes"), py::arg("crc") = 0);
+
+  m.def(
+      "screen_topk",
+      [](uintptr_t S, bool bf16, int64_t rows, int64_t K, int64_t ld, uintptr_t cn, float alpha, int t,
+         uintptr_t vals, uintptr_t idx, uintptr_t smax) {
+        if (t < 1 || t > 8 || K < t || rows < 0 || ld < K) throw astra::CodecError("screen_topk: bad sizes");
+        py::gil_scoped_release nogil;
+        return astra::screen_topk(ptr<const void>(S), bf16, rows, K, ld, ptr<const float>(cn), alpha, t, ptr<float>(vals),
+                           ptr<int64_t>(idx), ptr<float>(smax));
+      },
+      py::arg("S_ptr"), py::arg("bf16"), py::arg("rows"), py::arg("K"), py::arg("ld"), py::arg("cn_ptr"),
+      py::arg("alpha"), py::arg("t"), py::arg("vals_ptr"), py::arg("idx_ptr"), py::arg("smax_ptr"),
+      "Internal (astra_kernels.vq): fused t-smallest scan of cn + alpha * S per row, plus max |S|.");
 
   m.def(
       "time_roundtrip",

@@ -270,21 +270,38 @@ def test_max_k_65536_cpu():
     T.assert_equal_ints(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb))
 
 
-def test_block_topk_helpers_match_torch_topk():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_screen_scan_matches_torch_topk(dtype):
+    """csrc/screen.cpp (the CPU screen's fused add + top-t + max|S| pass) against torch: values bit-equal
+    to torch.add(cn, S, alpha).topk, ties to the lowest index, every tail length, overflowed rows."""
     g = T.seeded_generator(50)
-    for shp in [(3, 50, 1024), (32, 7, 1024), (2, 5, 96), (1, 9, 1000), (2, 3, 64)]:
-        S = T.random_inputs(*shp, generator=g)
-        S[0, 0, : min(64, shp[-1])] = S[0, 0, -1]          # many ties
-        S[0, 1, 5] = S[0, 1, shp[-1] - 3] = S[0, 1].max() + 1   # tied maximum: first occurrence wins
-        for k in (2, 4):
-            v, i = vq._block_topk(S, k, largest=False)
-            vr, _ = torch.topk(S, k, dim=-1, largest=False, sorted=True)
-            assert torch.equal(v, vr) and torch.equal(S.gather(-1, i), v)
-        v, i = vq._block_top2_largest(S)
-        vr, _ = torch.topk(S, 2, dim=-1, largest=True, sorted=True)
-        assert torch.equal(v, vr) and torch.equal(S.gather(-1, i[..., :1]), v[..., :1])
-        assert int(i[0, 1, 0]) == 5
-        T.assert_equal_ints(i[..., 0], S.argmax(-1))
+    for rows, K in [(50, 1024), (7, 1000), (9, 17), (3, 5), (2, 64)]:
+        S = T.random_inputs(rows, K, generator=g).to(dtype)
+        S[0, : min(40, K)] = S[0, -1]                        # many ties
+        S[1, 2] = S[1, K - 1] = S[1].max() + 1               # tied best (alpha < 0: largest S)
+        cn = T.random_inputs(K, generator=g)
+        for t in sorted({1, 2, 4, min(8, K)}):
+            for c in (cn, None):
+                vals = T.poisoned_empty(rows, t, dtype=torch.float32)
+                idx = T.poisoned_empty(rows, t, dtype=torch.int64)
+                smax = T.poisoned_empty(rows, dtype=torch.float32)
+                vq._screen_topk(S, c, -2.0, vals, idx, smax)
+                d = S.float() * -2.0 if c is None else torch.add(c, S.float(), alpha=-2.0)
+                vr, _ = torch.topk(d, t, dim=-1, largest=False, sorted=True)
+                assert torch.equal(vals, vr) and torch.equal(d.gather(-1, idx), vals)
+                assert torch.equal(smax, S.float().abs().amax(-1))
+                # ties to the lowest index: the chosen indices are the first ones holding those values
+                for r in range(rows):
+                    for j in range(t):
+                        first = int((d[r] == vals[r, j]).nonzero()[0])
+                        assert int(idx[r, j]) >= first
+                if c is None:  # tied best of -2 S: the lower index first
+                    assert int(idx[1, 0]) == 2 and (t == 1 or int(idx[1, 1]) == K - 1)
+    S = torch.tensor([[1.0, float("inf"), 2.0], [float("inf")] * 3])       # fp32 overflow rows
+    vals, idx = torch.empty(2, 2), torch.empty(2, 2, dtype=torch.int64)
+    vq._screen_topk(S, None, 1.0, vals, idx)
+    assert vals[0].tolist() == [1.0, 2.0] and idx[0].tolist() == [0, 2]
+    assert torch.isinf(vals[1]).all() and bool((idx[1] >= 0).all())
 
 
 @pytest.mark.parametrize("D", [32, 256])

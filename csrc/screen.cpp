@@ -1,0 +1,143 @@
+// See screen.h. The scan keeps the t best (value, index) pairs of a row sorted in a tiny array; a
+// 16-wide comparison against the current t-th best skips almost every vector, so the cost is one
+// streaming pass over the scores (bf16 -> fp32 widening, one FMA, one compare).
+#include "screen.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define ASTRA_X86 1
+#endif
+
+namespace astra {
+namespace {
+
+struct Best {
+  float v[8];
+  int64_t i[8];
+  int t;
+  explicit Best(int t_) : t(t_) {
+    for (int j = 0; j < 8; ++j) {
+      v[j] = std::numeric_limits<float>::infinity();
+      i[j] = -1;
+    }
+  }
+  float worst() const { return v[t - 1]; }
+  // Insert (d, k) if it beats the t-th best; equal values keep the earlier (lower) index first.
+  void push(float d, int64_t k) {
+    if (!(d < v[t - 1])) return;
+    int p = t - 1;
+    while (p > 0 && d < v[p - 1]) {
+      v[p] = v[p - 1];
+      i[p] = i[p - 1];
+      --p;
+    }
+    v[p] = d;
+    i[p] = k;
+  }
+};
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <bool BF16>
+void scan_scalar(const void* S, int64_t rows, int64_t K, int64_t ld, const float* cn, float alpha, int t,
+                 float* vals, int64_t* idx, float* smax) {
+  for (int64_t r = 0; r < rows; ++r) {
+    Best best(t);
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float s = BF16 ? bf16_to_f32(static_cast<const uint16_t*>(S)[r * ld + k])
+                           : static_cast<const float*>(S)[r * ld + k];
+      const float d = cn ? std::fma(alpha, s, cn[k]) : alpha * s;
+      mx = std::fmax(mx, std::fabs(s));
+      best.push(d, k);
+    }
+    for (int j = 0; j < t; ++j) {
+      vals[r * t + j] = best.v[j];
+      idx[r * t + j] = best.i[j];
+    }
+    if (smax) smax[r] = mx;
+  }
+}
+
+#ifdef ASTRA_X86
+template <bool BF16>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void scan_avx512(const void* S, int64_t rows, int64_t K, int64_t ld,
+                                                              const float* cn, float alpha, int t, float* vals,
+                                                              int64_t* idx, float* smax) {
+  const __m512 valpha = _mm512_set1_ps(alpha);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  alignas(64) float tmp[16];
+  for (int64_t r = 0; r < rows; ++r) {
+    Best best(t);
+    __m512 vthr = _mm512_set1_ps(best.worst());
+    __m512 vmx = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t m = K - k0 < 16 ? K - k0 : 16;
+      const __mmask16 lanes = m == 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
+      __m512 s;
+      if (BF16) {
+        const uint16_t* p = static_cast<const uint16_t*>(S) + r * ld + k0;
+        const __m256i h = _mm256_maskz_loadu_epi16(lanes, p);
+        s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      } else {
+        s = _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(S) + r * ld + k0);
+      }
+      const __m512 d = cn ? _mm512_fmadd_ps(valpha, s, _mm512_maskz_loadu_ps(lanes, cn + k0)) : _mm512_mul_ps(valpha, s);
+      vmx = _mm512_max_ps(vmx, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(s), absmask)));
+      __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, d, vthr, _CMP_LT_OQ);
+      if (hit) {
+        _mm512_store_ps(tmp, d);
+        while (hit) {
+          const int j = __builtin_ctz(hit);
+          hit &= hit - 1;
+          best.push(tmp[j], k0 + j);
+        }
+        vthr = _mm512_set1_ps(best.worst());
+      }
+    }
+    for (int j = 0; j < t; ++j) {
+      vals[r * t + j] = best.v[j];
+      idx[r * t + j] = best.i[j];
+    }
+    if (smax) smax[r] = _mm512_reduce_max_ps(vmx);
+  }
+}
+
+bool have_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+#endif
+
+}  // namespace
+
+int64_t screen_topk(const void* S, bool bf16, int64_t rows, int64_t K, int64_t ld, const float* cn, float alpha,
+                    int t, float* vals, int64_t* idx, float* smax) {
+#ifdef ASTRA_X86
+  if (have_avx512()) {
+    if (bf16)
+      scan_avx512<true>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
+    else
+      scan_avx512<false>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
+  } else
+#endif
+  if (bf16)
+    scan_scalar<true>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
+  else
+    scan_scalar<false>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
+  int64_t short_rows = 0;
+  for (int64_t r = 0; r < rows; ++r) short_rows += idx[r * t + t - 1] < 0;
+  return short_rows;
+}
+
+}  // namespace astra
