@@ -276,17 +276,26 @@ def _set_interpret(on: bool) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)
+    if on:
+        try:
+            from triton import knobs
+
+            knobs.runtime.interpret = True  # assigning a bool pins the knob
+        except Exception:
+            pass
+    else:
+        _unpin_interpret_knob()
+
+
+def _unpin_interpret_knob() -> None:
+    """Delete the pinned knob so that it follows the environment variable again."""
     try:
         from triton import knobs
 
-        # assigning a bool pins the knob; deleting it makes it follow the environment again
-        if on:
-            knobs.runtime.interpret = True
-        else:
-            try:
-                del knobs.runtime.interpret
-            except AttributeError:
-                pass
+        try:
+            del knobs.runtime.interpret
+        except AttributeError:
+            pass
     except Exception:
         pass
 
@@ -317,15 +326,7 @@ def interpret_mode(on: bool = True) -> Iterator[None]:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = prev_env
-        try:
-            from triton import knobs
-
-            try:
-                del knobs.runtime.interpret
-            except AttributeError:
-                pass
-        except Exception:
-            pass
+        _unpin_interpret_knob()
         if changed:
             reload_kernel_modules()
 
@@ -363,3 +364,29 @@ __all__ = [
     "interpret_mode",
     "interpreter_env",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# An independent model of the codec frame (docs/wire-format.md), for tests of every packer
+# --------------------------------------------------------------------------------------------------
+def crc32c_reference(data: bytes, crc: int = 0) -> int:
+    """Bitwise CRC32C (Castagnoli), continuing from ``crc`` (0 starts afresh). Slow, obviously right."""
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def reference_frame(codes, bits: int) -> bytes:
+    """The frame of ``codes`` (any integer tensor / array) at ``bits`` bits, written from the wire-format
+    document alone (Python integers, no shared code with the C++ or Triton packers)."""
+    shape = tuple(int(d) for d in codes.shape)
+    flat = [int(v) for v in codes.reshape(-1).tolist()]
+    acc = 0
+    for i, c in enumerate(flat):
+        acc |= c << (i * bits)
+    payload = acc.to_bytes((len(flat) * bits + 7) // 8, "little")
+    head = b"ASTQ" + bytes([1, bits, len(shape), 0]) + b"".join(d.to_bytes(4, "little") for d in shape)
+    return head + crc32c_reference(head + payload).to_bytes(4, "little") + payload

@@ -8,34 +8,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from astra_kernels import testing as T
 from astra_kernels import crc32c, frame_header, frame_layout, frame_nbytes, pack_codes, unpack_codes
 
 
-# ---- an independent pure-Python model of docs/wire-format.md ----------------------------------
-def _crc32c_py(data: bytes, crc: int = 0) -> int:
-    crc ^= 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def _ref_frame(codes: np.ndarray, bits: int) -> bytes:
-    flat = [int(v) for v in codes.reshape(-1)]
-    acc = 0
-    for i, c in enumerate(flat):
-        acc |= c << (i * bits)
-    payload = acc.to_bytes((len(flat) * bits + 7) // 8, "little")
-    head = b"ASTQ" + bytes([1, bits, codes.ndim, 0]) + b"".join(struct.pack("<I", d) for d in codes.shape)
-    return head + struct.pack("<I", _crc32c_py(head + payload)) + payload
+# The independent pure-Python model of docs/wire-format.md: astra_kernels.testing.reference_frame.
 
 
 def _with_crc(frame: bytearray) -> bytearray:
     """Recompute the CRC of a hand-edited frame (so a later check, not the CRC, must catch it)."""
     ndim = frame[6]
     off = 8 + 4 * ndim
-    frame[off:off + 4] = struct.pack("<I", _crc32c_py(bytes(frame[:off]) + bytes(frame[off + 4:])))
+    frame[off:off + 4] = struct.pack("<I", T.crc32c_reference(bytes(frame[:off]) + bytes(frame[off + 4:])))
     return frame
 
 
@@ -60,7 +44,7 @@ def test_round_trip_every_width_and_shape(bits):
         frame = pack_codes(codes, bits)
         assert frame.dtype == torch.uint8 and frame.dim() == 1
         assert frame.numel() == frame_nbytes(shape, bits)
-        assert bytes(frame.numpy()) == _ref_frame(codes.numpy(), bits)
+        assert bytes(frame.numpy()) == T.reference_frame(codes.numpy(), bits)
         back = unpack_codes(frame)
         assert back.dtype == torch.int32 and tuple(back.shape) == tuple(shape)
         assert torch.equal(back.long(), codes)
@@ -95,7 +79,7 @@ def test_exact_bytes_hand_checked():
     f = pack_codes(torch.tensor([1, 2, 3]), 10)
     head = bytes([0x41, 0x53, 0x54, 0x51, 1, 10, 1, 0, 3, 0, 0, 0])
     payload = bytes([0x01, 0x08, 0x30, 0x00])
-    assert bytes(f.numpy()) == head + struct.pack("<I", _crc32c_py(head + payload)) + payload
+    assert bytes(f.numpy()) == head + struct.pack("<I", T.crc32c_reference(head + payload)) + payload
     # 3 bits: 7, 0, 5 -> 0b01_000_111, 0b1 ; padding bits zero.
     assert bytes(pack_codes(torch.tensor([7, 0, 5]), 3).numpy()[16:]) == bytes([0x47, 0x01])
     # 16 bits: little-endian u16s.
@@ -126,7 +110,7 @@ def test_property_round_trip_matches_reference(bits, shape, data):
     vals = data.draw(st.lists(st.integers(0, 2 ** bits - 1), min_size=n, max_size=n))
     codes = np.array(vals, dtype=np.int64).reshape(shape)
     frame = pack_codes(codes, bits)
-    assert bytes(frame.numpy()) == _ref_frame(codes, bits)
+    assert bytes(frame.numpy()) == T.reference_frame(codes, bits)
     assert np.array_equal(unpack_codes(frame).numpy(), codes)
 
 

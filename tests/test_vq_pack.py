@@ -10,33 +10,6 @@ from astra_kernels import vq
 needs_triton = pytest.mark.skipif(not T.triton_runnable(), reason="triton kernels need a GPU or TRITON_INTERPRET=1")
 
 
-def _crc32c_bitwise(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def _frame_python(codes: torch.Tensor, bits: int) -> bytes:
-    """docs/wire-format.md, written out independently of every implementation under test."""
-    shape = tuple(codes.shape)
-    hdr = b"ASTQ" + bytes([1, bits, len(shape), 0]) + b"".join(int(d).to_bytes(4, "little") for d in shape)
-    acc, nbits, payload = 0, 0, bytearray()
-    for v in codes.reshape(-1).tolist():
-        acc |= int(v) << nbits
-        nbits += bits
-        while nbits >= 8:
-            payload.append(acc & 0xFF)
-            acc >>= 8
-            nbits -= 8
-    if nbits:
-        payload.append(acc & 0xFF)
-    crc = _crc32c_bitwise(hdr + bytes(payload))
-    return hdr + crc.to_bytes(4, "little") + bytes(payload)
-
-
 def _kernels():
     from astra_kernels.triton import vq_kernels
 
@@ -44,9 +17,9 @@ def _kernels():
 
 
 def test_python_reference_matches_spec_example():
-    f = _frame_python(torch.tensor([1, 2, 3]), 10)
+    f = T.reference_frame(torch.tensor([1, 2, 3]), 10)
     assert f[16:] == bytes([0x01, 0x08, 0x30, 0x00])
-    assert _crc32c_bitwise(b"123456789") == 0xE3069283  # CRC-32C check value
+    assert T.crc32c_reference(b"123456789") == 0xE3069283  # CRC-32C check value
 
 
 @needs_triton
@@ -60,7 +33,7 @@ def test_triton_pack_equals_cpp_codec_all_widths(bits):
         assert f.dtype == torch.uint8 and f.dim() == 1 and f.is_contiguous()
         want = ak.pack_codes(codes, bits)
         T.assert_equal_ints(f.cpu(), want, f"frame bits={bits} shape={shape}")
-        assert bytes(f.cpu().tolist()) == _frame_python(codes, bits)
+        assert bytes(f.cpu().tolist()) == T.reference_frame(codes, bits)
         T.assert_equal_ints(ak.unpack_codes(f.cpu()), codes)
 
 
@@ -84,7 +57,7 @@ def test_crc_over_many_chunks_and_larger_chunk_len():
     for i in range(0, len(padded), L):
         state = k._mat_apply(k._zeros_operator(L), state) ^ k._crc_update(0, padded[i:i + L])
     c0 = k._mat_apply(k._zeros_operator(len(data)), 0xFFFFFFFF)
-    assert state ^ c0 ^ 0xFFFFFFFF == _crc32c_bitwise(data)
+    assert state ^ c0 ^ 0xFFFFFFFF == T.crc32c_reference(data)
 
 
 @needs_triton
@@ -97,7 +70,7 @@ def test_triton_pack_is_deterministic():
     a = _kernels().pack_frame_triton(codes.to(dev), 10).cpu()
     b = _kernels().pack_frame_triton(codes.to(dev), 10).cpu()
     T.assert_equal_ints(a, b)
-    assert bytes(a.tolist()) == _frame_python(codes, 10)
+    assert bytes(a.tolist()) == T.reference_frame(codes, 10)
 
 
 @needs_triton

@@ -44,6 +44,21 @@ from ..aot import AotSpec
 
 
 @triton.jit
+def _or_code_bits(words_ptr, v, bitpos, BITS, mask):
+    """OR the ``BITS``-bit codes ``v`` (uint32) into the little-endian 32-bit word stream at stream bit
+    ``bitpos`` (the payload layout of docs/wire-format.md): the low part into word ``bitpos // 32``,
+    the part past the word boundary, if any, into the next word."""
+    w = bitpos // 32
+    sh = (bitpos % 32).to(tl.int32)
+    lo = (v << sh.to(tl.uint32)).to(tl.int32, bitcast=True)
+    tl.atomic_or(words_ptr + w, lo, mask=mask)
+    spill = (sh + BITS) > 32
+    hi_sh = tl.where(spill, 32 - sh, 0).to(tl.uint32)
+    hi = tl.where(spill, v >> hi_sh, 0).to(tl.int32, bitcast=True)
+    tl.atomic_or(words_ptr + w + 1, hi, mask=mask & spill)
+
+
+@triton.jit
 def vq_encode_kernel(
     x_ptr, cb_ptr, cn_ptr, codes_ptr, words_ptr,
     N, K, DG,
@@ -84,16 +99,7 @@ def vq_encode_kernel(
         tl.store(codes_ptr + offs_m64 * stride_cn_out + g, best_i, mask=mask_m)
     if FUSE_PACK:
         # stream position of code (token, g) in C order [N, G]
-        bitpos = (offs_m64 * G + g) * BITS
-        w = bitpos // 32
-        sh = (bitpos % 32).to(tl.int32)
-        v = best_i.to(tl.uint32)
-        lo = (v << sh.to(tl.uint32)).to(tl.int32, bitcast=True)
-        tl.atomic_or(words_ptr + w, lo, mask=mask_m)
-        spill = (sh + BITS) > 32
-        hi_sh = tl.where(spill, 32 - sh, 0).to(tl.uint32)
-        hi = tl.where(spill, v >> hi_sh, 0).to(tl.int32, bitcast=True)
-        tl.atomic_or(words_ptr + w + 1, hi, mask=mask_m & spill)
+        _or_code_bits(words_ptr, best_i.to(tl.uint32), (offs_m64 * G + g) * BITS, BITS, mask_m)
 
 
 @triton.jit
@@ -125,15 +131,7 @@ def pack_codes_kernel(codes_ptr, words_ptr, NUMEL, BITS, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NUMEL
     v = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.uint32)
-    bitpos = offs * BITS
-    w = bitpos // 32
-    sh = (bitpos % 32).to(tl.int32)
-    lo = (v << sh.to(tl.uint32)).to(tl.int32, bitcast=True)
-    tl.atomic_or(words_ptr + w, lo, mask=mask)
-    spill = (sh + BITS) > 32
-    hi_sh = tl.where(spill, 32 - sh, 0).to(tl.uint32)
-    hi = tl.where(spill, v >> hi_sh, 0).to(tl.int32, bitcast=True)
-    tl.atomic_or(words_ptr + w + 1, hi, mask=mask & spill)
+    _or_code_bits(words_ptr, v, offs * BITS, BITS, mask)
 
 
 @triton.jit
