@@ -339,13 +339,18 @@ def test_cpu_path_centering_on_offset_data(D, monkeypatch):
     assert sum(refined) < 0.9 * n, sum(refined)
 
 
-def test_inference_mode_tensors_are_encoded_and_never_cached():
-    """Tensors made under torch.inference_mode have no version counter: no stale cache, no crash."""
+def test_inference_mode_tensors_are_encoded_and_cached_by_content():
+    """Tensors made under torch.inference_mode have no version counter: the cache checks their contents,
+    so an in-place edit never hits a stale entry (and encoding them does not crash)."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(40, 48, generator=g)
     with torch.inference_mode():
         cb = torch.randn(2, 64, 24, generator=g)
         codes = ak.vq_encode(x, cb, backend="torch")
         assert torch.equal(codes, ak.vq_encode_reference(x, cb))
+        assert vq._finite_cache.get(cb) is not None                    # cached despite no version counter
         cb.mul_(-1.0)  # in-place edit of an inference tensor: must not hit a cached entry
+        assert vq._finite_cache.get(cb) is None
+        assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
+        cb[1, 5, 3] += 0.25                                           # a single element changed
         assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
