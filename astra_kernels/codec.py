@@ -146,11 +146,18 @@ def _frame_tensor(frame) -> torch.Tensor:
     return f
 
 
-def unpack_codes(frame) -> torch.Tensor:
-    """Decode a frame made by :func:`pack_codes`; returns ``torch.int32`` codes with the packed shape."""
-    if type(frame) is torch.Tensor and frame.is_cpu and frame.dtype == torch.uint8 and frame.dim() == 1 \
-            and frame.is_contiguous():  # noqa: E721
+def unpack_codes(frame, *, backend: str = "auto") -> torch.Tensor:
+    """Decode a frame made by :func:`pack_codes`; returns ``torch.int32`` codes with the packed shape.
+
+    With ``backend="auto"`` a CUDA frame is decoded on its device by Triton (the header, at most 44
+    bytes, is read on the host; CRC and padding are checked on the device) and the codes stay there;
+    ``"torch"`` decodes with the C++ codec on the host; ``"triton"`` forces the device decoder."""
+    if backend == "auto" and type(frame) is torch.Tensor and frame.is_cpu and frame.dtype == torch.uint8 \
+            and frame.dim() == 1 and frame.is_contiguous():  # noqa: E721
         f = frame
+    elif isinstance(frame, torch.Tensor) and \
+            resolve_backend(backend, frame) == "triton":
+        return _unpack_triton(frame)
     else:
         f = _frame_tensor(frame)
     ptr, n = f.data_ptr(), f.numel()
@@ -158,6 +165,19 @@ def unpack_codes(frame) -> torch.Tensor:
     out = torch.from_numpy(np.empty(shape, np.int32))
     _codec.unpack(ptr, n, out.data_ptr(), out.numel())
     return out
+
+
+def _unpack_triton(frame: torch.Tensor) -> torch.Tensor:
+    from .triton.vq_kernels import unpack_frame_triton  # lazy: the CPU path never imports triton
+
+    if frame.dtype != torch.uint8 or frame.dim() != 1:
+        raise ValueError(f"frame must be a 1-D torch.uint8 tensor, got dtype={frame.dtype} with {frame.dim()} dims")
+    n = frame.numel()
+    # parse_header reads at most the fixed header and 8 dims (44 bytes), never past min(n, 44): a host
+    # copy of those bytes with the true frame length validates the header and the frame's size
+    head = frame[: min(n, 12 + 4 * _codec.MAX_NDIM)].cpu().contiguous()
+    bits, shape = _codec.parse_header(head.data_ptr(), n)
+    return unpack_frame_triton(frame.contiguous(), bits, shape)
 
 
 def crc32c(data, crc: int = 0) -> int:

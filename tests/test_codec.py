@@ -249,3 +249,25 @@ def test_triton_packer_through_public_api_matches_cpp(kernel_device):
         pack_codes(bad.to(kernel_device), 4, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         pack_codes(bad, 4, backend="cuda")
+
+
+def test_triton_unpacker_matches_cpp_and_rejects_corruption(kernel_device):
+    """unpack_codes(backend="triton") (the device decoder; interpreter here) equals the C++ decode for
+    every width, and rejects the same corruptions with ValueError."""
+    for bits in range(1, 17):
+        for shape in ((37, 1), (5, 3), (0, 4), ()):
+            codes = _rand_codes(shape, bits, dtype=torch.int32, seed=bits)
+            frame = pack_codes(codes, bits)
+            got = unpack_codes(frame.to(kernel_device), backend="triton")
+            assert got.dtype == torch.int32 and tuple(got.shape) == tuple(shape)
+            assert torch.equal(got.cpu(), codes)
+    good = bytearray(pack_codes(_rand_codes((29,), 11, seed=5), 11).numpy().tobytes())
+    bad_crc = bytearray(good)
+    bad_crc[-2] ^= 0x10
+    pad = bytearray(good)
+    pad[-1] |= 0x80                                    # 29*11 = 319 bits: 1 padding bit in the last byte
+    cases = [(bad_crc, "CRC mismatch"), (_with_crc(pad), "padding bits"), (good[:-1], "truncated"),
+             (good + b"\0", "trailing"), (b"XSTQ" + good[4:], "bad magic"), (good[:7], "truncated")]
+    for f, message in cases:
+        with pytest.raises(ValueError, match=message):
+            unpack_codes(torch.frombuffer(bytearray(f), dtype=torch.uint8).to(kernel_device), backend="triton")

@@ -23,6 +23,9 @@ Kernels
     grid ``(cdiv(N, BLOCK_M), G)``: gathers codeword rows into ``out[..., g*DG:(g+1)*DG]``.
 ``pack_codes_kernel``
     the standalone packer (codes already in memory) with the same atomic-OR word scheme.
+``unpack_codes_kernel``
+    the device-side decoder of a received frame's payload (one code per lane: its word, plus the next
+    word when the code straddles a word boundary); CRC and padding are checked on the device first.
 ``crc32c_chunks_kernel`` / ``crc32c_combine_kernel``
     CRC32C of the payload on the device. CRC without init / final xor ("raw CRC") is linear over GF(2),
     and leading zero bytes do not change it, so the payload is cut (after virtual zero padding at the
@@ -135,6 +138,23 @@ def pack_codes_kernel(codes_ptr, words_ptr, NUMEL, BITS, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def unpack_codes_kernel(words_ptr, out_ptr, NUMEL, BITS, BLOCK: tl.constexpr):
+    """``out[i]`` (int32) = stream bits ``[i*BITS, (i+1)*BITS)`` of the little-endian 32-bit word stream
+    (the payload of docs/wire-format.md, zero-padded by at least one word past its end)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    bitpos = offs * BITS
+    w = bitpos // 32
+    sh = (bitpos % 32).to(tl.uint32)
+    lo = tl.load(words_ptr + w, mask=mask, other=0).to(tl.uint32, bitcast=True) >> sh
+    spill = (sh + BITS) > 32
+    hi_w = tl.load(words_ptr + w + 1, mask=mask & spill, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.where(spill, hi_w << tl.where(spill, 32 - sh, 0), 0)
+    code = (lo | hi) & ((1 << BITS) - 1)
+    tl.store(out_ptr + offs, code.to(tl.int32), mask=mask)
+
+
+@triton.jit
 def crc32c_chunks_kernel(data_ptr, table_ptr, out_ptr, NBYTES, PAD, NCHUNK,
                          L: tl.constexpr, BLOCK: tl.constexpr):
     """Raw CRC32C (init 0, no final xor) of each ``L``-byte chunk of the virtually front-padded data.
@@ -215,6 +235,11 @@ _OTHER_SPECS = [
     AotSpec(
         name="pack_codes_kernel", fn=pack_codes_kernel,
         signature={"codes_ptr": "*i32", "words_ptr": "*i32", "NUMEL": "i32", "BITS": "i32", "BLOCK": "constexpr"},
+        constexprs={"BLOCK": 1024}, label="BLOCK1024",
+    ),
+    AotSpec(
+        name="unpack_codes_kernel", fn=unpack_codes_kernel,
+        signature={"words_ptr": "*i32", "out_ptr": "*i32", "NUMEL": "i32", "BITS": "i32", "BLOCK": "constexpr"},
         constexprs={"BLOCK": 1024}, label="BLOCK1024",
     ),
     AotSpec(
@@ -357,11 +382,11 @@ def _crc_chunk_len(P: int) -> int:
     return L
 
 
-def _finish_frame(words: torch.Tensor, hdr: bytes, H: int, P: int) -> torch.Tensor:
-    """Write the header, compute the CRC32C of header + payload on the device, return the frame view."""
-    device = words.device
-    frame = words.view(torch.uint8)[: H + P]
-    frame[: H - 4].copy_(torch.frombuffer(bytearray(hdr), dtype=torch.uint8).to(device))
+def _crc_on_device(payload: torch.Tensor, hdr: bytes, out: torch.Tensor, off: int) -> None:
+    """CRC32C of ``hdr`` (host bytes, the header before its CRC field) followed by ``payload`` (uint8 on
+    the device), computed on the device and written little-endian to ``out[off:off + 4]``."""
+    device = payload.device
+    P = payload.numel()
     L = _crc_chunk_len(P)
     nchunk = (P + L - 1) // L
     pad = nchunk * L - P
@@ -370,12 +395,18 @@ def _finish_frame(words: torch.Tensor, hdr: bytes, H: int, P: int) -> torch.Tens
     mat = torch.tensor([_to_i32(v) for v in _zeros_operator(L)] + [_to_i32(c0 ^ 0xFFFFFFFF)],
                        dtype=torch.int32, device=device)
     chunks = torch.empty(max(1, nchunk), dtype=torch.int32, device=device)
-    payload = frame[H:]
     if nchunk:
         BLOCK = 128
         crc32c_chunks_kernel[(triton.cdiv(nchunk, BLOCK),)](
             payload, _crc_table_on(device), chunks, P, pad, nchunk, L=L, BLOCK=BLOCK)
-    crc32c_combine_kernel[(1,)](chunks, mat, frame, nchunk, H - 4, num_warps=1)
+    crc32c_combine_kernel[(1,)](chunks, mat, out, nchunk, off, num_warps=1)
+
+
+def _finish_frame(words: torch.Tensor, hdr: bytes, H: int, P: int) -> torch.Tensor:
+    """Write the header, compute the CRC32C of header + payload on the device, return the frame view."""
+    frame = words.view(torch.uint8)[: H + P]
+    frame[: H - 4].copy_(torch.frombuffer(bytearray(hdr), dtype=torch.uint8).to(words.device))
+    _crc_on_device(frame[H:], hdr, frame, H - 4)
     return frame
 
 
@@ -398,6 +429,33 @@ def pack_frame_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
         BLOCK = 1024
         pack_codes_kernel[(triton.cdiv(numel, BLOCK),)](flat, words[H // 4:], numel, bits, BLOCK=BLOCK)
     return _finish_frame(words, frame_header_bytes(shape, bits), H, P)
+
+
+def unpack_frame_triton(frame: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Decode a frame whose header the caller has validated (``bits``, ``shape``) on the frame's device:
+    CRC32C and padding bits checked on the device (one host sync for the verdict), codes unpacked by
+    :func:`unpack_codes_kernel`. Raises ``ValueError`` like the C++ codec."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    H = 12 + 4 * len(shape)
+    P = (numel * bits + 7) // 8
+    device = frame.device
+    words = torch.zeros(P // 4 + 2, dtype=torch.int32, device=device)    # payload + >= 1 zero word
+    words.view(torch.uint8)[:P].copy_(frame[H:H + P])
+    crc = torch.empty(4, dtype=torch.uint8, device=device)
+    _crc_on_device(words.view(torch.uint8)[:P], bytes(frame[:H - 4].cpu().tolist()), crc, 0)
+    ok_crc = torch.equal(crc, frame[H - 4:H])
+    used = numel * bits
+    if ok_crc and used % 8 and int(frame[H + P - 1]) >> (used % 8):
+        raise ValueError("corrupt frame: non-zero padding bits after the last code")
+    if not ok_crc:
+        raise ValueError("CRC mismatch: frame is corrupt")
+    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.int32, device=device)
+    if numel:
+        BLOCK = 1024
+        unpack_codes_kernel[(triton.cdiv(numel, BLOCK),)](words, out, numel, bits, BLOCK=BLOCK)
+    return out
 
 
 def _launch_encode(x2, cb, cn, codes, words, bits: int, write: bool, fuse: bool):
