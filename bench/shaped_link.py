@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,7 @@ def _sh(*cmd):
 def outer(args) -> None:
     if os.geteuid() != 0:
         sys.exit("shaped_link.py needs root (network namespaces and tc); run the inner part unshaped with --inner")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # run the `finally` that removes the namespace
     results = {}
     for rate in args.rates:
         ns = f"astra-bench-{os.getpid()}-{rate}"
