@@ -177,7 +177,8 @@ def _unpack_triton(frame: torch.Tensor) -> torch.Tensor:
     # copy of those bytes with the true frame length validates the header and the frame's size
     head = frame[: min(n, 12 + 4 * _codec.MAX_NDIM)].cpu().contiguous()
     bits, shape = _codec.parse_header(head.data_ptr(), n)
-    return unpack_frame_triton(frame.contiguous(), bits, shape)
+    header = bytes(head[: 8 + 4 * len(shape)].tolist())   # the bytes the CRC covers before the payload
+    return unpack_frame_triton(frame.contiguous(), bits, shape, header)
 
 
 def crc32c(data, crc: int = 0) -> int:

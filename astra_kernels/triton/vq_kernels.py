@@ -431,30 +431,27 @@ def pack_frame_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _finish_frame(words, frame_header_bytes(shape, bits), H, P)
 
 
-def unpack_frame_triton(frame: torch.Tensor, bits: int, shape) -> torch.Tensor:
-    """Decode a frame whose header the caller has validated (``bits``, ``shape``) on the frame's device:
-    CRC32C and padding bits checked on the device (one host sync for the verdict), codes unpacked by
-    :func:`unpack_codes_kernel`. Raises ``ValueError`` like the C++ codec."""
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    H = 12 + 4 * len(shape)
-    P = (numel * bits + 7) // 8
-    device = frame.device
-    words = torch.zeros(P // 4 + 2, dtype=torch.int32, device=device)    # payload + >= 1 zero word
-    words.view(torch.uint8)[:P].copy_(frame[H:H + P])
-    crc = torch.empty(4, dtype=torch.uint8, device=device)
-    _crc_on_device(words.view(torch.uint8)[:P], bytes(frame[:H - 4].cpu().tolist()), crc, 0)
-    ok_crc = torch.equal(crc, frame[H - 4:H])
+def unpack_frame_triton(frame: torch.Tensor, bits: int, shape, header: bytes) -> torch.Tensor:
+    """Decode a frame whose header the caller has validated (``bits``, ``shape``; ``header`` = its bytes
+    before the CRC field, already on the host) on the frame's device: CRC32C and padding bits checked on
+    the device (one host sync for both verdicts), codes unpacked by :func:`unpack_codes_kernel`.
+    Raises ``ValueError`` like the C++ codec."""
+    words, H, P, numel = _frame_buffers(shape, bits, frame.device)      # payload at byte H + >= 1 zero word
+    payload = words.view(torch.uint8)[H:H + P]
+    payload.copy_(frame[H:H + P])
+    crc = torch.empty(4, dtype=torch.uint8, device=frame.device)
+    _crc_on_device(payload, header, crc, 0)
     used = numel * bits
-    if ok_crc and used % 8 and int(frame[H + P - 1]) >> (used % 8):
-        raise ValueError("corrupt frame: non-zero padding bits after the last code")
-    if not ok_crc:
+    pad_ok = (payload[-1] >> (used % 8)) == 0 if used % 8 else torch.ones((), dtype=torch.bool, device=frame.device)
+    crc_ok, pad_ok = torch.stack([(crc == frame[H - 4:H]).all(), pad_ok]).tolist()
+    if not crc_ok:
         raise ValueError("CRC mismatch: frame is corrupt")
-    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.int32, device=device)
+    if not pad_ok:
+        raise ValueError("corrupt frame: non-zero padding bits after the last code")
+    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.int32, device=frame.device)
     if numel:
         BLOCK = 1024
-        unpack_codes_kernel[(triton.cdiv(numel, BLOCK),)](words, out, numel, bits, BLOCK=BLOCK)
+        unpack_codes_kernel[(triton.cdiv(numel, BLOCK),)](words[H // 4:], out, numel, bits, BLOCK=BLOCK)
     return out
 
 
