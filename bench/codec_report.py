@@ -23,7 +23,7 @@ def best(fn, number, repeat=7):
 
 def main():
     torch.set_num_threads(1)
-    print(f"| codes | op | astra (s) | astra codes/s | numpy (s) | numpy codes/s | speed-up |")
+    print("| codes | op | astra (s) | astra codes/s | numpy (s) | numpy codes/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for n in (512, 1_048_576):
         codes = torch.randint(0, 2 ** BITS, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)

@@ -5,7 +5,7 @@
 
 Setting (ViT/GPT-2-base sized layer, one device's view): Tl = 512 local tokens, Tr in {512, 3584}
 non-local tokens known by G = 1 codes, D = 768, 12 heads x 64, K = 1024 codewords, batch 1,
-bidirectional. Both routes run with ONE torch thread (torch.set_num_threads(1)), same inputs.
+bidirectional. Both routes run with ONE torch thread (bench/conftest.py), same inputs.
 
 * naive: ``h_hat = codebook[codes]``; ``k = h_hat @ Wk + bk``; ``v = h_hat @ Wv + bv``; reshape to heads,
   concatenate with the local K/V, ``F.scaled_dot_product_attention``.
@@ -29,14 +29,6 @@ for _p in (_ROOT, os.path.join(_ROOT, "python")):
 from astra_kernels.attention import mixed_attention  # noqa: E402
 
 D, H, DH, K, TL = 768, 12, 64, 1024, 512
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _setup(Tr):

@@ -12,14 +12,6 @@ from codec_reference import np_pack, np_unpack
 BITS = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _codes(n):
     return torch.randint(0, 2 ** BITS, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
 

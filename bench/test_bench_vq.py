@@ -23,12 +23,8 @@ IMPLS = ["astra", "faiss", "cdist"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_faiss_thread():
+    faiss.omp_set_num_threads(1)   # torch: bench/conftest.py
 
 
 _cache = {}
