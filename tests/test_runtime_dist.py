@@ -1,6 +1,5 @@
 """astra.parallelize over real gloo ranks (astra.launch): full-precision SP equals the model, ASTRA equals
 astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes."""
-import pytest
 import torch
 
 from test_runtime_support import tiny_inputs, tiny_model

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .errors import UnsupportedModelError
 

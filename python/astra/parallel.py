@@ -7,8 +7,8 @@ import torch
 
 import astra_kernels as ak
 from .codebooks import as_codebooks
-from .errors import AstraError, UnsupportedModelError
-from .runtime import (Ctx, LayerStats, _masks, _RuntimeBase, check_inputs, local_indices, make_ctx)
+from .errors import AstraError
+from .runtime import (LayerStats, _masks, _RuntimeBase, check_inputs, local_indices, make_ctx)
 from .transport import DEFAULT_TIMEOUT_S, Transport, frame_sizes
 
 
