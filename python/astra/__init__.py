@@ -10,7 +10,10 @@ from .errors import AstraError, LaunchError, PeerError, UnsupportedModelError
 from .generation import simulate_generate
 from .launch import launch
 from .parallel import ParallelModel, parallelize
-from .runtime import LayerStats, local_indices, simulate, split_indices, unpatch
+from .context import LayerStats
+from .runtime import unpatch
+from .simulation import simulate
+from .split import local_indices, split_indices
 from .transport import DEFAULT_TIMEOUT_S
 
 __version__ = "0.1.0"

@@ -59,11 +59,11 @@ def simulate_generate(model, input_ids: torch.Tensor, *, world_size: int, max_ne
                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Greedy tokens of :func:`astra.simulate`'s prefill (as the last rank sees it) + single-rank decoding."""
     from .models import family_of
-    from .runtime import _simulate
+    from .simulation import simulate_with_context
 
     fam = family_of(model)
     check_generation(fam, max_new_tokens)
-    out, ctx = _simulate(model, {"input_ids": input_ids, "attention_mask": attention_mask},
-                         world_size=world_size, codebooks=codebooks, capture=True)
+    out, ctx = simulate_with_context(model, {"input_ids": input_ids, "attention_mask": attention_mask},
+                                     world_size=world_size, codebooks=codebooks, capture=True)
     kv = [ctx.capture[l] for l in range(fam.num_layers)]
     return greedy_decode(model, kv, out.logits[:, -1], ctx.T, max_new_tokens, attention_mask)

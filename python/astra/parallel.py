@@ -8,11 +8,14 @@ import torch
 import astra_kernels as ak
 from .codebooks import as_codebooks
 from .errors import AstraError
-from .runtime import (LayerStats, _masks, _RuntimeBase, check_inputs, local_indices, make_ctx)
+from .context import LayerStats, key_masks, make_ctx
+from .inputs import check_inputs
+from .runtime import RuntimeBase
+from .split import local_indices, split_indices
 from .transport import DEFAULT_TIMEOUT_S, Transport, frame_sizes
 
 
-class DistRuntime(_RuntimeBase):
+class DistRuntime(RuntimeBase):
     def __init__(self, model, codebooks, *, group=None, class_token="auto", timeout=DEFAULT_TIMEOUT_S,
                  kv_tables="auto", overlap=True):
         super().__init__(model, codebooks, class_token)
@@ -91,7 +94,7 @@ class DistRuntime(_RuntimeBase):
         others = [s for s in range(self.world) if s != self.rank]
         lg = self._local
         rg = torch.cat([ctx.chunks[s] for s in others]) if others else lg[:0]
-        lm, rm = _masks(ctx, lg, rg)
+        lm, rm = key_masks(ctx, lg, rg)
         causal, fam = self.fam.causal, self.fam
         local_part = None
         if self.overlap and others:
@@ -202,8 +205,6 @@ class ParallelModel:
             raise AstraError("gather() needs a forward first")
         rt, T = self._rt, self._last_T
         cls = rt.cls
-        from .runtime import split_indices
-
         lengths = [int(c.numel()) for c in split_indices(T, rt.world, cls)]
         seq_keys = ["last_hidden_state"] + (["logits"] if rt.fam.decoder else [])
         fields = {}

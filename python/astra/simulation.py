@@ -1,0 +1,127 @@
+"""``astra.simulate``: every rank's computation in one process (the reference of the distributed runtime)."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+import astra_kernels as ak
+from .codebooks import as_codebooks
+from .context import key_masks, make_ctx
+from .inputs import check_inputs
+from .runtime import RuntimeBase
+
+
+class SimRuntime(RuntimeBase):
+    """All ranks at once. With distributed class tokens the sequence is laid out as
+    ``[cls copy of rank 0, ..., cls copy of rank N-1, token 1, ..., token T-1]``."""
+
+    def __init__(self, model, codebooks, world_size: int, class_token="auto"):
+        super().__init__(model, codebooks, class_token)
+        self.N = int(world_size)
+
+    # extended-sequence index of global index g (non-class tokens)
+    def _ext(self, g: torch.Tensor) -> torch.Tensor:
+        return g + (self.N - 1) if self.ctx.cls else g
+
+    def _local_ext(self, r: int) -> torch.Tensor:
+        chunk = self._ext(self.ctx.chunks[r])
+        if self.ctx.cls:
+            return torch.cat([torch.tensor([r], device=chunk.device), chunk])
+        return chunk
+
+    def _local_global(self, r: int) -> torch.Tensor:
+        chunk = self.ctx.chunks[r]
+        if self.ctx.cls:
+            return torch.cat([chunk.new_zeros(1), chunk])
+        return chunk
+
+    def on_embeddings(self, out):
+        if not self.ctx.cls:
+            return out
+        return torch.cat([out[:, :1]] * self.N + [out[:, 1:]], dim=1)
+
+    def on_final(self, x):
+        copies = x[:, : self.N]
+        return torch.cat([copies.mean(dim=1, keepdim=True), x[:, self.N:]], dim=1)
+
+    def on_layer_input(self, layer, module, h):
+        hats = []
+        for s in range(self.N):
+            hs = h[:, self._ext(self.ctx.chunks[s])]
+            if self.codebooks is None:
+                hats.append(hs)
+            else:
+                hats.append(self.decode(layer, self.encode(layer, hs), hs.dtype))
+        self.ctx.state[layer] = hats
+
+    def attention(self, module, q, k, v, scaling):
+        ctx = self.ctx
+        layer = module._astra_layer
+        hats = ctx.state.pop(layer)
+        # K/V of every rank's dequantized tokens, once per layer
+        kv_hat = [self.remote_kv(module, hats[s], self._pos_for(ctx.chunks[s])) for s in range(self.N)]
+        out = q.new_empty(q.shape)
+        for r in range(self.N):
+            le = self._local_ext(r)
+            lg = self._local_global(r)
+            others = [s for s in range(self.N) if s != r]
+            if others:
+                rg = torch.cat([ctx.chunks[s] for s in others])
+                k_hat = torch.cat([kv_hat[s][0] for s in others], dim=2)
+                v_hat = torch.cat([kv_hat[s][1] for s in others], dim=2)
+            else:
+                rg = lg[:0]
+                k_hat = k[:, :, :0]
+                v_hat = v[:, :, :0]
+            lm, rm = key_masks(ctx, lg, rg)
+            o = ak.mixed_attention(
+                q[:, :, le], k[:, :, le], v[:, :, le], k_hat=k_hat, v_hat=v_hat, q_pos=lg, kv_pos=rg,
+                causal=self.fam.causal, local_mask=lm, remote_mask=rm, scale=scaling,
+            )
+            out[:, :, le] = o.to(out.dtype)
+            if ctx.capture is not None and r == self.N - 1:
+                K = k.new_empty(k.shape[0], k.shape[1], ctx.T, k.shape[3])
+                V = torch.empty_like(K)
+                K[:, :, lg], V[:, :, lg] = k[:, :, le], v[:, :, le]
+                K[:, :, rg], V[:, :, rg] = k_hat, v_hat
+                ctx.capture[layer] = (K, V)
+        return out.transpose(1, 2).contiguous(), None
+
+    def run(self, inputs: Dict[str, Any], capture: bool = False):
+        inputs = check_inputs(self.fam, inputs)
+        self.ctx = make_ctx(self.fam, inputs, self.N, self.cls)
+        if capture:
+            self.ctx.capture = {}
+        try:
+            with torch.no_grad():
+                if self.fam.decoder:
+                    inputs = dict(inputs, use_cache=False)
+                out = self.model(**inputs)
+            return out, self.ctx
+        finally:
+            self.ctx = None
+
+
+def simulate(model, inputs: Dict[str, Any], *, world_size: int, codebooks=None, class_token="auto"):
+    """Compute, in one process, exactly what ``world_size`` ASTRA ranks compute; return ``model(**inputs)``'s
+    output type for the whole sequence.
+
+    ``codebooks=None`` is full-precision sequence parallelism (equals the unmodified model).
+    ``class_token``: ``"auto"`` (distributed for ViT, single for BERT), ``"distributed"`` or ``"none"``.
+    """
+    out, _ = simulate_with_context(model, inputs, world_size=world_size, codebooks=codebooks,
+                                   class_token=class_token)
+    return out
+
+
+def simulate_with_context(model, inputs, *, world_size, codebooks=None, class_token="auto", capture=False):
+    """``simulate``'s output and the forward's :class:`~astra.context.Ctx` (with ``capture``: every layer's K/V
+    as the last rank sees them, for generation)."""
+    cb = as_codebooks(codebooks, model)
+    rt = SimRuntime(model, cb, world_size, class_token)
+    rt.install()
+    try:
+        return rt.run(inputs, capture=capture)
+    finally:
+        rt.uninstall()
