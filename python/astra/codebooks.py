@@ -1,14 +1,17 @@
 """Per-layer VQ codebooks: one ``[G, K, D/G]`` tensor per layer plus metadata, stored as safetensors."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
 
 FORMAT = "astra-codebooks"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"            # 2: metadata carries sha256 checksums of every layer and of the metadata
+UNCHECKED_VERSION = "1"         # written before checksums: loads with a warning
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -113,54 +116,57 @@ class Codebooks:
         if fam.num_layers != self.num_layers:
             raise ValueError(f"codebooks have {self.num_layers} layers, model has {fam.num_layers}")
 
+    # -- integrity -------------------------------------------------------------------------------
+    def layer_checksums(self) -> List[str]:
+        """sha256 of each layer's dtype, shape and bytes."""
+        return [tensor_checksum(t) for t in self.tensors]
+
+    def _metadata(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "model_type": self.model_type,
+                "hidden_size": str(self.hidden_size), "num_layers": str(self.num_layers), "groups": str(self.groups),
+                "codebook_size": str(self.codebook_size), "layer_checksums": ",".join(self.layer_checksums())}
+
+    def checksum(self) -> str:
+        """sha256 of the metadata and every layer's checksum: the identity of these codebooks."""
+        return metadata_checksum(self._metadata())
+
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: "str | os.PathLike") -> None:
         from safetensors.torch import save_file
 
         tensors = {f"layer.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors)}
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "model_type": self.model_type,
-            "hidden_size": str(self.hidden_size),
-            "num_layers": str(self.num_layers),
-            "groups": str(self.groups),
-            "codebook_size": str(self.codebook_size),
-        }
+        meta = self._metadata()
+        meta["checksum"] = metadata_checksum(meta)
         save_file(tensors, os.fspath(path), metadata=meta)
 
     @classmethod
     def load(cls, path: "str | os.PathLike", model=None, *, device="cpu") -> "Codebooks":
-        """Load codebooks saved by :meth:`save`; with ``model``, also check they fit it."""
+        """Load codebooks saved by :meth:`save`, verifying the checksums (a corrupt layer is named); with
+        ``model``, also check they fit it. Version-1 files (no checksums) load with a warning."""
         from safetensors import safe_open
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no codebook file at {path}")
         try:
-            f = safe_open(path, framework="pt", device=str(device))
+            f = safe_open(path, framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types for malformed files
             raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
         with f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an astra codebook file (metadata format={meta.get('format')!r})")
-            if meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported codebook format version {meta.get('version')!r}")
-            try:
-                n = int(meta["num_layers"])
-                hidden = int(meta["hidden_size"])
-                G = int(meta["groups"])
-                K = int(meta["codebook_size"])
-                model_type = meta["model_type"]
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"{path}: missing or malformed codebook metadata ({e})") from e
+            n, hidden, G, K, model_type = _check_metadata(path, meta)
             keys = set(f.keys())
             want = {f"layer.{i}" for i in range(n)}
             if keys != want:
                 raise ValueError(f"{path}: expected tensors layer.0..layer.{n - 1}, found {sorted(keys)}")
             tensors = [f.get_tensor(f"layer.{i}") for i in range(n)]
-        cb = cls(tensors, model_type=model_type, hidden_size=hidden)
+        if meta["version"] == FORMAT_VERSION:
+            sums = meta["layer_checksums"].split(",")
+            for i, t in enumerate(tensors):
+                if i >= len(sums) or tensor_checksum(t) != sums[i]:
+                    raise ValueError(f"{path}: layer {i} fails its checksum: the file is corrupt (re-calibrate or "
+                                     "restore it)")
+        cb = cls([t.to(device) for t in tensors], model_type=model_type, hidden_size=hidden)
         if cb.groups != G or cb.codebook_size != K:
             raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
         if model is not None:
@@ -190,3 +196,39 @@ def as_codebooks(codebooks, model) -> Optional[Codebooks]:
         raise TypeError(f"codebooks must be astra.Codebooks, a path, or None; got {type(codebooks).__name__}")
     codebooks.check_model(model)
     return codebooks
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def metadata_checksum(meta: dict) -> str:
+    body = "\n".join(f"{k}={meta[k]}" for k in sorted(meta) if k != "checksum")
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _check_metadata(path: str, meta: dict):
+    """Format, version and checksum of the metadata; its numbers (num_layers, hidden, G, K, model_type)."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an astra codebook file (metadata format={meta.get('format')!r})")
+    version = meta.get("version")
+    if version == FORMAT_VERSION:
+        if "checksum" not in meta or "layer_checksums" not in meta:
+            raise ValueError(f"{path}: codebook file version {version} without its checksums: the file is corrupt")
+        if metadata_checksum(meta) != meta["checksum"]:
+            raise ValueError(f"{path}: the metadata fails its checksum: the file is corrupt")
+    elif version == UNCHECKED_VERSION:
+        if set(meta) - {"format", "version", "model_type", "hidden_size", "num_layers", "groups", "codebook_size"}:
+            raise ValueError(f"{path}: codebook file version 1 with unexpected metadata {sorted(meta)}: corrupt")
+        warnings.warn(f"{path}: codebook file version 1 has no checksums, so corruption can not be detected; "
+                      "re-save it with Codebooks.save to add them", UserWarning, stacklevel=3)
+    else:
+        raise ValueError(f"{path}: unsupported codebook format version {version!r}")
+    try:
+        return (int(meta["num_layers"]), int(meta["hidden_size"]), int(meta["groups"]), int(meta["codebook_size"]),
+                meta["model_type"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: missing or malformed codebook metadata ({e})") from e

@@ -32,6 +32,7 @@ class LayerStats:
     bytes_on_wire: int = 0       # what the all-gather moved out of this rank (frames are padded to the largest)
     wait_s: float = 0.0          # time blocked waiting for the all-gather
     tokens_sent: int = 0
+    local_fallback: bool = False  # the forward ran on this rank alone after a peer failure (on_peer_failure="local")
 
 
 def key_masks(ctx: Ctx, q_idx: torch.Tensor, r_idx: torch.Tensor):

@@ -26,3 +26,31 @@ class LaunchError(AstraError):
         self.results = dict(results or {})
         self.errors = dict(errors or {})
         self.dead = list(dead or [])
+
+
+class InputMismatchError(AstraError, ValueError):
+    """The ranks of one forward were given different inputs (or models, codebooks, world sizes), or fell out of
+    step (different call counters). Raised on every rank, in the same call, naming the difference."""
+
+
+class InvalidInputError(AstraError, ValueError):
+    """The inputs of a forward are invalid (token id out of range, wrong rank or dtype, too short a sequence...).
+    Every rank holds the full inputs, so every rank raises it in the same call."""
+
+
+class RankFailedError(AstraError):
+    """A rank failed in the middle of a forward; every rank raises it in that same call. ``rank`` is the failing
+    rank, ``layer`` the layer it was in (None before the first / after the last layer)."""
+
+    def __init__(self, message: str, rank: int, layer=None):
+        super().__init__(message)
+        self.rank = rank
+        self.layer = layer
+
+
+class FrameMismatchError(PeerError):
+    """A frame belongs to another call or layer than the one being exchanged: the ranks are out of step."""
+
+
+class NonFiniteError(AstraError, ValueError):
+    """A hidden state entering a layer holds NaN or Inf; the message names rank, layer and first bad token."""

@@ -1,10 +1,14 @@
-"""Checks of the inputs of one forward (which inputs a family accepts, the sequence geometry)."""
+"""Checks of the inputs of one forward: which inputs a family accepts, their kinds, shapes and ranges, and the
+sequence geometry. Every rank holds the full inputs, so every rank reaches the same verdict."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from .errors import UnsupportedModelError
+import torch
+
+from .errors import InvalidInputError, UnsupportedModelError
 from .models import Family
+from .split import split_indices
 
 _ALLOWED_INPUTS = {
     "gpt2": {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids"},
@@ -49,3 +53,75 @@ def seq_geometry(fam: Family, inputs: Dict[str, Any]) -> Tuple[int, int]:
     if x is None:
         raise ValueError("need input_ids or inputs_embeds")
     return x.shape[0], x.shape[1]
+
+
+def _tensor(inputs: Dict[str, Any], key: str, kinds: str, ndims: Tuple[int, ...]):
+    x = inputs.get(key)
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(f"{key} must be a torch.Tensor, got {type(x).__name__}")
+    ok = x.is_floating_point() if kinds == "float" else (not x.is_floating_point() and not x.is_complex())
+    if not ok:
+        raise InvalidInputError(f"{key} must have a{' floating' if kinds == 'float' else 'n integer or bool'} dtype, "
+                                f"got {x.dtype}")
+    if x.ndim not in ndims:
+        hint = " (add a batch dimension: x[None])" if x.ndim == min(ndims) - 1 else ""
+        raise InvalidInputError(f"{key} must have {' or '.join(map(str, ndims))} dimensions, got shape "
+                                f"{list(x.shape)}{hint}")
+    return x
+
+
+def _in_range(key: str, x: torch.Tensor, n: Optional[int]) -> None:
+    if n is None or x.numel() == 0:
+        return
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= n:
+        bad = ((x < 0) | (x >= n)).nonzero()[0].tolist()
+        raise InvalidInputError(f"{key} holds {hi if hi >= n else lo} at position {bad}; valid ids are 0..{n - 1}")
+
+
+def _check_sequence(fam: Family, inputs: Dict[str, Any]) -> None:
+    ids = _tensor(inputs, "input_ids", "int", (2,))
+    emb = _tensor(inputs, "inputs_embeds", "float", (3,))
+    if (ids is None) == (emb is None):
+        raise InvalidInputError("give exactly one of input_ids and inputs_embeds")
+    B, T = (ids if ids is not None else emb).shape[:2]
+    cfg = fam.model.config
+    if ids is not None:
+        _in_range("input_ids", ids, fam.model.get_input_embeddings().num_embeddings)
+    if emb is not None and emb.shape[2] != fam.hidden_size:
+        raise InvalidInputError(f"inputs_embeds must be [B, T, {fam.hidden_size}], got {list(emb.shape)}")
+    for key in ("attention_mask", "token_type_ids"):
+        x = _tensor(inputs, key, "int", (2,))
+        if x is not None and tuple(x.shape) != (B, T):
+            raise InvalidInputError(f"{key} must be [B, T] = [{B}, {T}], got {list(x.shape)}")
+    _in_range("token_type_ids", inputs.get("token_type_ids", torch.zeros(0)), getattr(cfg, "type_vocab_size", None))
+    pos = _tensor(inputs, "position_ids", "int", (1, 2))
+    if pos is not None:
+        if pos.shape[-1] != T or (pos.ndim == 2 and pos.shape[0] not in (1, B)):
+            raise InvalidInputError(f"position_ids must be [T], [1, T] or [B, T] with B={B}, T={T}; got "
+                                    f"{list(pos.shape)}")
+        limit = None if fam.rope else getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None))
+        _in_range("position_ids", pos, limit)
+
+
+def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool) -> Dict[str, Any]:
+    """Everything a forward can check before it starts: accepted inputs, tensor kinds, ranks and shapes, ids in
+    range, a chunk for every rank. Raises :class:`InvalidInputError` (or ``UnsupportedModelError``)."""
+    inputs = check_inputs(fam, inputs)
+    if fam.name == "vit":
+        pv = _tensor(inputs, "pixel_values", "float", (4,))
+        if pv is None:
+            raise InvalidInputError("ViT needs pixel_values")
+        ch = fam.model.config.num_channels
+        if pv.shape[1] != ch:
+            raise InvalidInputError(f"pixel_values must be [B, {ch}, H, W], got {list(pv.shape)}")
+    else:
+        _check_sequence(fam, inputs)
+    try:
+        B, T = seq_geometry(fam, inputs)
+        split_indices(T, world_size, cls)
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from e
+    return inputs

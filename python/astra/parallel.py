@@ -1,24 +1,32 @@
 """``astra.parallelize``: run a HF model as one rank of an ASTRA sequence-parallel group."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
 
 import astra_kernels as ak
+from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest
 from .codebooks import as_codebooks
-from .errors import AstraError
 from .context import LayerStats, key_masks, make_ctx
-from .inputs import check_inputs
+from .errors import AstraError, InvalidInputError, PeerError, RankFailedError
+from .inputs import validate_inputs
 from .runtime import RuntimeBase
 from .split import local_indices, split_indices
-from .transport import DEFAULT_TIMEOUT_S, Transport, frame_sizes
+from .transport import DEFAULT_TIMEOUT_S, STATUS_FAILED, Pending, Transport, frame_sizes
+
+STATUS_NBYTES = 256        # payload of the end-of-forward status exchange (room for a failing rank's error text)
+PEER_FAILURE_MODES = ("raise", "local")
 
 
 class DistRuntime(RuntimeBase):
     def __init__(self, model, codebooks, *, group=None, class_token="auto", timeout=DEFAULT_TIMEOUT_S,
-                 kv_tables="auto", overlap=True):
+                 kv_tables="auto", overlap=True, on_peer_failure="raise"):
         super().__init__(model, codebooks, class_token)
+        if on_peer_failure not in PEER_FAILURE_MODES:
+            raise ValueError(f"on_peer_failure must be one of {PEER_FAILURE_MODES}, got {on_peer_failure!r}")
+        self.on_peer_failure = on_peer_failure
         self.overlap = bool(overlap)
         self.transport = Transport(group, timeout)
         self.rank = self.transport.rank
@@ -27,6 +35,21 @@ class DistRuntime(RuntimeBase):
         self.kv_tables = kv_tables
         self.tables: Optional[List] = None
         self._local = None
+        self.calls = 0                       # forwards so far (every rank counts the same; agreed every call)
+        self.broken: Optional[str] = None    # why the process group can not be used again, after a PeerError
+        self.local_fallback = False          # the last forward ran on this rank alone (on_peer_failure="local")
+        self._slot = 0                       # the next exchange of the current forward
+        p = next(model.parameters())
+        self._dtype, self._elt = p.dtype, p.element_size()
+        self._model_digest = digest(type(model).__name__, model.config.to_json_string(use_diff=False),
+                                    sum(q.numel() for q in model.parameters()), p.dtype)
+        self._cb_digest = b"\0" * 16 if codebooks is None else digest(codebooks.checksum())
+
+    def place(self) -> str:
+        return f"astra rank {self.rank}/{self.world}"
+
+    def global_token(self, i: int) -> int:
+        return int(self._local[i])
 
     def install(self) -> None:
         super().install()
@@ -61,8 +84,33 @@ class DistRuntime(RuntimeBase):
 
     def on_final(self, x):
         x = x.clone()
-        x[:, 0] = self.transport.all_reduce_mean(x[:, 0])
+        row = x[:, 0].contiguous()
+        nbytes = row.numel() * row.element_size()
+        parts = self._exchange(row.reshape(-1).view(torch.uint8), [nbytes] * self.world, None,
+                               "class-token mean").wait()
+        x[:, 0] = torch.stack([p.clone().view(row.dtype).view(row.shape) for p in parts], dim=1).mean(dim=1)
         return x
+
+    def _exchange(self, payload: torch.Tensor, sizes, stats, what: str) -> Pending:
+        slot, self._slot = self._slot, self._slot + 1
+        return self.transport.exchange(payload, sizes, self.calls, slot, stats=stats, what=what)
+
+    def _layer_sizes(self) -> List[int]:
+        """Every rank's payload size of a layer's exchange (codec frames, or raw hidden states)."""
+        ctx = self.ctx
+        lengths = [int(c.numel()) for c in ctx.chunks]
+        if self.codebooks is None:
+            return [ctx.B * n * self.fam.hidden_size * self._elt for n in lengths]
+        return frame_sizes(ctx.B, lengths, self.codebooks.groups, self.codebooks.bits)
+
+    def _slot_sizes(self, slot: int) -> List[int]:
+        """Payload sizes of exchange ``slot``: layers 0..L-1, then the class-token mean, then the final status."""
+        L = self.fam.num_layers
+        if slot < L:
+            return self._layer_sizes()
+        if slot == L and self.ctx.cls:
+            return [self.ctx.B * self.fam.hidden_size * self._elt] * self.world
+        return [STATUS_NBYTES] * self.world
 
     def on_layer_input(self, layer, module, h):
         ctx = self.ctx
@@ -72,12 +120,14 @@ class DistRuntime(RuntimeBase):
         st.tokens_sent = ctx.B * lengths[self.rank]
         what = f"layer {layer} all-gather"
         if self.codebooks is None:
-            pend = self.transport.start_tensor(send, lengths, dim=1, stats=st, what=what)
+            payload = send.contiguous().reshape(-1).view(torch.uint8)
         else:
-            frame = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
-            sizes = frame_sizes(ctx.B, lengths, self.codebooks.groups, self.codebooks.bits)
-            pend = self.transport.start_frames(frame, sizes, stats=st, what=what)
-        ctx.state[layer] = pend
+            payload = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
+        ctx.state[layer] = self._exchange(payload, self._layer_sizes(), st, what)
+
+    def _rows(self, payload: torch.Tensor) -> torch.Tensor:
+        """A rank's raw hidden states ``[B, n, D]`` from its full-precision payload bytes."""
+        return payload.clone().view(self._dtype).view(self.ctx.B, -1, self.fam.hidden_size)
 
     def _rope_table(self, dtype):
         ctx = self.ctx
@@ -110,7 +160,7 @@ class DistRuntime(RuntimeBase):
         remote = dict(kv_pos=rg, remote_mask=rm)
         k_hat = v_hat = None
         if self.codebooks is None:
-            h_hat = torch.cat([parts[s] for s in others], dim=1)
+            h_hat = torch.cat([self._rows(parts[s]) for s in others], dim=1)
             k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
         else:
             codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
@@ -141,8 +191,38 @@ class DistRuntime(RuntimeBase):
 
     # -- one forward -----------------------------------------------------------------------------
     def run(self, inputs: Dict[str, Any], capture: bool = False):
+        """One forward on this rank: agree on the inputs, run the model with one exchange per layer, agree on
+        the outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback."""
+        self.calls += 1
+        self.local_fallback = False
+        if self.broken is not None:
+            return self._after_peer_failure(inputs, None)
+        try:
+            checked = self._agree(inputs)
+        except PeerError as e:
+            return self._after_peer_failure(inputs, e)
+        ctx, local, call = self._prepare(checked, capture)
+        try:
+            with torch.no_grad():
+                out = self.model(**call)
+            status = torch.zeros(STATUS_NBYTES, dtype=torch.uint8, device=local.device)
+            self._exchange(status, [STATUS_NBYTES] * self.world, None, "end-of-forward status").wait()
+        except RankFailedError:
+            raise
+        except PeerError as e:
+            self.ctx = None
+            return self._after_peer_failure(inputs, e)
+        except Exception as e:
+            self._fail_together(e)
+        finally:
+            self.ctx = None
+        if self.fam.name == "bert" and not ctx.cls and self.rank != 0 and "pooler_output" in out:
+            # without distributed class tokens, [CLS] lives on rank 0 only; other ranks have no pooler output
+            out = type(out)(**{k: v for k, v in out.items() if k != "pooler_output"})
+        return out, ctx, local
+
+    def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
-        inputs = check_inputs(fam, inputs)
         ctx = make_ctx(fam, inputs, self.world, self.cls)
         local = local_indices(ctx.T, self.world, self.rank, ctx.cls).to(ctx.chunks[0].device)
         call = dict(inputs)
@@ -156,16 +236,83 @@ class DistRuntime(RuntimeBase):
             ctx.capture = {}
         self.stats = [LayerStats(layer=l) for l in range(fam.num_layers)]
         self._local = local
+        self._slot = 0
+        self.layer = None
         self.ctx = ctx
+        return ctx, local, call
+
+    def _agree(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
+        """Validate the inputs, then exchange fixed-size fingerprints: every rank raises the same error unless
+        every rank was given the same valid inputs, model, codebooks and world size, at the same call."""
+        err = None
         try:
-            with torch.no_grad():
-                out = self.model(**call)
-        finally:
-            self.ctx = None
-        if fam.name == "bert" and not ctx.cls and self.rank != 0 and "pooler_output" in out:
-            # without distributed class tokens, [CLS] lives on rank 0 only; other ranks have no pooler output
-            out = type(out)(**{k: v for k, v in out.items() if k != "pooler_output"})
-        return out, ctx, local
+            if not self._installed:
+                raise AstraError("this ParallelModel was unpatched (astra.unpatch / pm.unpatch): it no longer "
+                                 "controls the model; call astra.parallelize(model, ...) again on every rank")
+            inputs = validate_inputs(self.fam, inputs, self.world, self.cls)
+        except (AstraError, ValueError, TypeError) as e:
+            err = e
+        fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
+                         model=self._model_digest, codebooks=self._cb_digest,
+                         values=b"\0" * 16 if err else inputs_digest(inputs),
+                         text=f"{type(err).__name__}: {err}" if err else describe_inputs(inputs))
+        outs = self.transport.exchange_fixed(fp.pack(), "input agreement")
+        fps = [Fingerprint.unpack(o) for o in outs]
+        self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
+        exc = disagreement(fps, self.rank)
+        if exc is None:
+            return inputs
+        if isinstance(err, InvalidInputError) and isinstance(exc, InvalidInputError):
+            raise InvalidInputError(f"{self.place()}: {err}") from None    # every rank: same inputs, same reason
+        if err is not None and isinstance(exc, InvalidInputError):
+            raise err
+        raise exc
+
+    def _fail_together(self, e: Exception):
+        """This rank failed mid-forward: finish the exchanges in flight, then send an error frame in place of
+        the next exchange, so every rank raises :class:`RankFailedError` in this same call."""
+        text = (f"{type(e).__name__}: {e}").encode("utf-8")
+        layer = -1 if self.layer is None else self.layer
+        try:
+            for pend in [p for p in self.ctx.state.values() if isinstance(p, Pending)]:
+                pend.wait()
+            self.ctx.state.clear()
+            slot = self._slot
+            self.transport.error_text = text.decode("utf-8", "replace")
+            empty = torch.zeros(0, dtype=torch.uint8)
+            self.transport.exchange(empty, self._slot_sizes(slot), self.calls, slot, status=STATUS_FAILED,
+                                    layer=layer, what="failure report").wait()
+        except RankFailedError as r:
+            raise r from e
+        except PeerError as p:
+            self.broken = str(p)
+            raise RankFailedError(f"{self.place()} failed in layer {self.layer} (call {self.calls}): {text.decode()}"
+                                  f"; the other ranks could not be told ({p})", self.rank, self.layer) from e
+        raise AssertionError("unreachable: an error frame always raises")  # pragma: no cover
+
+    def _after_peer_failure(self, inputs: Dict[str, Any], e: Optional[PeerError]):
+        if e is not None:
+            self.broken = str(e)
+        if self.on_peer_failure == "raise":
+            if e is not None:
+                raise e
+            raise PeerError(f"{self.place()}: a peer failed in an earlier call ({self.broken}); astra can not use "
+                            "this process group again: destroy it, create a new one and call astra.parallelize "
+                            "again (or parallelize with on_peer_failure='local' to finish requests alone)")
+        warnings.warn(f"{self.place()}: peer failure ({self.broken}); computing the whole forward on this rank "
+                      "(on_peer_failure='local')", RuntimeWarning, stacklevel=3)
+        return self._run_local(inputs), None, None
+
+    def _run_local(self, inputs: Dict[str, Any]):
+        """The unmodified model's forward over the whole sequence, on this rank alone (full precision)."""
+        inputs = validate_inputs(self.fam, inputs, 1, self.cls)
+        if self.fam.decoder:
+            inputs = dict(inputs, use_cache=False)
+        self.stats = [LayerStats(layer=l, local_fallback=True) for l in range(self.fam.num_layers)]
+        self.local_fallback = True
+        self.ctx = None
+        with torch.no_grad(), self.original_attention():
+            return self.model(**inputs)
 
 
 class ParallelModel:
@@ -188,10 +335,16 @@ class ParallelModel:
         """Per-layer statistics of the last forward (bytes sent/received, time waiting)."""
         return list(self._rt.stats)
 
+    @property
+    def degraded(self) -> bool:
+        """True when the last forward ran on this rank alone after a peer failure (``on_peer_failure="local"``);
+        its output is then the whole sequence's, and :meth:`gather` returns it unchanged."""
+        return self._rt.local_fallback
+
     def __call__(self, **inputs):
         out, ctx, local = self._rt.run(inputs)
         self.last_local_indices = local
-        self._last_T = ctx.T
+        self._last_T = None if ctx is None else ctx.T
         return out
 
     forward = __call__
@@ -201,6 +354,8 @@ class ParallelModel:
 
     def gather(self, out):
         """Full outputs (same type as ``model(**inputs)``) from every rank's local outputs (collective)."""
+        if self._rt.local_fallback:
+            return out              # already the whole sequence, computed on this rank alone
         if self._last_T is None:
             raise AstraError("gather() needs a forward first")
         rt, T = self._rt, self._last_T
@@ -234,6 +389,9 @@ class ParallelModel:
         last = self.world_size - 1
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         out, ctx, local = self._rt.run(inputs, capture=(self.rank == last))
+        if ctx is None:
+            raise PeerError(f"{self._rt.place()}: a peer failed during the prefill; generate() has no local "
+                            "fallback (the forward call has)")
         if self.rank != last:
             return None
         kv = [ctx.capture[l] for l in range(self._rt.fam.num_layers)]
@@ -245,7 +403,7 @@ class ParallelModel:
 
 
 def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeout: float = DEFAULT_TIMEOUT_S,
-                kv_tables="auto", overlap: bool = True) -> ParallelModel:
+                kv_tables="auto", overlap: bool = True, on_peer_failure: str = "raise") -> ParallelModel:
     """Make ``model`` one ASTRA rank of ``group`` (default: the world group). Patches the model in place
     (attention implementation + hooks; weights untouched); :func:`astra.unpatch` restores it.
 
@@ -253,9 +411,11 @@ def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeou
     peer: a dead or stalled peer raises :class:`astra.PeerError` on the surviving ranks. ``kv_tables``:
     precompute per-layer codeword K/V tables and use the table attention path (G = 1 only; "auto").
     ``overlap``: run the local attention while the layer's codes are in flight and merge it with the
-    non-local part by log-sum-exp (else one fused pass after the codes arrive)."""
+    non-local part by log-sum-exp (else one fused pass after the codes arrive). ``on_peer_failure``: ``"raise"``
+    (PeerError) or ``"local"``: a survivor computes the whole forward alone in full precision (RuntimeWarning,
+    ``pm.degraded``, ``LayerStats.local_fallback``). Failure semantics: docs/runtime.md, "Failures"."""
     cb = as_codebooks(codebooks, model)
     rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
-                     overlap=overlap)
+                     overlap=overlap, on_peer_failure=on_peer_failure)
     rt.install()
     return ParallelModel(model, rt)

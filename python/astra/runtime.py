@@ -10,6 +10,7 @@ Both derive from :class:`RuntimeBase`. See docs/runtime.md for the normative sem
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from typing import List, Optional
 
@@ -18,7 +19,7 @@ import torch
 import astra_kernels as ak
 from .codebooks import Codebooks
 from .context import Ctx
-from .errors import AstraError, UnsupportedModelError
+from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .models import family_of
 from .split import resolve_class_token
 
@@ -61,6 +62,7 @@ class RuntimeBase:
         self.codebooks = codebooks
         self.cls = resolve_class_token(self.fam, class_token)
         self.ctx: Optional[Ctx] = None
+        self.layer: Optional[int] = None          # the layer the current forward is in (for error messages)
         self._handles = []
         self._orig_impl = None
         self._cb: List[torch.Tensor] = []
@@ -120,8 +122,28 @@ class RuntimeBase:
         if self.ctx is None:
             return None
         h = args[0] if args else kwargs["hidden_states"]
-        self.on_layer_input(module._astra_layer, module, h)
+        self.layer = module._astra_layer
+        self.check_finite(self.layer, h)
+        self.on_layer_input(self.layer, module, h)
         return None
+
+    def check_finite(self, layer: int, h: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteError` naming the place and the first token whose hidden state is not finite."""
+        lo, hi = torch.aminmax(h.detach())      # propagates NaN, shows +-inf: one cheap reduction
+        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+            return
+        b, i = (~torch.isfinite(h)).flatten(2).any(-1).nonzero()[0].tolist()
+        raise NonFiniteError(f"{self.place()}, layer {layer}: the hidden state entering attention holds NaN or Inf "
+                             f"at token {self.global_token(i)} (batch row {b}); the first bad token of the sequence "
+                             "on this rank")
+
+    def place(self) -> str:
+        """Where this runtime runs, for error messages."""
+        return "astra"
+
+    def global_token(self, i: int) -> int:
+        """Global index of the ``i``-th token this runtime's model sees."""
+        return i
 
     def _emb_hook(self, module, args, output):
         if self.ctx is None:

@@ -8,7 +8,7 @@ import torch
 import astra_kernels as ak
 from .codebooks import as_codebooks
 from .context import key_masks, make_ctx
-from .inputs import check_inputs
+from .inputs import validate_inputs
 from .runtime import RuntimeBase
 
 
@@ -35,6 +35,14 @@ class SimRuntime(RuntimeBase):
         if self.ctx.cls:
             return torch.cat([chunk.new_zeros(1), chunk])
         return chunk
+
+    def place(self) -> str:
+        return f"astra.simulate (world_size={self.N})"
+
+    def global_token(self, i: int) -> int:
+        if self.ctx.cls:
+            return 0 if i < self.N else i - (self.N - 1)
+        return i
 
     def on_embeddings(self, out):
         if not self.ctx.cls:
@@ -89,7 +97,8 @@ class SimRuntime(RuntimeBase):
         return out.transpose(1, 2).contiguous(), None
 
     def run(self, inputs: Dict[str, Any], capture: bool = False):
-        inputs = check_inputs(self.fam, inputs)
+        inputs = validate_inputs(self.fam, inputs, self.N, self.cls)
+        self.layer = None
         self.ctx = make_ctx(self.fam, inputs, self.N, self.cls)
         if capture:
             self.ctx.capture = {}

@@ -1,6 +1,11 @@
 """One all-gather per layer over a torch.distributed group, with a timeout that turns a dead or stalled
 peer into :class:`astra.PeerError` instead of a hang.
 
+Every per-layer payload travels behind a 20-byte envelope (:data:`ENVELOPE`): the call counter, the exchange
+(slot) within the call, a status and the sender's failing layer. A payload of another call or exchange is a
+:class:`FrameMismatchError`, never data. A sender that failed sends a failed status instead of a payload; every
+rank then exchanges a fixed-size error text and raises :class:`RankFailedError` naming the failing rank and layer.
+
 Codec frames of different ranks differ in size when the chunks are uneven; ``all_gather`` needs equal
 sizes, so every rank pads its frame to the largest frame (every rank knows every chunk size) and the
 receiver slices each frame back to its exact ``frame_nbytes`` before unpacking. Statistics count frame
@@ -9,28 +14,46 @@ collective.
 """
 from __future__ import annotations
 
+import struct
 import time
 from datetime import timedelta
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 import astra_kernels as ak
-from .errors import PeerError
+from .errors import FrameMismatchError, PeerError, RankFailedError
 
 DEFAULT_TIMEOUT_S = 60.0
 
 
-class Pending:
-    """An in-flight all-gather; :meth:`wait` returns every rank's payload (own slot included)."""
+ENVELOPE = struct.Struct("<IIIIi")     # magic, call, slot, status, failing layer (-1: none)
+ENVELOPE_NBYTES = ENVELOPE.size
+ENVELOPE_MAGIC = 0x41535452              # "ASTR"
+STATUS_OK, STATUS_FAILED = 0, 1
+ERROR_TEXT_NBYTES = 1024                 # a failed rank's error text, exchanged after a failed status
 
-    def __init__(self, transport: "Transport", work, outs, finish: Callable, what: str, stats, keep=None):
+
+def envelope(call: int, slot: int, status: int = STATUS_OK, layer: int = -1) -> torch.Tensor:
+    """The transport envelope put in front of every per-layer payload: which call and which exchange (slot) of
+    that call the payload belongs to, and whether the sender failed (then the payload is its error text)."""
+    raw = ENVELOPE.pack(ENVELOPE_MAGIC, call & 0xFFFFFFFF, slot, status, -1 if layer is None else layer)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+class Pending:
+    """An in-flight enveloped all-gather; :meth:`wait` checks every rank's envelope and returns every rank's
+    payload (own slot included)."""
+
+    def __init__(self, transport: "Transport", work, outs, sizes, call, slot, what: str, stats, keep=None):
         self._keep = keep        # the send buffer must outlive the asynchronous collective
         self._t = transport
         self._work = work
         self._outs = outs
-        self._finish = finish
+        self._sizes = sizes
+        self._call = call
+        self._slot = slot
         self._what = what
         self._stats = stats
 
@@ -39,7 +62,9 @@ class Pending:
         self._t.wait(self._work, self._what)
         if self._stats is not None:
             self._stats.wait_s += time.perf_counter() - t0
-        return self._finish(self._outs)
+        heads = [ENVELOPE.unpack(bytes(o[:ENVELOPE_NBYTES].tolist())) for o in self._outs]
+        self._t.check_envelopes(heads, self._outs, self._call, self._slot, self._what)
+        return [o[ENVELOPE_NBYTES: ENVELOPE_NBYTES + int(n)] for o, n in zip(self._outs, self._sizes)]
 
 
 class Transport:
@@ -51,6 +76,7 @@ class Transport:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.timeout_s = float(timeout_s)
+        self.error_text: Optional[str] = None   # this rank's error, sent after the failed status is seen
         if not (self.timeout_s > 0):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout_s}")
 
@@ -76,31 +102,59 @@ class Transport:
         except Exception as e:
             raise self._peer_error(what, e) from e
 
+    def check_envelopes(self, heads, outs, call: int, slot: int, what: str) -> None:
+        """Raise unless every rank's envelope is this call's ``slot``; a failed sender -> RankFailedError."""
+        for r, (magic, c, sl, _status, _layer) in enumerate(heads):
+            if magic != ENVELOPE_MAGIC or c != (call & 0xFFFFFFFF) or sl != slot:
+                raise FrameMismatchError(
+                    f"astra rank {self.rank}/{self.world}: {what}: rank {r} sent a frame of call {c}, exchange {sl} "
+                    f"(magic {magic:#x}); expected call {call}, exchange {slot}: the ranks are out of step")
+        failed = [r for r, h in enumerate(heads) if h[3] != STATUS_OK]
+        if failed:
+            r = failed[0]
+            layer = heads[r][4]
+            text = self._error_texts(what)[r]
+            where = f"layer {layer}" if layer >= 0 else "outside the layers"
+            raise RankFailedError(f"astra rank {self.rank}/{self.world}: rank {r} failed in {where} "
+                                  f"(call {call}): {text}", rank=r, layer=None if layer < 0 else layer)
+
+    def _error_texts(self, what: str) -> List[str]:
+        """After a failed status: every rank sends its error text (empty if it did not fail), fixed size."""
+        mine = (self.error_text or "").encode("utf-8")[:ERROR_TEXT_NBYTES].ljust(ERROR_TEXT_NBYTES, b"\0")
+        self.error_text = None
+        outs = self.exchange_fixed(torch.frombuffer(bytearray(mine), dtype=torch.uint8), f"{what}: error report")
+        return [bytes(o.tolist()).rstrip(b"\0").decode("utf-8", "replace") for o in outs]
+
     # -- collectives -----------------------------------------------------------------------------
-    def start_frames(self, frame: torch.Tensor, sizes: Sequence[int], stats=None, what="all-gather") -> Pending:
-        """All-gather 1-D uint8 codec frames; ``sizes[s]`` is rank s's exact frame size."""
+    def exchange(self, payload: torch.Tensor, sizes: Sequence[int], call: int, slot: int, stats=None,
+                 what="all-gather", status: int = STATUS_OK, layer: int = -1) -> Pending:
+        """All-gather 1-D uint8 payloads behind an envelope (call, slot, status); ``sizes[s]`` is rank s's exact
+        payload size. Payloads are padded to the largest, so every rank hands the collective the same size."""
         size = int(sizes[self.rank])
-        if frame.numel() != size:
-            raise RuntimeError(f"frame has {frame.numel()} bytes, expected frame_nbytes = {size}")
         mx = max(int(s) for s in sizes)
-        buf = frame if size == mx else torch.cat([frame, frame.new_zeros(mx - size)])
-        outs = [torch.empty(mx, dtype=torch.uint8, device=frame.device) for _ in range(self.world)]
+        if status == STATUS_OK and payload.numel() != size:
+            raise RuntimeError(f"payload has {payload.numel()} bytes, expected {size}")
+        payload = payload[:mx]
+        buf = torch.cat([envelope(call, slot, status, layer).to(payload.device), payload,
+                         payload.new_zeros(mx - payload.numel())])
+        outs = [torch.empty_like(buf) for _ in range(self.world)]
         work = self._issue(lambda: dist.all_gather(outs, buf, group=self.group, async_op=True), what)
         if stats is not None:
             stats.bytes_sent += size
             stats.bytes_received += sum(int(s) for r, s in enumerate(sizes) if r != self.rank)
-            stats.bytes_on_wire += mx
+            stats.bytes_on_wire += ENVELOPE_NBYTES + mx
+        return Pending(self, work, outs, sizes, call, slot, what, stats, keep=buf)
 
-        def finish(outs):
-            return [outs[s][: int(sizes[s])] for s in range(self.world)]
+    def exchange_fixed(self, buf: torch.Tensor, what: str) -> List[torch.Tensor]:
+        """Blocking all-gather of a buffer whose size every rank knows in advance (the input fingerprint)."""
+        outs = [torch.empty_like(buf) for _ in range(self.world)]
+        work = self._issue(lambda: dist.all_gather(outs, buf, group=self.group, async_op=True), what)
+        self.wait(work, what)
+        return outs
 
-        return Pending(self, work, outs, finish, what, stats, keep=buf)
-
-    def start_tensor(self, x: torch.Tensor, lengths: Sequence[int], dim: int = 1, stats=None,
-                     what="all-gather") -> Pending:
-        """All-gather tensors that differ only in size along ``dim`` (``lengths[s]`` for rank s)."""
-        n = int(lengths[self.rank])
-        mx = max(int(s) for s in lengths)
+    def all_gather_seq(self, x: torch.Tensor, lengths: Sequence[int], dim: int = 1, what="gather") -> torch.Tensor:
+        """All-gather tensors that differ only in size along ``dim`` (``lengths[s]`` for rank s), concatenated."""
+        n, mx = int(lengths[self.rank]), max(int(s) for s in lengths)
         x = x.contiguous()
         if n < mx:
             pad_shape = list(x.shape)
@@ -108,26 +162,8 @@ class Transport:
             x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
         outs = [torch.empty_like(x) for _ in range(self.world)]
         work = self._issue(lambda: dist.all_gather(outs, x, group=self.group, async_op=True), what)
-        if stats is not None:
-            per_tok = x.element_size() * (x.numel() // max(1, x.shape[dim]))
-            stats.bytes_sent += n * per_tok
-            stats.bytes_received += sum(int(s) for r, s in enumerate(lengths) if r != self.rank) * per_tok
-            stats.bytes_on_wire += mx * per_tok
-
-        def finish(outs):
-            return [o.narrow(dim, 0, int(lengths[s])) for s, o in enumerate(outs)]
-
-        return Pending(self, work, outs, finish, what, stats, keep=x)
-
-    def all_gather_seq(self, x: torch.Tensor, lengths: Sequence[int], dim: int = 1, what="gather") -> torch.Tensor:
-        parts = self.start_tensor(x, lengths, dim=dim, what=what).wait()
-        return torch.cat(parts, dim=dim)
-
-    def all_reduce_mean(self, x: torch.Tensor, what="class-token all-reduce") -> torch.Tensor:
-        y = x.contiguous().clone()
-        work = self._issue(lambda: dist.all_reduce(y, group=self.group, async_op=True), what)
         self.wait(work, what)
-        return y / self.world
+        return torch.cat([o.narrow(dim, 0, int(lengths[s])) for s, o in enumerate(outs)], dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int, what="broadcast") -> torch.Tensor:
         y = x.contiguous().clone()

@@ -1,0 +1,117 @@
+"""Ranks agree before they compute: a fixed-size fingerprint of what each rank was given, exchanged before the
+first layer of every distributed forward (docs/runtime.md, "Failures").
+
+The fingerprint has the same size on every rank whatever the inputs, so the exchange itself can never fail on
+mismatched sizes. It holds the call counter, the world size, digests of the model description, the codebooks
+and the input values, a text description of the inputs (names, dtypes, shapes) and, when this rank rejected its
+inputs, the reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .errors import InputMismatchError, InvalidInputError
+
+HEAD = struct.Struct("<IIII16s16s16s")   # magic, call, world, status, model, codebooks, input values digests
+TEXT_NBYTES = 448
+FINGERPRINT_NBYTES = HEAD.size + TEXT_NBYTES
+MAGIC = 0x46505341                         # "ASPF"
+VALID, INVALID = 0, 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    call: int
+    world: int
+    status: int
+    model: bytes
+    codebooks: bytes
+    values: bytes
+    text: str            # the inputs' names, dtypes and shapes; or the reason they were rejected
+    magic: int = MAGIC
+
+    def pack(self) -> torch.Tensor:
+        text = self.text.encode("utf-8")[:TEXT_NBYTES].ljust(TEXT_NBYTES, b"\0")
+        raw = HEAD.pack(self.magic, self.call & 0xFFFFFFFF, self.world, self.status, self.model, self.codebooks,
+                        self.values) + text
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    @classmethod
+    def unpack(cls, buf: torch.Tensor) -> "Fingerprint":
+        raw = bytes(buf.tolist())
+        magic, call, world, status, model, cbs, values = HEAD.unpack(raw[:HEAD.size])
+        text = raw[HEAD.size:].rstrip(b"\0").decode("utf-8", "replace")
+        return cls(call, world, status, model, cbs, values, text, magic)
+
+
+def digest(*parts: Any) -> bytes:
+    """16-byte blake2b digest of strings, numbers and tensors (a tensor by dtype, shape and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            t = p.detach().contiguous().cpu()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(p).encode())
+        h.update(b"|")
+    return h.digest()
+
+
+def describe_inputs(inputs: Dict[str, Any]) -> str:
+    parts = []
+    for k in sorted(inputs):
+        v = inputs[k]
+        parts.append(f"{k}: {str(v.dtype).replace('torch.', '')}{list(v.shape)}" if isinstance(v, torch.Tensor)
+                     else f"{k}={v!r}")
+    return ", ".join(parts)
+
+
+def inputs_digest(inputs: Dict[str, Any]) -> bytes:
+    return digest(*[x for k in sorted(inputs) for x in (k, inputs[k])])
+
+
+def _differ(name: str, values: List[str]) -> str:
+    return f"{name} differ between ranks: " + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+
+
+def disagreement(fps: List[Fingerprint], rank: int) -> Optional[Exception]:
+    """The error every rank raises for these fingerprints (the same on every rank), or None if they agree."""
+    world = len(fps)
+    pre = f"astra rank {rank}/{world}: "
+    strange = [r for r, f in enumerate(fps) if f.magic != MAGIC]
+    if strange:
+        return InputMismatchError(pre + f"rank(s) {strange} sent no astra input fingerprint: they are not running "
+                                        "the same astra forward (another collective or program is interleaved)")
+    checks = [("world sizes", [str(f.world) for f in fps]),
+              ("models", [f.model.hex()[:12] for f in fps]),
+              ("codebooks", [f.codebooks.hex()[:12] for f in fps])]
+    for name, vals in checks:
+        if len(set(vals)) > 1:
+            return InputMismatchError(pre + _differ(name, vals))
+    bad = [r for r, f in enumerate(fps) if f.status != VALID]
+    if bad:
+        texts = {fps[r].text for r in bad}
+        if len(bad) == world and len(texts) == 1:
+            return InvalidInputError(pre + f"invalid inputs on every rank: {texts.pop()}")
+        return InputMismatchError(pre + f"rank {bad[0]} rejected its inputs ({fps[bad[0]].text}); ranks "
+                                        f"{[r for r in range(world) if r not in bad]} accepted theirs: the ranks "
+                                        "were given different inputs")
+    calls = [f.call for f in fps]
+    if len(set(calls)) > 1:
+        return InputMismatchError(pre + _differ("call counters", [str(c) for c in calls]) + ": the ranks fell out "
+                                  "of step (a rank skipped or repeated a call); the counters are now re-synchronised "
+                                  "and the next call, made on every rank, runs normally")
+    descr = [f.text for f in fps]
+    if len(set(descr)) > 1:
+        return InputMismatchError(pre + _differ("input names, dtypes or shapes", descr))
+    vals = [f.values.hex()[:12] for f in fps]
+    if len(set(vals)) > 1:
+        return InputMismatchError(pre + _differ("input values (digests)", vals) + "; every rank must be given the "
+                                  "same full inputs")
+    return None

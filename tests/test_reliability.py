@@ -1,0 +1,151 @@
+"""Reliability of the distributed runtime (issue 11) on 2 and 3 gloo ranks: ranks given different inputs, invalid
+inputs, a one-sided failure mid-forward, a stale ParallelModel, non-finite values, a killed peer. Every case raises
+a clear exception on every rank in the same call, and the next call is exact again."""
+import os
+import signal
+
+import pytest
+import torch
+
+from test_runtime_support import tiny_inputs, tiny_model
+
+import astra
+from astra.errors import InputMismatchError, InvalidInputError, RankFailedError
+
+TOL = 1e-4
+
+
+def _outcome(fn):
+    try:
+        fn()
+        return "ok"
+    except Exception as e:  # the test asserts the exact type and text
+        return f"{type(e).__name__}: {e}"
+
+
+def _inject(model, rank, victim, where, kind):
+    """A one-shot fault on ``victim``: raise (or make the hidden state NaN) at ``where``."""
+    if rank != victim:
+        return None
+    blocks = model.transformer.h
+    if kind == "nan":                              # the block's input: astra's check at layer 1 sees the NaN
+        def poison(module, args, kwargs):
+            if args:
+                h = args[0].clone()
+                h[0, 2] = float("nan")
+                return (h,) + args[1:], kwargs
+            h = kwargs["hidden_states"].clone()
+            h[0, 2] = float("nan")
+            return args, dict(kwargs, hidden_states=h)
+
+        return blocks[1].register_forward_pre_hook(poison, with_kwargs=True)
+    mod = {"attn1": blocks[1].attn, "mlp0": blocks[0].mlp, "final": model.transformer.ln_f}[where]
+
+    def fault(module, args):                       # attn1: after astra's pre-hook, its exchange is in flight
+        raise RuntimeError(f"injected fault at {where}")
+
+    return mod.register_forward_pre_hook(fault)
+
+
+def _cases(rank):
+    """Rank body: every case in one process group; returns {case: (outcome, next-call max diff vs simulate)}."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    model = tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2", seq=12)
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=8)
+    sim = astra.simulate(model, inputs, world_size=world, codebooks=cb).logits
+    pm = astra.parallelize(model, cb, timeout=5)
+    ids = inputs["input_ids"]
+    other = ids.clone()
+    other[1, 5] = (other[1, 5] + 1) % 97
+    oov = ids.clone()
+    oov[0, 11] = 97                                # in the last rank's chunk only
+    variants = {
+        "1a_same_shape_other_ids": {"input_ids": other if rank == 1 else ids},
+        "1b_other_length": {"input_ids": ids[:, :10] if rank == 1 else ids},
+        "1c_other_batch": {"input_ids": torch.cat([ids, ids[:1]]) if rank == 1 else ids},
+        "2a_out_of_vocab": {"input_ids": oov},
+        "5_one_dim_ids": {"input_ids": ids[0]},
+    }
+    out = {}
+    for name, bad in variants.items():
+        res = _outcome(lambda: pm(**bad))
+        full = pm.gather(pm(**inputs)).logits
+        out[name] = (res, float((full - sim).abs().max()))
+    for where in ("attn1", "mlp0", "final"):
+        for kind in ("raise", "nan"):
+            if kind == "nan" and where != "attn1":
+                continue
+            h = _inject(model, rank, world - 1, where, kind)
+            res = _outcome(lambda: pm(**inputs))
+            if h is not None:
+                h.remove()
+            full = pm.gather(pm(**inputs)).logits
+            out[f"2b_fail_{where}_{kind}"] = (res, float((full - sim).abs().max()))
+    astra.unpatch(model)
+    out["3_stale"] = (_outcome(lambda: pm(**inputs)), 0.0)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_raises_in_the_same_call_and_recovers(world):
+    results = astra.launch(_cases, world, join_timeout=180)
+    last = world - 1
+    for rank, out in enumerate(results):
+        for name, (res, diff) in out.items():
+            assert diff < TOL, (rank, name, diff)        # the next call is exact again
+        assert out["1a_same_shape_other_ids"][0].startswith("InputMismatchError: "), out
+        assert "input values (digests) differ" in out["1a_same_shape_other_ids"][0]
+        for name in ("1b_other_length", "1c_other_batch"):
+            assert out[name][0].startswith(f"InputMismatchError: astra rank {rank}/{world}: input names, dtypes or "
+                                           "shapes differ"), out[name]
+        assert out["1b_other_length"][0].count("int64[2, 10]") == 1
+        assert out["2a_out_of_vocab"][0] == (f"InvalidInputError: astra rank {rank}/{world}: input_ids holds 97 at "
+                                             "position [0, 11]; valid ids are 0..96"), out
+        assert out["5_one_dim_ids"][0].startswith("InvalidInputError: ") and "add a batch dimension" in \
+            out["5_one_dim_ids"][0]
+        for where, layer in (("attn1", 1), ("mlp0", 0), ("final", 1)):
+            msg = out[f"2b_fail_{where}_raise"][0]
+            assert msg.startswith(f"RankFailedError: astra rank {rank}/{world}: rank {last} failed in layer {layer}"), msg
+            assert f"injected fault at {where}" in msg
+        nan = out["2b_fail_attn1_nan"][0]
+        assert nan.startswith(f"RankFailedError: astra rank {rank}/{world}: rank {last} failed in layer 1"), nan
+        tok = int(astra.local_indices(12, world, last, False)[2])
+        assert f"NonFiniteError: astra rank {last}/{world}, layer 1:" in nan and f"at token {tok} (batch row 0)" in nan
+        assert out["3_stale"][0].startswith("AstraError: this ParallelModel was unpatched"), out["3_stale"]
+
+
+def _killed_peer(rank, victim, world_timeout):
+    import warnings
+
+    model = tiny_model("llama")
+    inputs = tiny_inputs("llama", seq=12, padded=True)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=8)
+    pm = astra.parallelize(model, cb, timeout=world_timeout, on_peer_failure="local")
+    pm.gather(pm(**inputs))                        # one healthy forward first
+    if rank == victim:
+        model.model.layers[1].self_attn.register_forward_pre_hook(
+            lambda m, a, k: os.kill(os.getpid(), signal.SIGKILL), with_kwargs=True, prepend=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = pm.gather(pm(**inputs)).logits
+        again = pm.gather(pm(**inputs)).logits    # later calls keep running alone
+    m = inputs["attention_mask"].bool()
+    return {"diff": float((full - ref).abs()[m].max()), "again": float((again - ref).abs()[m].max()),
+            "degraded": pm.degraded, "flags": [s.local_fallback for s in pm.stats],
+            "warned": any("computing the whole forward on this rank" in str(w.message) for w in caught)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_on_peer_failure_local_survives_a_sigkill(world):
+    with pytest.raises(astra.LaunchError) as ei:
+        astra.launch(_killed_peer, world, world - 1, 3.0, join_timeout=120)
+    assert ei.value.dead == [world - 1]
+    for rank in range(world - 1):
+        r = ei.value.results[rank]
+        assert r["diff"] < TOL and r["again"] < TOL, r
+        assert r["degraded"] and all(r["flags"]) and r["warned"], r
