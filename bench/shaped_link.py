@@ -18,6 +18,7 @@ forward. Namespaces are removed on exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 HERE = Path(__file__).resolve()
 
@@ -103,25 +105,42 @@ def _sh(*cmd):
     subprocess.run(cmd, check=True)
 
 
+@contextlib.contextmanager
+def shaped_namespace(rate_mbit: int, netem: Sequence[str] = ()):
+    """A fresh network namespace whose loopback (MTU 1500) is shaped by a `tc tbf` qdisc at ``rate_mbit``; with
+    ``netem`` (e.g. ``["loss", "1%", "delay", "20ms", "20ms"]``) a netem qdisc is chained under the tbf. Yields
+    the command prefix that runs a program inside it; the namespace is removed on exit."""
+    if os.geteuid() != 0:
+        sys.exit("shaped links need root (network namespaces and tc)")
+    ns = f"astra-bench-{os.getpid()}-{rate_mbit}-{len(netem)}"
+    _sh("ip", "netns", "add", ns)
+    try:
+        run = ["ip", "netns", "exec", ns]
+        _sh(*run, "ip", "link", "set", "lo", "mtu", "1500")
+        _sh(*run, "ip", "link", "set", "lo", "up")
+        _sh(*run, "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "tbf", "rate", f"{rate_mbit}mbit",
+            "burst", "64kb", "latency", "2s")
+        if netem:
+            r = subprocess.run([*run, "tc", "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "netem",
+                                *netem], capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"tc netem failed ({r.stderr.strip()}): this kernel has no sch_netem (loss / jitter)")
+        yield run
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 def outer(args) -> None:
     if os.geteuid() != 0:
         sys.exit("shaped_link.py needs root (network namespaces and tc); run the inner part unshaped with --inner")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # run the `finally` that removes the namespace
     results = {}
     for rate in args.rates:
-        ns = f"astra-bench-{os.getpid()}-{rate}"
-        _sh("ip", "netns", "add", ns)
-        try:
-            _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "mtu", "1500")
-            _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{rate}mbit",
-                "burst", "64kb", "latency", "2s")
-            out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(HERE), "--inner",
-                                  "--tokens", str(args.tokens), "--layers", str(args.layers), "--world", str(args.world),
+        with shaped_namespace(rate) as run:
+            out = subprocess.run([*run, sys.executable, str(HERE), "--inner", "--tokens", str(args.tokens),
+                                  "--layers", str(args.layers), "--world", str(args.world),
                                   "--repeats", str(args.repeats)], check=True, capture_output=True, text=True)
             results[f"{rate} Mbit/s"] = json.loads(out.stdout.strip().splitlines()[-1])
-        finally:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
     if args.loopback:
         out = subprocess.run([sys.executable, str(HERE), "--inner", "--tokens", str(args.tokens), "--layers",
                               str(args.layers), "--world", str(args.world), "--repeats", str(args.repeats)],

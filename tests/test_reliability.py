@@ -108,7 +108,8 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
             out["5_one_dim_ids"][0]
         for where, layer in (("attn1", 1), ("mlp0", 0), ("final", 1)):
             msg = out[f"2b_fail_{where}_raise"][0]
-            assert msg.startswith(f"RankFailedError: astra rank {rank}/{world}: rank {last} failed in layer {layer}"), msg
+            head = f"RankFailedError: astra rank {rank}/{world}: rank {last} failed in layer {layer}"
+            assert msg.startswith(head), msg
             assert f"injected fault at {where}" in msg
         nan = out["2b_fail_attn1_nan"][0]
         assert nan.startswith(f"RankFailedError: astra rank {rank}/{world}: rank {last} failed in layer 1"), nan

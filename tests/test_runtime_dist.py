@@ -63,6 +63,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
 
 def check(results_per_rank, world):
     from astra_kernels import frame_nbytes
+    from astra.transport import ENVELOPE_NBYTES
 
     for rank, results in enumerate(results_per_rank):
         for rec in results:
@@ -83,12 +84,13 @@ def check(results_per_rank, world):
                 if G is None:
                     per = 64 * 4
                     assert sent == B * n[rank] * per and recv == B * (sum(n) - n[rank]) * per
+                    assert wire == ENVELOPE_NBYTES + B * max(n) * per
                 else:
                     sizes = [frame_nbytes((B, k, G), rec["bits"]) for k in n]
                     assert sent == sizes[rank], (rec["case"], layer, sent, sizes)
                     assert sent == 12 + 4 * 3 + -(-B * n[rank] * G * rec["bits"] // 8)
                     assert recv == sum(sizes) - sizes[rank]
-                    assert wire == max(sizes)
+                    assert wire == ENVELOPE_NBYTES + max(sizes)      # every frame travels behind an envelope
                 assert wait >= 0.0
 
 
