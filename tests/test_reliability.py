@@ -84,8 +84,16 @@ def _cases(rank):
                 h.remove()
             full = pm.gather(pm(**inputs)).logits
             out[f"2b_fail_{where}_{kind}"] = (res, float((full - sim).abs().max()))
+    if rank == 1:                                  # a fresh ParallelModel on one rank: its call counter restarts
+        astra.unpatch(model)
+        pm = astra.parallelize(model, cb, timeout=5)
+    res = _outcome(lambda: pm(**inputs))
+    out["1d_out_of_step"] = (res, float((pm.gather(pm(**inputs)).logits - sim).abs().max()))
     astra.unpatch(model)
     out["3_stale"] = (_outcome(lambda: pm(**inputs)), 0.0)
+    other_cb = astra.Codebooks.random(model, groups=1, codebook_size=8, seed=rank)
+    pm = astra.parallelize(model, other_cb, timeout=5)
+    out["1e_other_codebooks"] = (_outcome(lambda: pm(**inputs)), 0.0)
     return out
 
 
@@ -116,6 +124,11 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
         tok = int(astra.local_indices(12, world, last, False)[2])
         assert f"NonFiniteError: astra rank {last}/{world}, layer 1:" in nan and f"at token {tok} (batch row 0)" in nan
         assert out["3_stale"][0].startswith("AstraError: this ParallelModel was unpatched"), out["3_stale"]
+        assert out["1d_out_of_step"][0].startswith(f"InputMismatchError: astra rank {rank}/{world}: call counters "
+                                                   "differ between ranks"), out["1d_out_of_step"]
+        assert "re-synchronised" in out["1d_out_of_step"][0]
+        assert out["1e_other_codebooks"][0].startswith(f"InputMismatchError: astra rank {rank}/{world}: codebooks "
+                                                       "differ between ranks"), out["1e_other_codebooks"]
 
 
 def _killed_peer(rank, victim, world_timeout):
@@ -150,3 +163,20 @@ def test_on_peer_failure_local_survives_a_sigkill(world):
         r = ei.value.results[rank]
         assert r["diff"] < TOL and r["again"] < TOL, r
         assert r["degraded"] and all(r["flags"]) and r["warned"], r
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_lossy_link_outputs_equal_simulate():
+    """2 ranks over a tbf + netem (loss 5 %, delay 20 ms +- 20 ms) loopback: every forward equals simulate."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "lossy_link.py"
+    r = subprocess.run([sys.executable, str(script), "--forwards", "3", "--tokens", "32", "--layers", "1",
+                        "--loss", "5"], capture_output=True, text=True, timeout=600)
+    if "no sch_netem" in r.stderr:
+        pytest.skip("this kernel has no sch_netem")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| 5.0 % | 3 |" in r.stdout and r.stdout.rstrip().endswith("OK")

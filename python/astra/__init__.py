@@ -2,11 +2,13 @@
 
 Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`unpatch`, :func:`launch`,
 :func:`calibrate`, :func:`simulate_generate`, and the errors :class:`PeerError`,
-:class:`UnsupportedModelError`, :class:`LaunchError`. Semantics: docs/runtime.md.
+:class:`UnsupportedModelError`, :class:`LaunchError`, :class:`InputMismatchError`, :class:`InvalidInputError`,
+:class:`RankFailedError`, :class:`FrameMismatchError`, :class:`NonFiniteError`. Semantics: docs/runtime.md.
 """
 from .calibrate import calibrate
 from .codebooks import Codebooks
-from .errors import AstraError, LaunchError, PeerError, UnsupportedModelError
+from .errors import (AstraError, FrameMismatchError, InputMismatchError, InvalidInputError, LaunchError,
+                     NonFiniteError, PeerError, RankFailedError, UnsupportedModelError)
 from .generation import simulate_generate
 from .launch import launch
 from .parallel import ParallelModel, parallelize
@@ -19,7 +21,8 @@ from .transport import DEFAULT_TIMEOUT_S
 __version__ = "0.1.0"
 
 __all__ = [
-    "AstraError", "Codebooks", "LaunchError", "PeerError", "UnsupportedModelError",
+    "AstraError", "Codebooks", "FrameMismatchError", "InputMismatchError", "InvalidInputError", "LaunchError",
+    "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
     "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize", "simulate",
     "simulate_generate", "split_indices", "unpatch",
 ]

@@ -114,9 +114,13 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
         pv = _tensor(inputs, "pixel_values", "float", (4,))
         if pv is None:
             raise InvalidInputError("ViT needs pixel_values")
-        ch = fam.model.config.num_channels
-        if pv.shape[1] != ch:
-            raise InvalidInputError(f"pixel_values must be [B, {ch}, H, W], got {list(pv.shape)}")
+        cfg = fam.model.config
+        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
+        if pv.shape[1] != cfg.num_channels:
+            raise InvalidInputError(f"pixel_values must be [B, {cfg.num_channels}, H, W], got {list(pv.shape)}")
+        if not inputs.get("interpolate_pos_encoding") and tuple(pv.shape[2:]) != tuple(size):
+            raise InvalidInputError(f"pixel_values must be {list(size)} pixels (or pass "
+                                    f"interpolate_pos_encoding=True), got {list(pv.shape[2:])}")
     else:
         _check_sequence(fam, inputs)
     try:

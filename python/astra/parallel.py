@@ -29,6 +29,7 @@ class DistRuntime(RuntimeBase):
         self.on_peer_failure = on_peer_failure
         self.overlap = bool(overlap)
         self.transport = Transport(group, timeout)
+        self.transport.device = next(model.parameters()).device
         self.rank = self.transport.rank
         self.world = self.transport.world
         self.stats: List[LayerStats] = []
@@ -250,13 +251,13 @@ class DistRuntime(RuntimeBase):
                 raise AstraError("this ParallelModel was unpatched (astra.unpatch / pm.unpatch): it no longer "
                                  "controls the model; call astra.parallelize(model, ...) again on every rank")
             inputs = validate_inputs(self.fam, inputs, self.world, self.cls)
-        except (AstraError, ValueError, TypeError) as e:
+        except Exception as e:  # any verdict on the inputs travels in the fingerprint, so every rank raises
             err = e
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
                          model=self._model_digest, codebooks=self._cb_digest,
                          values=b"\0" * 16 if err else inputs_digest(inputs),
                          text=f"{type(err).__name__}: {err}" if err else describe_inputs(inputs))
-        outs = self.transport.exchange_fixed(fp.pack(), "input agreement")
+        outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
         exc = disagreement(fps, self.rank)
@@ -279,7 +280,7 @@ class DistRuntime(RuntimeBase):
             self.ctx.state.clear()
             slot = self._slot
             self.transport.error_text = text.decode("utf-8", "replace")
-            empty = torch.zeros(0, dtype=torch.uint8)
+            empty = torch.zeros(0, dtype=torch.uint8, device=self.transport.device)
             self.transport.exchange(empty, self._slot_sizes(slot), self.calls, slot, status=STATUS_FAILED,
                                     layer=layer, what="failure report").wait()
         except RankFailedError as r:

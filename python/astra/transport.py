@@ -63,7 +63,7 @@ class Pending:
         if self._stats is not None:
             self._stats.wait_s += time.perf_counter() - t0
         heads = [ENVELOPE.unpack(bytes(o[:ENVELOPE_NBYTES].tolist())) for o in self._outs]
-        self._t.check_envelopes(heads, self._outs, self._call, self._slot, self._what)
+        self._t.check_envelopes(heads, self._call, self._slot, self._what)
         return [o[ENVELOPE_NBYTES: ENVELOPE_NBYTES + int(n)] for o, n in zip(self._outs, self._sizes)]
 
 
@@ -77,6 +77,7 @@ class Transport:
         self.world = dist.get_world_size(group)
         self.timeout_s = float(timeout_s)
         self.error_text: Optional[str] = None   # this rank's error, sent after the failed status is seen
+        self.device = torch.device("cpu")        # where fixed-size buffers live (the model's device, for NCCL)
         if not (self.timeout_s > 0):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout_s}")
 
@@ -102,7 +103,7 @@ class Transport:
         except Exception as e:
             raise self._peer_error(what, e) from e
 
-    def check_envelopes(self, heads, outs, call: int, slot: int, what: str) -> None:
+    def check_envelopes(self, heads, call: int, slot: int, what: str) -> None:
         """Raise unless every rank's envelope is this call's ``slot``; a failed sender -> RankFailedError."""
         for r, (magic, c, sl, _status, _layer) in enumerate(heads):
             if magic != ENVELOPE_MAGIC or c != (call & 0xFFFFFFFF) or sl != slot:
@@ -122,7 +123,8 @@ class Transport:
         """After a failed status: every rank sends its error text (empty if it did not fail), fixed size."""
         mine = (self.error_text or "").encode("utf-8")[:ERROR_TEXT_NBYTES].ljust(ERROR_TEXT_NBYTES, b"\0")
         self.error_text = None
-        outs = self.exchange_fixed(torch.frombuffer(bytearray(mine), dtype=torch.uint8), f"{what}: error report")
+        buf = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(self.device)
+        outs = self.exchange_fixed(buf, f"{what}: error report")
         return [bytes(o.tolist()).rstrip(b"\0").decode("utf-8", "replace") for o in outs]
 
     # -- collectives -----------------------------------------------------------------------------
