@@ -42,7 +42,8 @@ def _model(family: str):
 
     torch.manual_seed(0)
     if family == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64)).eval()
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64,
+                                                  bos_token_id=0, eos_token_id=0)).eval()
     return tf.BertModel(tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                       intermediate_size=128, vocab_size=97, max_position_embeddings=64)).eval()
 

@@ -99,6 +99,8 @@ def disagreement(fps: List[Fingerprint], rank: int) -> Optional[Exception]:
         texts = {fps[r].text for r in bad}
         if len(bad) == world and len(texts) == 1:
             return InvalidInputError(pre + f"invalid inputs on every rank: {texts.pop()}")
+        if len(bad) == world:
+            return InputMismatchError(pre + _differ("reasons to reject the inputs", [f.text for f in fps]))
         return InputMismatchError(pre + f"rank {bad[0]} rejected its inputs ({fps[bad[0]].text}); ranks "
                                         f"{[r for r in range(world) if r not in bad]} accepted theirs: the ranks "
                                         "were given different inputs")

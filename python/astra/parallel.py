@@ -10,7 +10,7 @@ import astra_kernels as ak
 from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks, make_ctx
-from .errors import AstraError, InvalidInputError, PeerError, RankFailedError
+from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
 from .inputs import validate_inputs
 from .runtime import RuntimeBase
 from .split import local_indices, split_indices
@@ -263,9 +263,9 @@ class DistRuntime(RuntimeBase):
         exc = disagreement(fps, self.rank)
         if exc is None:
             return inputs
-        if isinstance(err, InvalidInputError) and isinstance(exc, InvalidInputError):
-            raise InvalidInputError(f"{self.place()}: {err}") from None    # every rank: same inputs, same reason
-        if err is not None and isinstance(exc, InvalidInputError):
+        if err is not None and isinstance(exc, InvalidInputError):     # every rank: same inputs, same reason
+            if type(err) in (AstraError, InvalidInputError, UnsupportedModelError):
+                raise type(err)(f"{self.place()}: {err}") from None
             raise err
         raise exc
 

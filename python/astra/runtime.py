@@ -134,8 +134,7 @@ class RuntimeBase:
             return
         b, i = (~torch.isfinite(h)).flatten(2).any(-1).nonzero()[0].tolist()
         raise NonFiniteError(f"{self.place()}, layer {layer}: the hidden state entering attention holds NaN or Inf "
-                             f"at token {self.global_token(i)} (batch row {b}); the first bad token of the sequence "
-                             "on this rank")
+                             f"at token {self.global_token(i)} (batch row {b}; the first such token)")
 
     def place(self) -> str:
         """Where this runtime runs, for error messages."""
