@@ -56,7 +56,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _codec
+from . import _vq_screen
 from ._dispatch import resolve_backend
 
 __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "vq_distances_reference",
@@ -392,7 +392,7 @@ def _screen_topk(S: torch.Tensor, cn: Optional[torch.Tensor], alpha: float, vals
     assert S.stride(1) == 1 and vals.is_contiguous() and idx.is_contiguous() and idx.dtype == torch.int64
     assert cn is None or (cn.is_contiguous() and cn.dtype == torch.float32)
     assert smax is None or (smax.is_contiguous() and smax.dtype == torch.float32)
-    if _codec.screen_topk(S.data_ptr(), S.dtype == torch.bfloat16, rows, K, S.stride(0),
+    if _vq_screen.screen_topk(S.data_ptr(), S.dtype == torch.bfloat16, rows, K, S.stride(0),
                           0 if cn is None else cn.data_ptr(), float(alpha), t, vals.data_ptr(), idx.data_ptr(),
                           0 if smax is None else smax.data_ptr()):
         short = (idx[:, -1] < 0).nonzero().squeeze(1)

@@ -11,7 +11,7 @@ import timeit
 import torch
 
 import astra_kernels
-from astra_kernels import _codec
+from astra_kernels._codec import bench as codec_bench
 from codec_reference import np_pack, np_unpack
 
 BITS = 10
@@ -34,12 +34,12 @@ def main():
                          ("unpack", lambda: astra_kernels.unpack_codes(frame), lambda: np_unpack(npframe))):
             ta, tb = best(a, number), best(b, max(number // 20, 5))
             print(f"| {n} | {op} | {ta:.3e} | {n / ta:.3e} | {tb:.3e} | {n / tb:.3e} | {tb / ta:.1f}x |")
-    cpp = min(_codec.time_roundtrip(512, BITS, 20000) for _ in range(5))
+    cpp = min(codec_bench.time_roundtrip(512, BITS, 20000) for _ in range(5))
     codes = torch.randint(0, 2 ** BITS, (512,), dtype=torch.int32)
     py = best(lambda: astra_kernels.unpack_codes(astra_kernels.pack_codes(codes, BITS)), 20000)
     print(f"\n512-code round trip (pack + unpack, 10 bits): codec time {cpp / 1e3:.2f} us (C++), "
           f"{py * 1e6:.2f} us through the Python API (incl. tensor allocation)")
-    big = min(_codec.time_roundtrip(1 << 20, BITS, 20) for _ in range(3))
+    big = min(codec_bench.time_roundtrip(1 << 20, BITS, 20) for _ in range(3))
     print(f"1M-code round trip codec time: {big / 1e6:.3f} ms -> {2 * (1 << 20) / (big / 1e9):.3e} codes/s per op (mean of pack+unpack)")
 
 
