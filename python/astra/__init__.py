@@ -4,6 +4,8 @@ Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`un
 :func:`calibrate`, :func:`simulate_generate`, and the errors :class:`PeerError`,
 :class:`UnsupportedModelError`, :class:`LaunchError`. Semantics: docs/runtime.md.
 """
+from astra_kernels import __version__
+
 from .calibrate import calibrate
 from .codebooks import Codebooks
 from .errors import AstraError, LaunchError, PeerError, UnsupportedModelError
@@ -13,10 +15,8 @@ from .parallel import ParallelModel, parallelize
 from .runtime import LayerStats, local_indices, simulate, split_indices, unpatch
 from .transport import DEFAULT_TIMEOUT_S
 
-__version__ = "0.1.0"
-
 __all__ = [
     "AstraError", "Codebooks", "LaunchError", "PeerError", "UnsupportedModelError",
     "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize", "simulate",
-    "simulate_generate", "split_indices", "unpatch",
+    "simulate_generate", "split_indices", "unpatch", "__version__",
 ]

@@ -220,6 +220,7 @@ def cmd_demo(args) -> int:
     import torch
 
     import astra
+    from astra_kernels import header_nbytes
 
     t_start = time.perf_counter()
     name = resolve_model_name(args.model)
@@ -289,7 +290,7 @@ def cmd_demo(args) -> int:
         print(f"  {r:>4} {res['astra']['tokens']:>7} {fp_b:>18,} {q_b:>8,} {fp_b / q_b:>7.1f}x")
     D = cb.hidden_size
     print(f"  all layers, all ranks: {tot_fp:,} B full precision vs {tot_q:,} B ASTRA "
-          f"= {tot_fp / tot_q:.1f}x less (frames include a {12 + 4 * 3}-byte header; payload ratio "
+          f"= {tot_fp / tot_q:.1f}x less (frames include a {header_nbytes(3)}-byte header; payload ratio "
           f"{D * 32 / (cb.groups * cb.bits):.1f}x = {D}x32 bits / ({cb.groups}x{cb.bits}) bits per token)")
     print(f"\ntotal {time.perf_counter() - t_start:.1f}s")
     ok = fp_diff < 1e-4 and astra_vs_sim < 1e-4
