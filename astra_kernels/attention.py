@@ -328,7 +328,8 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
         require(isinstance(t, torch.Tensor) and t.is_floating_point(), f"{n} must be a floating torch.Tensor")
     require(out_a.shape == out_b.shape, f"out_a and out_b shapes differ: {tuple(out_a.shape)} vs {tuple(out_b.shape)}")
     require(lse_a.shape == lse_b.shape and tuple(lse_a.shape) == tuple(out_a.shape[:-1]),
-          f"lse shapes must be out.shape[:-1]={tuple(out_a.shape[:-1])}, got {tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
+            f"lse shapes must be out.shape[:-1]={tuple(out_a.shape[:-1])}, "
+            f"got {tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
     ct = torch.float64 if torch.float64 in (lse_a.dtype, lse_b.dtype, out_a.dtype) else torch.float32
     la, lb = lse_a.to(ct), lse_b.to(ct)
     m = torch.maximum(la, lb)

@@ -117,8 +117,9 @@ def outer(args) -> None:
             _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{rate}mbit",
                 "burst", "64kb", "latency", "2s")
             out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, str(HERE), "--inner",
-                                  "--tokens", str(args.tokens), "--layers", str(args.layers), "--world", str(args.world),
-                                  "--repeats", str(args.repeats)], check=True, capture_output=True, text=True)
+                                  "--tokens", str(args.tokens), "--layers", str(args.layers),
+                                  "--world", str(args.world), "--repeats", str(args.repeats)],
+                                 check=True, capture_output=True, text=True)
             results[f"{rate} Mbit/s"] = json.loads(out.stdout.strip().splitlines()[-1])
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -6,7 +6,7 @@ import torch
 
 from astra_kernels.attention import merge_attention, mixed_attention, mixed_attention_reference
 from astra_kernels.segments import CountKeys, TableKeys, TokenKeys, positions, prune_causal, split_counts
-from astra_kernels.testing import (assert_matches_reference, random_inputs, random_ints, seeded_generator)
+from astra_kernels.testing import assert_matches_reference, random_inputs, random_ints, seeded_generator
 
 MODES = ("local", "per_token", "table", "rope", "count")
 
@@ -267,7 +267,8 @@ def test_default_positions_causal_hide_remote():
 
 
 try:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     @settings(max_examples=25, deadline=None, derandomize=True)
     @given(seed=st.integers(0, 10_000), mode=st.sampled_from(MODES), causal=st.booleans(),

@@ -6,11 +6,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_attention import check, make_case, noncontig, reference, table_keys  # noqa: E402
+
 from astra_kernels.attention import mixed_attention  # noqa: E402
 from astra_kernels.segments import TokenKeys, positions, split_counts  # noqa: E402
-from astra_kernels.testing import (assert_no_poison, kernel_device, poisoned_empty,  # noqa: E402
-                                   triton_runnable)
-from test_attention import check, make_case, noncontig, reference, table_keys  # noqa: E402
+from astra_kernels.testing import assert_no_poison, kernel_device, poisoned_empty, triton_runnable  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason="needs a GPU or TRITON_INTERPRET=1")
 

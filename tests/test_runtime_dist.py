@@ -1,7 +1,6 @@
 """astra.parallelize over real gloo ranks (astra.launch): full-precision SP equals the model, ASTRA equals
 astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes."""
 import torch
-
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra

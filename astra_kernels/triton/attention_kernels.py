@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ..aot import AotSpec
 from ..attention import merge_attention
+from ..interpreter import interpreting
 from ..segments import CountKeys, Segment, TableKeys, TokenKeys, key_heads
 
 LOG2E = 1.4426950408889634
@@ -296,8 +297,6 @@ def _remote_args(slots: dict, q: torch.Tensor, dummy_i, dummy_f) -> dict:
 
 
 def _launch(q, q_pos, slots: dict, causal: bool, scale: float, out, lse):
-    from .._dispatch import interpreting
-
     dev = q.device
     B, Hq, Tl, Dh = q.shape
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -366,16 +365,22 @@ def _spec(dt: str, Dh: int, *, remote: str, rope: bool, count: bool, causal: boo
 
 
 AOT_SPECS = [
-    _spec("fp16", 64, remote="none", rope=False, count=True, causal=False, lbias=True, rbias=False, label="count+lmask"),
+    _spec("fp16", 64, remote="none", rope=False, count=True, causal=False, lbias=True, rbias=False,
+          label="count+lmask"),
     _spec("fp16", 128, remote="table", rope=True, count=False, causal=True, lbias=True, rbias=True,
           label="table+rope causal masks"),
     _spec("bf16", 64, remote="table", rope=True, count=False, causal=True, lbias=True, rbias=True,
           label="table+rope causal masks"),
-    _spec("fp16", 64, remote="table", rope=True, count=False, causal=True, lbias=False, rbias=False, label="table+rope causal"),
+    _spec("fp16", 64, remote="table", rope=True, count=False, causal=True, lbias=False, rbias=False,
+          label="table+rope causal"),
     _spec("fp16", 128, remote="table", rope=False, count=True, causal=True, lbias=True, rbias=True,
           label="count+straddle causal masks"),
-    _spec("bf16", 128, remote="tokens", rope=False, count=False, causal=True, lbias=True, rbias=True, label="per-token causal masks"),
-    _spec("fp16", 80, remote="tokens", rope=False, count=False, causal=False, lbias=False, rbias=False, label="per-token Dh pad"),
-    _spec("fp32", 64, remote="table", rope=True, count=True, causal=True, lbias=True, rbias=True, label="all segments tf32x3"),
-    _spec("fp32", 128, remote="table", rope=True, count=True, causal=True, lbias=True, rbias=True, label="all segments tf32x3"),
+    _spec("bf16", 128, remote="tokens", rope=False, count=False, causal=True, lbias=True, rbias=True,
+          label="per-token causal masks"),
+    _spec("fp16", 80, remote="tokens", rope=False, count=False, causal=False, lbias=False, rbias=False,
+          label="per-token Dh pad"),
+    _spec("fp32", 64, remote="table", rope=True, count=True, causal=True, lbias=True, rbias=True,
+          label="all segments tf32x3"),
+    _spec("fp32", 128, remote="table", rope=True, count=True, causal=True, lbias=True, rbias=True,
+          label="all segments tf32x3"),
 ]

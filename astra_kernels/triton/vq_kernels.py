@@ -179,6 +179,7 @@ AOT_SPECS = [
 
 import torch  # noqa: E402
 
+
 def _launch_encode(x2, cb, cn, codes, words, bits: int, write: bool, fuse: bool):
     N = x2.shape[0]
     G, K, DG = cb.shape

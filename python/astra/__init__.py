@@ -5,7 +5,6 @@ Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`un
 :class:`UnsupportedModelError`, :class:`LaunchError`. Semantics: docs/runtime.md.
 """
 from astra_kernels import __version__
-
 from .calibrate import calibrate
 from .codebooks import Codebooks
 from .errors import AstraError, LaunchError, PeerError, UnsupportedModelError
@@ -17,6 +16,6 @@ from .transport import DEFAULT_TIMEOUT_S
 
 __all__ = [
     "AstraError", "Codebooks", "LaunchError", "PeerError", "UnsupportedModelError",
-    "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize", "simulate",
-    "simulate_generate", "split_indices", "unpatch", "__version__",
+    "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize",
+    "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
 ]

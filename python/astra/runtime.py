@@ -251,7 +251,6 @@ _ALLOWED_INPUTS = {
     "bert": {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids"},
     "vit": {"pixel_values", "interpolate_pos_encoding"},
 }
-_SEQ_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
 
 
 def check_inputs(fam: Family, inputs: Dict[str, Any]) -> Dict[str, Any]:
