@@ -53,7 +53,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from .checks import check_finite, check_float, check_int, check_mask, require
-from .segments import CountKeys, Segment, TableKeys, TokenKeys, key_heads, positions, prune_causal, split_counts
+from .segments import CountKeys, Segment, TableKeys, TokenKeys, positions, prune_causal, split_counts
 
 __all__ = ["attention_local", "attention_per_token", "attention_table", "attention_segments", "mixed_attention",
            "mixed_attention_reference", "merge_attention"]
@@ -139,9 +139,8 @@ def _queries(q, qp, causal, scale, segments) -> Queries:
     require(len(segments) > 0, "no keys at all: give at least one key segment")
     heads = set()
     for seg in segments:
-        require(isinstance(seg, (TokenKeys, TableKeys, CountKeys)),
-                f"segments must be TokenKeys / TableKeys / CountKeys, got {type(seg).__name__}")
-        b, h, d = key_heads(seg)
+        require(type(seg) in _DENSE, f"segments must be TokenKeys / TableKeys / CountKeys, got {type(seg).__name__}")
+        b, h, d = seg.heads()
         require(b == B and d == Dh, f"{type(seg).__name__} has batch {b}, head_dim {d}; q has batch {B}, head_dim {Dh}")
         heads.add(h)
     require(len(heads) == 1, f"key segments disagree on the number of kv heads: {sorted(heads)}")
@@ -163,15 +162,11 @@ def _visible(qs: Queries, segments) -> List[Segment]:
     """Drop empty segments; with causal attention, the keys no query can see (pure, see segments)."""
     out = []
     for seg in segments:
-        if isinstance(seg, (TokenKeys, TableKeys)) and qs.causal and seg.pos is not qs.q_pos and qs.Tl:
+        if hasattr(seg, "pos") and qs.causal and seg.pos is not qs.q_pos and qs.Tl:
             seg = prune_causal(seg, qs.q_pos)
-        if seg is not None and _length(seg):
+        if seg is not None and seg.num_keys:
             out.append(seg)
     return out
-
-
-def _length(seg: Segment) -> int:
-    return seg.k.shape[2] if isinstance(seg, TokenKeys) else seg.codes.shape[1]
 
 
 def _local_keys(q, k, v, qp, local_mask) -> TokenKeys:

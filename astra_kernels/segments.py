@@ -11,7 +11,8 @@ Three key forms, in the words of the docs:
   added to the score, ``-inf`` = padding), visible to every query (no position).
 
 Each form checks its own shapes and dtypes when built (cheap: no device sync); ``check_values()`` does
-the checks that need a sync (finite values, code range, RoPE range). ``valid [B, N]`` (bool, True =
+the checks that need a sync (finite values, code range, RoPE range); ``num_keys`` and ``heads()`` give
+its size; forms with positions also have ``take(order, valid)`` (select keys per row). ``valid [B, N]`` (bool, True =
 attend) is an optional key padding mask. Two pure functions transform segments: :func:`prune_causal`
 drops keys no query can see, :func:`split_counts` turns table keys into count keys (+ the per-token keys
 visible to only some queries). Both backends take a list of segments.
@@ -25,8 +26,7 @@ import torch
 
 from .checks import check_finite, check_float, check_int, check_mask, require
 
-__all__ = ["TokenKeys", "TableKeys", "CountKeys", "Segment", "positions", "prune_causal", "split_counts",
-           "key_heads"]
+__all__ = ["TokenKeys", "TableKeys", "CountKeys", "Segment", "positions", "prune_causal", "split_counts"]
 
 
 def positions(name: str, pos, B: int, T: int, default_start: int = 0, device=None) -> torch.Tensor:
@@ -82,6 +82,21 @@ class TokenKeys:
         check_finite(self.name.split("/")[0], self.k)
         check_finite(self.name.split("/")[-1], self.v)
 
+    @property
+    def num_keys(self) -> int:
+        return self.k.shape[2]
+
+    def heads(self) -> tuple:
+        """``(B, Hkv, Dh)``."""
+        return self.k.shape[0], self.k.shape[1], self.k.shape[3]
+
+    def take(self, order: torch.Tensor, valid: torch.Tensor) -> "TokenKeys":
+        """The keys ``order [B, S]`` of each row, with key mask ``valid [B, S]``."""
+        B, H, _, Dh = self.k.shape
+        idx = order.view(B, 1, -1, 1).expand(B, H, order.shape[1], Dh)
+        return replace(self, k=self.k.gather(2, idx), v=self.v.gather(2, idx), pos=self.pos.gather(1, order),
+                       valid=valid)
+
 
 @dataclass(frozen=True)
 class TableKeys:
@@ -119,6 +134,18 @@ class TableKeys:
     def rope(self) -> bool:
         return self.rope_cos is not None
 
+    @property
+    def num_keys(self) -> int:
+        return self.codes.shape[1]
+
+    def heads(self) -> tuple:
+        """``(B, Hkv, Dh)``."""
+        return self.codes.shape[0], self.k_table.shape[1], self.k_table.shape[2]
+
+    def take(self, order: torch.Tensor, valid: torch.Tensor) -> "TableKeys":
+        """The keys ``order [B, S]`` of each row, with key mask ``valid [B, S]``."""
+        return replace(self, codes=self.codes.gather(1, order), pos=self.pos.gather(1, order), valid=valid)
+
     def check_values(self) -> None:
         check_finite("k_table", self.k_table)
         check_finite("v_table", self.v_table)
@@ -155,16 +182,16 @@ class CountKeys:
         check_finite("v_table", self.v_table)
         _check_code_range(self.codes, self.k_table.shape[0])
 
+    @property
+    def num_keys(self) -> int:
+        return self.codes.shape[1]
+
+    def heads(self) -> tuple:
+        """``(B, Hkv, Dh)``."""
+        return self.codes.shape[0], self.k_table.shape[1], self.k_table.shape[2]
+
 
 Segment = Union[TokenKeys, TableKeys, CountKeys]
-
-
-def key_heads(seg: Segment) -> tuple:
-    """``(B or None, Hkv, Dh)`` of a segment (count keys carry no batch size of their own)."""
-    if isinstance(seg, TokenKeys):
-        return seg.k.shape[0], seg.k.shape[1], seg.k.shape[3]
-    t = seg.k_table
-    return seg.codes.shape[0], t.shape[1], t.shape[2]
 
 
 def _compact(keep: torch.Tensor):
@@ -175,18 +202,10 @@ def _compact(keep: torch.Tensor):
     return order, keep.gather(1, order)
 
 
-def _take(seg: Union[TokenKeys, TableKeys], order: torch.Tensor, valid: torch.Tensor):
-    pos = seg.pos.gather(1, order)
-    if isinstance(seg, TableKeys):
-        return replace(seg, codes=seg.codes.gather(1, order), pos=pos, valid=valid)
-    B, H, _, Dh = seg.k.shape
-    idx = order.view(B, 1, -1, 1).expand(B, H, order.shape[1], Dh)
-    return replace(seg, k=seg.k.gather(2, idx), v=seg.v.gather(2, idx), pos=pos, valid=valid)
-
-
 def prune_causal(seg: Union[TokenKeys, TableKeys], q_pos: torch.Tensor) -> Optional[Segment]:
     """Causal attention: drop the keys no query of ``q_pos [B, Tl]`` can see (after the last query, or
-    padded). Returns ``seg`` itself when nothing is dropped, None when nothing is left."""
+    padded). ``seg``: any segment with positions (``pos``, ``valid``, ``take``). Returns ``seg`` itself when
+    nothing is dropped, None when nothing is left."""
     if seg.pos.numel() == 0:
         return None
     keep = seg.pos <= q_pos.max(dim=1, keepdim=True).values
@@ -195,7 +214,7 @@ def prune_causal(seg: Union[TokenKeys, TableKeys], q_pos: torch.Tensor) -> Optio
     if bool(keep.all()):
         return seg
     order, valid = _compact(keep)
-    return _take(seg, order, valid) if order.shape[1] else None
+    return seg.take(order, valid) if order.shape[1] else None
 
 
 def split_counts(seg: TableKeys, q_pos: torch.Tensor, causal: bool) -> List[Segment]:
@@ -226,5 +245,5 @@ def split_counts(seg: TableKeys, q_pos: torch.Tensor, causal: bool) -> List[Segm
         out.append(CountKeys(ucodes, counts.gather(1, ucodes).log(), seg.k_table, seg.v_table))
     if some is not None and bool(some.any()):
         order, v = _compact(some)
-        out.append(_take(seg, order, v))
+        out.append(seg.take(order, v))
     return out

@@ -39,7 +39,7 @@ import triton.language as tl
 from ..aot import AotSpec
 from ..attention import merge_attention
 from ..interpreter import interpreting
-from ..segments import CountKeys, Segment, TableKeys, TokenKeys, key_heads
+from ..segments import CountKeys, Segment, TableKeys, TokenKeys
 
 LOG2E = 1.4426950408889634
 
@@ -304,7 +304,7 @@ def _launch(q, q_pos, slots: dict, causal: bool, scale: float, out, lse):
     local, remote = slots.get("local"), slots.get("remote")
     k = local.k if local is not None else q
     v = local.v if local is not None else q
-    G = Hq // key_heads(next(iter(slots.values())))[1] if slots else 1
+    G = Hq // next(iter(slots.values())).heads()[1] if slots else 1
     lbias = _bias(local.valid, dummy_f) if local is not None else dummy_f
     r = _remote_args(slots, q, dummy_i, dummy_f)
     local_sorted = bool(causal and local is not None and Tl > 1 and bool((q_pos[:, 1:] > q_pos[:, :-1]).all()))
