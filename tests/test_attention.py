@@ -343,3 +343,56 @@ def test_cpu_causal_sorted_local_route(mode, Hq, Hkv):
     ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl)
     assert bool(torch.isneginf(lse[:, :, :3]).all())
+
+
+def mixed_segments(seed, Tl=17, Tr=40, K=9):
+    """A call with three key segments of different forms: local tokens, per-token non-local keys (half the
+    non-local tokens) and the count keys of the other half, plus the equivalent reference keywords."""
+    q, k, v, kw = make_case(seed, mode="per_token", Tl=Tl, Tr=Tr, causal=True, positions="interleaved")
+    g = seeded_generator(seed + 1)
+    B, Hkv, Dh = k.shape[0], k.shape[1], k.shape[3]
+    kt, vt = random_inputs(K, Hkv, Dh, generator=g), random_inputs(K, Hkv, Dh, generator=g)
+    codes = random_ints(B, Tr, low=0, high=K, generator=g)
+    qp = positions("q_pos", kw["q_pos"], B, Tl)
+    kp = positions("kv_pos", kw["kv_pos"], B, Tr)
+    before = kp < qp.min(dim=1, keepdim=True).values        # count keys must be visible to every query
+    table = TableKeys(codes, kt, vt, kp, before)
+    segs = [TokenKeys(k, v, qp, kw["local_mask"]), TokenKeys(kw["k_hat"], kw["v_hat"], kp, kw["remote_mask"])]
+    segs += split_counts(table, qp, causal=True)
+    assert isinstance(segs[-1], CountKeys)
+    # reference: the same keys per token (the table keys appended as a second block of non-local tokens)
+    k_all = torch.cat([kw["k_hat"], kt[codes].permute(0, 2, 1, 3)], dim=2)
+    v_all = torch.cat([kw["v_hat"], vt[codes].permute(0, 2, 1, 3)], dim=2)
+    ref_kw = dict(k_hat=k_all, v_hat=v_all, q_pos=qp, kv_pos=torch.cat([kp, kp], dim=1), causal=True,
+                  local_mask=kw["local_mask"], remote_mask=torch.cat([kw["remote_mask"], before], dim=1))
+    return q, k, v, qp, segs, ref_kw
+
+
+def test_attention_segments_mixed_forms():
+    from astra_kernels import attention_segments
+
+    q, k, v, qp, segs, ref_kw = mixed_segments(3)
+    out, lse = attention_segments(q, segs, q_pos=qp, causal=True, return_lse=True, backend="torch")
+    check(out, lse, *reference(q, k, v, **ref_kw))
+
+
+def test_segment_validation():
+    from astra_kernels import attention_segments
+
+    q, k, v, qp, segs, _ = mixed_segments(4)
+    with pytest.raises(ValueError, match="shapes differ"):
+        TokenKeys(k, v[:, :, :3], qp)
+    with pytest.raises(ValueError, match="positions must be int64"):
+        TokenKeys(k, v, qp.to(torch.int32))
+    with pytest.raises(ValueError, match="log_counts must be float32"):
+        CountKeys(segs[-1].codes, segs[-1].log_counts.double(), segs[-1].k_table, segs[-1].v_table)
+    with pytest.raises(ValueError, match="count weighting is invalid with RoPE"):
+        cos = torch.ones(100, q.shape[3])
+        split_counts(TableKeys(segs[-1].codes, segs[-1].k_table, segs[-1].v_table, qp[:, :segs[-1].codes.shape[1]],
+                               rope_cos=cos, rope_sin=cos), qp, causal=False)
+    with pytest.raises(ValueError, match="must be TokenKeys / TableKeys / CountKeys"):
+        attention_segments(q, [k])
+    with pytest.raises(ValueError, match="no keys at all"):
+        attention_segments(q, [])
+    with pytest.raises(ValueError, match="disagree on the number of kv heads"):
+        attention_segments(q, [segs[0], TokenKeys(k[:, :1], v[:, :1], qp)])

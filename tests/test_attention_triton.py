@@ -1,14 +1,16 @@
 """Proof chain step 1 for the fused mixed-attention kernel: the Triton kernel (interpreter on CPU, or a
 GPU when present) against the float64 reference, fresh random non-zero inputs, poisoned outputs.
 fp32 and fp16 only (no bf16 in the interpreter). Small shapes: the interpreter is slow."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from test_attention import check, make_case, noncontig, reference, table_keys  # noqa: E402
+from test_attention import check, make_case, mixed_segments, noncontig, reference, table_keys  # noqa: E402
 
-from astra_kernels.attention import mixed_attention  # noqa: E402
+from astra_kernels.attention import attention_segments, mixed_attention  # noqa: E402
 from astra_kernels.segments import TokenKeys, positions, split_counts  # noqa: E402
 from astra_kernels.testing import assert_no_poison, kernel_device, poisoned_empty, triton_runnable  # noqa: E402
 
@@ -147,3 +149,19 @@ def test_kernel_causal_sorted_skip_with_leading_padding():
     out, lse = run_kernel(q, k, v, kw)
     check(out, lse, *reference(q, k, v, **kw))
     assert bool(torch.isneginf(lse[:, :, :3]).all())
+
+
+def test_kernel_mixed_forms_need_two_launches():
+    """Per-token non-local keys and count keys use the same kernel slot pointers: the launcher runs two
+    launches and merges them by log-sum-exp."""
+    from astra_kernels.triton import attention_kernels as ak
+
+    q, k, v, qp, segs, ref_kw = mixed_segments(5)
+    assert len(ak._launches(qp, segs)) == 2
+    dev = kernel_device()
+    qp_d = _to(dev, qp)
+    on_dev = [replace(s, **{f: _to(dev, t) for f, t in vars(s).items() if isinstance(t, torch.Tensor)})
+              for s in segs]
+    on_dev[0] = replace(on_dev[0], pos=qp_d)   # the local keys sit at the query positions
+    out, lse = attention_segments(_to(dev, q), on_dev, q_pos=qp_d, causal=True, return_lse=True, backend="triton")
+    check(out.cpu(), lse.cpu(), *reference(q, k, v, **ref_kw))
