@@ -396,3 +396,18 @@ def test_segment_validation():
         attention_segments(q, [])
     with pytest.raises(ValueError, match="disagree on the number of kv heads"):
         attention_segments(q, [segs[0], TokenKeys(k[:, :1], v[:, :1], qp)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finiteness_check_never_overflows(dtype):
+    """The one finiteness check (astra_kernels.checks): large finite fp16 inputs pass (their sum is inf),
+    any NaN / inf is named."""
+    from astra_kernels.checks import check_finite
+
+    x = torch.full((300, 1000), 60000.0 if dtype == torch.float16 else 1e30, dtype=dtype)
+    check_finite("x", x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[17, 5] = bad
+        with pytest.raises(ValueError, match="x contains non-finite values"):
+            check_finite("x", y)
