@@ -1,6 +1,7 @@
-"""Build the C++ codec extension (``astra_kernels._codec``) through CMake + Ninja.
+"""Build the C++ extensions (``astra_kernels._codec``: the codec; ``astra_kernels._vq_screen``: the VQ
+encoder's CPU screen scan) through CMake + Ninja.
 
-Everything else about the package lives in pyproject.toml. The extension links no libtorch: it works
+Everything else about the package lives in pyproject.toml. The extensions link no libtorch: it works
 on raw pointers handed over by the Python layer, so one build serves every torch version.
 """
 import os
@@ -34,6 +35,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DASTRA_EXT_OUTPUT_DIR={out.parent}",
             f"-DASTRA_EXT_OUTPUT_NAME={out.name}",
+            f"-DASTRA_EXT_TARGET={ext.target}",
         ]
         gen = []
         try:
@@ -47,6 +49,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("astra_kernels._codec", target="_codec")],
+    ext_modules=[CMakeExtension("astra_kernels._codec", target="_codec"),
+                 CMakeExtension("astra_kernels._vq_screen", target="_vq_screen")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -4,14 +4,33 @@ Triton kernels (VQ encode/decode, packing, mixed-precision attention), float64 t
 fast CPU paths, backend dispatch, and the C++ bit-stream codec. Knows nothing of models: no
 ``transformers``, no ``torch.distributed``.
 """
-from .attention import merge_attention, mixed_attention, mixed_attention_reference
-from .codec import CODES_DTYPE, crc32c, frame_header, frame_layout, frame_nbytes, pack_codes, unpack_codes
-from .vq import default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference
+from .attention import (
+    attention_local,
+    attention_per_token,
+    attention_segments,
+    attention_table,
+    merge_attention,
+    mixed_attention,
+    mixed_attention_reference,
+)
+from .codec import (
+    CODES_DTYPE,
+    crc32c,
+    frame_header,
+    frame_layout,
+    frame_nbytes,
+    header_nbytes,
+    pack_codes,
+    unpack_codes,
+)
+from .segments import CountKeys, TableKeys, TokenKeys
+from .vq import MAX_K, default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml and astra read it from here)
 
 __all__ = [
-    "CODES_DTYPE", "crc32c", "default_bits", "encode_and_pack", "frame_header", "frame_layout", "frame_nbytes",
-    "merge_attention", "mixed_attention", "mixed_attention_reference", "pack_codes", "unpack_codes",
-    "vq_decode", "vq_encode", "vq_encode_reference",
+    "CODES_DTYPE", "MAX_K", "CountKeys", "TableKeys", "TokenKeys", "attention_local", "attention_per_token",
+    "attention_segments", "attention_table", "crc32c", "default_bits", "encode_and_pack", "frame_header",
+    "frame_layout", "frame_nbytes", "header_nbytes", "merge_attention", "mixed_attention",
+    "mixed_attention_reference", "pack_codes", "unpack_codes", "vq_decode", "vq_encode", "vq_encode_reference",
 ]

@@ -9,10 +9,11 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+
+from .interpreter import interpreting
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -23,10 +24,6 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:

@@ -41,6 +41,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from .interpreter import interpreting, reload_kernel_modules, set_interpret
+
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 ARCHS = (80, 90)
@@ -98,10 +100,8 @@ class AotResult:
 # --------------------------------------------------------------------------------------------------
 
 def _ensure_not_interpreting() -> None:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        from .testing import _set_interpret, reload_kernel_modules
-
-        _set_interpret(False)
+    if interpreting():
+        set_interpret(False)
         reload_kernel_modules()
 
 
@@ -224,7 +224,8 @@ def compile_spec(spec: AotSpec, arch: int, module: str = "", keep: Optional[str]
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as e:  # compile failure is a reported result, not a crash
-        res.errors.append(f"compile failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        res.errors.append(f"compile failed: {type(e).__name__}: {last}")
         res.compile_s = time.time() - t0
         if os.environ.get("ASTRA_AOT_TRACE"):
             traceback.print_exc()

@@ -24,7 +24,8 @@ import torch
 from . import _codec
 from ._dispatch import resolve_backend
 
-__all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "crc32c", "CODES_DTYPE"]
+__all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "header_nbytes", "crc32c",
+           "CODES_DTYPE"]
 
 #: dtype of the codes returned by :func:`unpack_codes`.
 CODES_DTYPE = torch.int32
@@ -45,6 +46,16 @@ def frame_layout(shape: Sequence[int], bits: int) -> Tuple[int, int, int]:
     """``(header_nbytes, payload_nbytes, frame_nbytes)`` of a frame holding codes of ``shape``."""
     _check_bits(bits)
     return _codec.frame_layout(int(bits), [int(s) for s in shape])
+
+
+def header_nbytes(ndim: int) -> int:
+    """Size in bytes of the header (CRC included) of a frame with ``ndim`` dims, from the C++ codec's
+    layout (the one home of the wire format)."""
+    return _HEADER_BASE + _HEADER_PER_DIM * int(ndim)
+
+
+_HEADER_PER_DIM = _codec.frame_layout(1, [1, 1])[0] - _codec.frame_layout(1, [1])[0]
+_HEADER_BASE = _codec.frame_layout(1, [1])[0] - _HEADER_PER_DIM
 
 
 def frame_nbytes(shape: Sequence[int], bits: int) -> int:
@@ -102,7 +113,7 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
         raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {len(shape)}")
     if out is None:
         # Size from the format (docs/wire-format.md); shape and bits are validated again in C++.
-        nbytes = 12 + 4 * len(shape) + (t.numel() * bits + 7) // 8 if 1 <= bits <= 16 else 0
+        nbytes = header_nbytes(len(shape)) + (t.numel() * bits + 7) // 8 if 1 <= bits <= 16 else 0
         out = torch.from_numpy(np.empty(nbytes, np.uint8))  # cheaper than torch.empty for small frames
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.dim() == 1
               and out.is_cpu and out.is_contiguous()):
@@ -112,7 +123,7 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
 
 
 def _pack_triton(codes, bits: int, out) -> torch.Tensor:
-    from .triton.vq_kernels import pack_frame_triton  # lazy: the CPU path never imports triton
+    from .triton.codec_kernels import pack_frame_triton  # lazy: the CPU path never imports triton
 
     _check_bits(bits)
     if out is not None:
@@ -168,16 +179,16 @@ def unpack_codes(frame, *, backend: str = "auto") -> torch.Tensor:
 
 
 def _unpack_triton(frame: torch.Tensor) -> torch.Tensor:
-    from .triton.vq_kernels import unpack_frame_triton  # lazy: the CPU path never imports triton
+    from .triton.codec_kernels import unpack_frame_triton  # lazy: the CPU path never imports triton
 
     if frame.dtype != torch.uint8 or frame.dim() != 1:
         raise ValueError(f"frame must be a 1-D torch.uint8 tensor, got dtype={frame.dtype} with {frame.dim()} dims")
     n = frame.numel()
     # parse_header reads at most the fixed header and 8 dims (44 bytes), never past min(n, 44): a host
     # copy of those bytes with the true frame length validates the header and the frame's size
-    head = frame[: min(n, 12 + 4 * _codec.MAX_NDIM)].cpu().contiguous()
+    head = frame[: min(n, header_nbytes(_codec.MAX_NDIM))].cpu().contiguous()
     bits, shape = _codec.parse_header(head.data_ptr(), n)
-    header = bytes(head[: 8 + 4 * len(shape)].tolist())   # the bytes the CRC covers before the payload
+    header = bytes(head[: header_nbytes(len(shape)) - 4].tolist())   # the bytes the CRC covers before the payload
     return unpack_frame_triton(frame.contiguous(), bits, shape, header)
 
 

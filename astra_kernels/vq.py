@@ -11,13 +11,14 @@ CPU path on CPU tensors; ``"triton"`` forces the Triton kernels (CPU tensors und
 
 The fast CPU path (:func:`_encode_torch`), exact by certificate
 ------------------------------------------------------------------
-Distances are ``d(k) = ||c_k||^2 - 2 x.c_k`` (``||x||^2`` does not move the argmin). Stage 1 screens
-every token with one GEMM per chunk of tokens followed by one fused C++ pass over the scores
-(``csrc/screen.cpp``: distance, top-t and ``max |S|`` in one AVX-512 scan, :func:`_screen_topk`); stage 2 re-ranks only the tokens whose screened argmin
-is not *proven* correct. Both stages work relative to the mean codeword ``mu`` of each group
-(``||x - c||`` is translation invariant): the rounding-error bounds below then scale with
-``||x - mu||`` and ``||c - mu||``, not with large common offsets (outlier dims of real hidden states,
-where an uncentered bf16 screen certifies almost nothing: 9.5 s instead of 0.2 s for 8192 tokens).
+Distances are ``d(k) = ||c_k||^2 - 2 x.c_k`` (``||x||^2`` does not move the argmin). Stage 1 screens every
+token with one GEMM per chunk of tokens followed by one fused C++ pass over the scores (``csrc/screen.cpp``,
+extension ``astra_kernels._vq_screen``: distance, top-t and ``max |S|`` in one AVX-512 scan,
+:func:`_screen_topk`); stage 2 re-ranks only the tokens whose screened argmin is not *proven* correct. Both
+stages work relative to the mean codeword ``mu`` of each group (``||x - c||`` is translation invariant): the
+rounding-error bounds below then scale with ``||x - mu||`` and ``||c - mu||``, not with large common offsets
+(outlier dims of real hidden states, where an uncentered bf16 screen certifies almost nothing: 9.5 s instead
+of 0.2 s for 8192 tokens).
 
 * Large group dims (``DG >= 128``, e.g. G = 1, D = 768): the ``x.c`` products are screened with a
   **bf16** GEMM (oneDNN, AVX512-BF16; ~2.5-3x faster than fp32 on the Zen4 machine this was written
@@ -56,14 +57,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _codec
+from . import _vq_screen
 from ._dispatch import resolve_backend
+from .checks import FLOAT_DTYPES, check_finite
 
 __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "vq_distances_reference",
-           "vq_decode_reference", "default_bits"]
+           "vq_decode_reference", "default_bits", "MAX_K"]
 
-MAX_K = 65536
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_K = 65536  # codebook entries at most: codes travel in at most 16 bits (docs/wire-format.md)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
 _CHUNK_ELEMS = 1 << 20     # G * chunk * K per screening chunk (4 MB of fp32 screened distances)
 _MIN_CHUNK = 64            # tokens per chunk at least (bounds the Python overhead for large G * K)
@@ -81,7 +82,7 @@ def _check_codebook(codebook) -> Tuple[int, int, int]:
         raise ValueError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
     if codebook.dim() != 3:
         raise ValueError(f"codebook must have shape [G, K, D // G] (3 dims), got shape {tuple(codebook.shape)}")
-    if codebook.dtype not in _FLOAT_DTYPES:
+    if codebook.dtype not in FLOAT_DTYPES:
         raise ValueError(f"codebook must be float16/bfloat16/float32/float64, got {codebook.dtype}")
     G, K, DG = (int(s) for s in codebook.shape)
     if G < 1 or K < 1 or DG < 1:
@@ -94,7 +95,7 @@ def _check_codebook(codebook) -> Tuple[int, int, int]:
 def _check_x(x, G: int, DG: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float16/bfloat16/float32/float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., D]")
@@ -140,15 +141,11 @@ _finite_cache = _IdentityCache(64)
 
 
 def _check_finite(t: torch.Tensor, name: str, cache: bool = False) -> None:
-    if t.numel() == 0:
+    """:func:`astra_kernels.checks.check_finite`, remembered per codebook tensor with ``cache``."""
+    if cache and t.numel() and _finite_cache.get(t):
         return
-    if cache and _finite_cache.get(t):
-        return
-    # one pass: a sum is finite iff no NaN/inf went in, unless it overflowed (then check elementwise)
-    tot = t.detach().sum()
-    if not bool(torch.isfinite(tot)) and not bool(torch.isfinite(t.detach()).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    if cache:
+    check_finite(name, t)
+    if cache and t.numel():
         _finite_cache.put(t, True)
 
 
@@ -245,7 +242,8 @@ class _CodebookPrep:
         self.max_cr = (cr.pow(2).sum(-1).sqrt().amax(-1) * slack).to(torch.float32)           # [G]
         self.max_cb = (cb.to(torch.float64).pow(2).sum(-1).sqrt().amax(-1) * slack).to(torch.float32)
         self.max_cn = (cn64.amax(-1) * slack).to(torch.float32)
-        self.max_c32r = ((cc - self.cb32.to(torch.float64)).pow(2).sum(-1).sqrt().amax(-1) * slack + 1e-30).to(torch.float32)
+        c32r = (cc - self.cb32.to(torch.float64)).pow(2).sum(-1).sqrt().amax(-1)
+        self.max_c32r = (c32r * slack + 1e-30).to(torch.float32)
         n = 2 * DG + 2
         self.gamma = n * _U_F32 / (1 - n * _U_F32)
         self._cn64 = cn64
@@ -311,8 +309,9 @@ def _refine_group(xg32: torch.Tensor, nres: torch.Tensor, xg_hi: torch.Tensor, r
     """Exact codes for tokens whose screened argmin was not certified.
 
     ``xg32 [r, DG]`` the rows minus ``mu`` in fp32 (the centered frame of :class:`_CodebookPrep`),
-    ``nres`` a bound on ``||xg32 - (x - mu)||`` (its rounding), ``xg_hi`` the original rows, ``rows_fn(sub)`` their
-    screened distances ``[len(sub), K]`` (computed only when a tier needs them), ``e [r]`` the screening error bound, ``top`` optionally the already known
+    ``nres`` a bound on ``||xg32 - (x - mu)||`` (its rounding), ``xg_hi`` the original rows, ``rows_fn(sub)``
+    their screened distances ``[len(sub), K]`` (computed only when a tier needs them), ``e [r]`` the screening
+    error bound, ``top`` optionally the already known
     ``(values, indices)`` of the smallest screened distances. Tier by tier (3 candidates, 16, 128, all K):
     the candidates' distances are recomputed in fp32 (bound ``e2``); if the first screened distance left
     out exceeds the best recomputed one by more than ``e + e2``, the argmin is among the candidates, and
@@ -392,7 +391,7 @@ def _screen_topk(S: torch.Tensor, cn: Optional[torch.Tensor], alpha: float, vals
     assert S.stride(1) == 1 and vals.is_contiguous() and idx.is_contiguous() and idx.dtype == torch.int64
     assert cn is None or (cn.is_contiguous() and cn.dtype == torch.float32)
     assert smax is None or (smax.is_contiguous() and smax.dtype == torch.float32)
-    if _codec.screen_topk(S.data_ptr(), S.dtype == torch.bfloat16, rows, K, S.stride(0),
+    if _vq_screen.screen_topk(S.data_ptr(), S.dtype == torch.bfloat16, rows, K, S.stride(0),
                           0 if cn is None else cn.data_ptr(), float(alpha), t, vals.data_ptr(), idx.data_ptr(),
                           0 if smax is None else smax.data_ptr()):
         short = (idx[:, -1] < 0).nonzero().squeeze(1)

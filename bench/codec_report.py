@@ -9,10 +9,10 @@ and the 512-code round-trip cost both measured inside C++ (codec time) and throu
 import timeit
 
 import torch
+from codec_reference import np_pack, np_unpack
 
 import astra_kernels
-from astra_kernels import _codec
-from codec_reference import np_pack, np_unpack
+from astra_kernels._codec import bench as codec_bench
 
 BITS = 10
 
@@ -30,17 +30,19 @@ def main():
         c = codes.numpy()
         frame, npframe = astra_kernels.pack_codes(codes, BITS), np_pack(c, BITS)
         number = 20000 if n == 512 else 30
-        for op, a, b in (("pack", lambda: astra_kernels.pack_codes(codes, BITS), lambda: np_pack(c, BITS)),
-                         ("unpack", lambda: astra_kernels.unpack_codes(frame), lambda: np_unpack(npframe))):
+        for op, a, b in (
+                ("pack", lambda codes=codes: astra_kernels.pack_codes(codes, BITS), lambda c=c: np_pack(c, BITS)),
+                ("unpack", lambda frame=frame: astra_kernels.unpack_codes(frame), lambda f=npframe: np_unpack(f))):
             ta, tb = best(a, number), best(b, max(number // 20, 5))
             print(f"| {n} | {op} | {ta:.3e} | {n / ta:.3e} | {tb:.3e} | {n / tb:.3e} | {tb / ta:.1f}x |")
-    cpp = min(_codec.time_roundtrip(512, BITS, 20000) for _ in range(5))
+    cpp = min(codec_bench.time_roundtrip(512, BITS, 20000) for _ in range(5))
     codes = torch.randint(0, 2 ** BITS, (512,), dtype=torch.int32)
     py = best(lambda: astra_kernels.unpack_codes(astra_kernels.pack_codes(codes, BITS)), 20000)
     print(f"\n512-code round trip (pack + unpack, 10 bits): codec time {cpp / 1e3:.2f} us (C++), "
           f"{py * 1e6:.2f} us through the Python API (incl. tensor allocation)")
-    big = min(_codec.time_roundtrip(1 << 20, BITS, 20) for _ in range(3))
-    print(f"1M-code round trip codec time: {big / 1e6:.3f} ms -> {2 * (1 << 20) / (big / 1e9):.3e} codes/s per op (mean of pack+unpack)")
+    big = min(codec_bench.time_roundtrip(1 << 20, BITS, 20) for _ in range(3))
+    print(f"1M-code round trip codec time: {big / 1e6:.3f} ms -> {2 * (1 << 20) / (big / 1e9):.3e} codes/s per op "
+          "(mean of pack+unpack)")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
 import numpy as np
 import pytest
 import torch
+from codec_reference import np_pack, np_unpack
 
 import astra_kernels
-from codec_reference import np_pack, np_unpack
 
 BITS = 10
 
@@ -25,7 +25,12 @@ def test_codec(benchmark, op, impl, n):
     benchmark.extra_info.update(codes=n, bits=BITS)
     if impl == "astra":
         frame = astra_kernels.pack_codes(codes, BITS)
-        fn = (lambda: astra_kernels.pack_codes(codes, BITS)) if op == "pack" else (lambda: astra_kernels.unpack_codes(frame))
+        if op == "pack":
+            def fn():
+                return astra_kernels.pack_codes(codes, BITS)
+        else:
+            def fn():
+                return astra_kernels.unpack_codes(frame)
     else:
         c = codes.numpy()
         frame = np_pack(c, BITS)

@@ -4,8 +4,9 @@ reference. The Triton kernel's interpreter tests are in test_attention_triton.py
 import pytest
 import torch
 
-from astra_kernels.attention import (_plan, merge_attention, mixed_attention, mixed_attention_reference)
-from astra_kernels.testing import (assert_matches_reference, random_inputs, random_ints, seeded_generator)
+from astra_kernels.attention import merge_attention, mixed_attention, mixed_attention_reference
+from astra_kernels.segments import CountKeys, TableKeys, TokenKeys, positions, prune_causal, split_counts
+from astra_kernels.testing import assert_matches_reference, random_inputs, random_ints, seeded_generator
 
 MODES = ("local", "per_token", "table", "rope", "count")
 
@@ -54,6 +55,11 @@ def make_case(seed, *, mode="table", B=2, Hq=4, Hkv=2, Tl=17, Tr=23, Dh=32, K=13
     return q, k, v, kw
 
 
+def reference(q, k, v, count_weighted=None, backend=None, **kw):
+    """The float64 reference is the per-token definition: it takes no count_weighted / backend."""
+    return mixed_attention_reference(q, k, v, **kw)
+
+
 def check(out, lse, ref_out, ref_lse, dtype=torch.float32):
     """Relative error bar: |out - ref| <= rtol * |ref| + rtol * max|ref| elementwise (a normwise relative
     error under rtol; an element that is a near-cancelling sum only needs the absolute part), fp32:
@@ -82,7 +88,7 @@ def test_cpu_matches_reference(mode, causal, positions):
     seed = hash((mode, causal, positions)) % 1000
     q, k, v, kw = make_case(seed, mode=mode, causal=causal, positions=positions)
     out, lse = mixed_attention(q, k, v, return_lse=True, backend="torch", **kw)
-    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl)
 
 
@@ -93,7 +99,7 @@ def test_cpu_sizes(Tl, Tr, mode):
     out, lse = mixed_attention(q, k, v, return_lse=True, **kw)  # auto -> CPU path
     assert out.shape == q.shape and lse.shape == q.shape[:3]
     if Tl:
-        ro, rl = mixed_attention_reference(q, k, v, **kw)
+        ro, rl = reference(q, k, v, **kw)
         check(out, lse, ro, rl)
 
 
@@ -102,7 +108,7 @@ def test_cpu_heads_and_head_dims(Hq, Hkv, Dh):
     for mode in ("rope", "count", "per_token"):
         q, k, v, kw = make_case(Hq * Dh, mode=mode, Hq=Hq, Hkv=Hkv, Dh=Dh, B=1, Tl=9, Tr=21, causal=True)
         out, lse = mixed_attention(q, k, v, return_lse=True, scale=0.3, **kw)
-        ro, rl = mixed_attention_reference(q, k, v, scale=0.3, **kw)
+        ro, rl = reference(q, k, v, scale=0.3, **kw)
         check(out, lse, ro, rl)
 
 
@@ -111,7 +117,7 @@ def test_cpu_dtypes(dtype):
     for mode in ("per_token", "rope", "count"):
         q, k, v, kw = make_case(3, mode=mode, dtype=dtype, causal=True)
         out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
-        ro, rl = mixed_attention_reference(q, k, v, **kw)
+        ro, rl = reference(q, k, v, **kw)
         check(out, lse, ro, rl, dtype=dtype)
 
 
@@ -130,26 +136,29 @@ def test_count_weighted_equals_per_token(causal, positions):
     torch.testing.assert_close(la[fin], lb[fin], rtol=1e-5, atol=1e-5)
 
 
-def test_count_plan_segments():
+def table_keys(q, kw):
+    B, Tl, Tr = q.shape[0], q.shape[2], kw["codes"].shape[1]
+    kp = positions("kv_pos", kw.get("kv_pos"), B, Tr, Tl, q.device)
+    return TableKeys(kw["codes"], kw["k_table"], kw["v_table"], kp, kw.get("remote_mask"),
+                     kw.get("rope_cos"), kw.get("rope_sin"))
+
+
+def test_count_split_segments():
     """Contiguous chunks: every remote key is before or after all queries -> no per-token keys left."""
     q, k, v, kw = make_case(5, mode="count", causal=True, positions="contiguous", Tr=40)
-    kw.pop("count_weighted")
-    args = dict(k_hat=None, v_hat=None, rope_cos=None, rope_sin=None, count_weighted="auto", scale=None,
-                include_local=True, validate=True)
-    args.update(kw)
-    p = _plan(q, k, v, **args)
-    assert p.r_mode == "none" and p.u_codes is not None
+    qp = positions("q_pos", kw["q_pos"], q.shape[0], q.shape[2])
+    segs = split_counts(table_keys(q, kw), qp, causal=True)
+    assert [type(s) for s in segs] == [CountKeys]
     # the keys after the chunk are dropped from the counts: total count = visible earlier keys
     Tr = kw["codes"].shape[1]
     before = (kw["kv_pos"] < kw["q_pos"].min()) & kw["remote_mask"]
-    counts = p.u_logc.exp().nan_to_num(0.0).sum(dim=1)
+    counts = segs[0].log_counts.exp().nan_to_num(0.0).sum(dim=1)
     assert torch.equal(counts.round().long(), before.sum(dim=1)), (counts, before.sum(dim=1), Tr)
-    # interleaved positions: keys visible to only some queries stay per-token
+    # interleaved positions: keys visible to only some queries stay per-token (table keys)
     q, k, v, kw = make_case(5, mode="count", causal=True, positions="interleaved", Tr=40)
-    kw.pop("count_weighted")
-    args.update(kw)
-    p = _plan(q, k, v, **args)
-    assert p.r_mode == "gather"
+    qp = positions("q_pos", kw["q_pos"], q.shape[0], q.shape[2])
+    segs = split_counts(table_keys(q, kw), qp, causal=True)
+    assert [type(s) for s in segs] == [CountKeys, TableKeys]
 
 
 def test_all_masked_rows_and_merge_convention():
@@ -158,7 +167,7 @@ def test_all_masked_rows_and_merge_convention():
     kw["remote_mask"][0] = False
     out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
     assert bool(torch.isneginf(lse[0]).all()) and bool((out[0] == 0).all())
-    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl)
     # merging a fully masked partial with anything returns the other side unchanged
     o2, l2 = merge_attention(out, lse, torch.full_like(out, float("nan")), torch.full_like(lse, float("-inf")))
@@ -177,7 +186,7 @@ def test_merge_local_and_nonlocal_passes(mode, causal):
     o_rem, l_rem = mixed_attention(q, None, None, include_local=False, causal=causal, q_pos=kw["q_pos"],
                                    return_lse=True, **remote_kw)
     o, l = merge_attention(o_loc, l_loc, o_rem, l_rem)
-    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    ro, rl = reference(q, k, v, **kw)
     check(o, l, ro, rl)
     torch.testing.assert_close(o, full, rtol=1e-5, atol=1e-6)
 
@@ -258,7 +267,8 @@ def test_default_positions_causal_hide_remote():
 
 
 try:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     @settings(max_examples=25, deadline=None, derandomize=True)
     @given(seed=st.integers(0, 10_000), mode=st.sampled_from(MODES), causal=st.booleans(),
@@ -268,7 +278,7 @@ try:
         q, k, v, kw = make_case(seed, mode=mode, causal=causal, Tl=Tl, Tr=Tr, K=K, Hq=2 * G, Hkv=2,
                                 positions=positions, Dh=16)
         out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
-        ro, rl = mixed_attention_reference(q, k, v, **kw)
+        ro, rl = reference(q, k, v, **kw)
         check(out, lse, ro, rl)
 except ImportError:  # pragma: no cover
     pass
@@ -284,22 +294,23 @@ def test_cpu_matmul_fallback_route(mode, monkeypatch):
     for causal in (False, True):
         q, k, v, kw = make_case(77, mode=mode, causal=causal, positions="interleaved", Tl=40, Tr=50)
         out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
-        check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+        check(out, lse, *reference(q, k, v, **kw))
     assert torch.float32 in A._FLASH_FAILED
 
 
 @pytest.mark.parametrize("mode", ["per_token", "rope"])
-def test_causal_plan_drops_keys_no_query_sees(mode):
+def test_causal_pruning_drops_keys_no_query_sees(mode):
     q, k, v, kw = make_case(8, mode=mode, causal=True, positions="contiguous", Tr=30, masks=False)
-    args = dict(k_hat=None, v_hat=None, codes=None, k_table=None, v_table=None, rope_cos=None, rope_sin=None,
-                local_mask=None, remote_mask=None, count_weighted="auto", scale=None, include_local=True,
-                validate=True)
-    args.update(kw)
-    p = _plan(q, k, v, **args)
+    qp = positions("q_pos", kw["q_pos"], q.shape[0], q.shape[2])
+    if mode == "per_token":
+        seg = TokenKeys(kw["k_hat"], kw["v_hat"], positions("kv_pos", kw["kv_pos"], q.shape[0], 30))
+    else:
+        seg = table_keys(q, kw)
+    seg = prune_causal(seg, qp)
     before = int((kw["kv_pos"] < kw["q_pos"].min()).sum())
-    assert p.r_pos.shape == (2, before) and bool((p.r_pos < kw["q_pos"].min()).all())
+    assert seg.pos.shape == (2, before) and bool((seg.pos < kw["q_pos"].min()).all())
     out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
-    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    check(out, lse, *reference(q, k, v, **kw))
 
 
 def noncontig(x):
@@ -317,7 +328,7 @@ def test_cpu_noncontiguous_inputs(mode):
         if n in kw2:
             kw2[n] = noncontig(kw2[n])
     out, lse = mixed_attention(q2, k2, v2, return_lse=True, **kw2)
-    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    check(out, lse, *reference(q, k, v, **kw))
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (3, 3)])
@@ -329,6 +340,74 @@ def test_cpu_causal_sorted_local_route(mode, Hq, Hkv):
     kw["local_mask"][:, :3] = False
     kw["local_mask"][:, 3:] = True
     out, lse = mixed_attention(noncontig(q), noncontig(k), noncontig(v), return_lse=True, **kw)
-    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl)
     assert bool(torch.isneginf(lse[:, :, :3]).all())
+
+
+def mixed_segments(seed, Tl=17, Tr=40, K=9):
+    """A call with three key segments of different forms: local tokens, per-token non-local keys (half the
+    non-local tokens) and the count keys of the other half, plus the equivalent reference keywords."""
+    q, k, v, kw = make_case(seed, mode="per_token", Tl=Tl, Tr=Tr, causal=True, positions="interleaved")
+    g = seeded_generator(seed + 1)
+    B, Hkv, Dh = k.shape[0], k.shape[1], k.shape[3]
+    kt, vt = random_inputs(K, Hkv, Dh, generator=g), random_inputs(K, Hkv, Dh, generator=g)
+    codes = random_ints(B, Tr, low=0, high=K, generator=g)
+    qp = positions("q_pos", kw["q_pos"], B, Tl)
+    kp = positions("kv_pos", kw["kv_pos"], B, Tr)
+    before = kp < qp.min(dim=1, keepdim=True).values        # count keys must be visible to every query
+    table = TableKeys(codes, kt, vt, kp, before)
+    segs = [TokenKeys(k, v, qp, kw["local_mask"]), TokenKeys(kw["k_hat"], kw["v_hat"], kp, kw["remote_mask"])]
+    segs += split_counts(table, qp, causal=True)
+    assert isinstance(segs[-1], CountKeys)
+    # reference: the same keys per token (the table keys appended as a second block of non-local tokens)
+    k_all = torch.cat([kw["k_hat"], kt[codes].permute(0, 2, 1, 3)], dim=2)
+    v_all = torch.cat([kw["v_hat"], vt[codes].permute(0, 2, 1, 3)], dim=2)
+    ref_kw = dict(k_hat=k_all, v_hat=v_all, q_pos=qp, kv_pos=torch.cat([kp, kp], dim=1), causal=True,
+                  local_mask=kw["local_mask"], remote_mask=torch.cat([kw["remote_mask"], before], dim=1))
+    return q, k, v, qp, segs, ref_kw
+
+
+def test_attention_segments_mixed_forms():
+    from astra_kernels import attention_segments
+
+    q, k, v, qp, segs, ref_kw = mixed_segments(3)
+    out, lse = attention_segments(q, segs, q_pos=qp, causal=True, return_lse=True, backend="torch")
+    check(out, lse, *reference(q, k, v, **ref_kw))
+
+
+def test_segment_validation():
+    from astra_kernels import attention_segments
+
+    q, k, v, qp, segs, _ = mixed_segments(4)
+    with pytest.raises(ValueError, match="shapes differ"):
+        TokenKeys(k, v[:, :, :3], qp)
+    with pytest.raises(ValueError, match="positions must be int64"):
+        TokenKeys(k, v, qp.to(torch.int32))
+    with pytest.raises(ValueError, match="log_counts must be float32"):
+        CountKeys(segs[-1].codes, segs[-1].log_counts.double(), segs[-1].k_table, segs[-1].v_table)
+    with pytest.raises(ValueError, match="count weighting is invalid with RoPE"):
+        cos = torch.ones(100, q.shape[3])
+        split_counts(TableKeys(segs[-1].codes, segs[-1].k_table, segs[-1].v_table, qp[:, :segs[-1].codes.shape[1]],
+                               rope_cos=cos, rope_sin=cos), qp, causal=False)
+    with pytest.raises(ValueError, match="must be TokenKeys / TableKeys / CountKeys"):
+        attention_segments(q, [k])
+    with pytest.raises(ValueError, match="no keys at all"):
+        attention_segments(q, [])
+    with pytest.raises(ValueError, match="disagree on the number of kv heads"):
+        attention_segments(q, [segs[0], TokenKeys(k[:, :1], v[:, :1], qp)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finiteness_check_never_overflows(dtype):
+    """The one finiteness check (astra_kernels.checks): large finite fp16 inputs pass (their sum is inf),
+    any NaN / inf is named."""
+    from astra_kernels.checks import check_finite
+
+    x = torch.full((300, 1000), 60000.0 if dtype == torch.float16 else 1e30, dtype=dtype)
+    check_finite("x", x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[17, 5] = bad
+        with pytest.raises(ValueError, match="x contains non-finite values"):
+            check_finite("x", y)

@@ -1,41 +1,50 @@
 """Proof chain step 1 for the fused mixed-attention kernel: the Triton kernel (interpreter on CPU, or a
 GPU when present) against the float64 reference, fresh random non-zero inputs, poisoned outputs.
 fp32 and fp16 only (no bf16 in the interpreter). Small shapes: the interpreter is slow."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from astra_kernels.attention import _plan, mixed_attention, mixed_attention_reference  # noqa: E402
-from astra_kernels.testing import (assert_no_poison, kernel_device, poisoned_empty,  # noqa: E402
-                                   triton_runnable)
-from test_attention import check, make_case, noncontig  # noqa: E402
+from test_attention import check, make_case, mixed_segments, noncontig, reference, table_keys  # noqa: E402
+
+from astra_kernels.attention import attention_segments, mixed_attention  # noqa: E402
+from astra_kernels.segments import TokenKeys, positions, split_counts  # noqa: E402
+from astra_kernels.testing import assert_no_poison, kernel_device, poisoned_empty, triton_runnable  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason="needs a GPU or TRITON_INTERPRET=1")
-
-_PLAN_DEFAULTS = dict(k_hat=None, v_hat=None, codes=None, k_table=None, v_table=None, rope_cos=None,
-                      rope_sin=None, q_pos=None, kv_pos=None, causal=False, local_mask=None, remote_mask=None,
-                      count_weighted="auto", scale=None, include_local=True, validate=True)
-
 
 def _to(dev, x):
     return x.to(dev) if isinstance(x, torch.Tensor) else x
 
 
+def segments(q, k, v, kw):
+    """The key segments of a make_case call, built through the public types."""
+    B, _, Tl, Dh = q.shape
+    qp = positions("q_pos", kw.get("q_pos"), B, Tl, 0, q.device)
+    segs = [] if kw.get("include_local") is False else [TokenKeys(k, v, qp, kw.get("local_mask"))]
+    if "k_hat" in kw:
+        kp = positions("kv_pos", kw.get("kv_pos"), B, kw["k_hat"].shape[2], Tl, q.device)
+        segs.append(TokenKeys(kw["k_hat"], kw["v_hat"], kp, kw.get("remote_mask")))
+    elif "codes" in kw:
+        table = table_keys(q, kw)
+        segs += split_counts(table, qp, kw["causal"]) if kw.get("count_weighted") is True else [table]
+    return qp, segs
+
+
 def run_kernel(q, k, v, kw):
-    """Plan on the host, then the kernel into poisoned out/lse buffers; returns CPU (out, lse)."""
+    """Segments on the host, then the kernel into poisoned out/lse buffers; returns CPU (out, lse)."""
     from astra_kernels.triton import attention_kernels as ak
 
     dev = kernel_device()
     q, k, v = _to(dev, q), _to(dev, k), _to(dev, v)
-    kwd = {n: _to(dev, x) for n, x in kw.items()}
-    args = dict(_PLAN_DEFAULTS)
-    args.update(kwd)
-    plan = _plan(q, k, v, **args)
+    qp, segs = segments(q, k, v, {n: _to(dev, x) for n, x in kw.items()})
     B, Hq, Tl, Dh = q.shape
     out = poisoned_empty(B, Hq, Tl, Dh, dtype=q.dtype, device=dev)
     lse = torch.full((B, Hq, Tl), 12345.0, dtype=torch.float32, device=dev)  # sentinel: -inf is legal
-    o, l = ak.mixed_attention_triton(plan, out=out, lse=lse)
+    o, l = ak.attention_triton(q, qp, segs, causal=kw.get("causal", False), scale=Dh ** -0.5, out=out, lse=lse)
     assert o is out and l is lse
     assert_no_poison(out, "out")
     assert not bool((lse == 12345.0).any()), "lse not written"
@@ -68,7 +77,7 @@ def test_kernel_matches_reference_fp32(case, causal):
     q, k, v, kw = make_case(100 + Tl + 7 * Tr + Dh, mode=mode, Tl=Tl, Tr=Tr, Hq=Hq, Hkv=Hkv, Dh=Dh, causal=causal,
                             positions=positions, K=23)
     out, lse = run_kernel(q, k, v, kw)
-    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl)
 
 
@@ -76,20 +85,20 @@ def test_kernel_matches_reference_fp32(case, causal):
 def test_kernel_fp16(mode):
     q, k, v, kw = make_case(9, mode=mode, Tl=17, Tr=23, causal=True, dtype=torch.float16)
     out, lse = run_kernel(q, k, v, kw)
-    ro, rl = mixed_attention_reference(q, k, v, **kw)
+    ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl, dtype=torch.float16)
 
 
 def test_kernel_no_masks_and_all_masked_rows():
     q, k, v, kw = make_case(31, mode="count", masks=False, positions="interleaved", causal=True)
     out, lse = run_kernel(q, k, v, kw)
-    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    check(out, lse, *reference(q, k, v, **kw))
     q, k, v, kw = make_case(32, mode="rope", positions="interleaved", causal=True)
     kw["local_mask"][1] = False
     kw["remote_mask"][1] = False
     out, lse = run_kernel(q, k, v, kw)
     assert bool(torch.isneginf(lse[1]).all()) and bool((out[1] == 0).all())
-    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    check(out, lse, *reference(q, k, v, **kw))
 
 
 def test_kernel_count_equals_per_token_and_cpu():
@@ -109,11 +118,11 @@ def test_kernel_nonlocal_only_pass_and_public_api():
     q, k, v, kw = make_case(51, mode="rope", causal=True, positions="interleaved")
     remote = {n: kw[n] for n in ("codes", "k_table", "v_table", "rope_cos", "rope_sin", "kv_pos", "remote_mask")}
     out, lse = run_kernel(q, None, None, dict(remote, causal=True, q_pos=kw["q_pos"], include_local=False))
-    ro, rl = mixed_attention_reference(q, k, v, causal=True, q_pos=kw["q_pos"], include_local=False, **remote)
+    ro, rl = reference(q, k, v, causal=True, q_pos=kw["q_pos"], include_local=False, **remote)
     check(out, lse, ro, rl)
     o2, l2 = mixed_attention(q.to(dev), k.to(dev), v.to(dev), backend="triton", return_lse=True,
                              **{n: _to(dev, x) for n, x in kw.items()})
-    check(o2.cpu(), l2.cpu(), *mixed_attention_reference(q, k, v, **kw))
+    check(o2.cpu(), l2.cpu(), *reference(q, k, v, **kw))
 
 
 def test_kernel_empty_query_block():
@@ -129,7 +138,7 @@ def test_kernel_noncontiguous_inputs(mode):
     q, k, v, kw = make_case(14, mode=mode, causal=True, positions="interleaved")
     kw2 = {n: (noncontig(x) if n in ("k_hat", "v_hat") else x) for n, x in kw.items()}
     out, lse = run_kernel(noncontig(q), noncontig(k), noncontig(v), kw2)
-    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    check(out, lse, *reference(q, k, v, **kw))
 
 
 def test_kernel_causal_sorted_skip_with_leading_padding():
@@ -138,5 +147,21 @@ def test_kernel_causal_sorted_skip_with_leading_padding():
     kw["local_mask"][:, :3] = False
     kw["local_mask"][:, 3:] = True
     out, lse = run_kernel(q, k, v, kw)
-    check(out, lse, *mixed_attention_reference(q, k, v, **kw))
+    check(out, lse, *reference(q, k, v, **kw))
     assert bool(torch.isneginf(lse[:, :, :3]).all())
+
+
+def test_kernel_mixed_forms_need_two_launches():
+    """Per-token non-local keys and count keys use the same kernel slot pointers: the launcher runs two
+    launches and merges them by log-sum-exp."""
+    from astra_kernels.triton import attention_kernels as ak
+
+    q, k, v, qp, segs, ref_kw = mixed_segments(5)
+    assert len(ak._launches(qp, segs)) == 2
+    dev = kernel_device()
+    qp_d = _to(dev, qp)
+    on_dev = [replace(s, **{f: _to(dev, t) for f, t in vars(s).items() if isinstance(t, torch.Tensor)})
+              for s in segs]
+    on_dev[0] = replace(on_dev[0], pos=qp_d)   # the local keys sit at the query positions
+    out, lse = attention_segments(_to(dev, q), on_dev, q_pos=qp_d, causal=True, return_lse=True, backend="triton")
+    check(out.cpu(), lse.cpu(), *reference(q, k, v, **ref_kw))

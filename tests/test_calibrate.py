@@ -1,6 +1,5 @@
 """astra.calibrate: seeded grouped k-means over the hidden states ASTRA quantizes."""
 import torch
-
 from test_runtime_support import main_output, tiny_inputs, tiny_model
 
 import astra

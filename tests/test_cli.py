@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import astra
 from astra.cli import main, stdlib_paragraphs
 

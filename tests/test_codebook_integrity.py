@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-
 from test_runtime_support import tiny_model
 
 import astra

@@ -1,7 +1,6 @@
 """astra.Codebooks: construction checks, safetensors round trip, and clear errors on bad files/models."""
 import pytest
 import torch
-
 from test_runtime_support import tiny_model
 
 import astra
@@ -54,7 +53,7 @@ def test_load_rejects_wrong_model(tmp_path, gpt2):
     ([torch.randn(2, 16, 32), torch.randn(2, 16, 16)], "all layers must share"),
     ([torch.randn(2, 16)], "expected \\[G, K, D/G\\]"),
     ([torch.randint(0, 3, (2, 16, 32))], "floating dtype"),
-    ([torch.full((2, 16, 32), float("nan"))], "NaN or Inf"),
+    ([torch.full((2, 16, 32), float("nan"))], "NaN or inf"),
     ([torch.randn(3, 16, 32)], "hidden_size is 64"),
     ([], "at least one layer"),
 ])
@@ -78,7 +77,7 @@ def test_load_rejects_bad_files(tmp_path):
     save_file({"layer.0": torch.full((1, 4, 64), float("inf"))}, str(inf), metadata={
         "format": "astra-codebooks", "version": "1", "model_type": "gpt2", "hidden_size": "64",
         "num_layers": "1", "groups": "1", "codebook_size": "4"})
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="NaN or inf"):
         astra.Codebooks.load(inf)
     missing = tmp_path / "missing.safetensors"
     save_file({"layer.0": torch.zeros(1, 4, 64)}, str(missing), metadata={

@@ -8,9 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from astra_kernels import testing as T
 from astra_kernels import crc32c, frame_header, frame_layout, frame_nbytes, pack_codes, unpack_codes
-
+from astra_kernels import testing as T
 
 # The independent pure-Python model of docs/wire-format.md: astra_kernels.testing.reference_frame.
 
@@ -170,7 +169,8 @@ def _frame(bits=10, shape=(6, 5), seed=7) -> bytearray:
 def test_rejects_corrupt_frames(mutate, message):
     frame = bytes(mutate(_frame()))
     with pytest.raises(ValueError, match=message):
-        unpack_codes(torch.frombuffer(bytearray(frame), dtype=torch.uint8) if frame else torch.empty(0, dtype=torch.uint8))
+        t = torch.frombuffer(bytearray(frame), dtype=torch.uint8) if frame else torch.empty(0, dtype=torch.uint8)
+        unpack_codes(t)
 
 
 def test_rejects_nonzero_padding_bits():

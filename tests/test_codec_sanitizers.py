@@ -24,7 +24,8 @@ def test_codec_under_asan_ubsan(tmp_path):
     subprocess.run([cmake, "-S", str(ROOT), "-B", str(tmp_path), *gen, "-DASTRA_SANITIZE=ON",
                     "-DASTRA_BUILD_PYTHON=OFF", "-DCMAKE_BUILD_TYPE=Debug"], check=True, capture_output=True)
     subprocess.run([cmake, "--build", str(tmp_path), "--target", "codec_selftest"], check=True, capture_output=True)
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     r = subprocess.run([str(tmp_path / "codec_selftest")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "codec_selftest: OK" in r.stdout

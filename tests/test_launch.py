@@ -1,6 +1,7 @@
 """astra.launch (local gloo ranks), failure handling (a peer dies or stalls -> PeerError within the timeout,
 never a hang), and torchrun."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -9,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra
-from astra.launch import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _echo(rank, scale):
@@ -107,7 +112,7 @@ def test_torchrun(tmp_path):
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        "--master-port", str(_free_port()), str(script)],
+                        "--master-port", str(free_port()), str(script)],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("TORCHRUN_OK") == 2

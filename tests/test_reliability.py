@@ -6,11 +6,9 @@ import signal
 
 import pytest
 import torch
-
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra
-from astra.errors import InputMismatchError, InvalidInputError, RankFailedError
 
 TOL = 1e-4
 
@@ -71,7 +69,7 @@ def _cases(rank):
     }
     out = {}
     for name, bad in variants.items():
-        res = _outcome(lambda: pm(**bad))
+        res = _outcome(lambda bad=bad: pm(**bad))
         full = pm.gather(pm(**inputs)).logits
         out[name] = (res, float((full - sim).abs().max()))
     for where in ("attn1", "mlp0", "final"):
@@ -102,7 +100,7 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
     results = astra.launch(_cases, world, join_timeout=180)
     last = world - 1
     for rank, out in enumerate(results):
-        for name, (res, diff) in out.items():
+        for name, (_res, diff) in out.items():
             assert diff < TOL, (rank, name, diff)        # the next call is exact again
         assert out["1a_same_shape_other_ids"][0].startswith("InputMismatchError: "), out
         assert "input values (digests) differ" in out["1a_same_shape_other_ids"][0]

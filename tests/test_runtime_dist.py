@@ -1,7 +1,6 @@
 """astra.parallelize over real gloo ranks (astra.launch): full-precision SP equals the model, ASTRA equals
 astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes."""
 import torch
-
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra
@@ -62,8 +61,8 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
 
 
 def check(results_per_rank, world):
-    from astra_kernels import frame_nbytes
     from astra.transport import ENVELOPE_NBYTES
+    from astra_kernels import frame_nbytes
 
     for rank, results in enumerate(results_per_rank):
         for rec in results:

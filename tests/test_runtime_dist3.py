@@ -25,7 +25,6 @@ def test_three_gloo_ranks_single_pass_attention():
 
 def _subgroup_rank(rank):
     import torch.distributed as dist
-
     from test_runtime_support import tiny_inputs, tiny_model
 
     group = dist.new_group([1, 2])             # every rank takes part in creating it

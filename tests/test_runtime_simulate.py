@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from test_runtime_support import main_output, tiny_inputs, tiny_model
 
 import astra

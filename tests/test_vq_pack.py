@@ -11,9 +11,9 @@ needs_triton = pytest.mark.skipif(not T.triton_runnable(), reason="triton kernel
 
 
 def _kernels():
-    from astra_kernels.triton import vq_kernels
+    from astra_kernels.triton import codec_kernels
 
-    return vq_kernels
+    return codec_kernels
 
 
 def test_python_reference_matches_spec_example():

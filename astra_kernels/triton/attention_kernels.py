@@ -4,14 +4,18 @@ One program owns ``BLOCK_M`` local queries of one (batch, query head). It stream
 segments with one online softmax (running max ``m``, running sum ``l``, accumulator ``acc``), never
 materialising a ``[Tl, Tr]`` score matrix:
 
-1. local keys ``K, V [B, Hkv, Tl, Dh]`` (full precision), positions = the queries' positions,
-   optional padding bias;
-2. per-token non-local keys, either read directly (``REMOTE_MODE=1``: ``k_hat, v_hat``) or gathered
-   by code from the per-layer tables inside the kernel (``REMOTE_MODE=2``: ``k_table[code]``), with the
-   gathered key optionally rotated by its global position (``ROPE``: rotate_half convention, both halves
-   loaded); causal masking by global position, optional padding bias;
-3. distinct codes (``HAS_COUNT``): table rows gathered by code, ``log(count)`` added to the score, no
-   position mask (the host only puts here keys every query of the call sees).
+1. ``HAS_LOCAL``: per-token keys at the query positions (``TokenKeys`` whose ``pos`` is ``q_pos``):
+   ``K, V [B, Hkv, Tl, Dh]``, optional padding bias;
+2. one non-local segment in the ``R*`` arguments: per-token keys (``HAS_TOKENS``: ``TokenKeys``, read
+   directly) or table keys (``HAS_TABLE``: ``TableKeys``, gathered by code from the per-layer tables
+   inside the kernel, optionally rotated by their global position - ``ROPE``, rotate_half convention,
+   both halves loaded); causal masking by global position, optional padding bias;
+3. ``HAS_COUNTS``: count keys (``CountKeys``): table rows gathered by code, ``log(count)`` added to the
+   score, no position mask (count keys are seen by every query). Their tables are the ``RK, RV``
+   arguments (batch stride 0).
+
+The host launcher (:func:`attention_triton`) takes the same list of segments as the CPU path and maps
+each to its slot; a new key form is one more flag, one more ``_attn_segment`` call and one slot.
 
 Grouped-query attention maps query head ``h`` to kv head ``h // GROUP``. ``head_dim`` is padded to the
 power of two ``BLOCK_D`` with masks. Scores use ``exp2`` with ``scale * log2(e)`` folded in. A row that
@@ -26,15 +30,18 @@ normalises them); big tensors take explicit strides.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from ..aot import AotSpec
+from ..attention import merge_attention
+from ..interpreter import interpreting
+from ..segments import CountKeys, Segment, TableKeys, TokenKeys
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -91,7 +98,7 @@ def mixed_attn_fwd_kernel(
     Q, K, V, O, LSE,
     QPOS, LBIAS,
     RK, RV, RCODES, RPOS, RBIAS,
-    UCODES, UBIAS,
+    CCODES, CLOGC,
     COS, SIN,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -102,8 +109,8 @@ def mixed_attn_fwd_kernel(
     Hq, Tl, Tr, U, Dh, GROUP, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LOCAL: tl.constexpr, HAS_LBIAS: tl.constexpr,
-    REMOTE_MODE: tl.constexpr, ROPE: tl.constexpr, HAS_RBIAS: tl.constexpr,
-    HAS_COUNT: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, LOCAL_SORTED: tl.constexpr,
+    HAS_TOKENS: tl.constexpr, HAS_TABLE: tl.constexpr, ROPE: tl.constexpr, HAS_RBIAS: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, LOCAL_SORTED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -139,20 +146,20 @@ def mixed_attn_fwd_kernel(
             stride_kt, stride_kd, stride_vt, stride_vd,
             QPOS, QPOS + b64 * Tl, LBIAS + b64 * Tl, COS, SIN, n_local, half, qk_scale,
             BLOCK_N, False, False, HAS_LBIAS, CAUSAL, BLOCK_D, DOT_PREC)
-    if REMOTE_MODE != 0:
+    if HAS_TOKENS or HAS_TABLE:
         acc, m_i, l_i = _attn_segment(
             acc, m_i, l_i, q, q_pos, offs_d, d_mask,
             RK + b64 * stride_rkb + hk64 * stride_rkh, RV + b64 * stride_rvb + hk64 * stride_rvh,
             stride_rkt, stride_rkd, stride_rvt, stride_rvd,
             RCODES + b64 * Tr, RPOS + b64 * Tr, RBIAS + b64 * Tr, COS, SIN, Tr, half, qk_scale,
-            BLOCK_N, REMOTE_MODE == 2, ROPE, HAS_RBIAS, CAUSAL, BLOCK_D, DOT_PREC)
-    if HAS_COUNT:
+            BLOCK_N, HAS_TABLE, ROPE, HAS_RBIAS, CAUSAL, BLOCK_D, DOT_PREC)
+    if HAS_COUNTS:
         # distinct codes: tables are RK/RV (stride_rkb = 0), bias = log(count), visible to every query
         acc, m_i, l_i = _attn_segment(
             acc, m_i, l_i, q, q_pos, offs_d, d_mask,
             RK + hk64 * stride_rkh, RV + hk64 * stride_rvh,
             stride_rkt, stride_rkd, stride_rvt, stride_rvd,
-            UCODES + b64 * U, UCODES + b64 * U, UBIAS + b64 * U, COS, SIN, U, half, qk_scale,
+            CCODES + b64 * U, CCODES + b64 * U, CLOGC + b64 * U, COS, SIN, U, half, qk_scale,
             BLOCK_N, True, False, True, False, BLOCK_D, DOT_PREC)
 
     empty = l_i == 0.0
@@ -185,98 +192,138 @@ def _blocks(dtype: torch.dtype, block_d: int, interpret: bool):
     return 128, 16, 8, 2, "tf32"
 
 
-def mixed_attention_triton(plan, out=None, lse=None):
-    """Run the fused kernel for a validated ``astra_kernels.attention._Plan``; returns (out, lse).
+def attention_triton(q: torch.Tensor, q_pos: torch.Tensor, segments: Sequence[Segment], *, causal: bool,
+                     scale: float, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None):
+    """Run the fused kernel over validated key segments; returns ``(out, lse)``.
 
+    ``q [B, Hq, Tl, Dh]``, ``q_pos [B, Tl]`` int64; ``segments``: TokenKeys / TableKeys / CountKeys with
+    a common kv head count (see ``astra_kernels.segments``). One launch takes at most one segment per
+    slot (local tokens at the query positions; one per-token or table segment; one count segment that
+    shares the table segment's tables); more segments mean more launches, merged by log-sum-exp.
     ``out`` ([B, Hq, Tl, Dh], q's dtype) / ``lse`` ([B, Hq, Tl] float32, contiguous) may be given
     (tests pass poisoned buffers)."""
-    from .._dispatch import interpreting
-
-    q = plan.q
-    dev = q.device
-    B, Hq, Tl, Dh = plan.B, plan.Hq, plan.Tl, plan.Dh
-    G = Hq // plan.Hkv
-    BLOCK_D = max(16, triton.next_power_of_2(Dh))
-    if BLOCK_D > 256:
+    B, Hq, Tl, Dh = q.shape
+    if triton.next_power_of_2(Dh) > 256:
         raise ValueError(f"backend='triton' supports head_dim up to 256, got {Dh}")
+    if B * Hq > 65535:
+        raise ValueError(f"backend='triton' supports batch * query heads <= 65535 (grid axis 1), got {B * Hq}")
     if out is None:
-        out = torch.empty(B, Hq, Tl, Dh, dtype=q.dtype, device=dev)
+        out = torch.empty(B, Hq, Tl, Dh, dtype=q.dtype, device=q.device)
     if lse is None:
-        lse = torch.empty(B, Hq, Tl, dtype=torch.float32, device=dev)
+        lse = torch.empty(B, Hq, Tl, dtype=torch.float32, device=q.device)
     if tuple(out.shape) != (B, Hq, Tl, Dh) or out.dtype != q.dtype:
         raise ValueError(f"out must be [{B}, {Hq}, {Tl}, {Dh}] {q.dtype}")
     if tuple(lse.shape) != (B, Hq, Tl) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"lse must be a contiguous float32 [{B}, {Hq}, {Tl}] tensor")
-    i32 = torch.int32
-    dummy_i = torch.zeros(1, dtype=i32, device=dev)
-    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
-    for name, pos in (("q_pos", plan.q_pos), ("kv_pos", plan.r_pos)):
-        if pos is not None and pos.numel():
+    for name, pos in [("q_pos", q_pos)] + [("kv_pos", s.pos) for s in segments if hasattr(s, "pos")]:
+        if pos.numel():
             lo, hi = torch.aminmax(pos)
             if int(lo) < -2**31 or int(hi) >= 2**31:
                 raise ValueError(f"backend='triton' needs {name} within int32, got [{int(lo)}, {int(hi)}]")
-    qpos = plan.q_pos.to(i32).contiguous()
+    launches = _launches(q_pos, segments) or [{}]
+    _launch(q, q_pos, launches[0], causal, scale, out, lse)
+    for slots in launches[1:]:
+        o, l = _launch(q, q_pos, slots, causal, scale, torch.empty_like(out), torch.empty_like(lse))
+        o, l = merge_attention(out, lse, o, l)
+        out.copy_(o)
+        lse.copy_(l)
+    return out, lse
 
-    has_local = plan.k is not None
-    k = plan.k if has_local else q
-    v = plan.v if has_local else q
-    lbias = dummy_f
-    if has_local and plan.l_valid is not None:
-        lbias = torch.zeros(B, Tl, dtype=torch.float32, device=dev).masked_fill_(~plan.l_valid, float("-inf"))
 
-    mode = {"none": 0, "direct": 1, "gather": 2}[plan.r_mode]
-    has_count = plan.u_codes is not None
-    Tr = 0
-    rcodes, rpos, rbias = dummy_i, dummy_i, dummy_f
-    if mode == 1:
-        rk, rv = plan.r_k, plan.r_v
-        rks, rvs = rk.stride(), rv.stride()
-        Tr = rk.shape[2]
-    elif mode == 2 or has_count:
-        rk, rv = plan.r_k, plan.r_v  # tables [K, Hkv, Dh]
-        rks = (0, rk.stride(1), rk.stride(0), rk.stride(2))
-        rvs = (0, rv.stride(1), rv.stride(0), rv.stride(2))
-        if mode == 2:
-            rcodes = plan.r_codes.to(i32).contiguous()
-            Tr = rcodes.shape[1]
-    else:
-        rk, rv = q, q
-        rks = rvs = (0, 0, 0, 0)
-    if mode != 0:
-        if plan.r_pos is not None:
-            rpos = plan.r_pos.to(i32).contiguous()
-        if plan.r_valid is not None:
-            rbias = torch.zeros(B, Tr, dtype=torch.float32, device=dev).masked_fill_(~plan.r_valid, float("-inf"))
-    rope = mode == 2 and plan.rope_cos is not None
-    cos, sin = dummy_f, dummy_f
-    if rope:
-        cos = plan.rope_cos.to(torch.float32).contiguous()
-        sin = plan.rope_sin.to(torch.float32).contiguous()
-    ucodes, ubias, U = dummy_i, dummy_f, 0
-    if has_count:
-        ucodes = plan.u_codes.to(i32).contiguous()
-        ubias = plan.u_logc.to(torch.float32).contiguous()
-        U = ucodes.shape[1]
+def _slot(seg: Segment, q_pos: torch.Tensor) -> str:
+    if isinstance(seg, CountKeys):
+        return "counts"
+    if isinstance(seg, TokenKeys) and seg.pos is q_pos:
+        return "local"
+    return "remote"
 
-    local_sorted = bool(plan.causal and has_local and Tl > 1
-                        and bool((plan.q_pos[:, 1:] > plan.q_pos[:, :-1]).all()))
-    interp = interpreting() and dev.type != "cuda"
-    BM, BN, warps, stages, prec = _blocks(q.dtype, BLOCK_D, interp)
-    if B * Hq > 65535:
-        raise ValueError(f"backend='triton' supports batch * query heads <= 65535 (grid axis 1), got {B * Hq}")
+
+def _fits(slots: dict, slot: str, seg: Segment) -> bool:
+    """The count segment reads its tables through the remote slot's pointers (batch stride 0)."""
+    counts = seg if slot == "counts" else slots.get("counts")
+    remote = seg if slot == "remote" else slots.get("remote")
+    if counts is None or remote is None:
+        return True
+    return isinstance(remote, TableKeys) and remote.k_table is counts.k_table and remote.v_table is counts.v_table
+
+
+def _launches(q_pos: torch.Tensor, segments: Sequence[Segment]) -> List[dict]:
+    """Group segments into launches of at most one segment per slot ("local", "remote", "counts")."""
+    launches: List[dict] = []
+    for seg in segments:
+        slot = _slot(seg, q_pos)
+        for slots in launches:
+            if slot not in slots and _fits(slots, slot, seg):
+                slots[slot] = seg
+                break
+        else:
+            launches.append({slot: seg})
+    return launches
+
+
+def _bias(valid: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    if valid is None:
+        return dummy
+    return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill_(~valid, float("-inf"))
+
+
+def _table_strides(t: torch.Tensor) -> tuple:
+    return (0, t.stride(1), t.stride(0), t.stride(2))  # [K, Hkv, Dh] seen as [B (stride 0), Hkv, K, Dh]
+
+
+def _remote_args(slots: dict, q: torch.Tensor, dummy_i, dummy_f) -> dict:
+    """Pointer / stride / size arguments of the remote (per-token or table) and count slots."""
+    i32 = torch.int32
+    remote, counts = slots.get("remote"), slots.get("counts")
+    a = dict(RK=q, RV=q, rks=(0, 0, 0, 0), rvs=(0, 0, 0, 0), RCODES=dummy_i, RPOS=dummy_i, RBIAS=dummy_f, Tr=0,
+             CCODES=dummy_i, CLOGC=dummy_f, U=0, COS=dummy_f, SIN=dummy_f)
+    if isinstance(remote, TokenKeys):
+        a.update(RK=remote.k, RV=remote.v, rks=remote.k.stride(), rvs=remote.v.stride(), Tr=remote.k.shape[2])
+    tables = remote if isinstance(remote, TableKeys) else counts
+    if tables is not None and not isinstance(remote, TokenKeys):
+        a.update(RK=tables.k_table, RV=tables.v_table, rks=_table_strides(tables.k_table),
+                 rvs=_table_strides(tables.v_table))
+    if isinstance(remote, TableKeys):
+        a.update(RCODES=remote.codes.to(i32).contiguous(), Tr=remote.codes.shape[1])
+        if remote.rope:
+            a.update(COS=remote.rope_cos.to(torch.float32).contiguous(),
+                     SIN=remote.rope_sin.to(torch.float32).contiguous())
+    if remote is not None:
+        a.update(RPOS=remote.pos.to(i32).contiguous(), RBIAS=_bias(remote.valid, dummy_f))
+    if counts is not None:
+        a.update(CCODES=counts.codes.to(i32).contiguous(), CLOGC=counts.log_counts.contiguous(),
+                 U=counts.codes.shape[1])
+    return a
+
+
+def _launch(q, q_pos, slots: dict, causal: bool, scale: float, out, lse):
+    dev = q.device
+    B, Hq, Tl, Dh = q.shape
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+    local, remote = slots.get("local"), slots.get("remote")
+    k = local.k if local is not None else q
+    v = local.v if local is not None else q
+    G = Hq // next(iter(slots.values())).heads()[1] if slots else 1
+    lbias = _bias(local.valid, dummy_f) if local is not None else dummy_f
+    r = _remote_args(slots, q, dummy_i, dummy_f)
+    local_sorted = bool(causal and local is not None and Tl > 1 and bool((q_pos[:, 1:] > q_pos[:, :-1]).all()))
+    BLOCK_D = max(16, triton.next_power_of_2(Dh))
+    BM, BN, warps, stages, prec = _blocks(q.dtype, BLOCK_D, interpreting() and dev.type != "cuda")
     grid = (triton.cdiv(Tl, BM), B * Hq)
     mixed_attn_fwd_kernel[grid](
         q, k, v, out, lse,
-        qpos, lbias,
-        rk, rv, rcodes, rpos, rbias,
-        ucodes, ubias,
-        cos, sin,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *rks, *rvs,
-        Hq, Tl, Tr, U, Dh, G, plan.scale * LOG2E,
+        q_pos.to(torch.int32).contiguous(), lbias,
+        r["RK"], r["RV"], r["RCODES"], r["RPOS"], r["RBIAS"],
+        r["CCODES"], r["CLOGC"],
+        r["COS"], r["SIN"],
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *r["rks"], *r["rvs"],
+        Hq, Tl, r["Tr"], r["U"], Dh, G, scale * LOG2E,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D,
-        HAS_LOCAL=has_local, HAS_LBIAS=lbias is not dummy_f,
-        REMOTE_MODE=mode, ROPE=rope, HAS_RBIAS=rbias is not dummy_f,
-        HAS_COUNT=has_count, CAUSAL=plan.causal,
+        HAS_LOCAL=local is not None, HAS_LBIAS=lbias is not dummy_f,
+        HAS_TOKENS=isinstance(remote, TokenKeys), HAS_TABLE=isinstance(remote, TableKeys),
+        ROPE=isinstance(remote, TableKeys) and remote.rope, HAS_RBIAS=r["RBIAS"] is not dummy_f,
+        HAS_COUNTS="counts" in slots, CAUSAL=causal,
         DOT_PREC=prec, LOCAL_SORTED=local_sorted,
         num_warps=warps, num_stages=stages,
     )
@@ -285,17 +332,17 @@ def mixed_attention_triton(plan, out=None, lse=None):
 
 # --------------------------------------------------------------------------------------- AOT specs
 _PTR_ARGS = ("Q", "K", "V", "O", "LSE", "QPOS", "LBIAS", "RK", "RV", "RCODES", "RPOS", "RBIAS",
-             "UCODES", "UBIAS", "COS", "SIN")
+             "CCODES", "CLOGC", "COS", "SIN")
 _STRIDE_ARGS = [f"stride_{t}{d}" for t in ("q", "k", "v", "o", "rk", "rv") for d in ("b", "h", "t", "d")]
 
 
-def _spec(dt: str, Dh: int, *, mode: int, rope: bool, count: bool, causal: bool, lbias: bool, rbias: bool,
+def _spec(dt: str, Dh: int, *, remote: str, rope: bool, count: bool, causal: bool, lbias: bool, rbias: bool,
           label: str) -> AotSpec:
     block_d = max(16, 1 << (Dh - 1).bit_length())
     BM, BN, warps, stages, prec = _blocks(torch.float16 if dt != "fp32" else torch.float32, block_d, False)
     ptr = {"Q": dt, "K": dt, "V": dt, "O": dt, "LSE": "fp32", "QPOS": "i32", "LBIAS": "fp32",
            "RK": dt, "RV": dt, "RCODES": "i32", "RPOS": "i32", "RBIAS": "fp32",
-           "UCODES": "i32", "UBIAS": "fp32", "COS": "fp32", "SIN": "fp32"}
+           "CCODES": "i32", "CLOGC": "fp32", "COS": "fp32", "SIN": "fp32"}
     sig = {n: "*" + ptr[n] for n in _PTR_ARGS}
     for s in _STRIDE_ARGS:
         sig[s] = "i32"
@@ -305,11 +352,12 @@ def _spec(dt: str, Dh: int, *, mode: int, rope: bool, count: bool, causal: bool,
         sig[s] = "i32"
     sig["qk_scale"] = "fp32"
     cx = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_rkd=1, stride_rvd=1,
-              BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_LOCAL=True, HAS_LBIAS=lbias, REMOTE_MODE=mode,
-              ROPE=rope, HAS_RBIAS=rbias, HAS_COUNT=count, CAUSAL=causal,
+              BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_LOCAL=True, HAS_LBIAS=lbias,
+              HAS_TOKENS=remote == "tokens", HAS_TABLE=remote == "table",
+              ROPE=rope, HAS_RBIAS=rbias, HAS_COUNTS=count, CAUSAL=causal,
               DOT_PREC=prec, LOCAL_SORTED=causal)
-    for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_LOCAL", "HAS_LBIAS", "REMOTE_MODE", "ROPE", "HAS_RBIAS",
-              "HAS_COUNT", "CAUSAL", "DOT_PREC", "LOCAL_SORTED"):
+    for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_LOCAL", "HAS_LBIAS", "HAS_TOKENS", "HAS_TABLE", "ROPE",
+              "HAS_RBIAS", "HAS_COUNTS", "CAUSAL", "DOT_PREC", "LOCAL_SORTED"):
         sig[n] = "constexpr"
     return AotSpec(name="mixed_attn_fwd_kernel", fn=mixed_attn_fwd_kernel, signature=sig, constexprs=cx,
                    label=f"{dt} Dh={Dh} {label} BM={BM} BN={BN}", num_warps=warps, num_stages=stages,
@@ -317,16 +365,22 @@ def _spec(dt: str, Dh: int, *, mode: int, rope: bool, count: bool, causal: bool,
 
 
 AOT_SPECS = [
-    _spec("fp16", 64, mode=0, rope=False, count=True, causal=False, lbias=True, rbias=False, label="count+lmask"),
-    _spec("fp16", 128, mode=2, rope=True, count=False, causal=True, lbias=True, rbias=True,
+    _spec("fp16", 64, remote="none", rope=False, count=True, causal=False, lbias=True, rbias=False,
+          label="count+lmask"),
+    _spec("fp16", 128, remote="table", rope=True, count=False, causal=True, lbias=True, rbias=True,
           label="table+rope causal masks"),
-    _spec("bf16", 64, mode=2, rope=True, count=False, causal=True, lbias=True, rbias=True,
+    _spec("bf16", 64, remote="table", rope=True, count=False, causal=True, lbias=True, rbias=True,
           label="table+rope causal masks"),
-    _spec("fp16", 64, mode=2, rope=True, count=False, causal=True, lbias=False, rbias=False, label="table+rope causal"),
-    _spec("fp16", 128, mode=2, rope=False, count=True, causal=True, lbias=True, rbias=True,
+    _spec("fp16", 64, remote="table", rope=True, count=False, causal=True, lbias=False, rbias=False,
+          label="table+rope causal"),
+    _spec("fp16", 128, remote="table", rope=False, count=True, causal=True, lbias=True, rbias=True,
           label="count+straddle causal masks"),
-    _spec("bf16", 128, mode=1, rope=False, count=False, causal=True, lbias=True, rbias=True, label="per-token causal masks"),
-    _spec("fp16", 80, mode=1, rope=False, count=False, causal=False, lbias=False, rbias=False, label="per-token Dh pad"),
-    _spec("fp32", 64, mode=2, rope=True, count=True, causal=True, lbias=True, rbias=True, label="all segments tf32x3"),
-    _spec("fp32", 128, mode=2, rope=True, count=True, causal=True, lbias=True, rbias=True, label="all segments tf32x3"),
+    _spec("bf16", 128, remote="tokens", rope=False, count=False, causal=True, lbias=True, rbias=True,
+          label="per-token causal masks"),
+    _spec("fp16", 80, remote="tokens", rope=False, count=False, causal=False, lbias=False, rbias=False,
+          label="per-token Dh pad"),
+    _spec("fp32", 64, remote="table", rope=True, count=True, causal=True, lbias=True, rbias=True,
+          label="all segments tf32x3"),
+    _spec("fp32", 128, remote="table", rope=True, count=True, causal=True, lbias=True, rbias=True,
+          label="all segments tf32x3"),
 ]

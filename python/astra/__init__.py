@@ -5,24 +5,32 @@ Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`un
 :class:`UnsupportedModelError`, :class:`LaunchError`, :class:`InputMismatchError`, :class:`InvalidInputError`,
 :class:`RankFailedError`, :class:`FrameMismatchError`, :class:`NonFiniteError`. Semantics: docs/runtime.md.
 """
+from astra_kernels import __version__
 from .calibrate import calibrate
 from .codebooks import Codebooks
-from .errors import (AstraError, FrameMismatchError, InputMismatchError, InvalidInputError, LaunchError,
-                     NonFiniteError, PeerError, RankFailedError, UnsupportedModelError)
+from .context import LayerStats
+from .errors import (
+                     AstraError,
+                     FrameMismatchError,
+                     InputMismatchError,
+                     InvalidInputError,
+                     LaunchError,
+                     NonFiniteError,
+                     PeerError,
+                     RankFailedError,
+                     UnsupportedModelError,
+)
 from .generation import simulate_generate
 from .launch import launch
 from .parallel import ParallelModel, parallelize
-from .context import LayerStats
 from .runtime import unpatch
 from .simulation import simulate
 from .split import local_indices, split_indices
 from .transport import DEFAULT_TIMEOUT_S
 
-__version__ = "0.1.0"
-
 __all__ = [
     "AstraError", "Codebooks", "FrameMismatchError", "InputMismatchError", "InvalidInputError", "LaunchError",
     "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
-    "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize", "simulate",
-    "simulate_generate", "split_indices", "unpatch",
+    "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize",
+    "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
 ]

@@ -216,6 +216,25 @@ def _primary(out: Dict):
     return k, out[k]
 
 
+def _print_bytes(ranks, cb) -> None:
+    """The demo's table of bytes sent per layer, full precision vs ASTRA."""
+    from astra_kernels import header_nbytes
+
+    print("\nbytes sent per layer (first layer; every layer is the same):")
+    print(f"  {'rank':>4} {'tokens':>7} {'full-precision SP':>18} {'ASTRA':>8} {'ratio':>8}")
+    tot_fp = tot_q = 0
+    for r, res in enumerate(ranks):
+        fp_b = res["fp"]["stats"][0][0]
+        q_b = res["astra"]["stats"][0][0]
+        tot_fp += sum(s[0] for s in res["fp"]["stats"])
+        tot_q += sum(s[0] for s in res["astra"]["stats"])
+        print(f"  {r:>4} {res['astra']['tokens']:>7} {fp_b:>18,} {q_b:>8,} {fp_b / q_b:>7.1f}x")
+    D = cb.hidden_size
+    print(f"  all layers, all ranks: {tot_fp:,} B full precision vs {tot_q:,} B ASTRA "
+          f"= {tot_fp / tot_q:.1f}x less (frames include a {header_nbytes(3)}-byte header; payload ratio "
+          f"{D * 32 / (cb.groups * cb.bits):.1f}x = {D}x32 bits / ({cb.groups}x{cb.bits}) bits per token)")
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -278,19 +297,7 @@ def cmd_demo(args) -> int:
         if mask is not None and lg.dim() == 3:
             agree = agree[mask.bool()]
         print(f"  ASTRA vs model top-1 agreement: {float(agree.float().mean()) * 100:.1f}%")
-    print("\nbytes sent per layer (first layer; every layer is the same):")
-    print(f"  {'rank':>4} {'tokens':>7} {'full-precision SP':>18} {'ASTRA':>8} {'ratio':>8}")
-    tot_fp = tot_q = 0
-    for r, res in enumerate(ranks):
-        fp_b = res["fp"]["stats"][0][0]
-        q_b = res["astra"]["stats"][0][0]
-        tot_fp += sum(s[0] for s in res["fp"]["stats"])
-        tot_q += sum(s[0] for s in res["astra"]["stats"])
-        print(f"  {r:>4} {res['astra']['tokens']:>7} {fp_b:>18,} {q_b:>8,} {fp_b / q_b:>7.1f}x")
-    D = cb.hidden_size
-    print(f"  all layers, all ranks: {tot_fp:,} B full precision vs {tot_q:,} B ASTRA "
-          f"= {tot_fp / tot_q:.1f}x less (frames include a {12 + 4 * 3}-byte header; payload ratio "
-          f"{D * 32 / (cb.groups * cb.bits):.1f}x = {D}x32 bits / ({cb.groups}x{cb.bits}) bits per token)")
+    _print_bytes(ranks, cb)
     print(f"\ntotal {time.perf_counter() - t_start:.1f}s")
     ok = fp_diff < 1e-4 and astra_vs_sim < 1e-4
     if not ok:

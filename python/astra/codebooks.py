@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from typing import List, Optional, Sequence
 
 import torch
 
+from astra_kernels import MAX_K, default_bits
+from astra_kernels.checks import FLOAT_DTYPES, check_finite
+
 FORMAT = "astra-codebooks"
 FORMAT_VERSION = "2"            # 2: metadata carries sha256 checksums of every layer and of the metadata
 UNCHECKED_VERSION = "1"         # written before checksums: loads with a warning
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def code_bits(codebook_size: int) -> int:
-    """Bits per code for a codebook of ``codebook_size`` entries (ceil(log2 K), at least 1)."""
-    return max(1, math.ceil(math.log2(int(codebook_size))))
 
 
 class Codebooks:
@@ -38,24 +34,23 @@ class Codebooks:
         for i, t in enumerate(tensors):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"codebook of layer {i} is not a tensor ({type(t).__name__})")
-            if t.dtype not in _FLOAT_DTYPES:
+            if t.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"codebook of layer {i} has dtype {t.dtype}; expected a floating dtype")
             if t.ndim != 3:
                 raise ValueError(f"codebook of layer {i} has shape {tuple(t.shape)}; expected [G, K, D/G]")
             if t.shape != first.shape or t.dtype != first.dtype:
                 raise ValueError(
-                    f"codebook of layer {i} is {tuple(t.shape)} {t.dtype}, layer 0 is {tuple(first.shape)} {first.dtype}; "
-                    "all layers must share shape and dtype"
+                    f"codebook of layer {i} is {tuple(t.shape)} {t.dtype}, "
+                    f"layer 0 is {tuple(first.shape)} {first.dtype}; all layers must share shape and dtype"
                 )
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"codebook of layer {i} contains NaN or Inf")
+            check_finite(f"codebook of layer {i}", t)
         G, K, d = first.shape
         if G < 1 or K < 1 or d < 1:
             raise ValueError(f"codebook shape {tuple(first.shape)} has an empty dimension")
         if G * d != hidden_size:
             raise ValueError(f"codebooks are [G={G}, K={K}, D/G={d}] but hidden_size is {hidden_size} (G*D/G={G * d})")
-        if K > 65536:
-            raise ValueError(f"codebook size K={K} needs more than 16 bits per code (wire format limit)")
+        if K > MAX_K:
+            raise ValueError(f"codebook size K={K} needs more than 16 bits per code (wire format limit: K <= {MAX_K})")
         self.tensors: List[torch.Tensor] = tensors
         self.model_type = model_type
         self.hidden_size = hidden_size
@@ -75,7 +70,7 @@ class Codebooks:
 
     @property
     def bits(self) -> int:
-        return code_bits(self.codebook_size)
+        return default_bits(self.codebook_size)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,7 +5,6 @@ import io
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import tempfile
 import time
 import traceback
@@ -13,14 +12,6 @@ from datetime import timedelta
 from typing import Any, Callable, List, Optional
 
 from .errors import LaunchError
-
-_KEY = "__astra_launch__"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dump(obj) -> bytes:

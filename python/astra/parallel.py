@@ -384,7 +384,7 @@ class ParallelModel:
         """Greedy generation: parallel prefill on every rank, then the last rank (which holds every code)
         builds the full KV cache and decodes alone. Returns ``[B, max_new_tokens]`` new tokens on the last
         rank and None on the others."""
-        from .generation import greedy_decode, check_generation
+        from .generation import check_generation, greedy_decode
 
         check_generation(self._rt.fam, max_new_tokens)
         last = self.world_size - 1

@@ -1,0 +1,52 @@
+"""Input checks shared by the ops of astra_kernels (and astra): one home for the float dtypes, the
+finiteness check and the "raise a clear ValueError" helper."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["FLOAT_DTYPES", "require", "check_float", "check_finite", "check_int", "check_mask"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def require(cond: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` unless ``cond``."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_float(name: str, t, ndim: int) -> None:
+    """``t`` is a floating tensor (fp16/bf16/fp32/fp64) with ``ndim`` dims."""
+    require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    require(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+
+
+def check_int(name: str, t) -> None:
+    """``t`` is an integer tensor (not bool, float or complex)."""
+    require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    require(not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool,
+            f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def check_finite(name: str, t: Optional[torch.Tensor]) -> None:
+    """Raise ``ValueError("<name> contains non-finite values (NaN or inf)")`` if ``t`` holds NaN/inf.
+
+    One reduction pass with one host sync: ``aminmax`` propagates NaN and shows +-inf, and unlike a sum it
+    cannot overflow (a large fp16 tensor of finite values can sum to inf)."""
+    if t is None or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.detach())
+    if not bool(torch.isfinite(torch.stack((lo, hi))).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def check_mask(name: str, m, B: int, N: int) -> None:
+    """``m`` is None or a bool ``[B, N]`` key mask (True = attend)."""
+    if m is None:
+        return
+    require(isinstance(m, torch.Tensor), f"{name} must be a torch.Tensor")
+    require(m.dtype == torch.bool, f"{name} must be a bool tensor (True = attend), got {m.dtype}")
+    require(tuple(m.shape) == (B, N), f"{name} must have shape [{B}, {N}], got {tuple(m.shape)}")

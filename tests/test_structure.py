@@ -1,0 +1,107 @@
+"""The code bar, checked mechanically: ruff is clean, no function in the packages is longer than 80 lines,
+and no module imports a ``_private`` name from another module (a test may import from the module it tests)."""
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = [ROOT / "astra_kernels", ROOT / "python" / "astra"]
+MAX_LINES = 80
+
+def _py_files(*dirs):
+    for d in dirs:
+        yield from sorted(p for p in d.rglob("*.py") if ".venv" not in p.parts)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return p.relative_to(ROOT).as_posix()
+    except ValueError:  # outside the tree (the checkers' own test)
+        return p.name
+
+
+def long_functions(paths):
+    """["path:qualname (N lines)"] of every function / method longer than MAX_LINES (def line to last line)."""
+    out = []
+    for p in paths:
+        tree = ast.parse(p.read_text(), filename=str(p))
+        stack = [(tree, "")]
+        while stack:
+            node, prefix = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                name = prefix
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    name = f"{prefix}{child.name}."
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = child.end_lineno - child.lineno + 1
+                    if n > MAX_LINES:
+                        out.append((f"{_rel(p)}:{name[:-1]}", n))
+                stack.append((child, name))
+    return out
+
+
+def _is_module(base: Path, module: str, level: int, name: str) -> bool:
+    """Whether ``from <module> import <name>`` names a submodule (an implementation module such as
+    ``_codec`` or ``_dispatch`` may be imported; a private function or class may not)."""
+    if level:
+        d = base.parent
+        for _ in range(level - 1):
+            d = d.parent
+        d = d.joinpath(*module.split(".")) if module else d
+        return (d / f"{name}.py").exists() or (d / name).is_dir() or any(d.glob(f"{name}.*.so"))
+    full = f"{module}.{name}" if module else name
+    try:
+        return importlib.util.find_spec(full) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def private_imports(paths):
+    """["path:module.name"] for every ``from module import _name`` (not a dunder, not a submodule)."""
+    out = []
+    for p in paths:
+        tree = ast.parse(p.read_text(), filename=str(p))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            module = node.module or ""
+            for alias in node.names:
+                n = alias.name
+                if not n.startswith("_") or n.startswith("__") or _is_module(p, module, node.level, n):
+                    continue
+                if p.name.startswith("test_") and module.split(".")[-1].lstrip("_") in p.stem:
+                    continue  # a test of that very module
+                out.append(f"{_rel(p)}:{'.' * node.level}{module}.{n}")
+    return out
+
+
+def test_no_function_longer_than_80_lines():
+    found = [f"{where} ({n} lines)" for where, n in long_functions(_py_files(*PACKAGES))]
+    assert not found, f"functions longer than {MAX_LINES} lines: {found}"
+
+
+def test_no_private_names_imported_across_modules():
+    found = private_imports(_py_files(*PACKAGES, ROOT / "tests", ROOT / "bench"))
+    assert not found, f"private names imported from another module: {found}"
+
+
+def test_checkers_catch_violations(tmp_path):
+    """The two checkers above find what they must (a checker that cannot fail proves nothing)."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
+    (tmp_path / "mod.py").write_text(f"def long():\n{body}\n\n\ndef short():\n    return 1\n")
+    (tmp_path / "user.py").write_text("from .mod import _hidden, short\nfrom os import _exit\nimport os\n")
+    assert long_functions([tmp_path / "mod.py"]) == [("mod.py:long", MAX_LINES + 1)]
+    found = private_imports([tmp_path / "user.py"])
+    assert [f.split(":")[-1] for f in found] == [".mod._hidden", "os._exit"]
+
+
+def test_ruff_clean():
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
