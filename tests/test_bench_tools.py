@@ -113,7 +113,8 @@ def test_writers_produce_csv_json_markdown_and_png(tmp_path):
     with open(paths["csv"]) as f:
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == COLUMNS and len(table) == 6
-    assert table[2]["link"] == "loopback (unshaped)" and float(table[2]["speedup_vs_single"]) == pytest.approx(2.1 / 1.2)
+    assert table[2]["link"] == "loopback (unshaped)"
+    assert float(table[2]["speedup_vs_single"]) == pytest.approx(2.1 / 1.2)
     assert table[5]["slow"] == "True" and table[0]["rate_mbit"] == ""
     data = json.load(open(paths["json"]))
     assert data["meta"]["link"] == "real" and data["rows"][4]["link"] == "real tbf 10 Mbit/s"
@@ -154,3 +155,24 @@ def test_shaped_namespace_has_tbf_on_an_mtu_1500_loopback():
         destroy_namespace(ns)
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert ns not in names
+
+
+def test_predict_report_fits_at_n2_and_scores_only_held_out_points(tmp_path):
+    from astra.bench.predict import report
+
+    profiles, points = _synthetic()
+    cfg = BenchConfig(world=2, extra={"fit": [10.0, 100.0]})
+    rows = [{"model": m, "system": "ceiling", "world": 2, "rate_mbit": None, "median_s": 0.9, "compute_s": 0.9,
+             "frame_bytes": 0, "collectives": 0} for m in ("gpt2", "llama")]
+    for pt in points:
+        p = profiles[(pt.system, pt.model)]
+        rows.append({"model": pt.model, "system": pt.system, "world": pt.world, "rate_mbit": pt.rate_mbit,
+                     "median_s": pt.latency_s, "compute_s": p.compute_s, "frame_bytes": p.frame_bytes,
+                     "collectives": p.collectives})
+    n2 = [r for r in rows if r["world"] == 2]
+    paths = report(cfg, n2, [r for r in rows if r["world"] != 2], str(tmp_path), "p")
+    data = json.load(open(paths["predict_json"]))
+    held = data["rows"]
+    assert len(held) == 45 and not any(r["world"] == 2 and r["rate_mbit"] in (None, 10.0, 100.0) for r in held)
+    assert data["meta"]["worst_abs_error_pct"] < 4.0 and data["meta"]["fit_rates"] == [10.0, 100.0]
+    assert "worst |error|" in open(paths["predict_md"]).read()

@@ -99,7 +99,8 @@ def test_bench_help_shows_the_sweep_defaults(capsys):
 
 
 BAD = [
-    (["calibrate", "--model", "gpt2-random", "--codebook-size", "0", "--out", "X"], "--codebook-size must be in 1..65536"),
+    (["calibrate", "--model", "gpt2-random", "--codebook-size", "0", "--out", "X"],
+     "--codebook-size must be in 1..65536"),
     (["calibrate", "--model", "gpt2-random", "--codebook-size", "70000", "--out", "X"], "got 70000"),
     (["calibrate", "--model", "gpt2-random", "--groups", "0", "--out", "X"], "--groups must be >= 1"),
     (["calibrate", "--model", "gpt2-random", "--groups", "7", "--out", "X"], "does not divide the model's hidden"),

@@ -22,6 +22,8 @@ class UsageError(ValueError):
     """A bad command-line argument (reported as one line, exit code 2)."""
 
 
+#: hidden size of the CLI's random-init models (gpt2-random, llama-random, bert-random, vit-random)
+RANDOM_HIDDEN = 256
 MODELS = ("auto", "minilm", "gpt2-random", "llama-random", "bert-random", "vit-random")
 
 
@@ -96,20 +98,22 @@ def load_model(name: str):
         return model, tokenize, desc
     torch.manual_seed(0)
     if name == "gpt2-random":
-        cfg = tf.GPT2Config(n_layer=4, n_embd=256, n_head=8, vocab_size=257, n_positions=512,
+        cfg = tf.GPT2Config(n_layer=4, n_embd=RANDOM_HIDDEN, n_head=8, vocab_size=257, n_positions=512,
                             bos_token_id=0, eos_token_id=0)
         model = tf.GPT2LMHeadModel(cfg)
     elif name == "llama-random":
-        cfg = tf.LlamaConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
+        cfg = tf.LlamaConfig(num_hidden_layers=4, hidden_size=RANDOM_HIDDEN, num_attention_heads=8,
+                             num_key_value_heads=4,
                              intermediate_size=512, vocab_size=257, max_position_embeddings=512,
                              bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = tf.LlamaForCausalLM(cfg)
     elif name == "bert-random":
-        cfg = tf.BertConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, intermediate_size=512,
+        cfg = tf.BertConfig(num_hidden_layers=4, hidden_size=RANDOM_HIDDEN, num_attention_heads=8,
+                            intermediate_size=512,
                             vocab_size=257, max_position_embeddings=512, pad_token_id=0)
         model = tf.BertModel(cfg)
     elif name == "vit-random":
-        cfg = tf.ViTConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, intermediate_size=512,
+        cfg = tf.ViTConfig(num_hidden_layers=4, hidden_size=RANDOM_HIDDEN, num_attention_heads=8, intermediate_size=512,
                            image_size=64, patch_size=8, num_labels=10)
         model = tf.ViTForImageClassification(cfg)
     model.eval()
@@ -201,7 +205,7 @@ def inputs_batch(inputs) -> int:
     return int(x.shape[0])
 
 
-def _primary(out: Dict):
+def primary_output(out: Dict):
     for k in ("last_hidden_state", "logits"):
         if k in out:
             return k, out[k]
@@ -209,7 +213,7 @@ def _primary(out: Dict):
     return k, out[k]
 
 
-def _codebooks_for(args, model, tokenize, desc: str):
+def codebooks_for(args, model, tokenize, desc: str):
     """The codebooks a command uses: ``--codebooks FILE`` when given, else calibrated now (with progress)."""
     import astra
 
@@ -231,7 +235,7 @@ def _codebooks_for(args, model, tokenize, desc: str):
 def _agreement(r0, ref, sim, inputs) -> bool:
     import torch
 
-    key, ref_main = _primary(ref)
+    key, ref_main = primary_output(ref)
     mask = inputs.get("attention_mask")
     valid = mask.bool() if mask is not None and ref_main.dim() == 3 else None
 
@@ -293,7 +297,7 @@ def cmd_demo(args) -> int:
     print(f"[1/3] loading {name} ...", flush=True)
     model, tokenize, desc = load_model(name)
     print(f"model: {desc}")
-    cb = _codebooks_for(args, model, tokenize, desc)
+    cb = codebooks_for(args, model, tokenize, desc)
     held_out = stdlib_paragraphs()[-args.batch:]
     inputs = tokenize(held_out, args.max_length)
     with torch.no_grad():
@@ -319,7 +323,7 @@ def cmd_demo(args) -> int:
 def cmd_calibrate(args) -> int:
     print(f"[1/3] loading {args.model} ...", flush=True)
     model, tokenize, desc = load_model(args.model)
-    cb = _codebooks_for(args, model, tokenize, desc)
+    cb = codebooks_for(args, model, tokenize, desc)
     print(f"[3/3] saving -> {args.out}", flush=True)
     cb.save(args.out)
     print(f"{desc}: {cb} -> {args.out}")
@@ -348,7 +352,7 @@ def hidden_size_of(name: str) -> int:
             return int(tf.AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
         except (OSError, ValueError, AttributeError) as e:
             raise UsageError(f"{name} is not a loadable HF model directory ({str(e).splitlines()[0]})") from e
-    return 256    # the CLI's random-init models (load_model)
+    return RANDOM_HIDDEN
 
 
 def check_codebook_args(args) -> None:

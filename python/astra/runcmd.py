@@ -66,12 +66,12 @@ def run_rank(rank: int, model_name: str, cb_path: str, texts: List[str], max_len
 def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
     import torch
 
-    from .cli import _primary, sentence_embedding
+    from .cli import primary_output, sentence_embedding
 
     inputs = tokenize(texts, max_length)
     with torch.no_grad():
         ref = {k: v for k, v in model(**inputs).items() if isinstance(v, torch.Tensor)}
-    key, ref_main = _primary(ref)
+    key, ref_main = primary_output(ref)
     got = ranks[0]["out"][key]
     mask = inputs.get("attention_mask")
     print("\noutputs:")
@@ -99,11 +99,11 @@ def cmd_run(args) -> int:
 
     import astra
 
-    from .cli import _codebooks_for, load_model
+    from .cli import codebooks_for, load_model
 
     model, tokenize, desc = load_model(args.model)
     print(f"model: {desc}; {len(args.texts)} input(s)")
-    cb = _codebooks_for(args, model, tokenize, desc)
+    cb = codebooks_for(args, model, tokenize, desc)
     with tempfile.TemporaryDirectory() as d:
         path = args.codebooks or os.path.join(d, "codebooks.safetensors")
         if not args.codebooks:

@@ -51,7 +51,8 @@ def report(cfg, rows_n: List[Dict], rows_other: List[Dict], out_dir: str, stem: 
     head = (f"cost model fitted at N={cfg.world} on {sorted(fit_rates)} Mbit/s ({len(fitted)} points): "
             f"eta={model.eta:.3f}, per collective {model.per_collective_s * 1e3:.2f} ms, {model.cores} cores; "
             f"held-out points {len(table)}, worst |error| {worst:.1f}%")
-    lines = [head, "", "| model | system | N | link Mbit/s | measured s | predicted s | error |", "|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| model | system | N | link Mbit/s | measured s | predicted s | error |",
+             "|---|---|---|---|---|---|---|"]
     for t in table:
         rate = "unshaped" if t["rate_mbit"] is None else f"{t['rate_mbit']:g}"
         lines.append(f"| {t['model']} | {t['system']} | {t['world']} | {rate} | {t['measured_s']:.3f} | "

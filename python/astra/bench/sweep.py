@@ -136,7 +136,8 @@ def _job(cfg: BenchConfig, rate, kind: str, prepared: Dict, unshaped_rows: Dict,
         models[name] = {"systems": list(plan), "plan": plan, "tp_dir": paths.get("tp_dir"),
                         "codebooks": {k: v for k, v in paths.items() if k in ASTRA_GROUPS}}
     return {"world": world, "tokens": cfg.tokens, "layers": cfg.layers, "models": models,
-            "timeout_s": cfg.timeout_s, "join_timeout_s": 4 * 3600, "link": link_name(kind, rate, cfg.loss, cfg.delay_ms)}
+            "timeout_s": cfg.timeout_s, "join_timeout_s": 4 * 3600,
+            "link": link_name(kind, rate, cfg.loss, cfg.delay_ms)}
 
 
 def run_links(cfg: BenchConfig, prepared: Dict, tmp: str, world: int, rates, kind: str,
