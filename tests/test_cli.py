@@ -55,7 +55,7 @@ def test_demo_small_gpt2_reuses_saved_codebooks(tmp_path):
                        capture_output=True, text=True, timeout=240, env=_env(), cwd=str(ROOT))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     out = r.stdout
-    assert f"from {path}" in out and "[calibrate]" not in out          # loaded, not re-calibrated
+    assert f"from {path}" in out and "k-means" not in out          # loaded, not re-calibrated
     assert "full-precision SP vs unmodified model" in out
     assert "ASTRA (distributed) vs astra.simulate" in out
     assert "x less" in out and "FAILED" not in out

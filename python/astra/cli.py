@@ -78,11 +78,20 @@ class _ByteTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
+def quiet_transformers() -> None:
+    """No transformers progress bars or warnings in astra's output (its own progress lines stay)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def load_model(name: str):
     """(model, tokenize(texts, max_length) -> inputs dict, description)."""
     import torch
     import transformers as tf
 
+    quiet_transformers()
     name = resolve_model_name(name)
     if name == "minilm" or os.path.isdir(name):
         path = minilm_path() if name == "minilm" else name
@@ -219,16 +228,16 @@ def codebooks_for(args, model, tokenize, desc: str):
 
     if getattr(args, "codebooks", None):
         cb = astra.Codebooks.load(args.codebooks, model)
-        print(f"codebooks: {cb} from {args.codebooks}")
+        print(f"[2/3] codebooks: {cb} from {args.codebooks}")
         return cb
     calib = stdlib_paragraphs()[: args.samples]
-    print(f"[calibrate] {desc}: k-means codebooks G={args.groups}, K={args.codebook_size}, {args.iters} iterations "
+    print(f"[2/3] {desc}: k-means codebooks G={args.groups}, K={args.codebook_size}, {args.iters} iterations "
           f"on {len(calib)} paragraphs of CPython's pydoc topics (at most {args.max_tokens} vectors per layer) ...",
           flush=True)
     t0 = time.perf_counter()
     cb = _calibrate(model, tokenize, calib, groups=args.groups, K=args.codebook_size, max_length=args.max_length,
                     max_tokens=args.max_tokens, iters=args.iters, seed=getattr(args, "seed", 0))
-    print(f"[calibrate] {cb} in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(f"  {cb} in {time.perf_counter() - t0:.1f}s", flush=True)
     return cb
 
 

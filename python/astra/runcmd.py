@@ -101,6 +101,7 @@ def cmd_run(args) -> int:
 
     from .cli import codebooks_for, load_model
 
+    print(f"[1/3] loading {args.model} ...", flush=True)
     model, tokenize, desc = load_model(args.model)
     print(f"model: {desc}; {len(args.texts)} input(s)")
     cb = codebooks_for(args, model, tokenize, desc)
@@ -116,10 +117,12 @@ def cmd_run(args) -> int:
             mine = run_rank(dist.get_rank(), *call)
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
-            if dist.get_rank() != 0:
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+            if rank != 0:
                 return 0
         else:
-            print(f"running {args.world_size} local gloo ranks ...", flush=True)
+            print(f"[3/3] running {args.world_size} local gloo ranks ...", flush=True)
             ranks = astra.launch(run_rank, args.world_size, *call, timeout=args.timeout,
                                  join_timeout=args.timeout * 10)
     _report(ranks, model, tokenize, args.texts, args.max_length)

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Callable, Dict, List
 
+from ..cli import quiet_transformers
+
 #: the systems, in the order they are run and shown (key -> label)
 SYSTEMS = {
     "single": "one device",
@@ -22,14 +24,6 @@ DISTRIBUTED = ("hf-tp", "fp-sp", "astra-g32", "astra-g1")
 def progress(msg: str) -> None:
     """One progress line on stderr (the benchmark's long work reports as it goes)."""
     print(msg, file=sys.stderr, flush=True)
-
-
-def quiet_transformers() -> None:
-    """No transformers progress bars or warnings in the benchmark's output (its own progress lines stay)."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def timed(fn: Callable[[], object], runs: int, warmup: bool, barrier: Callable[[], None] = lambda: None,

@@ -60,11 +60,13 @@ COLORS = {"single": "#1f77b4", "ceiling": "#ff7f0e", "hf-tp": "#8c564b", "fp-sp"
 
 def plot(rows: List[Dict], path: str, title: str) -> str:
     """PNG: one panel per model, latency (log) against bandwidth (log x), one line per system; the unshaped
-    loopback is drawn at the right edge and systems that do not communicate as horizontal lines."""
+    loopback is drawn at the right edge, systems that do not communicate as horizontal lines, and points
+    of systems that ran once (slow) are ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     rates = sorted({r["rate_mbit"] for r in rows if r["rate_mbit"] is not None})
@@ -83,15 +85,21 @@ def plot(rows: List[Dict], path: str, title: str) -> str:
             ys = [r["median_s"] for _, r in pts]
             err = [[r["median_s"] - r["min_s"] for _, r in pts], [r["max_s"] - r["median_s"] for _, r in pts]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=COLORS.get(system))
+            slow = [(x, r["median_s"]) for x, r in pts if r.get("slow")]
+            if slow:   # ran once: ringed
+                ax.scatter(*zip(*slow), s=110, facecolors="none", edgecolors=COLORS.get(system))
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.set_xticks(rates + [x_unshaped], [f"{r:g}" for r in rates] + ["unshaped"])
         ax.set_xlabel("link bandwidth (Mbit/s)")
         ax.set_ylabel("prefill latency (s), median [min, max]")
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title + "; ringed points: slow, ran once", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

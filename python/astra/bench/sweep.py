@@ -15,7 +15,8 @@ from ..errors import AstraError
 from ..netlink import (link_bytes_allgather, link_bytes_allreduce, link_name, netns_command, shaped_namespace,
                        transfer_time)
 from .models import has_tp_plan
-from .ranks import DISTRIBUTED, SYSTEMS, progress, quiet_transformers
+from ..cli import quiet_transformers
+from .ranks import DISTRIBUTED, SYSTEMS, progress
 
 #: the default bandwidths in Mbit/s (plus the unshaped loopback)
 DEFAULT_RATES = (10.0, 20.0, 50.0, 100.0, 500.0)
