@@ -90,6 +90,21 @@ def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, d
     return name
 
 
+def netem_available() -> Optional[str]:
+    """None when ``--loss``/``--delay`` can be applied on a real link here, else why not (one line). It
+    tries a netem qdisc in a throw-away namespace (root only)."""
+    why = real_link_available()
+    if why:
+        return why
+    name = f"astra-netem-probe-{os.getpid()}"
+    try:
+        create_shaped_namespace(name, 1000.0, delay_ms=1.0)
+    except (RuntimeError, PermissionError) as e:
+        return str(e)
+    destroy_namespace(name)
+    return None
+
+
 def destroy_namespace(name: str) -> None:
     """Remove network namespace ``name`` (no error if it is already gone)."""
     subprocess.run(["ip", "netns", "del", name], capture_output=True)

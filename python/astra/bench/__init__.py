@@ -5,7 +5,7 @@ import os
 import time
 from typing import List, Optional
 
-from ..netlink import real_link_available
+from ..netlink import netem_available, real_link_available
 from .models import BENCH_MODELS, check_tokens
 from .ranks import SYSTEMS
 from .sweep import DEFAULT_RATES, BenchConfig, run_sweep
@@ -98,6 +98,8 @@ def check_bench_args(args) -> None:
     args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
     if args.link == "emulated" and args.loss:
         raise ValueError("--loss needs the real link (root): the emulated link does not model loss")
+    if args.link == "real" and (args.loss or args.delay) and netem_available():
+        raise ValueError(f"--loss/--delay on the real link: {netem_available()}")
     worlds, fit = [int(w) for w in _floats(args.predict_worlds)], _floats(args.fit_rates)
     if args.predict and (any(w < 2 or args.tokens % w for w in worlds) or not set(fit) <= set(rates)):
         raise ValueError("--predict-worlds must divide --tokens, and --fit-rates must be among --rates")
