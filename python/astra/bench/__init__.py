@@ -1,0 +1,141 @@
+"""``astra bench``: prefill latency against link bandwidth, ASTRA beside the systems users would otherwise run."""
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional
+
+from ..netlink import netem_available, real_link_available
+from .models import BENCH_MODELS, check_tokens
+from .ranks import SYSTEMS
+from .sweep import DEFAULT_RATES, BenchConfig, run_sweep
+
+DESCRIPTION = """\
+Prefill latency against link bandwidth. In one run, on the same random-init model and input, it measures:
+one device; the ceiling (N processes each running T/N tokens at once, no communication); HF tensor
+parallelism (tp_plan="auto" over gloo, models with a TP plan); full-precision sequence parallelism;
+ASTRA G=32 and G=1 (K=1024 codebooks, k-means on random inputs). Each point is the median of --repeats
+forwards (slowest rank) with min and max; a system estimated slower than --slow-after seconds per forward
+runs once and is marked so.
+
+The link is real by default when run as root: a network namespace per bandwidth whose loopback (MTU 1500)
+is shaped by tc tbf (plus netem for --loss/--delay). Without root, or with --link emulated, the ranks run on
+the plain loopback and each forward is charged the transfer time of the bytes it put on the one shared
+link (bytes x 8 / rate, one --delay per collective, no overlap credited, loss not modelled). Every output
+names the link it used. Writes CSV, JSON, a markdown table and a PNG plot under --out-dir.
+
+--predict also measures N = 2, 4 and 8 ranks and fits the cost model (astra.costmodel) at N = 2 on
+--fit-rates; it reports the prediction error on every other measured point."""
+
+#: --quick: small enough for a few minutes on two cores
+QUICK = {"tokens": 256, "layers": 2, "rates": (10.0, 100.0), "repeats": 3}
+TITLE = "{kind} link; random-init {models}; {layers} layers, T={tokens}, N={world} ranks x 1 thread"
+
+
+def _floats(s: str) -> List[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _names(s: str) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_bench_arguments(b) -> None:
+    b.add_argument("--models", default=",".join(BENCH_MODELS), help="comma-separated: gpt2 (GPT-2-small shape), "
+                   "llama (Llama-shaped, hidden 768, 12 layers, MLP 2048), vit (ViT-Base shape)")
+    b.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    b.add_argument("--rates", default=",".join(f"{r:g}" for r in DEFAULT_RATES),
+                   help="link bandwidths in Mbit/s, comma-separated (the unshaped loopback is always measured)")
+    b.add_argument("--tokens", type=int, default=1024, help="T: tokens per input (ViT: patches; a square)")
+    b.add_argument("--layers", type=int, default=12, help="Transformer layers")
+    b.add_argument("--world-size", type=int, default=2, help="N: ranks, one thread each")
+    b.add_argument("--repeats", type=int, default=3, help="timed forwards per point (after one warm-up)")
+    b.add_argument("--slow-after", type=float, default=20.0,
+                   help="seconds per forward (estimated from the unshaped run) above which a system runs once")
+    b.add_argument("--link", choices=("auto", "real", "emulated"), default="auto",
+                   help="auto: real when root (and ip/tc exist), else emulated")
+    b.add_argument("--loss", type=float, default=0.0, help="packet loss in percent (netem; real link only)")
+    b.add_argument("--delay", type=float, default=0.0, help="one-way delay in ms (netem on the real link)")
+    b.add_argument("--out-dir", default=os.path.join("bench", "results"), help="existing directory for the results")
+    b.add_argument("--quick", action="store_true",
+                   help=f"a few minutes: T={QUICK['tokens']}, {QUICK['layers']} layers, rates "
+                   f"{','.join(f'{r:g}' for r in QUICK['rates'])} (overrides those options)")
+    b.add_argument("--predict", action="store_true", help="also measure N=4 and 8 and report the cost model")
+    b.add_argument("--predict-worlds", default="4,8", help="N values the cost model predicts (with --predict)")
+    b.add_argument("--fit-rates", default="10,100", help="bandwidths (N=2) the cost model is fitted on")
+    b.add_argument("--timeout", type=float, default=900.0, help="seconds to wait on a peer before failing")
+
+
+def check_bench_args(args) -> None:
+    """Every ``astra bench`` argument, before any work (ValueError with one line)."""
+    if args.quick:
+        args.tokens, args.layers, args.repeats = QUICK["tokens"], QUICK["layers"], QUICK["repeats"]
+        args.rates = ",".join(f"{r:g}" for r in QUICK["rates"])
+    models, systems, rates = _names(args.models), _names(args.systems), _floats(args.rates)
+    bad = [m for m in models if m not in BENCH_MODELS] or [s for s in systems if s not in SYSTEMS]
+    if bad or not models or not systems:
+        raise ValueError(f"unknown or missing --models/--systems {bad}: models {', '.join(BENCH_MODELS)}; "
+                         f"systems {', '.join(SYSTEMS)}")
+    if any(not r > 0 for r in rates):
+        raise ValueError(f"--rates must be > 0 Mbit/s, got {args.rates}")
+    for m in models:
+        check_tokens(m, args.tokens)
+    if args.world_size < 2 or args.tokens % args.world_size:
+        raise ValueError(f"--world-size must be >= 2 and divide --tokens {args.tokens}, got {args.world_size}")
+    for opt, v, lo in (("--layers", args.layers, 1), ("--repeats", args.repeats, 1)):
+        if v < lo:
+            raise ValueError(f"{opt} must be >= {lo}, got {v}")
+    if not args.slow_after > 0 or not args.timeout > 0 or args.delay < 0 or not 0 <= args.loss < 100:
+        raise ValueError("--slow-after and --timeout must be > 0, --delay >= 0, --loss in [0, 100)")
+    if not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out-dir: directory {args.out_dir} does not exist")
+    why = real_link_available()
+    if args.link == "real" and why:
+        raise ValueError(f"--link real: {why}")
+    args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
+    if args.link == "emulated" and args.loss:
+        raise ValueError("--loss needs the real link (root): the emulated link does not model loss")
+    if args.link == "real" and (args.loss or args.delay) and netem_available():
+        raise ValueError(f"--loss/--delay on the real link: {netem_available()}")
+    worlds, fit = [int(w) for w in _floats(args.predict_worlds)], _floats(args.fit_rates)
+    if args.predict and (any(w < 2 or args.tokens % w for w in worlds) or not set(fit) <= set(rates)):
+        raise ValueError("--predict-worlds must divide --tokens, and --fit-rates must be among --rates")
+    args.bench = BenchConfig(models=tuple(models), systems=tuple(systems), rates=tuple(rates), tokens=args.tokens,
+                             layers=args.layers, world=args.world_size, repeats=args.repeats,
+                             slow_after_s=args.slow_after, link=args.link, loss=args.loss, delay_ms=args.delay,
+                             timeout_s=args.timeout, extra={"worlds": worlds, "fit": fit})
+
+
+def title_of(cfg: BenchConfig, world: Optional[int] = None) -> str:
+    kind = "real tc-tbf (netns)" if cfg.link == "real" else "emulated"
+    return TITLE.format(kind=kind, models=", ".join(cfg.models), layers=cfg.layers, tokens=cfg.tokens,
+                        world=world or cfg.world)
+
+
+def cmd_bench(args) -> int:
+    from .results import markdown_table, write_all
+
+    cfg = args.bench
+    t0 = time.perf_counter()
+    print(f"astra bench: {title_of(cfg)}", flush=True)
+    rows = run_sweep(cfg, cfg.extra["worlds"] if args.predict else ())
+    stem = "bench-quick" if args.quick else "bench"
+    if args.predict:
+        from .predict import report
+
+        predicted = [r for r in rows if r["world"] != cfg.world]
+        rows = [r for r in rows if r["world"] == cfg.world]
+    meta = {"title": title_of(cfg), "link": cfg.link, "config": {k: v for k, v in vars(cfg).items()},
+            "elapsed_s": time.perf_counter() - t0}
+    paths = write_all(rows, meta, args.out_dir, stem)
+    print(markdown_table(rows))
+    if args.predict:
+        paths.update(report(cfg, rows, predicted, args.out_dir, stem + "-predict"))
+    print(f"done in {time.perf_counter() - t0:.0f}s; link: {cfg.link}; wrote " + ", ".join(paths.values()))
+    return 0
+
+
+__all__ = ["BenchConfig", "DESCRIPTION", "add_bench_arguments", "check_bench_args", "cmd_bench", "run_sweep"]

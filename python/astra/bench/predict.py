@@ -1,0 +1,69 @@
+"""``astra bench --predict``: fit :mod:`astra.costmodel` at N = 2 and report its error on held-out points."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+from ..costmodel import Point, Profile, evaluate, fit
+from .results import write_csv, write_json
+from .ranks import DISTRIBUTED
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def profiles_from(rows: List[Dict], world: int) -> Dict[Tuple[str, str], Profile]:
+    """Per (system, model) the N = ``world`` unshaped measurements the cost model starts from."""
+    ceiling = {r["model"]: r["median_s"] for r in rows
+               if r["system"] == "ceiling" and r["world"] == world}
+    out = {}
+    for r in rows:
+        if r["system"] in DISTRIBUTED and r["world"] == world and r["rate_mbit"] is None:
+            local = ceiling.get(r["model"], r["compute_s"])
+            out[(r["system"], r["model"])] = Profile(
+                system=r["system"], model=r["model"], compute_s=r["compute_s"], local_s=min(local, r["compute_s"]),
+                frame_bytes=r["frame_bytes"], collectives=r["collectives"],
+                kind="allreduce" if r["system"] == "hf-tp" else "allgather")
+    return out
+
+
+def split_points(rows: List[Dict], world: int, fit_rates) -> Tuple[List[Point], List[Point]]:
+    """(points used to fit: N = ``world`` unshaped and at ``fit_rates``; held out: the other points)."""
+    fitted, held = [], []
+    for r in rows:
+        if r["system"] not in DISTRIBUTED:
+            continue
+        p = Point(r["system"], r["model"], r["world"], r["rate_mbit"], r["median_s"])
+        used = r["world"] == world and (r["rate_mbit"] is None or r["rate_mbit"] in fit_rates)
+        (fitted if used else held).append(p)
+    return fitted, held
+
+
+def report(cfg, rows_n: List[Dict], rows_other: List[Dict], out_dir: str, stem: str) -> Dict[str, str]:
+    """Fit on N = cfg.world, evaluate on the rest; print and write the table; returns the files written."""
+    fit_rates = set(cfg.extra["fit"])
+    profiles = profiles_from(rows_n, cfg.world)
+    fitted, held = split_points(rows_n + rows_other, cfg.world, fit_rates)
+    model = fit(profiles, fitted, usable_cores())
+    table = evaluate(model, profiles, held)
+    worst = max((abs(t["error_pct"]) for t in table), default=float("nan"))
+    head = (f"cost model fitted at N={cfg.world} on {sorted(fit_rates)} Mbit/s ({len(fitted)} points): "
+            f"eta={model.eta:.3f}, per collective {model.per_collective_s * 1e3:.2f} ms, {model.cores} cores; "
+            f"held-out points {len(table)}, worst |error| {worst:.1f}%")
+    lines = [head, "", "| model | system | N | link Mbit/s | measured s | predicted s | error |",
+             "|---|---|---|---|---|---|---|"]
+    for t in table:
+        rate = "unshaped" if t["rate_mbit"] is None else f"{t['rate_mbit']:g}"
+        lines.append(f"| {t['model']} | {t['system']} | {t['world']} | {rate} | {t['measured_s']:.3f} | "
+                     f"{t['predicted_s']:.3f} | {t['error_pct']:+.1f}% |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    base = os.path.join(out_dir, stem)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    cols = ["model", "system", "world", "rate_mbit", "measured_s", "predicted_s", "error_pct"]
+    meta = {"link": cfg.link, "eta": model.eta, "per_collective_s": model.per_collective_s, "cores": model.cores,
+            "fit_rates": sorted(fit_rates), "worst_abs_error_pct": worst, "raw_rows": rows_other}
+    return {"predict_md": base + ".md", "predict_json": write_json(table, meta, base + ".json"),
+            "predict_csv": write_csv(table, base + ".csv", cols)}

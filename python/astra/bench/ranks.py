@@ -1,0 +1,120 @@
+"""What one benchmark rank runs (under :func:`astra.launch`): every distributed system on the same model and
+input, one after the other, timed between barriers. The slowest rank's time is a forward's latency."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Dict, List
+
+from ..cli import quiet_transformers
+
+#: the systems, in the order they are run and shown (key -> label)
+SYSTEMS = {
+    "single": "one device",
+    "ceiling": "ceiling (N x T/N, no communication)",
+    "hf-tp": "HF tensor parallel (tp_plan=auto)",
+    "fp-sp": "full-precision SP",
+    "astra-g32": "ASTRA G=32",
+    "astra-g1": "ASTRA G=1",
+}
+#: the systems that communicate (run under astra.launch on the link)
+DISTRIBUTED = ("hf-tp", "fp-sp", "astra-g32", "astra-g1")
+
+
+def progress(msg: str) -> None:
+    """One progress line on stderr (the benchmark's long work reports as it goes)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], object], runs: int, warmup: bool, barrier: Callable[[], None] = lambda: None,
+          label: str = "") -> List[float]:
+    """Seconds of ``runs`` calls of ``fn`` (after one untimed warm-up call when ``warmup``)."""
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        if warmup:
+            barrier()
+            fn()
+        for i in range(runs):
+            barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            if label:
+                progress(f"    {label}: run {i + 1}/{runs} {times[-1]:.3f}s")
+    return times
+
+
+def _forward_stats(stats) -> Dict[str, float]:
+    return {"bytes_sent": sum(s.bytes_sent for s in stats), "frame_bytes": sum(s.bytes_on_wire for s in stats),
+            "wait_s": sum(s.wait_s for s in stats), "collectives": sum(1 for s in stats if s.bytes_on_wire)}
+
+
+def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
+    import astra
+
+    cb = job["codebooks"].get(key)
+    pm = astra.parallelize(model, cb, timeout=job["timeout_s"])
+    try:
+        runs, warm = job["plan"][key]
+        times = timed(lambda: pm(**inputs), runs, warm, barrier, job["label"] + SYSTEMS[key] if rank == 0 else "")
+        return {"times": times, **_forward_stats(pm.stats)}
+    finally:
+        pm.unpatch()
+
+
+def tp_allreduces_per_forward(model) -> int:
+    """All-reduces in one TP forward: one per row-wise sharded linear of every layer (HF ``tp_plan``)."""
+    plan = getattr(model.config, "base_model_tp_plan", None) or {}
+    return sum(1 for v in plan.values() if str(v).startswith("rowwise")) * model.config.num_hidden_layers
+
+
+def _run_tp(rank, job, inputs, barrier) -> Dict:
+    import transformers as tf
+
+    quiet_transformers()
+    if hasattr(tf, "DistributedConfig"):       # transformers >= 5.x
+        kw = {"distributed_config": tf.DistributedConfig(tp_size=job["world"], tp_plan="auto")}
+    else:
+        kw = {"tp_plan": "auto"}
+    model = tf.AutoModel.from_pretrained(job["tp_dir"], **kw).eval()
+    runs, warm = job["plan"]["hf-tp"]
+    times = timed(lambda: model(**inputs), runs, warm, barrier, job["label"] + SYSTEMS["hf-tp"] if rank == 0 else "")
+    n = tp_allreduces_per_forward(model)
+    tensor = inputs["input_ids"].numel() * model.config.hidden_size * 4        # fp32 activations [B, T, D]
+    world = job["world"]
+    per_rank = 2 * (world - 1) * tensor // world                              # ring all-reduce, per rank
+    return {"times": times, "bytes_sent": per_rank * n, "frame_bytes": tensor * n, "wait_s": 0.0, "collectives": n}
+
+
+def bench_rank(rank: int, job: Dict) -> Dict[str, Dict]:
+    """Run ``job["systems"]`` (keys of :data:`SYSTEMS` except ``single``) on this rank; per system the
+    forward times and per-forward byte counts."""
+    import torch
+    import torch.distributed as dist
+
+    from .models import build_inputs, build_model, ceiling_inputs
+
+    torch.set_num_threads(1)
+    barrier = dist.barrier
+    model = build_model(job["model"], job["layers"], job["tokens"])
+    inputs = build_inputs(job["model"], job["tokens"])
+    out = {}
+    for key in job["systems"]:
+        if key == "ceiling":
+            local = ceiling_inputs(job["model"], job["tokens"], job["world"])
+            runs, warm = job["plan"][key]
+            lab = job["label"] + SYSTEMS[key] if rank == 0 else ""
+            out[key] = {"times": timed(lambda: model(**local), runs, warm, barrier, lab), "bytes_sent": 0,
+                        "frame_bytes": 0, "wait_s": 0.0, "collectives": 0}
+        elif key == "hf-tp":
+            out[key] = _run_tp(rank, job, inputs, barrier)
+        else:
+            out[key] = _run_sp(rank, job, key, model, inputs, barrier)
+    return out
+
+
+def bench_models(rank: int, jobs: List[Dict]) -> Dict[str, Dict[str, Dict]]:
+    """:func:`bench_rank` for each model's job in turn (one process group for all of them)."""
+    return {job["model"]: bench_rank(rank, job) for job in jobs}

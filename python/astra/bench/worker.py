@@ -1,0 +1,68 @@
+"""``python -m astra.bench.worker JOB.json OUT.json``: one link's measurements (run inside the link's namespace).
+
+JOB.json: ``{"world", "tokens", "layers", "models": {name: {"systems", "plan", "codebooks", "tp_dir"}},
+"single": bool, "timeout_s"}``. OUT.json: per model, per system, the slowest rank's time of every run and
+the per-forward byte counts of rank 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict
+
+
+def _single(model_name: str, job: Dict, runs: int, label: str) -> Dict:
+    import torch
+
+    from .models import build_inputs, build_model
+    from .ranks import timed
+
+    torch.set_num_threads(1)
+    model = build_model(model_name, job["layers"], job["tokens"])
+    inputs = build_inputs(model_name, job["tokens"])
+    return {"times": timed(lambda: model(**inputs), runs, True, label=label), "bytes_sent": 0, "frame_bytes": 0,
+            "wait_s": 0.0, "collectives": 0}
+
+
+def run_job(job: Dict) -> Dict:
+    """One device in this process, then every distributed system of every model under one astra.launch."""
+    import astra
+
+    from .ranks import DISTRIBUTED, SYSTEMS, bench_models, progress
+
+    out: Dict[str, Dict] = {name: {} for name in job["models"]}
+    rank_jobs = []
+    for name, spec in job["models"].items():
+        label = f"  {name} | {job['link']} | "
+        if "single" in spec["systems"]:
+            out[name]["single"] = _single(name, job, spec["plan"]["single"][0], label + SYSTEMS["single"])
+        systems = [k for k in spec["systems"] if k in DISTRIBUTED or k == "ceiling"]
+        if systems:
+            rank_jobs.append(dict(job, **dict(spec, model=name, systems=systems, label=label)))
+    if rank_jobs:
+        progress(f"  {job['link']}: starting {job['world']} ranks")
+        ranks = astra.launch(bench_models, job["world"], rank_jobs, timeout=job["timeout_s"],
+                             join_timeout=job["join_timeout_s"])
+        for rj in rank_jobs:
+            name = rj["model"]
+            for k in rj["systems"]:
+                per_rank = [r[name][k] for r in ranks]
+                times = [max(r["times"][i] for r in per_rank) for i in range(len(per_rank[0]["times"]))]
+                out[name][k] = dict(per_rank[0], times=times, wait_s=max(r["wait_s"] for r in per_rank))
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        job = json.load(f)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    result = run_job(job)
+    with open(argv[1], "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""``astra run``: a real model over N local ranks (or under torchrun) on text from a file or stdin."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Dict, List
+
+DESCRIPTION = """\
+Run a real model with ASTRA over N local gloo ranks (astra.launch), or as one rank under torchrun
+(`torchrun --nproc-per-node 2 -m astra run ...`). The model is the packaged all-MiniLM-L6-v2 or an HF model
+directory; the codebooks are --codebooks FILE or calibrated now on CPython's pydoc text. Inputs are the
+non-empty lines of --input (a file, or - for stdin). Prints each input's output (sentence embedding for
+encoders, next-token id for decoders), the latency, the bytes each rank sent, and the distance to the
+unmodified model."""
+
+
+def read_texts(path: str) -> List[str]:
+    """Non-empty lines of ``path`` (``-``: stdin)."""
+    if path == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ValueError("--input -: no text on stdin (pipe text in, or give --input FILE)")
+        text = sys.stdin.read()
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"--input {path}: no non-empty lines")
+    return lines
+
+
+def check_run_args(args) -> None:
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise ValueError(f"--input: no such file {args.input}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    args.texts = read_texts(args.input)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+
+
+def run_rank(rank: int, model_name: str, cb_path: str, texts: List[str], max_length: int, timeout: float) -> Dict:
+    """One rank: the ASTRA forward (timed), the gathered outputs, and the bytes this rank sent."""
+    import torch
+
+    import astra
+
+    from .cli import load_model
+
+    model, tokenize, _ = load_model(model_name)
+    inputs = tokenize(texts, max_length)
+    pm = astra.parallelize(model, astra.Codebooks.load(cb_path, model), timeout=timeout)
+    with torch.inference_mode():
+        pm(**inputs)                                   # warm-up
+        t0 = time.perf_counter()
+        out = pm(**inputs)
+        dt = time.perf_counter() - t0
+        full = pm.gather(out)
+    return {"time_s": dt, "bytes_sent": sum(s.bytes_sent for s in pm.stats), "layers": len(pm.stats),
+            "out": {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}}
+
+
+def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
+    import torch
+
+    from .cli import primary_output, sentence_embedding
+
+    inputs = tokenize(texts, max_length)
+    with torch.no_grad():
+        ref = {k: v for k, v in model(**inputs).items() if isinstance(v, torch.Tensor)}
+    key, ref_main = primary_output(ref)
+    got = ranks[0]["out"][key]
+    mask = inputs.get("attention_mask")
+    print("\noutputs:")
+    if "logits" in ref:
+        nxt = got[:, -1].argmax(-1)
+        for i, t in enumerate(texts):
+            print(f"  [{i}] next-token id {int(nxt[i])} (model: {int(ref['logits'][i, -1].argmax())}): {t[:60]!r}")
+    else:
+        emb, emb_ref = sentence_embedding(got, mask), sentence_embedding(ref_main, mask)
+        for i, t in enumerate(texts):
+            head = ", ".join(f"{float(v):+.3f}" for v in emb[i, :4])
+            cos = float((emb[i] * emb_ref[i]).sum())
+            print(f"  [{i}] embedding [{head}, ...] cosine to the model {cos:.4f}: {t[:60]!r}")
+    valid = mask.bool() if mask is not None else torch.ones(got.shape[:2], dtype=torch.bool)
+    d = (got - ref_main).abs()[valid]
+    print(f"\nlatency (slowest rank, one forward): {max(r['time_s'] for r in ranks) * 1e3:.1f} ms")
+    for r, res in enumerate(ranks):
+        print(f"  rank {r}: {res['time_s'] * 1e3:.1f} ms, sent {res['bytes_sent']:,} B over {res['layers']} layers")
+    print(f"distance to the unmodified model ({key}): max |diff| {float(d.max()):.4f}, mean |diff| "
+          f"{float(d.mean()):.5f}")
+
+
+def cmd_run(args) -> int:
+    import tempfile
+
+    import astra
+
+    from .cli import codebooks_for, load_model
+
+    print(f"[1/3] loading {args.model} ...", flush=True)
+    model, tokenize, desc = load_model(args.model)
+    print(f"model: {desc}; {len(args.texts)} input(s)")
+    cb = codebooks_for(args, model, tokenize, desc)
+    with tempfile.TemporaryDirectory() as d:
+        path = args.codebooks or os.path.join(d, "codebooks.safetensors")
+        if not args.codebooks:
+            cb.save(path)
+        call = (args.model, path, args.texts, args.max_length, args.timeout)
+        if under_torchrun():
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+            mine = run_rank(dist.get_rank(), *call)
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+            if rank != 0:
+                return 0
+        else:
+            print(f"[3/3] running {args.world_size} local gloo ranks ...", flush=True)
+            ranks = astra.launch(run_rank, args.world_size, *call, timeout=args.timeout,
+                                 join_timeout=args.timeout * 10)
+    _report(ranks, model, tokenize, args.texts, args.max_length)
+    return 0
