@@ -10,8 +10,15 @@ import pytest
 from astra.bench.results import COLUMNS, add_speedups, markdown_table, write_all
 from astra.bench.sweep import BenchConfig, emulated_row, estimate_s, make_row
 from astra.costmodel import CostModel, Point, Profile, compute_time, contention, evaluate, fit, link_bytes
-from astra.netlink import (create_shaped_namespace, destroy_namespace, link_bytes_allgather, link_bytes_allreduce,
-                           link_name, real_link_available, transfer_time)
+from astra.netlink import (
+    create_shaped_namespace,
+    destroy_namespace,
+    link_bytes_allgather,
+    link_bytes_allreduce,
+    link_name,
+    real_link_available,
+    transfer_time,
+)
 
 
 # ---------------------------------------------------------------------------------------------- emulated link

@@ -242,7 +242,6 @@ def codebooks_for(args, model, tokenize, desc: str):
 
 
 def _agreement(r0, ref, sim, inputs) -> bool:
-    import torch
 
     key, ref_main = primary_output(ref)
     mask = inputs.get("attention_mask")

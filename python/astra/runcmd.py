@@ -47,7 +47,6 @@ def run_rank(rank: int, model_name: str, cb_path: str, texts: List[str], max_len
     import torch
 
     import astra
-
     from .cli import load_model
 
     model, tokenize, _ = load_model(model_name)
@@ -98,7 +97,6 @@ def cmd_run(args) -> int:
     import tempfile
 
     import astra
-
     from .cli import codebooks_for, load_model
 
     print(f"[1/3] loading {args.model} ...", flush=True)

@@ -5,8 +5,8 @@ import os
 from typing import Dict, List, Tuple
 
 from ..costmodel import Point, Profile, evaluate, fit
-from .results import write_csv, write_json
 from .ranks import DISTRIBUTED
+from .results import write_csv, write_json
 
 
 def usable_cores() -> int:

@@ -106,7 +106,7 @@ def bench_rank(rank: int, job: Dict) -> Dict[str, Dict]:
             local = ceiling_inputs(job["model"], job["tokens"], job["world"])
             runs, warm = job["plan"][key]
             lab = job["label"] + SYSTEMS[key] if rank == 0 else ""
-            out[key] = {"times": timed(lambda: model(**local), runs, warm, barrier, lab), "bytes_sent": 0,
+            out[key] = {"times": timed(lambda local=local: model(**local), runs, warm, barrier, lab), "bytes_sent": 0,
                         "frame_bytes": 0, "wait_s": 0.0, "collectives": 0}
         elif key == "hf-tp":
             out[key] = _run_tp(rank, job, inputs, barrier)

@@ -11,11 +11,17 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import AstraError
-from ..netlink import (link_bytes_allgather, link_bytes_allreduce, link_name, netns_command, shaped_namespace,
-                       transfer_time)
-from .models import has_tp_plan
 from ..cli import quiet_transformers
+from ..errors import AstraError
+from ..netlink import (
+    link_bytes_allgather,
+    link_bytes_allreduce,
+    link_name,
+    netns_command,
+    shaped_namespace,
+    transfer_time,
+)
+from .models import has_tp_plan
 from .ranks import DISTRIBUTED, SYSTEMS, progress
 
 #: the default bandwidths in Mbit/s (plus the unshaped loopback)
@@ -47,7 +53,6 @@ def _calibrate(name: str, cfg: BenchConfig, tmp: str) -> Dict[str, str]:
     import torch
 
     import astra
-
     from .models import build_inputs, build_model
 
     model = build_model(name, cfg.layers, cfg.tokens)

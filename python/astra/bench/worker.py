@@ -28,7 +28,6 @@ def _single(model_name: str, job: Dict, runs: int, label: str) -> Dict:
 def run_job(job: Dict) -> Dict:
     """One device in this process, then every distributed system of every model under one astra.launch."""
     import astra
-
     from .ranks import DISTRIBUTED, SYSTEMS, bench_models, progress
 
     out: Dict[str, Dict] = {name: {} for name in job["models"]}
