@@ -1,12 +1,13 @@
 """ASTRA over a real lossy link (root only): 2 gloo ranks in a network namespace whose loopback (MTU 1500) is shaped
-by `tc tbf` with a netem qdisc below it (packet loss + delay jitter), each running N forwards; every gathered
+by `tc tbf`, with random packet drops (nftables) and a netem delay with jitter (kernels with sch_netem), each
+running N forwards; every gathered
 output must equal `astra.simulate` (max abs diff < 1e-4) and the first forward bitwise.
 
     sudo python bench/lossy_link.py                          # 100 Mbit/s, loss 1 % and 5 %, delay 20ms +- 20ms
     sudo python bench/lossy_link.py --rate 10 --loss 1 5 --forwards 20 --tokens 256 --layers 6
     python bench/lossy_link.py --inner --forwards 2          # the rank part, unshaped (no root)
 
-The namespace and tbf set-up is bench/shaped_link.py's `shaped_namespace`. Random-init GPT-2 (latency only),
+The namespace, tbf, loss and delay set-up is `astra.netlink.shaped_namespace`. Random-init GPT-2 (latency only),
 random G = 32, K = 1024 codebooks. Prints a markdown table (latency of the slowest rank per forward).
 """
 from __future__ import annotations
@@ -59,21 +60,23 @@ def inner(args) -> dict:
 
 
 def outer(args) -> int:
-    from shaped_link import shaped_namespace
+    from astra.netlink import netem_available, netns_command, shaped_namespace
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # run the `finally` that removes the namespace
+    if (args.delay_ms or args.jitter_ms) and netem_available():
+        print(f"--delay-ms/--jitter-ms: {netem_available()}; run with --delay-ms 0 --jitter-ms 0 for loss alone",
+              file=sys.stderr)
+        return 2
     rows = []
     for loss in args.loss:
-        netem = ["loss", f"{loss}%", "delay", f"{args.delay_ms}ms", f"{args.jitter_ms}ms"]
-        if not loss and not args.delay_ms and not args.jitter_ms:
-            netem = []                             # tbf only (kernels without sch_netem)
-        with shaped_namespace(args.rate, netem) as run:
-            out = subprocess.run([*run, sys.executable, str(HERE), "--inner", "--forwards", str(args.forwards),
-                                  "--tokens", str(args.tokens), "--layers", str(args.layers)],
-                                 check=True, capture_output=True, text=True)
+        with shaped_namespace(args.rate, loss=loss, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms) as ns:
+            argv = [sys.executable, str(HERE), "--inner", "--forwards", str(args.forwards),
+                    "--tokens", str(args.tokens), "--layers", str(args.layers)]
+            out = subprocess.run(netns_command(ns, argv), check=True, capture_output=True, text=True)
         rows.append((loss, json.loads(out.stdout.strip().splitlines()[-1])))
     print(f"GPT-2 (random init) {args.layers} layers, d=768, T={args.tokens}, 2 ranks x 1 core, G=32 K=1024; "
-          f"{args.rate} Mbit/s tbf + netem delay {args.delay_ms}ms +- {args.jitter_ms}ms, MTU 1500\n")
+          f"{args.rate} Mbit/s tbf, loss by nftables random drops, netem delay {args.delay_ms}ms "
+          f"+- {args.jitter_ms}ms, MTU 1500\n")
     print("| loss | forwards per rank | median (s) | max (s) | max abs diff vs simulate | all bitwise equal |")
     print("|---|---|---|---|---|---|")
     ok = True
@@ -88,7 +91,8 @@ def outer(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=int, default=100, help="tbf rate, Mbit/s")
-    ap.add_argument("--loss", type=float, nargs="+", default=[1.0, 5.0], help="netem loss, percent")
+    ap.add_argument("--loss", type=float, nargs="+", default=[1.0, 5.0],
+                    help="packet loss, percent (nftables random drops)")
     ap.add_argument("--delay-ms", type=int, default=20)
     ap.add_argument("--jitter-ms", type=int, default=20)
     ap.add_argument("--forwards", type=int, default=20)

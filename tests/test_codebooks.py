@@ -77,13 +77,13 @@ def test_load_rejects_bad_files(tmp_path):
     save_file({"layer.0": torch.full((1, 4, 64), float("inf"))}, str(inf), metadata={
         "format": "astra-codebooks", "version": "1", "model_type": "gpt2", "hidden_size": "64",
         "num_layers": "1", "groups": "1", "codebook_size": "4"})
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="NaN or inf"), pytest.warns(UserWarning, match="version 1 has no checksums"):
         astra.Codebooks.load(inf)
     missing = tmp_path / "missing.safetensors"
     save_file({"layer.0": torch.zeros(1, 4, 64)}, str(missing), metadata={
         "format": "astra-codebooks", "version": "1", "model_type": "gpt2", "hidden_size": "64",
         "num_layers": "2", "groups": "1", "codebook_size": "4"})
-    with pytest.raises(ValueError, match="expected tensors layer.0..layer.1"):
+    with pytest.raises(ValueError, match="expected tensors layer.0..layer.1"), pytest.warns(UserWarning):
         astra.Codebooks.load(missing)
     with pytest.raises(FileNotFoundError):
         astra.Codebooks.load(tmp_path / "nope.safetensors")

@@ -1,8 +1,10 @@
 """Links for the benchmark: a real shaped link (network namespace + ``tc``) and its emulated stand-in.
 
 Real link (root only): a fresh network namespace whose loopback (MTU 1500) carries a ``tc tbf`` qdisc at
-the given rate; packet loss and delay add a ``netem`` qdisc in front of it. Every process started inside
-the namespace (``ip netns exec NAME ...``, see :func:`netns_command`) talks to its local peers only
+the given rate. Packet loss drops a random share of the packets entering that loopback with an nftables
+rule (``numgen random``; needs the ``nft`` command, Debian's ``nftables``), so it works on kernels without
+``sch_netem``; delay and jitter add a ``netem`` qdisc in front of the tbf (needs ``sch_netem``). Every
+process started inside the namespace (``ip netns exec NAME ...``, see :func:`netns_command`) talks to its local peers only
 through that loopback, so every byte the ranks exchange crosses the shaped link. All ranks share it, as
 they would share one network link.
 
@@ -51,37 +53,52 @@ def _sh(*cmd: str) -> None:
         raise RuntimeError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
 
 
-def _qdisc_commands(ns: str, rate_mbit: float, loss: float, delay_ms: float) -> List[List[str]]:
+def _qdisc_commands(ns: str, rate_mbit: float, delay_ms: float, jitter_ms: float) -> List[List[str]]:
     tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo"]
     tbf = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", TBF_BURST, "latency", "2s"]
-    if not (loss or delay_ms):
+    if not (delay_ms or jitter_ms):
         return [tc + ["root"] + tbf]
-    netem = ["netem"] + (["delay", f"{delay_ms:g}ms"] if delay_ms else []) + (["loss", f"{loss:g}%"] if loss else [])
+    netem = ["netem", "delay", f"{delay_ms:g}ms"] + ([f"{jitter_ms:g}ms"] if jitter_ms else [])
     return [tc + ["root", "handle", "1:"] + netem, tc + ["parent", "1:", "handle", "2:"] + tbf]
 
 
-def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, delay_ms: float = 0.0) -> str:
+def _loss_commands(ns: str, loss: float) -> List[List[str]]:
+    """nftables rules dropping ``loss`` percent (0.01 % steps) of the packets entering the loopback."""
+    if not loss:
+        return []
+    nft = ["ip", "netns", "exec", ns, "nft"]
+    return [nft + ["add", "table", "inet", "astra"],
+            nft + ["add", "chain", "inet", "astra", "lossy", "{ type filter hook input priority 0; }"],
+            nft + ["add", "rule", "inet", "astra", "lossy", "numgen", "random", "mod", "10000", "<",
+                   str(round(loss * 100)), "drop"]]
+
+
+def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, delay_ms: float = 0.0,
+                            jitter_ms: float = 0.0) -> str:
     """Create network namespace ``name`` with its loopback up, MTU 1500, shaped to ``rate_mbit`` by tbf,
-    plus netem ``loss`` (percent) and ``delay_ms`` when non-zero. Returns ``name``. Root only."""
+    plus ``loss`` percent random packet drops (nftables) and netem ``delay_ms`` +- ``jitter_ms`` when non-zero.
+    Returns ``name``. Root only."""
     why = real_link_available()
     if why:
         raise PermissionError(f"cannot build a real shaped link: {why}")
+    if loss and shutil.which("nft") is None:
+        raise RuntimeError("--loss on the real link needs the nft command (apt-get install nftables)")
     if not rate_mbit > 0:
         raise ValueError(f"rate must be > 0 Mbit/s, got {rate_mbit}")
     if not 0 <= loss < 100:
         raise ValueError(f"loss must be in [0, 100) percent, got {loss}")
-    if delay_ms < 0:
-        raise ValueError(f"delay must be >= 0 ms, got {delay_ms}")
+    if delay_ms < 0 or jitter_ms < 0:
+        raise ValueError(f"delay and jitter must be >= 0 ms, got {delay_ms} and {jitter_ms}")
     _sh("ip", "netns", "add", name)
     try:
         _sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", str(NETNS_MTU))
         _sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
-        for cmd in _qdisc_commands(name, rate_mbit, loss, delay_ms):
+        for cmd in _qdisc_commands(name, rate_mbit, delay_ms, jitter_ms) + _loss_commands(name, loss):
             try:
                 _sh(*cmd)
             except RuntimeError as e:
                 if "netem" in cmd and "unknown" in str(e).lower():
-                    raise RuntimeError("--loss/--delay need the netem qdisc, which this kernel lacks "
+                    raise RuntimeError("delay and jitter need the netem qdisc, which this kernel lacks "
                                        "(sch_netem module)") from e
                 raise
     except BaseException:
@@ -91,8 +108,8 @@ def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, d
 
 
 def netem_available() -> Optional[str]:
-    """None when ``--loss``/``--delay`` can be applied on a real link here, else why not (one line). It
-    tries a netem qdisc in a throw-away namespace (root only)."""
+    """None when ``--delay`` can be applied on a real link here, else why not (one line). It tries a netem
+    qdisc in a throw-away namespace (root only)."""
     why = real_link_available()
     if why:
         return why
@@ -111,11 +128,11 @@ def destroy_namespace(name: str) -> None:
 
 
 @contextlib.contextmanager
-def shaped_namespace(rate_mbit: float, *, loss: float = 0.0, delay_ms: float = 0.0,
+def shaped_namespace(rate_mbit: float, *, loss: float = 0.0, delay_ms: float = 0.0, jitter_ms: float = 0.0,
                      prefix: str = "astra-link") -> Iterator[str]:
     """``with shaped_namespace(10) as ns:`` a shaped namespace for the block's lifetime (removed after)."""
     name = f"{prefix}-{os.getpid()}-{rate_mbit:g}".replace(".", "_")
-    create_shaped_namespace(name, rate_mbit, loss=loss, delay_ms=delay_ms)
+    create_shaped_namespace(name, rate_mbit, loss=loss, delay_ms=delay_ms, jitter_ms=jitter_ms)
     try:
         yield name
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import List, Optional
 
@@ -19,9 +20,9 @@ forwards (slowest rank) with min and max; a system estimated slower than --slow-
 runs once and is marked so.
 
 The link is real by default when run as root: a network namespace per bandwidth whose loopback (MTU 1500)
-is shaped by tc tbf (plus netem for --loss/--delay). Without root, or with --link emulated, the ranks run on
-the plain loopback and each forward is charged the transfer time of the bytes it put on the one shared
-link (bytes x 8 / rate, one --delay per collective, no overlap credited, loss not modelled). Every output
+is shaped by tc tbf (plus nftables random drops for --loss, netem for --delay). Without root, or with
+--link emulated, the ranks run on the plain loopback and each forward is charged the transfer time of the
+bytes it put on the one shared link (bytes x 8 / rate, one --delay per collective, no overlap credited, loss not modelled). Every output
 names the link it used. Writes CSV, JSON, a markdown table and a PNG plot under --out-dir.
 
 --predict also measures N = 2, 4 and 8 ranks and fits the cost model (astra.costmodel) at N = 2 on
@@ -57,7 +58,8 @@ def add_bench_arguments(b) -> None:
                    help="seconds per forward (estimated from the unshaped run) above which a system runs once")
     b.add_argument("--link", choices=("auto", "real", "emulated"), default="auto",
                    help="auto: real when root (and ip/tc exist), else emulated")
-    b.add_argument("--loss", type=float, default=0.0, help="packet loss in percent (netem; real link only)")
+    b.add_argument("--loss", type=float, default=0.0,
+                   help="packet loss in percent (nftables random drops; real link only)")
     b.add_argument("--delay", type=float, default=0.0, help="one-way delay in ms (netem on the real link)")
     b.add_argument("--out-dir", default=os.path.join("bench", "results"), help="existing directory for the results")
     b.add_argument("--quick", action="store_true",
@@ -98,8 +100,10 @@ def check_bench_args(args) -> None:
     args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
     if args.link == "emulated" and args.loss:
         raise ValueError("--loss needs the real link (root): the emulated link does not model loss")
-    if args.link == "real" and (args.loss or args.delay) and netem_available():
-        raise ValueError(f"--loss/--delay on the real link: {netem_available()}")
+    if args.link == "real" and args.delay and netem_available():
+        raise ValueError(f"--delay on the real link: {netem_available()}")
+    if args.link == "real" and args.loss and shutil.which("nft") is None:
+        raise ValueError("--loss on the real link needs the nft command (apt-get install nftables)")
     worlds, fit = [int(w) for w in _floats(args.predict_worlds)], _floats(args.fit_rates)
     if args.predict and (any(w < 2 or args.tokens % w for w in worlds) or not set(fit) <= set(rates)):
         raise ValueError("--predict-worlds must divide --tokens, and --fit-rates must be among --rates")
