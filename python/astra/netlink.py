@@ -4,8 +4,8 @@ Real link (root only): a fresh network namespace whose loopback (MTU 1500) carri
 the given rate. Packet loss drops a random share of the packets entering that loopback with an nftables
 rule (``numgen random``; needs the ``nft`` command, Debian's ``nftables``), so it works on kernels without
 ``sch_netem``; delay and jitter add a ``netem`` qdisc in front of the tbf (needs ``sch_netem``). Every
-process started inside the namespace (``ip netns exec NAME ...``, see :func:`netns_command`) talks to its local peers only
-through that loopback, so every byte the ranks exchange crosses the shaped link. All ranks share it, as
+process started inside the namespace (``ip netns exec NAME ...``, see :func:`netns_command`) talks to its
+local peers only through that loopback, so every byte the ranks exchange crosses the shaped link. All ranks share it, as
 they would share one network link.
 
 Emulated link (no root): the ranks run on the plain loopback and the link is charged afterwards. A

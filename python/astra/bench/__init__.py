@@ -22,8 +22,9 @@ runs once and is marked so.
 The link is real by default when run as root: a network namespace per bandwidth whose loopback (MTU 1500)
 is shaped by tc tbf (plus nftables random drops for --loss, netem for --delay). Without root, or with
 --link emulated, the ranks run on the plain loopback and each forward is charged the transfer time of the
-bytes it put on the one shared link (bytes x 8 / rate, one --delay per collective, no overlap credited, loss not modelled). Every output
-names the link it used. Writes CSV, JSON, a markdown table and a PNG plot under --out-dir.
+bytes it put on the one shared link (bytes x 8 / rate, one --delay per collective, no overlap credited,
+loss not modelled). Every output names the link it used. Writes CSV, JSON, a markdown table and a PNG
+plot under --out-dir.
 
 --predict also measures N = 2, 4 and 8 ranks and fits the cost model (astra.costmodel) at N = 2 on
 --fit-rates; it reports the prediction error on every other measured point."""
