@@ -319,6 +319,9 @@ class SimRuntime(_RuntimeBase):
     """All ranks at once. With distributed class tokens the sequence is laid out as
     ``[cls copy of rank 0, ..., cls copy of rank N-1, token 1, ..., token T-1]``."""
 
+    # True in astra.training's subclass: run() keeps autograd on (the caller's grad mode applies)
+    differentiable = False
+
     def __init__(self, model, codebooks, world_size: int, class_token="auto"):
         super().__init__(model, codebooks, class_token)
         self.N = int(world_size)
@@ -397,7 +400,7 @@ class SimRuntime(_RuntimeBase):
         if capture:
             self.ctx.capture = {}
         try:
-            with torch.no_grad():
+            with contextlib.nullcontext() if self.differentiable else torch.no_grad():
                 if self.fam.decoder:
                     inputs = dict(inputs, use_cache=False)
                 out = self.model(**inputs)
