@@ -11,13 +11,14 @@ per-rank local/non-local key sets) with three changes, none of which affects inf
   forward-only. ``tests/test_finetune.py`` checks both give the same values.
 
 Optional, for training and calibration: Gaussian noise-augmented quantization (``naq``), quantizing only the
-first ``quantize_layers`` layers, recording the quantized vectors of each layer, and (ablation only) a single
-ViT class token owned by rank 0 (``class_token="none"``), which the inference runtimes do not serve.
+first ``quantize_layers`` layers, recording the vectors one layer quantizes (``record_layer``), and (ablation
+only) a single ViT class token owned by rank 0 (``class_token="none"``), which the inference runtimes do not
+serve.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -50,7 +51,7 @@ class TrainSimRuntime(SimRuntime):
 
     def __init__(self, model, codebooks, world_size: int, class_token="auto", *, naq: float = 0.0,
                  generator: Optional[torch.Generator] = None, quantize_layers: Optional[int] = None,
-                 record: bool = False):
+                 record_layer: Optional[int] = None):
         single_vit = class_token in (False, "none", "single") and family_of(model).name == "vit"
         super().__init__(model, codebooks, world_size, "auto" if single_vit else class_token)
         if single_vit:
@@ -61,7 +62,8 @@ class TrainSimRuntime(SimRuntime):
         self.generator = generator
         self.quantize_layers = quantize_layers
         self.commitment: List[torch.Tensor] = []
-        self.recorded: Optional[Dict[int, List[torch.Tensor]]] = {} if record else None
+        self.record_layer = record_layer
+        self.recorded: List[torch.Tensor] = []          # layer ``record_layer``'s quantized vectors [n, D]
 
     def install(self) -> None:
         super().install()
@@ -95,9 +97,8 @@ class TrainSimRuntime(SimRuntime):
         for s in range(self.N):
             hs = h[:, self._ext(ctx.chunks[s])]
             valid = None if ctx.mask is None else ctx.mask[:, ctx.chunks[s]]
-            if self.recorded is not None:
-                self.recorded.setdefault(layer, []).append(
-                    (hs if valid is None else hs[valid]).reshape(-1, hs.shape[-1]).detach())
+            if layer == self.record_layer:
+                self.recorded.append((hs if valid is None else hs[valid]).reshape(-1, hs.shape[-1]).detach())
             hats.append(self.quantize(layer, hs, valid) if quant else hs)
         ctx.state[layer] = hats
 
