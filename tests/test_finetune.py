@@ -171,5 +171,7 @@ def test_finetune_bad_inputs():
         astra.finetune(model, astra.Codebooks.random(tiny_model("vit"), groups=4, codebook_size=8), data,
                        world_size=2)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        astra.finetune(model, cb, data, world_size=2, loss=lambda out, ref, b: out.last_hidden_state.sum() * float("nan"),
-                       progress=False)
+        astra.finetune(model, cb, data, world_size=2, progress=False,
+                       loss=lambda out, ref, b: out.last_hidden_state.sum() * float("nan"))
+    with pytest.raises(TypeError, match=r"data\[1\] must be a non-empty dict"):
+        astra.finetune(model, cb, [data[0], {}], world_size=2)

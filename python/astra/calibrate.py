@@ -102,20 +102,20 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
 
 
 def _kmeans_faiss(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int, init_samples: int) -> torch.Tensor:
-    """faiss Lloyd iterations per group; k-means++ seeding (as the torch path) for k <= 256, faiss's own
-    seeded sampling above."""
+    """faiss Lloyd iterations per group from the torch path's seeded initial centroids (so both backends run
+    the same algorithm from the same start; faiss's own sampling may pick duplicate points)."""
     import faiss
     import numpy as np
 
     N, D = x.shape
     d = D // groups
     xs = x.reshape(N, groups, d).transpose(0, 1).contiguous()       # [G, N, d]
-    init = _init_centroids(xs, k, torch.Generator().manual_seed(seed), init_samples) if k <= 256 else None
+    init = _init_centroids(xs, k, torch.Generator().manual_seed(seed), init_samples)
     out = np.empty((groups, k, d), dtype=np.float32)
     for g in range(groups):
         km = faiss.Kmeans(d, k, niter=iters, seed=seed * 1000003 + g, verbose=False, min_points_per_centroid=1,
                           max_points_per_centroid=max(256, -(-N // k)))
-        km.train(xs[g].numpy(), init_centroids=None if init is None else init[g].numpy())
+        km.train(xs[g].numpy(), init_centroids=init[g].numpy())
         out[g] = km.centroids
     return torch.from_numpy(out)
 
