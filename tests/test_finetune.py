@@ -18,14 +18,15 @@ def _train_sim(model, inputs, cb, n, **kw):
         rt.uninstall()
 
 
-@pytest.mark.parametrize("family,padded,n", [("gpt2", True, 3), ("llama", True, 2), ("bert", True, 3),
-                                             ("vit", False, 4), ("bert", False, 1)])
-def test_training_path_equals_simulate_in_value(family, padded, n):
+@pytest.mark.parametrize("family,padded,n,cls", [("gpt2", True, 3, "auto"), ("llama", True, 2, "auto"),
+                                                 ("bert", True, 3, "auto"), ("bert", True, 2, "distributed"),
+                                                 ("vit", False, 4, "auto"), ("bert", False, 1, "auto")])
+def test_training_path_equals_simulate_in_value(family, padded, n, cls):
     model = tiny_model(family)
     inputs = tiny_inputs(family, padded=padded)
     cb = astra.Codebooks.random(model, groups=4, codebook_size=16, seed=0, scale=0.5)
-    ref = main_output(astra.simulate(model, inputs, world_size=n, codebooks=cb))
-    out, rt = _train_sim(model, inputs, cb, n)
+    ref = main_output(astra.simulate(model, inputs, world_size=n, codebooks=cb, class_token=cls))
+    out, rt = _train_sim(model, inputs, cb, n, class_token=cls)
     got = main_output(out)
     assert got.requires_grad
     rows = inputs.get("attention_mask")
@@ -175,3 +176,26 @@ def test_finetune_bad_inputs():
                        loss=lambda out, ref, b: out.last_hidden_state.sum() * float("nan"))
     with pytest.raises(TypeError, match=r"data\[1\] must be a non-empty dict"):
         astra.finetune(model, cb, [data[0], {}], world_size=2)
+
+
+def test_progress_bar_shows_running_loss(capsys):
+    model = tiny_model("vit")
+    data = _data("vit")
+    cb = astra.calibrate(model, data, groups=4, codebook_size=16, iters=2)
+    res = astra.finetune(model, cb, data, world_size=2, steps=2, progress=True)
+    err = capsys.readouterr().err
+    assert "astra.finetune[vit, codebooks]" in err and f"loss={sum(res.losses) / 2:.4g}" in err
+
+
+def test_single_vit_class_token_ablation_differs_from_distributed():
+    model = tiny_model("vit")
+    x = tiny_inputs("vit")
+    cb = astra.calibrate(model, [x], groups=4, codebook_size=16, iters=2)
+    dct, _ = _train_sim(model, x, cb, 4)
+    single, _ = _train_sim(model, x, cb, 4, class_token="none")
+    full, _ = _train_sim(model, x, None, 4, class_token="none")      # full precision: equals the model
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(full), main_output(model(**x)), rtol=1e-4, atol=1e-5)
+    assert (main_output(single) - main_output(dct)).abs().max() > 1e-4
+    with pytest.raises(Exception, match="distributed class tokens"):
+        astra.simulate(model, x, world_size=4, codebooks=cb, class_token="none")   # inference refuses it
