@@ -146,7 +146,7 @@ def minilm_task(size: Size) -> Task:
         return {"cos": cos, "nn": float((nn_e == nn_r).float().mean())}
 
     # MiniLM is the costly model on CPU: its ablations run on the ViT and GPT-2 only
-    return Task("MiniLM", model, batches(train_s, 16), test, score, lr=1e-2, model_lr=2e-5,
+    return Task("MiniLM", model, batches(train_s, 16), test, score, lr=1e-2, model_lr=1e-5,
                 epochs=size.epochs_minilm, ablations=False, ws2=False)
 
 
@@ -200,7 +200,7 @@ def vit_task(size: Size, cache: str) -> Task:
         pred = torch.cat([o.logits.argmax(-1) for o in outs])
         return {"top1": 100.0 * float((pred == yte).float().mean())}
 
-    return Task("ViT-digits", model, train, test, score, lr=5e-3, model_lr=1e-4, epochs=size.epochs_vit)
+    return Task("ViT-digits", model, train, test, score, lr=5e-3, model_lr=1e-5, epochs=size.epochs_vit)
 
 
 def stdlib_bytes(seq: int):
@@ -261,7 +261,7 @@ def gpt2_task(size: Size, cache: str) -> Task:
         n = sum(b["input_ids"][:, 1:].numel() for b in test)
         return {"ppl": float(torch.exp(torch.stack(nll).sum() / n))}
 
-    return Task("GPT-2-stdlib", model, train, test, score, lr=5e-3, model_lr=1e-4, epochs=size.epochs_gpt2)
+    return Task("GPT-2-stdlib", model, train, test, score, lr=5e-3, model_lr=1e-5, epochs=size.epochs_gpt2)
 
 
 # ------------------------------------------------------------------------------------------------
