@@ -298,7 +298,10 @@ class Row:
 
 
 def evaluate(task: Task, model, cb, class_token="auto") -> Dict[int, Dict[str, float]]:
-    return {ws: task.score(outputs(model, task.test, cb, ws, class_token), task.ref) for ws in EVAL_WS}
+    res = {ws: task.score(outputs(model, task.test, cb, ws, class_token), task.ref) for ws in EVAL_WS}
+    G = "-" if cb is None else cb.groups
+    print(f"  {task.name} G={G}: " + ", ".join(f"ws {w}: {fmt(task.name, m)}" for w, m in res.items()), flush=True)
+    return res
 
 
 def fine_tuned(task: Task, cb, *, G: int, ws: int, train: str = "codebooks", naq: float = 1.0, beta: float = 1e-4,
