@@ -54,3 +54,69 @@ def test_calibrated_codebooks_beat_random_ones():
         e_cal = (main_output(astra.simulate(model, inputs, world_size=2, codebooks=cb)) - ref).abs().mean()
         e_rnd = (main_output(astra.simulate(model, inputs, world_size=2, codebooks=rnd)) - ref).abs().mean()
         assert e_cal < e_rnd, (family, float(e_cal), float(e_rnd))
+
+
+def test_faiss_and_torch_backends_are_seeded_and_comparable():
+    import pytest
+
+    from astra.calibrate import faiss_available, kmeans_error
+
+    if not faiss_available():
+        pytest.skip("faiss is not installed (the torch fallback is covered by the other tests)")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 16, generator=g) * torch.linspace(0.2, 2.0, 16)
+    for k in (8, 300):                       # k-means++ seeding, and the large-K random-point seeding
+        f1 = kmeans(x, 4, k, iters=8, seed=1, backend="faiss")
+        f2 = kmeans(x, 4, k, iters=8, seed=1, backend="faiss")
+        t = kmeans(x, 4, k, iters=8, seed=1, backend="torch")
+        assert torch.equal(f1, f2) and f1.shape == t.shape == (4, k, 4)
+        ef, et = kmeans_error(x, f1), kmeans_error(x, t)
+        assert ef < 1.05 * et and ef < 0.5 * float(x.reshape(-1, 4, 4).var(0).mean()), (k, ef, et)
+
+
+def test_kmeans_bad_inputs():
+    import pytest
+
+    with pytest.raises(ValueError, match="backend"):
+        kmeans(torch.randn(10, 8), 1, 4, backend="sklearn")
+    with pytest.raises(ValueError, match="not divisible"):
+        kmeans(torch.randn(10, 8), 3, 4)
+    with pytest.raises(ValueError, match="no calibration vectors"):
+        kmeans(torch.randn(0, 8), 1, 4)
+    with pytest.raises(ValueError, match="at least one sample"):
+        astra.calibrate(tiny_model("bert"), [], groups=4, codebook_size=8)
+    with pytest.raises(ValueError, match="world_size"):
+        astra.calibrate(tiny_model("bert"), [tiny_inputs("bert")], groups=4, codebook_size=8, world_size=0)
+
+
+def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):
+    model = tiny_model("bert")
+    samples = [tiny_inputs("bert", batch=4, seq=16, seed=s, padded=True) for s in range(3)]
+    plain = astra.calibrate(model, samples, groups=4, codebook_size=16, iters=4, backend="torch")
+    seq = astra.calibrate(model, samples, groups=4, codebook_size=16, iters=4, backend="torch", world_size=2,
+                          progress=True)
+    assert "astra.calibrate" in capsys.readouterr().err                     # the progress bar
+    # layer 0 is fitted on the same vectors either way (the embeddings of the non-padding tokens; only their
+    # order differs, rank by rank), layer 1 on different ones once layer 0's non-local tokens are quantized
+    from astra.calibrate import _quantized_inputs
+
+    h0 = _quantized_inputs(model, samples, [], 0, 2, "auto", None)
+    ref0 = collect_hidden_states(model, samples)[0]
+    torch.testing.assert_close(h0.norm(dim=1).sort().values, ref0.norm(dim=1).sort().values)
+    # layer 1's inputs differ once layer 0's non-local tokens are quantized
+    assert not torch.allclose(seq[1], plain[1])
+    # and layer 1's codebook is exactly k-means of what layer 1 quantizes in a 2-rank simulation whose layer 0
+    # uses its calibrated codebook
+    from astra.training import TrainSimRuntime
+
+    rt = TrainSimRuntime(model, seq, 2, quantize_layers=1, record_layer=1)
+    rt.install()
+    try:
+        with torch.no_grad():
+            for s in samples:
+                rt.run(s)
+    finally:
+        rt.uninstall()
+    h1 = torch.cat(rt.recorded)
+    assert h1.shape[0] == sum(int(s["attention_mask"].sum()) for s in samples)
+    assert torch.equal(seq[1], kmeans(h1, 4, 16, iters=4, seed=1, backend="torch"))

@@ -1,7 +1,7 @@
 """astra: ASTRA sequence-parallel Transformer inference (VQ codes between devices) on HF models.
 
 Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`unpatch`, :func:`launch`,
-:func:`calibrate`, :func:`simulate_generate`, and the errors :class:`PeerError`,
+:func:`calibrate`, :func:`finetune`, :func:`simulate_generate`, and the errors :class:`PeerError`,
 :class:`UnsupportedModelError`, :class:`LaunchError`, :class:`InputMismatchError`, :class:`InvalidInputError`,
 :class:`RankFailedError`, :class:`FrameMismatchError`, :class:`NonFiniteError`. Semantics: docs/runtime.md.
 """
@@ -10,16 +10,17 @@ from .calibrate import calibrate
 from .codebooks import Codebooks
 from .context import LayerStats
 from .errors import (
-                     AstraError,
-                     FrameMismatchError,
-                     InputMismatchError,
-                     InvalidInputError,
-                     LaunchError,
-                     NonFiniteError,
-                     PeerError,
-                     RankFailedError,
-                     UnsupportedModelError,
+    AstraError,
+    FrameMismatchError,
+    InputMismatchError,
+    InvalidInputError,
+    LaunchError,
+    NonFiniteError,
+    PeerError,
+    RankFailedError,
+    UnsupportedModelError,
 )
+from .finetune import FinetuneResult, finetune
 from .generation import simulate_generate
 from .launch import launch
 from .parallel import ParallelModel, parallelize
@@ -31,6 +32,6 @@ from .transport import DEFAULT_TIMEOUT_S
 __all__ = [
     "AstraError", "Codebooks", "FrameMismatchError", "InputMismatchError", "InvalidInputError", "LaunchError",
     "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
-    "DEFAULT_TIMEOUT_S", "LayerStats", "calibrate", "ParallelModel", "launch", "local_indices", "parallelize",
-    "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
+    "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "calibrate", "finetune", "ParallelModel", "launch",
+    "local_indices", "parallelize", "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
 ]

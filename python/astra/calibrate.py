@@ -2,17 +2,27 @@
 
 For every layer the hidden states ``h`` entering the attention's Q/K/V projection (the vectors ASTRA
 quantizes) are collected from full-precision forwards of the unmodified model over the samples (padding
-tokens excluded), cut into G groups, and clustered with seeded Lloyd k-means (k-means++ seeding on a
-sub-sample). The paper trains codebooks jointly with fine-tuning; this is the cheap post-hoc variant.
+tokens excluded), cut into G groups, and clustered per group with k-means: ``faiss.Kmeans`` when faiss is
+importable (``backend="auto"``), else seeded Lloyd iterations in torch. With ``world_size=N`` layer l is
+calibrated instead on the vectors it quantizes in an N-rank ASTRA simulation whose layers < l already use
+their calibrated codebooks (the distribution inference sees). The paper trains codebooks jointly with
+fine-tuning (:func:`astra.finetune`); this is the cheap post-hoc starting point.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
 from .codebooks import Codebooks
 from .models import family_of
+
+BACKENDS = ("auto", "faiss", "torch")
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
 
 
 @torch.no_grad()
@@ -67,22 +77,67 @@ def _assign(xs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1).t()
 
 
-def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int = 0,
+def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int = 0, backend: str = "auto",
            init_samples: int = 4096) -> torch.Tensor:
-    """Grouped k-means: ``x [N, D]`` -> codebook ``[G, K, D/G]``."""
+    """Grouped k-means: ``x [N, D]`` -> codebook ``[G, K, D/G]`` (float32).
+
+    ``backend``: ``"faiss"`` (``faiss.Kmeans`` per group), ``"torch"`` (Lloyd in torch) or ``"auto"`` (faiss
+    when importable); both seeded, k-means++ seeding for K <= 256. With fewer vectors than codewords the torch path
+    is used (faiss cannot seed more centroids than points)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if x.ndim != 2:
+        raise ValueError(f"calibration vectors must be [N, D], got shape {tuple(x.shape)}")
     N, D = x.shape
     if D % groups:
         raise ValueError(f"hidden size {D} is not divisible by G={groups}")
     if N == 0:
         raise ValueError("no calibration vectors")
+    if backend == "faiss" and not faiss_available():
+        raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+    x = x.detach().float().cpu()
+    if backend != "torch" and N >= k and faiss_available():
+        return _kmeans_faiss(x, groups, k, iters=iters, seed=seed, init_samples=init_samples)
+    return _kmeans_torch(x, groups, k, iters=iters, seed=seed, init_samples=init_samples)
+
+
+def _kmeans_faiss(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int, init_samples: int) -> torch.Tensor:
+    """faiss Lloyd iterations per group from the torch path's seeded initial centroids (so both backends run
+    the same algorithm from the same start; faiss's own sampling may pick duplicate points)."""
+    import faiss
+    import numpy as np
+
+    N, D = x.shape
     d = D // groups
-    g = torch.Generator().manual_seed(seed)
     xs = x.reshape(N, groups, d).transpose(0, 1).contiguous()       # [G, N, d]
+    init = _init_centroids(xs, k, torch.Generator().manual_seed(seed), init_samples)
+    out = np.empty((groups, k, d), dtype=np.float32)
+    for g in range(groups):
+        km = faiss.Kmeans(d, k, niter=iters, seed=seed * 1000003 + g, verbose=False, min_points_per_centroid=1,
+                          max_points_per_centroid=max(256, -(-N // k)))
+        km.train(xs[g].numpy(), init_centroids=init[g].numpy())
+        out[g] = km.centroids
+    return torch.from_numpy(out)
+
+
+def kmeans_error(x: torch.Tensor, codebook: torch.Tensor) -> float:
+    """Mean squared quantization error of ``x [N, D]`` under ``codebook [G, K, D/G]`` (per element)."""
+    G, K, d = codebook.shape
+    xs = x.detach().float().reshape(x.shape[0], G, d).transpose(0, 1).contiguous()
+    C = codebook.detach().float()
+    codes = _assign(xs, C)                                                # [N, G]
+    q = C[torch.arange(G)[None, :], codes]                                # [N, G, d]
+    return float((q.transpose(0, 1) - xs).pow(2).mean())
+
+
+def _init_centroids(xs: torch.Tensor, k: int, g: torch.Generator, init_samples: int) -> torch.Tensor:
+    """Seeded initial centroids ``[G, k, d]`` of ``xs [G, N, d]``: k-means++ on a sub-sample for k <= 256, else
+    random distinct data points (jittered copies when there are fewer distinct points than codewords)."""
+    groups, N, d = xs.shape
+    C = torch.empty(groups, k, d)
     if k <= 256:
-        # k-means++ seeding on a sub-sample (all groups at once)
         sub = xs[:, torch.randperm(N, generator=g)[: min(N, init_samples)]]
         M = sub.shape[1]
-        C = torch.empty(groups, k, d)
         first = torch.randint(0, M, (groups,), generator=g)
         C[:, 0] = sub[torch.arange(groups), first]
         dmin = ((sub - C[:, :1]) ** 2).sum(-1)                          # [G, M]
@@ -91,19 +146,25 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
             idx = torch.multinomial(w, 1, generator=g)[:, 0]
             C[:, j] = sub[torch.arange(groups), idx]
             dmin = torch.minimum(dmin, ((sub - C[:, j: j + 1]) ** 2).sum(-1))
-    else:
-        # random *distinct* data points per group (duplicated codewords would only create exact ties);
-        # with fewer distinct points than codewords, the rest are jittered copies
-        C = torch.empty(groups, k, d)
-        for gi in range(groups):
-            u = torch.unique(xs[gi], dim=0)
-            u = u[torch.randperm(u.shape[0], generator=g)]
-            if u.shape[0] >= k:
-                C[gi] = u[:k]
-            else:
-                extra = u[torch.randint(0, u.shape[0], (k - u.shape[0],), generator=g)]
-                scale = u.std(0, keepdim=True).clamp_min(1e-6) * 1e-3
-                C[gi] = torch.cat([u, extra + torch.randn(extra.shape, generator=g) * scale])
+        return C
+    for gi in range(groups):   # duplicated codewords would only create exact ties
+        u = torch.unique(xs[gi], dim=0)
+        u = u[torch.randperm(u.shape[0], generator=g)]
+        if u.shape[0] >= k:
+            C[gi] = u[:k]
+        else:
+            extra = u[torch.randint(0, u.shape[0], (k - u.shape[0],), generator=g)]
+            scale = u.std(0, keepdim=True).clamp_min(1e-6) * 1e-3
+            C[gi] = torch.cat([u, extra + torch.randn(extra.shape, generator=g) * scale])
+    return C
+
+
+def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int, init_samples: int) -> torch.Tensor:
+    N, D = x.shape
+    d = D // groups
+    g = torch.Generator().manual_seed(seed)
+    xs = x.reshape(N, groups, d).transpose(0, 1).contiguous()       # [G, N, d]
+    C = _init_centroids(xs, k, g, init_samples)
     for _ in range(iters):
         codes = _assign(xs, C)                                          # [N, G]
         flat = (codes.t() + torch.arange(groups).unsqueeze(1) * k).reshape(-1)   # [G*N] into [G*K]
@@ -120,19 +181,66 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
 
 
 def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *, groups: int = 1,
-              codebook_size: int = 1024, iters: int = 15, seed: int = 0, max_tokens: Optional[int] = 20000
-              ) -> Codebooks:
+              codebook_size: int = 1024, iters: int = 15, seed: int = 0, max_tokens: Optional[int] = 20000,
+              backend: str = "auto", world_size: Optional[int] = None, class_token="auto",
+              progress: bool = False) -> Codebooks:
     """Codebooks for ``model`` by k-means over the hidden states of ``samples`` (input dicts for
-    ``model(**sample)``; a single dict is one sample). Cheap and deterministic for a given seed."""
+    ``model(**sample)``; a single dict is one sample). Deterministic for a given seed and backend.
+
+    ``backend``: see :func:`kmeans`. ``world_size``: calibrate layer l on what it quantizes in a
+    ``world_size``-rank simulation with layers < l already quantized (``class_token`` as in
+    :func:`astra.simulate`); one forward pass over the samples per layer. ``progress``: a tqdm bar over layers.
+    """
+    from tqdm.auto import tqdm
+
     fam = family_of(model)
     if isinstance(samples, dict):
         samples = [samples]
+    samples = list(samples)
+    if not samples:
+        raise ValueError("calibrate needs at least one sample")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
+        raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
     was_training = model.training
     model.eval()
+    tensors: List[torch.Tensor] = []
+    bar = tqdm(range(fam.num_layers), desc=f"astra.calibrate[G={groups}, K={codebook_size}]", disable=not progress)
     try:
-        hs = collect_hidden_states(model, samples, max_tokens=max_tokens)
+        hs = collect_hidden_states(model, samples, max_tokens=max_tokens) if world_size is None else None
+        for l in bar:
+            h = hs[l] if hs is not None else _quantized_inputs(model, samples, tensors, l, world_size, class_token,
+                                                                 max_tokens)
+            tensors.append(kmeans(h, groups, codebook_size, iters=iters, seed=seed + l, backend=backend))
     finally:
+        bar.close()
         model.train(was_training)
-    tensors = [kmeans(h, groups, codebook_size, iters=iters, seed=seed + l) for l, h in enumerate(hs)]
     dtype = next(model.parameters()).dtype
     return Codebooks([t.to(dtype) for t in tensors], model_type=fam.name, hidden_size=fam.hidden_size)
+
+
+@torch.no_grad()
+def _quantized_inputs(model, samples, done: List[torch.Tensor], layer: int, world_size: int, class_token,
+                      max_tokens: Optional[int]) -> torch.Tensor:
+    """The vectors layer ``layer`` quantizes in a ``world_size``-rank simulation with layers < ``layer`` quantized
+    by the codebooks in ``done`` (later layers full precision)."""
+    from .training import TrainSimRuntime
+
+    fam = family_of(model)
+    dtype = next(model.parameters()).dtype
+    # layers >= ``layer`` are not quantized; their placeholder only satisfies Codebooks' shape checks
+    fill = done[0].new_zeros(done[0].shape) if done else torch.zeros(1, 1, fam.hidden_size)
+    cb = Codebooks([t.to(dtype) for t in done] + [fill.to(dtype)] * (fam.num_layers - len(done)),
+                   model_type=fam.name, hidden_size=fam.hidden_size)
+    rt = TrainSimRuntime(model, cb, world_size, class_token, quantize_layers=layer, record_layer=layer)
+    rt.install()
+    try:
+        for s in samples:
+            rt.run(s)
+            if max_tokens is not None and sum(r.shape[0] for r in rt.recorded) >= max_tokens:
+                break
+    finally:
+        rt.uninstall()
+    out = torch.cat(rt.recorded).float().cpu()
+    return out[:max_tokens] if max_tokens is not None else out

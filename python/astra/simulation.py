@@ -1,6 +1,7 @@
 """``astra.simulate``: every rank's computation in one process (the reference of the distributed runtime)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict
 
 import torch
@@ -15,6 +16,9 @@ from .runtime import RuntimeBase
 class SimRuntime(RuntimeBase):
     """All ranks at once. With distributed class tokens the sequence is laid out as
     ``[cls copy of rank 0, ..., cls copy of rank N-1, token 1, ..., token T-1]``."""
+
+    # True in astra.training's subclass: run() keeps autograd on (the caller's grad mode applies)
+    differentiable = False
 
     def __init__(self, model, codebooks, world_size: int, class_token="auto"):
         super().__init__(model, codebooks, class_token)
@@ -103,7 +107,7 @@ class SimRuntime(RuntimeBase):
         if capture:
             self.ctx.capture = {}
         try:
-            with torch.no_grad():
+            with contextlib.nullcontext() if self.differentiable else torch.no_grad():
                 if self.fam.decoder:
                     inputs = dict(inputs, use_cache=False)
                 out = self.model(**inputs)

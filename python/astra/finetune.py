@@ -1,0 +1,219 @@
+"""``astra.finetune``: train codebooks (and optionally the model) through the ASTRA simulation.
+
+Every step runs the model exactly as :func:`astra.simulate` would at the step's world size, made differentiable
+(:mod:`astra.training`): non-local tokens are quantized with a straight-through estimator, so gradients reach the
+codebooks and the senders' hidden states. Loss = task loss + ``beta`` * commitment loss, where the commitment
+loss is the mean squared quantization residual ``||h - C[code]||^2`` over every quantized token and layer. The
+default task loss distils the unmodified model: KL divergence to its logits when the output has logits, else
+the mean squared error of ``last_hidden_state`` relative to the reference's mean square (padding excluded).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .codebooks import Codebooks, as_codebooks
+from .models import family_of
+from .training import TrainSimRuntime
+
+CODEBOOKS_FILE = "codebooks.safetensors"
+TRAIN_MODES = ("codebooks", "all")
+
+
+@dataclass
+class FinetuneResult:
+    codebooks: Codebooks                     # the trained codebooks (detached, the input's dtype)
+    model: torch.nn.Module                   # the model (trained in place with train="all")
+    losses: List[float] = field(default_factory=list)   # total loss of every step
+    world_sizes: List[int] = field(default_factory=list)  # world size of every step
+    output_dir: Optional[str] = None
+
+
+def main_output(out) -> torch.Tensor:
+    """The tensor the default loss distils: ``logits`` when present, else ``last_hidden_state``."""
+    for key in ("logits", "last_hidden_state"):
+        t = getattr(out, key, None)
+        if t is not None:
+            return t
+    raise ValueError(f"cannot distil a model output without logits or last_hidden_state ({type(out).__name__})")
+
+
+def distill_loss(out, ref, batch: Dict[str, Any]) -> torch.Tensor:
+    """Default task loss: student output ``out`` vs the unmodified model's output ``ref`` (see module doc)."""
+    s, t = main_output(out), main_output(ref).detach()
+    mask = batch.get("attention_mask")
+    rows = mask.bool() if mask is not None and mask.shape == s.shape[:2] and s.ndim == 3 else None
+    if getattr(out, "logits", None) is not None:
+        per = (torch.softmax(t.float(), -1) * (torch.log_softmax(t.float(), -1) - torch.log_softmax(s.float(), -1)))
+        per = per.sum(-1)
+        return per[rows].mean() if rows is not None else per.mean()
+    err = (s.float() - t.float()).pow(2).mean(-1)
+    ref2 = t.float().pow(2).mean(-1)
+    if rows is not None:
+        err, ref2 = err[rows], ref2[rows]
+    return err.mean() / ref2.mean().clamp_min(1e-12)
+
+
+def _world_sizes(world_size) -> List[int]:
+    if isinstance(world_size, int):
+        sizes = [world_size]
+    elif isinstance(world_size, (list, tuple, set, range)):
+        sizes = sorted(world_size) if isinstance(world_size, set) else list(world_size)
+    else:
+        sizes = []
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) for n in sizes):
+        raise ValueError(f"world_size must be an int >= 2 or a non-empty sequence of them, got {world_size!r}")
+    if min(sizes) < 2:
+        raise ValueError(f"world_size must be >= 2 (at world size 1 no token is quantized; nothing to train), "
+                         f"got {world_size!r}")
+    return sizes
+
+
+def _check_data(data) -> List[Dict[str, Any]]:
+    if isinstance(data, dict):
+        data = [data]
+    data = list(data)
+    if not data:
+        raise ValueError("finetune needs data: got an empty collection of batches")
+    for i, b in enumerate(data):
+        if not isinstance(b, dict) or not b:
+            raise TypeError(f"data[{i}] must be a non-empty dict of model inputs, got {type(b).__name__}")
+    return data
+
+
+def _to(batch: Dict[str, Any], device) -> Dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass
+class _Setup:
+    params: List[torch.nn.Parameter]           # codebook parameters, one per layer
+    teacher: Optional[torch.nn.Module]         # frozen copy (train="all"), None = the model itself
+    frozen: Dict[str, bool]                    # requires_grad of every model parameter before training
+    optimizer: torch.optim.Optimizer
+
+
+def _setup(model, cb: Codebooks, train: str, lr: float, model_lr: float) -> _Setup:
+    dev = next(model.parameters()).device
+    params = [torch.nn.Parameter(t.detach().to(device=dev, dtype=torch.float32).clone()) for t in cb.tensors]
+    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
+    groups = [{"params": params, "lr": lr}]
+    teacher = None
+    if train == "all":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        model.requires_grad_(True)
+        groups.append({"params": [p for p in model.parameters()], "lr": model_lr})
+    else:
+        model.requires_grad_(False)
+    return _Setup(params, teacher, frozen, torch.optim.Adam(groups))
+
+
+def _reference(rt: TrainSimRuntime, teacher, batch):
+    with torch.no_grad():
+        if teacher is not None:
+            return teacher(**batch)
+        with rt.original_attention():
+            return rt.model(**batch)
+
+
+def _step(model, st: _Setup, cb: Codebooks, batch, n: int, opts: Dict[str, Any], gen) -> float:
+    cbs = Codebooks(st.params, model_type=cb.model_type, hidden_size=cb.hidden_size)
+    rt = TrainSimRuntime(model, cbs, n, opts["class_token"], naq=opts["naq"], generator=gen)
+    rt.install()
+    try:
+        ref = _reference(rt, st.teacher, batch)
+        out, _ = rt.run(batch)
+        task = opts["loss"](out, ref, batch)
+        commit = torch.stack(rt.commitment).mean() if rt.commitment else task.new_zeros(())
+    finally:
+        rt.uninstall()
+    loss = task + opts["beta"] * commit
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(
+            f"astra.finetune: loss is {float(loss.detach())} (task {float(task.detach())}, commitment "
+            f"{float(commit.detach())}) at world size "
+            f"{n}; check the inputs and lower the learning rate")
+    st.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if opts["clip"]:
+        torch.nn.utils.clip_grad_norm_([p for g in st.optimizer.param_groups for p in g["params"]], opts["clip"])
+    st.optimizer.step()
+    return float(loss.detach())
+
+
+def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, Any]]], *,
+             world_size: Union[int, Sequence[int]], train: str = "codebooks", epochs: int = 1,
+             steps: Optional[int] = None, lr: float = 1e-3, model_lr: float = 2e-5, beta: float = 1e-4,
+             naq: float = 1.0, class_token="auto", loss: Optional[Callable] = None, clip: float = 1.0,
+             seed: int = 0, progress: bool = True, output_dir: Optional[str] = None) -> FinetuneResult:
+    """Fine-tune ``codebooks`` (``train="codebooks"``, model weights untouched) or model and codebooks together
+    (``train="all"``) on ``data``, a sequence of input dicts for ``model(**batch)`` (labels are not needed).
+
+    ``world_size``: an int, or a sequence sampled (seeded) per step, so one set of codebooks serves several.
+    ``loss(out, ref, batch)``: task loss of the simulated output ``out`` vs the unmodified model's ``ref``
+    (default :func:`distill_loss`). ``naq``: lambda of noise-augmented quantization (training only; 0 = off).
+    ``steps`` defaults to ``epochs * len(data)``; batches are visited in a seeded shuffled order.
+    ``output_dir``: writes ``codebooks.safetensors`` and, with ``train="all"``, the HF model (``save_pretrained``).
+    The model runs in eval mode (no dropout). Deterministic on CPU for a given ``seed``.
+    """
+    if train not in TRAIN_MODES:
+        raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+    sizes = _world_sizes(world_size)
+    data = _check_data(data)
+    cb = as_codebooks(codebooks, model)
+    if cb is None:
+        raise ValueError("finetune needs codebooks (e.g. from astra.calibrate)")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    total = int(steps) if steps is not None else int(epochs) * len(data)
+    if total < 1:
+        raise ValueError(f"nothing to train: steps={steps}, epochs={epochs}")
+    fam = family_of(model)
+    opts = dict(class_token=class_token, naq=float(naq), loss=loss or distill_loss, beta=float(beta),
+                clip=float(clip))
+    was_training = model.training
+    model.eval()
+    st = _setup(model, cb, train, lr, model_lr)
+    dev = st.params[0].device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    order_gen = torch.Generator().manual_seed(seed)
+    pick = random.Random(seed)
+    res = FinetuneResult(codebooks=cb, model=model)
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"astra.finetune[{fam.name}, {train}]", disable=not progress)
+        order: List[int] = []
+        for _ in range(total):
+            if not order:
+                order = torch.randperm(len(data), generator=order_gen).tolist()
+            n = sizes[0] if len(sizes) == 1 else pick.choice(sizes)
+            res.losses.append(_step(model, st, cb, _to(data[order.pop(0)], dev), n, opts, gen))
+            res.world_sizes.append(n)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(res.losses[-20:]) / len(res.losses[-20:]):.4g}", ws=n)
+        bar.close()
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(st.frozen[name])
+        model.train(was_training)
+    res.codebooks = Codebooks([p.detach().to(cb.dtype) for p in st.params], model_type=cb.model_type,
+                              hidden_size=cb.hidden_size)
+    if output_dir is not None:
+        res.output_dir = save_finetuned(res, output_dir, save_model=(train == "all"))
+    return res
+
+
+def save_finetuned(res: FinetuneResult, output_dir: str, *, save_model: bool) -> str:
+    """Write ``codebooks.safetensors`` (and the HF model with ``save_model``) into ``output_dir``."""
+    os.makedirs(output_dir, exist_ok=True)
+    if save_model:
+        res.model.save_pretrained(output_dir)
+    res.codebooks.save(os.path.join(output_dir, CODEBOOKS_FILE))
+    return output_dir

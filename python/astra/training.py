@@ -1,0 +1,131 @@
+"""The differentiable ASTRA simulation used for fine-tuning and layer-wise calibration (training only).
+
+:class:`TrainSimRuntime` is :class:`astra.simulation.SimRuntime` (same token split, same class-token layout, same
+per-rank local/non-local key sets) with three changes, none of which affects inference:
+
+* autograd stays on (``differentiable = True``);
+* non-local tokens are quantized with a straight-through estimator: ``h_hat = C[codes] + h - sg(h)``, so the
+  value is the codeword while the gradient reaches both the codebook ``C`` and the sender's hidden state ``h``;
+  the commitment term ``mean ||h - C[codes]||^2`` of every quantized layer is collected in ``commitment``;
+* attention is plain torch (:func:`dense_attention`) instead of ``astra_kernels.mixed_attention``, which is
+  forward-only. ``tests/test_finetune.py`` checks both give the same values.
+
+Optional, for training and calibration: Gaussian noise-augmented quantization (``naq``), quantizing only the
+first ``quantize_layers`` layers, recording the vectors one layer quantizes (``record_layer``), and (ablation
+only) a single ViT class token owned by rank 0 (``class_token="none"``), which the inference runtimes do not
+serve.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+
+import astra_kernels as ak
+from .models import family_of
+from .simulation import SimRuntime
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                    scale: Optional[float]) -> torch.Tensor:
+    """Differentiable softmax attention ``[B, Hq, Tq, Dh]`` with a bool ``visible`` mask broadcastable to
+    ``[B, Hq, Tq, Tk]`` and grouped-query K/V ``[B, Hkv, Tk, Dh]``. A query with no visible key gets 0
+    (``astra_kernels.mixed_attention``'s convention)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)) * scale
+    seen = visible.any(dim=-1, keepdim=True)
+    s = s.masked_fill(~visible, float("-inf")).masked_fill(~seen, 0.0)
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype) * seen
+    return torch.matmul(p, v.to(q.dtype))
+
+
+class TrainSimRuntime(SimRuntime):
+    """Differentiable all-ranks simulation (see the module docstring). ``naq`` is lambda of noise-augmented
+    quantization (0 = off); ``generator`` seeds its noise."""
+
+    differentiable = True
+
+    def __init__(self, model, codebooks, world_size: int, class_token="auto", *, naq: float = 0.0,
+                 generator: Optional[torch.Generator] = None, quantize_layers: Optional[int] = None,
+                 record_layer: Optional[int] = None):
+        single_vit = class_token in (False, "none", "single") and family_of(model).name == "vit"
+        super().__init__(model, codebooks, world_size, "auto" if single_vit else class_token)
+        if single_vit:
+            self.cls = False            # ablation: the class token is rank 0's token like any other
+        if naq < 0 or not math.isfinite(naq):
+            raise ValueError(f"naq (noise scale lambda) must be a finite number >= 0, got {naq}")
+        self.naq = float(naq)
+        self.generator = generator
+        self.quantize_layers = quantize_layers
+        self.commitment: List[torch.Tensor] = []
+        self.record_layer = record_layer
+        self.recorded: List[torch.Tensor] = []          # layer ``record_layer``'s quantized vectors [n, D]
+
+    def install(self) -> None:
+        super().install()
+        if self.codebooks is not None:   # keep the caller's tensors (nn.Parameters) so gradients reach them
+            p = next(self.model.parameters())
+            self._cb = [c if c.device == p.device else c.to(p.device) for c in self.codebooks.tensors]
+
+    # -- quantization ----------------------------------------------------------------------------
+    def quantize(self, layer: int, h: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """Straight-through VQ of ``h [B, n, D]`` (+ NAQ noise); adds this layer's commitment term."""
+        C = self._cb[layer]
+        G, K, d = C.shape
+        with torch.no_grad():
+            codes = ak.vq_encode(h.detach().to(C.dtype), C.detach()).long()           # [B, n, G]
+        q = C[torch.arange(G, device=C.device), codes].reshape(h.shape).to(h.dtype)     # [B, n, D]
+        resid = h - q
+        rows = resid if valid is None else resid[valid]
+        if rows.shape[0]:
+            self.commitment.append(rows.pow(2).mean())
+        if self.naq > 0 and rows.shape[0] > 1:
+            std = rows.detach().std(dim=0)                                              # per dimension
+            noise = torch.randn(q.shape, generator=self.generator, device=q.device, dtype=q.dtype)
+            q = q + noise * (std * self.naq)
+        return q + (h - h.detach())
+
+    def on_layer_input(self, layer, module, h):
+        ctx = self.ctx
+        quant = (self.codebooks is not None and self.N > 1
+                 and (self.quantize_layers is None or layer < self.quantize_layers))
+        hats = []
+        for s in range(self.N):
+            hs = h[:, self._ext(ctx.chunks[s])]
+            valid = None if ctx.mask is None else ctx.mask[:, ctx.chunks[s]]
+            if layer == self.record_layer:
+                self.recorded.append((hs if valid is None else hs[valid]).reshape(-1, hs.shape[-1]).detach())
+            hats.append(self.quantize(layer, hs, valid) if quant else hs)
+        ctx.state[layer] = hats
+
+    # -- attention -------------------------------------------------------------------------------
+    def attention(self, module, q, k, v, scaling):
+        ctx = self.ctx
+        hats = ctx.state.pop(module._astra_layer)
+        kv_hat = [self.remote_kv(module, hats[s], self._pos_for(ctx.chunks[s])) for s in range(self.N)]
+        outs, rows = [], []
+        for r in range(self.N):
+            le, lg = self._local_ext(r), self._local_global(r)
+            others = [s for s in range(self.N) if s != r]
+            keys = torch.cat([k[:, :, le]] + [kv_hat[s][0].to(k.dtype) for s in others], dim=2)
+            vals = torch.cat([v[:, :, le]] + [kv_hat[s][1].to(v.dtype) for s in others], dim=2)
+            kpos = torch.cat([lg] + [ctx.chunks[s] for s in others])
+            visible = torch.ones(1, 1, lg.numel(), kpos.numel(), dtype=torch.bool, device=q.device)
+            if ctx.mask is not None:
+                visible = visible & ctx.mask[:, kpos][:, None, None, :]
+            if self.fam.causal:
+                visible = visible & (kpos[None, :] <= lg[:, None])
+            outs.append(dense_attention(q[:, :, le], keys, vals, visible, scaling))
+            rows.append(le)
+        out = torch.cat(outs, dim=2)[:, :, torch.argsort(torch.cat(rows))]
+        return out.transpose(1, 2).contiguous(), None
+
+    def run(self, inputs, capture: bool = False):
+        if capture:
+            raise ValueError("TrainSimRuntime does not capture K/V (use astra.simulate)")
+        self.commitment = []
+        return super().run(inputs)

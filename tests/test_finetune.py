@@ -1,0 +1,200 @@
+"""astra.finetune and the differentiable simulation behind it (astra.training)."""
+import pytest
+import torch
+from test_runtime_support import main_output, tiny_inputs, tiny_model
+
+import astra
+from astra.training import TrainSimRuntime
+
+
+def _train_sim(model, inputs, cb, n, **kw):
+    rt = TrainSimRuntime(model, cb, n, **kw)
+    rt.install()
+    try:
+        out, _ = rt.run(inputs)
+        return out, rt
+    finally:
+        rt.uninstall()
+
+
+@pytest.mark.parametrize("family,padded,n,cls", [("gpt2", True, 3, "auto"), ("llama", True, 2, "auto"),
+                                                 ("bert", True, 3, "auto"), ("bert", True, 2, "distributed"),
+                                                 ("vit", False, 4, "auto"), ("bert", False, 1, "auto")])
+def test_training_path_equals_simulate_in_value(family, padded, n, cls):
+    model = tiny_model(family)
+    inputs = tiny_inputs(family, padded=padded)
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16, seed=0, scale=0.5)
+    ref = main_output(astra.simulate(model, inputs, world_size=n, codebooks=cb, class_token=cls))
+    out, rt = _train_sim(model, inputs, cb, n, class_token=cls)
+    got = main_output(out)
+    assert got.requires_grad
+    rows = inputs.get("attention_mask")
+    rows = rows.bool() if rows is not None and got.ndim == 3 else slice(None)
+    torch.testing.assert_close(got.detach()[rows], ref[rows], rtol=1e-4, atol=1e-5)
+    assert len(rt.commitment) == (2 * n if n > 1 else 0)
+
+
+def test_ste_gradients_reach_codebooks_and_sender_weights():
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert", padded=True)
+    cb = astra.calibrate(model, [inputs], groups=4, codebook_size=16, iters=3)
+    params = [torch.nn.Parameter(t.clone()) for t in cb.tensors]
+    cbp = astra.Codebooks(params, model_type="bert", hidden_size=64)
+    out, rt = _train_sim(model, inputs, cbp, 2)
+    main_output(out).pow(2).sum().backward()
+    for p in params:                                      # every layer's codebook gets a gradient
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # layer 1's quantized input comes from layer 0's output: its gradient reaches layer 0's weights through
+    # the STE; to isolate the STE path, compare against a run where the STE is cut (h.detach() only)
+    w = model.encoder.layer[0].output.dense.weight
+    g_ste = w.grad.clone()
+    model.zero_grad()
+    rt2 = TrainSimRuntime(model, cbp, 2)
+    rt2.quantize = lambda layer, h, valid, q=rt2.quantize: q(layer, h.detach(), valid)
+    rt2.install()
+    try:
+        main_output(rt2.run(inputs)[0]).pow(2).sum().backward()
+    finally:
+        rt2.uninstall()
+    assert (g_ste - w.grad).norm() > 1e-3 * g_ste.norm() > 0
+
+
+def test_straight_through_quantizer_value_and_gradients():
+    model = tiny_model("bert")
+    C = torch.nn.Parameter(torch.randn(4, 16, 16))
+    rt = TrainSimRuntime(model, astra.Codebooks([C, C.detach()], model_type="bert", hidden_size=64), 2)
+    rt.install()
+    try:
+        h = torch.randn(2, 5, 64, requires_grad=True)
+        out = rt.quantize(0, h, None)
+    finally:
+        rt.uninstall()
+    import astra_kernels as ak
+
+    codes = ak.vq_encode(h.detach(), C.detach())
+    torch.testing.assert_close(out.detach(), ak.vq_decode(codes, C.detach()))       # value: the codeword
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    torch.testing.assert_close(h.grad, w)                                          # STE: identity to h
+    expect = torch.zeros_like(C)
+    flat = w.reshape(-1, 4, 16)
+    for g in range(4):
+        expect[g].index_add_(0, codes.reshape(-1, 4)[:, g].long(), flat[:, g])
+    torch.testing.assert_close(C.grad, expect)                                     # and to the codewords
+    assert len(rt.commitment) == 1
+
+
+def test_naq_noise_only_in_training_and_scaled_by_residual():
+    model = tiny_model("vit")
+    inputs = tiny_inputs("vit")
+    cb = astra.calibrate(model, [inputs], groups=4, codebook_size=16, iters=3)
+    clean, _ = _train_sim(model, inputs, cb, 2)
+    g = torch.Generator().manual_seed(0)
+    noisy, rt = _train_sim(model, inputs, cb, 2, naq=1.0, generator=g)
+    assert (main_output(noisy) - main_output(clean)).abs().max() > 1e-3
+    big, _ = _train_sim(model, inputs, cb, 2, naq=4.0, generator=torch.Generator().manual_seed(0))
+    d1 = (main_output(noisy) - main_output(clean)).norm()
+    d4 = (main_output(big) - main_output(clean)).norm()
+    assert d4 > 2 * d1
+    # after fine-tuning with NAQ, inference (astra.simulate) is noise-free: repeatable and equal to the
+    # training path without noise
+    res = astra.finetune(model, cb, [inputs], world_size=2, steps=2, naq=1.0, progress=False)
+    a = main_output(astra.simulate(model, inputs, world_size=2, codebooks=res.codebooks))
+    b = main_output(astra.simulate(model, inputs, world_size=2, codebooks=res.codebooks))
+    c, _ = _train_sim(model, inputs, res.codebooks, 2)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(main_output(c).detach(), a, rtol=1e-4, atol=1e-5)
+
+
+def _data(family, n=3, **kw):
+    return [tiny_inputs(family, batch=2, seq=12, seed=s, **kw) for s in range(n)]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_finetune_codebooks_lowers_distillation_error_and_leaves_model_untouched(family):
+    model = tiny_model(family)
+    data = _data(family, padded=True)
+    cb = astra.calibrate(model, data, groups=4, codebook_size=16, iters=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = astra.finetune(model, cb, data, world_size=[2, 3], steps=12, lr=1e-2, seed=0, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())          # flags restored
+    assert sorted(set(res.world_sizes)) == [2, 3] and len(res.losses) == 12
+    again = astra.finetune(model, cb, data, world_size=[2, 3], steps=12, lr=1e-2, seed=0, progress=False)
+    assert again.losses == res.losses and all(torch.equal(a, b) for a, b in zip(res.codebooks, again.codebooks))
+
+    def err(c):
+        from astra.finetune import distill_loss
+        tot = 0.0
+        for b in data:
+            with torch.no_grad():
+                ref = model(**b)
+            tot += float(distill_loss(astra.simulate(model, b, world_size=3, codebooks=c), ref, b))
+        return tot
+    assert err(res.codebooks) < 0.9 * err(cb), (err(res.codebooks), err(cb))
+
+
+def test_finetune_all_round_trips_through_save_and_load(tmp_path):
+    import transformers as tf
+
+    model = tiny_model("gpt2")
+    data = _data("gpt2")
+    cb = astra.calibrate(model, data, groups=4, codebook_size=16, iters=3)
+    w0 = model.transformer.h[0].attn.c_attn.weight.clone()
+    res = astra.finetune(model, cb, data, world_size=2, train="all", steps=3, model_lr=1e-3, progress=False,
+                         output_dir=str(tmp_path / "ft"))
+    assert not torch.equal(w0, model.transformer.h[0].attn.c_attn.weight)     # the model trained
+    loaded = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "ft").eval()
+    cb2 = astra.Codebooks.load(tmp_path / "ft" / "codebooks.safetensors", loaded)
+    x = tiny_inputs("gpt2", seed=7)
+    a = main_output(astra.simulate(model, x, world_size=2, codebooks=res.codebooks))
+    b = main_output(astra.simulate(loaded, x, world_size=2, codebooks=cb2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_finetune_bad_inputs():
+    model = tiny_model("bert")
+    data = _data("bert")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16)
+    with pytest.raises(ValueError, match="empty"):
+        astra.finetune(model, cb, [], world_size=2)
+    for ws in (0, 1, [], [2, 0], "2", 2.0):
+        with pytest.raises(ValueError, match="world_size"):
+            astra.finetune(model, cb, data, world_size=ws)
+    with pytest.raises(ValueError, match="need at least one per rank"):
+        astra.finetune(model, cb, data, world_size=64, progress=False)          # 12 tokens, 64 ranks
+    with pytest.raises(ValueError, match="train must be"):
+        astra.finetune(model, cb, data, world_size=2, train="model")
+    with pytest.raises(ValueError, match="naq"):
+        astra.finetune(model, cb, data, world_size=2, naq=-1.0, progress=False)
+    with pytest.raises(ValueError, match="model_type .vit., model is .bert."):
+        astra.finetune(model, astra.Codebooks.random(tiny_model("vit"), groups=4, codebook_size=8), data,
+                       world_size=2)
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        astra.finetune(model, cb, data, world_size=2, progress=False,
+                       loss=lambda out, ref, b: out.last_hidden_state.sum() * float("nan"))
+    with pytest.raises(TypeError, match=r"data\[1\] must be a non-empty dict"):
+        astra.finetune(model, cb, [data[0], {}], world_size=2)
+
+
+def test_progress_bar_shows_running_loss(capsys):
+    model = tiny_model("vit")
+    data = _data("vit")
+    cb = astra.calibrate(model, data, groups=4, codebook_size=16, iters=2)
+    res = astra.finetune(model, cb, data, world_size=2, steps=2, progress=True)
+    err = capsys.readouterr().err
+    assert "astra.finetune[vit, codebooks]" in err and f"loss={sum(res.losses) / 2:.4g}" in err
+
+
+def test_single_vit_class_token_ablation_differs_from_distributed():
+    model = tiny_model("vit")
+    x = tiny_inputs("vit")
+    cb = astra.calibrate(model, [x], groups=4, codebook_size=16, iters=2)
+    dct, _ = _train_sim(model, x, cb, 4)
+    single, _ = _train_sim(model, x, cb, 4, class_token="none")
+    full, _ = _train_sim(model, x, None, 4, class_token="none")      # full precision: equals the model
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(full), main_output(model(**x)), rtol=1e-4, atol=1e-5)
+    assert (main_output(single) - main_output(dct)).abs().max() > 1e-4
+    with pytest.raises(Exception, match="distributed class tokens"):
+        astra.simulate(model, x, world_size=4, codebooks=cb, class_token="none")   # inference refuses it
