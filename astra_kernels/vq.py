@@ -31,9 +31,10 @@ of 0.2 s for 8192 tokens).
 
   (``xb``, ``cb`` the bf16 inputs; ``max ||c||``, ``max ||c - cb||``, ``max ||cb||`` cached per
   codebook), plus the fp32 roundings of ``||c||^2`` and of ``dhat``.
-* Small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one **fp32** GEMM with the norms folded
-  in (``[x, 1] @ [c^T; -||c||^2 / 2]``) and a best / second-best pass; the bound is the fp32
-  accumulation error over ``DG + 1`` terms.
+* Small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): **fp32** ``x.c - ||c||^2 / 2`` computed
+  and scanned for the best two in one fused C++ pass (``small_group_topk``: 64 codewords x 6 tokens
+  in AVX-512 registers, the ``[G, N, K]`` score matrix never written); the bound is the fp32
+  accumulation error over ``DG + 1`` terms (any summation order).
 
 If the second-smallest screened distance exceeds the smallest by more than ``2e``, the screened argmin
 **is** the exact argmin (and is unique). Otherwise (stage 2, :func:`_refine_group`) the token's best 3
