@@ -137,9 +137,12 @@ void small_group_scalar(const float* x, int64_t ldx, const float* cbg, int64_t k
   }
 }
 
+constexpr int kRows = 6;  // rows x vectors per register block (kRows * kVecs <= 24 accumulators)
+constexpr int kVecs = 4;
+
 #ifdef ASTRA_X86
-// R rows against 4 vectors (64 codewords) per step: 4R accumulators, the x values broadcast from memory.
-template <int R>
+// R rows against V vectors (16 V codewords) per step: R V accumulators, the x values broadcast from memory.
+template <int R, int V>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void small_group_avx512(const float* x, int64_t ldx,
                                                                              const float* cbg, int64_t kb0,
                                                                              int64_t kb1, int64_t DG, Best* best) {
@@ -149,23 +152,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void small_group_avx512(con
   for (int r = 0; r < R; ++r) thr[r] = _mm512_set1_ps(best[r].worst());
   const int64_t stride = (DG + 1) * 16;
   int64_t kb = kb0;
-  for (; kb + 4 <= kb1; kb += 4) {
+  for (; kb + V <= kb1; kb += V) {
     const float* c = cbg + kb * stride;
-    __m512 acc[R][4];
-    for (int v = 0; v < 4; ++v) {
+    __m512 acc[R][V];
+    for (int v = 0; v < V; ++v) {
       const __m512 cn = _mm512_loadu_ps(c + v * stride + DG * 16);
       for (int r = 0; r < R; ++r) acc[r][v] = cn;
     }
     for (int64_t j = 0; j < DG; ++j) {
-      __m512 cv[4];
-      for (int v = 0; v < 4; ++v) cv[v] = _mm512_loadu_ps(c + v * stride + j * 16);
+      __m512 cv[V];
+      for (int v = 0; v < V; ++v) cv[v] = _mm512_loadu_ps(c + v * stride + j * 16);
       for (int r = 0; r < R; ++r) {
         const __m512 xb = _mm512_set1_ps(x[r * ldx + j]);
-        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(xb, cv[v], acc[r][v]);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xb, cv[v], acc[r][v]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      for (int v = 0; v < 4; ++v) {
+      for (int v = 0; v < V; ++v) {
         const __m512 d = _mm512_mul_ps(m2, acc[r][v]);
         __mmask16 hit = _mm512_cmp_ps_mask(d, thr[r], _CMP_LT_OQ);
         if (hit) {
@@ -180,7 +183,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void small_group_avx512(con
       }
     }
   }
-  for (; kb < kb1; ++kb) {  // the last 1..3 vectors
+  for (; kb < kb1; ++kb) {  // the last 1..V-1 vectors
     const float* c = cbg + kb * stride;
     for (int r = 0; r < R; ++r) {
       __m512 acc = _mm512_loadu_ps(c + DG * 16);
@@ -197,7 +200,7 @@ void small_group_rows(const float* x, int64_t ldx, const float* cbg, int64_t kb0
                       Best* best) {
 #ifdef ASTRA_X86
   if (have_avx512()) {
-    small_group_avx512<R>(x, ldx, cbg, kb0, kb1, DG, best);  // padding columns: -inf scores, never pushed
+    small_group_avx512<R, kVecs>(x, ldx, cbg, kb0, kb1, DG, best);  // padding columns: -inf scores, never pushed
     return;
   }
 #endif
@@ -211,7 +214,7 @@ constexpr int64_t kKbChunk = 8;
 
 void small_group_tile(const float* x, int64_t ldx, const float* cbg, int64_t Kp, int64_t K, int64_t DG, int n,
                       Best* best) {
-  constexpr int R = 6;
+  constexpr int R = kRows;
   for (int64_t kb0 = 0; kb0 < Kp / 16; kb0 += kKbChunk) {
     const int64_t kb1 = kb0 + kKbChunk < Kp / 16 ? kb0 + kKbChunk : Kp / 16;
     int r = 0;
