@@ -4,6 +4,7 @@
 #include "screen.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -113,9 +114,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void scan_avx512(const void
   }
 }
 
+// ASTRA_NO_AVX512 (any value, read once) forces the scalar scans: the fallback's test on AVX-512 machines.
 bool have_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
+                         __builtin_cpu_supports("avx512vl") && std::getenv("ASTRA_NO_AVX512") == nullptr;
   return ok;
 }
 #endif

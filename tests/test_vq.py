@@ -331,6 +331,26 @@ def test_fused_small_group_scan_matches_torch():
         T.assert_equal_ints(ak.vq_encode(x + p.mu_flat, cb), vq.vq_encode_reference(x + p.mu_flat, cb))
 
 
+def test_scalar_screen_fallback_is_exact():
+    """The C++ scans' scalar fallback (forced by ASTRA_NO_AVX512 in a fresh process: machines without
+    AVX-512 take it): codes equal to the float64 argmin for both screens (bf16 large-group, fused small-group)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, astra_kernels as ak\n"
+            "from astra_kernels import vq\n"
+            "g = torch.Generator().manual_seed(5)\n"
+            "for n, G, K, DG in [(203, 4, 100, 24), (70, 1, 300, 256), (9, 2, 5, 3)]:\n"
+            "    x, cb = torch.randn(n, G * DG, generator=g), torch.randn(G, K, DG, generator=g)\n"
+            "    cb[:, K // 2] = cb[:, 1]\n"
+            "    assert torch.equal(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb)), (n, G, K, DG)\n"
+            "print('ok')\n")
+    env = dict(os.environ, ASTRA_NO_AVX512="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("D", [32, 256])
 def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(D):
     """250 of 300 codewords within ~1e-4 of each other: the 3 / 16 / 128-candidate tiers cannot prove
