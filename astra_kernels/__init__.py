@@ -5,10 +5,12 @@ fast CPU paths, backend dispatch, and the C++ bit-stream codec. Knows nothing of
 ``transformers``, no ``torch.distributed``.
 """
 from .attention import (
+    attention_group_table,
     attention_local,
     attention_per_token,
     attention_segments,
     attention_table,
+    build_group_tables,
     merge_attention,
     mixed_attention,
     mixed_attention_reference,
@@ -23,14 +25,15 @@ from .codec import (
     pack_codes,
     unpack_codes,
 )
-from .segments import CountKeys, TableKeys, TokenKeys
+from .segments import CountKeys, GroupTableKeys, TableKeys, TokenKeys
 from .vq import MAX_K, default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference
 
 __version__ = "0.1.0"  # the package version (pyproject.toml and astra read it from here)
 
 __all__ = [
-    "CODES_DTYPE", "MAX_K", "CountKeys", "TableKeys", "TokenKeys", "attention_local", "attention_per_token",
-    "attention_segments", "attention_table", "crc32c", "default_bits", "encode_and_pack", "frame_header",
-    "frame_layout", "frame_nbytes", "header_nbytes", "merge_attention", "mixed_attention",
-    "mixed_attention_reference", "pack_codes", "unpack_codes", "vq_decode", "vq_encode", "vq_encode_reference",
+    "CODES_DTYPE", "MAX_K", "CountKeys", "GroupTableKeys", "TableKeys", "TokenKeys", "attention_group_table",
+    "attention_local", "attention_per_token", "attention_segments", "attention_table", "build_group_tables",
+    "crc32c", "default_bits", "encode_and_pack", "frame_header", "frame_layout", "frame_nbytes", "header_nbytes",
+    "merge_attention", "mixed_attention", "mixed_attention_reference", "pack_codes", "unpack_codes", "vq_decode",
+    "vq_encode", "vq_encode_reference",
 ]

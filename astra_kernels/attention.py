@@ -53,9 +53,10 @@ import torch
 
 from ._dispatch import resolve_backend
 from .checks import check_finite, check_float, check_int, check_mask, require
-from .segments import CountKeys, Segment, TableKeys, TokenKeys, positions, prune_causal, split_counts
+from .segments import CountKeys, GroupTableKeys, Segment, TableKeys, TokenKeys, positions, prune_causal, split_counts
 
-__all__ = ["attention_local", "attention_per_token", "attention_table", "attention_segments", "mixed_attention",
+__all__ = ["attention_local", "attention_per_token", "attention_table", "attention_group_table", "build_group_tables",
+           "attention_segments", "mixed_attention",
            "mixed_attention_reference", "merge_attention"]
 
 _NEG_INF = float("-inf")
@@ -94,7 +95,8 @@ def attention_segments(q: torch.Tensor, segments: Sequence[Segment], *, q_pos: O
                        validate: bool = True, backend: str = "auto") -> Result:
     """Softmax attention of ``q [B, Hq, Tl, Dh]`` over a list of key segments (the general form).
 
-    ``segments``: :class:`~astra_kernels.segments.TokenKeys` / ``TableKeys`` / ``CountKeys``, each with
+    ``segments``: :class:`~astra_kernels.segments.TokenKeys` / ``TableKeys`` / ``GroupTableKeys`` /
+    ``CountKeys``, each with
     ``Hkv`` kv heads (``Hq % Hkv == 0``; query head ``h`` uses kv head ``h // (Hq // Hkv)``), head_dim
     ``Dh`` and batch ``B``. A segment whose ``pos`` *is* the normalised ``q_pos`` tensor is treated as
     keys at the query positions (the causal triangle skip). ``q_pos``: ``[Tl]`` / ``[B, Tl]`` global
@@ -139,7 +141,8 @@ def _queries(q, qp, causal, scale, segments) -> Queries:
     require(len(segments) > 0, "no keys at all: give at least one key segment")
     heads = set()
     for seg in segments:
-        require(type(seg) in _DENSE, f"segments must be TokenKeys / TableKeys / CountKeys, got {type(seg).__name__}")
+        require(type(seg) in _DENSE,
+                f"segments must be TokenKeys / TableKeys / GroupTableKeys / CountKeys, got {type(seg).__name__}")
         b, h, d = seg.heads()
         require(b == B and d == Dh, f"{type(seg).__name__} has batch {b}, head_dim {d}; q has batch {B}, head_dim {Dh}")
         heads.add(h)
@@ -341,6 +344,60 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 
 
 
+def attention_group_table(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                          codes: torch.Tensor, k_table: torch.Tensor, v_table: torch.Tensor, *,
+                          rope_cos: Optional[torch.Tensor] = None, rope_sin: Optional[torch.Tensor] = None,
+                          q_pos: Optional[torch.Tensor] = None, kv_pos: Optional[torch.Tensor] = None,
+                          causal: bool = False, local_mask: Optional[torch.Tensor] = None,
+                          remote_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                          return_lse: bool = False, validate: bool = True, backend: str = "auto") -> Result:
+    """Local keys + non-local keys given by grouped-VQ codes into per-group partial K/V tables (G >= 1).
+
+    ``q``, ``k``, ``v``, ``q_pos``, ``kv_pos``, masks: as :func:`attention_per_token`. ``codes [B, Tr, G]``
+    integer in ``[0, K)`` (the codes of :func:`astra_kernels.vq_encode`); ``k_table, v_table
+    [G, K, Hkv, Dh]`` from :func:`build_group_tables` (fp32 / bf16 / fp16): a non-local key is
+    ``sum_g k_table[g, codes[..., g]]`` (summed in fp32), rotated with ``rope_cos, rope_sin [P, Dh]`` at
+    ``kv_pos`` if given (HF Llama convention) - the K/V of the decoded token without its D x D projection.
+    """
+    check_int("codes", codes)
+    require(codes.dim() == 3 and codes.shape[0] == q.shape[0],
+            f"codes must have shape [B={q.shape[0]}, Tr, G], got {tuple(codes.shape)}")
+    qp, kp, segs = _common(q, k, v, q_pos, local_mask, codes.shape[1], kv_pos, remote_mask)
+    segs.append(GroupTableKeys(codes.to(torch.int64), k_table, v_table, kp, remote_mask, rope_cos, rope_sin))
+    return _attend(q, qp, segs, causal, scale, return_lse, backend, segs if validate else None)
+
+
+def build_group_tables(codebook: torch.Tensor, w_k: torch.Tensor, b_k: Optional[torch.Tensor], w_v: torch.Tensor,
+                       b_v: Optional[torch.Tensor], *, kv_heads: int,
+                       dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-group partial K/V tables of one layer for :class:`~astra_kernels.segments.GroupTableKeys`.
+
+    ``codebook [G, K, D // G]``; ``w_k, w_v [Hkv * Dh, D]`` (``nn.Linear`` layout: ``k = h @ w_k.T + b_k``),
+    ``b_k, b_v [Hkv * Dh]`` or None; ``kv_heads`` = Hkv. Since ``k`` is linear in ``h = [c_0, ..., c_{G-1}]``,
+    ``k = sum_g c_g @ w_k[:, g].T + b_k``: table ``[g, j] = codebook[g, j] @ w_k[:, g * DG:(g + 1) * DG].T``
+    (computed in float64), the bias added to group 0. Returns ``(k_table, v_table) [G, K, Hkv, Dh]`` in
+    ``dtype`` (default: the weights' dtype; bf16 / fp16 halve the memory). Memory per layer:
+    ``G * K * 2 * Hkv * Dh`` elements (G = 32, K = 1024, D = 768: 201 MB fp32, 101 MB bf16).
+    """
+    check_float("codebook", codebook, 3)
+    G, K, DG = codebook.shape
+    out = []
+    for name, w, b in (("w_k", w_k, b_k), ("w_v", w_v, b_v)):
+        bname = "b" + name[1:]
+        check_float(name, w, 2)
+        require(w.shape[1] == G * DG and w.shape[0] % kv_heads == 0,
+                f"{name} must have shape [Hkv * Dh, D={G * DG}] with Hkv={kv_heads}, got {tuple(w.shape)}")
+        if b is not None:
+            check_float(bname, b, 1)
+            require(b.shape[0] == w.shape[0], f"{bname} must have shape [{w.shape[0]}], got {tuple(b.shape)}")
+        w64 = w.detach().to(torch.float64).reshape(w.shape[0], G, DG)
+        t = torch.einsum("gkd,ogd->gko", codebook.detach().to(torch.float64), w64)        # [G, K, Hkv * Dh]
+        if b is not None:
+            t[0] += b.detach().to(torch.float64)
+        out.append(t.reshape(G, K, kv_heads, -1).to(dtype or w.dtype).contiguous())
+    return out[0], out[1]
+
+
 # ------------------------------------------------------------------------------------- CPU/torch path
 _CHUNK_ELEMS = 1 << 23  # score elements per query chunk (32 MiB in fp32)
 
@@ -367,6 +424,22 @@ def _dense_table(seg: TableKeys, ct: torch.dtype):
     return kt.permute(0, 2, 1, 3), vt.permute(0, 2, 1, 3), seg.pos, bias
 
 
+def _dense_group_table(seg: GroupTableKeys, ct: torch.dtype):
+    G = seg.k_table.shape[0]
+    B, N = seg.codes.shape[:2]
+    flat = seg.codes.reshape(B * N, G)
+    kt = torch.zeros(B * N, *seg.k_table.shape[2:], dtype=ct, device=seg.codes.device)
+    vt = torch.zeros_like(kt)
+    for g in range(G):                      # one gather per group, summed in the compute dtype
+        kt += seg.k_table[g].index_select(0, flat[:, g]).to(ct)
+        vt += seg.v_table[g].index_select(0, flat[:, g]).to(ct)
+    kt, vt = kt.reshape(B, N, *kt.shape[1:]), vt.reshape(B, N, *vt.shape[1:])
+    if seg.rope:
+        kt = _rope(kt, seg.pos, seg.rope_cos, seg.rope_sin)
+    bias = None if seg.valid is None else _valid_bias(seg.valid, ct)
+    return kt.permute(0, 2, 1, 3), vt.permute(0, 2, 1, 3), seg.pos, bias
+
+
 def _dense_counts(seg: CountKeys, ct: torch.dtype):
     uk = seg.k_table[seg.codes].to(ct).permute(0, 2, 1, 3)
     uv = seg.v_table[seg.codes].to(ct).permute(0, 2, 1, 3)
@@ -375,7 +448,8 @@ def _dense_counts(seg: CountKeys, ct: torch.dtype):
 
 # one CPU segment function per key form: (K [B, Hkv, N, Dh], V, pos [B, N] or None = seen by every query,
 # additive key bias [B, N] or None)
-_DENSE = {TokenKeys: _dense_tokens, TableKeys: _dense_table, CountKeys: _dense_counts}
+_DENSE = {TokenKeys: _dense_tokens, TableKeys: _dense_table, GroupTableKeys: _dense_group_table,
+          CountKeys: _dense_counts}
 
 
 def _valid_bias(valid: torch.Tensor, ct) -> torch.Tensor:

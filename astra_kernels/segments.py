@@ -1,12 +1,14 @@
 """Key segments of mixed-precision attention: the keys a block of local queries attends to.
 
-Three key forms, in the words of the docs:
+Four key forms, in the words of the docs:
 
 * :class:`TokenKeys` - **per token**: full-precision ``k, v [B, Hkv, N, Dh]`` at global positions
   ``pos [B, N]`` (the local tokens, or non-local tokens whose K/V were computed from dequantized codes);
 * :class:`TableKeys` - **table**: ``codes [B, N]`` into per-layer ``k_table, v_table [K, Hkv, Dh]``,
   gathered per token at ``pos``; with ``rope_cos, rope_sin [P, Dh]`` the gathered key is rotated by its
   position (HF Llama ``rotate_half`` convention);
+* :class:`GroupTableKeys` - **group table** (grouped VQ, G > 1): ``codes [B, N, G]`` into per-group partial
+  tables ``[G, K, Hkv, Dh]``; a key is the sum of its G gathered rows (optionally RoPE-rotated);
 * :class:`CountKeys` - **count**: distinct ``codes [B, U]`` with ``log_counts [B, U]`` (``log(count)``
   added to the score, ``-inf`` = padding), visible to every query (no position).
 
@@ -26,7 +28,8 @@ import torch
 
 from .checks import check_finite, check_float, check_int, check_mask, require
 
-__all__ = ["TokenKeys", "TableKeys", "CountKeys", "Segment", "positions", "prune_causal", "split_counts"]
+__all__ = ["TokenKeys", "TableKeys", "GroupTableKeys", "CountKeys", "Segment", "positions", "prune_causal",
+           "split_counts"]
 
 
 def positions(name: str, pos, B: int, T: int, default_start: int = 0, device=None) -> torch.Tensor:
@@ -55,6 +58,29 @@ def _check_code_range(codes: torch.Tensor, K: int) -> None:
     if codes.numel():
         lo, hi = int(codes.min()), int(codes.max())
         require(lo >= 0 and hi < K, f"codes out of table range [0, {K}): min {lo}, max {hi}")
+
+
+def _check_rope(rope_cos, rope_sin, Dh: int) -> None:
+    if rope_cos is None and rope_sin is None:
+        return
+    require(rope_cos is not None and rope_sin is not None, "RoPE needs both rope_cos and rope_sin")
+    check_float("rope_cos", rope_cos, 2)
+    check_float("rope_sin", rope_sin, 2)
+    require(tuple(rope_cos.shape) == tuple(rope_sin.shape) and rope_cos.shape[1] == Dh,
+            f"rope_cos/rope_sin must both have shape [P, Dh={Dh}], got {tuple(rope_cos.shape)}, "
+            f"{tuple(rope_sin.shape)}")
+    require(Dh % 2 == 0, f"RoPE needs an even head_dim, got {Dh}")
+
+
+def _check_rope_values(seg) -> None:
+    if seg.rope_cos is None:
+        return
+    check_finite("rope_cos", seg.rope_cos)
+    check_finite("rope_sin", seg.rope_sin)
+    if seg.pos.numel():
+        P = seg.rope_cos.shape[0]
+        lo, hi = int(seg.pos.min()), int(seg.pos.max())
+        require(lo >= 0 and hi < P, f"kv_pos out of RoPE table range [0, {P}): min {lo}, max {hi}")
 
 
 @dataclass(frozen=True)
@@ -120,15 +146,7 @@ class TableKeys:
         require(self.pos.dtype == torch.int64 and tuple(self.pos.shape) == (B, N),
                 f"kv_pos must be int64 [{B}, {N}], got {self.pos.dtype} {tuple(self.pos.shape)}")
         check_mask("remote_mask", self.valid, B, N)
-        if self.rope_cos is not None or self.rope_sin is not None:
-            require(self.rope_cos is not None and self.rope_sin is not None, "RoPE needs both rope_cos and rope_sin")
-            check_float("rope_cos", self.rope_cos, 2)
-            check_float("rope_sin", self.rope_sin, 2)
-            Dh = self.k_table.shape[2]
-            require(tuple(self.rope_cos.shape) == tuple(self.rope_sin.shape) and self.rope_cos.shape[1] == Dh,
-                    f"rope_cos/rope_sin must both have shape [P, Dh={Dh}], got {tuple(self.rope_cos.shape)}, "
-                    f"{tuple(self.rope_sin.shape)}")
-            require(Dh % 2 == 0, f"RoPE needs an even head_dim, got {Dh}")
+        _check_rope(self.rope_cos, self.rope_sin, self.k_table.shape[2])
 
     @property
     def rope(self) -> bool:
@@ -150,13 +168,66 @@ class TableKeys:
         check_finite("k_table", self.k_table)
         check_finite("v_table", self.v_table)
         _check_code_range(self.codes, self.k_table.shape[0])
-        if self.rope:
-            check_finite("rope_cos", self.rope_cos)
-            check_finite("rope_sin", self.rope_sin)
-            if self.pos.numel():
-                P = self.rope_cos.shape[0]
-                lo, hi = int(self.pos.min()), int(self.pos.max())
-                require(lo >= 0 and hi < P, f"kv_pos out of RoPE table range [0, {P}): min {lo}, max {hi}")
+        _check_rope_values(self)
+
+
+@dataclass(frozen=True)
+class GroupTableKeys:
+    """Per-group table keys (grouped VQ, ``G >= 1``): ``codes [B, N, G]`` int64 into per-layer partial
+    tables ``k_table, v_table [G, K, Hkv, Dh]`` (one float dtype; fp32, or bf16 / fp16 to halve the
+    memory). A token's key (value) is the sum over groups of ``k_table[g, codes[..., g]]`` - exact for a
+    linear K/V projection, whose bias lives in group 0's table (:func:`astra_kernels.build_group_tables`)
+    - then, with ``rope_cos, rope_sin [P, Dh]``, rotated by its position ``pos [B, N]`` (as
+    :class:`TableKeys`). ``valid [B, N]`` bool or None. Table memory: ``G * K * 2 * Hkv * Dh`` elements
+    per layer."""
+
+    codes: torch.Tensor
+    k_table: torch.Tensor
+    v_table: torch.Tensor
+    pos: torch.Tensor
+    valid: Optional[torch.Tensor] = None
+    rope_cos: Optional[torch.Tensor] = None
+    rope_sin: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        check_float("k_table", self.k_table, 4)
+        check_float("v_table", self.v_table, 4)
+        require(tuple(self.k_table.shape) == tuple(self.v_table.shape) and self.k_table.dtype == self.v_table.dtype,
+                f"k_table and v_table differ: {tuple(self.k_table.shape)} {self.k_table.dtype} vs "
+                f"{tuple(self.v_table.shape)} {self.v_table.dtype}")
+        G, K = self.k_table.shape[:2]
+        check_int("codes", self.codes)
+        require(self.codes.dim() == 3 and self.codes.shape[2] == G,
+                f"codes must have shape [B, Tr, G={G}], got {tuple(self.codes.shape)}")
+        B, N = self.codes.shape[:2]
+        require(K >= 1 or N == 0, "k_table is empty but codes are given")
+        require(self.pos.dtype == torch.int64 and tuple(self.pos.shape) == (B, N),
+                f"kv_pos must be int64 [{B}, {N}], got {self.pos.dtype} {tuple(self.pos.shape)}")
+        check_mask("remote_mask", self.valid, B, N)
+        _check_rope(self.rope_cos, self.rope_sin, self.k_table.shape[3])
+
+    @property
+    def rope(self) -> bool:
+        return self.rope_cos is not None
+
+    @property
+    def num_keys(self) -> int:
+        return self.codes.shape[1]
+
+    def heads(self) -> tuple:
+        """``(B, Hkv, Dh)``."""
+        return self.codes.shape[0], self.k_table.shape[2], self.k_table.shape[3]
+
+    def take(self, order: torch.Tensor, valid: torch.Tensor) -> "GroupTableKeys":
+        """The keys ``order [B, S]`` of each row, with key mask ``valid [B, S]``."""
+        idx = order.unsqueeze(2).expand(-1, -1, self.codes.shape[2])
+        return replace(self, codes=self.codes.gather(1, idx), pos=self.pos.gather(1, order), valid=valid)
+
+    def check_values(self) -> None:
+        check_finite("k_table", self.k_table)
+        check_finite("v_table", self.v_table)
+        _check_code_range(self.codes, self.k_table.shape[1])
+        _check_rope_values(self)
 
 
 @dataclass(frozen=True)
@@ -191,7 +262,7 @@ class CountKeys:
         return self.codes.shape[0], self.k_table.shape[1], self.k_table.shape[2]
 
 
-Segment = Union[TokenKeys, TableKeys, CountKeys]
+Segment = Union[TokenKeys, TableKeys, GroupTableKeys, CountKeys]
 
 
 def _compact(keep: torch.Tensor):
@@ -202,7 +273,7 @@ def _compact(keep: torch.Tensor):
     return order, keep.gather(1, order)
 
 
-def prune_causal(seg: Union[TokenKeys, TableKeys], q_pos: torch.Tensor) -> Optional[Segment]:
+def prune_causal(seg: Union[TokenKeys, TableKeys, GroupTableKeys], q_pos: torch.Tensor) -> Optional[Segment]:
     """Causal attention: drop the keys no query of ``q_pos [B, Tl]`` can see (after the last query, or
     padded). ``seg``: any segment with positions (``pos``, ``valid``, ``take``). Returns ``seg`` itself when
     nothing is dropped, None when nothing is left."""

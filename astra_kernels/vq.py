@@ -31,9 +31,10 @@ of 0.2 s for 8192 tokens).
 
   (``xb``, ``cb`` the bf16 inputs; ``max ||c||``, ``max ||c - cb||``, ``max ||cb||`` cached per
   codebook), plus the fp32 roundings of ``||c||^2`` and of ``dhat``.
-* Small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one **fp32** GEMM with the norms folded
-  in (``[x, 1] @ [c^T; -||c||^2 / 2]``) and a best / second-best pass; the bound is the fp32
-  accumulation error over ``DG + 1`` terms.
+* Small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): **fp32** ``x.c - ||c||^2 / 2`` computed
+  and scanned for the best two in one fused C++ pass (``small_group_topk``: 64 codewords x 6 tokens
+  in AVX-512 registers, the ``[G, N, K]`` score matrix never written); the bound is the fp32
+  accumulation error over ``DG + 1`` terms (any summation order).
 
 If the second-smallest screened distance exceeds the smallest by more than ``2e``, the screened argmin
 **is** the exact argmin (and is unique). Otherwise (stage 2, :func:`_refine_group`) the token's best 3
@@ -69,6 +70,7 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, t
 _CHUNK_ELEMS = 1 << 20     # G * chunk * K per screening chunk (4 MB of fp32 screened distances)
 _MIN_CHUNK = 64            # tokens per chunk at least (bounds the Python overhead for large G * K)
 _REFINE_BATCH = 2048       # uncertified tokens refined per batch
+_SMALL_CHUNK = 1024       # tokens per call of the fused small-group scan
 _BF16_MIN_DG = 128         # group dims from which the bf16 screen pays off (else the fp32 one)
 _EXACT_ELEMS = 1 << 22    # rows * K * DG per float64 block in exact computations
 
@@ -248,6 +250,22 @@ class _CodebookPrep:
         self.gamma = n * _U_F32 / (1 - n * _U_F32)
         self._cn64 = cn64
         self._caug = None
+        self._cbp = None
+
+    @property
+    def cbp(self) -> torch.Tensor:
+        """The codebook packed for the fused small-group scan (``csrc/screen.h``, ``small_group_topk``):
+        ``[G, Kp / 16, DG + 1, 16]`` fp32, ``Kp = K`` rounded up to 16; per block of 16 codewords the
+        ``DG`` dims then ``-||c||^2 / 2`` (the values of :attr:`caug`; ``-inf`` in padding columns)."""
+        if self._cbp is None:
+            ca = self.caug                                                # [G, DG + 1, K]
+            G, R, K = ca.shape
+            Kp = (K + 15) // 16 * 16
+            pad = torch.zeros(G, R, Kp, dtype=torch.float32)
+            pad[:, R - 1, K:] = float("-inf")
+            pad[:, :, :K] = ca
+            self._cbp = pad.reshape(G, R, Kp // 16, 16).transpose(1, 2).contiguous()
+        return self._cbp
 
     @property
     def caug(self) -> torch.Tensor:
@@ -399,38 +417,51 @@ def _screen_topk(S: torch.Tensor, cn: Optional[torch.Tensor], alpha: float, vals
         vals[short], idx[short] = torch.topk(d, t, dim=-1, largest=False, sorted=True)
 
 
-def _encode_fp32_small(x2, codebook, p, codes, chunk: int, ws: dict):
-    """Screen for small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one fp32 GEMM per chunk
-    with the norms folded in (``[x, 1] @ [c^T; -||c||^2/2]``) and a fused top-2 scan, i.e. two passes over the
-    ``[G, chunk, K]`` scores like FAISS's flat search; at these sizes the GEMM is cheap and a bf16
-    screen would only add passes. Error bound: fp32 accumulation over ``DG + 1`` terms."""
+def _small_group_topk(x32: torch.Tensor, p: "_CodebookPrep", vals: torch.Tensor, idx: torch.Tensor,
+                      start: int = 0) -> None:
+    """The fused small-group scan (``csrc/screen.cpp``) of ``x32 [n, G * DG]`` (fp32, contiguous, centered)
+    against ``p.cbp``: ``vals / idx [G, N, t]`` rows ``start .. start + n`` <- the ``t`` smallest fp32
+    ``-2 (x.c - ||c||^2 / 2)`` per token and group, ascending, their codes (-1: fewer than t finite)."""
+    G, N, t = vals.shape
+    n = x32.shape[0]
+    K = p.cn.shape[1]
+    assert x32.is_contiguous() and x32.dtype == torch.float32 and x32.shape[1] == p.cbp.shape[0] * (p.cbp.shape[2] - 1)
+    assert vals.is_contiguous() and idx.is_contiguous() and idx.shape == vals.shape and start + n <= N
+    _vq_screen.small_group_topk(x32.data_ptr(), n, x32.shape[1], p.cbp.data_ptr(), G, K, p.cbp.shape[2] - 1, t, N,
+                                vals[:, start].data_ptr(), idx[:, start].data_ptr())
+
+
+def _encode_fp32_small(x2, codebook, p, codes, ws: dict):
+    """Screen for small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one fused C++ pass
+    (``csrc/screen.cpp``, ``small_group_topk``) computes ``x.c - ||c||^2 / 2`` in fp32 registers for 64
+    codewords x 4 tokens at a time and keeps the best two per token and group; the ``[G, N, K]`` score
+    matrix is never written (a grouped bmm with inner dim 24 is memory-bound on writing it). Error bound:
+    fp32 accumulation over ``DG + 1`` terms, any order."""
     G, K, DG = codebook.shape
     N = x2.shape[0]
-    caug = p.caug
     vals_all = torch.empty(G, N, 2, dtype=torch.float32)
     idx_all = torch.empty(G, N, 2, dtype=torch.int64)
     e_all = torch.empty(G, N, dtype=torch.float32)
-    xa_full = _ws_view(ws, "xa", (G, chunk, DG + 1), torch.float32)
-    xa_full[..., DG] = 1.0
     f64 = x2.dtype == torch.float64
     gam = (DG + 2) * _U_F32 / (1 - (DG + 2) * _U_F32)
+    chunk = min(N, _SMALL_CHUNK)
     for s in range(0, N, chunk):
         xc = _center(x2[s:s + chunk], p, ws, torch.float64 if f64 else torch.float32)   # x - mu
         n = xc.shape[0]
-        xg = xc.reshape(n, G, DG).transpose(0, 1)                       # [G, n, DG] view
-        xa = xa_full[:, :n]
-        xa[..., :DG].copy_(xg)
-        Sp = torch.bmm(xa, caug, out=_ws_view(ws, "Sp", (G, n, K), torch.float32))       # x.c - |c|^2/2
-        for g in range(G):                                               # screened distances -2 Sp, ascending
-            _screen_topk(Sp[g], None, -2.0, vals_all[g, s:s + n], idx_all[g, s:s + n])
-        nx = torch.linalg.vector_norm(xa[..., :DG], dim=-1) * (1 + 1e-5)
+        x32 = xc.to(torch.float32).contiguous() if f64 else xc
+        _small_group_topk(x32, p, vals_all, idx_all, s)
+        xg = x32.reshape(n, G, DG).transpose(0, 1)                      # [G, n, DG] view
+        nx = torch.linalg.vector_norm(xg, dim=-1) * (1 + 1e-5)
         mc, mcn = p.max_c[:, None], p.max_cn[:, None]
         e = (2 * gam * (nx * mc + mcn) + 4 * _U_F32 * (mcn + 2 * nx * mc) + 2 * nx * p.max_c32r[:, None]
              + 2 * _U_F32 * 1.01 * nx * mc)                              # + rounding of x - mu
         if f64:
-            nres = torch.linalg.vector_norm((xg - xa[..., :DG].to(torch.float64)).to(torch.float32), dim=-1)
+            nres = torch.linalg.vector_norm((xc.reshape(n, G, DG).transpose(0, 1) - xg.to(torch.float64))
+                                            .to(torch.float32), dim=-1)
             e = e + 2 * nres * (1 + 1e-5) * mc
         e_all[:, s:s + n] = e * 1.01 + 1e-30
+    # (pairs with fewer than 2 finite candidates - fp32 overflow - carry -1 / inf: never certified, refined)
+    idx_all.clamp_(min=0)
     return _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf16_rows=False)
 
 
@@ -487,7 +518,7 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     ws = _workspace()
     work_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if DG < _BF16_MIN_DG:
-        return _encode_fp32_small(x2, codebook, p, codes, chunk, ws)
+        return _encode_fp32_small(x2, codebook, p, codes, ws)
     t1 = min(K, _TIERS[0] + 1)
     vals_all = torch.empty(G, N, t1, dtype=torch.float32)
     idx_all = torch.empty(G, N, t1, dtype=torch.int64)

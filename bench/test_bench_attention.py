@@ -13,6 +13,17 @@ bidirectional. Both routes run with ONE torch thread (bench/conftest.py), same i
   tables ``codebook @ Wk + bk`` precomputed once (not timed: once per layer per model); "auto" picks the
   count-weighted form (distinct codes + log(count)), input validation included in the timing.
 * table_per_token: same with ``count_weighted=False`` (gather every token's K/V row), for reference.
+
+Grouped VQ, G = 32 (24-dim groups, K = 1024 per group), same layer, causal-free, Tr in {512, 3584}:
+
+* g32_decode_project: ``h_hat = vq_decode(codes, codebook)``, ``k/v = h_hat @ W + b`` (two D x D
+  projections per token), then ``attention_per_token`` - what the runtime did for G > 1.
+* g32_group_table (fp32 / bf16 tables): ``attention_group_table`` with per-group partial tables from
+  ``build_group_tables`` (built once, not timed; 201 MB fp32 / 101 MB bf16 per layer): each non-local
+  K/V row is the sum of 32 gathered table rows.
+
+    PYTHONPATH=.:python python -m pytest bench/test_bench_attention.py --benchmark-only -k g32 \
+        --benchmark-group-by=param:Tr --benchmark-columns=min,median,mean,rounds
 """
 import os
 import sys
@@ -26,6 +37,7 @@ for _p in (_ROOT, os.path.join(_ROOT, "python")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from astra_kernels import attention_group_table, attention_per_token, build_group_tables, vq_decode  # noqa: E402
 from astra_kernels.attention import mixed_attention  # noqa: E402
 
 D, H, DH, K, TL = 768, 12, 64, 1024, 512
@@ -94,3 +106,63 @@ def test_mixed_attention_table_per_token(benchmark, Tr):
     s = _case(Tr)
     benchmark.extra_info.update(route="table_per_token", threads=torch.get_num_threads())
     benchmark(ours, s, False)
+
+
+G32 = 32
+_G_CACHE = {}
+
+
+def _g32_setup():
+    if "base" not in _G_CACHE:
+        g = torch.Generator().manual_seed(4321)
+        cb = torch.randn(G32, K, D // G32, generator=g)
+        Wk = torch.randn(D, D, generator=g) / D ** 0.5          # nn.Linear layout [out, in]
+        Wv = torch.randn(D, D, generator=g) / D ** 0.5
+        bk = torch.randn(D, generator=g) * 0.1
+        bv = torch.randn(D, generator=g) * 0.1
+        s = dict(codebook=cb, Wk=Wk, Wv=Wv, bk=bk, bv=bv, q=torch.randn(1, H, TL, DH, generator=g),
+                 k=torch.randn(1, H, TL, DH, generator=g), v=torch.randn(1, H, TL, DH, generator=g))
+        for dt in (torch.float32, torch.bfloat16):
+            s[dt] = build_group_tables(cb, Wk, bk, Wv, bv, kv_heads=H, dtype=dt)
+        _G_CACHE["base"] = s
+    return _G_CACHE["base"]
+
+
+def g32_decode_project(s, codes):
+    h_hat = vq_decode(codes, s["codebook"], backend="torch")[0]           # [Tr, D]
+    kr = torch.addmm(s["bk"], h_hat, s["Wk"].T).view(1, -1, H, DH).transpose(1, 2)
+    vr = torch.addmm(s["bv"], h_hat, s["Wv"].T).view(1, -1, H, DH).transpose(1, 2)
+    return attention_per_token(s["q"], s["k"], s["v"], kr, vr, backend="torch")
+
+
+def g32_group_table(s, codes, dtype):
+    kt, vt = s[dtype]
+    return attention_group_table(s["q"], s["k"], s["v"], codes, kt, vt, backend="torch")
+
+
+def _g32_case(Tr):
+    key = ("codes", Tr)
+    if key not in _G_CACHE:
+        s = _g32_setup()
+        codes = torch.randint(0, K, (1, Tr, G32), generator=torch.Generator().manual_seed(Tr))
+        ref = g32_decode_project(s, codes)
+        torch.testing.assert_close(g32_group_table(s, codes, torch.float32), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g32_group_table(s, codes, torch.bfloat16), ref, rtol=2e-2, atol=2e-2)
+        _G_CACHE[key] = codes
+    return _g32_setup(), _G_CACHE[key]
+
+
+@pytest.mark.parametrize("Tr", [512, 3584])
+def test_g32_decode_project(benchmark, Tr):
+    s, codes = _g32_case(Tr)
+    benchmark.extra_info.update(route="g32_decode_project", G=G32, threads=torch.get_num_threads())
+    benchmark(g32_decode_project, s, codes)
+
+
+@pytest.mark.parametrize("table", ["fp32", "bf16"])
+@pytest.mark.parametrize("Tr", [512, 3584])
+def test_g32_group_table(benchmark, Tr, table):
+    s, codes = _g32_case(Tr)
+    dt = torch.float32 if table == "fp32" else torch.bfloat16
+    benchmark.extra_info.update(route=f"g32_group_table_{table}", G=G32, threads=torch.get_num_threads())
+    benchmark(g32_group_table, s, codes, dt)

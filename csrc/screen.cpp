@@ -4,6 +4,7 @@
 #include "screen.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -19,6 +20,7 @@ struct Best {
   float v[8];
   int64_t i[8];
   int t;
+  Best() : Best(1) {}
   explicit Best(int t_) : t(t_) {
     for (int j = 0; j < 8; ++j) {
       v[j] = std::numeric_limits<float>::infinity();
@@ -112,12 +114,116 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void scan_avx512(const void
   }
 }
 
+// ASTRA_NO_AVX512 (any value, read once) forces the scalar scans: the fallback's test on AVX-512 machines.
 bool have_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
+                         __builtin_cpu_supports("avx512vl") && std::getenv("ASTRA_NO_AVX512") == nullptr;
   return ok;
 }
 #endif
+
+// ---- fused small-group screen (see screen.h): codewords 16 at a time, R tokens at a time ----
+
+template <int R>
+void small_group_scalar(const float* x, int64_t ldx, const float* cbg, int64_t kb0, int64_t kb1, int64_t K,
+                        int64_t DG, Best* best) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const float* c = cbg + kb * (DG + 1) * 16;
+    for (int r = 0; r < R; ++r) {
+      for (int l = 0; l < 16 && kb * 16 + l < K; ++l) {
+        float s = c[DG * 16 + l];
+        for (int64_t j = 0; j < DG; ++j) s = std::fma(x[r * ldx + j], c[j * 16 + l], s);
+        best[r].push(-2.f * s, kb * 16 + l);
+      }
+    }
+  }
+}
+
+constexpr int kRows = 6;  // rows x vectors per register block (kRows * kVecs <= 24 accumulators)
+constexpr int kVecs = 4;
+
+#ifdef ASTRA_X86
+// R rows against V vectors (16 V codewords) per step: R V accumulators, the x values broadcast from memory.
+template <int R, int V>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void small_group_avx512(const float* x, int64_t ldx,
+                                                                             const float* cbg, int64_t kb0,
+                                                                             int64_t kb1, int64_t DG, Best* best) {
+  alignas(64) float tmp[16];
+  const __m512 m2 = _mm512_set1_ps(-2.f);
+  __m512 thr[R];
+  for (int r = 0; r < R; ++r) thr[r] = _mm512_set1_ps(best[r].worst());
+  const int64_t stride = (DG + 1) * 16;
+  int64_t kb = kb0;
+  for (; kb + V <= kb1; kb += V) {
+    const float* c = cbg + kb * stride;
+    __m512 acc[R][V];
+    for (int v = 0; v < V; ++v) {
+      const __m512 cn = _mm512_loadu_ps(c + v * stride + DG * 16);
+      for (int r = 0; r < R; ++r) acc[r][v] = cn;
+    }
+    for (int64_t j = 0; j < DG; ++j) {
+      __m512 cv[V];
+      for (int v = 0; v < V; ++v) cv[v] = _mm512_loadu_ps(c + v * stride + j * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 xb = _mm512_set1_ps(x[r * ldx + j]);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xb, cv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) {
+        const __m512 d = _mm512_mul_ps(m2, acc[r][v]);
+        __mmask16 hit = _mm512_cmp_ps_mask(d, thr[r], _CMP_LT_OQ);
+        if (hit) {
+          _mm512_store_ps(tmp, d);
+          while (hit) {
+            const int l = __builtin_ctz(hit);
+            hit &= hit - 1;
+            best[r].push(tmp[l], (kb + v) * 16 + l);
+          }
+          thr[r] = _mm512_set1_ps(best[r].worst());
+        }
+      }
+    }
+  }
+  for (; kb < kb1; ++kb) {  // the last 1..V-1 vectors
+    const float* c = cbg + kb * stride;
+    for (int r = 0; r < R; ++r) {
+      __m512 acc = _mm512_loadu_ps(c + DG * 16);
+      for (int64_t j = 0; j < DG; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + j]), _mm512_loadu_ps(c + j * 16), acc);
+      _mm512_store_ps(tmp, _mm512_mul_ps(m2, acc));
+      for (int l = 0; l < 16; ++l) best[r].push(tmp[l], kb * 16 + l);
+    }
+  }
+}
+#endif
+
+template <int R>
+void small_group_rows(const float* x, int64_t ldx, const float* cbg, int64_t kb0, int64_t kb1, int64_t K, int64_t DG,
+                      Best* best) {
+#ifdef ASTRA_X86
+  if (have_avx512()) {
+    small_group_avx512<R, kVecs>(x, ldx, cbg, kb0, kb1, DG, best);  // padding columns: -inf scores, never pushed
+    return;
+  }
+#endif
+  small_group_scalar<R>(x, ldx, cbg, kb0, kb1, K, DG, best);
+}
+
+// One group, `n` rows (at most kTile): codeword blocks of kKbChunk vectors stay in L1 while every row of
+// the tile passes over them (the whole group codebook, ~100 KB at K = 1024, DG = 24, would not).
+constexpr int kTile = 48;
+constexpr int64_t kKbChunk = 8;
+
+void small_group_tile(const float* x, int64_t ldx, const float* cbg, int64_t Kp, int64_t K, int64_t DG, int n,
+                      Best* best) {
+  constexpr int R = kRows;
+  for (int64_t kb0 = 0; kb0 < Kp / 16; kb0 += kKbChunk) {
+    const int64_t kb1 = kb0 + kKbChunk < Kp / 16 ? kb0 + kKbChunk : Kp / 16;
+    int r = 0;
+    for (; r + R <= n; r += R) small_group_rows<R>(x + r * ldx, ldx, cbg, kb0, kb1, K, DG, best + r);
+    for (; r < n; ++r) small_group_rows<1>(x + r * ldx, ldx, cbg, kb0, kb1, K, DG, best + r);
+  }
+}
 
 }  // namespace
 
@@ -137,6 +243,34 @@ int64_t screen_topk(const void* S, bool bf16, int64_t rows, int64_t K, int64_t l
     scan_scalar<false>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
   int64_t short_rows = 0;
   for (int64_t r = 0; r < rows; ++r) short_rows += idx[r * t + t - 1] < 0;
+  return short_rows;
+}
+
+}  // namespace astra
+
+namespace astra {
+
+int64_t small_group_topk(const float* x, int64_t rows, int64_t ldx, const float* cbp, int64_t G, int64_t K,
+                         int64_t DG, int t, int64_t ldo, float* vals, int64_t* idx) {
+  const int64_t Kp = (K + 15) / 16 * 16;
+  int64_t short_rows = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* cbg = cbp + g * Kp * (DG + 1);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+      const int n = rows - r0 < kTile ? int(rows - r0) : kTile;
+      Best best[kTile];
+      for (int r = 0; r < n; ++r) best[r] = Best(t);
+      small_group_tile(x + r0 * ldx + g * DG, ldx, cbg, Kp, K, DG, n, best);
+      for (int r = 0; r < n; ++r) {
+        const int64_t o = (g * ldo + r0 + r) * t;
+        for (int j = 0; j < t; ++j) {
+          vals[o + j] = best[r].v[j];
+          idx[o + j] = best[r].i[j];
+        }
+        short_rows += best[r].i[t - 1] < 0;
+      }
+    }
+  }
   return short_rows;
 }
 

@@ -15,3 +15,18 @@ int64_t screen_topk(const void* S, bool bf16, int64_t rows, int64_t K, int64_t l
                  int t, float* vals, int64_t* idx, float* smax);
 
 }  // namespace astra
+
+namespace astra {
+
+// Fused small-group screen (grouped VQ with short groups, e.g. G = 32 of 768: 24 dims) that never
+// writes the score matrix. x: `rows` rows of `ldx` fp32 (group g at x[row * ldx + g * DG ...]);
+// cbp: the codebook packed per group as [G][Kp / 16][DG + 1][16] fp32, Kp = K rounded up to 16, row
+// DG holding -||c||^2 / 2 (-inf for padding columns) and rows 0..DG-1 the codeword dims. For every
+// row and group, S(k) = -||c_k||^2 / 2 + sum_j x_j c_kj is accumulated in fp32 (FMA) and the `t`
+// (1 <= t <= 8) smallest d(k) = -2 S(k) are written ascending to vals[(g * ldo + row) * t ...] with
+// their indices to idx[...] (ties: lowest index first). Returns the number of (row, group) pairs left
+// with fewer than t finite candidates (index -1), for the caller to redo.
+int64_t small_group_topk(const float* x, int64_t rows, int64_t ldx, const float* cbp, int64_t G, int64_t K,
+                         int64_t DG, int t, int64_t ldo, float* vals, int64_t* idx);
+
+}  // namespace astra

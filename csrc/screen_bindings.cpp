@@ -32,4 +32,18 @@ PYBIND11_MODULE(_vq_screen, m) {
       py::arg("alpha"), py::arg("t"), py::arg("vals_ptr"), py::arg("idx_ptr"), py::arg("smax_ptr"),
       "Internal (astra_kernels.vq): fused t-smallest scan of cn + alpha * S per row, plus max |S|.");
 
+  m.def(
+      "small_group_topk",
+      [](uintptr_t x, int64_t rows, int64_t ldx, uintptr_t cbp, int64_t G, int64_t K, int64_t DG, int t,
+         int64_t ldo, uintptr_t vals, uintptr_t idx) {
+        if (t < 1 || t > 8 || K < t || rows < 0 || G < 1 || DG < 1 || ldx < G * DG || ldo < rows)
+          throw py::value_error("small_group_topk: bad sizes");
+        py::gil_scoped_release nogil;
+        return astra::small_group_topk(ptr<const float>(x), rows, ldx, ptr<const float>(cbp), G, K, DG, t, ldo,
+                                       ptr<float>(vals), ptr<int64_t>(idx));
+      },
+      py::arg("x_ptr"), py::arg("rows"), py::arg("ldx"), py::arg("cbp_ptr"), py::arg("G"), py::arg("K"),
+      py::arg("DG"), py::arg("t"), py::arg("ldo"), py::arg("vals_ptr"), py::arg("idx_ptr"),
+      "Internal (astra_kernels.vq): fused small-group distance + t-smallest scan (no score matrix).");
+
 }

@@ -390,7 +390,7 @@ def test_segment_validation():
         cos = torch.ones(100, q.shape[3])
         split_counts(TableKeys(segs[-1].codes, segs[-1].k_table, segs[-1].v_table, qp[:, :segs[-1].codes.shape[1]],
                                rope_cos=cos, rope_sin=cos), qp, causal=False)
-    with pytest.raises(ValueError, match="must be TokenKeys / TableKeys / CountKeys"):
+    with pytest.raises(ValueError, match="must be TokenKeys / TableKeys / GroupTableKeys / CountKeys"):
         attention_segments(q, [k])
     with pytest.raises(ValueError, match="no keys at all"):
         attention_segments(q, [])
@@ -411,3 +411,92 @@ def test_finiteness_check_never_overflows(dtype):
         y[17, 5] = bad
         with pytest.raises(ValueError, match="x contains non-finite values"):
             check_finite("x", y)
+
+
+def group_case(seed, *, B=2, Hq=4, Hkv=2, Tl=13, Tr=19, Dh=32, G=3, K=11, rope=False, causal=True,
+               dtype=torch.float32, table_dtype=None):
+    """(q, k, v, kwargs for attention_group_table, reference kwargs): per-group tables, interleaved
+    positions, masks. The reference gets the per-token K/V: the float64 sum of the gathered rows, rotated."""
+    g = seeded_generator(seed)
+    q = random_inputs(B, Hq, Tl, Dh, dtype=dtype, generator=g)
+    k = random_inputs(B, Hkv, Tl, Dh, dtype=dtype, generator=g)
+    v = random_inputs(B, Hkv, Tl, Dh, dtype=dtype, generator=g)
+    kt = random_inputs(G, K, Hkv, Dh, dtype=table_dtype or dtype, generator=g)
+    vt = random_inputs(G, K, Hkv, Dh, dtype=table_dtype or dtype, generator=g)
+    codes = random_ints(B, Tr, G, low=0, high=K, generator=g)
+    perms = torch.stack([torch.randperm(Tl + Tr, generator=g) for _ in range(B)])
+    kw = dict(q_pos=perms[:, :Tl], kv_pos=perms[:, Tl:], causal=causal,
+              local_mask=torch.rand(B, Tl, generator=g) > 0.25, remote_mask=torch.rand(B, Tr, generator=g) > 0.25)
+    gi = torch.arange(G)
+    k_hat = kt.double()[gi, codes].sum(2)                                  # [B, Tr, Hkv, Dh]
+    v_hat = vt.double()[gi, codes].sum(2)
+    if rope:
+        kw["rope_cos"], kw["rope_sin"] = rope_tables(Tl + Tr, Dh)
+        c, s = (t.double()[kw["kv_pos"]].unsqueeze(2) for t in (kw["rope_cos"], kw["rope_sin"]))
+        k_hat = k_hat * c + torch.cat((-k_hat[..., Dh // 2:], k_hat[..., :Dh // 2]), -1) * s
+    ref_kw = {n: x for n, x in kw.items() if not n.startswith("rope")}
+    ref_kw.update(k_hat=k_hat.permute(0, 2, 1, 3), v_hat=v_hat.permute(0, 2, 1, 3))
+    return q, k, v, dict(kw, codes=codes, k_table=kt, v_table=vt), ref_kw
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,table_dtype", [(torch.float32, None), (torch.float16, None),
+                                               (torch.float32, torch.bfloat16)])
+def test_cpu_group_table_matches_reference(rope, causal, dtype, table_dtype):
+    from astra_kernels import attention_group_table
+
+    q, k, v, kw, ref_kw = group_case(11, rope=rope, causal=causal, dtype=dtype, table_dtype=table_dtype)
+    out, lse = attention_group_table(q, k, v, return_lse=True, backend="torch", **kw)
+    check(out, lse, *mixed_attention_reference(q, k, v, **ref_kw), dtype=dtype)
+
+
+def test_build_group_tables_equals_decode_then_project():
+    """sum_g table[g, c_g] == (decoded codeword) @ W.T + b, for K and V, fp32 tables to fp32 rounding,
+    bf16 tables to bf16 rounding (G rows of rounding error each)."""
+    from astra_kernels import build_group_tables, vq_decode
+
+    g = seeded_generator(12)
+    G, K, DG, Hkv, Dh, N = 4, 9, 6, 2, 8, 15
+    cb = random_inputs(G, K, DG, generator=g)
+    wk, wv = random_inputs(Hkv * Dh, G * DG, generator=g), random_inputs(Hkv * Dh, G * DG, generator=g)
+    bk, bv = random_inputs(Hkv * Dh, generator=g), random_inputs(Hkv * Dh, generator=g)
+    codes = random_ints(N, G, low=0, high=K, generator=g)
+    h = vq_decode(codes, cb).double()
+    gi = torch.arange(G)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        kt, vt = build_group_tables(cb, wk, bk, wv, bv, kv_heads=Hkv, dtype=dtype)
+        assert kt.shape == vt.shape == (G, K, Hkv, Dh) and kt.dtype == dtype
+        for t, w, b in ((kt, wk, bk), (vt, wv, bv)):
+            ref = (h @ w.double().T + b.double()).reshape(N, Hkv, Dh)
+            got = t.double()[gi, codes].sum(1)
+            assert_matches_reference(got, ref, rtol=tol, atol=tol * float(ref.abs().max()), name=str(dtype))
+    kt0, _ = build_group_tables(cb, wk, None, wv, None, kv_heads=Hkv)
+    assert_matches_reference(kt0.double()[gi, codes].sum(1), (h @ wk.double().T).reshape(N, Hkv, Dh), rtol=1e-5,
+                             atol=1e-5)
+    with pytest.raises(ValueError, match="w_k must have shape"):
+        build_group_tables(cb, wk[:, :-1], bk, wv, bv, kv_heads=Hkv)
+    with pytest.raises(ValueError, match="b_v must have shape"):
+        build_group_tables(cb, wk, bk, wv, bv[:-1], kv_heads=Hkv)
+
+
+def test_group_table_validation_and_pruning():
+    from astra_kernels import GroupTableKeys, attention_group_table
+
+    q, k, v, kw, ref_kw = group_case(13)
+    with pytest.raises(ValueError, match="codes must have shape"):
+        attention_group_table(q, k, v, **dict(kw, codes=kw["codes"][..., :2]))
+    with pytest.raises(ValueError, match="codes out of table range"):
+        attention_group_table(q, k, v, **dict(kw, codes=kw["codes"] + 11))
+    with pytest.raises(ValueError, match="k_table and v_table differ"):
+        attention_group_table(q, k, v, **dict(kw, v_table=kw["v_table"].half()))
+    with pytest.raises(ValueError, match="RoPE needs both"):
+        attention_group_table(q, k, v, **dict(kw, rope_cos=torch.ones(40, 32)))
+    seg = GroupTableKeys(kw["codes"], kw["k_table"], kw["v_table"], kw["kv_pos"], kw["remote_mask"])
+    qp = kw["q_pos"][:, :3]                                    # few queries: causal pruning drops keys
+    pruned = prune_causal(seg, qp)
+    assert pruned.num_keys < seg.num_keys and pruned.codes.shape == (2, pruned.num_keys, 3)
+    for b in range(2):
+        n = int(pruned.valid[b].sum())
+        keep = (seg.pos[b] <= qp[b].max()) & seg.valid[b]
+        assert torch.equal(pruned.codes[b, :n], seg.codes[b][keep]) and torch.equal(pruned.pos[b, :n], seg.pos[b][keep])

@@ -8,10 +8,18 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_attention import check, make_case, mixed_segments, noncontig, reference, table_keys  # noqa: E402
+from test_attention import (  # noqa: E402
+    check,
+    group_case,
+    make_case,
+    mixed_segments,
+    noncontig,
+    reference,
+    table_keys,
+)
 
-from astra_kernels.attention import attention_segments, mixed_attention  # noqa: E402
-from astra_kernels.segments import TokenKeys, positions, split_counts  # noqa: E402
+from astra_kernels.attention import attention_segments, mixed_attention, mixed_attention_reference  # noqa: E402
+from astra_kernels.segments import GroupTableKeys, TokenKeys, positions, split_counts  # noqa: E402
 from astra_kernels.testing import assert_no_poison, kernel_device, poisoned_empty, triton_runnable  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason="needs a GPU or TRITON_INTERPRET=1")
@@ -165,3 +173,30 @@ def test_kernel_mixed_forms_need_two_launches():
     on_dev[0] = replace(on_dev[0], pos=qp_d)   # the local keys sit at the query positions
     out, lse = attention_segments(_to(dev, q), on_dev, q_pos=qp_d, causal=True, return_lse=True, backend="triton")
     check(out.cpu(), lse.cpu(), *reference(q, k, v, **ref_kw))
+
+
+@pytest.mark.parametrize("dtype,table_dtype,rope,Dh", [(torch.float32, None, False, 32),
+                                                      (torch.float32, None, True, 40),
+                                                      (torch.float16, None, True, 32),
+                                                      (torch.float32, torch.float16, False, 64)])
+def test_kernel_group_table(dtype, table_dtype, rope, Dh):
+    """HAS_GTABLE: the sum of G gathered rows per key inside the kernel (fp32), optional RoPE, causal,
+    masks, interleaved positions; poisoned outputs; against the float64 reference of the summed K/V."""
+    from astra_kernels.triton import attention_kernels as ak
+
+    q, k, v, kw, ref_kw = group_case(21 + Dh, Dh=Dh, G=5, K=7, rope=rope, dtype=dtype, table_dtype=table_dtype)
+    dev = kernel_device()
+    kw = {n: _to(dev, x) for n, x in kw.items()}
+    q, k, v = _to(dev, q), _to(dev, k), _to(dev, v)
+    B, Hq, Tl, _ = q.shape
+    qp = positions("q_pos", kw["q_pos"], B, Tl, 0, dev)
+    kp = kw["kv_pos"].to(torch.int64)
+    segs = [TokenKeys(k, v, qp, kw["local_mask"]),
+            GroupTableKeys(kw["codes"], kw["k_table"], kw["v_table"], kp, kw["remote_mask"], kw.get("rope_cos"),
+                           kw.get("rope_sin"))]
+    out = poisoned_empty(B, Hq, Tl, Dh, dtype=dtype, device=dev)
+    lse = torch.full((B, Hq, Tl), 12345.0, dtype=torch.float32, device=dev)
+    ak.attention_triton(q, qp, segs, causal=True, scale=Dh ** -0.5, out=out, lse=lse)
+    assert_no_poison(out, "out")
+    assert not bool((lse == 12345.0).any()), "lse not written"
+    check(out.cpu(), lse.cpu(), *mixed_attention_reference(q.cpu(), k.cpu(), v.cpu(), **ref_kw), dtype=dtype)

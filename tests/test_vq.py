@@ -304,6 +304,53 @@ def test_fused_screen_scan_matches_torch_topk(dtype):
     assert torch.isinf(vals[1]).all() and bool((idx[1] >= 0).all())
 
 
+def test_fused_small_group_scan_matches_torch():
+    """csrc/screen.cpp's small-group scan (no score matrix) against torch: the t smallest of
+    -2 ([x, 1] @ caug) per token and group (fp32, any summation order: within 1e-5), indices that hold
+    those values, K not a multiple of 16 (padding), rows not a multiple of the tile, duplicated codewords."""
+    g = T.seeded_generator(51)
+    for n, G, K, DG in [(101, 3, 1000, 24), (5, 2, 17, 7), (50, 1, 64, 48), (49, 4, 3, 5)]:
+        cb = T.random_inputs(G, K, DG, generator=g)
+        cb[:, K // 2] = cb[:, 0]                                        # tied codewords
+        p = vq._prep(cb)
+        x = (T.random_inputs(n, G * DG, generator=g) - p.mu_flat).contiguous()
+        xa = torch.cat([x.reshape(n, G, DG).transpose(0, 1), torch.ones(G, n, 1)], -1)
+        d = -2.0 * torch.bmm(xa.double(), p.caug.double())           # [G, n, K]
+        for t in sorted({1, 2, min(8, K)}):
+            vals = T.poisoned_empty(G, n + 3, t, dtype=torch.float32)
+            idx = T.poisoned_empty(G, n + 3, t, dtype=torch.int64)
+            vq._small_group_topk(x, p, vals, idx, start=2)
+            vr = torch.topk(d, t, dim=-1, largest=False, sorted=True).values
+            v, i = vals[:, 2:n + 2], idx[:, 2:n + 2]
+            tol = 1e-5 * (1 + d.abs().amax())
+            assert bool((i >= 0).all() and (i < K).all())
+            assert (v.double() - vr).abs().max() <= tol
+            assert (d.gather(-1, i) - v.double()).abs().max() <= tol
+            assert bool((v[..., 1:] >= v[..., :-1]).all())
+            assert torch.equal(vals[:, :2].view(torch.int32), T.poisoned_empty(G, 2, t).view(torch.int32))
+        T.assert_equal_ints(ak.vq_encode(x + p.mu_flat, cb), vq.vq_encode_reference(x + p.mu_flat, cb))
+
+
+def test_scalar_screen_fallback_is_exact():
+    """The C++ scans' scalar fallback (forced by ASTRA_NO_AVX512 in a fresh process: machines without
+    AVX-512 take it): codes equal to the float64 argmin for both screens (bf16 large-group, fused small-group)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, astra_kernels as ak\n"
+            "from astra_kernels import vq\n"
+            "g = torch.Generator().manual_seed(5)\n"
+            "for n, G, K, DG in [(203, 4, 100, 24), (70, 1, 300, 256), (9, 2, 5, 3)]:\n"
+            "    x, cb = torch.randn(n, G * DG, generator=g), torch.randn(G, K, DG, generator=g)\n"
+            "    cb[:, K // 2] = cb[:, 1]\n"
+            "    assert torch.equal(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb)), (n, G, K, DG)\n"
+            "print('ok')\n")
+    env = dict(os.environ, ASTRA_NO_AVX512="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("D", [32, 256])
 def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(D):
     """250 of 300 codewords within ~1e-4 of each other: the 3 / 16 / 128-candidate tiers cannot prove

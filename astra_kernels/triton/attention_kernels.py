@@ -10,6 +10,9 @@ materialising a ``[Tl, Tr]`` score matrix:
    directly) or table keys (``HAS_TABLE``: ``TableKeys``, gathered by code from the per-layer tables
    inside the kernel, optionally rotated by their global position - ``ROPE``, rotate_half convention,
    both halves loaded); causal masking by global position, optional padding bias;
+   or per-group table keys (``HAS_GTABLE``: ``GroupTableKeys``, codes ``[B, Tr, NG]``: the key and value
+   are the fp32 sums of ``NG`` rows gathered from ``[NG, K, Hkv, Dh]`` tables, group stride
+   ``stride_rkg`` / ``stride_rvg``, then the same optional RoPE);
 3. ``HAS_COUNTS``: count keys (``CountKeys``): table rows gathered by code, ``log(count)`` added to the
    score, no position mask (count keys are seen by every query). Their tables are the ``RK, RV``
    arguments (batch stride 0).
@@ -39,7 +42,7 @@ import triton.language as tl
 from ..aot import AotSpec
 from ..attention import merge_attention
 from ..interpreter import interpreting
-from ..segments import CountKeys, Segment, TableKeys, TokenKeys
+from ..segments import CountKeys, GroupTableKeys, Segment, TableKeys, TokenKeys
 
 LOG2E = 1.4426950408889634
 
@@ -47,14 +50,14 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attn_segment(acc, m_i, l_i, q, q_pos, offs_d, d_mask,
                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  codes_base, pos_base, bias_base, cos_ptr, sin_ptr, N, half, qk_scale,
+                  codes_base, pos_base, bias_base, cos_ptr, sin_ptr, N, half, qk_scale, NG, stride_kg, stride_vg,
                   BLOCK_N: tl.constexpr, GATHER: tl.constexpr, ROPE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                  CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, GSUM: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start in range(0, N, BLOCK_N):
         offs_n = start + offs_n0
         n_mask = offs_n < N
-        if GATHER:
+        if GATHER and not GSUM:
             code = tl.load(codes_base + offs_n, mask=n_mask, other=0).to(tl.int64)
             row_k = code * stride_kn
             row_v = code * stride_vn
@@ -62,13 +65,32 @@ def _attn_segment(acc, m_i, l_i, q, q_pos, offs_d, d_mask,
             row_k = offs_n.to(tl.int64) * stride_kn
             row_v = offs_n.to(tl.int64) * stride_vn
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + row_k[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        lo = offs_d < half
+        partner = tl.where(lo, offs_d + half, offs_d - half)
+        if GSUM:
+            # per-group tables: K (V) is the fp32 sum of NG gathered rows, codes [N, NG] row-major
+            k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            k2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            kg0 = k_base
+            vg0 = v_base
+            for gi in range(0, NG):
+                code = tl.load(codes_base + offs_n.to(tl.int64) * NG + gi, mask=n_mask, other=0).to(tl.int64)
+                kg = kg0 + code[:, None] * stride_kn
+                k += tl.load(kg + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)
+                if ROPE:
+                    k2 += tl.load(kg + partner[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)
+                v += tl.load(vg0 + code[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
+                             other=0.0).to(tl.float32)
+                kg0 += stride_kg                                   # next group's table
+                vg0 += stride_vg
+        else:
+            k = tl.load(k_base + row_k[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            if ROPE:
+                k2 = tl.load(k_base + row_k[:, None] + partner[None, :] * stride_kd, mask=kv_mask, other=0.0)
         if ROPE or CAUSAL:
             kpos = tl.load(pos_base + offs_n, mask=n_mask, other=0)
         if ROPE:
-            lo = offs_d < half
-            partner = tl.where(lo, offs_d + half, offs_d - half)
-            k2 = tl.load(k_base + row_k[:, None] + partner[None, :] * stride_kd, mask=kv_mask, other=0.0)
             sgn = tl.where(lo, -1.0, 1.0)
             rp = kpos.to(tl.int64) * (2 * half)
             cs = tl.load(cos_ptr + rp[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
@@ -87,7 +109,8 @@ def _attn_segment(acc, m_i, l_i, q, q_pos, offs_d, d_mask,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + row_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if not GSUM:
+            v = tl.load(v_base + row_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -106,11 +129,13 @@ def mixed_attn_fwd_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_rkb, stride_rkh, stride_rkt, stride_rkd,
     stride_rvb, stride_rvh, stride_rvt, stride_rvd,
+    stride_rkg, stride_rvg, NG,
     Hq, Tl, Tr, U, Dh, GROUP, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LOCAL: tl.constexpr, HAS_LBIAS: tl.constexpr,
     HAS_TOKENS: tl.constexpr, HAS_TABLE: tl.constexpr, ROPE: tl.constexpr, HAS_RBIAS: tl.constexpr,
     HAS_COUNTS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, LOCAL_SORTED: tl.constexpr,
+    HAS_GTABLE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -144,23 +169,24 @@ def mixed_attn_fwd_kernel(
             acc, m_i, l_i, q, q_pos, offs_d, d_mask,
             K + b64 * stride_kb + hk64 * stride_kh, V + b64 * stride_vb + hk64 * stride_vh,
             stride_kt, stride_kd, stride_vt, stride_vd,
-            QPOS, QPOS + b64 * Tl, LBIAS + b64 * Tl, COS, SIN, n_local, half, qk_scale,
-            BLOCK_N, False, False, HAS_LBIAS, CAUSAL, BLOCK_D, DOT_PREC)
-    if HAS_TOKENS or HAS_TABLE:
+            QPOS, QPOS + b64 * Tl, LBIAS + b64 * Tl, COS, SIN, n_local, half, qk_scale, 1, 0, 0,
+            BLOCK_N, False, False, HAS_LBIAS, CAUSAL, BLOCK_D, DOT_PREC, False)
+    if HAS_TOKENS or HAS_TABLE or HAS_GTABLE:
         acc, m_i, l_i = _attn_segment(
             acc, m_i, l_i, q, q_pos, offs_d, d_mask,
             RK + b64 * stride_rkb + hk64 * stride_rkh, RV + b64 * stride_rvb + hk64 * stride_rvh,
             stride_rkt, stride_rkd, stride_rvt, stride_rvd,
-            RCODES + b64 * Tr, RPOS + b64 * Tr, RBIAS + b64 * Tr, COS, SIN, Tr, half, qk_scale,
-            BLOCK_N, HAS_TABLE, ROPE, HAS_RBIAS, CAUSAL, BLOCK_D, DOT_PREC)
+            RCODES + b64 * Tr * NG, RPOS + b64 * Tr, RBIAS + b64 * Tr, COS, SIN, Tr, half, qk_scale,
+            NG, stride_rkg, stride_rvg,
+            BLOCK_N, HAS_TABLE or HAS_GTABLE, ROPE, HAS_RBIAS, CAUSAL, BLOCK_D, DOT_PREC, HAS_GTABLE)
     if HAS_COUNTS:
         # distinct codes: tables are RK/RV (stride_rkb = 0), bias = log(count), visible to every query
         acc, m_i, l_i = _attn_segment(
             acc, m_i, l_i, q, q_pos, offs_d, d_mask,
             RK + hk64 * stride_rkh, RV + hk64 * stride_rvh,
             stride_rkt, stride_rkd, stride_rvt, stride_rvd,
-            CCODES + b64 * U, CCODES + b64 * U, CLOGC + b64 * U, COS, SIN, U, half, qk_scale,
-            BLOCK_N, True, False, True, False, BLOCK_D, DOT_PREC)
+            CCODES + b64 * U, CCODES + b64 * U, CLOGC + b64 * U, COS, SIN, U, half, qk_scale, 1, 0, 0,
+            BLOCK_N, True, False, True, False, BLOCK_D, DOT_PREC, False)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -276,14 +302,18 @@ def _remote_args(slots: dict, q: torch.Tensor, dummy_i, dummy_f) -> dict:
     i32 = torch.int32
     remote, counts = slots.get("remote"), slots.get("counts")
     a = dict(RK=q, RV=q, rks=(0, 0, 0, 0), rvs=(0, 0, 0, 0), RCODES=dummy_i, RPOS=dummy_i, RBIAS=dummy_f, Tr=0,
-             CCODES=dummy_i, CLOGC=dummy_f, U=0, COS=dummy_f, SIN=dummy_f)
+             CCODES=dummy_i, CLOGC=dummy_f, U=0, COS=dummy_f, SIN=dummy_f, gs=(0, 0, 1))
     if isinstance(remote, TokenKeys):
         a.update(RK=remote.k, RV=remote.v, rks=remote.k.stride(), rvs=remote.v.stride(), Tr=remote.k.shape[2])
     tables = remote if isinstance(remote, TableKeys) else counts
     if tables is not None and not isinstance(remote, TokenKeys):
         a.update(RK=tables.k_table, RV=tables.v_table, rks=_table_strides(tables.k_table),
                  rvs=_table_strides(tables.v_table))
-    if isinstance(remote, TableKeys):
+    if isinstance(remote, GroupTableKeys):  # [G, K, Hkv, Dh] seen as [B (stride 0), Hkv, K, Dh] + group stride
+        kt, vt = remote.k_table, remote.v_table
+        a.update(RK=kt, RV=vt, rks=(0, kt.stride(2), kt.stride(1), kt.stride(3)),
+                 rvs=(0, vt.stride(2), vt.stride(1), vt.stride(3)), gs=(kt.stride(0), vt.stride(0), kt.shape[0]))
+    if isinstance(remote, (TableKeys, GroupTableKeys)):
         a.update(RCODES=remote.codes.to(i32).contiguous(), Tr=remote.codes.shape[1])
         if remote.rope:
             a.update(COS=remote.rope_cos.to(torch.float32).contiguous(),
@@ -317,14 +347,14 @@ def _launch(q, q_pos, slots: dict, causal: bool, scale: float, out, lse):
         r["RK"], r["RV"], r["RCODES"], r["RPOS"], r["RBIAS"],
         r["CCODES"], r["CLOGC"],
         r["COS"], r["SIN"],
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *r["rks"], *r["rvs"],
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *r["rks"], *r["rvs"], *r["gs"],
         Hq, Tl, r["Tr"], r["U"], Dh, G, scale * LOG2E,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D,
         HAS_LOCAL=local is not None, HAS_LBIAS=lbias is not dummy_f,
         HAS_TOKENS=isinstance(remote, TokenKeys), HAS_TABLE=isinstance(remote, TableKeys),
-        ROPE=isinstance(remote, TableKeys) and remote.rope, HAS_RBIAS=r["RBIAS"] is not dummy_f,
+        ROPE=isinstance(remote, (TableKeys, GroupTableKeys)) and remote.rope, HAS_RBIAS=r["RBIAS"] is not dummy_f,
         HAS_COUNTS="counts" in slots, CAUSAL=causal,
-        DOT_PREC=prec, LOCAL_SORTED=local_sorted,
+        DOT_PREC=prec, LOCAL_SORTED=local_sorted, HAS_GTABLE=isinstance(remote, GroupTableKeys),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -348,16 +378,16 @@ def _spec(dt: str, Dh: int, *, remote: str, rope: bool, count: bool, causal: boo
         sig[s] = "i32"
     for s in ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_rkd", "stride_rvd"):
         sig[s] = "constexpr"  # unit inner stride, as in practice (contiguous head_dim)
-    for s in ("Hq", "Tl", "Tr", "U", "Dh", "GROUP"):
+    for s in ("stride_rkg", "stride_rvg", "NG", "Hq", "Tl", "Tr", "U", "Dh", "GROUP"):
         sig[s] = "i32"
     sig["qk_scale"] = "fp32"
     cx = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_rkd=1, stride_rvd=1,
               BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_LOCAL=True, HAS_LBIAS=lbias,
               HAS_TOKENS=remote == "tokens", HAS_TABLE=remote == "table",
               ROPE=rope, HAS_RBIAS=rbias, HAS_COUNTS=count, CAUSAL=causal,
-              DOT_PREC=prec, LOCAL_SORTED=causal)
+              DOT_PREC=prec, LOCAL_SORTED=causal, HAS_GTABLE=remote == "gtable")
     for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_LOCAL", "HAS_LBIAS", "HAS_TOKENS", "HAS_TABLE", "ROPE",
-              "HAS_RBIAS", "HAS_COUNTS", "CAUSAL", "DOT_PREC", "LOCAL_SORTED"):
+              "HAS_RBIAS", "HAS_COUNTS", "CAUSAL", "DOT_PREC", "LOCAL_SORTED", "HAS_GTABLE"):
         sig[n] = "constexpr"
     return AotSpec(name="mixed_attn_fwd_kernel", fn=mixed_attn_fwd_kernel, signature=sig, constexprs=cx,
                    label=f"{dt} Dh={Dh} {label} BM={BM} BN={BN}", num_warps=warps, num_stages=stages,
@@ -383,4 +413,10 @@ AOT_SPECS = [
           label="all segments tf32x3"),
     _spec("fp32", 128, remote="table", rope=True, count=True, causal=True, lbias=True, rbias=True,
           label="all segments tf32x3"),
+    _spec("fp16", 64, remote="gtable", rope=False, count=False, causal=True, lbias=True, rbias=True,
+          label="group-table causal masks"),
+    _spec("bf16", 128, remote="gtable", rope=True, count=False, causal=True, lbias=True, rbias=True,
+          label="group-table+rope causal masks"),
+    _spec("fp32", 64, remote="gtable", rope=True, count=False, causal=True, lbias=False, rbias=False,
+          label="group-table+rope tf32x3"),
 ]
