@@ -184,7 +184,7 @@ def _calibrate(model, tokenize, paras: List[str], *, groups: int, K: int, max_le
 
     samples = [tokenize(paras[i: i + 8], max_length) for i in range(0, len(paras), 8)]
     return astra.calibrate(model, samples, groups=groups, codebook_size=K, iters=iters, seed=seed,
-                           max_tokens=max_tokens)
+                           max_tokens=max_tokens, progress=True)
 
 
 def _demo_rank(rank, model_name, cb_path, texts, max_length, class_token):
