@@ -108,6 +108,7 @@ def test_torchrun(tmp_path):
         full = pm.gather(pm(**inputs)).logits
         assert float((full - ref).abs().max()) < 1e-4
         print("TORCHRUN_OK", dist.get_rank(), flush=True)
+        dist.barrier()     # every rank done with the group before any tears it down
         dist.destroy_process_group()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
