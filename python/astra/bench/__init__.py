@@ -1,6 +1,7 @@
 """``astra bench``: prefill latency against link bandwidth, ASTRA beside the systems users would otherwise run."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import time
@@ -95,6 +96,9 @@ def check_bench_args(args) -> None:
         raise ValueError("--slow-after and --timeout must be > 0, --delay >= 0, --loss in [0, 100)")
     if not os.path.isdir(args.out_dir):
         raise ValueError(f"--out-dir: directory {args.out_dir} does not exist")
+    for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
+        if (mod != "accelerate" or "hf-tp" in systems) and importlib.util.find_spec(mod) is None:
+            raise ValueError(f"{what} needs {mod}: pip install 'astra-kernels[bench]'")
     why = real_link_available()
     if args.link == "real" and why:
         raise ValueError(f"--link real: {why}")
