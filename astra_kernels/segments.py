@@ -125,9 +125,9 @@ class TokenKeys:
 
 
 @dataclass(frozen=True)
-class TableKeys:
-    """Table keys: ``codes [B, N]`` int64 into ``k_table, v_table [K, Hkv, Dh]``, ``pos [B, N]`` int64,
-    ``valid [B, N]`` bool or None; optional RoPE tables ``rope_cos, rope_sin [P, Dh]`` (even Dh)."""
+class _CodeIndexed:
+    """What the code-indexed key forms share: ``codes [B, N, ...]`` into ``k_table, v_table [..., K, Hkv, Dh]``
+    at positions ``pos`` with key mask ``valid``, optional RoPE tables ``rope_cos, rope_sin``."""
 
     codes: torch.Tensor
     k_table: torch.Tensor
@@ -136,6 +136,31 @@ class TableKeys:
     valid: Optional[torch.Tensor] = None
     rope_cos: Optional[torch.Tensor] = None
     rope_sin: Optional[torch.Tensor] = None
+
+
+    @property
+    def rope(self) -> bool:
+        return self.rope_cos is not None
+
+    @property
+    def num_keys(self) -> int:
+        return self.codes.shape[1]
+
+    def heads(self) -> tuple:
+        """``(B, Hkv, Dh)``."""
+        return self.codes.shape[0], self.k_table.shape[-2], self.k_table.shape[-1]
+
+    def check_values(self) -> None:
+        check_finite("k_table", self.k_table)
+        check_finite("v_table", self.v_table)
+        _check_code_range(self.codes, self.k_table.shape[-3])
+        _check_rope_values(self)
+
+
+@dataclass(frozen=True)
+class TableKeys(_CodeIndexed):
+    """Table keys: ``codes [B, N]`` int64 into ``k_table, v_table [K, Hkv, Dh]``, ``pos [B, N]`` int64,
+    ``valid [B, N]`` bool or None; optional RoPE tables ``rope_cos, rope_sin [P, Dh]`` (even Dh)."""
 
     def __post_init__(self):
         _check_tables(self.k_table, self.v_table)
@@ -148,31 +173,13 @@ class TableKeys:
         check_mask("remote_mask", self.valid, B, N)
         _check_rope(self.rope_cos, self.rope_sin, self.k_table.shape[2])
 
-    @property
-    def rope(self) -> bool:
-        return self.rope_cos is not None
-
-    @property
-    def num_keys(self) -> int:
-        return self.codes.shape[1]
-
-    def heads(self) -> tuple:
-        """``(B, Hkv, Dh)``."""
-        return self.codes.shape[0], self.k_table.shape[1], self.k_table.shape[2]
-
     def take(self, order: torch.Tensor, valid: torch.Tensor) -> "TableKeys":
         """The keys ``order [B, S]`` of each row, with key mask ``valid [B, S]``."""
         return replace(self, codes=self.codes.gather(1, order), pos=self.pos.gather(1, order), valid=valid)
 
-    def check_values(self) -> None:
-        check_finite("k_table", self.k_table)
-        check_finite("v_table", self.v_table)
-        _check_code_range(self.codes, self.k_table.shape[0])
-        _check_rope_values(self)
-
 
 @dataclass(frozen=True)
-class GroupTableKeys:
+class GroupTableKeys(_CodeIndexed):
     """Per-group table keys (grouped VQ, ``G >= 1``): ``codes [B, N, G]`` int64 into per-layer partial
     tables ``k_table, v_table [G, K, Hkv, Dh]`` (one float dtype; fp32, or bf16 / fp16 to halve the
     memory). A token's key (value) is the sum over groups of ``k_table[g, codes[..., g]]`` - exact for a
@@ -180,14 +187,6 @@ class GroupTableKeys:
     - then, with ``rope_cos, rope_sin [P, Dh]``, rotated by its position ``pos [B, N]`` (as
     :class:`TableKeys`). ``valid [B, N]`` bool or None. Table memory: ``G * K * 2 * Hkv * Dh`` elements
     per layer."""
-
-    codes: torch.Tensor
-    k_table: torch.Tensor
-    v_table: torch.Tensor
-    pos: torch.Tensor
-    valid: Optional[torch.Tensor] = None
-    rope_cos: Optional[torch.Tensor] = None
-    rope_sin: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         check_float("k_table", self.k_table, 4)
@@ -206,28 +205,10 @@ class GroupTableKeys:
         check_mask("remote_mask", self.valid, B, N)
         _check_rope(self.rope_cos, self.rope_sin, self.k_table.shape[3])
 
-    @property
-    def rope(self) -> bool:
-        return self.rope_cos is not None
-
-    @property
-    def num_keys(self) -> int:
-        return self.codes.shape[1]
-
-    def heads(self) -> tuple:
-        """``(B, Hkv, Dh)``."""
-        return self.codes.shape[0], self.k_table.shape[2], self.k_table.shape[3]
-
     def take(self, order: torch.Tensor, valid: torch.Tensor) -> "GroupTableKeys":
         """The keys ``order [B, S]`` of each row, with key mask ``valid [B, S]``."""
         idx = order.unsqueeze(2).expand(-1, -1, self.codes.shape[2])
         return replace(self, codes=self.codes.gather(1, idx), pos=self.pos.gather(1, order), valid=valid)
-
-    def check_values(self) -> None:
-        check_finite("k_table", self.k_table)
-        check_finite("v_table", self.v_table)
-        _check_code_range(self.codes, self.k_table.shape[1])
-        _check_rope_values(self)
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,14 @@ def _digits():
     return x[tr], y[tr], x[te], y[te]
 
 
+def _step(opt, sched, loss) -> None:
+    """One optimizer and LR-schedule step on ``loss`` (training the study's small models from scratch)."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def train_vit(epochs: int, cache: str):
     import transformers as tf
 
@@ -181,11 +189,7 @@ def train_vit(epochs: int, cache: str):
         perm = torch.randperm(len(ytr), generator=g)
         for i in range(0, len(ytr), 64):
             j = perm[i: i + 64]
-            loss = model(pixel_values=xtr[j], labels=ytr[j]).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            _step(opt, sched, model(pixel_values=xtr[j], labels=ytr[j]).loss)
     model.eval().save_pretrained(path)
     return model
 
@@ -238,11 +242,7 @@ def train_gpt2(steps: int, cache: str, seq: int = 128):
     model.train()
     for i in range(steps):
         x = _chunks(tr, 32, seq, seed=1000 + i)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, model(input_ids=x, labels=x).loss)
     model.eval().save_pretrained(path)
     return model
 

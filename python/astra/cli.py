@@ -159,7 +159,7 @@ def cmd_info(args) -> int:
         import astra_kernels as K
 
         ops = [n for n in ("vq_encode", "vq_decode", "encode_and_pack", "pack_codes", "unpack_codes",
-                           "frame_nbytes", "mixed_attention") if getattr(K, n, None) is not None]
+                           "frame_nbytes", "attention_segments") if getattr(K, n, None) is not None]
         print(f"astra_kernels {getattr(K, '__version__', '?')}: ops {', '.join(ops)}")
     except Exception as e:  # pragma: no cover
         print(f"astra_kernels: not importable ({e})")

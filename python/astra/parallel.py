@@ -146,42 +146,37 @@ class DistRuntime(RuntimeBase):
         lg = self._local
         rg = torch.cat([ctx.chunks[s] for s in others]) if others else lg[:0]
         lm, rm = key_masks(ctx, lg, rg)
-        causal, fam = self.fam.causal, self.fam
+        fam = self.fam
+        common = dict(q_pos=lg, causal=fam.causal, local_mask=lm, scale=scaling)
         local_part = None
         if self.overlap and others:
             # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
-            local_part = ak.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling,
-                                              return_lse=True)
+            local_part = ak.attention_local(q, k, v, return_lse=True, **common)
         parts = pend.wait()
         if not others:
-            o = ak.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling)
+            o = ak.attention_local(q, k, v, **common)
             if ctx.capture is not None:
                 ctx.capture[layer] = (k, v)
             return o.to(q.dtype).transpose(1, 2).contiguous(), None
-        remote = dict(kv_pos=rg, remote_mask=rm)
+        nonlocal_kw = dict(common, kv_pos=rg, remote_mask=rm, return_lse=local_part is not None)
+        lk, lv = (k, v) if local_part is None else (None, None)     # None: the non-local-only pass
         k_hat = v_hat = None
         if self.codebooks is None:
             h_hat = torch.cat([self._rows(parts[s]) for s in others], dim=1)
             k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
+            res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
         else:
             codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
-            if self.tables is not None and (not fam.rope or ctx.default_pos):
-                kt, vt = self.tables[layer]
-                remote.update(codes=codes[..., 0], k_table=kt, v_table=vt)
-                if fam.rope:
-                    remote["rope_cos"], remote["rope_sin"] = self._rope_table(q.dtype)
-                if ctx.capture is not None:
-                    k_hat, v_hat = self.remote_kv(module, self.decode(layer, codes, q.dtype), self._pos_for(rg))
-            else:
+            use_table = self.tables is not None and (not fam.rope or ctx.default_pos)
+            if ctx.capture is not None or not use_table:
                 k_hat, v_hat = self.remote_kv(module, self.decode(layer, codes, q.dtype), self._pos_for(rg))
-        if "codes" not in remote:
-            remote.update(k_hat=k_hat, v_hat=v_hat)
-        if local_part is None:
-            o = ak.mixed_attention(q, k, v, q_pos=lg, causal=causal, local_mask=lm, scale=scaling, **remote)
-        else:
-            o_r, lse_r = ak.mixed_attention(q, None, None, include_local=False, q_pos=lg, causal=causal,
-                                              scale=scaling, return_lse=True, **remote)
-            o, _ = ak.merge_attention(local_part[0], local_part[1], o_r, lse_r)
+            if use_table:
+                kt, vt = self.tables[layer]
+                cos, sin = self._rope_table(q.dtype) if fam.rope else (None, None)
+                res = ak.attention_table(q, lk, lv, codes[..., 0], kt, vt, rope_cos=cos, rope_sin=sin, **nonlocal_kw)
+            else:
+                res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
+        o = res if local_part is None else ak.merge_attention(local_part[0], local_part[1], *res)[0]
         if ctx.capture is not None:
             K = k.new_empty(k.shape[0], k.shape[1], ctx.T, k.shape[3])
             V = torch.empty_like(K)

@@ -87,8 +87,8 @@ class SimRuntime(RuntimeBase):
                 k_hat = k[:, :, :0]
                 v_hat = v[:, :, :0]
             lm, rm = key_masks(ctx, lg, rg)
-            o = ak.mixed_attention(
-                q[:, :, le], k[:, :, le], v[:, :, le], k_hat=k_hat, v_hat=v_hat, q_pos=lg, kv_pos=rg,
+            o = ak.attention_per_token(
+                q[:, :, le], k[:, :, le], v[:, :, le], k_hat, v_hat, q_pos=lg, kv_pos=rg,
                 causal=self.fam.causal, local_mask=lm, remote_mask=rm, scale=scaling,
             )
             out[:, :, le] = o.to(out.dtype)

@@ -7,7 +7,7 @@ per-rank local/non-local key sets) with three changes, none of which affects inf
 * non-local tokens are quantized with a straight-through estimator: ``h_hat = C[codes] + h - sg(h)``, so the
   value is the codeword while the gradient reaches both the codebook ``C`` and the sender's hidden state ``h``;
   the commitment term ``mean ||h - C[codes]||^2`` of every quantized layer is collected in ``commitment``;
-* attention is plain torch (:func:`dense_attention`) instead of ``astra_kernels.mixed_attention``, which is
+* attention is plain torch (:func:`dense_attention`) instead of the ``astra_kernels`` attention entry points, which are
   forward-only. ``tests/test_finetune.py`` checks both give the same values.
 
 Optional, for training and calibration: Gaussian noise-augmented quantization (``naq``), quantizing only the
@@ -31,7 +31,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: 
                     scale: Optional[float]) -> torch.Tensor:
     """Differentiable softmax attention ``[B, Hq, Tq, Dh]`` with a bool ``visible`` mask broadcastable to
     ``[B, Hq, Tq, Tk]`` and grouped-query K/V ``[B, Hkv, Tk, Dh]``. A query with no visible key gets 0
-    (``astra_kernels.mixed_attention``'s convention)."""
+    (the ``astra_kernels`` attention convention)."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
