@@ -133,6 +133,16 @@ def test_bad_arguments_fail_before_any_work_with_one_line(argv, msg, capsys, mon
     assert err.count("\n") == 1 and err.startswith(f"astra {argv[0]}: error: ") and msg in err, err
 
 
+def test_bench_names_a_missing_package_before_any_work(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    monkeypatch.setattr(astra, "launch", lambda *a, **k: pytest.fail("work started"))
+    assert main(["bench", "--systems", "single,hf-tp", "--models", "llama", "--out-dir", "."]) == 2
+    assert "hf-tp (HF tensor parallelism) needs accelerate" in capsys.readouterr().err
+
+
 def test_bad_argument_in_a_real_process_exits_2_without_traceback():
     r = subprocess.run([sys.executable, "-m", "astra", "calibrate", "--groups", "0", "--out", "cb.safetensors"],
                        capture_output=True, text=True, timeout=120, env=_env(), cwd=str(ROOT))

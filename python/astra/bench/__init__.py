@@ -96,9 +96,6 @@ def check_bench_args(args) -> None:
         raise ValueError("--slow-after and --timeout must be > 0, --delay >= 0, --loss in [0, 100)")
     if not os.path.isdir(args.out_dir):
         raise ValueError(f"--out-dir: directory {args.out_dir} does not exist")
-    for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
-        if (mod != "accelerate" or "hf-tp" in systems) and importlib.util.find_spec(mod) is None:
-            raise ValueError(f"{what} needs {mod}: pip install 'astra-kernels[bench]'")
     why = real_link_available()
     if args.link == "real" and why:
         raise ValueError(f"--link real: {why}")
@@ -112,6 +109,10 @@ def check_bench_args(args) -> None:
     worlds, fit = [int(w) for w in _floats(args.predict_worlds)], _floats(args.fit_rates)
     if args.predict and (any(w < 2 or args.tokens % w for w in worlds) or not set(fit) <= set(rates)):
         raise ValueError("--predict-worlds must divide --tokens, and --fit-rates must be among --rates")
+    # the packages last: every argument error is reported first
+    for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
+        if (mod != "accelerate" or "hf-tp" in systems) and importlib.util.find_spec(mod) is None:
+            raise ValueError(f"{what} needs {mod}: pip install 'astra-kernels[bench]'")
     args.bench = BenchConfig(models=tuple(models), systems=tuple(systems), rates=tuple(rates), tokens=args.tokens,
                              layers=args.layers, world=args.world_size, repeats=args.repeats,
                              slow_after_s=args.slow_after, link=args.link, loss=args.loss, delay_ms=args.delay,
