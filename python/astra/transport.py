@@ -148,7 +148,8 @@ class Transport:
         return Pending(self, work, outs, sizes, call, slot, what, stats, keep=buf)
 
     def exchange_fixed(self, buf: torch.Tensor, what: str) -> List[torch.Tensor]:
-        """Blocking all-gather of a buffer whose size every rank knows in advance (the input fingerprint)."""
+        """Blocking all-gather of a buffer whose shape every rank knows in advance (the input fingerprint, padded
+        sequences)."""
         outs = [torch.empty_like(buf) for _ in range(self.world)]
         work = self._issue(lambda: dist.all_gather(outs, buf, group=self.group, async_op=True), what)
         self.wait(work, what)
@@ -162,9 +163,7 @@ class Transport:
             pad_shape = list(x.shape)
             pad_shape[dim] = mx - n
             x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-        outs = [torch.empty_like(x) for _ in range(self.world)]
-        work = self._issue(lambda: dist.all_gather(outs, x, group=self.group, async_op=True), what)
-        self.wait(work, what)
+        outs = self.exchange_fixed(x, what)
         return torch.cat([o.narrow(dim, 0, int(lengths[s])) for s, o in enumerate(outs)], dim=dim)
 
     def broadcast(self, x: torch.Tensor, src: int, what="broadcast") -> torch.Tensor:
