@@ -16,7 +16,6 @@ from .runtime import RuntimeBase
 from .split import local_indices, split_indices
 from .transport import DEFAULT_TIMEOUT_S, STATUS_FAILED, Pending, Transport, frame_sizes
 
-STATUS_NBYTES = 256        # payload of the end-of-forward status exchange (room for a failing rank's error text)
 PEER_FAILURE_MODES = ("raise", "local")
 
 
@@ -28,8 +27,9 @@ class DistRuntime(RuntimeBase):
             raise ValueError(f"on_peer_failure must be one of {PEER_FAILURE_MODES}, got {on_peer_failure!r}")
         self.on_peer_failure = on_peer_failure
         self.overlap = bool(overlap)
+        p = next(model.parameters())
         self.transport = Transport(group, timeout)
-        self.transport.device = next(model.parameters()).device
+        self.transport.device = p.device
         self.rank = self.transport.rank
         self.world = self.transport.world
         self.stats: List[LayerStats] = []
@@ -40,7 +40,6 @@ class DistRuntime(RuntimeBase):
         self.broken: Optional[str] = None    # why the process group can not be used again, after a PeerError
         self.local_fallback = False          # the last forward ran on this rank alone (on_peer_failure="local")
         self._slot = 0                       # the next exchange of the current forward
-        p = next(model.parameters())
         self._dtype, self._elt = p.dtype, p.element_size()
         self._model_digest = digest(type(model).__name__, model.config.to_json_string(use_diff=False),
                                     sum(q.numel() for q in model.parameters()), p.dtype)
@@ -111,7 +110,7 @@ class DistRuntime(RuntimeBase):
             return self._layer_sizes()
         if slot == L and self.ctx.cls:
             return [self.ctx.B * self.fam.hidden_size * self._elt] * self.world
-        return [STATUS_NBYTES] * self.world
+        return [0] * self.world             # the end-of-forward status: its envelope alone
 
     def on_layer_input(self, layer, module, h):
         ctx = self.ctx
@@ -201,8 +200,8 @@ class DistRuntime(RuntimeBase):
         try:
             with torch.no_grad():
                 out = self.model(**call)
-            status = torch.zeros(STATUS_NBYTES, dtype=torch.uint8, device=local.device)
-            self._exchange(status, [STATUS_NBYTES] * self.world, None, "end-of-forward status").wait()
+            status = torch.zeros(0, dtype=torch.uint8, device=local.device)    # the envelope carries the status
+            self._exchange(status, [0] * self.world, None, "end-of-forward status").wait()
         except RankFailedError:
             raise
         except PeerError as e:
