@@ -176,3 +176,13 @@ def test_lossy_link_with_jitter_outputs_equal_simulate():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| 5.0 % | 3 |" in r.stdout and "TUN relay" in r.stdout and r.stdout.rstrip().endswith("OK")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kwargs, match", [({"rate_mbit": 0}, "rate"), ({"loss": 100}, "loss"),
+                                           ({"jitter_ms": -1}, "jitter"), ({"distribution": "x"}, "distribution")])
+def test_jitter_link_refuses_bad_arguments_before_making_anything(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        with jitter_link(**kwargs, prefix="astra-jtest"):
+            pass
+    assert f"astra-jtest-{os.getpid()}" not in _namespaces()

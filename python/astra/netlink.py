@@ -69,9 +69,20 @@ def _sh(*cmd: str) -> None:
         raise RuntimeError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
 
 
+def _tbf(rate_mbit: float) -> List[str]:
+    return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", TBF_BURST, "latency", "2s"]
+
+
+def _check_loss_delay(loss: float, delay_ms: float, jitter_ms: float) -> None:
+    if not 0 <= loss < 100:
+        raise ValueError(f"loss must be in [0, 100) percent, got {loss}")
+    if delay_ms < 0 or jitter_ms < 0:
+        raise ValueError(f"delay and jitter must be >= 0 ms, got {delay_ms} and {jitter_ms}")
+
+
 def _qdisc_commands(ns: str, rate_mbit: float, delay_ms: float, jitter_ms: float) -> List[List[str]]:
     tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo"]
-    tbf = ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", TBF_BURST, "latency", "2s"]
+    tbf = _tbf(rate_mbit)
     if not (delay_ms or jitter_ms):
         return [tc + ["root"] + tbf]
     netem = ["netem", "delay", f"{delay_ms:g}ms"] + ([f"{jitter_ms:g}ms"] if jitter_ms else [])
@@ -103,10 +114,7 @@ def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, d
         raise RuntimeError("--loss on the real link needs the nft command (apt-get install nftables)")
     if not rate_mbit > 0:
         raise ValueError(f"rate must be > 0 Mbit/s, got {rate_mbit}")
-    if not 0 <= loss < 100:
-        raise ValueError(f"loss must be in [0, 100) percent, got {loss}")
-    if delay_ms < 0 or jitter_ms < 0:
-        raise ValueError(f"delay and jitter must be >= 0 ms, got {delay_ms} and {jitter_ms}")
+    _check_loss_delay(loss, delay_ms, jitter_ms)
     _sh("ip", "netns", "add", name)
     try:
         _sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", str(NETNS_MTU))
@@ -223,8 +231,7 @@ def delay_sampler(delay_ms: float, jitter_ms: float, distribution: str = "unifor
     the n-th packet's delay (packets are numbered in the order the relay reads them)."""
     if distribution not in JITTER_DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {JITTER_DISTRIBUTIONS}, got {distribution!r}")
-    if delay_ms < 0 or jitter_ms < 0:
-        raise ValueError(f"delay and jitter must be >= 0 ms, got {delay_ms} and {jitter_ms}")
+    _check_loss_delay(0.0, delay_ms, jitter_ms)
     rng = random.Random(seed)
     if distribution == "uniform":
         return lambda: max(0.0, delay_ms + jitter_ms * (2.0 * rng.random() - 1.0)) / 1e3
@@ -289,7 +296,7 @@ def _open_tun(name: str) -> int:
     return fd
 
 
-def _jitter_check(rate_mbit: Optional[float], loss: float, delay_ms: float, jitter_ms: float) -> None:
+def _jitter_check(rate_mbit: Optional[float], loss: float) -> None:
     if os.geteuid() != 0:
         raise PermissionError("a jitter link needs root (network namespaces and TUN devices)")
     for tool in ("ip",) + (("tc",) if rate_mbit is not None else ()) + (("nft",) if loss else ()):
@@ -299,10 +306,6 @@ def _jitter_check(rate_mbit: Optional[float], loss: float, delay_ms: float, jitt
         raise RuntimeError("a jitter link needs /dev/net/tun (kernel CONFIG_TUN)")
     if rate_mbit is not None and not rate_mbit > 0:
         raise ValueError(f"rate must be > 0 Mbit/s or None (unshaped), got {rate_mbit}")
-    if not 0 <= loss < 100:
-        raise ValueError(f"loss must be in [0, 100) percent, got {loss}")
-    if delay_ms < 0 or jitter_ms < 0:
-        raise ValueError(f"delay and jitter must be >= 0 ms, got {delay_ms} and {jitter_ms}")
 
 
 def _jitter_namespace(ns: str, tun: str, rank: int, rate_mbit: Optional[float], loss: float) -> None:
@@ -317,8 +320,7 @@ def _jitter_namespace(ns: str, tun: str, rank: int, rate_mbit: Optional[float], 
     _sh(*ipn, "addr", "add", JITTER_ADDRESSES[rank], "peer", JITTER_ADDRESSES[1 - rank], "dev", JITTER_IFNAME)
     _sh(*ipn, "link", "set", "dev", JITTER_IFNAME, "mtu", str(NETNS_MTU), "up")
     if rate_mbit is not None:
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", JITTER_IFNAME, "root", "tbf",
-            "rate", f"{rate_mbit:g}mbit", "burst", TBF_BURST, "latency", "2s")
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", JITTER_IFNAME, "root", *_tbf(rate_mbit))
     for cmd in _loss_commands(ns, loss, JITTER_IFNAME):
         _sh(*cmd)
 
@@ -366,7 +368,8 @@ def jitter_link(rate_mbit: Optional[float] = None, *, delay_ms: float = 20.0, ji
     ``MASTER_ADDR``). On exit, also on error, the relay is stopped and both namespaces removed; ``link.stats``
     then holds the relay's counts and lateness (see :class:`JitterLink`). Raises ``PermissionError`` when not
     root, ``RuntimeError`` naming a missing tool or a failed set-up step, ``ValueError`` for bad arguments."""
-    _jitter_check(rate_mbit, loss, delay_ms, jitter_ms)
+    _jitter_check(rate_mbit, loss)
+    _check_loss_delay(loss, delay_ms, jitter_ms)
     delay_sampler(delay_ms, jitter_ms, distribution, seed)             # validates the distribution
     pid = os.getpid()
     link = JitterLink(namespaces=(f"{prefix}-{pid}-0", f"{prefix}-{pid}-1"))
