@@ -366,7 +366,9 @@ def jitter_link(rate_mbit: Optional[float] = None, *, delay_ms: float = 20.0, ji
 
     Run rank ``r`` with ``link.command(r, argv)`` and ``link.env()`` (``GLOO_SOCKET_IFNAME`` and
     ``MASTER_ADDR``). On exit, also on error, the relay is stopped and both namespaces removed; ``link.stats``
-    then holds the relay's counts and lateness (see :class:`JitterLink`). Raises ``PermissionError`` when not
+    then holds the relay's counts and lateness (see :class:`JitterLink`). If this process is killed (SIGKILL),
+    the relay still stops (its stdin closes) but the namespaces stay: ``ip netns del {prefix}-{pid}-0`` (and
+    ``-1``). Raises ``PermissionError`` when not
     root, ``RuntimeError`` naming a missing tool or a failed set-up step, ``ValueError`` for bad arguments."""
     _jitter_check(rate_mbit, loss)
     _check_loss_delay(loss, delay_ms, jitter_ms)
