@@ -95,7 +95,14 @@ def check(results_per_rank, world):
 
 CASES_2 = [
     (f, True, f != "vit", G, "auto") for f in ("gpt2", "llama", "bert", "vit") for G in (None, 1, 32)
-] + [("bert", True, True, 32, "distributed"), ("llama", False, False, None, "auto")]
+] + [("bert", True, True, 32, "distributed"), ("llama", False, False, None, "auto")] + [
+    # the families added by the registry, and heads whose outputs the local + gather path carries: token-level
+    # heads, and class-token heads with distributed class tokens (every rank then holds the merged class token)
+    (f, True, True, G, "auto") for f in ("mistral", "qwen2", "qwen3", "roberta") for G in (None, 1)
+] + [("qwen3", False, False, 32, "auto"), ("roberta", "token_classification", True, 32, "auto"),
+     ("gpt2", "token_classification", True, None, "auto"),
+     ("bert", "sequence_classification", True, None, "distributed"),
+     ("roberta", "sequence_classification", True, 1, "distributed")]
 
 
 def test_two_gloo_ranks_all_families():
