@@ -169,3 +169,20 @@ def test_register_a_family():
         unregister_family("distilbert")
     with pytest.raises(astra.UnsupportedModelError):
         family_of(model)
+
+
+def test_pooled_outputs_and_their_owners():
+    """Which output fields come from one token, and on which ranks of ``parallelize`` they are the model's."""
+    bert_cls = family_of(tiny_model("bert", head="sequence_classification"))
+    assert (bert_cls.token_outputs, bert_cls.pooled_outputs, bert_cls.pooling) == ((), ("logits",), "class_token")
+    assert bert_cls.unowned_outputs(False, 0, 2) == () and bert_cls.unowned_outputs(False, 1, 2) == ("logits",)
+    assert bert_cls.unowned_outputs(True, 1, 2) == ()              # distributed class tokens: every rank
+    bert = family_of(tiny_model("bert"))
+    assert (bert.token_outputs, bert.pooled_outputs) == (("last_hidden_state",), ("pooler_output",))
+    gpt2_cls = family_of(tiny_model("gpt2", head="sequence_classification"))
+    assert gpt2_cls.pooling == "last_token" and gpt2_cls.unowned_outputs(False, 1, 2) == ("logits",)
+    assert gpt2_cls.unowned_outputs(False, 0, 1) == ()            # one rank holds every token
+    lm = family_of(tiny_model("llama"))
+    assert (lm.token_outputs, lm.pooled_outputs, lm.pooling) == (("logits",), (), None)
+    vit = family_of(tiny_model("vit"))
+    assert vit.pooling == "class_token" and vit.class_token_required and vit.image
