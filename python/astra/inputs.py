@@ -124,12 +124,12 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
         split_indices(T, world_size, cls)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
-    _check_length(fam, T)
+    _check_length(fam, T, "position_ids" in inputs)
     return inputs
 
 
-def _check_length(fam: Family, T: int) -> None:
-    limit = fam.max_len()
+def _check_length(fam: Family, T: int, given_positions: bool) -> None:
+    limit = None if given_positions else fam.max_len()      # given position ids are range-checked above
     if limit is not None and T > limit:
         raise InvalidInputError(f"the sequence has {T} tokens; {fam.name}'s position embeddings hold {limit}")
     window = fam.window()
