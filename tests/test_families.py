@@ -186,3 +186,18 @@ def test_pooled_outputs_and_their_owners():
     assert (lm.token_outputs, lm.pooled_outputs, lm.pooling) == (("logits",), (), None)
     vit = family_of(tiny_model("vit"))
     assert vit.pooling == "class_token" and vit.class_token_required and vit.image
+
+
+def test_a_subclass_of_a_head_is_that_head():
+    import transformers as tf
+
+    class MyClassifier(tf.BertForSequenceClassification):
+        pass
+
+    torch.manual_seed(0)
+    model = MyClassifier(tiny_model("bert").config).eval()
+    assert family_of(model).head == "sequence_classification"
+    inputs = tiny_inputs("bert", padded=True)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    assert float((astra.simulate(model, inputs, world_size=2).logits - ref).abs().max()) < TOL

@@ -194,7 +194,7 @@ class Family:
         non-padding token) or None (no pooled output)."""
         if not self.pooled_outputs:
             return None
-        return "class_token" if self.class_token_allowed else "last_token"
+        return "last_token" if self.decoder else "class_token"
 
     def max_len(self) -> Optional[int]:
         return None if self.adapter.max_len is None else self.adapter.max_len(self.base.config)
@@ -242,10 +242,11 @@ def head_of(model: Module, base: Module) -> Optional[str]:
     from transformers.models.auto import modeling_auto
 
     cls, model_type = type(model).__name__, base.config.model_type
+    lineage = [c.__name__ for c in type(model).__mro__]          # a subclass of a head is that head
     for head in HEADS:
         names = getattr(modeling_auto, head.mapping, {}).get(model_type)
         names = (names,) if isinstance(names, str) else tuple(names or ())
-        if head.kind is not None and cls in names:
+        if head.kind is not None and any(n in names for n in lineage):
             return head.kind
     kinds = ", ".join(h.kind for h in HEADS if h.kind)
     raise UnsupportedModelError(f"astra does not support the head {cls} on {type(base).__name__}; supported head "
