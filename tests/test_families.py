@@ -172,16 +172,24 @@ def test_register_a_family():
 
 
 def test_pooled_outputs_and_their_owners():
-    """Which output fields come from one token, and on which ranks of ``parallelize`` they are the model's."""
+    """Which output fields come from one token, which token, and which ranks of ``parallelize`` hold it."""
+    ranks = [torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([6, 7, 8, 9, 10])]        # T = 11 on 2 ranks
     bert_cls = family_of(tiny_model("bert", head="sequence_classification"))
     assert (bert_cls.token_outputs, bert_cls.pooled_outputs, bert_cls.pooling) == ((), ("logits",), "class_token")
-    assert bert_cls.unowned_outputs(False, 0, 2) == () and bert_cls.unowned_outputs(False, 1, 2) == ("logits",)
-    assert bert_cls.unowned_outputs(True, 1, 2) == ()              # distributed class tokens: every rank
+    first = bert_cls.pooled_tokens(tiny_inputs("bert"), 2, 11)
+    assert first.tolist() == [0, 0]
+    assert bert_cls.unowned_outputs(ranks[0], first) == () and bert_cls.unowned_outputs(ranks[1], first) == ("logits",)
+    assert bert_cls.unowned_outputs(torch.tensor([0, 6, 7, 8, 9, 10]), first) == ()    # a replicated class token
     bert = family_of(tiny_model("bert"))
     assert (bert.token_outputs, bert.pooled_outputs) == (("last_hidden_state",), ("pooler_output",))
     gpt2_cls = family_of(tiny_model("gpt2", head="sequence_classification"))
-    assert gpt2_cls.pooling == "last_token" and gpt2_cls.unowned_outputs(False, 1, 2) == ("logits",)
-    assert gpt2_cls.unowned_outputs(False, 0, 1) == ()            # one rank holds every token
+    assert gpt2_cls.pooling == "last_token"
+    inputs = tiny_inputs("gpt2", padded=True)            # row 1 left-padded: both rows end at token 10
+    inputs["input_ids"][0, 4:] = PAD.get("gpt2", 0)      # row 0 right-padded: its last real token is 3
+    last = gpt2_cls.pooled_tokens(inputs, 2, 11)
+    assert last.tolist() == [3, 10]
+    assert gpt2_cls.unowned_outputs(ranks[0], last) == ("logits",) == gpt2_cls.unowned_outputs(ranks[1], last)
+    assert gpt2_cls.unowned_outputs(torch.arange(11), last) == ()        # one rank holds every token
     lm = family_of(tiny_model("llama"))
     assert (lm.token_outputs, lm.pooled_outputs, lm.pooling) == (("logits",), (), None)
     vit = family_of(tiny_model("vit"))

@@ -70,8 +70,8 @@ def check(results_per_rank, world):
             family, head, padded, G, class_token = rec["case"]
             assert rec["type_ok"]
             # pooled head outputs a rank did not compute from the model's own token are left out (the class token
-            # lives on rank 0 without distributed class tokens; a decoder's last token may lie on any rank)
-            owned = class_token == "distributed" or (family == "bert" and rank == 0)
+            # lives on rank 0 without distributed class tokens; a decoder's last token here on the last rank)
+            owned = class_token == "distributed" or rank == (0 if family == "bert" else world - 1)
             pooled = head == "sequence_classification"
             assert rec["dropped"] == (["logits"] if pooled and not owned else []), (rank, rec["case"])
             assert rec["tables"] == (G == 1)          # G = 1 runs the precomputed K/V table path

@@ -205,13 +205,23 @@ class Family:
     def image_tokens(self, inputs: dict) -> int:
         return self.adapter.image_tokens(self.base, inputs)
 
-    def unowned_outputs(self, class_token: bool, rank: int, world: int) -> Tuple[str, ...]:
-        """Pooled fields that rank ``rank``'s forward over its own tokens does not compute from the model's
-        token: without replicated class tokens only rank 0 holds the class token; a decoder's last non-padding
-        token may lie on any rank."""
-        if world == 1 or self.pooling is None:
-            return ()
-        if self.pooling == "class_token" and (class_token or rank == 0):
+    def pooled_tokens(self, inputs: dict, B: int, T: int) -> torch.Tensor:
+        """Global index, per batch row ``[B]``, of the token :attr:`pooled_outputs` read, by HF's convention: the
+        class token 0, or a decoder's last token that is not ``pad_token_id`` (the last token without
+        ``input_ids`` or a pad id)."""
+        ids = inputs.get("input_ids")
+        pad = getattr(self.model.config.get_text_config(), "pad_token_id", None)
+        if self.pooling != "last_token":
+            return torch.zeros(B, dtype=torch.long)
+        if ids is None or pad is None:
+            return torch.full((B,), T - 1, dtype=torch.long)
+        return (torch.arange(T, device=ids.device) * (ids != pad)).argmax(-1).cpu()
+
+    def unowned_outputs(self, local: torch.Tensor, pooled: torch.Tensor) -> Tuple[str, ...]:
+        """The pooled fields a rank holding the tokens ``local`` (global indices, a replicated class token
+        included) does not compute from the model's own token: unless it holds every row's pooled token
+        (:meth:`pooled_tokens`), they come from one of its own tokens instead."""
+        if not self.pooled_outputs or bool(torch.isin(pooled, local.cpu()).all()):
             return ()
         return self.pooled_outputs
 

@@ -211,10 +211,10 @@ class DistRuntime(RuntimeBase):
             self._fail_together(e)
         finally:
             self.ctx = None
-        drop = self.fam.unowned_outputs(ctx.cls, self.rank, self.world)
+        drop = self.fam.unowned_outputs(local, self.fam.pooled_tokens(checked, ctx.B, ctx.T))
         if any(k in out for k in drop):
             # without distributed class tokens [CLS] lives on rank 0 only, a decoder's last token on any rank:
-            # the other ranks computed these fields from one of their own tokens, not the model's
+            # a rank that does not hold them computed these fields from one of its own tokens, not the model's
             out = type(out)(**{k: v for k, v in out.items() if k not in drop})
         return out, ctx, local
 
