@@ -106,7 +106,7 @@ CASES_2 = [
     # heads, and class-token heads with distributed class tokens (every rank then holds the merged class token)
     (f, True, True, G, "auto") for f in ("mistral", "qwen2", "qwen3", "roberta") for G in (None, 1)
 ] + [("qwen3", False, False, 32, "auto"), ("roberta", "token_classification", True, 32, "auto"),
-     ("gpt2", "token_classification", True, None, "auto"),
+     ("gpt2", "token_classification", True, None, "auto"), ("bert", "question_answering", True, None, "auto"),
      ("bert", "sequence_classification", True, None, "distributed"),
      ("roberta", "sequence_classification", True, 1, "distributed"),
      ("bert", "sequence_classification", True, None, "auto"), ("gpt2", "sequence_classification", True, None, "auto")]
