@@ -16,29 +16,58 @@ for _p in (str(_ROOT), str(_ROOT / "python")):
 # --------------------------------------------------------------------------------------------
 # tiny seeded models and inputs
 # --------------------------------------------------------------------------------------------
-def tiny_model(family: str, *, head: bool = True, seed: int = 0):
+HEAD_CLASSES = {   # head kind -> transformers auto class
+    "causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "question_answering": "AutoModelForQuestionAnswering", "image_classification": "AutoModelForImageClassification",
+}
+DEFAULT_HEAD = {"gpt2": "causal_lm", "llama": "causal_lm", "mistral": "causal_lm", "qwen2": "causal_lm",
+                "qwen3": "causal_lm", "bert": None, "roberta": None, "vit": "image_classification"}
+FAMILIES = tuple(DEFAULT_HEAD)
+PAD = {"roberta": 1}                    # padding token id (0 for the others)
+
+
+def tiny_config(family: str, **kw):
+    """A 2-layer, 64-wide config of ``family`` (``kw`` overrides)."""
+    import transformers as tf
+
+    dec = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=128, vocab_size=97, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+               pad_token_id=0, num_labels=3)
+    enc = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=97,
+               max_position_embeddings=64, pad_token_id=PAD.get(family, 0), num_labels=3)
+    gpt2 = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0,
+                pad_token_id=0, num_labels=3)
+    vit = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, image_size=32,
+               patch_size=8, num_channels=3, num_labels=5)
+    make = {"gpt2": (tf.GPT2Config, gpt2), "llama": (tf.LlamaConfig, dec), "mistral": (tf.MistralConfig, dec),
+            "qwen2": (tf.Qwen2Config, dec), "qwen3": (tf.Qwen3Config, dict(dec, head_dim=32)),   # head_dim != D / H
+            "bert": (tf.BertConfig, enc), "roberta": (tf.RobertaConfig, enc), "vit": (tf.ViTConfig, vit)}
+    if family not in make:
+        raise ValueError(family)
+    cls, base = make[family]
+    return cls(**dict(base, **kw))
+
+
+def tiny_model(family: str, *, head=True, seed: int = 0, **config):
+    """A tiny seeded model of ``family``: ``head`` True (the family's usual head: LM for decoders, none for
+    BERT / RoBERTa, image classification for ViT), False (the base model) or a head kind of astra.models.HEADS."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    if family == "gpt2":
-        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64,
-                            bos_token_id=0, eos_token_id=0)
-        m = tf.GPT2LMHeadModel(cfg) if head else tf.GPT2Model(cfg)
-    elif family == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=128, vocab_size=97, max_position_embeddings=64,
-                             bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        m = tf.LlamaForCausalLM(cfg) if head else tf.LlamaModel(cfg)
-    elif family == "bert":
-        cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                            vocab_size=97, max_position_embeddings=64, pad_token_id=0)
-        m = tf.BertModel(cfg)
-    elif family == "vit":
-        cfg = tf.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                           image_size=32, patch_size=8, num_channels=3, num_labels=5)
-        m = tf.ViTForImageClassification(cfg) if head else tf.ViTModel(cfg)
-    else:
-        raise ValueError(family)
+    kind = DEFAULT_HEAD[family] if head is True else (None if head is False else head)
+    if kind == "question_answering":
+        config.setdefault("num_labels", 2)          # start and end logits
+    cfg = tiny_config(family, **config)
+    auto = getattr(tf, "AutoModel" if kind is None else HEAD_CLASSES[kind])
+    m = auto.from_config(cfg)
+    if family in ("mistral", "qwen2", "qwen3", "roberta"):
+        # HF initialises biases to 0 and norm weights to 1: random values make q/k/v biases and k_norm count
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.add_(0.2 * torch.randn(p.shape))
     return m.eval()
 
 
@@ -46,16 +75,17 @@ def tiny_inputs(family: str, *, batch: int = 2, seq: int = 11, padded: bool = Fa
     g = torch.Generator().manual_seed(seed)
     if family == "vit":
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
-    ids = torch.randint(1, 97, (batch, seq), generator=g)
+    pad = PAD.get(family, 0)
+    ids = torch.randint(pad + 1, 97, (batch, seq), generator=g)
     inputs = {"input_ids": ids}
     if padded:
         mask = torch.ones(batch, seq, dtype=torch.long)
-        if family == "bert":
+        if family in ("bert", "roberta"):
             mask[-1, seq - 3:] = 0          # right padding
-            ids[-1, seq - 3:] = 0
+            ids[-1, seq - 3:] = pad
         else:
             mask[-1, :3] = 0                # left padding
-            ids[-1, :3] = 0
+            ids[-1, :3] = pad
         inputs["attention_mask"] = mask
     return inputs
 

@@ -1,7 +1,8 @@
 """astra: ASTRA sequence-parallel Transformer inference (VQ codes between devices) on HF models.
 
 Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`unpatch`, :func:`launch`,
-:func:`calibrate`, :func:`finetune`, :func:`simulate_generate`, and the errors :class:`PeerError`,
+:func:`calibrate`, :func:`finetune`, :func:`simulate_generate`, the family registry (:class:`FamilyAdapter`,
+:func:`register_family`, :func:`unregister_family`, :func:`family_of`), and the errors :class:`PeerError`,
 :class:`UnsupportedModelError`, :class:`LaunchError`, :class:`InputMismatchError`, :class:`InvalidInputError`,
 :class:`RankFailedError`, :class:`FrameMismatchError`, :class:`NonFiniteError`. Semantics: docs/runtime.md.
 """
@@ -23,6 +24,7 @@ from .errors import (
 from .finetune import FinetuneResult, finetune
 from .generation import simulate_generate
 from .launch import launch
+from .models import FamilyAdapter, family_of, register_family, unregister_family
 from .parallel import ParallelModel, parallelize
 from .runtime import unpatch
 from .simulation import simulate
@@ -34,4 +36,5 @@ __all__ = [
     "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
     "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "calibrate", "finetune", "ParallelModel", "launch",
     "local_indices", "parallelize", "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
+    "FamilyAdapter", "family_of", "register_family", "unregister_family",
 ]

@@ -170,7 +170,7 @@ def cmd_info(args) -> int:
     except Exception:
         print("triton: not installed (CPU paths only)")
     print(f"packaged all-MiniLM-L6-v2: {minilm_path() or 'not installed'}")
-    print("supported models: " + __import__("astra.models", fromlist=["SUPPORTED"]).SUPPORTED)
+    print("supported models: " + __import__("astra.models", fromlist=["supported"]).supported())
     if args.codebooks:
         cb = astra.Codebooks.load(args.codebooks)
         print(cb)

@@ -20,7 +20,7 @@ class Codebooks:
     """One ``[G, K, D/G]`` codebook per Transformer layer.
 
     ``model_type`` is the HF ``config.model_type`` of the model family the codebooks were built for
-    (``"gpt2"``, ``"llama"``, ``"bert"``, ``"vit"``), ``hidden_size`` its D.
+    (a registered family's name, e.g. ``"gpt2"``, ``"qwen3"``, ``"bert"``), ``hidden_size`` its D.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int):

@@ -16,9 +16,9 @@ from .errors import UnsupportedModelError
 
 
 def check_generation(fam, max_new_tokens: int) -> None:
-    if fam.name not in ("gpt2", "llama"):
-        raise UnsupportedModelError(f"generation is supported for GPT-2 and Llama, not {fam.name}")
-    if not hasattr(fam.model, "lm_head"):
+    if not fam.decoder:
+        raise UnsupportedModelError(f"generation needs a decoder family, not {fam.name}")
+    if fam.head != "causal_lm":
         raise UnsupportedModelError(f"generation needs an LM head ({type(fam.model).__name__} has none)")
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -10,43 +10,39 @@ from .errors import InvalidInputError, UnsupportedModelError
 from .models import Family
 from .split import split_indices
 
-_ALLOWED_INPUTS = {
-    "gpt2": {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids"},
-    "llama": {"input_ids", "inputs_embeds", "attention_mask", "position_ids"},
-    "bert": {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids"},
-    "vit": {"pixel_values", "interpolate_pos_encoding"},
-}
+# flags HF models take through **kwargs: True changes what the model returns (refused), False is the default
+REFUSED_FLAGS = ("output_attentions", "output_hidden_states")
 
 
 def check_inputs(fam: Family, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    """The inputs astra passes on. Dropped: None values, the flags above when False, ``use_cache`` (decoders)
+    and keys the model's ``forward`` does not name (e.g. sentence-transformers' ``modality``), which the
+    unmodified model ignores too. Refused: the flags above when True, ``return_dict=False``, and inputs the
+    model takes but astra does not (``labels``, ``past_key_values``, ``head_mask``, ...: they change what is
+    computed)."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    for flag in ("output_attentions", "output_hidden_states"):
+    for flag in REFUSED_FLAGS:
         if inputs.pop(flag, False):
             raise UnsupportedModelError(f"astra does not support {flag}=True")
     if inputs.pop("use_cache", False) and not fam.decoder:
         raise UnsupportedModelError("use_cache=True is not supported here")
     if inputs.pop("return_dict", True) is False:
         raise UnsupportedModelError("astra needs return_dict=True outputs")
-    bad = set(inputs) - _ALLOWED_INPUTS[fam.name]
+    inputs = {k: v for k, v in inputs.items() if k in fam.forward_params or k in fam.inputs}
+    bad = set(inputs) - fam.inputs
     if bad:
-        raise UnsupportedModelError(f"astra does not support the input(s) {sorted(bad)} for {fam.name}")
+        raise UnsupportedModelError(f"astra does not support the input(s) {sorted(bad)} for "
+                                    f"{type(fam.model).__name__}; it takes {sorted(fam.inputs)}")
     return inputs
 
 
 def seq_geometry(fam: Family, inputs: Dict[str, Any]) -> Tuple[int, int]:
     """(B, T) of the full sequence the inputs describe."""
-    if fam.name == "vit":
+    if fam.image:
         pv = inputs.get("pixel_values")
         if pv is None:
-            raise ValueError("ViT needs pixel_values")
-        emb = fam.base.embeddings.patch_embeddings
-        if inputs.get("interpolate_pos_encoding"):
-            ps = emb.patch_size
-            ps = ps if isinstance(ps, (tuple, list)) else (ps, ps)
-            n = (pv.shape[-2] // ps[0]) * (pv.shape[-1] // ps[1])
-        else:
-            n = emb.num_patches
-        return pv.shape[0], n + 1
+            raise ValueError(f"{fam.name} needs pixel_values")
+        return pv.shape[0], fam.image_tokens(inputs)
     x = inputs.get("input_ids")
     if x is None:
         x = inputs.get("inputs_embeds")
@@ -110,10 +106,10 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
     """Everything a forward can check before it starts: accepted inputs, tensor kinds, ranks and shapes, ids in
     range, a chunk for every rank. Raises :class:`InvalidInputError` (or ``UnsupportedModelError``)."""
     inputs = check_inputs(fam, inputs)
-    if fam.name == "vit":
+    if fam.image:
         pv = _tensor(inputs, "pixel_values", "float", (4,))
         if pv is None:
-            raise InvalidInputError("ViT needs pixel_values")
+            raise InvalidInputError(f"{fam.name} needs pixel_values")
         cfg = fam.model.config
         size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
         if pv.shape[1] != cfg.num_channels:
@@ -128,4 +124,16 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
         split_indices(T, world_size, cls)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+    _check_length(fam, T, "position_ids" in inputs)
     return inputs
+
+
+def _check_length(fam: Family, T: int, given_positions: bool) -> None:
+    limit = None if given_positions else fam.max_len()      # given position ids are range-checked above
+    if limit is not None and T > limit:
+        raise InvalidInputError(f"the sequence has {T} tokens; {fam.name}'s position embeddings hold {limit}")
+    window = fam.window()
+    if window is not None and T > window:
+        # astra's attention has no sliding window: refused rather than computed differently from the model
+        raise UnsupportedModelError(f"the sequence has {T} tokens, more than {fam.name}'s sliding window of "
+                                    f"{window}: astra does not implement sliding-window attention")

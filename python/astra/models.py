@@ -1,70 +1,236 @@
-"""Per-family adapters: where the attention modules are and how to project non-local K/V.
+"""Model families: a registry of small adapters, one per HF architecture, keyed by ``config.model_type`` (as
+transformers' auto classes and Liger's ``apply_*`` registry are).
 
-Nothing here copies HF modeling code: the adapters only name the modules HF already has and call their
-own projections (Llama ``k_proj``/``v_proj``, GPT-2 ``c_attn`` key/value slices, BERT ``key``/``value``,
-ViT ``k_proj``/``v_proj``).
+An adapter (:class:`FamilyAdapter`) only *names* what the HF model already has: where its attention modules
+are, how to project K/V of any hidden states through a layer's own modules (with per-head norms such as
+Qwen3's ``k_norm``), whether it uses RoPE, a class token, which inputs it takes. Nothing here copies HF
+modeling code. :func:`family_of` resolves a model to a :class:`Family`: its adapter bound to the model's base
+(``model.base_model``, HF's ``base_model_prefix``) plus the task head on top (:data:`HEADS`), recognised from
+transformers' own auto-class mappings, so head classes are never listed here.
+
+Add a family with :func:`register_family` (docs/architecture.md, "Where to add: a model family").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import UnsupportedModelError
 
-SUPPORTED = (
-    "GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM, BertModel, ViTModel, ViTForImageClassification"
+Module = torch.nn.Module
+KV = Callable[[Module, torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
+
+TEXT_INPUTS = frozenset({"input_ids", "inputs_embeds", "attention_mask", "position_ids"})
+IMAGE_INPUTS = frozenset({"pixel_values", "interpolate_pos_encoding"})
+CLASS_TOKEN_MODES = ("none", "optional", "always")
+
+
+@dataclass(frozen=True)
+class Head:
+    """A kind of task head. ``mapping``: the transformers auto-class mapping whose classes are heads of this
+    kind; ``token_outputs``: output fields with one row per token (rank-local under ``parallelize``);
+    ``pooled_outputs``: fields computed from one token (the class token of an encoder, the last non-padding
+    token of a decoder)."""
+    kind: Optional[str]
+    mapping: str
+    token_outputs: Tuple[str, ...] = ()
+    pooled_outputs: Tuple[str, ...] = ()
+
+
+HEADS: Tuple[Head, ...] = (
+    Head(None, "MODEL_MAPPING_NAMES", ("last_hidden_state",), ("pooler_output",)),
+    Head("causal_lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("logits",)),
+    Head("masked_lm", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", ("logits",)),
+    Head("token_classification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", ("logits",)),
+    Head("question_answering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", ("start_logits", "end_logits")),
+    Head("sequence_classification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", (), ("logits",)),
+    Head("image_classification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", (), ("logits",)),
 )
+
+
+def linear_kv(key: str, value: str, key_norm: Optional[str] = None) -> KV:
+    """K/V through the attention module's own linear layers ``module.<key>`` / ``module.<value>`` (bias
+    included), then ``module.<key_norm>`` per head when given (Qwen3's ``k_norm``, applied before RoPE)."""
+    def kv(module: Module, h: torch.Tensor, head_dim: int):
+        B, T, _ = h.shape
+        k = getattr(module, key)(h).view(B, T, -1, head_dim)
+        if key_norm is not None:
+            k = getattr(module, key_norm)(k)
+        return k, getattr(module, value)(h).view(B, T, -1, head_dim)
+    return kv
+
+
+def fused_conv1d_kv(attr: str = "c_attn") -> KV:
+    """K/V from a fused ``[q | k | v]`` GPT-2 ``Conv1D`` (``y = x @ W + b``, ``W [D, 3D]``): its key and value
+    slices only, so the query projection is never computed."""
+    def kv(module: Module, h: torch.Tensor, head_dim: int):
+        B, T, D = h.shape
+        conv = getattr(module, attr)
+        out = torch.addmm(conv.bias[D:], h.reshape(-1, D), conv.weight[:, D:]).view(B, T, 2, -1, head_dim)
+        return out.unbind(2)
+    return kv
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What astra needs to know about one HF architecture. Callables take the *base* model (``model.base_model``)
+    or its config, never a head.
+
+    ``decoder``: causal decoder (every rank embeds only its own tokens, position ids are global) or bidirectional
+    encoder (the embeddings of the whole sequence are computed, then sliced per rank by a hook on
+    ``embeddings``, so position ids such as RoBERTa's padding-offset ones stay global).
+    ``attention``: the attention modules, one per layer, that call HF's attention interface.
+    ``kv(module, h, head_dim)``: K, V ``[B, T, Hkv, Dh]`` of hidden states ``h [B, T, D]``, before RoPE.
+    ``final``: the module whose output holds the final hidden states (where replicated class tokens are merged).
+    ``class_token``: "none", "optional" (BERT: distributed or on rank 0) or "always" (ViT: always replicated).
+    ``image_tokens(base, inputs)``: for image models, the sequence length the ``pixel_values`` give.
+    ``check(config)``: raise :class:`UnsupportedModelError` for configurations astra can not run.
+    ``max_len(config)``: the longest sequence the position embeddings allow (None: no limit, e.g. RoPE).
+    ``window(config)``: the sliding-window span of any layer (None: full attention); longer sequences are refused.
+    """
+    model_type: str
+    decoder: bool
+    attention: Callable[[Module], Sequence[Module]]
+    kv: KV
+    inputs: FrozenSet[str] = TEXT_INPUTS
+    rope: bool = False
+    embeddings: Optional[Callable[[Module], Module]] = None
+    final: Optional[Callable[[Module], Module]] = None
+    class_token: str = "none"
+    image_tokens: Optional[Callable[[Module, dict], int]] = None
+    check: Optional[Callable[[object], None]] = None
+    max_len: Optional[Callable[[object], Optional[int]]] = None
+    window: Optional[Callable[[object], Optional[int]]] = None
+
+    def __post_init__(self):
+        if self.class_token not in CLASS_TOKEN_MODES:
+            raise ValueError(f"class_token must be one of {CLASS_TOKEN_MODES}, got {self.class_token!r}")
+        if not self.decoder and self.embeddings is None:
+            raise ValueError("an encoder family needs `embeddings` (the module whose output is sliced per rank)")
+        if self.class_token != "none" and self.final is None:
+            raise ValueError("a family with a class token needs `final` (where the replicated copies are merged)")
+
+
+_REGISTRY: Dict[str, FamilyAdapter] = {}
+
+
+def register_family(adapter: FamilyAdapter, *, replace: bool = False) -> FamilyAdapter:
+    """Register ``adapter`` for models whose ``config.model_type`` is ``adapter.model_type``. Its base model and
+    every task head of :data:`HEADS` on it are then supported. ``replace=True`` overrides a registered one."""
+    if not isinstance(adapter, FamilyAdapter):
+        raise TypeError(f"register_family takes a FamilyAdapter, got {type(adapter).__name__}")
+    if adapter.model_type in _REGISTRY and not replace:
+        raise ValueError(f"a family is already registered for model_type {adapter.model_type!r} (replace=True "
+                         "overrides it)")
+    _REGISTRY[adapter.model_type] = adapter
+    return adapter
+
+
+def unregister_family(model_type: str) -> None:
+    """Remove the family registered for ``model_type`` (KeyError when there is none)."""
+    if model_type not in _REGISTRY:
+        raise KeyError(f"no family is registered for model_type {model_type!r}")
+    del _REGISTRY[model_type]
+
+
+def supported() -> str:
+    """The registered families and the head kinds, for error messages and ``python -m astra info``."""
+    heads = ", ".join(h.kind for h in HEADS if h.kind)
+    return f"families (config.model_type) {', '.join(sorted(_REGISTRY))}; base models and heads: {heads}"
 
 
 @dataclass
 class Family:
-    name: str                      # "gpt2" | "llama" | "bert" | "vit"
-    model: torch.nn.Module         # the model the user gave
-    base: torch.nn.Module          # GPT2Model / LlamaModel / BertModel / ViTModel
-    causal: bool
-    attn_modules: List[torch.nn.Module]
+    """A model resolved by :func:`family_of`: its adapter bound to the model's base and head."""
+    adapter: FamilyAdapter
+    model: Module                  # the model the user gave (base or head)
+    base: Module                   # model.base_model
+    head: Optional[str]            # None (base model) or a kind of :data:`HEADS`
+    attn_modules: List[Module]
     hidden_size: int
     num_kv_heads: int
     head_dim: int
-    rope: bool = False
-    # encoders (bert, vit): the module whose output is the token embeddings (sliced per rank), and the module
-    # whose output holds the final state the model reads its class token from
-    embeddings: Optional[torch.nn.Module] = None
-    final: Optional[torch.nn.Module] = None
-    class_token_default: bool = False
-    class_token_allowed: bool = False
+    embeddings: Optional[Module] = None
+    final: Optional[Module] = None
+    forward_params: FrozenSet[str] = field(default_factory=frozenset)   # the names model.forward takes
+
+    name = property(lambda self: self.adapter.model_type)
+    decoder = property(lambda self: self.adapter.decoder)
+    causal = property(lambda self: self.adapter.decoder)
+    rope = property(lambda self: self.adapter.rope)
+    image = property(lambda self: self.adapter.image_tokens is not None)
+    inputs = property(lambda self: self.adapter.inputs)
+    class_token_default = property(lambda self: self.adapter.class_token == "always")
+    class_token_allowed = property(lambda self: self.adapter.class_token != "none")
+    class_token_required = property(lambda self: self.adapter.class_token == "always")
 
     @property
     def num_layers(self) -> int:
         return len(self.attn_modules)
 
     @property
-    def decoder(self) -> bool:
-        return self.name in ("gpt2", "llama")
+    def _head(self) -> Head:
+        return next(h for h in HEADS if h.kind == self.head)
+
+    @property
+    def token_outputs(self) -> Tuple[str, ...]:
+        """Output fields with one row per token (this rank's tokens under ``parallelize``)."""
+        return self._head.token_outputs
+
+    @property
+    def pooled_outputs(self) -> Tuple[str, ...]:
+        """Output fields computed from one token, see :attr:`pooling` (a base model's ``pooler_output`` when it
+        has a pooler)."""
+        if self.head is None and getattr(self.base, "pooler", None) is None:
+            return ()
+        return self._head.pooled_outputs
+
+    @property
+    def pooling(self) -> Optional[str]:
+        """Which token :attr:`pooled_outputs` read: "class_token" (encoders), "last_token" (decoders' last
+        non-padding token) or None (no pooled output)."""
+        if not self.pooled_outputs:
+            return None
+        return "last_token" if self.decoder else "class_token"
+
+    def max_len(self) -> Optional[int]:
+        return None if self.adapter.max_len is None else self.adapter.max_len(self.base.config)
+
+    def window(self) -> Optional[int]:
+        return None if self.adapter.window is None else self.adapter.window(self.base.config)
+
+    def image_tokens(self, inputs: dict) -> int:
+        return self.adapter.image_tokens(self.base, inputs)
+
+    def pooled_tokens(self, inputs: dict, B: int, T: int) -> torch.Tensor:
+        """Global index, per batch row ``[B]``, of the token :attr:`pooled_outputs` read, by HF's convention: the
+        class token 0, or a decoder's last token that is not ``pad_token_id`` (the last token without
+        ``input_ids`` or a pad id)."""
+        ids = inputs.get("input_ids")
+        pad = getattr(self.model.config.get_text_config(), "pad_token_id", None)
+        if self.pooling != "last_token":
+            return torch.zeros(B, dtype=torch.long)
+        if ids is None or pad is None:
+            return torch.full((B,), T - 1, dtype=torch.long)
+        return (torch.arange(T, device=ids.device) * (ids != pad)).argmax(-1).cpu()
+
+    def unowned_outputs(self, local: torch.Tensor, pooled: torch.Tensor) -> Tuple[str, ...]:
+        """The pooled fields a rank holding the tokens ``local`` (global indices, a replicated class token
+        included) does not compute from the model's own token: unless it holds every row's pooled token
+        (:meth:`pooled_tokens`), they come from one of its own tokens instead."""
+        if not self.pooled_outputs or bool(torch.isin(pooled, local.cpu()).all()):
+            return ()
+        return self.pooled_outputs
 
     # -- K/V of (dequantized) hidden states through the layer's own projections, pre-RoPE --------
-    def kv(self, module: torch.nn.Module, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        B, T, D = h.shape
-        if self.name == "gpt2":
-            W, b = module.c_attn.weight, module.c_attn.bias  # Conv1D: y = x @ W + b, W [D, 3D]
-            kv = torch.addmm(b[D:], h.reshape(-1, D), W[:, D:]).view(B, T, 2, -1, self.head_dim)
-            k, v = kv.unbind(2)
-        elif self.name == "llama":
-            k = module.k_proj(h).view(B, T, -1, self.head_dim)
-            v = module.v_proj(h).view(B, T, -1, self.head_dim)
-        elif self.name == "bert":
-            k = module.key(h).view(B, T, -1, self.head_dim)
-            v = module.value(h).view(B, T, -1, self.head_dim)
-        elif self.name == "vit":
-            k = module.k_proj(h).view(B, T, -1, self.head_dim)
-            v = module.v_proj(h).view(B, T, -1, self.head_dim)
-        else:  # pragma: no cover
-            raise UnsupportedModelError(self.name)
+    def kv(self, module: Module, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.adapter.kv(module, h, self.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    # -- rotary embedding (Llama) ----------------------------------------------------------------
+    # -- rotary embedding ------------------------------------------------------------------------
     def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[B or 1, T, Dh]`` at ``position_ids`` from the model's own rotary module."""
         dummy = torch.empty(0, dtype=dtype, device=position_ids.device)
@@ -78,45 +244,115 @@ class Family:
         return k * cos + rotate_half(k) * sin
 
 
+def head_of(model: Module, base: Module) -> Optional[str]:
+    """The task-head kind of ``model`` over ``base`` (None when ``model`` is the base model), from transformers'
+    auto-class mappings for its ``model_type``."""
+    if model is base:
+        return None
+    from transformers.models.auto import modeling_auto
+
+    cls, model_type = type(model).__name__, base.config.model_type
+    lineage = [c.__name__ for c in type(model).__mro__]          # a subclass of a head is that head
+    for head in HEADS:
+        names = getattr(modeling_auto, head.mapping, {}).get(model_type)
+        names = (names,) if isinstance(names, str) else tuple(names or ())
+        if head.kind is not None and any(n in names for n in lineage):
+            return head.kind
+    kinds = ", ".join(h.kind for h in HEADS if h.kind)
+    raise UnsupportedModelError(f"astra does not support the head {cls} on {type(base).__name__}; supported head "
+                                f"kinds: {kinds}")
+
+
+def _forward_params(model: Module) -> FrozenSet[str]:
+    ps = inspect.signature(type(model).forward).parameters.values()
+    return frozenset(p.name for p in ps if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self")
+
+
 def family_of(model) -> Family:
-    """Identify a supported HF model; raise :class:`UnsupportedModelError` otherwise."""
-    try:
-        import transformers as tf
-    except ImportError as e:  # pragma: no cover
-        raise UnsupportedModelError("astra's HF integration needs `transformers` installed") from e
+    """Resolve a supported HF model (a registered family's base model or a head on it); raise
+    :class:`UnsupportedModelError` naming what is supported otherwise."""
     cls = type(model).__name__
-    if isinstance(model, (tf.GPT2LMHeadModel, tf.GPT2Model)):
-        base = model.transformer if isinstance(model, tf.GPT2LMHeadModel) else model
-        cfg = base.config
-        if getattr(cfg, "add_cross_attention", False):
-            raise UnsupportedModelError(f"{cls} with add_cross_attention=True is not supported")
-        mods = [blk.attn for blk in base.h]
-        return Family("gpt2", model, base, True, mods, cfg.hidden_size, cfg.num_attention_heads,
-                      cfg.hidden_size // cfg.num_attention_heads)
-    if isinstance(model, (tf.LlamaForCausalLM, tf.LlamaModel)):
-        base = model.model if isinstance(model, tf.LlamaForCausalLM) else model
-        cfg = base.config
-        mods = [layer.self_attn for layer in base.layers]
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return Family("llama", model, base, True, mods, cfg.hidden_size, cfg.num_key_value_heads, hd, rope=True)
-    if type(model) is tf.BertModel:
-        base = model
-        cfg = base.config
-        if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-            raise UnsupportedModelError("BertModel configured as a decoder / with cross-attention is not supported")
-        pet = getattr(cfg, "position_embedding_type", "absolute")
-        if pet not in (None, "absolute"):
-            raise UnsupportedModelError(f"BertModel with position_embedding_type={pet!r} is not supported")
-        mods = [layer.attention.self for layer in base.encoder.layer]
-        return Family("bert", model, base, False, mods, cfg.hidden_size, cfg.num_attention_heads,
-                      cfg.hidden_size // cfg.num_attention_heads, embeddings=base.embeddings, final=base.encoder,
-                      class_token_default=False, class_token_allowed=True)
-    if isinstance(model, (tf.ViTForImageClassification, tf.ViTModel)):
-        base = model.vit if isinstance(model, tf.ViTForImageClassification) else model
-        cfg = base.config
-        mods = [layer.attention for layer in base.layers]
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return Family("vit", model, base, False, mods, cfg.hidden_size, cfg.num_attention_heads, hd,
-                      embeddings=base.embeddings, final=base.layernorm,
-                      class_token_default=True, class_token_allowed=True)
-    raise UnsupportedModelError(f"astra does not support {cls}; supported: {SUPPORTED}")
+    cfg = getattr(model, "config", None)
+    adapter = _REGISTRY.get(getattr(cfg, "model_type", None))
+    if adapter is None or not isinstance(getattr(model, "base_model", None), Module):
+        what = f" (model_type {cfg.model_type!r})" if hasattr(cfg, "model_type") else ""
+        raise UnsupportedModelError(f"astra does not support {cls}{what}; supported: {supported()}")
+    base = model.base_model
+    head = head_of(model, base)
+    if adapter.check is not None:
+        adapter.check(base.config)
+    bcfg = base.config
+    heads = bcfg.num_attention_heads
+    try:
+        modules = list(adapter.attention(base))
+    except AttributeError as e:
+        raise UnsupportedModelError(f"astra does not support {cls}: its base {type(base).__name__} does not have "
+                                    f"the layout of a {adapter.model_type} model ({e})") from e
+    return Family(adapter, model, base, head, modules, bcfg.hidden_size,
+                  getattr(bcfg, "num_key_value_heads", None) or heads,
+                  getattr(bcfg, "head_dim", None) or bcfg.hidden_size // heads,
+                  embeddings=None if adapter.embeddings is None else adapter.embeddings(base),
+                  final=None if adapter.final is None else adapter.final(base), forward_params=_forward_params(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# the built-in families
+# ------------------------------------------------------------------------------------------------
+def _no_cross_attention(cfg) -> None:
+    if getattr(cfg, "add_cross_attention", False):
+        raise UnsupportedModelError(f"{cfg.model_type} with add_cross_attention=True is not supported")
+
+
+def _bidirectional_encoder(cfg) -> None:
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        raise UnsupportedModelError(f"{cfg.model_type} configured as a decoder / with cross-attention is not "
+                                    "supported (astra runs it as a bidirectional encoder)")
+    pet = getattr(cfg, "position_embedding_type", "absolute")
+    if pet not in (None, "absolute"):
+        raise UnsupportedModelError(f"{cfg.model_type} with position_embedding_type={pet!r} is not supported")
+
+
+def _sliding_window(cfg) -> Optional[int]:
+    """The span of the sliding-window layers (Mistral: every layer when set; Qwen2/Qwen3: the layers whose
+    ``layer_types`` entry is "sliding_attention")."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def _vit_tokens(base: Module, inputs: dict) -> int:
+    pv, emb = inputs["pixel_values"], base.embeddings.patch_embeddings
+    if inputs.get("interpolate_pos_encoding"):
+        ps = emb.patch_size if isinstance(emb.patch_size, (tuple, list)) else (emb.patch_size,) * 2
+        return (pv.shape[-2] // ps[0]) * (pv.shape[-1] // ps[1]) + 1
+    return emb.num_patches + 1
+
+
+def _register_builtins() -> None:
+    llama_like = dict(decoder=True, attention=lambda b: [layer.self_attn for layer in b.layers],
+                      kv=linear_kv("k_proj", "v_proj"), rope=True, final=lambda b: b.norm)
+    register_family(FamilyAdapter("gpt2", True, lambda b: [blk.attn for blk in b.h], fused_conv1d_kv(),
+                                  inputs=TEXT_INPUTS | {"token_type_ids"}, final=lambda b: b.ln_f,
+                                  check=_no_cross_attention, max_len=lambda c: c.n_positions))
+    register_family(FamilyAdapter("llama", **llama_like))
+    register_family(FamilyAdapter("mistral", **llama_like, window=_sliding_window))
+    register_family(FamilyAdapter("qwen2", **llama_like, window=_sliding_window))          # q/k/v biases
+    register_family(FamilyAdapter("qwen3", **dict(llama_like, kv=linear_kv("k_proj", "v_proj", "k_norm")),
+                                  window=_sliding_window))
+    bert_like = dict(decoder=False, attention=lambda b: [layer.attention.self for layer in b.encoder.layer],
+                     kv=linear_kv("key", "value"), inputs=TEXT_INPUTS | {"token_type_ids"},
+                     embeddings=lambda b: b.embeddings, final=lambda b: b.encoder, class_token="optional",
+                     check=_bidirectional_encoder)
+    register_family(FamilyAdapter("bert", **bert_like, max_len=lambda c: c.max_position_embeddings))
+    # RoBERTa's position ids start after the padding index (pad_token_id + 1 + cumsum of non-padding tokens):
+    # computed by its own embeddings over the whole sequence, so they stay global
+    register_family(FamilyAdapter("roberta", **bert_like,
+                                  max_len=lambda c: c.max_position_embeddings - c.pad_token_id - 1))
+    register_family(FamilyAdapter("vit", False, lambda b: [layer.attention for layer in b.layers],
+                                  linear_kv("k_proj", "v_proj"), inputs=IMAGE_INPUTS, embeddings=lambda b: b.embeddings,
+                                  final=lambda b: b.layernorm, class_token="always", image_tokens=_vit_tokens))
+
+
+_register_builtins()

@@ -211,9 +211,11 @@ class DistRuntime(RuntimeBase):
             self._fail_together(e)
         finally:
             self.ctx = None
-        if self.fam.name == "bert" and not ctx.cls and self.rank != 0 and "pooler_output" in out:
-            # without distributed class tokens, [CLS] lives on rank 0 only; other ranks have no pooler output
-            out = type(out)(**{k: v for k, v in out.items() if k != "pooler_output"})
+        drop = self.fam.unowned_outputs(local, self.fam.pooled_tokens(checked, ctx.B, ctx.T))
+        if any(k in out for k in drop):
+            # without distributed class tokens [CLS] lives on rank 0 only, a decoder's last token on any rank:
+            # a rank that does not hold them computed these fields from one of its own tokens, not the model's
+            out = type(out)(**{k: v for k, v in out.items() if k not in drop})
         return out, ctx, local
 
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
@@ -356,7 +358,7 @@ class ParallelModel:
         rt, T = self._rt, self._last_T
         cls = rt.cls
         lengths = [int(c.numel()) for c in split_indices(T, rt.world, cls)]
-        seq_keys = ["last_hidden_state"] + (["logits"] if rt.fam.decoder else [])
+        seq_keys = rt.fam.token_outputs
         fields = {}
         for key, val in out.items():
             if key in seq_keys and isinstance(val, torch.Tensor):
@@ -365,7 +367,7 @@ class ParallelModel:
                 fields[key] = torch.cat([val[:, :1], full], dim=1) if cls else full
             else:
                 fields[key] = val
-        if rt.fam.name == "bert" and not cls and rt.fam.base.pooler is not None:
+        if rt.fam.pooling == "class_token" and not cls and "pooler_output" in rt.fam.pooled_outputs:
             # [CLS] lives on rank 0 only: its pooler output is the model's
             lhs = fields["last_hidden_state"]
             src = out.get("pooler_output")

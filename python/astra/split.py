@@ -37,8 +37,9 @@ def resolve_class_token(fam: Family, class_token) -> bool:
             raise UnsupportedModelError(f"distributed class tokens are not available for {fam.name}")
         return True
     if class_token in (False, "none", "single"):
-        if fam.name == "vit":
+        if fam.class_token_required:
             # ViT's class token is replicated by definition of the split (it has no owner otherwise)
-            raise UnsupportedModelError("ViT always uses distributed class tokens (class_token='distributed')")
+            raise UnsupportedModelError(f"{fam.name} always uses distributed class tokens "
+                                        "(class_token='distributed')")
         return False
     raise ValueError(f"class_token must be 'auto', 'distributed' or 'none', got {class_token!r}")

@@ -52,7 +52,7 @@ class TrainSimRuntime(SimRuntime):
     def __init__(self, model, codebooks, world_size: int, class_token="auto", *, naq: float = 0.0,
                  generator: Optional[torch.Generator] = None, quantize_layers: Optional[int] = None,
                  record_layer: Optional[int] = None):
-        single_vit = class_token in (False, "none", "single") and family_of(model).name == "vit"
+        single_vit = class_token in (False, "none", "single") and family_of(model).class_token_required
         super().__init__(model, codebooks, world_size, "auto" if single_vit else class_token)
         if single_vit:
             self.cls = False            # ablation: the class token is rank 0's token like any other

@@ -1,0 +1,211 @@
+"""The family registry (astra.models): every registered family and head kind resolves, equals the unmodified
+model under full-precision astra.simulate, runs ASTRA; inputs a model does not take are dropped; unknown
+models, heads and configurations are refused naming what is supported; users register their own family."""
+import pytest
+import torch
+from test_runtime_support import FAMILIES, PAD, tiny_inputs, tiny_model
+
+import astra
+from astra.models import FamilyAdapter, family_of, linear_kv, register_family, unregister_family
+
+TOL = 1e-4
+HEADS = {   # family -> head kinds tested (None: the base model)
+    "gpt2": (None, "causal_lm", "sequence_classification", "token_classification", "question_answering"),
+    "llama": (None, "causal_lm", "sequence_classification", "token_classification"),
+    "mistral": (None, "causal_lm", "sequence_classification", "token_classification"),
+    "qwen2": (None, "causal_lm", "sequence_classification", "token_classification"),
+    "qwen3": (None, "causal_lm", "sequence_classification", "token_classification", "question_answering"),
+    "bert": (None, "sequence_classification", "token_classification", "masked_lm", "question_answering"),
+    "roberta": (None, "sequence_classification", "token_classification", "masked_lm"),
+    "vit": (None, "image_classification"),
+}
+CASES = [(f, h) for f in FAMILIES for h in HEADS[f]]
+
+
+def _worst(ref, out, inputs):
+    """Largest difference over every tensor field (padding positions excluded)."""
+    worst = 0.0
+    m = inputs.get("attention_mask")
+    for key, r in ref.items():
+        if not isinstance(r, torch.Tensor):
+            continue
+        assert out[key] is not None and out[key].shape == r.shape, key
+        d = (out[key] - r).abs()
+        if m is not None and d.dim() >= 2 and d.shape[:2] == m.shape:
+            d = d[m.bool()]
+        worst = max(worst, float(d.max()))
+    return worst
+
+
+def test_every_family_and_head_resolves():
+    assert sorted(HEADS) == sorted(FAMILIES)
+    for family, head in CASES:
+        fam = family_of(tiny_model(family, head=head if head else False))
+        assert (fam.name, fam.head, fam.num_layers) == (family, head, 2)
+        assert fam.decoder == (family not in ("bert", "roberta", "vit"))
+        assert fam.rope == (family in ("llama", "mistral", "qwen2", "qwen3"))
+        assert fam.pooling == {"sequence_classification": "class_token" if not fam.decoder else "last_token",
+                               "image_classification": "class_token"}.get(head, fam.pooling)
+    assert family_of(tiny_model("qwen3")).head_dim == 32          # Qwen3: head_dim apart from hidden / heads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_precision_simulate_equals_model_every_head(family):
+    inputs = tiny_inputs(family, seq=11, padded=family != "vit")    # T = 11 (ViT 17): not divisible by 2 or 3
+    modes = ["auto", "distributed"] if family in ("bert", "roberta") else ["auto"]
+    for head in HEADS[family]:
+        model = tiny_model(family, head=head if head else False)
+        with torch.no_grad():
+            ref = model(**inputs)
+        for n in (2, 3):
+            for mode in modes:
+                out = astra.simulate(model, inputs, world_size=n, class_token=mode)
+                assert type(out) is type(ref)
+                assert _worst(ref, out, inputs) < TOL, (family, head, n, mode)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_astra_runs_every_head(family):
+    """With codebooks: finite outputs of the model's type; a causal decoder's first rank attends to its own
+    tokens only, so its outputs are exact while the last rank's are not."""
+    inputs = tiny_inputs(family, seq=12)
+    for head in HEADS[family]:
+        model = tiny_model(family, head=head if head else False)
+        cb = astra.Codebooks.random(model, groups=2, codebook_size=4, seed=3)
+        with torch.no_grad():
+            ref = model(**inputs)
+        out = astra.simulate(model, inputs, world_size=2, codebooks=cb)
+        assert type(out) is type(ref)
+        key = next(k for k in ("logits", "start_logits", "last_hidden_state") if k in ref)
+        assert torch.isfinite(out[key]).all() and out[key].shape == ref[key].shape
+        d = (out[key] - ref[key]).abs()
+        if family not in ("bert", "roberta", "vit") and d.dim() == 3:
+            assert float(d[:, :6].max()) < 1e-5 and float(d[:, 6:].max()) > 1e-4, (family, head)
+        else:
+            assert float(d.max()) > 1e-4, (family, head)      # quantized non-local tokens change the result
+
+
+def test_roberta_padding_offset_positions_stay_global():
+    """RoBERTa's position ids count non-padding tokens from pad_token_id + 1: with left padding every rank's
+    positions depend on the tokens before it."""
+    model = tiny_model("roberta", head="token_classification")
+    inputs = tiny_inputs("roberta", seq=12)
+    inputs["input_ids"][0, :4] = PAD["roberta"]
+    inputs["attention_mask"] = (inputs["input_ids"] != PAD["roberta"]).long()
+    with torch.no_grad():
+        ref = model(**inputs)
+    for n in (2, 3, 4):
+        assert _worst(ref, astra.simulate(model, inputs, world_size=n), inputs) < TOL
+
+
+def test_sliding_window_is_refused_beyond_the_window():
+    mistral = tiny_model("mistral", sliding_window=8)
+    inputs = tiny_inputs("mistral", seq=11)
+    with pytest.raises(astra.UnsupportedModelError, match="sliding window of 8"):
+        astra.simulate(mistral, inputs, world_size=2)
+    short = tiny_inputs("mistral", seq=8)
+    with torch.no_grad():
+        ref = mistral(**short).logits
+    assert float((astra.simulate(mistral, short, world_size=2).logits - ref).abs().max()) < TOL
+    qwen = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(astra.UnsupportedModelError, match="sliding-window attention"):
+        astra.simulate(qwen, tiny_inputs("qwen2", seq=11), world_size=2)
+    assert family_of(tiny_model("qwen2")).window() is None          # use_sliding_window=False: full attention
+
+
+def test_inputs_the_model_does_not_take_are_dropped():
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert", padded=True)
+    ref = astra.simulate(model, inputs, world_size=2)
+    out = astra.simulate(model, dict(inputs, modality="text", output_attentions=False), world_size=2)
+    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+    head = tiny_model("bert", head="sequence_classification")
+    with pytest.raises(astra.UnsupportedModelError, match=r"\['labels'\]"):
+        astra.simulate(head, dict(inputs, labels=torch.zeros(2, dtype=torch.long)), world_size=2)
+    with pytest.raises(astra.UnsupportedModelError, match="output_hidden_states"):
+        astra.simulate(model, dict(inputs, output_hidden_states=True), world_size=2)
+
+
+def test_unsupported_models_heads_and_lengths_are_named():
+    import transformers as tf
+
+    distil = tf.DistilBertModel(tf.DistilBertConfig(n_layers=1, dim=32, n_heads=2, hidden_dim=64, vocab_size=50))
+    with pytest.raises(astra.UnsupportedModelError, match="bert, gpt2, llama, mistral, qwen2, qwen3, roberta, vit"):
+        family_of(distil)
+    double = tf.GPT2DoubleHeadsModel(tiny_model("gpt2").config)
+    with pytest.raises(astra.UnsupportedModelError, match="head GPT2DoubleHeadsModel.*sequence_classification"):
+        family_of(double)
+    with pytest.raises(astra.UnsupportedModelError, match="configured as a decoder"):
+        family_of(tiny_model("bert", head="causal_lm", is_decoder=True))
+    with pytest.raises(astra.InvalidInputError, match="65 tokens; bert's position embeddings hold 64"):
+        astra.simulate(tiny_model("bert"), tiny_inputs("bert", seq=65), world_size=2)
+    with pytest.raises(astra.InvalidInputError, match="63 tokens; roberta's position embeddings hold 62"):
+        astra.simulate(tiny_model("roberta"), tiny_inputs("roberta", seq=63), world_size=2)
+
+
+def test_register_a_family():
+    """DistilBERT is not built in: one adapter makes its base model and heads run (and it can be removed)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128, vocab_size=97, num_labels=3)
+    model = tf.DistilBertForTokenClassification(cfg).eval()
+    inputs = tiny_inputs("bert", padded=True)
+    with pytest.raises(astra.UnsupportedModelError):
+        family_of(model)
+    register_family(FamilyAdapter("distilbert", decoder=False,
+                                  attention=lambda b: [x.attention for x in b.transformer.layer],
+                                  kv=linear_kv("k_lin", "v_lin"), embeddings=lambda b: b.embeddings,
+                                  final=lambda b: b.transformer, class_token="optional"))
+    try:
+        assert family_of(model).head == "token_classification"
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(FamilyAdapter("distilbert", True, lambda b: [], linear_kv("k", "v")))
+        with torch.no_grad():
+            ref = model(**inputs)
+        for mode in ("auto", "distributed"):
+            assert _worst(ref, astra.simulate(model, inputs, world_size=3, class_token=mode), inputs) < TOL
+    finally:
+        unregister_family("distilbert")
+    with pytest.raises(astra.UnsupportedModelError):
+        family_of(model)
+
+
+def test_pooled_outputs_and_their_owners():
+    """Which output fields come from one token, which token, and which ranks of ``parallelize`` hold it."""
+    ranks = [torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([6, 7, 8, 9, 10])]        # T = 11 on 2 ranks
+    bert_cls = family_of(tiny_model("bert", head="sequence_classification"))
+    assert (bert_cls.token_outputs, bert_cls.pooled_outputs, bert_cls.pooling) == ((), ("logits",), "class_token")
+    first = bert_cls.pooled_tokens(tiny_inputs("bert"), 2, 11)
+    assert first.tolist() == [0, 0]
+    assert bert_cls.unowned_outputs(ranks[0], first) == () and bert_cls.unowned_outputs(ranks[1], first) == ("logits",)
+    assert bert_cls.unowned_outputs(torch.tensor([0, 6, 7, 8, 9, 10]), first) == ()    # a replicated class token
+    bert = family_of(tiny_model("bert"))
+    assert (bert.token_outputs, bert.pooled_outputs) == (("last_hidden_state",), ("pooler_output",))
+    gpt2_cls = family_of(tiny_model("gpt2", head="sequence_classification"))
+    assert gpt2_cls.pooling == "last_token"
+    inputs = tiny_inputs("gpt2", padded=True)            # row 1 left-padded: both rows end at token 10
+    inputs["input_ids"][0, 4:] = PAD.get("gpt2", 0)      # row 0 right-padded: its last real token is 3
+    last = gpt2_cls.pooled_tokens(inputs, 2, 11)
+    assert last.tolist() == [3, 10]
+    assert gpt2_cls.unowned_outputs(ranks[0], last) == ("logits",) == gpt2_cls.unowned_outputs(ranks[1], last)
+    assert gpt2_cls.unowned_outputs(torch.arange(11), last) == ()        # one rank holds every token
+    lm = family_of(tiny_model("llama"))
+    assert (lm.token_outputs, lm.pooled_outputs, lm.pooling) == (("logits",), (), None)
+    vit = family_of(tiny_model("vit"))
+    assert vit.pooling == "class_token" and vit.class_token_required and vit.image
+
+
+def test_a_subclass_of_a_head_is_that_head():
+    import transformers as tf
+
+    class MyClassifier(tf.BertForSequenceClassification):
+        pass
+
+    torch.manual_seed(0)
+    model = MyClassifier(tiny_model("bert").config).eval()
+    assert family_of(model).head == "sequence_classification"
+    inputs = tiny_inputs("bert", padded=True)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    assert float((astra.simulate(model, inputs, world_size=2).logits - ref).abs().max()) < TOL
