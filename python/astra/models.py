@@ -14,7 +14,8 @@ import torch
 from .errors import UnsupportedModelError
 
 SUPPORTED = (
-    "GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM, BertModel, ViTModel, ViTForImageClassification"
+    "GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM, BertModel, BertForSequenceClassification, ViTModel, "
+    "ViTForImageClassification"
 )
 
 
@@ -35,6 +36,7 @@ class Family:
     final: Optional[torch.nn.Module] = None
     class_token_default: bool = False
     class_token_allowed: bool = False
+    head: Optional[str] = None     # task head: None (base model), "causal_lm", "sequence_classification", ...
 
     @property
     def num_layers(self) -> int:
@@ -92,15 +94,17 @@ def family_of(model) -> Family:
             raise UnsupportedModelError(f"{cls} with add_cross_attention=True is not supported")
         mods = [blk.attn for blk in base.h]
         return Family("gpt2", model, base, True, mods, cfg.hidden_size, cfg.num_attention_heads,
-                      cfg.hidden_size // cfg.num_attention_heads)
+                      cfg.hidden_size // cfg.num_attention_heads, head="causal_lm" if base is not model else None)
     if isinstance(model, (tf.LlamaForCausalLM, tf.LlamaModel)):
         base = model.model if isinstance(model, tf.LlamaForCausalLM) else model
         cfg = base.config
         mods = [layer.self_attn for layer in base.layers]
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return Family("llama", model, base, True, mods, cfg.hidden_size, cfg.num_key_value_heads, hd, rope=True)
-    if type(model) is tf.BertModel:
-        base = model
+        return Family("llama", model, base, True, mods, cfg.hidden_size, cfg.num_key_value_heads, hd, rope=True,
+                      head="causal_lm" if base is not model else None)
+    # 12b stand-in for 12a's registry (heads recognised through base_model): BertForSequenceClassification
+    if type(model) in (tf.BertModel, tf.BertForSequenceClassification):
+        base = model.base_model
         cfg = base.config
         if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
             raise UnsupportedModelError("BertModel configured as a decoder / with cross-attention is not supported")
@@ -110,7 +114,8 @@ def family_of(model) -> Family:
         mods = [layer.attention.self for layer in base.encoder.layer]
         return Family("bert", model, base, False, mods, cfg.hidden_size, cfg.num_attention_heads,
                       cfg.hidden_size // cfg.num_attention_heads, embeddings=base.embeddings, final=base.encoder,
-                      class_token_default=False, class_token_allowed=True)
+                      class_token_default=False, class_token_allowed=True,
+                      head=None if base is model else "sequence_classification")
     if isinstance(model, (tf.ViTForImageClassification, tf.ViTModel)):
         base = model.vit if isinstance(model, tf.ViTForImageClassification) else model
         cfg = base.config
@@ -118,5 +123,6 @@ def family_of(model) -> Family:
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return Family("vit", model, base, False, mods, cfg.hidden_size, cfg.num_attention_heads, hd,
                       embeddings=base.embeddings, final=base.layernorm,
-                      class_token_default=True, class_token_allowed=True)
+                      class_token_default=True, class_token_allowed=True,
+                      head=None if base is model else "image_classification")
     raise UnsupportedModelError(f"astra does not support {cls}; supported: {SUPPORTED}")
