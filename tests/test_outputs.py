@@ -42,8 +42,8 @@ def _bert_cases(rank, inputs):
     res["local_pooler"] = "pooler_output" in local            # only rank 0 holds [CLS]
     res["local_bytes"] = pm.output_stats.bytes_sent + pm.output_stats.bytes_received
     full = pm(**inputs, output="hidden_states")
-    res["hidden"] = (_d(full.last_hidden_state[inputs["attention_mask"].bool()],
-                        ref.last_hidden_state[inputs["attention_mask"].bool()]), _d(full.pooler_output, ref.pooler_output))
+    m = inputs["attention_mask"].bool()
+    res["hidden"] = (_d(full.last_hidden_state[m], ref.last_hidden_state[m]), _d(full.pooler_output, ref.pooler_output))
     res["hidden_bytes"] = pm.output_stats.bytes_sent
     again = pm.gather(local)                                    # the explicit form
     res["gather"] = _d(again.last_hidden_state, full.last_hidden_state) + _d(again.pooler_output, full.pooler_output)

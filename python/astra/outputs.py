@@ -254,7 +254,7 @@ def last_logits(fw: Forward) -> torch.Tensor:
     B = logits.shape[0]
     pos = last_positions(fw.mask, B, fw.T).to(logits.device)
     if fw.alone:
-        return logits[torch.arange(B), pos]
+        return logits[torch.arange(B, device=logits.device), pos]
     starts = torch.tensor([int(c[0]) for c in fw.chunks()], device=logits.device)
     owner = torch.searchsorted(starts, pos, right=True) - 1                  # the rank holding each row's position
     mine = (owner == fw.rank).nonzero()[:, 0]
