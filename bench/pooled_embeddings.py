@@ -14,9 +14,10 @@ input the first T tokens of the pydoc_data topics text, batch 1. Systems (each r
 * ``astra-gather``: ``pm.gather(pm(**inputs))`` then the masked mean: the full hidden states cross the link;
 * ``fp-pooled``: full-precision sequence parallelism with the pooled output (slow at 10 Mbit/s).
 
-ASTRA codebooks are random (G = 32, K = 1024 by default): the figures are latency and bytes, not accuracy. Prints a
-markdown table: median latency of the slowest rank, per-rank bytes sent by the layers and by the output, and the
-pooled output's bytes as a share of a full gather's. Without root (or with ``--unshaped``) the ranks run on the
+Every system runs one untimed warm-up forward first. ASTRA codebooks are random (G = 32, K = 1024 by default):
+the figures are latency and bytes, not accuracy. Prints a markdown table: median latency of the slowest rank,
+per-rank bytes sent by the layers and by the output, and the pooled output's bytes as a share of a full
+gather's. Without root (or with ``--unshaped``) the ranks run on the
 plain loopback and the table says so.
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _single(tokens, forwards):
     model, inputs = _load(tokens)
     times = []
     with torch.no_grad():
+        model(**inputs)                                 # warm-up, untimed
         for _ in range(forwards):
             t0 = time.perf_counter()
             _mean(model(**inputs).last_hidden_state, inputs["attention_mask"])
@@ -80,6 +82,7 @@ def _rank_fn(rank, tokens, forwards, systems, groups, codebook_size):
     for system in systems:
         pm = astra.parallelize(model, None if system.startswith("fp") else cb, timeout=600)
         times = []
+        pm(**inputs, output="mean_pooled")              # warm-up (first collectives), untimed
         for _ in range(forwards):
             t0 = time.perf_counter()
             if system == "astra-gather":

@@ -64,7 +64,8 @@ def _st_cases(rank):
     m = inputs["attention_mask"].unsqueeze(-1).float()
     want = torch.nn.functional.normalize((sim * m).sum(1) / m.sum(1), dim=-1)
     apply_sentence_transformers(st, cb, timeout=30)
-    res["astra"] = float((st.encode(TEXTS, convert_to_tensor=True) - want).abs().max())
+    got = st.encode(TEXTS, convert_to_tensor=True)
+    res["astra"] = (float((got - want).abs().max()), float((got - ref).abs().max()))
     revert_sentence_transformers(st)
 
     for mode in ("cls", "max"):
@@ -126,7 +127,7 @@ def test_sentence_transformers_two_ranks(ranks):
         # one batch of 4 sentences: 4 sums of 384 floats and 4 counts, whatever the sentences' length
         assert res["mean_stats"] == ("mean_pooled", 4 * 385 * 4, 4 * 385 * 4)
         assert res["reverted"] == 0.0 and res["empty"] > 0.99999
-        assert res["astra"] < 1e-4
+        assert res["astra"][0] < 1e-4 and res["astra"][1] > 1e-3      # equals simulate; the codes were used
         assert res["cls_refused"] is None and res["cls"] > 0.99999
         assert "pooling_gather=True" in res["max_refused"] and res["max"] > 0.99999
 

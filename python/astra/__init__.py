@@ -23,6 +23,7 @@ from .errors import (
 from .finetune import FinetuneResult, finetune
 from .generation import simulate_generate
 from .launch import launch
+from .outputs import OutputStats
 from .parallel import ParallelModel, parallelize
 from .runtime import unpatch
 from .simulation import simulate
@@ -32,6 +33,7 @@ from .transport import DEFAULT_TIMEOUT_S
 __all__ = [
     "AstraError", "Codebooks", "FrameMismatchError", "InputMismatchError", "InvalidInputError", "LaunchError",
     "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
-    "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "calibrate", "finetune", "ParallelModel", "launch",
+    "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "OutputStats", "calibrate", "finetune", "ParallelModel",
+    "launch",
     "local_indices", "parallelize", "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
 ]
