@@ -52,7 +52,6 @@ class Forward:
     """What one parallel forward left for its output kind."""
     rt: Any                       # the DistRuntime (output_exchange / output_broadcast)
     out: Any                      # the model's output on this rank's tokens (the whole sequence when ``alone``)
-    raw: Any                      # the same before any field was dropped (``out`` may be a caller's copy)
     hidden: Optional[torch.Tensor]  # the base model's last hidden state on the same tokens
     T: int
     local: torch.Tensor           # global indices of this rank's tokens (class token first when replicated)
@@ -91,7 +90,17 @@ class Forward:
         if self.dst == src:
             return build() if self.rank == src else {}
         nbytes = sum(t.numel() * t.element_size() for t in like.values())
-        buf = self.rt.output_broadcast(lambda: pack(list(build().values())), nbytes, src, self.stats, what)
+
+        def payload():
+            got = build()
+            for k, t in like.items():
+                if k not in got or got[k].shape != t.shape or got[k].dtype != t.dtype:
+                    raise ValueError(f"{what}: rank {src} has {k} "
+                                     f"{None if k not in got else (tuple(got[k].shape), got[k].dtype)}, expected "
+                                     f"{(tuple(t.shape), t.dtype)}")
+            return pack([got[k] for k in like])
+
+        buf = self.rt.output_broadcast(payload, nbytes, src, self.stats, what)
         return dict(zip(like, unpack(buf, list(like.values()))))
 
 
@@ -156,15 +165,23 @@ def check_dst(dst, world: int) -> Optional[int]:
     return dst
 
 
-def class_fields(fam: Family, out) -> Dict[str, torch.Tensor]:
-    """The fields of ``out`` computed from the class token: a classification head's logits, or the class row of
-    the last hidden state and the pooler output."""
+def class_like(fw: Forward) -> Dict[str, torch.Tensor]:
+    """Empty tensors shaped as the fields computed from the class token (a classification head's ``logits``, or
+    the class row of the last hidden state and the pooler output): every rank knows them, holder or not."""
+    fam, h = fw.fam, fw.hidden
+    B, D = h.shape[0], h.shape[-1]
     if fam.head in CLASS_HEADS:
-        return {"logits": out["logits"]}
-    fields = {"last_hidden_state": out["last_hidden_state"][:, :1]}
-    if out.get("pooler_output") is not None:
-        fields["pooler_output"] = out["pooler_output"]
-    return fields
+        return {"logits": h.new_empty(B, fam.model.config.num_labels)}
+    like = {"last_hidden_state": h.new_empty(B, 1, D)}
+    pooler = getattr(fam.base, "pooler", None)
+    if pooler is not None:
+        like["pooler_output"] = h.new_empty(B, pooler.dense.out_features)
+    return like
+
+
+def class_fields(out, like: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The fields of ``like`` from ``out`` of the class token's holder (the class row: its first token)."""
+    return {k: out[k][:, :1] if k == "last_hidden_state" else out[k] for k in like}
 
 
 def token_fields(fam: Family) -> List[str]:
@@ -188,7 +205,7 @@ def local_output(fw: Forward):
     holder = fw.class_holder()
     if holder is None or holder == fw.rank or not fw.fam.class_token_allowed:
         return fw.out
-    drop = set(class_fields(fw.fam, fw.out)) - {"last_hidden_state"}
+    drop = set(class_like(fw)) - {"last_hidden_state"}
     return type(fw.out)(**{k: v for k, v in fw.out.items() if k not in drop})
 
 
@@ -210,8 +227,8 @@ def hidden_states(fw: Forward):
             fields[key] = torch.cat(([out[key][:, :1]] if cls else []) + [f[i] for f in full], dim=1)
     holder = fw.class_holder()
     if holder is not None and fam.class_token_allowed:
-        like = {k: v for k, v in class_fields(fam, fw.raw).items() if k != "last_hidden_state"}
-        fields.update(fw.from_rank(holder, lambda: like, like, "class-token outputs"))
+        like = {k: v for k, v in class_like(fw).items() if k != "last_hidden_state"}
+        fields.update(fw.from_rank(holder, lambda: class_fields(out, like), like, "class-token outputs"))
     return type(out)(**fields)
 
 
@@ -241,11 +258,11 @@ def mean_pooled(fw: Forward) -> torch.Tensor:
 @register_output("class_token", "the outputs computed from the class token: pooler output and class row, or a "
                                 "classification head's logits", refuse=_no_class_token)
 def class_token(fw: Forward):
-    fields = class_fields(fw.fam, fw.raw)
+    like = class_like(fw)
     holder = fw.class_holder()
-    if holder is not None:
-        fields = fw.from_rank(holder, lambda: fields, fields, "class-token outputs")
-    return type(fw.out)(**fields)
+    if holder is None:
+        return type(fw.out)(**class_fields(fw.out, like))
+    return type(fw.out)(**fw.from_rank(holder, lambda: class_fields(fw.out, like), like, "class-token outputs"))
 
 
 @register_output("last_logits", "[B, V] logits at each row's last attended position", refuse=_no_lm_head)

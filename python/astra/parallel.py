@@ -388,7 +388,7 @@ class ParallelModel:
         alone = ctx is None
         self.last_local_indices = local
         mask = inputs.get("attention_mask") if alone else ctx.mask
-        self._last = Forward(rt=rt, out=out, raw=out, hidden=hidden.get("h", out.get("last_hidden_state")),
+        self._last = Forward(rt=rt, out=out, hidden=hidden.get("h", out.get("last_hidden_state")),
                              T=seq_geometry(rt.fam, inputs)[1] if alone else ctx.T, local=local,
                              mask=None if mask is None else mask.bool(), alone=alone, dst=dst,
                              stats=OutputStats(kind.name))
