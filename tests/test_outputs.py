@@ -1,12 +1,13 @@
 """pm(**inputs, output=KIND, dst=...) over 2 gloo ranks: every output kind equals the unmodified model in full
 precision (< 1e-4) and astra.simulate with codebooks; each sends only what it needs (pm.output_stats bytes);
-task heads (BertForSequenceClassification, ViTForImageClassification, GPT2LMHeadModel) work with no glue."""
+task heads (BertForSequenceClassification, ViTForImageClassification, GPT2LMHeadModel,
+GPT2ForSequenceClassification) work with no glue."""
 import pytest
 import torch
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra
-from astra.outputs import OUTPUTS, last_positions
+from astra.outputs import OUTPUTS, last_non_pad, last_positions
 from astra.transport import ENVELOPE_NBYTES
 
 TOL = 1e-4
@@ -120,6 +121,29 @@ def _head_cases(rank, bert_inputs):
         res[f"gpt_full_{pad}"] = _d(full[m], gref[m])
         res[f"gpt_natural_{pad}"] = pm(**ids).logits.shape[1]      # local: this rank's tokens
         pm.unpatch()
+    res.update(_decoder_classifier_cases())
+    return res
+
+
+def _decoder_classifier_cases():
+    """GPT2ForSequenceClassification pools at each row's last non-pad token, wherever it lies."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64, pad_token_id=0,
+                        num_labels=LABELS)
+    clf = tf.GPT2ForSequenceClassification(cfg).eval()
+    ids = tiny_inputs("gpt2")["input_ids"]
+    ids[1, 4:] = 0                  # right padding: row 1 pools at position 3 (rank 0), row 0 at 10 (rank 1)
+    inputs = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    with torch.no_grad():
+        ref = clf(**inputs).logits
+    pm = astra.parallelize(clf, timeout=30)
+    out = pm(**inputs)
+    res = {"gclf": (type(out).__name__, _d(out.logits, ref), pm.output_stats.bytes_sent)}
+    res["gclf_local"] = "logits" in pm(**inputs, output="local")        # pooled elsewhere: dropped
+    res["gclf_full"] = _d(pm(**inputs, output="hidden_states").logits, ref)
+    pm.unpatch()
     return res
 
 
@@ -138,6 +162,9 @@ def test_registry_has_the_kinds():
     m = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]).bool()
     assert last_positions(m, 3, 4).tolist() == [3, 1, 3]
     assert last_positions(None, 2, 7).tolist() == [6, 6]
+    ids = torch.tensor([[5, 6, 0, 0], [0, 0, 7, 8], [0, 0, 0, 0]])
+    assert last_non_pad(ids, 0, 3, 4).tolist() == [1, 3, 0]        # HF: the rightmost non-pad token
+    assert last_non_pad(ids, None, 3, 4).tolist() == [3, 3, 3]
 
 
 def test_bert_every_kind_two_ranks(ranks):
@@ -178,3 +205,6 @@ def test_task_heads_two_ranks(ranks):
         # each rank sends the row it holds
         assert res["gpt_last_left"][1] == (2 * 97 * 4 if rank == 1 else 0)
         assert res["gpt_last_right"][1] == 97 * 4
+        name, d, sent = res["gclf"]
+        assert name == "SequenceClassifierOutputWithPast" and d < TOL and sent == LABELS * 4   # its one row
+        assert res["gclf_local"] is False and res["gclf_full"] < TOL

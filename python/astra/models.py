@@ -14,8 +14,8 @@ import torch
 from .errors import UnsupportedModelError
 
 SUPPORTED = (
-    "GPT2Model, GPT2LMHeadModel, LlamaModel, LlamaForCausalLM, BertModel, BertForSequenceClassification, ViTModel, "
-    "ViTForImageClassification"
+    "GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification, LlamaModel, LlamaForCausalLM, "
+    "LlamaForSequenceClassification, BertModel, BertForSequenceClassification, ViTModel, ViTForImageClassification"
 )
 
 
@@ -87,21 +87,25 @@ def family_of(model) -> Family:
     except ImportError as e:  # pragma: no cover
         raise UnsupportedModelError("astra's HF integration needs `transformers` installed") from e
     cls = type(model).__name__
-    if isinstance(model, (tf.GPT2LMHeadModel, tf.GPT2Model)):
-        base = model.transformer if isinstance(model, tf.GPT2LMHeadModel) else model
+    # 12b stand-in for 12a's registry: the heads' kinds (Family.head)
+    heads = {tf.GPT2LMHeadModel: "causal_lm", tf.LlamaForCausalLM: "causal_lm",
+             tf.GPT2ForSequenceClassification: "sequence_classification",
+             tf.LlamaForSequenceClassification: "sequence_classification"}
+    if isinstance(model, (tf.GPT2LMHeadModel, tf.GPT2Model, tf.GPT2ForSequenceClassification)):
+        base = model.base_model
         cfg = base.config
         if getattr(cfg, "add_cross_attention", False):
             raise UnsupportedModelError(f"{cls} with add_cross_attention=True is not supported")
         mods = [blk.attn for blk in base.h]
         return Family("gpt2", model, base, True, mods, cfg.hidden_size, cfg.num_attention_heads,
-                      cfg.hidden_size // cfg.num_attention_heads, head="causal_lm" if base is not model else None)
-    if isinstance(model, (tf.LlamaForCausalLM, tf.LlamaModel)):
-        base = model.model if isinstance(model, tf.LlamaForCausalLM) else model
+                      cfg.hidden_size // cfg.num_attention_heads, head=heads.get(type(model)))
+    if isinstance(model, (tf.LlamaForCausalLM, tf.LlamaModel, tf.LlamaForSequenceClassification)):
+        base = model.base_model
         cfg = base.config
         mods = [layer.self_attn for layer in base.layers]
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return Family("llama", model, base, True, mods, cfg.hidden_size, cfg.num_key_value_heads, hd, rope=True,
-                      head="causal_lm" if base is not model else None)
+                      head=heads.get(type(model)))
     # 12b stand-in for 12a's registry (heads recognised through base_model): BertForSequenceClassification
     if type(model) in (tf.BertModel, tf.BertForSequenceClassification):
         base = model.base_model

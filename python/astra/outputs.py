@@ -23,9 +23,10 @@ base models and LM heads. Kinds are registered with :func:`register_output`; byt
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -53,6 +54,8 @@ class Forward:
     rt: Any                       # the DistRuntime (output_exchange / output_broadcast)
     out: Any                      # the model's output on this rank's tokens (the whole sequence when ``alone``)
     hidden: Optional[torch.Tensor]  # the base model's last hidden state on the same tokens
+    token_logits: Optional[torch.Tensor]  # a decoder classification head's per-token logits (its ``score``)
+    input_ids: Optional[torch.Tensor]     # the full [B, T] input ids (a decoder classifier pools at the last non-pad)
     T: int
     local: torch.Tensor           # global indices of this rank's tokens (class token first when replicated)
     mask: Optional[torch.Tensor]  # [B, T] bool attention mask
@@ -141,13 +144,45 @@ def register_output(name: str, doc: str, refuse: Callable[[Family], Optional[str
     return deco
 
 
-def natural_output(fam: Family) -> str:
-    """What ``output=None`` means: a classification head's logits, else this rank's local outputs."""
-    return "class_token" if fam.head in CLASS_HEADS else "local"
+def decoder_classifier(fam: Family) -> bool:
+    """A sequence classifier on a decoder: it pools its per-token logits at the last non-pad token."""
+    return fam.decoder and fam.head in CLASS_HEADS
+
+
+def natural_output(fam: Family) -> OutputKind:
+    """What ``output=None`` means: a classification head's logits in the model's output type (an encoder's from
+    its class token, a decoder's at its last non-pad token), else this rank's local outputs."""
+    if decoder_classifier(fam):
+        last = OUTPUTS["last_logits"]
+        return OutputKind(last.name, lambda fw: as_head_output(fw, last.compute(fw)), last.refuse, last.doc)
+    return OUTPUTS["class_token" if fam.head in CLASS_HEADS else "local"]
+
+
+def as_head_output(fw: Forward, logits: Optional[torch.Tensor]):
+    return None if logits is None else type(fw.out)(logits=logits)
+
+
+@contextlib.contextmanager
+def captured(fam: Family) -> Iterator[Dict[str, torch.Tensor]]:
+    """Within the block, the forward's base-model last hidden state (``"hidden"``, for heads) and a decoder
+    classifier's per-token logits (``"token_logits"``, the output of its ``score``)."""
+    got: Dict[str, torch.Tensor] = {}
+    hooks = []
+    if fam.base is not fam.model:
+        hooks.append(fam.base.register_forward_hook(lambda m, a, o: got.__setitem__("hidden", o[0])))
+    if decoder_classifier(fam):
+        hooks.append(fam.model.score.register_forward_hook(lambda m, a, o: got.__setitem__("token_logits", o)))
+    try:
+        yield got
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def resolve_output(fam: Family, output: Optional[str]) -> OutputKind:
-    name = natural_output(fam) if output is None else output
+    if output is None:
+        return natural_output(fam)
+    name = output
     kind = OUTPUTS.get(name) if isinstance(name, str) else None
     if kind is None:
         raise ValueError(f"output must be None or one of {sorted(OUTPUTS)}, got {output!r}")
@@ -194,7 +229,9 @@ def _no_class_token(fam: Family) -> Optional[str]:
 
 
 def _no_lm_head(fam: Family) -> Optional[str]:
-    return None if fam.head == "causal_lm" else "it needs a causal LM head (per-token logits)"
+    if fam.head == "causal_lm" or decoder_classifier(fam):
+        return None
+    return "it needs a causal LM head or a decoder's sequence classification head (per-token logits)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,6 +239,8 @@ def _no_lm_head(fam: Family) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------
 @register_output("local", "this rank's tokens' outputs; fields computed from the class token only on its holder")
 def local_output(fw: Forward):
+    if decoder_classifier(fw.fam) and not fw.alone:     # pooled at a token that may be on another rank
+        return type(fw.out)(**{k: v for k, v in fw.out.items() if k != "logits"})
     holder = fw.class_holder()
     if holder is None or holder == fw.rank or not fw.fam.class_token_allowed:
         return fw.out
@@ -225,6 +264,8 @@ def hidden_states(fw: Forward):
         full = [unpack(p, [b.new_empty(b.shape[0], n, *b.shape[2:]) for b in bodies]) for p, n in zip(parts, lengths)]
         for i, key in enumerate(keys):
             fields[key] = torch.cat(([out[key][:, :1]] if cls else []) + [f[i] for f in full], dim=1)
+    if decoder_classifier(fam):
+        fields["logits"] = last_logits(fw)
     holder = fw.class_holder()
     if holder is not None and fam.class_token_allowed:
         like = {k: v for k, v in class_like(fw).items() if k != "last_hidden_state"}
@@ -265,11 +306,15 @@ def class_token(fw: Forward):
     return type(fw.out)(**fw.from_rank(holder, lambda: class_fields(fw.out, like), like, "class-token outputs"))
 
 
-@register_output("last_logits", "[B, V] logits at each row's last attended position", refuse=_no_lm_head)
+@register_output("last_logits", "[B, V] logits at each row's last attended position (a decoder classifier: at "
+                                "its last non-pad token, as HF pools)", refuse=_no_lm_head)
 def last_logits(fw: Forward) -> torch.Tensor:
-    logits = fw.out["logits"]
+    logits = fw.out["logits"] if fw.token_logits is None else fw.token_logits
     B = logits.shape[0]
-    pos = last_positions(fw.mask, B, fw.T).to(logits.device)
+    if decoder_classifier(fw.fam):
+        pos = last_non_pad(fw.input_ids, fw.fam.model.config.pad_token_id, B, fw.T).to(logits.device)
+    else:
+        pos = last_positions(fw.mask, B, fw.T).to(logits.device)
     if fw.alone:
         return logits[torch.arange(B, device=logits.device), pos]
     starts = torch.tensor([int(c[0]) for c in fw.chunks()], device=logits.device)
@@ -297,3 +342,13 @@ def last_positions(mask: Optional[torch.Tensor], batch: int, T: int) -> torch.Te
     m = mask.to(torch.long)
     values, idx = m.flip(1).max(1)
     return torch.where(values == 0, T - 1, T - 1 - idx).cpu()
+
+
+def last_non_pad(input_ids: Optional[torch.Tensor], pad_token_id: Optional[int], batch: int, T: int) -> torch.Tensor:
+    """Where HF's decoder sequence classifiers (GPT2ForSequenceClassification, LlamaForSequenceClassification, ...)
+    pool: each row's rightmost token that is not ``pad_token_id`` (left or right padding alike; position 0 for a
+    row of pads), or ``T - 1`` without a pad token or without input ids."""
+    if pad_token_id is None or input_ids is None:
+        return torch.full((batch,), T - 1, dtype=torch.long)
+    non_pad = (input_ids != pad_token_id).to(torch.long)
+    return (torch.arange(T, device=input_ids.device) * non_pad).argmax(-1).cpu()

@@ -13,7 +13,7 @@ from .codebooks import as_codebooks
 from .context import LayerStats, key_masks, make_ctx
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
 from .inputs import seq_geometry, validate_inputs
-from .outputs import OUTPUTS, Forward, OutputStats, check_dst, resolve_output
+from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
 from .runtime import RuntimeBase
 from .split import local_indices
 from .transport import DEFAULT_TIMEOUT_S, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
@@ -373,22 +373,16 @@ class ParallelModel:
             dst = check_dst(dst, self.world_size)
         except (ValueError, UnsupportedModelError) as e:
             err = e                 # raised on every rank by the input agreement
-        request = f"output={None if kind is None else kind.name}, dst={dst}; "
-        hidden = {}
-        hook = None
-        if rt.fam.base is not rt.fam.model:      # a head: its base model's last hidden state, for pooling
-            hook = rt.fam.base.register_forward_hook(lambda m, a, o: hidden.__setitem__("h", o[0]))
-        try:
+        request = f"output={output!r}, dst={dst!r}; "
+        with captured(rt.fam) as got:
             out, ctx, local = rt.run(inputs, request=request, request_error=err)
-        finally:
-            if hook is not None:
-                hook.remove()
         if err is not None:         # a local fallback skips the agreement
             raise err
         alone = ctx is None
         self.last_local_indices = local
         mask = inputs.get("attention_mask") if alone else ctx.mask
-        self._last = Forward(rt=rt, out=out, hidden=hidden.get("h", out.get("last_hidden_state")),
+        self._last = Forward(rt=rt, out=out, hidden=got.get("hidden", out.get("last_hidden_state")),
+                             token_logits=got.get("token_logits"), input_ids=inputs.get("input_ids"),
                              T=seq_geometry(rt.fam, inputs)[1] if alone else ctx.T, local=local,
                              mask=None if mask is None else mask.bool(), alone=alone, dst=dst,
                              stats=OutputStats(kind.name))
