@@ -7,7 +7,7 @@ import torch
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra
-from astra.outputs import OUTPUTS, last_non_pad, last_positions
+from astra.outputs import OUTPUTS, last_non_pad, last_positions, register_output
 from astra.transport import ENVELOPE_NBYTES
 
 TOL = 1e-4
@@ -66,7 +66,34 @@ def _bert_cases(rank, inputs):
             res[bad] = str(e)
     res["after_error"] = _d(pm(**inputs, output="mean_pooled"), masked_mean(ref.last_hidden_state,
                                                                            inputs["attention_mask"]))
+    res.update(_disagreements(pm, rank, inputs))
     pm.unpatch()
+    return res
+
+
+def _boom(fw):
+    def build():
+        if fw.rank == 1:
+            raise RuntimeError("no sums here")
+        return torch.zeros(4, dtype=torch.uint8)
+    return fw.exchange(build, [4, 4], "boom")
+
+
+def _disagreements(pm, rank, inputs):
+    """Ranks asking for different outputs, and a rank failing to build its part of an output."""
+    res = {}
+    try:
+        pm(**inputs, output="mean_pooled" if rank == 0 else "local")
+    except astra.InputMismatchError as e:
+        res["mismatch"] = str(e)
+    register_output("boom", "a kind whose part fails on rank 1")(_boom)
+    try:
+        pm(**inputs, output="boom")
+    except astra.RankFailedError as e:
+        res["boom"] = (e.rank, str(e))
+    finally:
+        del OUTPUTS["boom"]
+    res["after_boom"] = tuple(pm(**inputs, output="mean_pooled").shape)
     return res
 
 
@@ -183,6 +210,9 @@ def test_bert_every_kind_two_ranks(ranks):
         assert (res["dst0"][0] is None) == (rank == 1) and res["dst0"][1] == 0
         assert "everything" in res["everything"] and "causal LM head" in res["last_logits"]
         assert res["after_error"] < TOL                # the group stays usable after a refused request
+        assert "output='mean_pooled'" in res["mismatch"] and "output='local'" in res["mismatch"]
+        assert res["boom"][0] == 1 and "no sums here" in res["boom"][1]     # every rank names rank 1's error
+        assert res["after_boom"] == (B, D)
 
 
 def test_task_heads_two_ranks(ranks):
