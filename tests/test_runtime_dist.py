@@ -33,7 +33,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
             ref = model(**inputs)
         sim = astra.simulate(model, inputs, world_size=world, codebooks=cb, class_token=class_token)
         pm = astra.parallelize(model, cb, class_token=class_token, timeout=timeout, overlap=overlap)
-        local = pm(**inputs)
+        local = pm(**inputs, output="local")
         full = pm.gather(local)
         stats = [(s.bytes_sent, s.bytes_received, s.bytes_on_wire, s.wait_s) for s in pm.stats]
         try:
@@ -51,6 +51,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
                "bits": None if cb is None else cb.bits, "type_ok": type(full) is type(ref),
                "tables": pm._rt.tables is not None}
         rec["dropped"] = sorted(k for k, r in ref.items() if isinstance(r, torch.Tensor) and full.get(k) is None)
+        rec["local_dropped"] = sorted(k for k, r in ref.items() if isinstance(r, torch.Tensor) and local.get(k) is None)
         for key, r in ref.items():
             if isinstance(r, torch.Tensor) and key not in rec["dropped"]:
                 rec["vs_sim"][key] = _diff(full[key], sim[key], inputs)
@@ -69,11 +70,15 @@ def check(results_per_rank, world):
         for rec in results:
             family, head, padded, G, class_token = rec["case"]
             assert rec["type_ok"]
-            # pooled head outputs a rank did not compute from the model's own token are left out (the class token
-            # lives on rank 0 without distributed class tokens; a decoder's last token here on the last rank)
-            owned = class_token == "distributed" or rank == (0 if family == "bert" else world - 1)
-            pooled = head == "sequence_classification"
-            assert rec["dropped"] == (["logits"] if pooled and not owned else []), (rank, rec["case"])
+            # output="local": pooled head outputs a rank did not compute from the model's own token are left out
+            # (the class token lives on rank 0 without distributed class tokens; a decoder classifier pools at a
+            # token that may sit on any rank); the gather then brings every field
+            encoder = family in ("bert", "roberta")
+            owned = class_token == "distributed" or (encoder and rank == 0)
+            pooled = ["logits"] if head == "sequence_classification" else ["pooler_output"] if (
+                encoder and head in (True, False)) else []
+            assert rec["local_dropped"] == ([] if owned else pooled), (rank, rec["case"])
+            assert rec["dropped"] == [], (rank, rec["case"])
             assert rec["tables"] == (G == 1)          # G = 1 runs the precomputed K/V table path
             for key, d in rec["vs_sim"].items():
                 assert d < TOL, (rank, rec["case"], key, d)

@@ -25,6 +25,7 @@ from .finetune import FinetuneResult, finetune
 from .generation import simulate_generate
 from .launch import launch
 from .models import FamilyAdapter, family_of, register_family, unregister_family
+from .outputs import OutputStats
 from .parallel import ParallelModel, parallelize
 from .runtime import unpatch
 from .simulation import simulate
@@ -34,7 +35,8 @@ from .transport import DEFAULT_TIMEOUT_S
 __all__ = [
     "AstraError", "Codebooks", "FrameMismatchError", "InputMismatchError", "InvalidInputError", "LaunchError",
     "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
-    "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "calibrate", "finetune", "ParallelModel", "launch",
+    "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "OutputStats", "calibrate", "finetune", "ParallelModel",
+    "launch",
     "local_indices", "parallelize", "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
     "FamilyAdapter", "family_of", "register_family", "unregister_family",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -11,10 +12,11 @@ from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, dis
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks, make_ctx
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
-from .inputs import validate_inputs
+from .inputs import seq_geometry, validate_inputs
+from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
 from .runtime import RuntimeBase
-from .split import local_indices, split_indices
-from .transport import DEFAULT_TIMEOUT_S, STATUS_FAILED, Pending, Transport, frame_sizes
+from .split import local_indices
+from .transport import DEFAULT_TIMEOUT_S, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
 
 PEER_FAILURE_MODES = ("raise", "local")
 
@@ -185,15 +187,17 @@ class DistRuntime(RuntimeBase):
         return o.to(q.dtype).transpose(1, 2).contiguous(), None
 
     # -- one forward -----------------------------------------------------------------------------
-    def run(self, inputs: Dict[str, Any], capture: bool = False):
-        """One forward on this rank: agree on the inputs, run the model with one exchange per layer, agree on
-        the outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback."""
+    def run(self, inputs: Dict[str, Any], capture: bool = False, request: str = "",
+            request_error: Optional[Exception] = None):
+        """One forward on this rank: agree on the inputs (and on ``request``, what the caller asks of the forward,
+        or ``request_error``, why it can not be given), run the model with one exchange per layer, agree on the
+        outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback."""
         self.calls += 1
         self.local_fallback = False
         if self.broken is not None:
             return self._after_peer_failure(inputs, None)
         try:
-            checked = self._agree(inputs)
+            checked = self._agree(inputs, request, request_error)
         except PeerError as e:
             return self._after_peer_failure(inputs, e)
         ctx, local, call = self._prepare(checked, capture)
@@ -211,12 +215,28 @@ class DistRuntime(RuntimeBase):
             self._fail_together(e)
         finally:
             self.ctx = None
-        drop = self.fam.unowned_outputs(local, self.fam.pooled_tokens(checked, ctx.B, ctx.T))
-        if any(k in out for k in drop):
-            # without distributed class tokens [CLS] lives on rank 0 only, a decoder's last token on any rank:
-            # a rank that does not hold them computed these fields from one of its own tokens, not the model's
-            out = type(out)(**{k: v for k, v in out.items() if k not in drop})
         return out, ctx, local
+
+    # -- after the forward: the exchanges of its output (astra.outputs) ------------------------------
+    def output_exchange(self, build, sizes, stats, what: str) -> List[torch.Tensor]:
+        """One enveloped all-gather of an output's parts: ``build()`` is this rank's payload (``sizes[s]`` bytes
+        from rank s). A rank whose ``build`` raises sends a failed status: every rank raises RankFailedError."""
+        payload, status = self._built(build)
+        slot, self._slot = self._slot, self._slot + 1
+        return self.transport.exchange(payload, sizes, self.calls, slot, stats=stats, what=what, status=status).wait()
+
+    def output_broadcast(self, build, nbytes: int, src: int, stats, what: str) -> torch.Tensor:
+        """Rank ``src``'s ``build()`` (``nbytes``, known to every rank) on every rank: one enveloped broadcast."""
+        payload, status = self._built(build) if self.rank == src else (None, STATUS_OK)
+        slot, self._slot = self._slot, self._slot + 1
+        return self.transport.broadcast_frame(payload, nbytes, src, self.calls, slot, stats, what, status)
+
+    def _built(self, build):
+        try:
+            return build(), STATUS_OK
+        except Exception as e:      # sent as a failed status; the exchange then raises RankFailedError here too
+            self.transport.error_text = f"{type(e).__name__}: {e}"
+            return torch.zeros(0, dtype=torch.uint8, device=self.transport.device), STATUS_FAILED
 
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
@@ -238,11 +258,13 @@ class DistRuntime(RuntimeBase):
         self.ctx = ctx
         return ctx, local, call
 
-    def _agree(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
+    def _agree(self, inputs: Dict[str, Any], request: str = "", request_error=None) -> Dict[str, Any]:
         """Validate the inputs, then exchange fixed-size fingerprints: every rank raises the same error unless
-        every rank was given the same valid inputs, model, codebooks and world size, at the same call."""
+        every rank was given the same valid inputs and request, model, codebooks and world size, at the same call."""
         err = None
         try:
+            if request_error is not None:
+                raise request_error
             if not self._installed:
                 raise AstraError("this ParallelModel was unpatched (astra.unpatch / pm.unpatch): it no longer "
                                  "controls the model; call astra.parallelize(model, ...) again on every rank")
@@ -251,8 +273,8 @@ class DistRuntime(RuntimeBase):
             err = e
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
                          model=self._model_digest, codebooks=self._cb_digest,
-                         values=b"\0" * 16 if err else inputs_digest(inputs),
-                         text=f"{type(err).__name__}: {err}" if err else describe_inputs(inputs))
+                         values=b"\0" * 16 if err else digest(inputs_digest(inputs), request),
+                         text=f"{type(err).__name__}: {err}" if err else request + describe_inputs(inputs))
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
@@ -313,14 +335,16 @@ class DistRuntime(RuntimeBase):
 
 
 class ParallelModel:
-    """A HF model running as one ASTRA rank. Call it with the *full* inputs on every rank; it returns this
-    rank's outputs (its tokens; class token first when replicated). :meth:`gather` assembles full outputs."""
+    """A HF model running as one ASTRA rank. Call it with the *full* inputs on every rank; ``output`` picks what
+    it returns (:mod:`astra.outputs`: ``"local"``, ``"hidden_states"``, ``"mean_pooled"``, ``"class_token"``,
+    ``"last_logits"``; None: the model's natural output), ``dst`` on which rank (None: every rank)."""
 
     def __init__(self, model, rt: DistRuntime):
         self.module = model
         self._rt = rt
         self.last_local_indices: Optional[torch.Tensor] = None
-        self._last_T = None
+        self._last: Optional[Forward] = None
+        self.output_stats: Optional[OutputStats] = None
 
     rank = property(lambda self: self._rt.rank)
     world_size = property(lambda self: self._rt.world)
@@ -338,43 +362,53 @@ class ParallelModel:
         its output is then the whole sequence's, and :meth:`gather` returns it unchanged."""
         return self._rt.local_fallback
 
-    def __call__(self, **inputs):
-        out, ctx, local = self._rt.run(inputs)
+    def __call__(self, output: Optional[str] = None, dst: Optional[int] = None, **inputs):
+        """One forward (collective: every rank, same inputs, same ``output`` and ``dst``). Returns the ``output``
+        kind's result on every rank, or on rank ``dst`` only (None elsewhere); ``pm.output_stats`` counts the
+        bytes it moved."""
+        rt = self._rt
+        kind, err = None, None
+        try:
+            kind = resolve_output(rt.fam, output)
+            dst = check_dst(dst, self.world_size)
+        except (ValueError, UnsupportedModelError) as e:
+            err = e                 # raised on every rank by the input agreement
+        request = f"output={output!r}, dst={dst!r}; "
+        with captured(rt.fam) as got:
+            out, ctx, local = rt.run(inputs, request=request, request_error=err)
+        if err is not None:         # a local fallback skips the agreement
+            raise err
+        alone = ctx is None
         self.last_local_indices = local
-        self._last_T = None if ctx is None else ctx.T
-        return out
+        mask = inputs.get("attention_mask") if alone else ctx.mask
+        self._last = Forward(rt=rt, out=out, hidden=got.get("hidden", out.get("last_hidden_state")),
+                             token_logits=got.get("token_logits"), input_ids=inputs.get("input_ids"),
+                             T=seq_geometry(rt.fam, inputs)[1] if alone else ctx.T, local=local,
+                             mask=None if mask is None else mask.bool(), alone=alone, dst=dst,
+                             stats=OutputStats(kind.name))
+        return self._output(kind, self._last)
 
     forward = __call__
+
+    def _output(self, kind, fw: Forward):
+        self.output_stats = fw.stats
+        try:
+            res = kind.compute(fw)
+        except PeerError as e:
+            self._rt.broken = str(e)
+            raise
+        return None if fw.dst is not None and fw.dst != self.rank else res
 
     def local_indices(self, seq_len: int) -> torch.Tensor:
         return local_indices(seq_len, self.world_size, self.rank, self.class_token)
 
-    def gather(self, out):
-        """Full outputs (same type as ``model(**inputs)``) from every rank's local outputs (collective)."""
-        if self._rt.local_fallback:
-            return out              # already the whole sequence, computed on this rank alone
-        if self._last_T is None:
+    def gather(self, out, dst: Optional[int] = None):
+        """Full outputs (same type as ``model(**inputs)``) from this rank's local outputs ``out`` of the last
+        forward (collective): the explicit form of ``output="hidden_states"``."""
+        if self._last is None:
             raise AstraError("gather() needs a forward first")
-        rt, T = self._rt, self._last_T
-        cls = rt.cls
-        lengths = [int(c.numel()) for c in split_indices(T, rt.world, cls)]
-        seq_keys = rt.fam.token_outputs
-        fields = {}
-        for key, val in out.items():
-            if key in seq_keys and isinstance(val, torch.Tensor):
-                body = val[:, 1:] if cls else val
-                full = rt.transport.all_gather_seq(body, lengths, dim=1, what=f"gather of {key}")
-                fields[key] = torch.cat([val[:, :1], full], dim=1) if cls else full
-            else:
-                fields[key] = val
-        if rt.fam.pooling == "class_token" and not cls and "pooler_output" in rt.fam.pooled_outputs:
-            # [CLS] lives on rank 0 only: its pooler output is the model's
-            lhs = fields["last_hidden_state"]
-            src = out.get("pooler_output")
-            if src is None:
-                src = lhs.new_empty(lhs.shape[0], rt.fam.hidden_size)
-            fields["pooler_output"] = rt.transport.broadcast(src, 0, what="pooler broadcast")
-        return type(out)(**fields)
+        fw = replace(self._last, out=out, dst=check_dst(dst, self.world_size), stats=OutputStats("hidden_states"))
+        return self._output(OUTPUTS["hidden_states"], fw)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None):
         """Greedy generation: parallel prefill on every rank, then the last rank (which holds every code)

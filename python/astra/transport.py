@@ -166,6 +166,35 @@ class Transport:
         outs = self.exchange_fixed(x, what)
         return torch.cat([o.narrow(dim, 0, int(lengths[s])) for s, o in enumerate(outs)], dim=dim)
 
+    def broadcast_frame(self, payload: Optional[torch.Tensor], nbytes: int, src: int, call: int, slot: int,
+                        stats=None, what="broadcast", status: int = STATUS_OK) -> torch.Tensor:
+        """Broadcast rank ``src``'s 1-D uint8 payload of ``nbytes`` (a size every rank knows) behind an envelope;
+        every rank checks it as :meth:`exchange` does (another call or exchange: FrameMismatchError; a failed
+        ``src``: RankFailedError on every rank). Returns the payload on every rank."""
+        n = int(nbytes)
+        if self.rank == src:
+            if status == STATUS_OK and (payload is None or payload.numel() != n):
+                raise RuntimeError(f"payload has {None if payload is None else payload.numel()} bytes, expected {n}")
+            body = payload if status == STATUS_OK else torch.zeros(n, dtype=torch.uint8, device=self.device)
+            buf = torch.cat([envelope(call, slot, status).to(body.device), body])
+        else:
+            buf = torch.empty(ENVELOPE_NBYTES + n, dtype=torch.uint8, device=self.device)
+        src_global = dist.get_global_rank(self.group, src) if self.group is not None else src
+        t0 = time.perf_counter()
+        work = self._issue(lambda: dist.broadcast(buf, src=src_global, group=self.group, async_op=True), what)
+        self.wait(work, what)
+        if stats is not None:
+            stats.wait_s += time.perf_counter() - t0
+            if self.rank == src:
+                stats.bytes_sent += n
+                stats.bytes_on_wire += ENVELOPE_NBYTES + n
+            else:
+                stats.bytes_received += n
+        ok = (ENVELOPE_MAGIC, call & 0xFFFFFFFF, slot, STATUS_OK, -1)
+        heads = [ENVELOPE.unpack(bytes(buf[:ENVELOPE_NBYTES].tolist())) if r == src else ok for r in range(self.world)]
+        self.check_envelopes(heads, call, slot, what)
+        return buf[ENVELOPE_NBYTES:]
+
     def broadcast(self, x: torch.Tensor, src: int, what="broadcast") -> torch.Tensor:
         y = x.contiguous().clone()
         src_global = dist.get_global_rank(self.group, src) if self.group is not None else src

