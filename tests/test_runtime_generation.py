@@ -164,6 +164,19 @@ def _family_rank(rank, family):
     got = pm.generate(ids, max_new_tokens=12, do_sample=False, stopping_criteria=[_Slow()] if rank == last else None)
     res.append(("heartbeat", (torch.equal(got, ref12), time.perf_counter() - t0 > 2.5), (True, True)))
     pm.unpatch()
+    # a group broken by an earlier peer failure: PeerError, or (on_peer_failure="local") generate alone
+    for mode, expected in (("raise", ("PeerError", True)), ("local", ("tokens", True, True))):
+        pm = astra.parallelize(model, None, timeout=30, on_peer_failure=mode)
+        pm._rt.broken = "peer lost (simulated)"
+        if mode == "raise":
+            with pytest.raises(astra.PeerError, match=r"peer lost \(simulated\)"):
+                pm.generate(ids, max_new_tokens=3)
+            res.append((f"broken {mode}", ("PeerError", True), expected))
+        else:
+            with pytest.warns(RuntimeWarning, match="generating on this rank alone"):
+                got = pm.generate(ids, max_new_tokens=3)
+            res.append((f"broken {mode}", ("tokens", torch.equal(got, ref3), pm.degraded), expected))
+        pm.unpatch()
     return res
 
 
@@ -200,4 +213,5 @@ def test_distributed_generation_equals_hf_generate():
                 else:
                     assert got == ref, (family, name, rank, got, ref)
         names = [r[0] for r in out[0][family]]
-        assert names[-6:] == ["scores", "1-D", "failure", "heartbeat", "codebooks G=1", "codebooks G=32"]
+        assert names[-8:] == ["scores", "1-D", "failure", "heartbeat", "broken raise", "broken local",
+                              "codebooks G=1", "codebooks G=32"]
