@@ -32,6 +32,11 @@ def gen_model(family):
     return model
 
 
+def _positions(inputs):
+    mask = inputs["attention_mask"]
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def _cases(family):
     """(name, prompt inputs, generate kwargs, seed or None) compared with model.generate."""
     plain = tiny_inputs(family, seq=10)
@@ -42,6 +47,8 @@ def _cases(family):
         ("sampling", plain, dict(max_new_tokens=6, do_sample=True, top_k=5, temperature=1.3), 11),
         ("left-padded", padded, dict(max_new_tokens=6, do_sample=False), None),
         ("left-padded sampling", padded, dict(max_new_tokens=5, do_sample=True, top_p=0.9), 12),
+        ("given position_ids", padded, dict(max_new_tokens=4, position_ids=_positions(padded) + 2), None),
+        ("beams", plain, dict(max_new_tokens=4, num_beams=3, num_return_sequences=2), None),
         ("eos", eos_prompt, dict(max_new_tokens=6, do_sample=False, eos_token_id=EOS[family]), None),
         ("one-token prompt", {"input_ids": plain["input_ids"][:, :1]}, dict(max_new_tokens=4), None),
         # 2 of its tokens prefilled by 2 ranks (one each), or generated alone when shorter than the world
@@ -60,9 +67,10 @@ def test_simulate_generate_full_precision_equals_model_generate(family):
     model = gen_model(family)
     for name, inputs, kwargs, seed in _cases(family):
         ref = _generate(model.generate, inputs, kwargs, seed)
-        if name == "left-padded" and family == "gpt2":    # the case is sensitive to positions
+        if name in ("left-padded", "given position_ids") and family == "gpt2":    # sensitive to positions
             arange = torch.arange(10).expand(2, -1)
-            assert not torch.equal(ref, model.generate(**inputs, position_ids=arange, max_new_tokens=6))
+            kw = dict(kwargs, position_ids=arange)
+            assert not torch.equal(ref, model.generate(**inputs, **kw)), name
         if name == "eos":       # the case exercises stopping: shorter than max_new_tokens, a row padded after EOS
             B, T, L = ref.shape[0], inputs["input_ids"].shape[1], ref.shape[1]
             assert L < T + kwargs["max_new_tokens"]
@@ -78,7 +86,8 @@ def test_simulate_generate_beams_dict_output_and_inferred_mask():
     kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, return_dict_in_generate=True)
     ref = model.generate(ids, **kw)
     got = astra.simulate_generate(model, ids, world_size=2, **kw)
-    assert type(got) is type(ref) and got.sequences.shape == (4, 14)
+    assert type(got) is type(ref) and type(ref).__name__ == "GenerateBeamDecoderOnlyOutput"
+    assert got.sequences.shape == (4, 14)
     assert torch.equal(got.sequences, ref.sequences)
     # no attention_mask, the prompt holds the pad token (pad != EOS): HF infers the mask and positions from it
     model.generation_config.pad_token_id = 5
@@ -95,8 +104,7 @@ def test_explicit_position_ids_follow_hf_forward():
     model = tiny_model("llama", head=False)
     inputs = tiny_inputs("llama", seq=10, padded=True)
     mask = inputs["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    for extra in ({}, {"position_ids": pos}):
+    for extra in ({}, {"position_ids": _positions(inputs)}):
         with torch.no_grad():
             ref = model(**inputs, **extra).last_hidden_state
         got = astra.simulate(model, dict(inputs, **extra), world_size=3).last_hidden_state

@@ -33,7 +33,7 @@ _NOT_WITH_GENERATE = ("inputs_embeds", "token_type_ids", "cache_implementation",
 class Prompt:
     input_ids: torch.Tensor                 # [B, T]
     attention_mask: torch.Tensor            # [B, T], HF's (given, or inferred as HF infers it)
-    position_ids: Optional[torch.Tensor]    # the caller's, passed on to HF unchanged (None: HF's from the mask)
+    position_ids: Optional[torch.Tensor]    # the caller's [B, T], passed on to HF (None: HF's from the mask)
     config: Any                             # the resolved GenerationConfig (a copy; kwargs applied)
     model_kwargs: Dict[str, Any]            # generate kwargs that are not GenerationConfig fields
     expand: int                             # rows per prompt row (max(num_beams, num_return_sequences))
@@ -46,8 +46,6 @@ class Prompt:
     def prefill_inputs(self) -> Dict[str, torch.Tensor]:
         n = self.prefill_len
         pos = self.position_ids if self.position_ids is not None else generation_positions(self.attention_mask)
-        if pos.ndim == 1:
-            pos = pos.unsqueeze(0)
         return {"input_ids": self.input_ids[:, :n], "attention_mask": self.attention_mask[:, :n],
                 "position_ids": pos[:, :n]}
 
@@ -99,6 +97,8 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
         raise UnsupportedModelError("astra's generate continues from the prefill's KV cache: use_cache=False is "
                                     "not supported")
     mask = attention_mask.long() if attention_mask is not None else _default_mask(input_ids, gc)
+    if position_ids is not None:        # [T] or [1, T] -> [B, T]: HF extends and expands them per row
+        position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(input_ids.shape[0], -1)
     expand = max(int(gc.num_beams or 1), int(gc.num_return_sequences or 1))
     return Prompt(input_ids, mask, position_ids, gc, model_kwargs, expand)
 
