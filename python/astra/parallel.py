@@ -395,13 +395,23 @@ class ParallelModel:
                 return self._generate_alone(prompt, warn=False)
             if self.rank == last:
                 kv = [ctx.capture[l] for l in range(rt.fam.num_layers)]
-        if self.rank != last:
-            return self._receive_generated(prompt)
+        try:
+            if self.rank != last:
+                return self._receive_generated(prompt)
+            return self._decode_and_send(prompt, kv)
+        except PeerError as e:              # a peer died or stalled while the last rank decoded
+            rt.broken = str(e)
+            if rt.on_peer_failure == "raise":
+                raise
+            return self._generate_alone(prompt, warn=True)
+
+    def _decode_and_send(self, prompt, kv):
+        """The last rank: HF's generate from the prefill's cache, then its result (or its error) to every rank."""
+        rt, last = self._rt, self.world_size - 1
         try:
             with rt.original_attention():
                 result = hf_generate(self.module, prompt, kv, [self._heartbeat()])
-        except PeerError as e:
-            rt.broken = str(e)
+        except PeerError:
             raise
         except Exception as e:
             self._send_header(GEN_FAILED)
@@ -410,8 +420,15 @@ class ParallelModel:
                                    last, what="generate: error report")
             raise
         seq = sequences_of(result)
-        self._send_header(GEN_RESULT, tuple(seq.shape))
-        rt.transport.broadcast(seq.to(rt.transport.device), last, what="generate: tokens")
+        try:
+            self._send_header(GEN_RESULT, tuple(seq.shape))
+            rt.transport.broadcast(seq.to(rt.transport.device), last, what="generate: tokens")
+        except PeerError as e:
+            if rt.on_peer_failure == "raise":
+                raise
+            rt.broken = str(e)              # on_peer_failure="local": this rank's result stands
+            warnings.warn(f"{rt.place()}: peer failure ({e}); the generated tokens stay on this rank",
+                          RuntimeWarning, stacklevel=3)
         return result
 
     def _generate_alone(self, prompt, warn: bool):
