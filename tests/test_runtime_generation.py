@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_runtime_support import tiny_inputs, tiny_model
 from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 import astra
 
@@ -96,6 +97,25 @@ def test_simulate_generate_beams_dict_output_and_inferred_mask():
     ref = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert not torch.equal(ref, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5))
     assert torch.equal(astra.simulate_generate(model, ids, world_size=2, max_new_tokens=5), ref)
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.tokens, self.ended = [], False
+
+    def put(self, value):
+        self.tokens += value.reshape(-1).tolist()
+
+    def end(self):
+        self.ended = True
+
+
+def test_simulate_generate_streams_through_hf_streamer():
+    model = gen_model("gpt2")
+    ids = tiny_inputs("gpt2", seq=10)["input_ids"][:1]
+    streamer = _Collect()
+    got = astra.simulate_generate(model, ids, world_size=2, max_new_tokens=4, streamer=streamer)
+    assert streamer.ended and streamer.tokens == got[0].tolist() and got.shape == (1, 14)
 
 
 def test_explicit_position_ids_follow_hf_forward():
