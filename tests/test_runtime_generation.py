@@ -1,70 +1,245 @@
-"""Generation (GPT-2, Llama): parallel prefill, then the last rank builds the KV cache from codes and decodes
-alone. Greedy tokens equal simulate-based prefill + the same decode; full precision equals the model."""
+"""Generation (GPT-2, Llama) through the model's own ``generate``: parallel prefill of all but the last prompt
+token, then HF decodes from the KV cache the last rank builds from codes. Full precision equals
+``model.generate`` token for token (greedy, seeded sampling, left padding, EOS, beams, short prompts); with
+codebooks the distributed tokens equal ``astra.simulate_generate``; the result reaches every rank."""
+import functools
+import time
+
 import pytest
 import torch
 from test_runtime_support import tiny_inputs, tiny_model
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 import astra
 
+# EOS tokens these (sharpened) models emit greedily on the EOS prompts below, at different steps per row
+EOS = {"gpt2": [66], "llama": [73, 92]}
 
-def _reference_greedy(model, ids, n, mask=None):
-    toks = []
+
+def gen_model(family):
+    """A tiny model whose outputs depend on positions: random init gives near-uniform attention (and GPT-2 tiny
+    position embeddings), so query/key weights are scaled up (and GPT-2's position embeddings)."""
+    model = tiny_model(family)
     with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-            t = logits.argmax(-1)
-            toks.append(t)
-            ids = torch.cat([ids, t[:, None]], 1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-    return torch.stack(toks, 1)
+        if family == "gpt2":
+            model.transformer.wpe.weight.mul_(10)
+            for blk in model.transformer.h:
+                blk.attn.c_attn.weight[:, : 2 * model.config.n_embd].mul_(4)
+        else:
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(4)
+                layer.self_attn.k_proj.weight.mul_(4)
+    return model
+
+
+def _positions(inputs):
+    mask = inputs["attention_mask"]
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _cases(family):
+    """(name, prompt inputs, generate kwargs, seed or None) compared with model.generate."""
+    plain = tiny_inputs(family, seq=10)
+    padded = tiny_inputs(family, seq=10, padded=True)        # left padding: row 1's first 3 tokens
+    eos_prompt = padded if family == "gpt2" else tiny_inputs(family, seq=9, seed=2)
+    return [
+        ("greedy", plain, dict(max_new_tokens=6, do_sample=False), None),
+        ("sampling", plain, dict(max_new_tokens=6, do_sample=True, top_k=5, temperature=1.3), 11),
+        ("left-padded", padded, dict(max_new_tokens=6, do_sample=False), None),
+        ("left-padded sampling", padded, dict(max_new_tokens=5, do_sample=True, top_p=0.9), 12),
+        ("given position_ids", padded, dict(max_new_tokens=4, position_ids=_positions(padded) + 2), None),
+        ("beams", plain, dict(max_new_tokens=4, num_beams=3, num_return_sequences=2), None),
+        ("eos", eos_prompt, dict(max_new_tokens=6, do_sample=False, eos_token_id=EOS[family]), None),
+        ("one-token prompt", {"input_ids": plain["input_ids"][:, :1]}, dict(max_new_tokens=4), None),
+        # 2 of its tokens prefilled by 2 ranks (one each), or generated alone when shorter than the world
+        ("three-token prompt", {"input_ids": plain["input_ids"][:, :3]}, dict(max_new_tokens=4), None),
+    ]
+
+
+def _generate(fn, inputs, kwargs, seed):
+    if seed is not None:
+        torch.manual_seed(seed)
+    return fn(inputs["input_ids"], attention_mask=inputs.get("attention_mask"), **kwargs)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_full_precision_generation_equals_model(family):
-    model = tiny_model(family)
-    for padded in (False, True):
-        inputs = tiny_inputs(family, seq=10, padded=padded)
-        ref = _reference_greedy(model, inputs["input_ids"], 6, inputs.get("attention_mask"))
-        for n in (1, 2, 3):
-            got = astra.simulate_generate(model, inputs["input_ids"], world_size=n, max_new_tokens=6,
-                                          attention_mask=inputs.get("attention_mask"))
-            assert torch.equal(got, ref), (family, padded, n)
+def test_simulate_generate_full_precision_equals_model_generate(family):
+    model = gen_model(family)
+    for name, inputs, kwargs, seed in _cases(family):
+        ref = _generate(model.generate, inputs, kwargs, seed)
+        if name in ("left-padded", "given position_ids") and family == "gpt2":    # sensitive to positions
+            arange = torch.arange(10).expand(2, -1)
+            kw = dict(kwargs, position_ids=arange)
+            assert not torch.equal(ref, model.generate(**inputs, **kw)), name
+        if name == "eos":       # the case exercises stopping: shorter than max_new_tokens, a row padded after EOS
+            B, T, L = ref.shape[0], inputs["input_ids"].shape[1], ref.shape[1]
+            assert L < T + kwargs["max_new_tokens"]
+            assert any(int(ref[b, t]) in EOS[family] for b in range(B) for t in range(T, L - 1))
+        for n in (2, 3) if name in ("left-padded", "three-token prompt") else (2,):
+            got = _generate(functools.partial(astra.simulate_generate, model, world_size=n), inputs, kwargs, seed)
+            assert torch.equal(got, ref), (family, name, n, got.tolist(), ref.tolist())
 
 
-def test_generation_rejects_encoders_and_headless():
-    with pytest.raises(astra.UnsupportedModelError, match="needs a decoder"):
-        astra.simulate_generate(tiny_model("bert"), torch.ones(1, 4, dtype=torch.long), world_size=2,
-                                max_new_tokens=2)
+def test_simulate_generate_beams_dict_output_and_inferred_mask():
+    model = tiny_model("llama")
+    ids = tiny_inputs("llama", seq=10)["input_ids"]
+    kw = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, return_dict_in_generate=True)
+    ref = model.generate(ids, **kw)
+    got = astra.simulate_generate(model, ids, world_size=2, **kw)
+    assert type(got) is type(ref) and type(ref).__name__ == "GenerateBeamDecoderOnlyOutput"
+    assert got.sequences.shape == (4, 14)
+    assert torch.equal(got.sequences, ref.sequences)
+    # no attention_mask, the prompt holds the pad token (pad != EOS): HF infers the mask and positions from it
+    model.generation_config.pad_token_id = 5
+    ids = ids.clone()
+    ids[1, :3] = 5
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert not torch.equal(ref, model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5))
+    assert torch.equal(astra.simulate_generate(model, ids, world_size=2, max_new_tokens=5), ref)
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.tokens, self.ended = [], False
+
+    def put(self, value):
+        self.tokens += value.reshape(-1).tolist()
+
+    def end(self):
+        self.ended = True
+
+
+def test_simulate_generate_streams_through_hf_streamer():
+    model = gen_model("gpt2")
+    ids = tiny_inputs("gpt2", seq=10)["input_ids"][:1]
+    streamer = _Collect()
+    got = astra.simulate_generate(model, ids, world_size=2, max_new_tokens=4, streamer=streamer)
+    assert streamer.ended and streamer.tokens == got[0].tolist() and got.shape == (1, 14)
+
+
+def test_explicit_position_ids_follow_hf_forward():
+    """A plain forward uses arange(T) as HF's does; given position_ids (here HF generate's, from a left-padded
+    mask) are used as given: simulate equals the model called with the same position ids."""
+    model = tiny_model("llama", head=False)
+    inputs = tiny_inputs("llama", seq=10, padded=True)
+    mask = inputs["attention_mask"]
+    for extra in ({}, {"position_ids": _positions(inputs)}):
+        with torch.no_grad():
+            ref = model(**inputs, **extra).last_hidden_state
+        got = astra.simulate(model, dict(inputs, **extra), world_size=3).last_hidden_state
+        assert float((got - ref)[mask.bool()].abs().max()) < 1e-4
+
+
+def test_generation_rejects_bad_prompts_and_models():
+    model = tiny_model("gpt2")
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(astra.UnsupportedModelError, match="decoder"):
+        astra.simulate_generate(tiny_model("bert"), ids, world_size=2, max_new_tokens=2)
     with pytest.raises(astra.UnsupportedModelError, match="LM head"):
-        astra.simulate_generate(tiny_model("gpt2", head=False), torch.ones(1, 4, dtype=torch.long),
-                                world_size=2, max_new_tokens=2)
+        astra.simulate_generate(tiny_model("gpt2", head=False), ids, world_size=2, max_new_tokens=2)
+    with pytest.raises(astra.InvalidInputError, match=r"2 dimensions, got shape \[4\].*x\[None\]"):
+        astra.simulate_generate(model, ids[0], world_size=2, max_new_tokens=2)
+    with pytest.raises(astra.InvalidInputError, match="at least one per rank"):
+        astra.simulate_generate(model, ids[:, :0], world_size=2, max_new_tokens=2)
+    with pytest.raises(astra.UnsupportedModelError, match="inputs_embeds"):
+        astra.simulate_generate(model, ids, world_size=2, inputs_embeds=torch.zeros(1, 4, 64))
+    with pytest.raises(astra.UnsupportedModelError, match="use_cache"):
+        astra.simulate_generate(model, ids, world_size=2, use_cache=False)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        astra.simulate_generate(model, ids, world_size=2, max_new_tokens=0)
 
 
-def _generate_rank(rank, family, groups):
-    model = tiny_model(family)
-    inputs = tiny_inputs(family, seq=11)
-    samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in (21, 22)]
-    padded = tiny_inputs(family, seq=11, padded=True)
+class _Raise(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        raise RuntimeError("stopping criterion failed")
+
+
+class _Slow(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        time.sleep(0.25)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def _family_rank(rank, family):
+    """Every case of one family on this rank: (name, distributed result, reference)."""
+    last = 1
+    model = gen_model(family)
     res = []
-    for G, inp in [(G, inputs) for G in groups] + [(groups[-1], padded)]:
-        cb = astra.calibrate(model, samples, groups=G, codebook_size=16, iters=4, seed=3)
-        mask = inp.get("attention_mask")
-        sim = astra.simulate_generate(model, inp["input_ids"], world_size=2, max_new_tokens=5, codebooks=cb,
-                                      attention_mask=mask)
-        pm = astra.parallelize(model, cb, timeout=30)
-        got = pm.generate(inp["input_ids"], max_new_tokens=5, attention_mask=mask)
-        # the decode ran with the model's own attention; the model is still parallel afterwards
-        assert model.config._attn_implementation == "astra"
+    refs = [(name, inp, kw, seed, _generate(model.generate, inp, kw, seed)) for name, inp, kw, seed in _cases(family)]
+    ids = refs[0][1]["input_ids"]
+    ref3, ref12 = model.generate(ids, max_new_tokens=3), model.generate(ids, max_new_tokens=12)
+    pm = astra.parallelize(model, None, timeout=30)
+    for name, inp, kw, seed, ref in refs:
+        res.append((name, _generate(pm.generate, inp, kw, seed if rank == last else None), ref))
+        assert model.config._attn_implementation == "astra"      # the decode ran with the model's own attention
+    out = pm.generate(ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
+    res.append(("dict", out, ref3))
+    res.append(("scores", out.scores is not None, rank == last))
+    try:
+        pm.generate(ids[0], max_new_tokens=2)
+    except astra.InvalidInputError as e:
+        res.append(("1-D", "add a batch dimension" in str(e), True))
+    try:
+        pm.generate(ids, max_new_tokens=2, stopping_criteria=[_Raise()] if rank == last else None)
+    except (RuntimeError, astra.RankFailedError) as e:
+        res.append(("failure", (type(e).__name__, "stopping criterion failed" in str(e)),
+                    ("RuntimeError" if rank == last else "RankFailedError", True)))
+    pm.unpatch()
+    # a decode longer than the timeout: heartbeats keep the waiting rank's waits short
+    pm = astra.parallelize(model, None, timeout=2)
+    t0 = time.perf_counter()
+    got = pm.generate(ids, max_new_tokens=12, do_sample=False, stopping_criteria=[_Slow()] if rank == last else None)
+    res.append(("heartbeat", (torch.equal(got, ref12), time.perf_counter() - t0 > 2.5), (True, True)))
+    pm.unpatch()
+    # a group broken by an earlier peer failure: PeerError, or (on_peer_failure="local") generate alone
+    for mode, expected in (("raise", ("PeerError", True)), ("local", ("tokens", True, True))):
+        pm = astra.parallelize(model, None, timeout=30, on_peer_failure=mode)
+        pm._rt.broken = "peer lost (simulated)"
+        if mode == "raise":
+            with pytest.raises(astra.PeerError, match=r"peer lost \(simulated\)"):
+                pm.generate(ids, max_new_tokens=3)
+            res.append((f"broken {mode}", ("PeerError", True), expected))
+        else:
+            with pytest.warns(RuntimeWarning, match="generating on this rank alone"):
+                got = pm.generate(ids, max_new_tokens=3)
+            res.append((f"broken {mode}", ("tokens", torch.equal(got, ref3), pm.degraded), expected))
         pm.unpatch()
-        res.append((sim, got))
     return res
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_distributed_generation_equals_simulate(family):
-    out = astra.launch(_generate_rank, 2, family, (1, 32), join_timeout=150)
-    for (_, got0), (sim, got) in zip(out[0], out[1]):
-        assert got0 is None                       # only the last rank decodes
-        assert got.shape == (2, 5)
-        assert torch.equal(got, sim)
+def _codebook_rank(rank, family):
+    """With codebooks: distributed tokens equal simulate_generate (G = 1 table path, G = 32, left padding)."""
+    model = gen_model(family)
+    samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in (21, 22)]
+    res = []
+    for G, padded in ((1, False), (32, True)):
+        inp = tiny_inputs(family, seq=11, padded=padded)
+        cb = astra.calibrate(model, samples, groups=G, codebook_size=16, iters=4, seed=3)
+        kw = dict(attention_mask=inp.get("attention_mask"), max_new_tokens=5, do_sample=False)
+        sim = astra.simulate_generate(model, inp["input_ids"], world_size=2, codebooks=cb, **kw)
+        pm = astra.parallelize(model, cb, timeout=30)
+        res.append((f"codebooks G={G}", pm.generate(inp["input_ids"], **kw), sim))
+        pm.unpatch()
+    return res
+
+
+def _generate_rank(rank):
+    return {family: _family_rank(rank, family) + _codebook_rank(rank, family) for family in ("gpt2", "llama")}
+
+
+def test_distributed_generation_equals_hf_generate():
+    out = astra.launch(_generate_rank, 2, join_timeout=240)
+    for family in ("gpt2", "llama"):
+        for rank in (0, 1):
+            for name, got, ref in out[rank][family]:
+                if name == "dict":      # HF's output type on every rank; the sequences reach every rank
+                    assert type(got).__name__ == "GenerateDecoderOnlyOutput"
+                    assert torch.equal(got.sequences, ref) and ref.shape == (2, 13)
+                elif isinstance(got, torch.Tensor):
+                    assert torch.equal(got, ref), (family, name, rank, got.tolist(), ref.tolist())
+                else:
+                    assert got == ref, (family, name, rank, got, ref)
+        names = [r[0] for r in out[0][family]]
+        assert names[-8:] == ["scores", "1-D", "failure", "heartbeat", "broken raise", "broken local",
+                              "codebooks G=1", "codebooks G=32"]

@@ -52,12 +52,15 @@ def make_ctx(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool) ->
             raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
     pos = inputs.get("position_ids")
-    default_pos = pos is None
+    default_pos = True
     if fam.decoder:
+        # HF's forward: arange(T) unless position_ids are given (generate gives them from the attention mask)
+        arange = torch.arange(T, device=dev).unsqueeze(0)
         if pos is None:
-            pos = torch.arange(T, device=dev).unsqueeze(0)
-        elif pos.ndim == 1:
-            pos = pos.unsqueeze(0)
+            pos = arange
+        else:
+            pos = pos.to(dev).unsqueeze(0) if pos.ndim == 1 else pos.to(dev)
+            default_pos = bool((pos == arange).all())
     else:
         pos = None
     return Ctx(T=T, B=B, cls=cls, chunks=chunks, pos_ids=pos, default_pos=default_pos, mask=mask)

@@ -1,69 +1,181 @@
-"""Greedy generation: parallel prefill, then single-rank decoding from a KV cache built from codes.
+"""Generation through the model's own ``generate``: parallel prefill of the prompt, then HF decodes from a KV
+cache built from codes.
 
-After the prefill the last rank holds every code of every layer, so it can build the full KV cache: its
-own tokens' K/V in full precision, every other token's K/V from its dequantized hidden state through the
-layer's own projections (+ RoPE at the token's position). It then decodes alone, with the model's own
-attention implementation and no further traffic. :func:`simulate_generate` does the same from
-:func:`astra.simulate`'s prefill (the last rank's view), so greedy tokens can be compared.
+The ranks run the prefill of the prompt's first T-1 tokens in parallel. After it the last rank holds every code
+of every layer, so it builds the KV cache of those T-1 positions: its own tokens' K/V in full precision, every
+other token's K/V from its dequantized hidden state through the layer's own projections (+ RoPE at the token's
+position), exactly the K/V its prefill attention used. It then calls the model's own ``generate`` with that
+cache and the model's own attention: HF computes the last prompt token from the cache (a cache holding all but
+the last prompt token is what HF's ``generate`` continues from) and decodes, so sampling, ``GenerationConfig``,
+EOS, stopping criteria and streamers are HF's. :func:`simulate_generate` does the same from
+:func:`astra.simulate`'s prefill (the last rank's view), so the distributed tokens can be compared with it.
+
+Prompt positions and masks follow HF's ``generate`` (transformers 5.x): the attention mask, when not given, is
+HF's (all ones, or ``input_ids != pad_token_id`` when the prompt holds the pad token and pad != EOS), and
+position ids, when not given, are ``cumsum(mask) - 1`` with padded positions set to 0 (left padding).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import UnsupportedModelError
+from .errors import InvalidInputError, UnsupportedModelError
+from .inputs import validate_inputs
+
+_NOT_WITH_GENERATE = ("inputs_embeds", "token_type_ids", "cache_implementation", "prefill_chunk_size")
 
 
-def check_generation(fam, max_new_tokens: int) -> None:
+@dataclass
+class Prompt:
+    input_ids: torch.Tensor                 # [B, T]
+    attention_mask: torch.Tensor            # [B, T], HF's (given, or inferred as HF infers it)
+    position_ids: Optional[torch.Tensor]    # the caller's [B, T], passed on to HF (None: HF's from the mask)
+    config: Any                             # the resolved GenerationConfig (a copy; kwargs applied)
+    model_kwargs: Dict[str, Any]            # generate kwargs that are not GenerationConfig fields
+    expand: int                             # rows per prompt row (max(num_beams, num_return_sequences))
+
+    @property
+    def prefill_len(self) -> int:
+        """Tokens of the parallel prefill: all but the last (HF's generate computes the last from the cache)."""
+        return self.input_ids.shape[1] - 1
+
+    def prefill_inputs(self) -> Dict[str, torch.Tensor]:
+        n = self.prefill_len
+        pos = self.position_ids if self.position_ids is not None else generation_positions(self.attention_mask)
+        return {"input_ids": self.input_ids[:, :n], "attention_mask": self.attention_mask[:, :n],
+                "position_ids": pos[:, :n]}
+
+
+def check_generation(fam) -> None:
     if not fam.decoder:
-        raise UnsupportedModelError(f"generation needs a decoder family, not {fam.name}")
+        raise UnsupportedModelError(f"generation needs a decoder (causal LM); {fam.name} is an encoder")
     if fam.head != "causal_lm":
         raise UnsupportedModelError(f"generation needs an LM head ({type(fam.model).__name__} has none)")
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def build_cache(model, kv: List[Tuple[torch.Tensor, torch.Tensor]]):
+def generation_positions(mask: torch.Tensor) -> torch.Tensor:
+    """HF generate's position ids ``[B, T]`` of a prompt from its attention mask: ``cumsum(mask) - 1``, padded
+    positions 0 (``GenerationMixin._prepare_position_ids_for_generation``, transformers 5.x). A plain forward
+    without ``position_ids`` uses ``arange(T)`` instead, as HF's forward does."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _resolve_config(model, generation_config, kwargs: Dict[str, Any]):
+    """A copy of the generation config with ``kwargs`` applied, and the kwargs that are model inputs."""
+    gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    model_kwargs = gc.update(**kwargs)
+    return gc, model_kwargs
+
+
+def _default_mask(ids: torch.Tensor, gc) -> torch.Tensor:
+    """HF's attention mask for a prompt given without one: ``ids != pad`` when the prompt holds the pad token and
+    the pad token is not an EOS token, else all ones."""
+    pad, eos = gc.pad_token_id, gc.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if pad is not None and pad not in eos and bool((ids == pad).any()):
+        return ids.ne(pad).long()
+    return torch.ones_like(ids, dtype=torch.long)
+
+
+def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, generation_config=None,
+                   kwargs: Optional[Dict[str, Any]] = None) -> Prompt:
+    """Check a generate call's prompt and options (every rank reaches the same verdict) and resolve HF's mask."""
+    kwargs = dict(kwargs or {})
+    bad = [k for k in _NOT_WITH_GENERATE if kwargs.get(k) is not None]
+    if bad:
+        raise UnsupportedModelError(f"astra's generate does not support {bad} (the prompt is given as input_ids)")
+    if input_ids is None:
+        raise InvalidInputError("generate needs input_ids [B, T]")
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    validate_inputs(fam, inputs, 1, False)      # kinds, ranks ([B, T]: a 1-D prompt is refused), shapes, ranges
+    gc, model_kwargs = _resolve_config(fam.model, generation_config, kwargs)
+    if gc.use_cache is False:
+        raise UnsupportedModelError("astra's generate continues from the prefill's KV cache: use_cache=False is "
+                                    "not supported")
+    mask = attention_mask.long() if attention_mask is not None else _default_mask(input_ids, gc)
+    if position_ids is not None:        # [T] or [1, T] -> [B, T]: HF extends and expands them per row
+        position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(input_ids.shape[0], -1)
+    expand = max(int(gc.num_beams or 1), int(gc.num_return_sequences or 1))
+    return Prompt(input_ids, mask, position_ids, gc, model_kwargs, expand)
+
+
+def build_cache(model, kv: List[Tuple[torch.Tensor, torch.Tensor]], expand: int = 1):
+    """A ``DynamicCache`` holding per-layer K/V ``[B, Hkv, T, Dh]``, each row repeated ``expand`` times (beams and
+    returned sequences: HF expands the prompt but not a cache it is given)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     for layer, (k, v) in enumerate(kv):
+        if expand > 1:
+            k, v = k.repeat_interleave(expand, dim=0), v.repeat_interleave(expand, dim=0)
         cache.update(k, v, layer)
     return cache
 
 
-@torch.no_grad()
-def greedy_decode(model, kv, last_logits: torch.Tensor, T: int, max_new_tokens: int,
-                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Greedy tokens ``[B, max_new_tokens]`` from the prefill's per-layer K/V ``[B, Hkv, T, Dh]``."""
-    cache = build_cache(model, kv)
-    tok = last_logits.argmax(-1)
-    toks = [tok]
-    B = tok.shape[0]
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask.to(torch.long)
-    for i in range(max_new_tokens - 1):
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        pos = torch.full((B, 1), T + i, dtype=torch.long, device=tok.device)
-        out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True, position_ids=pos,
-                    attention_mask=mask)
-        tok = out.logits[:, -1].argmax(-1)
-        toks.append(tok)
-    return torch.stack(toks, dim=1)
+def hf_generate(model, prompt: Prompt, kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]], extra_criteria=()):
+    """The model's own ``generate`` continuing from the prefill's K/V of all but the last prompt token (``kv``;
+    None: no prefill, HF computes the whole prompt). ``extra_criteria`` are appended to the stopping criteria."""
+    from transformers import StoppingCriteriaList
+
+    kwargs = dict(prompt.model_kwargs)
+    if extra_criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList(list(kwargs.get("stopping_criteria") or [])
+                                                           + list(extra_criteria))
+    if kv is not None:
+        kwargs["past_key_values"] = build_cache(model, kv, prompt.expand)
+    if prompt.position_ids is not None:
+        kwargs["position_ids"] = prompt.position_ids
+    return model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                          generation_config=prompt.config, **kwargs)
 
 
-def simulate_generate(model, input_ids: torch.Tensor, *, world_size: int, max_new_tokens: int, codebooks=None,
-                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Greedy tokens of :func:`astra.simulate`'s prefill (as the last rank sees it) + single-rank decoding."""
+def sequences_of(result) -> torch.Tensor:
+    """The token tensor ``[B', T + new]`` of a ``generate`` result (a tensor or a ``GenerateOutput``)."""
+    return result if isinstance(result, torch.Tensor) else result.sequences
+
+
+def result_like(prompt: Prompt, sequences: torch.Tensor):
+    """``generate``'s result type for this prompt's config holding only ``sequences`` (the other ranks' copy)."""
+    if not prompt.config.return_dict_in_generate:
+        return sequences
+    from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+
+    cls = GenerateBeamDecoderOnlyOutput if int(prompt.config.num_beams or 1) > 1 else GenerateDecoderOnlyOutput
+    return cls(sequences=sequences)
+
+
+class Heartbeat:
+    """A stopping criterion that never stops: it calls ``beat()`` at most every ``interval_s`` seconds while HF
+    decodes, so ranks waiting for the result know the last rank is alive (their wait is bounded by the timeout)."""
+
+    def __init__(self, beat, interval_s: float):
+        self.beat, self.interval_s, self.t = beat, float(interval_s), time.monotonic()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if time.monotonic() - self.t >= self.interval_s:
+            self.beat()
+            self.t = time.monotonic()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def simulate_generate(model, input_ids: torch.Tensor, *, world_size: int, codebooks=None, attention_mask=None,
+                      generation_config=None, position_ids=None, **kwargs):
+    """What the last of ``world_size`` ranks generates (:meth:`ParallelModel.generate`), in one process:
+    :func:`astra.simulate`'s prefill of all but the last prompt token, then the model's own ``generate``. Prompts
+    of at most ``world_size`` tokens are generated by the model alone, as the distributed runtime does."""
     from .models import family_of
     from .simulation import simulate_with_context
 
     fam = family_of(model)
-    check_generation(fam, max_new_tokens)
-    out, ctx = simulate_with_context(model, {"input_ids": input_ids, "attention_mask": attention_mask},
-                                     world_size=world_size, codebooks=codebooks, capture=True)
-    kv = [ctx.capture[l] for l in range(fam.num_layers)]
-    return greedy_decode(model, kv, out.logits[:, -1], ctx.T, max_new_tokens, attention_mask)
+    check_generation(fam)
+    prompt = prepare_prompt(fam, input_ids, attention_mask, position_ids, generation_config, kwargs)
+    kv = None
+    if prompt.prefill_len >= int(world_size):
+        _, ctx = simulate_with_context(model, prompt.prefill_inputs(), world_size=world_size, codebooks=codebooks,
+                                       capture=True)
+        kv = [ctx.capture[l] for l in range(fam.num_layers)]
+    return hf_generate(model, prompt, kv)

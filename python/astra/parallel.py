@@ -12,13 +12,15 @@ from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, dis
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks, make_ctx
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
+from .generation import Heartbeat, check_generation, hf_generate, prepare_prompt, result_like, sequences_of
 from .inputs import seq_geometry, validate_inputs
 from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
 from .runtime import RuntimeBase
 from .split import local_indices
-from .transport import DEFAULT_TIMEOUT_S, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
+from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
 
 PEER_FAILURE_MODES = ("raise", "local")
+GEN_RESULT, GEN_FAILED, GEN_ALIVE = 0, 1, 2      # generate's result header: tokens follow / error text follows / wait
 
 
 class DistRuntime(RuntimeBase):
@@ -410,24 +412,98 @@ class ParallelModel:
         fw = replace(self._last, out=out, dst=check_dst(dst, self.world_size), stats=OutputStats("hidden_states"))
         return self._output(OUTPUTS["hidden_states"], fw)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None):
-        """Greedy generation: parallel prefill on every rank, then the last rank (which holds every code)
-        builds the full KV cache and decodes alone. Returns ``[B, max_new_tokens]`` new tokens on the last
-        rank and None on the others."""
-        from .generation import check_generation, greedy_decode
-
-        check_generation(self._rt.fam, max_new_tokens)
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, position_ids=None, **kwargs):
+        """The model's own ``generate`` (HF's arguments: ``generation_config``, ``max_new_tokens``, ``do_sample``,
+        ``eos_token_id``, stopping criteria, streamers, ...) after a parallel prefill: every rank runs the prefill
+        of all but the last prompt token, then the last rank builds the KV cache from its tokens and the codes it
+        received and calls ``generate`` with it (the model's own attention). Returns HF's result (prompt + new
+        tokens, or a ``GenerateOutput`` whose ``sequences`` only are sent) on every rank (docs/runtime.md)."""
+        rt = self._rt
+        check_generation(rt.fam)
+        prompt = prepare_prompt(rt.fam, input_ids, attention_mask, position_ids, generation_config, kwargs)
         last = self.world_size - 1
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        out, ctx, local = self._rt.run(inputs, capture=(self.rank == last))
-        if ctx is None:
-            raise PeerError(f"{self._rt.place()}: a peer failed during the prefill; generate() has no local "
-                            "fallback (the forward call has)")
-        if self.rank != last:
-            return None
-        kv = [ctx.capture[l] for l in range(self._rt.fam.num_layers)]
-        with self._rt.original_attention():
-            return greedy_decode(self.module, kv, out.logits[:, -1], ctx.T, max_new_tokens, attention_mask)
+        kv = None
+        if rt.broken is not None:
+            return self._generate_alone(prompt, warn=True)
+        if prompt.prefill_len >= self.world_size:   # else a short prompt: the last rank generates alone
+            _, ctx, _ = rt.run(prompt.prefill_inputs(), capture=(self.rank == last))
+            if ctx is None:                 # a peer failed (on_peer_failure="local", warned): generate alone
+                return self._generate_alone(prompt, warn=False)
+            if self.rank == last:
+                kv = [ctx.capture[l] for l in range(rt.fam.num_layers)]
+        try:
+            if self.rank != last:
+                return self._receive_generated(prompt)
+            return self._decode_and_send(prompt, kv)
+        except PeerError as e:              # a peer died or stalled while the last rank decoded
+            rt.broken = str(e)
+            if rt.on_peer_failure == "raise":
+                raise
+            return self._generate_alone(prompt, warn=True)
+
+    def _decode_and_send(self, prompt, kv):
+        """The last rank: HF's generate from the prefill's cache, then its result (or its error) to every rank."""
+        rt, last = self._rt, self.world_size - 1
+        try:
+            with rt.original_attention():
+                result = hf_generate(self.module, prompt, kv, [self._heartbeat()])
+        except PeerError:
+            raise
+        except Exception as e:
+            self._send_header(GEN_FAILED)
+            text = f"{type(e).__name__}: {e}".encode("utf-8")[:ERROR_TEXT_NBYTES].ljust(ERROR_TEXT_NBYTES, b"\0")
+            rt.transport.broadcast(torch.frombuffer(bytearray(text), dtype=torch.uint8).to(rt.transport.device),
+                                   last, what="generate: error report")
+            raise
+        seq = sequences_of(result)
+        try:
+            self._send_header(GEN_RESULT, tuple(seq.shape))
+            rt.transport.broadcast(seq.to(rt.transport.device), last, what="generate: tokens")
+        except PeerError as e:
+            if rt.on_peer_failure == "raise":
+                raise
+            rt.broken = str(e)              # on_peer_failure="local": this rank's result stands
+            warnings.warn(f"{rt.place()}: peer failure ({e}); the generated tokens stay on this rank",
+                          RuntimeWarning, stacklevel=3)
+        return result
+
+    def _generate_alone(self, prompt, warn: bool):
+        """After a peer failure: raise the group's PeerError, or (on_peer_failure="local") generate on this rank."""
+        rt = self._rt
+        if rt.on_peer_failure == "raise":
+            rt._after_peer_failure({}, None)        # raises the PeerError of the broken group
+        if warn:
+            warnings.warn(f"{rt.place()}: peer failure ({rt.broken}); generating on this rank alone "
+                          "(on_peer_failure='local')", RuntimeWarning, stacklevel=3)
+        rt.local_fallback = True
+        with rt.original_attention():
+            return hf_generate(self.module, prompt, None)
+
+    def _heartbeat(self):
+        """While the last rank decodes, a header every timeout / 4 seconds keeps the waiting ranks' waits short."""
+        return Heartbeat(lambda: self._send_header(GEN_ALIVE), self._rt.transport.timeout_s / 4)
+
+    def _send_header(self, status: int, shape=(0, 0)) -> None:
+        t = self._rt.transport
+        t.broadcast(torch.tensor([status, *shape], dtype=torch.long, device=t.device), self.world_size - 1,
+                    what="generate: result header")
+
+    def _receive_generated(self, prompt):
+        """The last rank's ``generate`` result: headers (heartbeats, then the result's shape or a failure), then
+        the tokens."""
+        rt, last = self._rt, self.world_size - 1
+        t = rt.transport
+        status = GEN_ALIVE
+        while status == GEN_ALIVE:
+            head = t.broadcast(torch.zeros(3, dtype=torch.long, device=t.device), last, what="generate: result header")
+            status, B, L = (int(x) for x in head.tolist())
+        if status == GEN_FAILED:
+            raw = t.broadcast(torch.zeros(ERROR_TEXT_NBYTES, dtype=torch.uint8, device=t.device), last,
+                              what="generate: error report")
+            text = bytes(raw.tolist()).rstrip(b"\0").decode("utf-8", "replace")
+            raise RankFailedError(f"{rt.place()}: rank {last} failed in generate: {text}", rank=last)
+        seq = t.broadcast(torch.zeros(B, L, dtype=torch.long, device=t.device), last, what="generate: tokens")
+        return result_like(prompt, seq.to(self.module.device))
 
     def unpatch(self) -> None:
         self._rt.uninstall()
