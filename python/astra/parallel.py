@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 import astra_kernels as ak
+from . import profile as prof_
 from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks, make_ctx
@@ -21,7 +22,7 @@ PEER_FAILURE_MODES = ("raise", "local")
 
 class DistRuntime(RuntimeBase):
     def __init__(self, model, codebooks, *, group=None, class_token="auto", timeout=DEFAULT_TIMEOUT_S,
-                 kv_tables="auto", overlap=True, on_peer_failure="raise"):
+                 kv_tables="auto", overlap=True, on_peer_failure="raise", profile=False):
         super().__init__(model, codebooks, class_token)
         if on_peer_failure not in PEER_FAILURE_MODES:
             raise ValueError(f"on_peer_failure must be one of {PEER_FAILURE_MODES}, got {on_peer_failure!r}")
@@ -33,6 +34,8 @@ class DistRuntime(RuntimeBase):
         self.rank = self.transport.rank
         self.world = self.transport.world
         self.stats: List[LayerStats] = []
+        # the per-layer time breakdown (astra.profile); None: off, and the forward does nothing extra
+        self.profiler = prof_.Profiler(self.fam.num_layers, p.device) if profile else None
         self.kv_tables = kv_tables
         self.tables: Optional[List] = None
         self._local = None
@@ -119,11 +122,20 @@ class DistRuntime(RuntimeBase):
         st = self.stats[layer]
         st.tokens_sent = ctx.B * lengths[self.rank]
         what = f"layer {layer} all-gather"
+        prof = self.profiler
+        if prof is not None:
+            prof.mark(layer - 1, prof_.REST) if layer else prof.mark_outside(prof_.BEFORE)
         if self.codebooks is None:
             payload = send.contiguous().reshape(-1).view(torch.uint8)
+        elif prof is not None:       # the two steps of encode_and_pack, timed apart (byte-identical frames)
+            codes = ak.vq_encode(send, self._cb[layer])
+            prof.mark(layer, prof_.ENCODE)
+            payload = ak.pack_codes(codes, self.codebooks.bits)
         else:
             payload = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
         ctx.state[layer] = self._exchange(payload, self._layer_sizes(), st, what)
+        if prof is not None:
+            prof.mark(layer, prof_.PACK)
 
     def _rows(self, payload: torch.Tensor) -> torch.Tensor:
         """A rank's raw hidden states ``[B, n, D]`` from its full-precision payload bytes."""
@@ -141,6 +153,9 @@ class DistRuntime(RuntimeBase):
         ctx = self.ctx
         layer = module._astra_layer
         pend = ctx.state.pop(layer)
+        prof = self.profiler
+        if prof is not None:
+            prof.mark(layer, prof_.QKV)
         others = [s for s in range(self.world) if s != self.rank]
         lg = self._local
         rg = torch.cat([ctx.chunks[s] for s in others]) if others else lg[:0]
@@ -151,7 +166,11 @@ class DistRuntime(RuntimeBase):
         if self.overlap and others:
             # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
             local_part = ak.attention_local(q, k, v, return_lse=True, **common)
+            if prof is not None:
+                prof.mark(layer, prof_.LOCAL_ATTN)
         parts = pend.wait()
+        if prof is not None:
+            prof.mark(layer, prof_.WAIT)
         if not others:
             o = ak.attention_local(q, k, v, **common)
             if ctx.capture is not None:
@@ -162,13 +181,21 @@ class DistRuntime(RuntimeBase):
         k_hat = v_hat = None
         if self.codebooks is None:
             h_hat = torch.cat([self._rows(parts[s]) for s in others], dim=1)
+            if prof is not None:
+                prof.mark(layer, prof_.UNPACK)
             k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
+            if prof is not None:
+                prof.mark(layer, prof_.NONLOCAL_KV)
             res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
         else:
             codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
+            if prof is not None:
+                prof.mark(layer, prof_.UNPACK)
             use_table = self.tables is not None and (not fam.rope or ctx.default_pos)
             if ctx.capture is not None or not use_table:
                 k_hat, v_hat = self.remote_kv(module, self.decode(layer, codes, q.dtype), self._pos_for(rg))
+            if prof is not None:
+                prof.mark(layer, prof_.NONLOCAL_KV)
             if use_table:
                 kt, vt = self.tables[layer]
                 cos, sin = self._rope_table(q.dtype) if fam.rope else (None, None)
@@ -182,7 +209,10 @@ class DistRuntime(RuntimeBase):
             K[:, :, lg], V[:, :, lg] = k, v
             K[:, :, rg], V[:, :, rg] = k_hat.to(K.dtype), v_hat.to(V.dtype)
             ctx.capture[layer] = (K, V)
-        return o.to(q.dtype).transpose(1, 2).contiguous(), None
+        o = o.to(q.dtype).transpose(1, 2).contiguous()
+        if prof is not None:
+            prof.mark(layer, prof_.ATTN)
+        return o, None
 
     # -- one forward -----------------------------------------------------------------------------
     def run(self, inputs: Dict[str, Any], capture: bool = False):
@@ -192,16 +222,24 @@ class DistRuntime(RuntimeBase):
         self.local_fallback = False
         if self.broken is not None:
             return self._after_peer_failure(inputs, None)
+        if self.profiler is not None:
+            self.profiler.start()
         try:
             checked = self._agree(inputs)
         except PeerError as e:
             return self._after_peer_failure(inputs, e)
         ctx, local, call = self._prepare(checked, capture)
+        prof = self.profiler
         try:
             with torch.no_grad():
                 out = self.model(**call)
+            if prof is not None:
+                prof.mark(self.fam.num_layers - 1, prof_.REST)
             status = torch.zeros(0, dtype=torch.uint8, device=local.device)    # the envelope carries the status
             self._exchange(status, [0] * self.world, None, "end-of-forward status").wait()
+            if prof is not None:
+                prof.mark_outside(prof_.AFTER)
+                prof.stop()
         except RankFailedError:
             raise
         except PeerError as e:
@@ -331,6 +369,12 @@ class ParallelModel:
         return list(self._rt.stats)
 
     @property
+    def breakdown(self) -> Optional[prof_.Breakdown]:
+        """Per-layer time breakdown of this rank's last forward (``parallelize(..., profile=True)``; else None)."""
+        p = self._rt.profiler
+        return None if p is None else p.last
+
+    @property
     def degraded(self) -> bool:
         """True when the last forward ran on this rank alone after a peer failure (``on_peer_failure="local"``);
         its output is then the whole sequence's, and :meth:`gather` returns it unchanged."""
@@ -398,7 +442,8 @@ class ParallelModel:
 
 
 def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeout: float = DEFAULT_TIMEOUT_S,
-                kv_tables="auto", overlap: bool = True, on_peer_failure: str = "raise") -> ParallelModel:
+                kv_tables="auto", overlap: bool = True, on_peer_failure: str = "raise",
+                profile: bool = False) -> ParallelModel:
     """Make ``model`` one ASTRA rank of ``group`` (default: the world group). Patches the model in place
     (attention implementation + hooks; weights untouched); :func:`astra.unpatch` restores it.
 
@@ -408,9 +453,10 @@ def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeou
     ``overlap``: run the local attention while the layer's codes are in flight and merge it with the
     non-local part by log-sum-exp (else one fused pass after the codes arrive). ``on_peer_failure``: ``"raise"``
     (PeerError) or ``"local"``: a survivor computes the whole forward alone in full precision (RuntimeWarning,
-    ``pm.degraded``, ``LayerStats.local_fallback``). Failure semantics: docs/runtime.md, "Failures"."""
+    ``pm.degraded``, ``LayerStats.local_fallback``). Failure semantics: docs/runtime.md, "Failures".
+    ``profile``: time every phase of every layer (:mod:`astra.profile`; ``pm.breakdown``); off by default."""
     cb = as_codebooks(codebooks, model)
     rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
-                     overlap=overlap, on_peer_failure=on_peer_failure)
+                     overlap=overlap, on_peer_failure=on_peer_failure, profile=profile)
     rt.install()
     return ParallelModel(model, rt)
