@@ -14,7 +14,7 @@ from .context import LayerStats, key_masks, make_ctx
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
 from .inputs import validate_inputs
 from .runtime import RuntimeBase
-from .split import local_indices, split_indices
+from .split import DEFAULT_SPLIT, local_indices, split_indices
 from .transport import DEFAULT_TIMEOUT_S, STATUS_FAILED, Pending, Transport, frame_sizes
 
 PEER_FAILURE_MODES = ("raise", "local")
@@ -22,8 +22,8 @@ PEER_FAILURE_MODES = ("raise", "local")
 
 class DistRuntime(RuntimeBase):
     def __init__(self, model, codebooks, *, group=None, class_token="auto", timeout=DEFAULT_TIMEOUT_S,
-                 kv_tables="auto", overlap=True, on_peer_failure="raise", profile=False):
-        super().__init__(model, codebooks, class_token)
+                 kv_tables="auto", overlap=True, on_peer_failure="raise", profile=False, split=DEFAULT_SPLIT):
+        super().__init__(model, codebooks, class_token, split)
         if on_peer_failure not in PEER_FAILURE_MODES:
             raise ValueError(f"on_peer_failure must be one of {PEER_FAILURE_MODES}, got {on_peer_failure!r}")
         self.on_peer_failure = on_peer_failure
@@ -39,6 +39,8 @@ class DistRuntime(RuntimeBase):
         self.kv_tables = kv_tables
         self.tables: Optional[List] = None
         self._local = None
+        self._kv_ranks: List[int] = []       # the ranks whose tokens this rank's queries can attend to
+        self._rg: Optional[torch.Tensor] = None     # their global indices
         self.calls = 0                       # forwards so far (every rank counts the same; agreed every call)
         self.broken: Optional[str] = None    # why the process group can not be used again, after a PeerError
         self.local_fallback = False          # the last forward ran on this rank alone (on_peer_failure="local")
@@ -156,14 +158,22 @@ class DistRuntime(RuntimeBase):
         prof = self.profiler
         if prof is not None:
             prof.mark(layer, prof_.QKV)
-        others = [s for s in range(self.world) if s != self.rank]
-        lg = self._local
-        rg = torch.cat([ctx.chunks[s] for s in others]) if others else lg[:0]
+        others, lg, rg = self._kv_ranks, self._local, self._rg
         lm, rm = key_masks(ctx, lg, rg)
         fam = self.fam
         common = dict(q_pos=lg, causal=fam.causal, local_mask=lm, scale=scaling)
+        if not others:      # one rank, or causal and no earlier rank: local keys only, while the codes travel
+            o = ak.attention_local(q, k, v, **common).to(q.dtype).transpose(1, 2).contiguous()
+            if prof is not None:
+                prof.mark(layer, prof_.LOCAL_ATTN)
+            pend.wait()
+            if prof is not None:
+                prof.mark(layer, prof_.WAIT)
+            if ctx.capture is not None:
+                ctx.capture[layer] = (k, v)
+            return o, None
         local_part = None
-        if self.overlap and others:
+        if self.overlap:
             # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
             local_part = ak.attention_local(q, k, v, return_lse=True, **common)
             if prof is not None:
@@ -171,11 +181,6 @@ class DistRuntime(RuntimeBase):
         parts = pend.wait()
         if prof is not None:
             prof.mark(layer, prof_.WAIT)
-        if not others:
-            o = ak.attention_local(q, k, v, **common)
-            if ctx.capture is not None:
-                ctx.capture[layer] = (k, v)
-            return o.to(q.dtype).transpose(1, 2).contiguous(), None
         nonlocal_kw = dict(common, kv_pos=rg, remote_mask=rm, return_lse=local_part is not None)
         lk, lv = (k, v) if local_part is None else (None, None)     # None: the non-local-only pass
         k_hat = v_hat = None
@@ -256,8 +261,14 @@ class DistRuntime(RuntimeBase):
 
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
-        ctx = make_ctx(fam, inputs, self.world, self.cls)
-        local = local_indices(ctx.T, self.world, self.rank, ctx.cls).to(ctx.chunks[0].device)
+        ctx = make_ctx(fam, inputs, self.world, self.cls, self.split_costs)
+        local = local_indices(ctx.T, self.world, self.rank, ctx.cls, self.split_costs).to(ctx.chunks[0].device)
+        others = [s for s in range(self.world) if s != self.rank]
+        if fam.causal:      # a causal query never attends to a later key: skip the ranks holding only later tokens
+            top = int(local[-1])
+            others = [s for s in others if int(ctx.chunks[s][0]) <= top]
+        self._kv_ranks = others
+        self._rg = torch.cat([ctx.chunks[s] for s in others]) if others else local[:0]
         call = dict(inputs)
         if fam.decoder:
             for key in ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids"):
@@ -288,7 +299,8 @@ class DistRuntime(RuntimeBase):
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
                          model=self._model_digest, codebooks=self._cb_digest,
                          values=b"\0" * 16 if err else inputs_digest(inputs),
-                         text=f"{type(err).__name__}: {err}" if err else describe_inputs(inputs))
+                         text=f"{type(err).__name__}: {err}" if err
+                         else f"{describe_inputs(inputs)}; split {self.split}")
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
@@ -389,7 +401,7 @@ class ParallelModel:
     forward = __call__
 
     def local_indices(self, seq_len: int) -> torch.Tensor:
-        return local_indices(seq_len, self.world_size, self.rank, self.class_token)
+        return local_indices(seq_len, self.world_size, self.rank, self.class_token, self._rt.split_costs)
 
     def gather(self, out):
         """Full outputs (same type as ``model(**inputs)``) from every rank's local outputs (collective)."""
@@ -399,7 +411,7 @@ class ParallelModel:
             raise AstraError("gather() needs a forward first")
         rt, T = self._rt, self._last_T
         cls = rt.cls
-        lengths = [int(c.numel()) for c in split_indices(T, rt.world, cls)]
+        lengths = [int(c.numel()) for c in split_indices(T, rt.world, cls, rt.split_costs)]
         seq_keys = ["last_hidden_state"] + (["logits"] if rt.fam.decoder else [])
         fields = {}
         for key, val in out.items():
@@ -443,7 +455,7 @@ class ParallelModel:
 
 def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeout: float = DEFAULT_TIMEOUT_S,
                 kv_tables="auto", overlap: bool = True, on_peer_failure: str = "raise",
-                profile: bool = False) -> ParallelModel:
+                profile: bool = False, split: str = DEFAULT_SPLIT) -> ParallelModel:
     """Make ``model`` one ASTRA rank of ``group`` (default: the world group). Patches the model in place
     (attention implementation + hooks; weights untouched); :func:`astra.unpatch` restores it.
 
@@ -454,9 +466,12 @@ def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeou
     non-local part by log-sum-exp (else one fused pass after the codes arrive). ``on_peer_failure``: ``"raise"``
     (PeerError) or ``"local"``: a survivor computes the whole forward alone in full precision (RuntimeWarning,
     ``pm.degraded``, ``LayerStats.local_fallback``). Failure semantics: docs/runtime.md, "Failures".
-    ``profile``: time every phase of every layer (:mod:`astra.profile`; ``pm.breakdown``); off by default."""
+    ``profile``: time every phase of every layer (:mod:`astra.profile`; ``pm.breakdown``); off by default.
+    ``split``: the token split, the same on every rank and in :func:`astra.simulate` (:data:`astra.split.SPLITS`:
+    ``"even"``, ``"balanced"``: causal attention work balanced, the last rank holding fewer tokens, or
+    ``"auto"``); the input agreement rejects ranks given different splits."""
     cb = as_codebooks(codebooks, model)
     rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
-                     overlap=overlap, on_peer_failure=on_peer_failure, profile=profile)
+                     overlap=overlap, on_peer_failure=on_peer_failure, profile=profile, split=split)
     rt.install()
     return ParallelModel(model, rt)
