@@ -11,10 +11,13 @@ from .models import Family
 #: the split modes: "even" (``torch.tensor_split``), "balanced" (causal work balanced, :func:`causal_costs`),
 #: "auto" (balanced for causal models, even otherwise)
 SPLITS = ("auto", "even", "balanced")
-#: the split of astra.parallelize and astra.simulate unless told otherwise
-DEFAULT_SPLIT = "even"
-#: CPU flash attention's time per multiply-add relative to a GEMM's (measured with astra.profile, GPT-2 shape)
-ATTENTION_MAC_COST = 2.0
+#: the split of astra.parallelize and astra.simulate unless told otherwise (balanced for causal models: on
+#: GPT-2 shape, T = 1024, 2 ranks it cut the busier rank's CPU time per forward by 2 % (G = 1), 8 % (G = 32)
+#: and 12 % (full precision) against the even split; bench/runtime_ab.py)
+DEFAULT_SPLIT = "auto"
+#: CPU flash attention's time per multiply-add relative to a GEMM's: 1.0 left the last rank busier, 2.0 the
+#: first (per-rank CPU time, GPT-2 shape, bench/runtime_ab.py)
+ATTENTION_MAC_COST = 1.5
 
 
 def split_indices(seq_len: int, world_size: int, class_token: bool,
