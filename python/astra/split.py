@@ -12,8 +12,8 @@ from .models import Family
 #: "auto" (balanced for causal models, even otherwise)
 SPLITS = ("auto", "even", "balanced")
 #: the split of astra.parallelize and astra.simulate unless told otherwise (balanced for causal models: on
-#: GPT-2 shape, T = 1024, 2 ranks it cut the busier rank's CPU time per forward by 2 % (G = 1), 8 % (G = 32)
-#: and 12 % (full precision) against the even split; bench/runtime_ab.py)
+#: GPT-2 shape, 12 layers, T = 1024, 2 ranks x 1 thread, interleaved, median of 5, the forward went from
+#: 1.507 to 1.368 s at G = 1 and from 1.901 to 1.649 s at G = 32 against the even split; bench/runtime_ab.py)
 DEFAULT_SPLIT = "auto"
 #: CPU flash attention's time per multiply-add relative to a GEMM's: 1.0 left the last rank busier, 2.0 the
 #: first (per-rank CPU time, GPT-2 shape, bench/runtime_ab.py)
