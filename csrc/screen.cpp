@@ -144,10 +144,12 @@ constexpr int kVecs = 4;
 
 #ifdef ASTRA_X86
 // R rows against V vectors (16 V codewords) per step: R V accumulators, the x values broadcast from memory.
-template <int R, int V>
+// DGC > 0: the group dim known at compile time (the dim loop unrolled); 0: DG at run time.
+template <int R, int V, int DGC>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void small_group_avx512(const float* x, int64_t ldx,
                                                                              const float* cbg, int64_t kb0,
-                                                                             int64_t kb1, int64_t DG, Best* best) {
+                                                                             int64_t kb1, int64_t DG_, Best* best) {
+  const int64_t DG = DGC > 0 ? DGC : DG_;
   alignas(64) float tmp[16];
   const __m512 m2 = _mm512_set1_ps(-2.f);
   __m512 thr[R];
@@ -202,7 +204,13 @@ void small_group_rows(const float* x, int64_t ldx, const float* cbg, int64_t kb0
                       Best* best) {
 #ifdef ASTRA_X86
   if (have_avx512()) {
-    small_group_avx512<R, kVecs>(x, ldx, cbg, kb0, kb1, DG, best);  // padding columns: -inf scores, never pushed
+    // padding columns: -inf scores, never pushed
+    if (DG == 24)
+      small_group_avx512<R, kVecs, 24>(x, ldx, cbg, kb0, kb1, DG, best);   // G = 32 of 768
+    else if (DG == 12)
+      small_group_avx512<R, kVecs, 12>(x, ldx, cbg, kb0, kb1, DG, best);   // G = 32 of 384, G = 64 of 768
+    else
+      small_group_avx512<R, kVecs, 0>(x, ldx, cbg, kb0, kb1, DG, best);
     return;
   }
 #endif

@@ -9,6 +9,8 @@ import torch
 from test_runtime_support import tiny_inputs, tiny_model
 
 import astra
+from astra.models import family_of
+from astra.split import DEFAULT_SPLIT, resolve_split
 
 TOL = 1e-4
 
@@ -119,7 +121,9 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
             assert f"injected fault at {where}" in msg
         nan = out["2b_fail_attn1_nan"][0]
         assert nan.startswith(f"RankFailedError: astra rank {rank}/{world}: rank {last} failed in layer 1"), nan
-        tok = int(astra.local_indices(12, world, last, False)[2])
+        model = tiny_model("gpt2")
+        costs = resolve_split(family_of(model), astra.Codebooks.random(model, groups=1, codebook_size=8), DEFAULT_SPLIT)
+        tok = int(astra.local_indices(12, world, last, False, costs)[2])
         assert f"NonFiniteError: astra rank {last}/{world}, layer 1:" in nan and f"at token {tok} (batch row 0;" in nan
         assert out["3_stale"][0].startswith(f"AstraError: astra rank {rank}/{world}: this ParallelModel was "
                                             "unpatched"), out["3_stale"]

@@ -49,7 +49,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
                "local_len": {k: v.shape[1] for k, v in local.items() if isinstance(v, torch.Tensor) and v.dim() == 3},
                "local_idx": pm.last_local_indices.tolist(), "vs_sim": {}, "vs_ref": {},
                "bits": None if cb is None else cb.bits, "type_ok": type(full) is type(ref),
-               "tables": pm._rt.tables is not None}
+               "tables": pm._rt.tables is not None, "costs": pm._rt.split_costs}
         rec["dropped"] = sorted(k for k, r in ref.items() if isinstance(r, torch.Tensor) and full.get(k) is None)
         rec["local_dropped"] = sorted(k for k, r in ref.items() if isinstance(r, torch.Tensor) and local.get(k) is None)
         for key, r in ref.items():
@@ -86,9 +86,9 @@ def check(results_per_rank, world):
                 for key, d in rec["vs_ref"].items():
                     assert d < TOL, (rank, rec["case"], key, d)
             cls = family == "vit" or class_token == "distributed"
-            chunks = astra.split_indices(rec["T"], world, cls)
+            chunks = astra.split_indices(rec["T"], world, cls, rec["costs"])
             n = [len(c) for c in chunks]
-            assert rec["local_idx"] == astra.local_indices(rec["T"], world, rank, cls).tolist()
+            assert rec["local_idx"] == astra.local_indices(rec["T"], world, rank, cls, rec["costs"]).tolist()
             for layer, (sent, recv, wire, wait) in enumerate(rec["stats"]):
                 B = rec["B"]
                 if G is None:

@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from test_runtime_support import main_output, tiny_inputs, tiny_model
 
 import astra
+from astra.models import family_of
+from astra.split import DEFAULT_SPLIT, resolve_split
 
 FAMILIES = ["gpt2", "llama", "bert", "vit"]
 TOL = 1e-4
@@ -73,7 +75,8 @@ def test_quantized_nonlocal_changes_output_and_is_deterministic():
     assert torch.equal(a, b)
     assert float((a - ref).abs().max()) > 1e-3
     # causal: the first rank's queries see no non-local key (all non-local tokens come later)
-    first = astra.split_indices(inputs["input_ids"].shape[1], 2, False)[0]
+    first = astra.split_indices(inputs["input_ids"].shape[1], 2, False,
+                                resolve_split(family_of(model), cb, DEFAULT_SPLIT))[0]
     assert float((a[:, first] - ref[:, first]).abs().max()) < TOL
 
 

@@ -401,3 +401,18 @@ def test_inference_mode_tensors_are_encoded_and_cached_by_content():
         assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
         cb[1, 5, 3] += 0.25                                           # a single element changed
         assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
+
+
+def test_codebook_preparation_is_kept_for_every_layer_of_a_deep_model():
+    """A forward encodes with one codebook per layer in turn: each preparation must survive a full cycle through
+    the layers (with room for 8 only, a 12-layer model re-prepared every codebook on every layer)."""
+    g = torch.Generator().manual_seed(3)
+    cbs = [torch.randn(1, 16, 8, generator=g) for _ in range(24)]
+    x = torch.randn(5, 8, generator=g)
+    first = []
+    for c in cbs:
+        ak.vq_encode(x, c)
+        first.append(vq._prep(c))
+    for c, p in zip(cbs, first):
+        ak.vq_encode(x, c)
+        assert vq._prep(c) is p

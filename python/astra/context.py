@@ -42,10 +42,10 @@ def key_masks(ctx: Ctx, q_idx: torch.Tensor, r_idx: torch.Tensor):
     return ctx.mask[:, q_idx], ctx.mask[:, r_idx]
 
 
-def make_ctx(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool) -> Ctx:
+def make_ctx(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool, costs=None) -> Ctx:
     B, T = seq_geometry(fam, inputs)
     dev = next(fam.model.parameters()).device
-    chunks = [c.to(dev) for c in split_indices(T, world_size, cls)]
+    chunks = [c.to(dev) for c in split_indices(T, world_size, cls, costs)]
     mask = inputs.get("attention_mask")
     if mask is not None:
         if mask.shape != (B, T):

@@ -73,7 +73,7 @@ class Forward:
         return self.rt.cls
 
     def chunks(self) -> List[torch.Tensor]:
-        return split_indices(self.T, self.rt.world, self.cls)
+        return split_indices(self.T, self.rt.world, self.cls, self.rt.split_costs)
 
     def class_holder(self) -> Optional[int]:
         """The rank whose class token is the model's (None: every rank's is, distributed class tokens)."""

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 import astra_kernels as ak
+from . import profile as prof_
 from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks, make_ctx
@@ -16,7 +17,7 @@ from .generation import Heartbeat, check_generation, hf_generate, prepare_prompt
 from .inputs import seq_geometry, validate_inputs
 from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
 from .runtime import RuntimeBase
-from .split import local_indices
+from .split import DEFAULT_SPLIT, local_indices
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
 
 PEER_FAILURE_MODES = ("raise", "local")
@@ -25,8 +26,8 @@ GEN_RESULT, GEN_FAILED, GEN_ALIVE = 0, 1, 2      # generate's result header: tok
 
 class DistRuntime(RuntimeBase):
     def __init__(self, model, codebooks, *, group=None, class_token="auto", timeout=DEFAULT_TIMEOUT_S,
-                 kv_tables="auto", overlap=True, on_peer_failure="raise"):
-        super().__init__(model, codebooks, class_token)
+                 kv_tables="auto", overlap=True, on_peer_failure="raise", profile=False, split=DEFAULT_SPLIT):
+        super().__init__(model, codebooks, class_token, split)
         if on_peer_failure not in PEER_FAILURE_MODES:
             raise ValueError(f"on_peer_failure must be one of {PEER_FAILURE_MODES}, got {on_peer_failure!r}")
         self.on_peer_failure = on_peer_failure
@@ -37,9 +38,13 @@ class DistRuntime(RuntimeBase):
         self.rank = self.transport.rank
         self.world = self.transport.world
         self.stats: List[LayerStats] = []
+        # the per-layer time breakdown (astra.profile); None: off, and the forward does nothing extra
+        self.profiler = prof_.Profiler(self.fam.num_layers, p.device) if profile else None
         self.kv_tables = kv_tables
         self.tables: Optional[List] = None
         self._local = None
+        self._kv_ranks: List[int] = []       # the ranks whose tokens this rank's queries can attend to
+        self._rg: Optional[torch.Tensor] = None     # their global indices
         self.calls = 0                       # forwards so far (every rank counts the same; agreed every call)
         self.broken: Optional[str] = None    # why the process group can not be used again, after a PeerError
         self.local_fallback = False          # the last forward ran on this rank alone (on_peer_failure="local")
@@ -123,11 +128,20 @@ class DistRuntime(RuntimeBase):
         st = self.stats[layer]
         st.tokens_sent = ctx.B * lengths[self.rank]
         what = f"layer {layer} all-gather"
+        prof = self.profiler
+        if prof is not None:
+            prof.mark(layer - 1, prof_.REST) if layer else prof.mark_outside(prof_.BEFORE)
         if self.codebooks is None:
             payload = send.contiguous().reshape(-1).view(torch.uint8)
+        elif prof is not None:       # the two steps of encode_and_pack, timed apart (byte-identical frames)
+            codes = ak.vq_encode(send, self._cb[layer])
+            prof.mark(layer, prof_.ENCODE)
+            payload = ak.pack_codes(codes, self.codebooks.bits)
         else:
             payload = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
         ctx.state[layer] = self._exchange(payload, self._layer_sizes(), st, what)
+        if prof is not None:
+            prof.mark(layer, prof_.PACK)
 
     def _rows(self, payload: torch.Tensor) -> torch.Tensor:
         """A rank's raw hidden states ``[B, n, D]`` from its full-precision payload bytes."""
@@ -145,34 +159,52 @@ class DistRuntime(RuntimeBase):
         ctx = self.ctx
         layer = module._astra_layer
         pend = ctx.state.pop(layer)
-        others = [s for s in range(self.world) if s != self.rank]
-        lg = self._local
-        rg = torch.cat([ctx.chunks[s] for s in others]) if others else lg[:0]
+        prof = self.profiler
+        if prof is not None:
+            prof.mark(layer, prof_.QKV)
+        others, lg, rg = self._kv_ranks, self._local, self._rg
         lm, rm = key_masks(ctx, lg, rg)
         fam = self.fam
         common = dict(q_pos=lg, causal=fam.causal, local_mask=lm, scale=scaling)
-        local_part = None
-        if self.overlap and others:
-            # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
-            local_part = ak.attention_local(q, k, v, return_lse=True, **common)
-        parts = pend.wait()
-        if not others:
-            o = ak.attention_local(q, k, v, **common)
+        if not others:      # one rank, or causal and no earlier rank: local keys only, while the codes travel
+            o = ak.attention_local(q, k, v, **common).to(q.dtype).transpose(1, 2).contiguous()
+            if prof is not None:
+                prof.mark(layer, prof_.LOCAL_ATTN)
+            pend.wait()
+            if prof is not None:
+                prof.mark(layer, prof_.WAIT)
             if ctx.capture is not None:
                 ctx.capture[layer] = (k, v)
-            return o.to(q.dtype).transpose(1, 2).contiguous(), None
+            return o, None
+        local_part = None
+        if self.overlap:
+            # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
+            local_part = ak.attention_local(q, k, v, return_lse=True, **common)
+            if prof is not None:
+                prof.mark(layer, prof_.LOCAL_ATTN)
+        parts = pend.wait()
+        if prof is not None:
+            prof.mark(layer, prof_.WAIT)
         nonlocal_kw = dict(common, kv_pos=rg, remote_mask=rm, return_lse=local_part is not None)
         lk, lv = (k, v) if local_part is None else (None, None)     # None: the non-local-only pass
         k_hat = v_hat = None
         if self.codebooks is None:
             h_hat = torch.cat([self._rows(parts[s]) for s in others], dim=1)
+            if prof is not None:
+                prof.mark(layer, prof_.UNPACK)
             k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
+            if prof is not None:
+                prof.mark(layer, prof_.NONLOCAL_KV)
             res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
         else:
             codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
+            if prof is not None:
+                prof.mark(layer, prof_.UNPACK)
             use_table = self.tables is not None and (not fam.rope or ctx.default_pos)
             if ctx.capture is not None or not use_table:
                 k_hat, v_hat = self.remote_kv(module, self.decode(layer, codes, q.dtype), self._pos_for(rg))
+            if prof is not None:
+                prof.mark(layer, prof_.NONLOCAL_KV)
             if use_table:
                 kt, vt = self.tables[layer]
                 cos, sin = self._rope_table(q.dtype) if fam.rope else (None, None)
@@ -186,7 +218,10 @@ class DistRuntime(RuntimeBase):
             K[:, :, lg], V[:, :, lg] = k, v
             K[:, :, rg], V[:, :, rg] = k_hat.to(K.dtype), v_hat.to(V.dtype)
             ctx.capture[layer] = (K, V)
-        return o.to(q.dtype).transpose(1, 2).contiguous(), None
+        o = o.to(q.dtype).transpose(1, 2).contiguous()
+        if prof is not None:
+            prof.mark(layer, prof_.ATTN)
+        return o, None
 
     # -- one forward -----------------------------------------------------------------------------
     def run(self, inputs: Dict[str, Any], capture: bool = False, request: str = "",
@@ -198,16 +233,24 @@ class DistRuntime(RuntimeBase):
         self.local_fallback = False
         if self.broken is not None:
             return self._after_peer_failure(inputs, None)
+        if self.profiler is not None:
+            self.profiler.start()
         try:
             checked = self._agree(inputs, request, request_error)
         except PeerError as e:
             return self._after_peer_failure(inputs, e)
         ctx, local, call = self._prepare(checked, capture)
+        prof = self.profiler
         try:
             with torch.no_grad():
                 out = self.model(**call)
+            if prof is not None:
+                prof.mark(self.fam.num_layers - 1, prof_.REST)
             status = torch.zeros(0, dtype=torch.uint8, device=local.device)    # the envelope carries the status
             self._exchange(status, [0] * self.world, None, "end-of-forward status").wait()
+            if prof is not None:
+                prof.mark_outside(prof_.AFTER)
+                prof.stop()
         except RankFailedError:
             raise
         except PeerError as e:
@@ -242,8 +285,14 @@ class DistRuntime(RuntimeBase):
 
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
-        ctx = make_ctx(fam, inputs, self.world, self.cls)
-        local = local_indices(ctx.T, self.world, self.rank, ctx.cls).to(ctx.chunks[0].device)
+        ctx = make_ctx(fam, inputs, self.world, self.cls, self.split_costs)
+        local = local_indices(ctx.T, self.world, self.rank, ctx.cls, self.split_costs).to(ctx.chunks[0].device)
+        others = [s for s in range(self.world) if s != self.rank]
+        if fam.causal:      # a causal query never attends to a later key: skip the ranks holding only later tokens
+            top = int(local[-1])
+            others = [s for s in others if int(ctx.chunks[s][0]) <= top]
+        self._kv_ranks = others
+        self._rg = torch.cat([ctx.chunks[s] for s in others]) if others else local[:0]
         call = dict(inputs)
         if fam.decoder:
             for key in ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids"):
@@ -276,7 +325,8 @@ class DistRuntime(RuntimeBase):
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
                          model=self._model_digest, codebooks=self._cb_digest,
                          values=b"\0" * 16 if err else digest(inputs_digest(inputs), request),
-                         text=f"{type(err).__name__}: {err}" if err else request + describe_inputs(inputs))
+                         text=f"{type(err).__name__}: {err}" if err
+                         else f"{request}{describe_inputs(inputs)}; split {self.split}")
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
@@ -359,6 +409,12 @@ class ParallelModel:
         return list(self._rt.stats)
 
     @property
+    def breakdown(self) -> Optional[prof_.Breakdown]:
+        """Per-layer time breakdown of this rank's last forward (``parallelize(..., profile=True)``; else None)."""
+        p = self._rt.profiler
+        return None if p is None else p.last
+
+    @property
     def degraded(self) -> bool:
         """True when the last forward ran on this rank alone after a peer failure (``on_peer_failure="local"``);
         its output is then the whole sequence's, and :meth:`gather` returns it unchanged."""
@@ -402,7 +458,7 @@ class ParallelModel:
         return None if fw.dst is not None and fw.dst != self.rank else res
 
     def local_indices(self, seq_len: int) -> torch.Tensor:
-        return local_indices(seq_len, self.world_size, self.rank, self.class_token)
+        return local_indices(seq_len, self.world_size, self.rank, self.class_token, self._rt.split_costs)
 
     def gather(self, out, dst: Optional[int] = None):
         """Full outputs (same type as ``model(**inputs)``) from this rank's local outputs ``out`` of the last
@@ -510,7 +566,8 @@ class ParallelModel:
 
 
 def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeout: float = DEFAULT_TIMEOUT_S,
-                kv_tables="auto", overlap: bool = True, on_peer_failure: str = "raise") -> ParallelModel:
+                kv_tables="auto", overlap: bool = True, on_peer_failure: str = "raise",
+                profile: bool = False, split: str = DEFAULT_SPLIT) -> ParallelModel:
     """Make ``model`` one ASTRA rank of ``group`` (default: the world group). Patches the model in place
     (attention implementation + hooks; weights untouched); :func:`astra.unpatch` restores it.
 
@@ -520,9 +577,13 @@ def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeou
     ``overlap``: run the local attention while the layer's codes are in flight and merge it with the
     non-local part by log-sum-exp (else one fused pass after the codes arrive). ``on_peer_failure``: ``"raise"``
     (PeerError) or ``"local"``: a survivor computes the whole forward alone in full precision (RuntimeWarning,
-    ``pm.degraded``, ``LayerStats.local_fallback``). Failure semantics: docs/runtime.md, "Failures"."""
+    ``pm.degraded``, ``LayerStats.local_fallback``). Failure semantics: docs/runtime.md, "Failures".
+    ``profile``: time every phase of every layer (:mod:`astra.profile`; ``pm.breakdown``); off by default.
+    ``split``: the token split, the same on every rank and in :func:`astra.simulate` (:data:`astra.split.SPLITS`:
+    ``"even"``, ``"balanced"``: causal attention work balanced, the last rank holding fewer tokens, or
+    ``"auto"``); the input agreement rejects ranks given different splits."""
     cb = as_codebooks(codebooks, model)
     rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
-                     overlap=overlap, on_peer_failure=on_peer_failure)
+                     overlap=overlap, on_peer_failure=on_peer_failure, profile=profile, split=split)
     rt.install()
     return ParallelModel(model, rt)

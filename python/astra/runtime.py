@@ -21,7 +21,7 @@ from .codebooks import Codebooks
 from .context import Ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .models import family_of
-from .split import resolve_class_token
+from .split import resolve_class_token, resolve_split
 
 ATTN_NAME = "astra"
 _REGISTERED = False
@@ -54,13 +54,15 @@ def _register() -> None:
 class RuntimeBase:
     """Installs hooks + the attention implementation on a model; subclasses fill in the per-layer work."""
 
-    def __init__(self, model, codebooks: Optional[Codebooks], class_token="auto"):
+    def __init__(self, model, codebooks: Optional[Codebooks], class_token="auto", split="even"):
         self.fam = family_of(model)
         if self.fam.model.training:
             raise AstraError("astra runs inference only: call model.eval() first")
         self.model = model
         self.codebooks = codebooks
         self.cls = resolve_class_token(self.fam, class_token)
+        self.split = split
+        self.split_costs = resolve_split(self.fam, codebooks, split)    # split_indices' costs (None: even)
         self.ctx: Optional[Ctx] = None
         self.layer: Optional[int] = None          # the layer the current forward is in (for error messages)
         self._handles = []

@@ -11,6 +11,7 @@ from .codebooks import as_codebooks
 from .context import key_masks, make_ctx
 from .inputs import validate_inputs
 from .runtime import RuntimeBase
+from .split import DEFAULT_SPLIT
 
 
 class SimRuntime(RuntimeBase):
@@ -20,8 +21,8 @@ class SimRuntime(RuntimeBase):
     # True in astra.training's subclass: run() keeps autograd on (the caller's grad mode applies)
     differentiable = False
 
-    def __init__(self, model, codebooks, world_size: int, class_token="auto"):
-        super().__init__(model, codebooks, class_token)
+    def __init__(self, model, codebooks, world_size: int, class_token="auto", split=DEFAULT_SPLIT):
+        super().__init__(model, codebooks, class_token, split)
         self.N = int(world_size)
 
     # extended-sequence index of global index g (non-class tokens)
@@ -103,7 +104,7 @@ class SimRuntime(RuntimeBase):
     def run(self, inputs: Dict[str, Any], capture: bool = False):
         inputs = validate_inputs(self.fam, inputs, self.N, self.cls)
         self.layer = None
-        self.ctx = make_ctx(self.fam, inputs, self.N, self.cls)
+        self.ctx = make_ctx(self.fam, inputs, self.N, self.cls, self.split_costs)
         if capture:
             self.ctx.capture = {}
         try:
@@ -116,23 +117,26 @@ class SimRuntime(RuntimeBase):
             self.ctx = None
 
 
-def simulate(model, inputs: Dict[str, Any], *, world_size: int, codebooks=None, class_token="auto"):
+def simulate(model, inputs: Dict[str, Any], *, world_size: int, codebooks=None, class_token="auto",
+             split: str = DEFAULT_SPLIT):
     """Compute, in one process, exactly what ``world_size`` ASTRA ranks compute; return ``model(**inputs)``'s
     output type for the whole sequence.
 
     ``codebooks=None`` is full-precision sequence parallelism (equals the unmodified model).
     ``class_token``: ``"auto"`` (distributed for ViT, single for BERT), ``"distributed"`` or ``"none"``.
+    ``split``: the token split (:data:`astra.split.SPLITS`); must be :func:`astra.parallelize`'s to match it.
     """
     out, _ = simulate_with_context(model, inputs, world_size=world_size, codebooks=codebooks,
-                                   class_token=class_token)
+                                   class_token=class_token, split=split)
     return out
 
 
-def simulate_with_context(model, inputs, *, world_size, codebooks=None, class_token="auto", capture=False):
+def simulate_with_context(model, inputs, *, world_size, codebooks=None, class_token="auto", capture=False,
+                          split=DEFAULT_SPLIT):
     """``simulate``'s output and the forward's :class:`~astra.context.Ctx` (with ``capture``: every layer's K/V
     as the last rank sees them, for generation)."""
     cb = as_codebooks(codebooks, model)
-    rt = SimRuntime(model, cb, world_size, class_token)
+    rt = SimRuntime(model, cb, world_size, class_token, split)
     rt.install()
     try:
         return rt.run(inputs, capture=capture)

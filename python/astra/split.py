@@ -1,16 +1,33 @@
 """The token split: which tokens each rank holds (docs/runtime.md, "Split")."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 
 from .errors import UnsupportedModelError
 from .models import Family
 
+#: the split modes: "even" (``torch.tensor_split``), "balanced" (causal work balanced, :func:`causal_costs`),
+#: "auto" (balanced for causal models, even otherwise)
+SPLITS = ("auto", "even", "balanced")
+#: the split of astra.parallelize and astra.simulate unless told otherwise (balanced for causal models: on
+#: GPT-2 shape, 12 layers, T = 1024, 2 ranks x 1 thread, interleaved, median of 5, the forward went from
+#: 1.507 to 1.368 s at G = 1 and from 1.901 to 1.649 s at G = 32 against the even split; bench/runtime_ab.py)
+DEFAULT_SPLIT = "auto"
+#: CPU flash attention's time per multiply-add relative to a GEMM's: 1.0 left the last rank busier, 2.0 the
+#: first (per-rank CPU time, GPT-2 shape, bench/runtime_ab.py)
+ATTENTION_MAC_COST = 1.5
 
-def split_indices(seq_len: int, world_size: int, class_token: bool) -> List[torch.Tensor]:
-    """Global indices of the non-replicated tokens of each rank (``torch.tensor_split`` order)."""
+
+def split_indices(seq_len: int, world_size: int, class_token: bool,
+                  costs: Optional[Tuple[float, float]] = None) -> List[torch.Tensor]:
+    """Global indices of the non-replicated tokens of each rank, contiguous and in rank order.
+
+    ``costs=None``: the even split (``torch.tensor_split`` order). ``costs=(pair, key)``: the causal split that
+    balances ``n + pair * (n * p + n * (n + 1) / 2) + key * p`` (``key <= 1``) over the ranks, for a rank
+    holding ``n`` tokens after ``p`` earlier ones (per-token work, causal attention pairs, non-local keys;
+    :func:`causal_costs`)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     start = 1 if class_token else 0
@@ -18,12 +35,71 @@ def split_indices(seq_len: int, world_size: int, class_token: bool) -> List[torc
     if n < world_size:
         what = "tokens besides the class token" if class_token else "tokens"
         raise ValueError(f"sequence has {n} {what}; need at least one per rank (world_size={world_size})")
-    return list(torch.tensor_split(torch.arange(start, seq_len), world_size))
+    if costs is None:
+        return list(torch.tensor_split(torch.arange(start, seq_len), world_size))
+    bounds = _balanced_bounds(n, world_size, *costs)
+    return [torch.arange(start + a, start + b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def local_indices(seq_len: int, world_size: int, rank: int, class_token: bool) -> torch.Tensor:
+def _balanced_bounds(n: int, world: int, pair: float, key: float) -> List[int]:
+    """Chunk boundaries ``0 = b_0 < ... < b_world = n`` minimising the largest rank cost (bisection on it)."""
+    if not (pair >= 0 and 0 <= key <= 1):
+        # key <= 1: a token moved to an earlier rank never makes a later rank dearer (so filling greedily is optimal)
+        raise ValueError(f"split costs need pair >= 0 and 0 <= key <= 1, got pair={pair}, key={key}")
+
+    def cost(m: int, p: int) -> float:
+        return m + pair * (m * p + m * (m + 1) / 2) + key * p
+
+    def fill(target: float) -> Optional[List[int]]:
+        bounds = [0]
+        for r in range(world - 1):
+            p, left = bounds[-1], world - 1 - r          # every later rank keeps at least one token
+            lo, hi = 1, n - p - left
+            if hi < 1 or cost(1, p) > target:
+                return None
+            while lo < hi:                               # the most tokens within the target
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if cost(mid, p) <= target else (lo, mid - 1)
+            bounds.append(p + lo)
+        return bounds + [n] if cost(n - bounds[-1], bounds[-1]) <= target else None
+
+    lo, hi = 0.0, cost(n, n)                           # feasible: no rank costs more
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
+    return fill(hi)
+
+
+def causal_costs(fam: Family, codebooks) -> Tuple[float, float]:
+    """``(pair, key)`` of :func:`split_indices` for a causal model: one (query, key) pair of attention (all heads,
+    QK and PV, at :data:`ATTENTION_MAC_COST`) and one non-local key's K/V projection (none with G = 1, whose
+    K/V come from the codeword tables), each relative to one token's per-layer work (the layer's weights, plus
+    the VQ encode). A function of the model and the codebooks only, so every rank and ``simulate`` agree."""
+    layers = fam.num_layers
+    weights = sum(q.numel() for m in fam.base.modules() if not isinstance(m, torch.nn.Embedding)
+                  for q in m.parameters(recurse=False))
+    D = fam.hidden_size
+    token = weights / layers + (0 if codebooks is None else codebooks.codebook_size * D)
+    kv = 2 * D * fam.num_kv_heads * fam.head_dim
+    key = 0 if codebooks is not None and codebooks.groups == 1 else kv
+    return ATTENTION_MAC_COST * 2 * D / token, key / token
+
+
+def resolve_split(fam: Family, codebooks, split: str) -> Optional[Tuple[float, float]]:
+    """The ``costs`` argument of :func:`split_indices` for split mode ``split`` (None: the even split)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "even" or (split == "auto" and not fam.causal):
+        return None
+    if not fam.causal:
+        raise UnsupportedModelError(f"split='balanced' balances causal attention; {fam.name} is bidirectional")
+    return causal_costs(fam, codebooks)
+
+
+def local_indices(seq_len: int, world_size: int, rank: int, class_token: bool,
+                  costs: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """Global indices of the tokens rank ``rank`` holds (its outputs), class token first if replicated."""
-    chunk = split_indices(seq_len, world_size, class_token)[rank]
+    chunk = split_indices(seq_len, world_size, class_token, costs)[rank]
     if class_token:
         return torch.cat([torch.zeros(1, dtype=torch.long), chunk])
     return chunk

@@ -70,6 +70,9 @@ def add_bench_arguments(b) -> None:
     b.add_argument("--predict", action="store_true", help="also measure N=4 and 8 and report the cost model")
     b.add_argument("--predict-worlds", default="4,8", help="N values the cost model predicts (with --predict)")
     b.add_argument("--fit-rates", default="10,100", help="bandwidths (N=2) the cost model is fitted on")
+    b.add_argument("--breakdown", action="store_true",
+                   help="also print every rank's per-layer time breakdown of full-precision SP and ASTRA (extra "
+                   "profiled forwards after the timed ones; astra.profile)")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds to wait on a peer before failing")
 
 
@@ -116,13 +119,28 @@ def check_bench_args(args) -> None:
     args.bench = BenchConfig(models=tuple(models), systems=tuple(systems), rates=tuple(rates), tokens=args.tokens,
                              layers=args.layers, world=args.world_size, repeats=args.repeats,
                              slow_after_s=args.slow_after, link=args.link, loss=args.loss, delay_ms=args.delay,
-                             timeout_s=args.timeout, extra={"worlds": worlds, "fit": fit})
+                             timeout_s=args.timeout, breakdown=args.breakdown, extra={"worlds": worlds, "fit": fit})
 
 
 def title_of(cfg: BenchConfig, world: Optional[int] = None) -> str:
     kind = "real tc-tbf (netns)" if cfg.link == "real" else "emulated"
     return TITLE.format(kind=kind, models=", ".join(cfg.models), layers=cfg.layers, tokens=cfg.tokens,
                         world=world or cfg.world)
+
+
+def breakdown_tables(rows) -> str:
+    """Every rank's breakdown of every profiled row (markdown, one table per rank)."""
+    from ..profile import Breakdown, format_breakdown
+
+    out = []
+    for r in rows:
+        if r["link_kind"] == "emulated" and r["rate_mbit"] is not None:
+            continue        # an emulated link's row is the unshaped run plus a transfer time: same breakdown
+        for rank, d in enumerate(r.get("breakdown") or []):
+            title = (f"### {r['model']} | {r['link']} | {r['label']} | rank {rank}: the median of "
+                     f"{r['runs']} profiled forward(s), ms")
+            out.append(format_breakdown(Breakdown.from_dict(d), title, wall_s=d["wall_s"]))
+    return "\n".join(out)
 
 
 def cmd_bench(args) -> int:
@@ -142,6 +160,8 @@ def cmd_bench(args) -> int:
             "elapsed_s": time.perf_counter() - t0}
     paths = write_all(rows, meta, args.out_dir, stem)
     print(markdown_table(rows))
+    if cfg.breakdown:
+        print(breakdown_tables(rows))
     if args.predict:
         paths.update(report(cfg, rows, predicted, args.out_dir, stem + "-predict"))
     print(f"done in {time.perf_counter() - t0:.0f}s; link: {cfg.link}; wrote " + ", ".join(paths.values()))

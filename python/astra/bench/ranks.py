@@ -59,7 +59,28 @@ def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
     try:
         runs, warm = job["plan"][key]
         times = timed(lambda: pm(**inputs), runs, warm, barrier, job["label"] + SYSTEMS[key] if rank == 0 else "")
-        return {"times": times, **_forward_stats(pm.stats)}
+        res = {"times": times, **_forward_stats(pm.stats)}
+    finally:
+        pm.unpatch()
+    if job.get("breakdown"):
+        res["breakdown"] = _profiled(job, key, cb, model, inputs, barrier)
+    return res
+
+
+def _profiled(job, key, cb, model, inputs, barrier) -> Dict:
+    """``astra.parallelize(profile=True)`` forwards after the timed ones: this rank's breakdown of the forward
+    whose wall time is the median, with that wall time (the caller's ``perf_counter`` around the call)."""
+    import astra
+
+    pm = astra.parallelize(model, cb, timeout=job["timeout_s"], profile=True)
+    try:
+        runs, warm = job["plan"][key]
+        walls, items = [], []
+        for _ in range(max(1, runs)):
+            walls.append(timed(lambda: pm(**inputs), 1, warm and not items, barrier)[0])
+            items.append(pm.breakdown)
+        mid = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
+        return {"wall_s": walls[mid], **items[mid].to_dict()}
     finally:
         pm.unpatch()
 

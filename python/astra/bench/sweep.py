@@ -45,6 +45,7 @@ class BenchConfig:
     loss: float = 0.0
     delay_ms: float = 0.0
     timeout_s: float = 900.0
+    breakdown: bool = False          # also profile the ASTRA / SP systems (astra.profile), every rank
     extra: Dict = field(default_factory=dict)
 
 
@@ -122,7 +123,8 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
             "rate_mbit": rate, "runs": len(times), "median_s": med, "min_s": min(times), "max_s": max(times),
             "slow": len(times) < cfg.repeats, "bytes_sent_per_rank": int(res["bytes_sent"]),
             "frame_bytes": int(res["frame_bytes"]), "link_bytes": int(link_b),
-            "collectives": int(res["collectives"]), "compute_s": max(0.0, med - res["wait_s"]), "times": times}
+            "collectives": int(res["collectives"]), "compute_s": max(0.0, med - res["wait_s"]), "times": times,
+            **({"breakdown": res["breakdown"]} if "breakdown" in res else {})}
 
 
 def emulated_row(base: Dict, rate: float, cfg: BenchConfig) -> Dict:
@@ -142,7 +144,7 @@ def _job(cfg: BenchConfig, rate, kind: str, prepared: Dict, unshaped_rows: Dict,
         models[name] = {"systems": list(plan), "plan": plan, "tp_dir": paths.get("tp_dir"),
                         "codebooks": {k: v for k, v in paths.items() if k in ASTRA_GROUPS}}
     return {"world": world, "tokens": cfg.tokens, "layers": cfg.layers, "models": models,
-            "timeout_s": cfg.timeout_s, "join_timeout_s": 4 * 3600,
+            "timeout_s": cfg.timeout_s, "join_timeout_s": 4 * 3600, "breakdown": cfg.breakdown,
             "link": link_name(kind, rate, cfg.loss, cfg.delay_ms)}
 
 

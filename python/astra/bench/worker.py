@@ -49,6 +49,8 @@ def run_job(job: Dict) -> Dict:
                 per_rank = [r[name][k] for r in ranks]
                 times = [max(r["times"][i] for r in per_rank) for i in range(len(per_rank[0]["times"]))]
                 out[name][k] = dict(per_rank[0], times=times, wait_s=max(r["wait_s"] for r in per_rank))
+                if "breakdown" in per_rank[0]:
+                    out[name][k]["breakdown"] = [r["breakdown"] for r in per_rank]     # every rank's
     return out
 
 

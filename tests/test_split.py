@@ -1,0 +1,98 @@
+"""The balanced causal split (split="balanced"): contiguous, every rank non-empty, the largest rank cost minimal;
+parallelize equals simulate with it; ranks given different splits are stopped by the input agreement."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_runtime_support import tiny_inputs, tiny_model
+
+import astra
+from astra.models import family_of
+from astra.split import causal_costs, resolve_split, split_indices
+
+
+def _cost(n, p, pair, key):
+    return n + pair * (n * p + n * (n + 1) / 2) + key * p
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 300), N=st.integers(1, 6), cls=st.booleans(), pair=st.floats(0, 0.05),
+       key=st.floats(0, 1))
+def test_balanced_split_is_contiguous_and_minimises_the_largest_cost(T, N, cls, pair, key):
+    start = 1 if cls else 0
+    if T - start < N:
+        with pytest.raises(ValueError):
+            split_indices(T, N, cls, (pair, key))
+        return
+    chunks = split_indices(T, N, cls, (pair, key))
+    assert len(chunks) == N and torch.equal(torch.cat(chunks), torch.arange(start, T))
+    sizes = [len(c) for c in chunks]
+    assert min(sizes) >= 1
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    worst = max(_cost(b - a, a, pair, key) for a, b in zip(bounds[:-1], bounds[1:]))
+    for i in range(1, N):              # moving any one boundary by one token never lowers the largest cost
+        for d in (-1, 1):
+            nb = list(bounds)
+            nb[i] += d
+            if all(b > a for a, b in zip(nb[:-1], nb[1:])):
+                assert max(_cost(b - a, a, pair, key) for a, b in zip(nb[:-1], nb[1:])) >= worst - 1e-9
+    if pair == 0 and key == 0:
+        assert max(sizes) == -(-(T - start) // N)
+
+
+def test_split_costs_are_checked():
+    with pytest.raises(ValueError, match="0 <= key <= 1"):
+        split_indices(10, 2, False, (0.0, 1.5))
+    with pytest.raises(ValueError, match="pair >= 0"):
+        split_indices(10, 2, False, (-1.0, 0.0))
+
+
+def test_causal_costs_put_fewer_tokens_on_later_ranks():
+    fam = family_of(tiny_model("gpt2"))
+    pair, key = causal_costs(fam, None)
+    assert pair > 0 and key > 0
+    sizes = [len(c) for c in split_indices(1024, 4, False, (pair, key))]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert resolve_split(fam, None, "even") is None and resolve_split(fam, None, "auto") == (pair, key)
+    with pytest.raises(ValueError, match="split must be one of"):
+        resolve_split(fam, None, "uneven")
+    bert = family_of(tiny_model("bert"))
+    assert resolve_split(bert, None, "auto") is None
+    with pytest.raises(astra.UnsupportedModelError, match="bidirectional"):
+        resolve_split(bert, None, "balanced")
+
+
+def _balanced_rank(rank):
+    model = tiny_model("gpt2", head=False)
+    inputs = tiny_inputs("gpt2", seq=40, padded=True)
+    samples = [tiny_inputs("gpt2", seq=16, batch=4, seed=s) for s in (11, 12)]
+    cb = astra.calibrate(model, samples, groups=32, codebook_size=16, iters=4, seed=7)
+    with torch.no_grad():
+        ref = model(**inputs)["last_hidden_state"]
+    out = {}
+    for name, c in (("g32", cb), ("fp", None)):
+        sim = astra.simulate(model, inputs, world_size=2, codebooks=c, split="balanced")["last_hidden_state"]
+        pm = astra.parallelize(model, c, timeout=30.0, split="balanced")
+        full = pm.gather(pm(**inputs))["last_hidden_state"]
+        out[name] = {"vs_sim": float((full - sim).abs().max()), "n": int(pm.last_local_indices.numel())}
+        if c is None:
+            m = inputs["attention_mask"].bool()
+            out[name]["vs_ref"] = float((full - ref).abs()[m].max())
+        pm.unpatch()
+    pm = astra.parallelize(model, cb, timeout=30.0, split="balanced" if rank == 0 else "even")
+    try:
+        pm(**inputs)
+        out["mismatch"] = None
+    except astra.InputMismatchError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+def test_balanced_split_parallelize_equals_simulate_and_mismatch_is_caught():
+    res = astra.launch(_balanced_rank, 2, timeout=60.0)
+    assert res[0]["g32"]["n"] > res[1]["g32"]["n"] and res[0]["g32"]["n"] + res[1]["g32"]["n"] == 40
+    for r in res:
+        assert r["g32"]["vs_sim"] < 1e-4 and r["fp"]["vs_sim"] < 1e-4 and r["fp"]["vs_ref"] < 1e-4
+        assert "split balanced" in r["mismatch"] and "split even" in r["mismatch"]
