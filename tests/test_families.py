@@ -3,7 +3,7 @@ model under full-precision astra.simulate, runs ASTRA; inputs a model does not t
 models, heads and configurations are refused naming what is supported; users register their own family."""
 import pytest
 import torch
-from test_runtime_support import FAMILIES, PAD, tiny_inputs, tiny_model
+from test_runtime_support import FAMILIES, PAD, max_diff, tiny_inputs, tiny_model
 
 import astra
 from astra.models import FamilyAdapter, family_of, linear_kv, register_family, unregister_family
@@ -25,15 +25,11 @@ CASES = [(f, h) for f in FAMILIES for h in HEADS[f]]
 def _worst(ref, out, inputs):
     """Largest difference over every tensor field (padding positions excluded)."""
     worst = 0.0
-    m = inputs.get("attention_mask")
     for key, r in ref.items():
         if not isinstance(r, torch.Tensor):
             continue
         assert out[key] is not None and out[key].shape == r.shape, key
-        d = (out[key] - r).abs()
-        if m is not None and d.dim() >= 2 and d.shape[:2] == m.shape:
-            d = d[m.bool()]
-        worst = max(worst, float(d.max()))
+        worst = max(worst, max_diff(out[key], r, inputs))
     return worst
 
 

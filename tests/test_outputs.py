@@ -4,7 +4,7 @@ task heads (BertForSequenceClassification, ViTForImageClassification, GPT2LMHead
 GPT2ForSequenceClassification) work with no glue."""
 import pytest
 import torch
-from test_runtime_support import tiny_inputs, tiny_model
+from test_runtime_support import tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 from astra.outputs import OUTPUTS, last_positions, register_output
@@ -112,8 +112,7 @@ def _head_cases(rank, bert_inputs):
         res[f"bert_clf_mean_{ct}"] = _d(pm(**bert_inputs, output="mean_pooled"),
                                         masked_mean(base, bert_inputs["attention_mask"]))
         pm.unpatch()
-    samples = [tiny_inputs("bert", seq=16, batch=4, seed=s) for s in (11, 12)]
-    cb = astra.calibrate(clf, samples, groups=32, codebook_size=16, iters=4, seed=7)
+    cb = tiny_codebooks(clf, "bert", 32)
     sim = astra.simulate(clf, bert_inputs, world_size=2, codebooks=cb)
     pm = astra.parallelize(clf, cb, timeout=30)
     res["bert_clf_astra"] = _d(pm(**bert_inputs).logits, sim.logits)

@@ -1,7 +1,7 @@
 """astra.profile: the per-layer time breakdown of one rank (parallelize(..., profile=True)) tiles the forward,
 changes nothing it measures, and is absent when off."""
 import torch
-from test_runtime_support import tiny_inputs, tiny_model
+from test_runtime_support import tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 from astra.profile import OUTSIDE, PHASES, Breakdown, format_breakdown
@@ -12,8 +12,7 @@ def _profiled_rank(rank):
 
     model = tiny_model("gpt2", head=False)
     inputs = tiny_inputs("gpt2", seq=11, padded=False)
-    samples = [tiny_inputs("gpt2", seq=16, batch=4, seed=s) for s in (11, 12)]
-    cb = astra.calibrate(model, samples, groups=1, codebook_size=16, iters=4, seed=7)
+    cb = tiny_codebooks(model, "gpt2", 1)
     plain = astra.parallelize(model, cb, timeout=30.0)
     ref = plain(**inputs)["last_hidden_state"]
     none = plain.breakdown

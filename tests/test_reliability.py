@@ -101,6 +101,9 @@ def _cases(rank):
 def test_every_rank_raises_in_the_same_call_and_recovers(world):
     results = astra.launch(_cases, world, join_timeout=180)
     last = world - 1
+    model = tiny_model("gpt2")      # the last rank's third token, where the NaN case plants its NaN
+    costs = resolve_split(family_of(model), astra.Codebooks.random(model, groups=1, codebook_size=8), DEFAULT_SPLIT)
+    tok = int(astra.local_indices(12, world, last, False, costs)[2])
     for rank, out in enumerate(results):
         for name, (_res, diff) in out.items():
             assert diff < TOL, (rank, name, diff)        # the next call is exact again
@@ -121,9 +124,6 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
             assert f"injected fault at {where}" in msg
         nan = out["2b_fail_attn1_nan"][0]
         assert nan.startswith(f"RankFailedError: astra rank {rank}/{world}: rank {last} failed in layer 1"), nan
-        model = tiny_model("gpt2")
-        costs = resolve_split(family_of(model), astra.Codebooks.random(model, groups=1, codebook_size=8), DEFAULT_SPLIT)
-        tok = int(astra.local_indices(12, world, last, False, costs)[2])
         assert f"NonFiniteError: astra rank {last}/{world}, layer 1:" in nan and f"at token {tok} (batch row 0;" in nan
         assert out["3_stale"][0].startswith(f"AstraError: astra rank {rank}/{world}: this ParallelModel was "
                                             "unpatched"), out["3_stale"]

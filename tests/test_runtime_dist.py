@@ -1,19 +1,11 @@
 """astra.parallelize over real gloo ranks (astra.launch): full-precision SP equals the model, ASTRA equals
 astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes."""
 import torch
-from test_runtime_support import tiny_inputs, tiny_model
+from test_runtime_support import max_diff, tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 
 TOL = 1e-4
-
-
-def _diff(a, b, inputs):
-    d = (a - b).abs()
-    m = inputs.get("attention_mask")
-    if m is not None and d.dim() >= 2 and d.shape[:2] == m.shape:
-        d = d[m.bool()]
-    return float(d.max())
 
 
 def run_cases(rank, cases, timeout=30.0, overlap=True):
@@ -27,8 +19,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
         inputs = tiny_inputs(family, seq=11, padded=padded)
         cb = None
         if G is not None:
-            samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in (11, 12)]
-            cb = astra.calibrate(model, samples, groups=G, codebook_size=16, iters=4, seed=7)
+            cb = tiny_codebooks(model, family, G)
         with torch.no_grad():
             ref = model(**inputs)
         sim = astra.simulate(model, inputs, world_size=world, codebooks=cb, class_token=class_token)
@@ -54,8 +45,8 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
         rec["local_dropped"] = sorted(k for k, r in ref.items() if isinstance(r, torch.Tensor) and local.get(k) is None)
         for key, r in ref.items():
             if isinstance(r, torch.Tensor) and key not in rec["dropped"]:
-                rec["vs_sim"][key] = _diff(full[key], sim[key], inputs)
-                rec["vs_ref"][key] = _diff(full[key], r, inputs)
+                rec["vs_sim"][key] = max_diff(full[key], sim[key], inputs)
+                rec["vs_ref"][key] = max_diff(full[key], r, inputs)
         rec["B"] = (inputs.get("input_ids") if "input_ids" in inputs else inputs["pixel_values"]).shape[0]
         rec["T"] = 17 if family == "vit" else inputs["input_ids"].shape[1]
         results.append(rec)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from test_runtime_support import tiny_inputs, tiny_model
+from test_runtime_support import tiny_codebooks, tiny_inputs, tiny_model
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
@@ -211,11 +211,10 @@ def _family_rank(rank, family):
 def _codebook_rank(rank, family):
     """With codebooks: distributed tokens equal simulate_generate (G = 1 table path, G = 32, left padding)."""
     model = gen_model(family)
-    samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in (21, 22)]
     res = []
     for G, padded in ((1, False), (32, True)):
         inp = tiny_inputs(family, seq=11, padded=padded)
-        cb = astra.calibrate(model, samples, groups=G, codebook_size=16, iters=4, seed=3)
+        cb = tiny_codebooks(model, family, G, sample_seeds=(21, 22), seed=3)
         kw = dict(attention_mask=inp.get("attention_mask"), max_new_tokens=5, do_sample=False)
         sim = astra.simulate_generate(model, inp["input_ids"], world_size=2, codebooks=cb, **kw)
         pm = astra.parallelize(model, cb, timeout=30)

@@ -98,7 +98,18 @@ def main_output(out):
     raise KeyError(list(out.keys()))
 
 
-def valid_rows(family, inputs):
-    """[B, T] bool mask of positions whose outputs are meaningful (non-padding)."""
+def max_diff(a, b, inputs) -> float:
+    """Largest absolute difference of two outputs; padding positions excluded when ``a`` is ``[B, T, ...]``."""
+    d = (a - b).abs()
     m = inputs.get("attention_mask")
-    return None if m is None else m.bool()
+    if m is not None and d.dim() >= 2 and d.shape[:2] == m.shape:
+        d = d[m.bool()]
+    return float(d.max())
+
+
+def tiny_codebooks(model, family: str, groups: int, *, sample_seeds=(11, 12), seed: int = 7):
+    """Small codebooks (K = 16) calibrated on two seeded batches of ``tiny_inputs``."""
+    import astra
+
+    samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in sample_seeds]
+    return astra.calibrate(model, samples, groups=groups, codebook_size=16, iters=4, seed=seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime_support import tiny_inputs, tiny_model
+from test_runtime_support import tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 from astra.models import family_of
@@ -67,8 +67,7 @@ def test_causal_costs_put_fewer_tokens_on_later_ranks():
 def _balanced_rank(rank):
     model = tiny_model("gpt2", head=False)
     inputs = tiny_inputs("gpt2", seq=40, padded=True)
-    samples = [tiny_inputs("gpt2", seq=16, batch=4, seed=s) for s in (11, 12)]
-    cb = astra.calibrate(model, samples, groups=32, codebook_size=16, iters=4, seed=7)
+    cb = tiny_codebooks(model, "gpt2", 32)
     with torch.no_grad():
         ref = model(**inputs)["last_hidden_state"]
     out = {}

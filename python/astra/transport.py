@@ -148,23 +148,11 @@ class Transport:
         return Pending(self, work, outs, sizes, call, slot, what, stats, keep=buf)
 
     def exchange_fixed(self, buf: torch.Tensor, what: str) -> List[torch.Tensor]:
-        """Blocking all-gather of a buffer whose shape every rank knows in advance (the input fingerprint, padded
-        sequences)."""
+        """Blocking all-gather of a buffer whose shape every rank knows in advance (the input fingerprint)."""
         outs = [torch.empty_like(buf) for _ in range(self.world)]
         work = self._issue(lambda: dist.all_gather(outs, buf, group=self.group, async_op=True), what)
         self.wait(work, what)
         return outs
-
-    def all_gather_seq(self, x: torch.Tensor, lengths: Sequence[int], dim: int = 1, what="gather") -> torch.Tensor:
-        """All-gather tensors that differ only in size along ``dim`` (``lengths[s]`` for rank s), concatenated."""
-        n, mx = int(lengths[self.rank]), max(int(s) for s in lengths)
-        x = x.contiguous()
-        if n < mx:
-            pad_shape = list(x.shape)
-            pad_shape[dim] = mx - n
-            x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-        outs = self.exchange_fixed(x, what)
-        return torch.cat([o.narrow(dim, 0, int(lengths[s])) for s, o in enumerate(outs)], dim=dim)
 
     def broadcast_frame(self, payload: Optional[torch.Tensor], nbytes: int, src: int, call: int, slot: int,
                         stats=None, what="broadcast", status: int = STATUS_OK) -> torch.Tensor:
@@ -179,10 +167,8 @@ class Transport:
             buf = torch.cat([envelope(call, slot, status).to(body.device), body])
         else:
             buf = torch.empty(ENVELOPE_NBYTES + n, dtype=torch.uint8, device=self.device)
-        src_global = dist.get_global_rank(self.group, src) if self.group is not None else src
         t0 = time.perf_counter()
-        work = self._issue(lambda: dist.broadcast(buf, src=src_global, group=self.group, async_op=True), what)
-        self.wait(work, what)
+        self._broadcast_into(buf, src, what)
         if stats is not None:
             stats.wait_s += time.perf_counter() - t0
             if self.rank == src:
@@ -196,11 +182,15 @@ class Transport:
         return buf[ENVELOPE_NBYTES:]
 
     def broadcast(self, x: torch.Tensor, src: int, what="broadcast") -> torch.Tensor:
-        y = x.contiguous().clone()
+        """Rank ``src``'s ``x`` on every rank (a copy; every rank passes a tensor of the same shape and dtype)."""
+        return self._broadcast_into(x.contiguous().clone(), src, what)
+
+    def _broadcast_into(self, buf: torch.Tensor, src: int, what: str) -> torch.Tensor:
+        """Blocking broadcast of rank ``src``'s ``buf`` into ``buf`` on every rank (group rank ``src``)."""
         src_global = dist.get_global_rank(self.group, src) if self.group is not None else src
-        work = self._issue(lambda: dist.broadcast(y, src=src_global, group=self.group, async_op=True), what)
+        work = self._issue(lambda: dist.broadcast(buf, src=src_global, group=self.group, async_op=True), what)
         self.wait(work, what)
-        return y
+        return buf
 
 
 def frame_sizes(batch: int, lengths: Sequence[int], groups: int, bits: int) -> List[int]:
