@@ -249,8 +249,7 @@ class _CodebookPrep:
         n = 2 * DG + 2
         self.gamma = n * _U_F32 / (1 - n * _U_F32)
         self._cn64 = cn64
-        self._caug = None
-        self._cbp = None
+        self._cbp = None                 # built on first use; caug is not kept (cbp holds the same values)
 
     @property
     def cbp(self) -> torch.Tensor:
@@ -269,12 +268,11 @@ class _CodebookPrep:
 
     @property
     def caug(self) -> torch.Tensor:
-        """``[G, DG + 1, K]`` fp32: the codebook transposed with a last row ``-||c||^2 / 2``, so that
+        """``[G, DG + 1, K]`` fp32, computed on each call (:attr:`cbp` keeps it, packed): the codebook transposed
+        with a last row ``-||c||^2 / 2``, so that
         ``[x, 1] @ caug = x.c - ||c||^2 / 2`` (maximize it to minimize the distance)."""
-        if self._caug is None:
-            self._caug = torch.cat([self.cb32.transpose(1, 2), (-self._cn64 / 2).to(torch.float32)[:, None, :]],
-                                   dim=1).contiguous()
-        return self._caug
+        return torch.cat([self.cb32.transpose(1, 2), (-self._cn64 / 2).to(torch.float32)[:, None, :]],
+                         dim=1).contiguous()
 
 
 #: codebooks whose preparation (bf16 copy, norms, packed layout) is kept: one per layer of a model, so a

@@ -105,8 +105,9 @@ def check_bench_args(args) -> None:
     args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
     if args.link == "emulated" and args.loss:
         raise ValueError("--loss needs the real link (root): the emulated link does not model loss")
-    if args.link == "real" and args.delay and netem_available():
-        raise ValueError(f"--delay on the real link: {netem_available()}")
+    no_netem = netem_available() if args.link == "real" and args.delay else None     # a throw-away namespace
+    if no_netem:
+        raise ValueError(f"--delay on the real link: {no_netem}")
     if args.link == "real" and args.loss and shutil.which("nft") is None:
         raise ValueError("--loss on the real link needs the nft command (apt-get install nftables)")
     worlds, fit = [int(w) for w in _floats(args.predict_worlds)], _floats(args.fit_rates)

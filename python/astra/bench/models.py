@@ -78,4 +78,4 @@ def ceiling_inputs(model: str, tokens: int, world: int) -> Dict:
 
 def has_tp_plan(model: str) -> bool:
     """Whether HF tensor parallelism (``tp_plan="auto"``) is defined for this bench model."""
-    return bool(getattr(build_config(model, 1, 4 if model != "vit" else 4), "base_model_tp_plan", None))
+    return bool(getattr(build_config(model, 1, 4), "base_model_tp_plan", None))
