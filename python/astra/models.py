@@ -217,14 +217,6 @@ class Family:
             return torch.full((B,), T - 1, dtype=torch.long)
         return (torch.arange(T, device=ids.device) * (ids != pad)).argmax(-1).cpu()
 
-    def unowned_outputs(self, local: torch.Tensor, pooled: torch.Tensor) -> Tuple[str, ...]:
-        """The pooled fields a rank holding the tokens ``local`` (global indices, a replicated class token
-        included) does not compute from the model's own token: unless it holds every row's pooled token
-        (:meth:`pooled_tokens`), they come from one of its own tokens instead."""
-        if not self.pooled_outputs or bool(torch.isin(pooled, local.cpu()).all()):
-            return ()
-        return self.pooled_outputs
-
     # -- K/V of (dequantized) hidden states through the layer's own projections, pre-RoPE --------
     def kv(self, module: Module, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         k, v = self.adapter.kv(module, h, self.head_dim)

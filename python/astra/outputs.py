@@ -32,7 +32,6 @@ import torch
 
 from .errors import UnsupportedModelError
 from .models import Family
-from .split import split_indices
 
 
 @dataclass
@@ -55,6 +54,7 @@ class Forward:
     input_ids: Optional[torch.Tensor]     # the full [B, T] input ids (a decoder classifier pools at the last non-pad)
     T: int
     local: torch.Tensor           # global indices of this rank's tokens (class token first when replicated)
+    chunks: List[torch.Tensor]    # every rank's non-replicated tokens (the forward's split; empty when ``alone``)
     mask: Optional[torch.Tensor]  # [B, T] bool attention mask
     alone: bool                   # computed over the whole sequence on this rank (peer failure fallback)
     dst: Optional[int]
@@ -71,9 +71,6 @@ class Forward:
     @property
     def cls(self) -> bool:
         return self.rt.cls
-
-    def chunks(self) -> List[torch.Tensor]:
-        return split_indices(self.T, self.rt.world, self.cls, self.rt.split_costs)
 
     def class_holder(self) -> Optional[int]:
         """The rank whose class token is the model's (None: every rank's is, distributed class tokens)."""
@@ -259,7 +256,7 @@ def hidden_states(fw: Forward):
     fam, cls = fw.fam, fw.cls
     keys = [k for k in token_fields(fam) if isinstance(out.get(k), torch.Tensor)]
     bodies = [out[k][:, 1:] if cls else out[k] for k in keys]
-    lengths = [int(c.numel()) for c in fw.chunks()]
+    lengths = [int(c.numel()) for c in fw.chunks]
     fields = dict(out.items())
     if keys:
         parts = fw.exchange(lambda: pack(bodies), [sum(_nbytes(b, n) for b in bodies) for n in lengths],
@@ -320,7 +317,7 @@ def last_logits(fw: Forward) -> torch.Tensor:
         pos = last_positions(fw.mask, B, fw.T).to(logits.device)
     if fw.alone:
         return logits[torch.arange(B, device=logits.device), pos]
-    starts = torch.tensor([int(c[0]) for c in fw.chunks()], device=logits.device)
+    starts = torch.tensor([int(c[0]) for c in fw.chunks], device=logits.device)
     owner = torch.searchsorted(starts, pos, right=True) - 1                  # the rank holding each row's position
     mine = (owner == fw.rank).nonzero()[:, 0]
     rows = lambda: logits[mine, pos[mine] - starts[fw.rank]]              # noqa: E731  [k, V] this rank's rows

@@ -17,7 +17,7 @@ from .generation import Heartbeat, check_generation, hf_generate, prepare_prompt
 from .inputs import seq_geometry, validate_inputs
 from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
 from .runtime import RuntimeBase
-from .split import DEFAULT_SPLIT, local_indices
+from .split import DEFAULT_SPLIT, local_indices, with_class_token
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
 
 PEER_FAILURE_MODES = ("raise", "local")
@@ -43,6 +43,7 @@ class DistRuntime(RuntimeBase):
         self.kv_tables = kv_tables
         self.tables: Optional[List] = None
         self._local = None
+        self._sizes: List[int] = []          # this forward's payload size of every rank, per layer
         self._kv_ranks: List[int] = []       # the ranks whose tokens this rank's queries can attend to
         self._rg: Optional[torch.Tensor] = None     # their global indices
         self.calls = 0                       # forwards so far (every rank counts the same; agreed every call)
@@ -116,7 +117,7 @@ class DistRuntime(RuntimeBase):
         """Payload sizes of exchange ``slot``: layers 0..L-1, then the class-token mean, then the final status."""
         L = self.fam.num_layers
         if slot < L:
-            return self._layer_sizes()
+            return self._sizes
         if slot == L and self.ctx.cls:
             return [self.ctx.B * self.fam.hidden_size * self._elt] * self.world
         return [0] * self.world             # the end-of-forward status: its envelope alone
@@ -124,9 +125,8 @@ class DistRuntime(RuntimeBase):
     def on_layer_input(self, layer, module, h):
         ctx = self.ctx
         send = h[:, 1:] if ctx.cls else h
-        lengths = [int(c.numel()) for c in ctx.chunks]
         st = self.stats[layer]
-        st.tokens_sent = ctx.B * lengths[self.rank]
+        st.tokens_sent = ctx.B * int(ctx.chunks[self.rank].numel())
         what = f"layer {layer} all-gather"
         prof = self.profiler
         if prof is not None:
@@ -139,7 +139,7 @@ class DistRuntime(RuntimeBase):
             payload = ak.pack_codes(codes, self.codebooks.bits)
         else:
             payload = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
-        ctx.state[layer] = self._exchange(payload, self._layer_sizes(), st, what)
+        ctx.state[layer] = self._exchange(payload, self._sizes, st, what)
         if prof is not None:
             prof.mark(layer, prof_.PACK)
 
@@ -286,7 +286,7 @@ class DistRuntime(RuntimeBase):
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
         ctx = make_ctx(fam, inputs, self.world, self.cls, self.split_costs)
-        local = local_indices(ctx.T, self.world, self.rank, ctx.cls, self.split_costs).to(ctx.chunks[0].device)
+        local = with_class_token(ctx.chunks[self.rank], ctx.cls)      # the split of make_ctx, not a second one
         others = [s for s in range(self.world) if s != self.rank]
         if fam.causal:      # a causal query never attends to a later key: skip the ranks holding only later tokens
             top = int(local[-1])
@@ -307,6 +307,7 @@ class DistRuntime(RuntimeBase):
         self._slot = 0
         self.layer = None
         self.ctx = ctx
+        self._sizes = self._layer_sizes()          # every layer's exchange has the same sizes
         return ctx, local, call
 
     def _agree(self, inputs: Dict[str, Any], request: str = "", request_error=None) -> Dict[str, Any]:
@@ -442,6 +443,7 @@ class ParallelModel:
         self._last = Forward(rt=rt, out=out, hidden=got.get("hidden", out.get("last_hidden_state")),
                              token_logits=got.get("token_logits"), input_ids=inputs.get("input_ids"),
                              T=seq_geometry(rt.fam, inputs)[1] if alone else ctx.T, local=local,
+                             chunks=[] if alone else ctx.chunks,
                              mask=None if mask is None else mask.bool(), alone=alone, dst=dst,
                              stats=OutputStats(kind.name))
         return self._output(kind, self._last)

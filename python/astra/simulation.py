@@ -11,7 +11,7 @@ from .codebooks import as_codebooks
 from .context import key_masks, make_ctx
 from .inputs import validate_inputs
 from .runtime import RuntimeBase
-from .split import DEFAULT_SPLIT
+from .split import DEFAULT_SPLIT, with_class_token
 
 
 class SimRuntime(RuntimeBase):
@@ -36,10 +36,7 @@ class SimRuntime(RuntimeBase):
         return chunk
 
     def _local_global(self, r: int) -> torch.Tensor:
-        chunk = self.ctx.chunks[r]
-        if self.ctx.cls:
-            return torch.cat([chunk.new_zeros(1), chunk])
-        return chunk
+        return with_class_token(self.ctx.chunks[r], self.ctx.cls)
 
     def place(self) -> str:
         return f"astra.simulate (world_size={self.N})"

@@ -99,10 +99,12 @@ def resolve_split(fam: Family, codebooks, split: str) -> Optional[Tuple[float, f
 def local_indices(seq_len: int, world_size: int, rank: int, class_token: bool,
                   costs: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """Global indices of the tokens rank ``rank`` holds (its outputs), class token first if replicated."""
-    chunk = split_indices(seq_len, world_size, class_token, costs)[rank]
-    if class_token:
-        return torch.cat([torch.zeros(1, dtype=torch.long), chunk])
-    return chunk
+    return with_class_token(split_indices(seq_len, world_size, class_token, costs)[rank], class_token)
+
+
+def with_class_token(chunk: torch.Tensor, class_token: bool) -> torch.Tensor:
+    """A rank's tokens from its chunk of :func:`split_indices`: the replicated class token (0) first if any."""
+    return torch.cat([chunk.new_zeros(1), chunk]) if class_token else chunk
 
 
 def resolve_class_token(fam: Family, class_token) -> bool:
