@@ -37,14 +37,12 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parents[1]), str(HERE.parents[1] / "p
 
 def _rank_fn(rank, layers, tokens, forwards):
     import torch
-    from transformers import GPT2Config, GPT2Model
 
     import astra
+    from astra.bench.models import build_inputs, build_model
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = GPT2Model(GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=max(1024, tokens))).eval()
-    inputs = {"input_ids": torch.randint(0, 50257, (1, tokens), generator=torch.Generator().manual_seed(1))}
+    model, inputs = build_model("gpt2", layers, tokens), build_inputs("gpt2", tokens)
     cb = astra.Codebooks.random(model, groups=32, codebook_size=1024, seed=2)
     sim = astra.simulate(model, inputs, world_size=2, codebooks=cb).last_hidden_state
     pm = astra.parallelize(model, cb, timeout=120)
@@ -61,7 +59,9 @@ def _rank_fn(rank, layers, tokens, forwards):
 
 
 def _summary(res, forwards) -> dict:
-    per = [max(r["times"][i] for r in res) for i in range(forwards)]
+    from astra.bench.ranks import slowest
+
+    per = slowest([r["times"][:forwards] for r in res])
     return {"median_s": statistics.median(per), "max_s": max(per), "forwards": min(r["forwards"] for r in res),
             "max_diff": max(r["max_diff"] for r in res), "bitwise_same": all(r["bitwise_same"] for r in res)}
 

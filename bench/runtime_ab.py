@@ -61,10 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
-    import torch
-
     import astra
-    from astra.bench.models import build_inputs, build_model
+    from astra.bench.models import bench_codebooks, build_model
+    from astra.bench.ranks import slowest
     from astra.split import SPLITS
 
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -74,17 +73,14 @@ def main(argv=None) -> int:
             ap.error(f"variant {v!r}: expected <{'|'.join(GROUPS)}>-<{'|'.join(SPLITS)}>")
     with tempfile.TemporaryDirectory(prefix="astra-ab-") as tmp:
         model = build_model(a.model, a.layers, a.tokens)
-        samples = [build_inputs(a.model, a.tokens, seed=s) for s in (11, 12)]
         paths = {}
         for cb in sorted({v.split("-")[0] for v in variants} - {"fp"}):
-            with torch.inference_mode():
-                c = astra.calibrate(model, samples, groups=GROUPS[cb], codebook_size=1024, iters=4)
+            c = bench_codebooks(model, a.model, a.tokens, GROUPS[cb])
             paths[cb] = os.path.join(tmp, f"{cb}.safetensors")
             c.save(paths[cb])
         out = astra.launch(_rank, 2, variants, paths, a.model, a.layers, a.tokens, a.repeats, timeout=900.0)
     for v in variants:
-        wall = [max(r[v]["wall"][i] for r in out) for i in range(a.repeats)]
-        cpu = [max(r[v]["cpu"][i] for r in out) for i in range(a.repeats)]
+        wall, cpu = slowest([r[v]["wall"] for r in out]), slowest([r[v]["cpu"] for r in out])
         print(f"{v}: wall {statistics.median(wall):.3f} s (slowest rank, median of {a.repeats}), CPU "
               f"{statistics.median(cpu):.3f} s; per rank CPU "
               + ", ".join(f"{statistics.median(r[v]['cpu']):.3f}" for r in out))

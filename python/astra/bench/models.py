@@ -8,6 +8,8 @@ from typing import Dict
 BENCH_MODELS = ("gpt2", "llama", "vit")
 #: ViT-Base patch size (the image is sized so that it has exactly T patches)
 VIT_PATCH = 16
+#: codewords per group of the benchmark's ASTRA codebooks
+CODEBOOK_SIZE = 1024
 
 
 def check_tokens(model: str, tokens: int) -> None:
@@ -79,3 +81,15 @@ def ceiling_inputs(model: str, tokens: int, world: int) -> Dict:
 def has_tp_plan(model: str) -> bool:
     """Whether HF tensor parallelism (``tp_plan="auto"``) is defined for this bench model."""
     return bool(getattr(build_config(model, 1, 4), "base_model_tp_plan", None))
+
+
+def bench_codebooks(model, name: str, tokens: int, groups: int):
+    """The benchmark's codebooks for ``model`` (bench model ``name``): K = CODEBOOK_SIZE, k-means (4 iterations)
+    on two seeded random inputs of ``tokens`` tokens (latency only, never accuracy)."""
+    import torch
+
+    import astra
+
+    samples = [build_inputs(name, tokens, seed=s) for s in (11, 12)]
+    with torch.inference_mode():
+        return astra.calibrate(model, samples, groups=groups, codebook_size=CODEBOOK_SIZE, iters=4)

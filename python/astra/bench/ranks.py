@@ -21,6 +21,11 @@ SYSTEMS = {
 DISTRIBUTED = ("hf-tp", "fp-sp", "astra-g32", "astra-g1")
 
 
+def slowest(per_rank: List[List[float]]) -> List[float]:
+    """Per run, the slowest rank's time (``per_rank[r][i]``: rank r's i-th run; every rank runs as often)."""
+    return [max(times) for times in zip(*per_rank)]
+
+
 def progress(msg: str) -> None:
     """One progress line on stderr (the benchmark's long work reports as it goes)."""
     print(msg, file=sys.stderr, flush=True)

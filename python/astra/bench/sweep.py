@@ -28,7 +28,6 @@ from .ranks import DISTRIBUTED, SYSTEMS, progress
 DEFAULT_RATES = (10.0, 20.0, 50.0, 100.0, 500.0)
 #: codebooks of the ASTRA systems: key -> groups (K = CODEBOOK_SIZE)
 ASTRA_GROUPS = {"astra-g32": 32, "astra-g1": 1}
-CODEBOOK_SIZE = 1024
 
 
 @dataclass
@@ -51,19 +50,14 @@ class BenchConfig:
 
 def _calibrate(name: str, cfg: BenchConfig, tmp: str) -> Dict[str, str]:
     """Codebooks of the ASTRA systems for bench model ``name`` (k-means on random inputs), saved to files."""
-    import torch
-
-    import astra
-    from .models import build_inputs, build_model
+    from .models import CODEBOOK_SIZE, bench_codebooks, build_model
 
     model = build_model(name, cfg.layers, cfg.tokens)
-    samples = [build_inputs(name, cfg.tokens, seed=s) for s in (11, 12)]
     paths = {}
     for key, groups in ASTRA_GROUPS.items():
         if key in cfg.systems:
             progress(f"  {name}: calibrating codebooks for {SYSTEMS[key]} (K={CODEBOOK_SIZE}, random inputs)")
-            with torch.inference_mode():
-                cb = astra.calibrate(model, samples, groups=groups, codebook_size=CODEBOOK_SIZE, iters=4)
+            cb = bench_codebooks(model, name, cfg.tokens, groups)
             paths[key] = os.path.join(tmp, f"{name}-{key}.safetensors")
             cb.save(paths[key])
     if "hf-tp" in cfg.systems and has_tp_plan(name):

@@ -28,7 +28,7 @@ def _single(model_name: str, job: Dict, runs: int, label: str) -> Dict:
 def run_job(job: Dict) -> Dict:
     """One device in this process, then every distributed system of every model under one astra.launch."""
     import astra
-    from .ranks import DISTRIBUTED, SYSTEMS, bench_models, progress
+    from .ranks import DISTRIBUTED, SYSTEMS, bench_models, progress, slowest
 
     out: Dict[str, Dict] = {name: {} for name in job["models"]}
     rank_jobs = []
@@ -47,7 +47,7 @@ def run_job(job: Dict) -> Dict:
             name = rj["model"]
             for k in rj["systems"]:
                 per_rank = [r[name][k] for r in ranks]
-                times = [max(r["times"][i] for r in per_rank) for i in range(len(per_rank[0]["times"]))]
+                times = slowest([r["times"] for r in per_rank])
                 out[name][k] = dict(per_rank[0], times=times, wait_s=max(r["wait_s"] for r in per_rank))
                 if "breakdown" in per_rank[0]:
                     out[name][k]["breakdown"] = [r["breakdown"] for r in per_rank]     # every rank's
