@@ -249,6 +249,9 @@ Segment = Union[TokenKeys, TableKeys, GroupTableKeys, CountKeys]
 def _compact(keep: torch.Tensor):
     """Per row, the indices of the kept entries first (stable), cut to the longest row's count.
     Returns (order [B, S] int64, valid [B, S] bool)."""
+    if keep.shape[0] == 1:                  # one row: its kept indices, in order (no sort)
+        order = keep[0].nonzero().reshape(1, -1)
+        return order, keep.gather(1, order)
     S = int(keep.sum(dim=1).max()) if keep.numel() else 0
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :S]
     return order, keep.gather(1, order)
@@ -285,14 +288,9 @@ def split_counts(seg: TableKeys, q_pos: torch.Tensor, causal: bool) -> List[Segm
     B, K = codes.shape[0], seg.k_table.shape[0]
     counts = torch.zeros(B, K, dtype=torch.float32, device=codes.device)
     counts.scatter_add_(1, codes, always.to(torch.float32))
-    present = counts > 0
-    U = int(present.sum(dim=1).max()) if present.numel() else 0
+    ucodes, _ = _compact(counts > 0)
     out: List[Segment] = []
-    if U:
-        if B == 1:
-            ucodes = present[0].nonzero().reshape(1, -1)
-        else:
-            ucodes = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :U]
+    if ucodes.shape[1]:
         # log 0 = -inf pads rows with fewer codes
         out.append(CountKeys(ucodes, counts.gather(1, ucodes).log(), seg.k_table, seg.v_table))
     if some is not None and bool(some.any()):
