@@ -42,6 +42,12 @@ def envelope(call: int, slot: int, status: int = STATUS_OK, layer: int = -1) -> 
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
+def read_envelopes(bufs: List[torch.Tensor]) -> List[tuple]:
+    """The envelope fields of each buffer, read with one device-to-host copy for them all."""
+    raw = torch.stack([b[:ENVELOPE_NBYTES] for b in bufs]).cpu().numpy()
+    return [ENVELOPE.unpack(row.tobytes()) for row in raw]
+
+
 class Pending:
     """An in-flight enveloped all-gather; :meth:`wait` checks every rank's envelope and returns every rank's
     payload (own slot included)."""
@@ -62,7 +68,7 @@ class Pending:
         self._t.wait(self._work, self._what)
         if self._stats is not None:
             self._stats.wait_s += time.perf_counter() - t0
-        heads = [ENVELOPE.unpack(bytes(o[:ENVELOPE_NBYTES].tolist())) for o in self._outs]
+        heads = read_envelopes(self._outs)
         self._t.check_envelopes(heads, self._call, self._slot, self._what)
         return [o[ENVELOPE_NBYTES: ENVELOPE_NBYTES + int(n)] for o, n in zip(self._outs, self._sizes)]
 
@@ -177,7 +183,8 @@ class Transport:
             else:
                 stats.bytes_received += n
         ok = (ENVELOPE_MAGIC, call & 0xFFFFFFFF, slot, STATUS_OK, -1)
-        heads = [ENVELOPE.unpack(bytes(buf[:ENVELOPE_NBYTES].tolist())) if r == src else ok for r in range(self.world)]
+        head = read_envelopes([buf])[0]
+        heads = [head if r == src else ok for r in range(self.world)]
         self.check_envelopes(heads, call, slot, what)
         return buf[ENVELOPE_NBYTES:]
 
