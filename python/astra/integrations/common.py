@@ -1,20 +1,13 @@
-"""What the integrations share: the model inputs out of a stack's feature dict, and short batches padded so
-that every rank holds a token."""
+"""What the integrations share: short batches padded so that every rank holds a token. (A stack's own feature
+keys, such as sentence-transformers' ``modality``, need no filtering: the runtime drops inputs the model's
+``forward`` does not take.)"""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, Tuple
 
 import torch
 
 from ..parallel import ParallelModel
-
-
-def model_inputs(pm: ParallelModel, features: Dict[str, Any]) -> Dict[str, Any]:
-    """The entries of ``features`` that the model's ``forward`` takes (stacks add their own keys, such as
-    sentence-transformers' ``modality`` and ``prompt_length``)."""
-    params = inspect.signature(pm.module.forward).parameters
-    return {k: v for k, v in features.items() if k in params and v is not None}
 
 
 def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 
 from ..errors import AstraError, UnsupportedModelError
 from ..parallel import ParallelModel, parallelize
-from .common import model_inputs, pad_to_ranks
+from .common import pad_to_ranks
 
 ATTR = "_astra_integration"
 # what each task's post-processing reads: feature extraction the whole sequence's hidden states, text
@@ -46,7 +46,7 @@ def revert_pipeline(pipe) -> None:
 
 
 def _forward(pm: ParallelModel, kind: Optional[str], inputs: Dict[str, Any]):
-    inputs, T = pad_to_ranks(pm, model_inputs(pm, inputs))
+    inputs, T = pad_to_ranks(pm, inputs)
     out = pm(**inputs, output=kind)
     if T < 0 or not hasattr(out, "items"):
         return out

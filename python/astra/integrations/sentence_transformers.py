@@ -21,7 +21,7 @@ from typing import Any, Dict
 
 from ..errors import AstraError, UnsupportedModelError
 from ..parallel import ParallelModel, parallelize
-from .common import model_inputs, pad_to_ranks
+from .common import pad_to_ranks
 
 ATTR = "_astra_integration"
 DISTRIBUTED_MODES = {"mean": "mean_pooled", "cls": "class_token"}
@@ -96,7 +96,7 @@ def _encode(pm: ParallelModel, pool, plan: str, features: Dict[str, Any]) -> Dic
     if plan != "hidden_states" and "token_weights_sum" in features:
         raise UnsupportedModelError("token_weights_sum has no distributed pooling here: apply with "
                                     "pooling_gather=True")
-    inputs, T = pad_to_ranks(pm, model_inputs(pm, features))
+    inputs, T = pad_to_ranks(pm, features)
     out = pm(**inputs, output=plan)
     if plan == "mean_pooled":
         features["sentence_embedding"] = out
