@@ -10,13 +10,13 @@ Both derive from :class:`RuntimeBase`. See docs/runtime.md for the normative sem
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from typing import List, Optional
 
 import torch
 
 import astra_kernels as ak
+from astra_kernels.checks import check_finite as finite_or_raise
 from .codebooks import Codebooks
 from .context import Ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
@@ -131,9 +131,11 @@ class RuntimeBase:
 
     def check_finite(self, layer: int, h: torch.Tensor) -> None:
         """Raise :class:`NonFiniteError` naming the place and the first token whose hidden state is not finite."""
-        lo, hi = torch.aminmax(h.detach())      # propagates NaN, shows +-inf: one cheap reduction
-        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+        try:
+            finite_or_raise("h", h)             # one cheap reduction; the search for the token only on failure
             return
+        except ValueError:
+            pass
         b, i = (~torch.isfinite(h)).flatten(2).any(-1).nonzero()[0].tolist()
         raise NonFiniteError(f"{self.place()}, layer {layer}: the hidden state entering attention holds NaN or Inf "
                              f"at token {self.global_token(i)} (batch row {b}; the first such token)")
