@@ -43,21 +43,31 @@ def under_torchrun() -> bool:
 
 
 def run_rank(rank: int, model_name: str, cb_path: str, texts: List[str], max_length: int, timeout: float) -> Dict:
-    """One rank: the ASTRA forward (timed), the gathered outputs, and the bytes this rank sent."""
-    import torch
-
+    """One spawned rank: loads the model and the codebooks, then :func:`rank_body`."""
     import astra
     from .cli import load_model
 
     model, tokenize, _ = load_model(model_name)
-    inputs = tokenize(texts, max_length)
-    pm = astra.parallelize(model, astra.Codebooks.load(cb_path, model), timeout=timeout)
-    with torch.inference_mode():
-        pm(**inputs)                                   # warm-up
-        t0 = time.perf_counter()
-        out = pm(**inputs)
-        dt = time.perf_counter() - t0
-        full = pm.gather(out)
+    return rank_body(model, astra.Codebooks.load(cb_path, model), tokenize(texts, max_length), timeout)
+
+
+def rank_body(model, cb, inputs: Dict, timeout: float) -> Dict:
+    """The ASTRA forward on this rank (timed), the gathered outputs, and the bytes this rank sent; the model is
+    unpatched again afterwards."""
+    import torch
+
+    import astra
+
+    pm = astra.parallelize(model, cb, timeout=timeout)
+    try:
+        with torch.inference_mode():
+            pm(**inputs)                                   # warm-up
+            t0 = time.perf_counter()
+            out = pm(**inputs)
+            dt = time.perf_counter() - t0
+            full = pm.gather(out)
+    finally:
+        pm.unpatch()
     return {"time_s": dt, "bytes_sent": sum(s.bytes_sent for s in pm.stats), "layers": len(pm.stats),
             "out": {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}}
 
@@ -111,8 +121,8 @@ def cmd_run(args) -> int:
         if under_torchrun():
             import torch.distributed as dist
 
-            dist.init_process_group("gloo")
-            mine = run_rank(dist.get_rank(), *call)
+            dist.init_process_group("gloo")    # this process already holds the model and the codebooks
+            mine = rank_body(model, cb, tokenize(args.texts, args.max_length), args.timeout)
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
             rank = dist.get_rank()
