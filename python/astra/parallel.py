@@ -101,9 +101,14 @@ class DistRuntime(RuntimeBase):
         x[:, 0] = torch.stack([p.clone().view(row.dtype).view(row.shape) for p in parts], dim=1).mean(dim=1)
         return x
 
-    def _exchange(self, payload: torch.Tensor, sizes, stats, what: str) -> Pending:
+    def _next_slot(self) -> int:
+        """The slot of the forward's next exchange (every rank numbers its exchanges alike)."""
         slot, self._slot = self._slot, self._slot + 1
-        return self.transport.exchange(payload, sizes, self.calls, slot, stats=stats, what=what)
+        return slot
+
+    def _exchange(self, payload: torch.Tensor, sizes, stats, what: str, status: int = STATUS_OK) -> Pending:
+        return self.transport.exchange(payload, sizes, self.calls, self._next_slot(), stats=stats, what=what,
+                                       status=status)
 
     def _layer_sizes(self) -> List[int]:
         """Every rank's payload size of a layer's exchange (codec frames, or raw hidden states)."""
@@ -267,13 +272,12 @@ class DistRuntime(RuntimeBase):
         """One enveloped all-gather of an output's parts: ``build()`` is this rank's payload (``sizes[s]`` bytes
         from rank s). A rank whose ``build`` raises sends a failed status: every rank raises RankFailedError."""
         payload, status = self._built(build)
-        slot, self._slot = self._slot, self._slot + 1
-        return self.transport.exchange(payload, sizes, self.calls, slot, stats=stats, what=what, status=status).wait()
+        return self._exchange(payload, sizes, stats, what, status).wait()
 
     def output_broadcast(self, build, nbytes: int, src: int, stats, what: str) -> torch.Tensor:
         """Rank ``src``'s ``build()`` (``nbytes``, known to every rank) on every rank: one enveloped broadcast."""
         payload, status = self._built(build) if self.rank == src else (None, STATUS_OK)
-        slot, self._slot = self._slot, self._slot + 1
+        slot = self._next_slot()
         return self.transport.broadcast_frame(payload, nbytes, src, self.calls, slot, stats, what, status)
 
     def _built(self, build):
