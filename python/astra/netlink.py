@@ -281,9 +281,14 @@ def relay(fds: Tuple[int, int], draw: Callable[[], float], *, reorder: bool = Tr
             except OSError:
                 errors += 1
     late.sort()
-    q = (lambda p: round(late[min(len(late) - 1, int(p * len(late)))] * 1e3, 3)) if late else (lambda p: None)
+    q = (lambda p: round(_quantile(late, p) * 1e3, 3)) if late else (lambda p: None)
     return {"packets": sent, "dropped_queue_full": dropped, "write_errors": errors,
             "late_ms": {"p50": q(0.5), "p99": q(0.99), "max": q(1.0)}}
+
+
+def _quantile(values: List[float], p: float) -> float:
+    """The ``p`` quantile of sorted, non-empty ``values`` (nearest rank, no interpolation)."""
+    return values[min(len(values) - 1, int(p * len(values)))]
 
 
 def _open_tun(name: str) -> int:
@@ -432,7 +437,7 @@ def rtt_summary(rtts: List[Optional[float]]) -> Dict[str, float]:
     mean = sum(got) / len(got)
 
     def q(p):
-        return round(got[min(len(got) - 1, int(p * len(got)))], 3)
+        return round(_quantile(got, p), 3)
 
     return {"sent": len(rtts), "lost": len(rtts) - len(got), "min": round(got[0], 3), "mean": round(mean, 3),
             "max": round(got[-1], 3), "mdev": round((sum((x - mean) ** 2 for x in got) / len(got)) ** 0.5, 3),

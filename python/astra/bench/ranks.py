@@ -7,6 +7,7 @@ import time
 from typing import Callable, Dict, List
 
 from ..cli import quiet_transformers
+from ..netlink import link_bytes_allreduce
 
 #: the systems, in the order they are run and shown (key -> label)
 SYSTEMS = {
@@ -110,7 +111,7 @@ def _run_tp(rank, job, inputs, barrier) -> Dict:
     n = tp_allreduces_per_forward(model)
     tensor = inputs["input_ids"].numel() * model.config.hidden_size * 4        # fp32 activations [B, T, D]
     world = job["world"]
-    per_rank = 2 * (world - 1) * tensor // world                              # ring all-reduce, per rank
+    per_rank = link_bytes_allreduce(tensor, world) // world                   # ring all-reduce, per rank
     return {"times": times, "bytes_sent": per_rank * n, "frame_bytes": tensor * n, "wait_s": 0.0, "collectives": n}
 
 
