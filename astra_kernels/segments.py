@@ -150,6 +150,16 @@ class _CodeIndexed:
         """``(B, Hkv, Dh)``."""
         return self.codes.shape[0], self.k_table.shape[-2], self.k_table.shape[-1]
 
+    def check_keys(self, K: int, Dh: int) -> None:
+        """The checks every code-indexed form shares once its codes' shape is checked: a non-empty table
+        (``K`` codewords) for given codes, ``pos [B, N]`` int64, the key mask, and RoPE tables of width ``Dh``."""
+        B, N = self.codes.shape[:2]
+        require(K >= 1 or N == 0, "k_table is empty but codes are given")
+        require(self.pos.dtype == torch.int64 and tuple(self.pos.shape) == (B, N),
+                f"kv_pos must be int64 [{B}, {N}], got {self.pos.dtype} {tuple(self.pos.shape)}")
+        check_mask("remote_mask", self.valid, B, N)
+        _check_rope(self.rope_cos, self.rope_sin, Dh)
+
     def check_values(self) -> None:
         check_finite("k_table", self.k_table)
         check_finite("v_table", self.v_table)
@@ -166,12 +176,7 @@ class TableKeys(_CodeIndexed):
         _check_tables(self.k_table, self.v_table)
         check_int("codes", self.codes)
         require(self.codes.dim() == 2, f"codes must have shape [B, Tr], got {tuple(self.codes.shape)}")
-        B, N = self.codes.shape
-        require(self.k_table.shape[0] >= 1 or N == 0, "k_table is empty but codes are given")
-        require(self.pos.dtype == torch.int64 and tuple(self.pos.shape) == (B, N),
-                f"kv_pos must be int64 [{B}, {N}], got {self.pos.dtype} {tuple(self.pos.shape)}")
-        check_mask("remote_mask", self.valid, B, N)
-        _check_rope(self.rope_cos, self.rope_sin, self.k_table.shape[2])
+        self.check_keys(self.k_table.shape[0], self.k_table.shape[2])
 
     def take(self, order: torch.Tensor, valid: torch.Tensor) -> "TableKeys":
         """The keys ``order [B, S]`` of each row, with key mask ``valid [B, S]``."""
@@ -198,12 +203,7 @@ class GroupTableKeys(_CodeIndexed):
         check_int("codes", self.codes)
         require(self.codes.dim() == 3 and self.codes.shape[2] == G,
                 f"codes must have shape [B, Tr, G={G}], got {tuple(self.codes.shape)}")
-        B, N = self.codes.shape[:2]
-        require(K >= 1 or N == 0, "k_table is empty but codes are given")
-        require(self.pos.dtype == torch.int64 and tuple(self.pos.shape) == (B, N),
-                f"kv_pos must be int64 [{B}, {N}], got {self.pos.dtype} {tuple(self.pos.shape)}")
-        check_mask("remote_mask", self.valid, B, N)
-        _check_rope(self.rope_cos, self.rope_sin, self.k_table.shape[3])
+        self.check_keys(K, self.k_table.shape[3])
 
     def take(self, order: torch.Tensor, valid: torch.Tensor) -> "GroupTableKeys":
         """The keys ``order [B, S]`` of each row, with key mask ``valid [B, S]``."""
