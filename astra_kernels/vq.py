@@ -31,10 +31,14 @@ of 0.2 s for 8192 tokens).
 
   (``xb``, ``cb`` the bf16 inputs; ``max ||c||``, ``max ||c - cb||``, ``max ||cb||`` cached per
   codebook), plus the fp32 roundings of ``||c||^2`` and of ``dhat``.
-* Small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): **fp32** ``x.c - ||c||^2 / 2`` computed
-  and scanned for the best two in one fused C++ pass (``small_group_topk``: 64 codewords x 6 tokens
-  in AVX-512 registers, the ``[G, N, K]`` score matrix never written); the bound is the fp32
-  accumulation error over ``DG + 1`` terms (any summation order).
+* Small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one fused C++ pass that never writes the
+  ``[G, N, K]`` score matrix and returns the best two **fp32** ``x.c - ||c||^2 / 2`` per token and group,
+  whose bound is the fp32 accumulation error over ``DG + 1`` terms (any summation order). Where the CPU
+  has AVX512-BF16 (``small_group_bf16_top2``) the pass screens in bf16 (VDPBF16PS, 64 codewords x 6
+  tokens in registers) with the rigorous bound above computed per token inside the kernel, keeps every
+  codeword within twice the bound of the best (the exact argmin is one of them; one candidate decides
+  the token outright) and recomputes those few in fp32; elsewhere it is the fp32 scan
+  (``small_group_topk``). Measured in bench/RESULTS.md (VQ encode).
 
 If the second-smallest screened distance exceeds the smallest by more than ``2e``, the screened argmin
 **is** the exact argmin (and is unique). Otherwise (stage 2, :func:`_refine_group`) the token's best 3
@@ -250,6 +254,7 @@ class _CodebookPrep:
         self.gamma = n * _U_F32 / (1 - n * _U_F32)
         self._cn64 = cn64
         self._cbp = None                 # built on first use; caug is not kept (cbp holds the same values)
+        self._cbb = None
 
     @property
     def cbp(self) -> torch.Tensor:
@@ -265,6 +270,29 @@ class _CodebookPrep:
             pad[:, :, :K] = ca
             self._cbp = pad.reshape(G, R, Kp // 16, 16).transpose(1, 2).contiguous()
         return self._cbp
+
+    @property
+    def cbb(self) -> torch.Tensor:
+        """The codebook packed for the bf16 small-group screen (``csrc/screen.h``, ``small_group_bf16_top2``):
+        ``[G, Kp / 16, P + 1, 16]`` int32 words, ``P = ceil(DG / 2)``; word ``p`` of a codeword holds its bf16
+        dims ``2p`` (low half) and ``2p + 1`` (high half, 0 past ``DG``), word ``P`` the fp32 bits of
+        ``-||c||^2 / 2`` (``-inf`` in padding columns), as in :attr:`cbp`; built on first use."""
+        if self._cbb is None:
+            G, K, DG = self.cb32.shape
+            P, Kp = (DG + 1) // 2, (K + 15) // 16 * 16
+            pairs = torch.zeros(G, Kp, 2 * P, dtype=torch.bfloat16)
+            pairs[:, :K, :DG] = self.cbT.transpose(1, 2)
+            cnh = torch.full((G, Kp, 1), float("-inf"), dtype=torch.float32)
+            cnh[:, :K, 0] = (-self._cn64 / 2).to(torch.float32)
+            words = torch.cat([pairs.view(torch.int32), cnh.view(torch.int32)], dim=-1)     # [G, Kp, P + 1]
+            self._cbb = words.reshape(G, Kp // 16, 16, P + 1).transpose(2, 3).contiguous()
+        return self._cbb
+
+    @property
+    def bounds(self) -> torch.Tensor:
+        """``[G, 4]`` fp32 per group: max ``||c||``, max ``||c - bf16(c)||``, max ``||bf16(c)||``, max ``||c||^2``
+        (the constants of the bf16 small-group screen's error bound)."""
+        return torch.stack([self.max_c, self.max_cr, self.max_cb, self.max_cn], dim=1).contiguous()
 
     @property
     def caug(self) -> torch.Tensor:
@@ -433,12 +461,38 @@ def _small_group_topk(x32: torch.Tensor, p: "_CodebookPrep", vals: torch.Tensor,
                                 vals[:, start].data_ptr(), idx[:, start].data_ptr())
 
 
-def _encode_fp32_small(x2, codebook, p, codes, ws: dict):
-    """Screen for small group dims (``DG < 128``, e.g. G = 32 of 768 or 384): one fused C++ pass
-    (``csrc/screen.cpp``, ``small_group_topk``) computes ``x.c - ||c||^2 / 2`` in fp32 registers for 64
-    codewords x 4 tokens at a time and keeps the best two per token and group; the ``[G, N, K]`` score
-    matrix is never written (a grouped bmm with inner dim 24 is memory-bound on writing it). Error bound:
-    fp32 accumulation over ``DG + 1`` terms, any order."""
+#: the bf16 small-group screen (``small_group_bf16_top2``) runs on this CPU; else the fp32 one
+SMALL_GROUP_BF16 = _vq_screen.small_group_bf16_available()
+
+
+def _small_group_bf16_top2(x32: torch.Tensor, p: "_CodebookPrep", vals: torch.Tensor, idx: torch.Tensor,
+                           start: int = 0, nres: Optional[torch.Tensor] = None) -> None:
+    """The bf16 small-group screen with its in-kernel fp32 re-rank (``csrc/screen.h``) of ``x32 [n, G * DG]``
+    (fp32, contiguous, centered): ``vals / idx [G, N, 2]`` rows ``start .. start + n`` <- the best two fp32
+    distances among the codewords the screen could not rule out, as :func:`_small_group_topk` computes them;
+    ``{d, inf}``: a single candidate (decided); ``{inf, inf}``: undecided. ``nres [G, n]``: bounds on the
+    rounding of ``x - mu`` for float64 inputs (None: fp32 inputs)."""
+    G, N, t = vals.shape
+    n, D = x32.shape
+    K = p.cn.shape[1]
+    DG = D // G
+    assert t == 2 and x32.is_contiguous() and x32.dtype == torch.float32 and D == p.cb32.shape[0] * p.cb32.shape[2]
+    assert vals.is_contiguous() and idx.is_contiguous() and idx.shape == vals.shape and start + n <= N
+    assert nres is None or (nres.is_contiguous() and nres.dtype == torch.float32 and nres.shape == (G, n))
+    cbb, bounds = p.cbb, p.bounds
+    _vq_screen.small_group_bf16_top2(x32.data_ptr(), n, D, cbb.data_ptr(), p.cb32.data_ptr(), bounds.data_ptr(),
+                                     0 if nres is None else nres.data_ptr(), n, G, K, DG, N,
+                                     vals[:, start].data_ptr(), idx[:, start].data_ptr())
+
+
+def _encode_small(x2, codebook, p, codes, ws: dict):
+    """Screen for small group dims (``DG < 128``, e.g. G = 32 of 768 or 384), never writing the ``[G, N, K]``
+    score matrix (a grouped bmm with inner dim 24 is memory-bound on writing it). One fused C++ pass per chunk
+    (``csrc/screen.cpp``) keeps per token and group the best two fp32 distances: where the CPU has AVX512-BF16
+    (:data:`SMALL_GROUP_BF16`), a bf16 screen (``small_group_bf16_top2``: rigorous bound, every codeword
+    within it recomputed in fp32), else the fp32 scan (``small_group_topk``: 64 codewords x 6 tokens in
+    registers). Either way the values are fp32 ``x.c - ||c||^2 / 2`` scaled by -2, so one bound holds: fp32
+    accumulation over ``DG + 1`` terms, any order."""
     G, K, DG = codebook.shape
     N = x2.shape[0]
     vals_all = torch.empty(G, N, 2, dtype=torch.float32)
@@ -451,16 +505,21 @@ def _encode_fp32_small(x2, codebook, p, codes, ws: dict):
         xc = _center(x2[s:s + chunk], p, ws, torch.float64 if f64 else torch.float32)   # x - mu
         n = xc.shape[0]
         x32 = xc.to(torch.float32).contiguous() if f64 else xc
-        _small_group_topk(x32, p, vals_all, idx_all, s)
-        xg = x32.reshape(n, G, DG).transpose(0, 1)                      # [G, n, DG] view
-        nx = torch.linalg.vector_norm(xg, dim=-1) * (1 + 1e-5)
+        # norms over the contiguous [n, G, DG] layout, then transposed: ~9x faster than over a [G, n, DG] view
+        nres = None
+        if f64:
+            nres = (torch.linalg.vector_norm((xc.reshape(n, G, DG) - x32.reshape(n, G, DG).to(torch.float64))
+                                             .to(torch.float32), dim=-1).T * (1 + 1e-5)).contiguous()
+        if SMALL_GROUP_BF16:
+            _small_group_bf16_top2(x32, p, vals_all, idx_all, s, nres)
+        else:
+            _small_group_topk(x32, p, vals_all, idx_all, s)
+        nx = torch.linalg.vector_norm(x32.reshape(n, G, DG), dim=-1).T * (1 + 1e-5)          # [G, n]
         mc, mcn = p.max_c[:, None], p.max_cn[:, None]
         e = (2 * gam * (nx * mc + mcn) + 4 * _U_F32 * (mcn + 2 * nx * mc) + 2 * nx * p.max_c32r[:, None]
              + 2 * _U_F32 * 1.01 * nx * mc)                              # + rounding of x - mu
         if f64:
-            nres = torch.linalg.vector_norm((xc.reshape(n, G, DG).transpose(0, 1) - xg.to(torch.float64))
-                                            .to(torch.float32), dim=-1)
-            e = e + 2 * nres * (1 + 1e-5) * mc
+            e = e + 2 * nres * mc
         e_all[:, s:s + n] = e * 1.01 + 1e-30
     # (pairs with fewer than 2 finite candidates - fp32 overflow - carry -1 / inf: never certified, refined)
     idx_all.clamp_(min=0)
@@ -520,7 +579,7 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     ws = _workspace()
     work_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if DG < _BF16_MIN_DG:
-        return _encode_fp32_small(x2, codebook, p, codes, ws)
+        return _encode_small(x2, codebook, p, codes, ws)
     t1 = min(K, _TIERS[0] + 1)
     vals_all = torch.empty(G, N, t1, dtype=torch.float32)
     idx_all = torch.empty(G, N, t1, dtype=torch.int64)

@@ -233,7 +233,268 @@ void small_group_tile(const float* x, int64_t ldx, const float* cbg, int64_t Kp,
   }
 }
 
+
+// ---- bf16 small-group screen with an in-kernel fp32 re-rank (see screen.h) ----
+
+constexpr float kU32 = 5.9604645e-08f;   // 2^-24, fp32 unit roundoff
+
+// The codewords whose screened score is within `w` of the running best (the candidates): appended in code
+// order, pruned when full; `overflow` if more than kCap are within the window at once (the caller refines).
+struct Window {
+  static constexpr int kCap = 16;
+  float s[kCap];
+  int32_t k[kCap];
+  int n = 0;
+  float best = -std::numeric_limits<float>::infinity();
+  float w = 0.f;
+  bool overflow = false;
+  float thr() const { return best - w; }
+  void compact() {
+    const float t = thr();
+    int m = 0;
+    for (int i = 0; i < n; ++i)
+      if (s[i] >= t) {
+        s[m] = s[i];
+        k[m] = k[i];
+        ++m;
+      }
+    n = m;
+  }
+  void push(float v, int32_t code) {
+    if (!(v >= thr()) || v == -std::numeric_limits<float>::infinity()) return;
+    if (v > best) best = v;
+    if (n == kCap) compact();
+    if (n == kCap) {
+      overflow = true;
+      return;
+    }
+    s[n] = v;
+    k[n] = code;
+    ++n;
+  }
+};
+
+// The screening window 2 e of one row of one group, e >= |S_b(k) - S(k)| for every k (screen.h), from the norms
+// of x's bf16 rounding residual (nr), of bf16(x) (nxb) and of x (nx), and the group's constants.
+float bf16_window(int64_t DG, const float* cst, float nres, float nr, float nxb, float nx) {
+  const float sl = 1.0f + 1e-5f;   // fp32 rounding of the norms' sums (any order)
+  nr *= sl, nxb *= sl, nx *= sl;
+  const float res = nres >= 0.f ? nres : kU32 * 1.01f * nx;   // the rounding of x - mu (fp32 inputs)
+  const float max_c = cst[0], max_cr = cst[1], max_cb = cst[2], max_cn = cst[3];
+  const float n = float(DG + 3);   // terms accumulated (2 ceil(DG / 2) products and -||c||^2 / 2), with a spare
+  const float gam = n * kU32 / (1.f - n * kU32);
+  const float flush = 1.2e-38f * (float(DG) * (1.f + max_cb) + std::sqrt(float(DG)) * nxb);   // FTZ / DAZ
+  const float e = (nr + res) * max_c + nxb * max_cr + gam * (0.5f * max_cn + nxb * max_cb) + kU32 * 0.5f * max_cn +
+                  2.f * flush;
+  return 2.f * (e * 1.01f + 1e-30f);
+}
+
+// The candidates' distances d = -2 (x.c - ||c||^2 / 2) recomputed in fp32 (FMA, dims in order) from the fp32
+// codebook rows cb32 [K][DG] and the fp32 -||c||^2 / 2 of the bf16 packing: the best two, ascending (ties: lowest
+// code first). A second value of +inf means a single candidate; {+inf, +inf} means "not decided here" (window
+// overflow, or a non-finite candidate distance).
+#ifdef ASTRA_X86
+__attribute__((target("fma")))   // std::fma inline (the fp32 bound assumes one rounding per term); else a libm call
+#endif
+void rerank_fp32(const float* x, const float* cb32, const uint32_t* cbg, int64_t DG, Window& w, float* vals,
+                 int64_t* idx) {
+  const float inf = std::numeric_limits<float>::infinity();
+  vals[0] = vals[1] = inf;
+  idx[0] = idx[1] = 0;
+  if (w.overflow) return;
+  w.compact();
+  float b0 = inf, b1 = inf;
+  int64_t i0 = -1, i1 = -1;
+  for (int i = 0; i < w.n; ++i) {
+    const int64_t k = w.k[i], P = (DG + 1) / 2;
+    const float* c = cb32 + k * DG;
+    float s;
+    std::memcpy(&s, cbg + ((k / 16) * (P + 1) + P) * 16 + k % 16, 4);
+    for (int64_t j = 0; j < DG; ++j) s = std::fma(x[j], c[j], s);
+    const float d = -2.f * s;
+    if (d < b0) {
+      b1 = b0;
+      i1 = i0;
+      b0 = d;
+      i0 = k;
+    } else if (d < b1) {
+      b1 = d;
+      i1 = k;
+    }
+  }
+  // a non-finite candidate distance (fp32 overflow): not decided here
+  if (i0 < 0 || !std::isfinite(b0) || (w.n > 1 && !std::isfinite(b1))) return;
+  vals[0] = b0;
+  idx[0] = i0;
+  vals[1] = w.n == 1 ? inf : b1;
+  idx[1] = w.n == 1 ? i0 : i1;
+}
+
+#ifdef ASTRA_X86
+bool have_avx512_bf16() {
+  static const bool ok = have_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+// One row of one group: the bf16 pair words of x (round to nearest even; dims 2p, 2p + 1 in the low, high
+// half of word p, a zero pad for odd DG) and its screening window (bf16_window).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float bf16_row(const float* x, int64_t DG, const float* cst,
+                                                                    float nres, uint32_t* xw) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+  const __m512i top = _mm512_set1_epi32(int(0xFFFF0000u));
+  __m512 r2 = _mm512_setzero_ps(), b2 = r2, x2 = r2;
+  uint16_t* out = reinterpret_cast<uint16_t*>(xw);
+  for (int64_t j = 0; j < DG; j += 16) {
+    const int m = DG - j < 16 ? int(DG - j) : 16;
+    const __m512 xv = _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), x + j);
+    const __m512i u = _mm512_castps_si512(xv);
+    const __m512i rnd = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    const __m512 xb = _mm512_castsi512_ps(_mm512_and_si512(rnd, top));
+    const __m512 rv = _mm512_sub_ps(xv, xb);   // exact
+    r2 = _mm512_fmadd_ps(rv, rv, r2);
+    b2 = _mm512_fmadd_ps(xb, xb, b2);
+    x2 = _mm512_fmadd_ps(xv, xv, x2);
+    const int me = (m + 1) & ~1;
+    _mm256_mask_storeu_epi16(out + j, __mmask16((1u << me) - 1), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rnd, 16)));
+  }
+  return bf16_window(DG, cst, nres, std::sqrt(_mm512_reduce_add_ps(r2)), std::sqrt(_mm512_reduce_add_ps(b2)),
+                     std::sqrt(_mm512_reduce_add_ps(x2)));
+}
+
+// R rows against V vectors of 16 codewords: acc = -||c||^2 / 2 + sum over pairs of bf16 x . bf16 c (VDPBF16PS,
+// fp32 accumulation); every score within the row's window of its running best goes to its Window.
+template <int R, int V, int PC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void small_group_bf16_avx512(
+    const uint32_t* xw, int64_t ldw, const uint32_t* cbg, int64_t kb0, int64_t kb1, int64_t P_, Window* win) {
+  const int64_t P = PC > 0 ? PC : P_;
+  const int64_t stride = (P + 1) * 16;
+  __m512 thr[R];
+  for (int r = 0; r < R; ++r) thr[r] = _mm512_set1_ps(win[r].thr());
+  for (int64_t kb = kb0; kb < kb1; kb += V) {
+    const int nv = kb1 - kb < V ? int(kb1 - kb) : V;
+    const uint32_t* c = cbg + kb * stride;
+    __m512 acc[R][V];
+    for (int v = 0; v < V; ++v) {
+      const __m512 cn = _mm512_loadu_ps(reinterpret_cast<const float*>(c + (v < nv ? v : 0) * stride + P * 16));
+      for (int r = 0; r < R; ++r) acc[r][v] = cn;
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      __m512bh cv[V];
+      for (int v = 0; v < V; ++v) cv[v] = (__m512bh)_mm512_loadu_si512(c + (v < nv ? v : 0) * stride + p * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xw[r * ldw + p]));
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xb, cv[v]);
+      }
+    }
+    // fast path: no score of the block reaches its row's threshold (masks only; the Window calls below make
+    // the compiler save every accumulator, so they are left to the rare blocks that need them)
+    __mmask16 hits[R][V];
+    __mmask16 any = 0;
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        hits[r][v] = v < nv ? _mm512_cmp_ps_mask(acc[r][v], thr[r], _CMP_GE_OQ) : __mmask16(0);
+        any |= hits[r][v];
+      }
+    if (!any) continue;
+    alignas(64) float sc[R][V][16];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) _mm512_store_ps(sc[r][v], acc[r][v]);
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < nv; ++v) {
+        __mmask16 hit = hits[r][v];
+        if (!hit) continue;
+        if (hit & (hit - 1)) {
+          // several lanes: raise the running best to the vector's maximum first, then keep only its near-best
+          // lanes (without this, every lane of the first vectors seen, within reach of a -inf best, is kept)
+          const float m = _mm512_reduce_max_ps(_mm512_load_ps(sc[r][v]));
+          if (m > win[r].best) {
+            win[r].best = m;
+            hit = _mm512_cmp_ps_mask(_mm512_load_ps(sc[r][v]), _mm512_set1_ps(win[r].thr()), _CMP_GE_OQ);
+          }
+        }
+        while (hit) {
+          const int l = __builtin_ctz(hit);
+          hit &= hit - 1;
+          win[r].push(sc[r][v][l], int32_t((kb + v) * 16 + l));
+        }
+        thr[r] = _mm512_set1_ps(win[r].thr());
+      }
+    }
+  }
+}
+
+// One group, `n` rows (at most kTile): as small_group_tile, bf16 pair words instead of fp32 x.
+void small_group_bf16_tile(const uint32_t* xw, int64_t ldw, const uint32_t* cbg, int64_t Kp, int64_t P, int n,
+                           Window* win) {
+  constexpr int R = kRows;
+  for (int64_t kb0 = 0; kb0 < Kp / 16; kb0 += kKbChunk) {
+    const int64_t kb1 = kb0 + kKbChunk < Kp / 16 ? kb0 + kKbChunk : Kp / 16;
+    int r = 0;
+    for (; r + R <= n; r += R) {
+      if (P == 12)
+        small_group_bf16_avx512<R, kVecs, 12>(xw + r * ldw, ldw, cbg, kb0, kb1, P, win + r);   // DG 23, 24
+      else if (P == 6)
+        small_group_bf16_avx512<R, kVecs, 6>(xw + r * ldw, ldw, cbg, kb0, kb1, P, win + r);    // DG 11, 12
+      else
+        small_group_bf16_avx512<R, kVecs, 0>(xw + r * ldw, ldw, cbg, kb0, kb1, P, win + r);
+    }
+    for (; r < n; ++r) small_group_bf16_avx512<1, kVecs, 0>(xw + r * ldw, ldw, cbg, kb0, kb1, P, win + r);
+  }
+}
+#endif
+
 }  // namespace
+
+bool small_group_bf16_available() {
+#ifdef ASTRA_X86
+  return have_avx512_bf16();
+#else
+  return false;
+#endif
+}
+
+void small_group_bf16_top2(const float* x, int64_t rows, int64_t ldx, const uint32_t* cbb, const float* cb32,
+                           const float* consts, const float* nres, int64_t ldn, int64_t G, int64_t K, int64_t DG,
+                           int64_t ldo, float* vals, int64_t* idx) {
+#ifdef ASTRA_X86
+  const int64_t Kp = (K + 15) / 16 * 16, P = (DG + 1) / 2;
+  uint32_t xw[kTile * 64];
+  // tiles of rows outside, groups inside: the tile's rows (kTile x ldx floats) stay in L2 across the groups
+  // while each group's codebook streams in order (group-outer re-read every row from memory, one miss each)
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int n = rows - r0 < kTile ? int(rows - r0) : kTile;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint32_t* cbg = cbb + g * Kp * (P + 1);
+      const float* cbg32 = cb32 + g * K * DG;
+      Window win[kTile];
+      for (int r = 0; g + 1 < G && r < n; ++r) {   // the next group's slice of the rows, while this one runs
+        const char* nx = reinterpret_cast<const char*>(x + (r0 + r) * ldx + (g + 1) * DG);
+        for (int64_t b = 0; b < DG * 4; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+      }
+      for (int r = 0; r < n; ++r) {
+        const float* xr = x + (r0 + r) * ldx + g * DG;
+        win[r].w = bf16_row(xr, DG, consts + 4 * g, nres ? nres[g * ldn + r0 + r] : -1.f, xw + r * P);
+      }
+      small_group_bf16_tile(xw, P, cbg, Kp, P, n, win);
+      for (int r = 0; r < n; ++r) {   // fetch every candidate's codeword at once (one miss each, overlapped)
+        win[r].compact();
+        for (int i = 0; i < win[r].n; ++i) {
+          const char* c = reinterpret_cast<const char*>(cbg32 + int64_t(win[r].k[i]) * DG);
+          for (int64_t b = 0; b < DG * 4 + 63; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+        }
+      }
+      for (int r = 0; r < n; ++r) {
+        const int64_t o = (g * ldo + r0 + r) * 2;
+        rerank_fp32(x + (r0 + r) * ldx + g * DG, cbg32, cbg, DG, win[r], vals + o, idx + o);
+      }
+    }
+  }
+#else
+  (void)x, (void)rows, (void)ldx, (void)cbb, (void)cb32, (void)consts, (void)nres, (void)ldn, (void)G, (void)K,
+      (void)DG, (void)ldo, (void)vals, (void)idx;
+#endif
+}
+
 
 int64_t screen_topk(const void* S, bool bf16, int64_t rows, int64_t K, int64_t ld, const float* cn, float alpha,
                     int t, float* vals, int64_t* idx, float* smax) {

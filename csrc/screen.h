@@ -30,3 +30,31 @@ int64_t small_group_topk(const float* x, int64_t rows, int64_t ldx, const float*
                          int64_t DG, int t, int64_t ldo, float* vals, int64_t* idx);
 
 }  // namespace astra
+
+namespace astra {
+
+// Whether small_group_bf16_top2 runs here (x86 with AVX-512 and AVX512-BF16, ASTRA_NO_AVX512 unset).
+bool small_group_bf16_available();
+
+// The small-group screen in bf16 with an fp32 re-rank, for the same x as small_group_topk (`rows` rows of
+// `ldx` fp32, centered) and:
+//   cb32    the codebook, [G][K][DG] fp32 (centered, the values of small_group_topk's cbp);
+//   cbb     the codebook as bf16 pairs, [G][Kp / 16][P + 1][16] uint32, P = ceil(DG / 2): word (p, l) holds
+//           dims 2p (low half) and 2p + 1 (high half, 0 past DG) of codeword 16 kb + l, and word (P, l) the
+//           fp32 bits of -||c||^2 / 2 (-inf for padding columns);
+//   consts  [G][4] fp32: max ||c||, max ||c - bf16(c)||, max ||bf16(c)||, max ||c||^2 over each group;
+//   nres    null, or [G][ldn] bounds on ||x - exact (x - mu)|| (float64 inputs); null means fp32 inputs,
+//           for which the rounding of x - mu is bounded here.
+// Per row and group, S_b(k) = -||c||^2 / 2 + bf16(x) . bf16(c) (VDPBF16PS, fp32 accumulation) is screened
+// against a rigorous bound e >= |S_b(k) - S(k)| (S the exact score); every codeword within 2 e of the best
+// screened score is a candidate (the exact argmin is one of them), recomputed in fp32 (FMA) from cb32 and the
+// packed -||c||^2 / 2.
+// Writes the best two fp32 distances d = -2 S (ascending, ties: lowest code first) and their codes to
+// vals / idx [(g * ldo + row) * 2 ...]; a single candidate gives {d, +inf} (the argmin is decided), and
+// {+inf, +inf} means undecided (more than 16 candidates, or fp32 overflow): the caller refines those.
+// DG must be < 128.
+void small_group_bf16_top2(const float* x, int64_t rows, int64_t ldx, const uint32_t* cbb, const float* cb32,
+                           const float* consts, const float* nres, int64_t ldn, int64_t G, int64_t K, int64_t DG,
+                           int64_t ldo, float* vals, int64_t* idx);
+
+}  // namespace astra

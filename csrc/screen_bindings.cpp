@@ -46,4 +46,23 @@ PYBIND11_MODULE(_vq_screen, m) {
       py::arg("DG"), py::arg("t"), py::arg("ldo"), py::arg("vals_ptr"), py::arg("idx_ptr"),
       "Internal (astra_kernels.vq): fused small-group distance + t-smallest scan (no score matrix).");
 
+  m.def("small_group_bf16_available", &astra::small_group_bf16_available,
+        "Whether small_group_bf16_top2 runs on this CPU (AVX-512 with AVX512-BF16).");
+  m.def(
+      "small_group_bf16_top2",
+      [](uintptr_t x, int64_t rows, int64_t ldx, uintptr_t cbb, uintptr_t cb32, uintptr_t consts, uintptr_t nres,
+         int64_t ldn, int64_t G, int64_t K, int64_t DG, int64_t ldo, uintptr_t vals, uintptr_t idx) {
+        if (!astra::small_group_bf16_available()) throw py::value_error("small_group_bf16_top2: needs AVX512-BF16");
+        if (rows < 0 || G < 1 || K < 2 || DG < 1 || DG >= 128 || ldx < G * DG || ldo < rows || (nres && ldn < rows))
+          throw py::value_error("small_group_bf16_top2: bad sizes");
+        py::gil_scoped_release nogil;
+        astra::small_group_bf16_top2(ptr<const float>(x), rows, ldx, ptr<const uint32_t>(cbb), ptr<const float>(cb32),
+                                     ptr<const float>(consts), ptr<const float>(nres), ldn, G, K, DG, ldo,
+                                     ptr<float>(vals), ptr<int64_t>(idx));
+      },
+      py::arg("x_ptr"), py::arg("rows"), py::arg("ldx"), py::arg("cbb_ptr"), py::arg("cb32_ptr"), py::arg("consts_ptr"),
+      py::arg("nres_ptr"), py::arg("ldn"), py::arg("G"), py::arg("K"), py::arg("DG"), py::arg("ldo"),
+      py::arg("vals_ptr"), py::arg("idx_ptr"),
+      "Internal (astra_kernels.vq): small-group bf16 screen + fp32 re-rank of the candidates (best two).");
+
 }

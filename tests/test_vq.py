@@ -81,8 +81,17 @@ def test_encode_d768_k1024_g1(backend):
     _assert_codes_match(ak.vq_encode(x, cb, backend=backend), x, cb, exact=(backend == "torch"))
 
 
+@pytest.fixture(params=["bf16", "fp32"])
+def small_kernel(request, monkeypatch):
+    """Both small-group screens of the CPU path: the bf16 one (where the CPU has AVX512-BF16) and the fp32 one."""
+    if request.param == "bf16" and not vq.SMALL_GROUP_BF16:
+        pytest.skip("the bf16 small-group screen needs AVX-512 with AVX512-BF16 (this CPU has none)")
+    monkeypatch.setattr(vq, "SMALL_GROUP_BF16", request.param == "bf16")
+    return request.param
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_encode_d768_g32_and_d384_g32(backend):
+def test_encode_d768_g32_and_d384_g32(backend, small_kernel):
     _need(backend)
     g = T.seeded_generator(8)
     n = 65 if backend == "triton" else 130
@@ -104,8 +113,8 @@ def test_encode_leading_dims_and_empty():
     assert e.shape == (0, 2) and e.dtype == torch.int32
 
 
-@pytest.mark.parametrize("D", [64, 256])   # 64: fp32 screen (small group dims); 256: bf16 screen
-def test_cpu_path_exact_on_near_ties_and_duplicates(D):
+@pytest.mark.parametrize("D", [64, 256])   # 64: small-group screens; 256: bf16 GEMM screen
+def test_cpu_path_exact_on_near_ties_and_duplicates(D, small_kernel):
     """Adversarial data for the screens: duplicate codewords (exact ties -> lowest index), clusters
     of >16 codewords within the screening error (exact full fallback), points near codewords."""
     g = T.seeded_generator(11)
@@ -122,7 +131,7 @@ def test_cpu_path_exact_on_near_ties_and_duplicates(D):
     assert codes[0, 0] == 10 and codes[1, 0] == 10
 
 
-def test_cpu_path_large_magnitudes_and_float64():
+def test_cpu_path_large_magnitudes_and_float64(small_kernel):
     g = T.seeded_generator(12)
     cb = T.random_inputs(2, 77, 20, generator=g, scale=1e6).double()
     x = T.random_inputs(40, 40, generator=g, scale=1e6).double()
@@ -331,6 +340,46 @@ def test_fused_small_group_scan_matches_torch():
         T.assert_equal_ints(ak.vq_encode(x + p.mu_flat, cb), vq.vq_encode_reference(x + p.mu_flat, cb))
 
 
+@pytest.mark.skipif(not vq.SMALL_GROUP_BF16, reason="the bf16 small-group screen needs AVX512-BF16")
+def test_bf16_small_group_screen_decides_only_what_it_proves():
+    """csrc/screen.cpp's bf16 small-group screen: every (token, group) it decides alone (one candidate in
+    its window) is the float64 argmin; the two values it returns are fp32 distances of the codes it names;
+    on random data it decides most pairs alone and leaves almost none undecided (a window that degenerated
+    to "everything" or "nothing" fails); rows outside [start, start + n) are never written. Odd DG
+    (a zero-padded last pair), K not a multiple of 16, duplicated codewords, float64 inputs."""
+    g = T.seeded_generator(52)
+    for n, G, K, DG, dtype in [(301, 4, 1000, 24, torch.float32), (97, 3, 100, 23, torch.float32),
+                               (50, 2, 17, 12, torch.float64), (64, 2, 300, 7, torch.float32)]:
+        cb = T.random_inputs(G, K, DG, generator=g)
+        cb[:, K // 2] = cb[:, 0]                                        # an exact tie: two candidates
+        x = T.random_inputs(n, G * DG, generator=g, dtype=dtype)
+        x[:5] = cb[:, 0].reshape(-1).to(dtype) + 1e-3                  # tokens at the tied codeword
+        p = vq._prep(cb)
+        xc = x - p.mu_flat.to(dtype)
+        x32 = xc.to(torch.float32).contiguous()
+        nres = None
+        if dtype == torch.float64:
+            nres = (xc - x32.double()).reshape(n, G, DG).norm(dim=-1).T.float().mul(1.01).contiguous()
+        vals = T.poisoned_empty(G, n + 3, 2, dtype=torch.float32)
+        idx = T.poisoned_empty(G, n + 3, 2, dtype=torch.int64)
+        vq._small_group_bf16_top2(x32, p, vals, idx, start=2, nres=nres)
+        assert torch.equal(vals[:, :2].view(torch.int32), T.poisoned_empty(G, 2, 2).view(torch.int32))
+        v, i = vals[:, 2:n + 2], idx[:, 2:n + 2]
+        ref = vq.vq_encode_reference(x, cb).T.long()                    # [G, n]
+        d = vq.vq_distances_reference(x32.double() + p.mu_flat.double(), cb).transpose(0, 1)   # [G, n, K]
+        undecided, single = torch.isinf(v[..., 0]), torch.isinf(v[..., 1]) & ~torch.isinf(v[..., 0])
+        assert bool((i >= 0).all() and (i < K).all())
+        assert torch.equal(i[..., 0][single], ref[single])
+        assert not bool(single[:, :5].any()), "a tied pair was decided alone"
+        two = ~undecided & ~single
+        # centered ||c||^2 - 2 x.c
+        dn = d - x32.double().reshape(n, G, DG).transpose(0, 1).pow(2).sum(-1, keepdim=True)
+        tol = 1e-5 * (1 + dn.abs().amax())
+        assert (dn.gather(-1, i)[two] - v[two].double()).abs().max() <= tol
+        assert bool((v[..., 1][two] >= v[..., 0][two]).all())
+        assert float(undecided.float().mean()) < 0.01 and float(single.float().mean()) > 0.4, (n, G, K, DG)
+
+
 def test_scalar_screen_fallback_is_exact():
     """The C++ scans' scalar fallback (forced by ASTRA_NO_AVX512 in a fresh process: machines without
     AVX-512 take it): codes equal to the float64 argmin for both screens (bf16 large-group, fused small-group)."""
@@ -352,7 +401,7 @@ def test_scalar_screen_fallback_is_exact():
 
 
 @pytest.mark.parametrize("D", [32, 256])
-def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(D):
+def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(D, small_kernel):
     """250 of 300 codewords within ~1e-4 of each other: the 3 / 16 / 128-candidate tiers cannot prove
     the argmin, the full-codebook tier (and float64 for the near-ties) must."""
     g = T.seeded_generator(60 + D)
