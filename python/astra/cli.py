@@ -285,7 +285,8 @@ def _bytes_report(ranks, cb) -> None:
         fp_b, q_b = res["fp"]["stats"][0][0], res["astra"]["stats"][0][0]
         tot_fp += sum(s[0] for s in res["fp"]["stats"])
         tot_q += sum(s[0] for s in res["astra"]["stats"])
-        print(f"  {r:>4} {res['astra']['tokens']:>7} {fp_b:>18,} {q_b:>8,} {fp_b / q_b:>7.1f}x")
+        ratio = f"{fp_b / q_b:>7.1f}x" if q_b else "       -"    # causal: nobody attends to the last rank's tokens
+        print(f"  {r:>4} {res['astra']['tokens']:>7} {fp_b:>18,} {q_b:>8,} {ratio}")
     D = cb.hidden_size
     header = frame_nbytes((1, 0, cb.groups), cb.bits)
     print(f"  all layers, all ranks: {tot_fp:,} B full precision vs {tot_q:,} B ASTRA "

@@ -17,7 +17,7 @@ from .generation import Heartbeat, check_generation, hf_generate, prepare_prompt
 from .inputs import seq_geometry, validate_inputs
 from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
 from .runtime import RuntimeBase
-from .split import DEFAULT_SPLIT, local_indices, with_class_token
+from .split import DEFAULT_SPLIT, key_ranks, local_indices, with_class_token
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
 
 PEER_FAILURE_MODES = ("raise", "local")
@@ -45,6 +45,7 @@ class DistRuntime(RuntimeBase):
         self._local = None
         self._sizes: List[int] = []          # this forward's payload size of every rank, per layer
         self._kv_ranks: List[int] = []       # the ranks whose tokens this rank's queries can attend to
+        self._senders: List[bool] = []       # per rank: some other rank attends to its tokens (else it sends nothing)
         self._rg: Optional[torch.Tensor] = None     # their global indices
         self.calls = 0                       # forwards so far (every rank counts the same; agreed every call)
         self.broken: Optional[str] = None    # why the process group can not be used again, after a PeerError
@@ -111,12 +112,15 @@ class DistRuntime(RuntimeBase):
                                        status=status)
 
     def _layer_sizes(self) -> List[int]:
-        """Every rank's payload size of a layer's exchange (codec frames, or raw hidden states)."""
+        """Every rank's payload size of a layer's exchange (codec frames, or raw hidden states; nothing from a rank
+        whose tokens no other rank attends to)."""
         ctx = self.ctx
         lengths = [int(c.numel()) for c in ctx.chunks]
         if self.codebooks is None:
-            return [ctx.B * n * self.fam.hidden_size * self._elt for n in lengths]
-        return frame_sizes(ctx.B, lengths, self.codebooks.groups, self.codebooks.bits)
+            sizes = [ctx.B * n * self.fam.hidden_size * self._elt for n in lengths]
+        else:
+            sizes = frame_sizes(ctx.B, lengths, self.codebooks.groups, self.codebooks.bits)
+        return [n if send else 0 for n, send in zip(sizes, self._senders)]
 
     def _slot_sizes(self, slot: int) -> List[int]:
         """Payload sizes of exchange ``slot``: layers 0..L-1, then the class-token mean, then the final status."""
@@ -131,12 +135,13 @@ class DistRuntime(RuntimeBase):
         ctx = self.ctx
         send = h[:, 1:] if ctx.cls else h
         st = self.stats[layer]
-        st.tokens_sent = ctx.B * int(ctx.chunks[self.rank].numel())
         what = f"layer {layer} all-gather"
         prof = self.profiler
         if prof is not None:
             prof.mark(layer - 1, prof_.REST) if layer else prof.mark_outside(prof_.BEFORE)
-        if self.codebooks is None:
+        if not self._senders[self.rank]:     # causal, last rank: no query anywhere attends to these tokens
+            payload = send.new_empty(0, dtype=torch.uint8)
+        elif self.codebooks is None:
             payload = send.contiguous().reshape(-1).view(torch.uint8)
         elif prof is not None:       # the two steps of encode_and_pack, timed apart (byte-identical frames)
             codes = ak.vq_encode(send, self._cb[layer])
@@ -144,6 +149,7 @@ class DistRuntime(RuntimeBase):
             payload = ak.pack_codes(codes, self.codebooks.bits)
         else:
             payload = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
+        st.tokens_sent = ctx.B * int(ctx.chunks[self.rank].numel()) if self._senders[self.rank] else 0
         ctx.state[layer] = self._exchange(payload, self._sizes, st, what)
         if prof is not None:
             prof.mark(layer, prof_.PACK)
@@ -291,10 +297,9 @@ class DistRuntime(RuntimeBase):
         fam = self.fam
         ctx = make_ctx(fam, inputs, self.world, self.cls, self.split_costs)
         local = with_class_token(ctx.chunks[self.rank], ctx.cls)      # the split of make_ctx, not a second one
-        others = [s for s in range(self.world) if s != self.rank]
-        if fam.causal:      # a causal query never attends to a later key: skip the ranks holding only later tokens
-            top = int(local[-1])
-            others = [s for s in others if int(ctx.chunks[s][0]) <= top]
+        attends = [key_ranks(fam, ctx.chunks, r) for r in range(self.world)]
+        others = attends[self.rank]
+        self._senders = [any(s in attends[r] for r in range(self.world)) for s in range(self.world)]
         self._kv_ranks = others
         self._rg = torch.cat([ctx.chunks[s] for s in others]) if others else local[:0]
         call = dict(inputs)

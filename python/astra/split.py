@@ -21,13 +21,14 @@ ATTENTION_MAC_COST = 1.5
 
 
 def split_indices(seq_len: int, world_size: int, class_token: bool,
-                  costs: Optional[Tuple[float, float]] = None) -> List[torch.Tensor]:
+                  costs: Optional[Tuple[float, ...]] = None) -> List[torch.Tensor]:
     """Global indices of the non-replicated tokens of each rank, contiguous and in rank order.
 
-    ``costs=None``: the even split (``torch.tensor_split`` order). ``costs=(pair, key)``: the causal split that
-    balances ``n + pair * (n * p + n * (n + 1) / 2) + key * p`` (``key <= 1``) over the ranks, for a rank
-    holding ``n`` tokens after ``p`` earlier ones (per-token work, causal attention pairs, non-local keys;
-    :func:`causal_costs`)."""
+    ``costs=None``: the even split (``torch.tensor_split`` order). ``costs=(pair, key, encode)``: the causal
+    split that balances ``n * (1 - encode [last]) + pair * (n * p + n * (n + 1) / 2) + key * p``
+    (``0 <= encode < 1``, ``key <= 1 - encode``) over the ranks, for a rank holding ``n`` tokens after ``p``
+    earlier ones (per-token work, causal attention pairs, non-local keys; the last rank does not encode its
+    tokens, which no query attends to; :func:`causal_costs`)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     start = 1 if class_token else 0
@@ -41,14 +42,16 @@ def split_indices(seq_len: int, world_size: int, class_token: bool,
     return [torch.arange(start + a, start + b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _balanced_bounds(n: int, world: int, pair: float, key: float) -> List[int]:
+def _balanced_bounds(n: int, world: int, pair: float, key: float, encode: float = 0.0) -> List[int]:
     """Chunk boundaries ``0 = b_0 < ... < b_world = n`` minimising the largest rank cost (bisection on it)."""
-    if not (pair >= 0 and 0 <= key <= 1):
-        # key <= 1: a token moved to an earlier rank never makes a later rank dearer (so filling greedily is optimal)
-        raise ValueError(f"split costs need pair >= 0 and 0 <= key <= 1, got pair={pair}, key={key}")
+    if not (pair >= 0 and 0 <= encode < 1 and 0 <= key <= 1 - encode):
+        # key <= 1 - encode: a token moved to an earlier rank never makes a later rank dearer (so filling greedily
+        # is optimal)
+        raise ValueError(f"split costs need pair >= 0, 0 <= encode < 1 and 0 <= key <= 1 - encode, got pair={pair}, "
+                         f"key={key}, encode={encode}")
 
-    def cost(m: int, p: int) -> float:
-        return m + pair * (m * p + m * (m + 1) / 2) + key * p
+    def cost(m: int, p: int, last: bool = False) -> float:
+        return m * (1 - encode if last else 1) + pair * (m * p + m * (m + 1) / 2) + key * p
 
     def fill(target: float) -> Optional[List[int]]:
         bounds = [0]
@@ -61,7 +64,7 @@ def _balanced_bounds(n: int, world: int, pair: float, key: float) -> List[int]:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if cost(mid, p) <= target else (lo, mid - 1)
             bounds.append(p + lo)
-        return bounds + [n] if cost(n - bounds[-1], bounds[-1]) <= target else None
+        return bounds + [n] if cost(n - bounds[-1], bounds[-1], last=True) <= target else None
 
     lo, hi = 0.0, cost(n, n)                           # feasible: no rank costs more
     for _ in range(64):
@@ -70,22 +73,35 @@ def _balanced_bounds(n: int, world: int, pair: float, key: float) -> List[int]:
     return fill(hi)
 
 
-def causal_costs(fam: Family, codebooks) -> Tuple[float, float]:
-    """``(pair, key)`` of :func:`split_indices` for a causal model: one (query, key) pair of attention (all heads,
-    QK and PV, at :data:`ATTENTION_MAC_COST`) and one non-local key's K/V projection (none with G = 1, whose
-    K/V come from the codeword tables), each relative to one token's per-layer work (the layer's weights, plus
-    the VQ encode). A function of the model and the codebooks only, so every rank and ``simulate`` agree."""
+def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float]:
+    """``(pair, key, encode)`` of :func:`split_indices` for a causal model: one (query, key) pair of attention (all
+    heads, QK and PV, at :data:`ATTENTION_MAC_COST`), one non-local key's K/V projection (none with G = 1, whose
+    K/V come from the codeword tables) and one token's VQ encode (which the last rank skips), each relative to one
+    token's per-layer work (the layer's weights, plus the encode). A function of the model and the codebooks
+    only, so every rank and ``simulate`` agree."""
     layers = fam.num_layers
     weights = sum(q.numel() for m in fam.base.modules() if not isinstance(m, torch.nn.Embedding)
                   for q in m.parameters(recurse=False))
     D = fam.hidden_size
-    token = weights / layers + (0 if codebooks is None else codebooks.codebook_size * D)
+    encode = 0 if codebooks is None else codebooks.codebook_size * D
+    token = weights / layers + encode
     kv = 2 * D * fam.num_kv_heads * fam.head_dim
     key = 0 if codebooks is not None and codebooks.groups == 1 else kv
-    return ATTENTION_MAC_COST * 2 * D / token, key / token
+    return ATTENTION_MAC_COST * 2 * D / token, key / token, encode / token
 
 
-def resolve_split(fam: Family, codebooks, split: str) -> Optional[Tuple[float, float]]:
+def key_ranks(fam: Family, chunks: List[torch.Tensor], rank: int) -> List[int]:
+    """The other ranks whose tokens rank ``rank``'s queries attend to, given every rank's chunk of
+    :func:`split_indices`: all of them, or for a causal model those holding a token at or before its last one
+    (with contiguous chunks in rank order: the earlier ranks; nobody attends to the last rank's tokens)."""
+    others = [s for s in range(len(chunks)) if s != rank]
+    if fam.causal:
+        top = int(chunks[rank][-1])
+        others = [s for s in others if int(chunks[s][0]) <= top]
+    return others
+
+
+def resolve_split(fam: Family, codebooks, split: str) -> Optional[Tuple[float, ...]]:
     """The ``costs`` argument of :func:`split_indices` for split mode ``split`` (None: the even split)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -97,7 +113,7 @@ def resolve_split(fam: Family, codebooks, split: str) -> Optional[Tuple[float, f
 
 
 def local_indices(seq_len: int, world_size: int, rank: int, class_token: bool,
-                  costs: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+                  costs: Optional[Tuple[float, ...]] = None) -> torch.Tensor:
     """Global indices of the tokens rank ``rank`` holds (its outputs), class token first if replicated."""
     return with_class_token(split_indices(seq_len, world_size, class_token, costs)[rank], class_token)
 
