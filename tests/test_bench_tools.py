@@ -7,10 +7,12 @@ import subprocess
 
 import pytest
 
+import astra
 from astra.bench.results import COLUMNS, add_speedups, markdown_table, write_all
 from astra.bench.sweep import BenchConfig, emulated_row, estimate_s, make_row
 from astra.costmodel import CostModel, Point, Profile, compute_time, contention, evaluate, fit, link_bytes
 from astra.netlink import (
+    TBF_BURST_BYTES,
     create_shaped_namespace,
     destroy_namespace,
     link_bytes_allgather,
@@ -105,6 +107,37 @@ def test_compute_scaling_and_link_bytes_with_world_size():
     assert contention(8, 2) == 4.0 and contention(2, 4) == 1.0
     assert compute_time(p, 8, cores=2) == pytest.approx((0.25 + 0.2 * 1.75) * 4)
     assert link_bytes(p, 2) == 2000 and link_bytes(p, 4) == 500 * 12
+
+
+def test_padded_allgather_bytes_follow_the_largest_chunk_of_the_split():
+    """The all-gather pads every frame to the largest chunk's: with the causal split the first rank's chunk
+    shrinks more slowly than T/N, and the link carries N (N - 1) frames of its size."""
+    costs = (0.0003, 0.15, 0.1)
+    even = Profile("fp-sp", "gpt2", compute_s=1.4, local_s=1.2, frame_bytes=1000, collectives=12, tokens=1024)
+    skew = Profile("fp-sp", "gpt2", compute_s=1.4, local_s=1.2, frame_bytes=1000, collectives=12, tokens=1024,
+                   split_costs=costs)
+    assert link_bytes(even, 4) == 500 * 12 and link_bytes(even, 2) == 2000
+    big = [max(len(c) for c in astra.split_indices(1024, n, False, costs)) for n in (2, 4, 8)]
+    assert big[1] > 1024 // 4 and big[2] > 1024 // 8
+    assert link_bytes(skew, 4) == pytest.approx(round(1000 * big[1] / big[0]) * 12)
+    assert link_bytes(skew, 8) == pytest.approx(round(1000 * big[2] / big[0]) * 56)
+
+
+def test_the_link_bucket_absorbs_small_exchanges():
+    """A collective that fits in the tbf bucket (refilled while the ranks compute) costs no link time; only the
+    bytes beyond it are charged at the link's rate."""
+    g32 = Profile("astra-g32", "gpt2", compute_s=1.5, local_s=1.2, frame_bytes=12 * 23_000, collectives=12)
+    m = CostModel(eta=1.0, per_collective_s=0.0, cores=2)
+    assert link_bytes(g32, 2) / 12 < TBF_BURST_BYTES < link_bytes(g32, 4) / 12     # 46 KB fits, 138 KB does not
+    assert m.predict(g32, 2, 10.0) == pytest.approx(m.predict(g32, 2, None))
+    excess = 12 * (link_bytes(g32, 4) / 12 - TBF_BURST_BYTES) * 8 / 10e6
+    assert m.predict(g32, 4, 10.0) == pytest.approx(m.predict(g32, 4, None) + excess)
+    # a link too slow to refill the bucket between collectives lets through only what it refilled
+    slow = 0.01                                                     # Mbit/s
+    refill = slow * 1e6 / 8 * compute_time(g32, 4, 2) / 12
+    assert refill < TBF_BURST_BYTES
+    want = 12 * (link_bytes(g32, 4) / 12 - refill) * 8 / (slow * 1e6)
+    assert m.predict(g32, 4, slow) == pytest.approx(m.predict(g32, 4, None) + want)
 
 
 # ---------------------------------------------------------------------------------------------- writers

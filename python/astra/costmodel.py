@@ -3,16 +3,23 @@
 For one system (full-precision SP, ASTRA G = 32, ASTRA G = 1, HF TP) on one model at N ranks and a link
 of R Mbit/s, the predicted latency of one forward is
 
-    latency(N, R) = compute(N) + eta * link_bytes(N) * 8 / R + per_collective * collectives
+    latency(N, R) = compute(N) + eta * C * max(0, link_bytes(N) / C - burst) * 8 / R + per_collective * C
 
-* ``compute(N)`` comes from the forward on the unshaped loopback at N = 2 (its time minus the time spent
-  waiting on peers), split into the local part (the ceiling's time: T/N tokens with no communication,
-  which shrinks as 1/N) and the rest (non-local keys and values: (N - 1)/N of the tokens), then scaled by
-  the CPU contention of N single-threaded ranks on the machine's cores.
+* ``compute(N)`` comes from the forward on the unshaped loopback at N = 2 (its time minus the time the
+  slowest rank spent waiting on peers), split into the local part (the ceiling's time: T/N tokens with no
+  communication, which shrinks as 1/N) and the rest (non-local keys and values: (N - 1)/N of the tokens),
+  then scaled by the CPU contention of N single-threaded ranks on the machine's cores.
 * ``link_bytes(N)``: the bytes that cross the one link all ranks share, from the bytes measured at N = 2
-  (an all-gather's frames reach the N - 1 others; a ring all-reduce sends 2 (N - 1)/N of its tensor).
+  (an all-gather's frames, padded to the largest chunk's, reach the N - 1 others, the largest chunk at N
+  following the split; a ring all-reduce sends 2 (N - 1)/N of its tensor), spread over the forward's ``C``
+  collectives.
+* ``burst``: the link's token bucket (:data:`astra.netlink.TBF_BURST_BYTES`), refilled while the ranks
+  compute between two collectives (at most ``R`` times that gap): that much of each collective passes at
+  the loopback's own speed, so only the rest is charged at ``R`` (a G = 32 layer exchange at N = 2, ~47 KB,
+  fits in it; at N = 4 its ~140 KB does not).
 * ``eta`` (the link's efficiency: protocol overhead, shaping) and ``per_collective`` (seconds of fixed
-  cost per collective) are the only fitted numbers, by least squares over the points used to fit.
+  cost per collective) are the only fitted numbers, by least squares on the relative error over the
+  points used to fit (unweighted, the slowest system's seconds would decide alone).
 
 The error is reported on the measured points not used to fit (other bandwidths, N = 4 and 8).
 """
@@ -20,9 +27,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .netlink import link_bytes_allgather, link_bytes_allreduce
+from .netlink import TBF_BURST_BYTES, link_bytes_allgather, link_bytes_allreduce
+from .split import split_indices
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,16 @@ class Profile:
     frame_bytes: float        # bytes one rank contributes per forward, summed over collectives
     collectives: int          # collectives per forward
     kind: str = "allgather"   # "allgather" (sequence parallel) or "allreduce" (tensor parallel)
+    tokens: int = 0           # T (0: unknown, chunks taken as T/N)
+    split_costs: Optional[Tuple[float, ...]] = None    # the split's costs (astra.split_indices; None: even)
+
+
+def largest_chunk(p: Profile, world: int) -> float:
+    """Tokens of the largest rank's chunk at ``world`` ranks (the split is a function of T, N and its costs; with
+    T unknown, T/N)."""
+    if p.tokens < world:
+        return 1.0 / world
+    return float(max(len(c) for c in split_indices(p.tokens, world, False, p.split_costs)))
 
 
 @dataclass(frozen=True)
@@ -67,8 +85,18 @@ def link_bytes(p: Profile, world: int) -> float:
     """Bytes one forward puts on the shared link at ``world`` ranks (frame bytes measured at N = 2)."""
     if p.kind == "allreduce":
         return float(link_bytes_allreduce(int(p.frame_bytes), world))
-    per_rank = p.frame_bytes * 2.0 / world            # each rank holds T/N tokens
+    # a padded all-gather: every rank sends the largest chunk's frame, whose tokens follow the split at N
+    per_rank = p.frame_bytes * largest_chunk(p, world) / largest_chunk(p, 2)
     return float(link_bytes_allgather(int(round(per_rank)), world))
+
+
+def charged_seconds(p: Profile, world: int, rate_mbit: float, burst_bytes: float, cores: int) -> float:
+    """Seconds the shaped link charges one forward at ``rate_mbit``: per collective, its share of
+    :func:`link_bytes` beyond the bucket (``burst_bytes``, refilled during the compute between collectives)."""
+    c = max(1, p.collectives)
+    per_s = rate_mbit * 1e6 / 8.0
+    refill = min(float(burst_bytes), per_s * compute_time(p, world, cores) / c)
+    return c * max(0.0, link_bytes(p, world) / c - refill) / per_s
 
 
 @dataclass(frozen=True)
@@ -76,11 +104,12 @@ class CostModel:
     eta: float                    # link efficiency factor on the transfer term
     per_collective_s: float       # fixed seconds per collective
     cores: int
+    burst_bytes: float = TBF_BURST_BYTES
 
     def predict(self, p: Profile, world: int, rate_mbit: Optional[float]) -> float:
         t = compute_time(p, world, self.cores)
         if rate_mbit is not None:
-            t += self.eta * link_bytes(p, world) * 8.0 / (rate_mbit * 1e6)
+            t += self.eta * charged_seconds(p, world, rate_mbit, self.burst_bytes, self.cores)
             t += self.per_collective_s * p.collectives
         return t
 
@@ -100,19 +129,22 @@ def _solve2(rows: List[Sequence[float]], ys: List[float]):
     return (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
 
 
-def fit(profiles: Dict[tuple, Profile], points: Iterable[Point], cores: int) -> CostModel:
-    """Fit ``eta`` and the per-collective cost on shaped ``points`` (N = 2); ``profiles`` by (system, model)."""
+def fit(profiles: Dict[tuple, Profile], points: Iterable[Point], cores: int,
+        burst_bytes: float = TBF_BURST_BYTES) -> CostModel:
+    """Fit ``eta`` and the per-collective cost on shaped ``points`` (N = 2) by least squares on the relative
+    error (each equation divided by the measured latency); ``profiles`` by (system, model)."""
     rows, ys = [], []
     for pt in points:
         if pt.rate_mbit is None:
             continue
         p = profiles[(pt.system, pt.model)]
-        rows.append((link_bytes(p, pt.world) * 8.0 / (pt.rate_mbit * 1e6), float(p.collectives)))
-        ys.append(pt.latency_s - compute_time(p, pt.world, cores))
+        w = 1.0 / pt.latency_s
+        rows.append((charged_seconds(p, pt.world, pt.rate_mbit, burst_bytes, cores) * w, float(p.collectives) * w))
+        ys.append((pt.latency_s - compute_time(p, pt.world, cores)) * w)
     if not rows:
         raise ValueError("no shaped measurements to fit the cost model on")
     eta, per = _solve2(rows, ys)
-    return CostModel(eta=eta, per_collective_s=max(0.0, per), cores=cores)
+    return CostModel(eta=eta, per_collective_s=max(0.0, per), cores=cores, burst_bytes=burst_bytes)
 
 
 def evaluate(model: CostModel, profiles: Dict[tuple, Profile], points: Iterable[Point]) -> List[dict]:

@@ -38,8 +38,9 @@ import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-#: bytes of the tbf bucket (a few frames of MTU 1500 plus room for TCP bursts)
-TBF_BURST = "64kb"
+#: bytes of the tbf bucket (a few frames of MTU 1500 plus room for TCP bursts): after an idle moment this
+#: many bytes pass at the loopback's own speed (astra.costmodel charges the link only beyond it)
+TBF_BURST_BYTES = 64 * 1024
 #: loopback MTU inside the namespace (larger MTUs with tbf stall gloo until it times out)
 NETNS_MTU = 1500
 
@@ -70,7 +71,7 @@ def _sh(*cmd: str) -> None:
 
 
 def _tbf(rate_mbit: float) -> List[str]:
-    return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", TBF_BURST, "latency", "2s"]
+    return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", f"{TBF_BURST_BYTES}b", "latency", "2s"]
 
 
 def _check_loss_delay(loss: float, delay_ms: float, jitter_ms: float) -> None:

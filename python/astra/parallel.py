@@ -412,6 +412,8 @@ class ParallelModel:
     world_size = property(lambda self: self._rt.world)
     codebooks = property(lambda self: self._rt.codebooks)
     class_token = property(lambda self: self._rt.cls)
+    #: the ``costs`` of :func:`astra.split_indices` this model's token split uses (None: the even split)
+    split_costs = property(lambda self: self._rt.split_costs)
 
     @property
     def stats(self) -> List[LayerStats]:

@@ -24,7 +24,8 @@ def profiles_from(rows: List[Dict], world: int) -> Dict[Tuple[str, str], Profile
             out[(r["system"], r["model"])] = Profile(
                 system=r["system"], model=r["model"], compute_s=r["compute_s"], local_s=min(local, r["compute_s"]),
                 frame_bytes=r["frame_bytes"], collectives=r["collectives"],
-                kind="allreduce" if r["system"] == "hf-tp" else "allgather")
+                kind="allreduce" if r["system"] == "hf-tp" else "allgather", tokens=r.get("tokens", 0),
+                split_costs=tuple(r["split_costs"]) if r.get("split_costs") else None)
     return out
 
 

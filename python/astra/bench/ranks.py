@@ -65,7 +65,7 @@ def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
     try:
         runs, warm = job["plan"][key]
         times = timed(lambda: pm(**inputs), runs, warm, barrier, job["label"] + SYSTEMS[key] if rank == 0 else "")
-        res = {"times": times, **_forward_stats(pm.stats)}
+        res = {"times": times, **_forward_stats(pm.stats), "split_costs": pm.split_costs}
     finally:
         pm.unpatch()
     if job.get("breakdown"):

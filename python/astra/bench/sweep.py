@@ -118,6 +118,7 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
             "slow": len(times) < cfg.repeats, "bytes_sent_per_rank": int(res["bytes_sent"]),
             "frame_bytes": int(res["frame_bytes"]), "link_bytes": int(link_b),
             "collectives": int(res["collectives"]), "compute_s": max(0.0, med - res["wait_s"]), "times": times,
+            "split_costs": res.get("split_costs"),
             **({"breakdown": res["breakdown"]} if "breakdown" in res else {})}
 
 
