@@ -340,6 +340,31 @@ def test_fused_small_group_scan_matches_torch():
         T.assert_equal_ints(ak.vq_encode(x + p.mu_flat, cb), vq.vq_encode_reference(x + p.mu_flat, cb))
 
 
+def test_bf16_screen_only_from_its_smallest_group_dim(monkeypatch):
+    """Groups narrower than vq.BF16_SCREEN_MIN_GROUP_DIM (2-dim groups of 1024 codewords overflow the bf16
+    window) take the fp32 scan; wider ones the bf16 screen; codes exact either way."""
+    calls = []
+    real = vq._small_group_bf16_top2
+    monkeypatch.setattr(vq, "SMALL_GROUP_BF16", True)
+
+    def spy(x32, p, *args, **kwargs):
+        calls.append(p.cb32.shape[-1])
+        return real(x32, p, *args, **kwargs)
+
+    monkeypatch.setattr(vq, "_small_group_bf16_top2", spy)
+    g = T.seeded_generator(61)
+    for DG in (vq.BF16_SCREEN_MIN_GROUP_DIM - 2, vq.BF16_SCREEN_MIN_GROUP_DIM - 1):
+        cb = T.random_inputs(8, 1024, DG, generator=g)
+        x = T.random_inputs(200, 8 * DG, generator=g)
+        T.assert_equal_ints(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb))
+    assert calls == []
+    if vq._vq_screen.small_group_bf16_available():
+        cb = T.random_inputs(8, 256, vq.BF16_SCREEN_MIN_GROUP_DIM, generator=g)
+        x = T.random_inputs(200, 8 * vq.BF16_SCREEN_MIN_GROUP_DIM, generator=g)
+        T.assert_equal_ints(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb))
+        assert calls and set(calls) == {vq.BF16_SCREEN_MIN_GROUP_DIM}
+
+
 @pytest.mark.skipif(not vq.SMALL_GROUP_BF16, reason="the bf16 small-group screen needs AVX512-BF16")
 def test_bf16_small_group_screen_decides_only_what_it_proves():
     """csrc/screen.cpp's bf16 small-group screen: every (token, group) it decides alone (one candidate in
