@@ -3,22 +3,25 @@
 For one system (full-precision SP, ASTRA G = 32, ASTRA G = 1, HF TP) on one model at N ranks and a link
 of R Mbit/s, the predicted latency of one forward is
 
-    latency(N, R) = compute(N) + eta * C * max(0, link_bytes(N) / C - burst) * 8 / R + per_collective * C
+    latency(N, R) = compute(N) + C * max(0, eta * transfer(N, R) / C - overlap * compute(N) / C)
+                    + per_collective * C
 
-* ``compute(N)`` comes from the forward on the unshaped loopback at N = 2 (its time minus the time the
-  slowest rank spent waiting on peers), split into the local part (the ceiling's time: T/N tokens with no
-  communication, which shrinks as 1/N) and the rest (non-local keys and values: (N - 1)/N of the tokens),
-  then scaled by the CPU contention of N single-threaded ranks on the machine's cores.
-* ``link_bytes(N)``: the bytes that cross the one link all ranks share, from the bytes measured at N = 2
-  (an all-gather's frames, padded to the largest chunk's, reach the N - 1 others, the largest chunk at N
-  following the split; a ring all-reduce sends 2 (N - 1)/N of its tensor), spread over the forward's ``C``
-  collectives.
-* ``burst``: the link's token bucket (:data:`astra.netlink.TBF_BURST_BYTES`), refilled while the ranks
-  compute between two collectives (at most ``R`` times that gap): that much of each collective passes at
-  the loopback's own speed, so only the rest is charged at ``R`` (a G = 32 layer exchange at N = 2, ~47 KB,
-  fits in it; at N = 4 its ~140 KB does not).
-* ``eta`` (the link's efficiency: protocol overhead, shaping) and ``per_collective`` (seconds of fixed
-  cost per collective) are the only fitted numbers, by least squares on the relative error over the
+* ``compute(N)``: every rank's work is ``u * s * cost_r + F``, where ``cost_r`` is the rank's share under the
+  system's split (:func:`astra.split.rank_costs`: its tokens, causal attention pairs, non-local keys' K/V
+  projections and encodes, in units of one token's per-layer work); ``u`` (seconds per unit) and ``F``
+  (seconds per rank and forward whatever its tokens) come from one device (T tokens) against the ceiling
+  (T/2 tokens per rank, no communication); ``s`` scales the system to its own forward at N = 2 on the
+  unshaped loopback (its time minus the time the slowest rank waited). N ranks on ``cores`` cores take
+  ``max(largest rank, sum of ranks / cores)``, normalised so that N = 2 gives the measured compute.
+* ``transfer(N, R)``: the bytes that cross the one link all ranks share (from the bytes measured at N = 2: an
+  all-gather's frames, padded to the largest chunk's, reach the N - 1 others, the largest chunk at N following
+  the split; a ring all-reduce sends 2 (N - 1)/N of its tensor), spread over the forward's ``C`` collectives,
+  charged at ``R`` beyond the link's token bucket (:data:`astra.netlink.TBF_BURST_BYTES`, refilled while the
+  ranks compute between two collectives, at most ``R`` times that gap).
+* ``overlap``: the share of each layer's compute that runs while its collective is in flight (the local
+  projections and attention), during which the transfer costs nothing extra.
+* ``eta`` (the link's efficiency: protocol overhead, shaping), ``overlap`` and ``per_collective`` (seconds of
+  fixed cost per collective) are the only fitted numbers, by least squares on the relative error over the
   points used to fit (unweighted, the slowest system's seconds would decide alone).
 
 The error is reported on the measured points not used to fit (other bandwidths, N = 4 and 8).
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .netlink import TBF_BURST_BYTES, link_bytes_allgather, link_bytes_allreduce
-from .split import split_indices
+from .split import chunk_cost, rank_costs, split_indices
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Profile:
     kind: str = "allgather"   # "allgather" (sequence parallel) or "allreduce" (tensor parallel)
     tokens: int = 0           # T (0: unknown, chunks taken as T/N)
     split_costs: Optional[Tuple[float, ...]] = None    # the split's costs (astra.split_indices; None: even)
+    single_s: float = 0.0     # one device, T tokens (0: unknown, no fixed per-rank cost)
 
 
 def largest_chunk(p: Profile, world: int) -> float:
@@ -54,6 +58,27 @@ def largest_chunk(p: Profile, world: int) -> float:
     if p.tokens < world:
         return 1.0 / world
     return float(max(len(c) for c in split_indices(p.tokens, world, False, p.split_costs)))
+
+
+def rank_work(p: Profile, world: int) -> List[float]:
+    """Every rank's work at ``world`` ranks in units of one token's per-layer work (:func:`astra.split.rank_costs`;
+    tensor parallelism splits every token's work evenly; T unknown: fractions of the forward)."""
+    if p.kind == "allreduce" or p.tokens < world:
+        return [float(p.tokens or 1) / world] * world
+    return rank_costs(p.tokens, world, p.split_costs)
+
+
+def unit_costs(p: Profile) -> Tuple[float, float]:
+    """``(u, F)``: seconds per unit of :func:`rank_work` and seconds per rank and forward whatever its tokens, from
+    one device (T tokens) against the ceiling (T/2 tokens per rank, neither encodes)."""
+    T = float(p.tokens or 1)
+    costs = p.split_costs if p.kind == "allgather" and p.split_costs and p.tokens else (0.0, 0.0, 0.0)
+    c_one, c_half = chunk_cost(T, 0, costs, last=True), chunk_cost(T / 2, 0, costs, last=True)
+    if p.single_s <= p.local_s:                     # one device unknown (or not slower): no fixed part
+        return p.local_s / c_half, 0.0
+    u = (p.single_s - p.local_s) / (c_one - c_half)
+    fixed = min(max(0.0, p.single_s - u * c_one), 0.9 * p.local_s)
+    return (p.single_s - fixed) / c_one, fixed
 
 
 @dataclass(frozen=True)
@@ -74,11 +99,19 @@ def contention(world: int, cores: int) -> float:
     return max(1.0, world / cores)
 
 
+def _busy(work: Sequence[float], cores: int) -> float:
+    """Seconds ranks of these works take on ``cores`` cores: the largest, or all of them shared out."""
+    return max(max(work), sum(work) / cores) if len(work) > cores else max(work)
+
+
 def compute_time(p: Profile, world: int, cores: int) -> float:
-    """Per-forward compute of one rank at ``world`` ranks, from its N = 2 profile."""
-    local = p.local_s * 2.0 / world
-    rest = max(0.0, p.compute_s - p.local_s) * ((world - 1) / world) / 0.5
-    return (local + rest) * contention(world, cores) / contention(2, cores)
+    """Per-forward compute at ``world`` ranks, from the system's N = 2 profile (see the module docstring)."""
+    contention(world, cores)                               # validates
+    u, fixed = unit_costs(p)
+    w2 = rank_work(p, 2)
+    s = max(0.0, p.compute_s - fixed) / (u * max(w2))     # the system's own cost per unit against the ceiling's
+    work = lambda n: [u * s * c + fixed for c in rank_work(p, n)]  # noqa: E731
+    return p.compute_s * _busy(work(world), cores) / _busy(work(2), cores)
 
 
 def link_bytes(p: Profile, world: int) -> float:
@@ -105,46 +138,52 @@ class CostModel:
     per_collective_s: float       # fixed seconds per collective
     cores: int
     burst_bytes: float = TBF_BURST_BYTES
+    overlap: float = 0.0          # share of the compute that runs while a collective is in flight
+
+    def link_time(self, p: Profile, world: int, rate_mbit: float) -> float:
+        """Seconds the link adds to one forward at ``rate_mbit`` (beyond the compute it overlaps)."""
+        compute = compute_time(p, world, self.cores)
+        charged = charged_seconds(p, world, rate_mbit, self.burst_bytes, self.cores)
+        return max(0.0, self.eta * charged - self.overlap * compute) + self.per_collective_s * max(1, p.collectives)
 
     def predict(self, p: Profile, world: int, rate_mbit: Optional[float]) -> float:
         t = compute_time(p, world, self.cores)
-        if rate_mbit is not None:
-            t += self.eta * charged_seconds(p, world, rate_mbit, self.burst_bytes, self.cores)
-            t += self.per_collective_s * p.collectives
-        return t
+        return t if rate_mbit is None else t + self.link_time(p, world, rate_mbit)
 
 
-def _solve2(rows: List[Sequence[float]], ys: List[float]):
-    """Least squares for y = a x1 + b x2 (normal equations; b = 0 when x2 carries no information)."""
-    s11 = sum(r[0] * r[0] for r in rows)
-    s12 = sum(r[0] * r[1] for r in rows)
-    s22 = sum(r[1] * r[1] for r in rows)
-    t1 = sum(r[0] * y for r, y in zip(rows, ys))
-    t2 = sum(r[1] * y for r, y in zip(rows, ys))
-    det = s11 * s22 - s12 * s12
-    if s11 <= 0:
-        raise ValueError("the points used to fit carry no transfer time (fit on at least one shaped bandwidth)")
-    if abs(det) <= 1e-12 * max(1.0, s11 * s22):
-        return t1 / s11, 0.0
-    return (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
+#: the grids ``fit`` searches for ``eta`` and ``overlap`` (the per-collective cost is solved exactly for each)
+ETA_GRID = tuple(0.5 + 0.0025 * i for i in range(601))
+OVERLAP_GRID = tuple(0.01 * i for i in range(91))
 
 
 def fit(profiles: Dict[tuple, Profile], points: Iterable[Point], cores: int,
         burst_bytes: float = TBF_BURST_BYTES) -> CostModel:
-    """Fit ``eta`` and the per-collective cost on shaped ``points`` (N = 2) by least squares on the relative
-    error (each equation divided by the measured latency); ``profiles`` by (system, model)."""
-    rows, ys = [], []
+    """Fit ``eta``, ``overlap`` and the per-collective cost on the shaped ``points`` (N = 2) by least squares on
+    the relative error (each residual divided by the measured latency); ``profiles`` by (system, model)."""
+    rows = []          # (compute, charged, collectives, latency) per shaped point
     for pt in points:
         if pt.rate_mbit is None:
             continue
         p = profiles[(pt.system, pt.model)]
-        w = 1.0 / pt.latency_s
-        rows.append((charged_seconds(p, pt.world, pt.rate_mbit, burst_bytes, cores) * w, float(p.collectives) * w))
-        ys.append((pt.latency_s - compute_time(p, pt.world, cores)) * w)
+        rows.append((compute_time(p, pt.world, cores), charged_seconds(p, pt.world, pt.rate_mbit, burst_bytes, cores),
+                     max(1, p.collectives), pt.latency_s))
     if not rows:
         raise ValueError("no shaped measurements to fit the cost model on")
-    eta, per = _solve2(rows, ys)
-    return CostModel(eta=eta, per_collective_s=max(0.0, per), cores=cores, burst_bytes=burst_bytes)
+    if not any(r[1] > 0 for r in rows):
+        raise ValueError("the points used to fit carry no transfer time (fit on at least one shaped bandwidth "
+                         "whose exchanges exceed the link's bucket)")
+    best = None
+    for eta in ETA_GRID:
+        for ov in OVERLAP_GRID:
+            # residual_i = a_i - per * b_i (relative): per by least squares, clipped at 0
+            a = [(lat - comp - max(0.0, eta * ch - ov * comp)) / lat for comp, ch, _, lat in rows]
+            b = [c / lat for _, _, c, lat in rows]
+            per = max(0.0, sum(x * y for x, y in zip(a, b)) / sum(y * y for y in b))
+            err = sum((x - per * y) ** 2 for x, y in zip(a, b))
+            if best is None or err < best[0] - 1e-15:
+                best = (err, eta, ov, per)
+    _, eta, ov, per = best
+    return CostModel(eta=eta, per_collective_s=per, cores=cores, burst_bytes=burst_bytes, overlap=ov)
 
 
 def evaluate(model: CostModel, profiles: Dict[tuple, Profile], points: Iterable[Point]) -> List[dict]:

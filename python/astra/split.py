@@ -42,6 +42,23 @@ def split_indices(seq_len: int, world_size: int, class_token: bool,
     return [torch.arange(start + a, start + b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def chunk_cost(m: int, p: int, costs: Tuple[float, ...], last: bool = False) -> float:
+    """The work of a rank holding ``m`` tokens after ``p`` earlier ones, in units of one token's per-layer work,
+    under the causal split's ``costs = (pair, key[, encode])`` (:func:`split_indices`; the last rank does not
+    encode)."""
+    pair, key, encode = (tuple(costs) + (0.0,))[:3]
+    return m * (1 - encode if last else 1) + pair * (m * p + m * (m + 1) / 2) + key * p
+
+
+def rank_costs(seq_len: int, world_size: int, costs: Optional[Tuple[float, ...]] = None) -> List[float]:
+    """Every rank's work (:func:`chunk_cost`) under the split of ``seq_len`` tokens that ``costs`` selects
+    (``None``: the even split, whose work is counted in tokens)."""
+    chunks = split_indices(seq_len, world_size, False, costs)
+    if costs is None:
+        return [float(len(c)) for c in chunks]
+    return [chunk_cost(len(c), int(c[0]), costs, last=r == world_size - 1) for r, c in enumerate(chunks)]
+
+
 def _balanced_bounds(n: int, world: int, pair: float, key: float, encode: float = 0.0) -> List[int]:
     """Chunk boundaries ``0 = b_0 < ... < b_world = n`` minimising the largest rank cost (bisection on it)."""
     if not (pair >= 0 and 0 <= encode < 1 and 0 <= key <= 1 - encode):
@@ -49,9 +66,10 @@ def _balanced_bounds(n: int, world: int, pair: float, key: float, encode: float 
         # is optimal)
         raise ValueError(f"split costs need pair >= 0, 0 <= encode < 1 and 0 <= key <= 1 - encode, got pair={pair}, "
                          f"key={key}, encode={encode}")
+    costs = (pair, key, encode)
 
     def cost(m: int, p: int, last: bool = False) -> float:
-        return m * (1 - encode if last else 1) + pair * (m * p + m * (m + 1) / 2) + key * p
+        return chunk_cost(m, p, costs, last)
 
     def fill(target: float) -> Optional[List[int]]:
         bounds = [0]

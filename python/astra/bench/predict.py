@@ -17,6 +17,7 @@ def profiles_from(rows: List[Dict], world: int) -> Dict[Tuple[str, str], Profile
     """Per (system, model) the N = ``world`` unshaped measurements the cost model starts from."""
     ceiling = {r["model"]: r["median_s"] for r in rows
                if r["system"] == "ceiling" and r["world"] == world}
+    single = {r["model"]: r["median_s"] for r in rows if r["system"] == "single"}
     out = {}
     for r in rows:
         if r["system"] in DISTRIBUTED and r["world"] == world and r["rate_mbit"] is None:
@@ -25,7 +26,8 @@ def profiles_from(rows: List[Dict], world: int) -> Dict[Tuple[str, str], Profile
                 system=r["system"], model=r["model"], compute_s=r["compute_s"], local_s=min(local, r["compute_s"]),
                 frame_bytes=r["frame_bytes"], collectives=r["collectives"],
                 kind="allreduce" if r["system"] == "hf-tp" else "allgather", tokens=r.get("tokens", 0),
-                split_costs=tuple(r["split_costs"]) if r.get("split_costs") else None)
+                split_costs=tuple(r["split_costs"]) if r.get("split_costs") else None,
+                single_s=single.get(r["model"], 0.0))
     return out
 
 
