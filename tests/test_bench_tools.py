@@ -15,7 +15,6 @@ from astra.costmodel import (
     Point,
     Profile,
     compute_time,
-    contention,
     evaluate,
     fit,
     link_bytes,
@@ -120,8 +119,9 @@ def test_compute_scaling_and_link_bytes_with_world_size():
     # 4 ranks on 4 cores: each rank's token work (1.1 s at N = 2) halves, its fixed 0.1 s stays
     assert compute_time(p, 4, cores=4) == pytest.approx(0.55 + 0.1)
     # 8 ranks on 2 cores: all the work (8 x (0.275 + 0.1)) shared by the 2 cores
-    assert contention(8, 2) == 4.0 and contention(2, 4) == 1.0
     assert compute_time(p, 8, cores=2) == pytest.approx(8 * (0.275 + 0.1) / 2)
+    with pytest.raises(ValueError, match="cores"):
+        compute_time(p, 2, cores=0)
     # one device unknown: no fixed part, the work scales with the tokens
     bare = Profile("fp-sp", "gpt2", compute_s=1.2, local_s=0.9, frame_bytes=1000, collectives=12, tokens=1024)
     assert unit_costs(bare)[1] == 0.0 and compute_time(bare, 4, cores=4) == pytest.approx(0.6)

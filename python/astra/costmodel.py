@@ -92,13 +92,6 @@ class Point:
     latency_s: float
 
 
-def contention(world: int, cores: int) -> float:
-    """Slow-down of ``world`` single-threaded ranks sharing ``cores`` cores (1 while each has its own)."""
-    if world < 1 or cores < 1:
-        raise ValueError(f"world and cores must be >= 1, got {world}, {cores}")
-    return max(1.0, world / cores)
-
-
 def _busy(work: Sequence[float], cores: int) -> float:
     """Seconds ranks of these works take on ``cores`` cores: the largest, or all of them shared out."""
     return max(max(work), sum(work) / cores) if len(work) > cores else max(work)
@@ -106,7 +99,8 @@ def _busy(work: Sequence[float], cores: int) -> float:
 
 def compute_time(p: Profile, world: int, cores: int) -> float:
     """Per-forward compute at ``world`` ranks, from the system's N = 2 profile (see the module docstring)."""
-    contention(world, cores)                               # validates
+    if world < 1 or cores < 1:
+        raise ValueError(f"world and cores must be >= 1, got {world}, {cores}")
     u, fixed = unit_costs(p)
     w2 = rank_work(p, 2)
     s = max(0.0, p.compute_s - fixed) / (u * max(w2))     # the system's own cost per unit against the ceiling's
