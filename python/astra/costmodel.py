@@ -9,8 +9,8 @@ of R Mbit/s, the predicted latency of one forward is
 * ``compute(N)``: every rank's work is ``u * s * cost_r + F``, where ``cost_r`` is the rank's share under the
   system's split (:func:`astra.split.rank_costs`: its tokens, causal attention pairs, non-local keys' K/V
   projections and encodes, in units of one token's per-layer work); ``u`` (seconds per unit) and ``F``
-  (seconds per rank and forward whatever its tokens) come from one device (T tokens) against the ceiling
-  (T/2 tokens per rank, no communication); ``s`` scales the system to its own forward at N = 2 on the
+  (seconds per rank and forward whatever its tokens) come from the ceiling (T/2 tokens per rank, no
+  communication) against its probe (T/8 per rank, the same two ranks); ``s`` scales the system to its own forward at N = 2 on the
   unshaped loopback (its time minus the time the slowest rank waited). N ranks on ``cores`` cores take
   ``max(largest rank, sum of ranks / cores)``, normalised so that N = 2 gives the measured compute.
 * ``transfer(N, R)``: the bytes that cross the one link all ranks share (from the bytes measured at N = 2: an
@@ -49,7 +49,8 @@ class Profile:
     kind: str = "allgather"   # "allgather" (sequence parallel) or "allreduce" (tensor parallel)
     tokens: int = 0           # T (0: unknown, chunks taken as T/N)
     split_costs: Optional[Tuple[float, ...]] = None    # the split's costs (astra.split_indices; None: even)
-    single_s: float = 0.0     # one device, T tokens (0: unknown, no fixed per-rank cost)
+    probe_s: float = 0.0      # the ceiling's probe at N = 2: ``probe_tokens`` per rank (0: unknown, no fixed part)
+    probe_tokens: int = 0
 
 
 def largest_chunk(p: Profile, world: int) -> float:
@@ -70,15 +71,16 @@ def rank_work(p: Profile, world: int) -> List[float]:
 
 def unit_costs(p: Profile) -> Tuple[float, float]:
     """``(u, F)``: seconds per unit of :func:`rank_work` and seconds per rank and forward whatever its tokens, from
-    one device (T tokens) against the ceiling (T/2 tokens per rank, neither encodes)."""
+    the ceiling at N = 2 (T/2 tokens per rank) against its probe (fewer tokens per rank, same two ranks)."""
     T = float(p.tokens or 1)
     costs = p.split_costs if p.kind == "allgather" and p.split_costs and p.tokens else (0.0, 0.0, 0.0)
-    c_one, c_half = chunk_cost(T, 0, costs, last=True), chunk_cost(T / 2, 0, costs, last=True)
-    if p.single_s <= p.local_s:                     # one device unknown (or not slower): no fixed part
+    c_half = chunk_cost(T / 2, 0, costs, last=True)
+    if not (0 < p.probe_s < p.local_s and 0 < p.probe_tokens < T / 2):     # no probe: no fixed part
         return p.local_s / c_half, 0.0
-    u = (p.single_s - p.local_s) / (c_one - c_half)
-    fixed = min(max(0.0, p.single_s - u * c_one), 0.9 * p.local_s)
-    return (p.single_s - fixed) / c_one, fixed
+    c_probe = chunk_cost(float(p.probe_tokens), 0, costs, last=True)
+    u = (p.local_s - p.probe_s) / (c_half - c_probe)
+    fixed = min(max(0.0, p.local_s - u * c_half), 0.9 * p.local_s)
+    return (p.local_s - fixed) / c_half, fixed
 
 
 @dataclass(frozen=True)

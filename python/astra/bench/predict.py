@@ -15,19 +15,18 @@ def usable_cores() -> int:
 
 def profiles_from(rows: List[Dict], world: int) -> Dict[Tuple[str, str], Profile]:
     """Per (system, model) the N = ``world`` unshaped measurements the cost model starts from."""
-    ceiling = {r["model"]: r["median_s"] for r in rows
-               if r["system"] == "ceiling" and r["world"] == world}
-    single = {r["model"]: r["median_s"] for r in rows if r["system"] == "single"}
+    ceilings = {r["model"]: r for r in rows if r["system"] == "ceiling" and r["world"] == world}
     out = {}
     for r in rows:
         if r["system"] in DISTRIBUTED and r["world"] == world and r["rate_mbit"] is None:
-            local = ceiling.get(r["model"], r["compute_s"])
+            ceiling = ceilings.get(r["model"], {})
+            local = ceiling.get("median_s", r["compute_s"])
             out[(r["system"], r["model"])] = Profile(
                 system=r["system"], model=r["model"], compute_s=r["compute_s"], local_s=min(local, r["compute_s"]),
                 frame_bytes=r["frame_bytes"], collectives=r["collectives"],
                 kind="allreduce" if r["system"] == "hf-tp" else "allgather", tokens=r.get("tokens", 0),
                 split_costs=tuple(r["split_costs"]) if r.get("split_costs") else None,
-                single_s=single.get(r["model"], 0.0))
+                probe_s=ceiling.get("probe_s", 0.0), probe_tokens=ceiling.get("probe_tokens", 0))
     return out
 
 

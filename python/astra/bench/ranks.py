@@ -20,6 +20,8 @@ SYSTEMS = {
 }
 #: the systems that communicate (run under astra.launch on the link)
 DISTRIBUTED = ("hf-tp", "fp-sp", "astra-g32", "astra-g1")
+#: the ceiling also times a forward of 1/PROBE_SHARE of its tokens (the cost model's fixed per-rank part)
+PROBE_SHARE = 4
 
 
 def slowest(per_rank: List[List[float]]) -> List[float]:
@@ -135,6 +137,11 @@ def bench_rank(rank: int, job: Dict) -> Dict[str, Dict]:
             lab = job["label"] + SYSTEMS[key] if rank == 0 else ""
             out[key] = {"times": timed(lambda local=local: model(**local), runs, warm, barrier, lab), "bytes_sent": 0,
                         "frame_bytes": 0, "wait_s": 0.0, "collectives": 0}
+            # the probe: the same with 1/PROBE_SHARE of the tokens, whose difference splits a rank's compute into
+            # per-token work and a fixed part (astra.costmodel.unit_costs)
+            small = ceiling_inputs(job["model"], job["tokens"], job["world"] * PROBE_SHARE)
+            out[key].update(probe_times=timed(lambda: model(**small), runs, warm, barrier),
+                            probe_tokens=job["tokens"] // (job["world"] * PROBE_SHARE))
         elif key == "hf-tp":
             out[key] = _run_tp(rank, job, inputs, barrier)
         else:

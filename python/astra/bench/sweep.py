@@ -119,6 +119,8 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
             "frame_bytes": int(res["frame_bytes"]), "link_bytes": int(link_b),
             "collectives": int(res["collectives"]), "compute_s": max(0.0, med - res["wait_s"]), "times": times,
             "split_costs": res.get("split_costs"),
+            **({"probe_tokens": res["probe_tokens"], "probe_s": statistics.median(res["probe_times"])}
+               if "probe_times" in res else {}),
             **({"breakdown": res["breakdown"]} if "breakdown" in res else {})}
 
 
