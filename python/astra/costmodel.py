@@ -10,9 +10,10 @@ of R Mbit/s, the predicted latency of one forward is
   system's split (:func:`astra.split.rank_costs`: its tokens, causal attention pairs, non-local keys' K/V
   projections and encodes, in units of one token's per-layer work); ``u`` (seconds per unit) and ``F``
   (seconds per rank and forward whatever its tokens) come from the ceiling (T/2 tokens per rank, no
-  communication) against its probe (T/8 per rank, the same two ranks); ``s`` scales the system to its own forward at N = 2 on the
-  unshaped loopback (its time minus the time the slowest rank waited). N ranks on ``cores`` cores take
-  ``max(largest rank, sum of ranks / cores)``, normalised so that N = 2 gives the measured compute.
+  communication) against its probe (T/8 per rank, the same two ranks); ``s`` scales the system to its own
+  forward at N = 2 on the unshaped loopback (its time minus the time the slowest rank waited). N ranks on
+  ``cores`` cores take ``max(largest rank, sum of ranks / cores)``, normalised so that N = 2 gives the measured
+  compute.
 * ``transfer(N, R)``: the bytes that cross the one link all ranks share (from the bytes measured at N = 2: an
   all-gather's frames, padded to the largest chunk's, reach the N - 1 others, the largest chunk at N following
   the split; a ring all-reduce sends 2 (N - 1)/N of its tensor), spread over the forward's ``C`` collectives,

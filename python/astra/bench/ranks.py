@@ -140,7 +140,7 @@ def bench_rank(rank: int, job: Dict) -> Dict[str, Dict]:
             # the probe: the same with 1/PROBE_SHARE of the tokens, whose difference splits a rank's compute into
             # per-token work and a fixed part (astra.costmodel.unit_costs)
             small = ceiling_inputs(job["model"], job["tokens"], job["world"] * PROBE_SHARE)
-            out[key].update(probe_times=timed(lambda: model(**small), runs, warm, barrier),
+            out[key].update(probe_times=timed(lambda small=small: model(**small), runs, warm, barrier),
                             probe_tokens=job["tokens"] // (job["world"] * PROBE_SHARE))
         elif key == "hf-tp":
             out[key] = _run_tp(rank, job, inputs, barrier)
