@@ -351,6 +351,15 @@ def _exact_among(x64: torch.Tensor, cbg: torch.Tensor, cand: torch.Tensor) -> to
 _TIERS = (3, 16, 128)
 
 
+def _fp32_bound(nx, nres, max_c, max_c32r, max_cn, gam):
+    """Bound on ``|dhat - d|`` for a distance ``dhat = fl(cn32 - 2 fl(x32 . cb32))`` computed in fp32 (any
+    accumulation order, FMA or not) against the exact ``d = ||c||^2 - 2 (x - mu) . c`` in the centered frame:
+    ``nx`` bounds ``||x32||``, ``nres`` the rounding ``||x32 - (x - mu)||``, ``max_c`` / ``max_c32r`` / ``max_cn``
+    the group's max ``||c||``, ``||c - cb32||``, ``||c||^2``, ``gam`` the accumulation's gamma. Broadcasts."""
+    return (2 * gam * nx * max_c + 2 * (nres + nx) * max_c32r + 2 * nres * max_c + 2 * _U_F32 * max_cn
+            + 2 * _U_F32 * (max_cn + 2 * nx * max_c)) * 1.01 + 1e-30
+
+
 def _refine_group(xg32: torch.Tensor, nres: torch.Tensor, xg_hi: torch.Tensor, rows_fn, K: int,
                   e: torch.Tensor, g: int, codebook: torch.Tensor, p: "_CodebookPrep", top=None,
                   ws: Optional[dict] = None) -> torch.Tensor:
@@ -371,8 +380,7 @@ def _refine_group(xg32: torch.Tensor, nres: torch.Tensor, xg_hi: torch.Tensor, r
     cn32 = p.cn[g]
     nx = torch.linalg.vector_norm(xg32, dim=-1)
     gam = p.gamma
-    e2 = (2 * gam * nx * p.max_c[g] + 2 * (nres + nx) * p.max_c32r[g] + 2 * nres * p.max_c[g] + 2 * _U_F32 * p.max_cn[g]
-          + 2 * _U_F32 * (p.max_cn[g] + 2 * nx * p.max_c[g])) * 1.01 + 1e-30
+    e2 = _fp32_bound(nx, nres, p.max_c[g], p.max_c32r[g], p.max_cn[g], gam)
     todo = torch.arange(r)
     for m in _TIERS + (None,):
         if todo.numel() == 0:
@@ -461,8 +469,16 @@ def _small_group_topk(x32: torch.Tensor, p: "_CodebookPrep", vals: torch.Tensor,
                                 vals[:, start].data_ptr(), idx[:, start].data_ptr())
 
 
-#: the bf16 small-group screen (``small_group_bf16_top2``) runs on this CPU; else the fp32 one
-SMALL_GROUP_BF16 = _vq_screen.small_group_bf16_available()
+#: the CPU multiplies bf16 natively (AVX512-BF16; ``ASTRA_NO_AVX512`` unset): the screens run in bf16 only here.
+#: Elsewhere bf16 products are emulated (a bf16 GEMM through torch ran ~100x slower than fp32 on an AVX2 Zen 3)
+#: and both screens are fp32.
+BF16_NATIVE = _vq_screen.small_group_bf16_available()
+#: the vector instruction set of the C++ scans here ("avx512", "avx2" or "scalar"; the same values on each)
+CPU_ISA = _vq_screen.cpu_isa()
+#: the bf16 small-group screen (``small_group_bf16_top2``) runs; else the fp32 one (``small_group_topk``)
+SMALL_GROUP_BF16 = BF16_NATIVE
+#: the large-group screen is the bf16 GEMM (:func:`_screen_large_bf16`); else the fp32 one
+LARGE_GROUP_BF16 = BF16_NATIVE
 #: the smallest group dim the bf16 screen takes: in 2-dim groups of 1024 codewords its window (bf16 rounding)
 #: holds more candidates than it keeps, a third of the pairs (random data) to a half (the digits ViT's hidden
 #: states) go to the refinement, and the encode ran 2.6x slower than the fp32 scan; from 4 dims up it was
@@ -579,43 +595,72 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
             codes[:, g] = _exact_rerank(x2[:, g * DG:(g + 1) * DG].to(torch.float64), codebook[g], None).to(torch.int32)
         return codes
     p = _prep(codebook)
-    chunk = max(_MIN_CHUNK, _CHUNK_ELEMS // (G * K))
-    chunk = min(N, chunk)
     ws = _workspace()
-    work_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if DG < _BF16_MIN_DG:
         return _encode_small(x2, codebook, p, codes, ws)
     t1 = min(K, _TIERS[0] + 1)
     vals_all = torch.empty(G, N, t1, dtype=torch.float32)
     idx_all = torch.empty(G, N, t1, dtype=torch.int64)
     e_all = torch.empty(G, N, dtype=torch.float32)
-    # stage 1: bf16 screen + certificate bound, chunk by chunk (intermediates stay cache sized)
-    for s in range(0, N, chunk):
-        xc = _center(x2[s:s + chunk], p, ws, work_dtype)               # x - mu, rounded once
-        n = xc.shape[0]
-        xg = xc.reshape(n, G, DG).transpose(0, 1)                       # [G, n, DG] view
-        xb = _ws_view(ws, "xb", (G, n, DG), torch.bfloat16)
-        xb.copy_(xg)
-        # outputs go to buffers reused across chunks (fresh multi-MB allocations page-fault every time)
-        S = torch.bmm(xb, p.cbT, out=_ws_view(ws, "S", (G, n, K), torch.bfloat16))         # [G, n, K]
-        smax = _ws_view(ws, "smax", (G, n), torch.float32)             # [G, n] max |S|
-        for g in range(G):                                               # screened distances: top-t1, fused
-            _screen_topk(S[g], p.cn[g], -2.0, vals_all[g, s:s + n], idx_all[g, s:s + n], smax[g])
-        if work_dtype == torch.float32:
-            xr = _ws_view(ws, "xr", (G, n, DG), torch.float32)
-            xr.copy_(xb)
-            xr = torch.sub(xg, xr, out=xr)                              # (mixed-dtype sub is slow)
-        else:
-            xr = (xg - xb.to(work_dtype)).to(torch.float32)
-        nxc = torch.linalg.vector_norm(xg.to(torch.float32), dim=-1)
-        # residual vs the exact x - mu: bf16 rounding plus the rounding of the centering itself
-        nxr = (torch.linalg.vector_norm(xr, dim=-1) + _U_F32 * nxc) * (1 + 1e-5)
-        nxb = (nxc + nxr) * (1 + 1e-5)
-        err_dot = (nxr * p.max_c[:, None] + nxb * p.max_cr[:, None] + p.gamma * nxb * p.max_cb[:, None]
-                   + _U_BF16 * (1 + 2.0 ** -6) * smax)
-        e = (2.0 * err_dot + 2 * _U_F32 * p.max_cn[:, None] + 2 * _U_F32 * (p.max_cn[:, None] + 2 * smax))
-        e_all[:, s:s + n] = e * 1.001 + 1e-30
-    return _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf16_rows=True)
+    screen = _screen_large_bf16 if LARGE_GROUP_BF16 else _screen_large_fp32
+    chunk = min(N, max(_MIN_CHUNK, _CHUNK_ELEMS // (G * K)))
+    for s in range(0, N, chunk):   # stage 1 chunk by chunk (intermediates stay cache sized)
+        screen(x2[s:s + chunk], p, ws, vals_all[:, s:s + chunk], idx_all[:, s:s + chunk], e_all[:, s:s + chunk])
+    return _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf16_rows=LARGE_GROUP_BF16)
+
+
+def _screen_large_bf16(x2, p: "_CodebookPrep", ws: dict, vals, idx, e_out) -> None:
+    """Stage 1 for large groups where the CPU multiplies bf16 natively: the bf16 GEMM screen of the rows
+    ``x2 [n, D]`` into ``vals / idx [G, n, t]`` (smallest screened distances, ascending) and ``e_out [G, n]``
+    (the bound of the module docstring)."""
+    G, K, DG = p.cb32.shape
+    work_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    xc = _center(x2, p, ws, work_dtype)                                  # x - mu, rounded once
+    n = xc.shape[0]
+    xg = xc.reshape(n, G, DG).transpose(0, 1)                           # [G, n, DG] view
+    xb = _ws_view(ws, "xb", (G, n, DG), torch.bfloat16)
+    xb.copy_(xg)
+    # outputs go to buffers reused across chunks (fresh multi-MB allocations page-fault every time)
+    S = torch.bmm(xb, p.cbT, out=_ws_view(ws, "S", (G, n, K), torch.bfloat16))             # [G, n, K]
+    smax = _ws_view(ws, "smax", (G, n), torch.float32)                 # [G, n] max |S|
+    for g in range(G):                                                   # screened distances: top-t, fused
+        _screen_topk(S[g], p.cn[g], -2.0, vals[g], idx[g], smax[g])
+    if work_dtype == torch.float32:
+        xr = _ws_view(ws, "xr", (G, n, DG), torch.float32)
+        xr.copy_(xb)
+        xr = torch.sub(xg, xr, out=xr)                                  # (mixed-dtype sub is slow)
+    else:
+        xr = (xg - xb.to(work_dtype)).to(torch.float32)
+    nxc = torch.linalg.vector_norm(xg.to(torch.float32), dim=-1)
+    # residual vs the exact x - mu: bf16 rounding plus the rounding of the centering itself
+    nxr = (torch.linalg.vector_norm(xr, dim=-1) + _U_F32 * nxc) * (1 + 1e-5)
+    nxb = (nxc + nxr) * (1 + 1e-5)
+    err_dot = (nxr * p.max_c[:, None] + nxb * p.max_cr[:, None] + p.gamma * nxb * p.max_cb[:, None]
+               + _U_BF16 * (1 + 2.0 ** -6) * smax)
+    e = (2.0 * err_dot + 2 * _U_F32 * p.max_cn[:, None] + 2 * _U_F32 * (p.max_cn[:, None] + 2 * smax))
+    e_out.copy_(e * 1.001 + 1e-30)
+
+
+def _screen_large_fp32(x2, p: "_CodebookPrep", ws: dict, vals, idx, e_out) -> None:
+    """Stage 1 for large groups on CPUs without native bf16 (emulated there: a bf16 GEMM ran ~100x slower than
+    fp32 on an AVX2 Zen 3): the same outputs as :func:`_screen_large_bf16` from an fp32 GEMM, whose bound is
+    :func:`_fp32_bound` (the refinement's, so its fp32 recomputation of a row gives the same kind of values)."""
+    G, K, DG = p.cb32.shape
+    f64 = x2.dtype == torch.float64
+    xc = _center(x2, p, ws, torch.float64 if f64 else torch.float32)   # x - mu
+    n = xc.shape[0]
+    x32 = xc.to(torch.float32) if f64 else xc
+    xg = x32.reshape(n, G, DG).transpose(0, 1)                          # [G, n, DG] view
+    S = torch.bmm(xg, p.cb32.transpose(1, 2), out=_ws_view(ws, "S32", (G, n, K), torch.float32))   # [G, n, K]
+    for g in range(G):
+        _screen_topk(S[g], p.cn[g], -2.0, vals[g], idx[g])
+    nx = torch.linalg.vector_norm(xg, dim=-1) * (1 + 1e-5)             # [G, n]
+    if f64:
+        nres = torch.linalg.vector_norm((xc.reshape(n, G, DG) - x32.reshape(n, G, DG).to(torch.float64))
+                                        .to(torch.float32), dim=-1).T * (1 + 1e-5)
+    else:
+        nres = _U_F32 * 1.01 * nx
+    e_out.copy_(_fp32_bound(nx, nres, p.max_c[:, None], p.max_c32r[:, None], p.max_cn[:, None], p.gamma))
 
 
 def _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf16_rows: bool):
@@ -652,7 +697,7 @@ def _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf
                     Sb = torch.mm(xh32[sub], p.cb32[g].T)
                 return torch.add(p.cn[g][None, :], Sb, alpha=-2.0)
 
-            top = (vals_all[g, ti], idx_all[g, ti]) if bf16_rows else None
+            top = (vals_all[g, ti], idx_all[g, ti])     # used where it holds more than two (large groups)
             codes[ti, g] = _refine_group(xh32, nres, xh, rows_fn, K, e_all[g, ti], g, codebook, p,
                                          top=top, ws=ws).to(torch.int32)
     return codes

@@ -114,11 +114,68 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void scan_avx512(const void
   }
 }
 
-// ASTRA_NO_AVX512 (any value, read once) forces the scalar scans: the fallback's test on AVX-512 machines.
+// ASTRA_NO_AVX512 (any value, read once) turns the AVX-512 scans off (the AVX2 ones run where the CPU has AVX2
+// and FMA), ASTRA_NO_AVX2 the AVX2 ones too (the scalar scans): the fallbacks' tests on machines that have more.
 bool have_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && std::getenv("ASTRA_NO_AVX512") == nullptr;
   return ok;
+}
+
+bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("ASTRA_NO_AVX2") == nullptr;
+  return ok;
+}
+
+// scan_avx512 with 8 lanes (AVX2 + FMA): the same values (one FMA per score), the same order of pushes.
+template <bool BF16>
+__attribute__((target("avx2,fma"))) void scan_avx2(const void* S, int64_t rows, int64_t K, int64_t ld, const float* cn,
+                                                   float alpha, int t, float* vals, int64_t* idx, float* smax) {
+  const __m256 valpha = _mm256_set1_ps(alpha);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  alignas(32) float tmp[8];
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    Best best(t);
+    __m256 vthr = _mm256_set1_ps(best.worst());
+    __m256 vmx = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K8; k0 += 8) {
+      __m256 s;
+      if (BF16) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(S) + r * ld + k0));
+        s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      } else {
+        s = _mm256_loadu_ps(static_cast<const float*>(S) + r * ld + k0);
+      }
+      const __m256 d = cn ? _mm256_fmadd_ps(valpha, s, _mm256_loadu_ps(cn + k0)) : _mm256_mul_ps(valpha, s);
+      vmx = _mm256_max_ps(vmx, _mm256_and_ps(s, absmask));
+      int hit = _mm256_movemask_ps(_mm256_cmp_ps(d, vthr, _CMP_LT_OQ));
+      if (hit) {
+        _mm256_store_ps(tmp, d);
+        while (hit) {
+          const int j = __builtin_ctz(hit);
+          hit &= hit - 1;
+          best.push(tmp[j], k0 + j);
+        }
+        vthr = _mm256_set1_ps(best.worst());
+      }
+    }
+    _mm256_store_ps(tmp, vmx);
+    float mx = 0.f;
+    for (int j = 0; j < 8; ++j) mx = std::fmax(mx, tmp[j]);
+    for (int64_t k = K8; k < K; ++k) {   // the last K % 8 columns
+      const float s = BF16 ? bf16_to_f32(static_cast<const uint16_t*>(S)[r * ld + k])
+                           : static_cast<const float*>(S)[r * ld + k];
+      best.push(cn ? std::fma(alpha, s, cn[k]) : alpha * s, k);
+      mx = std::fmax(mx, std::fabs(s));
+    }
+    for (int j = 0; j < t; ++j) {
+      vals[r * t + j] = best.v[j];
+      idx[r * t + j] = best.i[j];
+    }
+    if (smax) smax[r] = mx;
+  }
 }
 #endif
 
@@ -199,6 +256,65 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void small_group_avx512(con
 }
 #endif
 
+#ifdef ASTRA_X86
+// small_group_avx512 with 8 lanes (AVX2 + FMA): R rows against one vector of 16 codewords (two halves) per step,
+// 2 R accumulators (R = 6: 12 of the 16 ymm registers). The same FMA chain per score, so the same values.
+template <int R, int DGC>
+__attribute__((target("avx2,fma"))) void small_group_avx2(const float* x, int64_t ldx, const float* cbg, int64_t kb0,
+                                                          int64_t kb1, int64_t DG_, Best* best) {
+  const int64_t DG = DGC > 0 ? DGC : DG_;
+  alignas(32) float sc[R][16];
+  const __m256 m2 = _mm256_set1_ps(-2.f);
+  const int64_t stride = (DG + 1) * 16;
+  float thr[R];
+  for (int r = 0; r < R; ++r) thr[r] = best[r].worst();
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const float* c = cbg + kb * stride;
+    __m256 lo[R], hi[R];
+    const __m256 cn_lo = _mm256_loadu_ps(c + DG * 16), cn_hi = _mm256_loadu_ps(c + DG * 16 + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) lo[r] = cn_lo, hi[r] = cn_hi;
+    for (int64_t j = 0; j < DG; ++j) {
+      const __m256 c0 = _mm256_loadu_ps(c + j * 16), c1 = _mm256_loadu_ps(c + j * 16 + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x + r * ldx + j);
+        lo[r] = _mm256_fmadd_ps(xb, c0, lo[r]);
+        hi[r] = _mm256_fmadd_ps(xb, c1, hi[r]);
+      }
+    }
+    // masks in registers first (the accumulators are indexed only in unrolled loops, so they stay in registers)
+    int hits[R];
+    int any = 0;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 vt = _mm256_set1_ps(thr[r]);
+      lo[r] = _mm256_mul_ps(m2, lo[r]);
+      hi[r] = _mm256_mul_ps(m2, hi[r]);
+      hits[r] = _mm256_movemask_ps(_mm256_cmp_ps(lo[r], vt, _CMP_LT_OQ)) |
+                (_mm256_movemask_ps(_mm256_cmp_ps(hi[r], vt, _CMP_LT_OQ)) << 8);
+      any |= hits[r];
+    }
+    if (!any) continue;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(sc[r], lo[r]);
+      _mm256_store_ps(sc[r] + 8, hi[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      int hit = hits[r];
+      if (!hit) continue;
+      while (hit) {
+        const int l = __builtin_ctz(hit);
+        hit &= hit - 1;
+        best[r].push(sc[r][l], kb * 16 + l);
+      }
+      thr[r] = best[r].worst();
+    }
+  }
+}
+#endif
+
 template <int R>
 void small_group_rows(const float* x, int64_t ldx, const float* cbg, int64_t kb0, int64_t kb1, int64_t K, int64_t DG,
                       Best* best) {
@@ -211,6 +327,15 @@ void small_group_rows(const float* x, int64_t ldx, const float* cbg, int64_t kb0
       small_group_avx512<R, kVecs, 12>(x, ldx, cbg, kb0, kb1, DG, best);   // G = 32 of 384, G = 64 of 768
     else
       small_group_avx512<R, kVecs, 0>(x, ldx, cbg, kb0, kb1, DG, best);
+    return;
+  }
+  if (have_avx2()) {
+    if (DG == 24)
+      small_group_avx2<R, 24>(x, ldx, cbg, kb0, kb1, DG, best);
+    else if (DG == 12)
+      small_group_avx2<R, 12>(x, ldx, cbg, kb0, kb1, DG, best);
+    else
+      small_group_avx2<R, 0>(x, ldx, cbg, kb0, kb1, DG, best);
     return;
   }
 #endif
@@ -445,6 +570,14 @@ void small_group_bf16_tile(const uint32_t* xw, int64_t ldw, const uint32_t* cbg,
 
 }  // namespace
 
+const char* cpu_isa() {
+#ifdef ASTRA_X86
+  if (have_avx512()) return "avx512";
+  if (have_avx2()) return "avx2";
+#endif
+  return "scalar";
+}
+
 bool small_group_bf16_available() {
 #ifdef ASTRA_X86
   return have_avx512_bf16();
@@ -504,6 +637,11 @@ int64_t screen_topk(const void* S, bool bf16, int64_t rows, int64_t K, int64_t l
       scan_avx512<true>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
     else
       scan_avx512<false>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
+  } else if (have_avx2()) {
+    if (bf16)
+      scan_avx2<true>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
+    else
+      scan_avx2<false>(S, rows, K, ld, cn, alpha, t, vals, idx, smax);
   } else
 #endif
   if (bf16)

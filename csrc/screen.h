@@ -33,6 +33,10 @@ int64_t small_group_topk(const float* x, int64_t rows, int64_t ldx, const float*
 
 namespace astra {
 
+// The vector instruction set the scans use on this CPU: "avx512" (AVX-512 F/BW/VL, ASTRA_NO_AVX512 unset),
+// "avx2" (AVX2 and FMA, ASTRA_NO_AVX2 unset) or "scalar". Every level gives the same values.
+const char* cpu_isa();
+
 // Whether small_group_bf16_top2 runs here (x86 with AVX-512 and AVX512-BF16, ASTRA_NO_AVX512 unset).
 bool small_group_bf16_available();
 

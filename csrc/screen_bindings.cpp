@@ -46,6 +46,7 @@ PYBIND11_MODULE(_vq_screen, m) {
       py::arg("DG"), py::arg("t"), py::arg("ldo"), py::arg("vals_ptr"), py::arg("idx_ptr"),
       "Internal (astra_kernels.vq): fused small-group distance + t-smallest scan (no score matrix).");
 
+  m.def("cpu_isa", &astra::cpu_isa, "The scans' instruction set here: 'avx512', 'avx2' or 'scalar'.");
   m.def("small_group_bf16_available", &astra::small_group_bf16_available,
         "Whether small_group_bf16_top2 runs on this CPU (AVX-512 with AVX512-BF16).");
   m.def(

@@ -82,16 +82,18 @@ def test_encode_d768_k1024_g1(backend):
 
 
 @pytest.fixture(params=["bf16", "fp32"])
-def small_kernel(request, monkeypatch):
-    """Both small-group screens of the CPU path: the bf16 one (where the CPU has AVX512-BF16) and the fp32 one."""
-    if request.param == "bf16" and not vq.SMALL_GROUP_BF16:
-        pytest.skip("the bf16 small-group screen needs AVX-512 with AVX512-BF16 (this CPU has none)")
-    monkeypatch.setattr(vq, "SMALL_GROUP_BF16", request.param == "bf16")
+def screen(request, monkeypatch):
+    """Both screens of the CPU path, for large and small groups: bf16 (the large-group bf16 GEMM runs on any CPU,
+    emulated where bf16 is not native; the bf16 small-group screen only where the CPU has AVX512-BF16, else
+    the fp32 one stands in) and fp32 (the fp32 GEMM and the fp32 small-group scan: CPUs without native bf16)."""
+    bf16 = request.param == "bf16"
+    monkeypatch.setattr(vq, "LARGE_GROUP_BF16", bf16)
+    monkeypatch.setattr(vq, "SMALL_GROUP_BF16", bf16 and vq.BF16_NATIVE)
     return request.param
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_encode_d768_g32_and_d384_g32(backend, small_kernel):
+def test_encode_d768_g32_and_d384_g32(backend, screen):
     _need(backend)
     g = T.seeded_generator(8)
     n = 65 if backend == "triton" else 130
@@ -114,7 +116,7 @@ def test_encode_leading_dims_and_empty():
 
 
 @pytest.mark.parametrize("D", [64, 256])   # 64: small-group screens; 256: bf16 GEMM screen
-def test_cpu_path_exact_on_near_ties_and_duplicates(D, small_kernel):
+def test_cpu_path_exact_on_near_ties_and_duplicates(D, screen):
     """Adversarial data for the screens: duplicate codewords (exact ties -> lowest index), clusters
     of >16 codewords within the screening error (exact full fallback), points near codewords."""
     g = T.seeded_generator(11)
@@ -131,7 +133,7 @@ def test_cpu_path_exact_on_near_ties_and_duplicates(D, small_kernel):
     assert codes[0, 0] == 10 and codes[1, 0] == 10
 
 
-def test_cpu_path_large_magnitudes_and_float64(small_kernel):
+def test_cpu_path_large_magnitudes_and_float64(screen):
     g = T.seeded_generator(12)
     cb = T.random_inputs(2, 77, 20, generator=g, scale=1e6).double()
     x = T.random_inputs(40, 40, generator=g, scale=1e6).double()
@@ -405,28 +407,38 @@ def test_bf16_small_group_screen_decides_only_what_it_proves():
         assert float(undecided.float().mean()) < 0.01 and float(single.float().mean()) > 0.4, (n, G, K, DG)
 
 
-def test_scalar_screen_fallback_is_exact():
-    """The C++ scans' scalar fallback (forced by ASTRA_NO_AVX512 in a fresh process: machines without
-    AVX-512 take it): codes equal to the float64 argmin for both screens (bf16 large-group, fused small-group)."""
+@pytest.mark.parametrize("env,isa", [({"ASTRA_NO_AVX512": "1"}, "avx2"),
+                                     ({"ASTRA_NO_AVX512": "1", "ASTRA_NO_AVX2": "1"}, "scalar")])
+def test_narrower_screen_fallbacks_are_exact(env, isa):
+    """The C++ scans' AVX2 and scalar fallbacks (forced in a fresh process by ASTRA_NO_AVX512 / ASTRA_NO_AVX2:
+    CPUs without AVX-512, or without AVX2, take them): codes equal to the float64 argmin for the large-group
+    screens and the fused small-group one, with fp32 and float64 inputs."""
     import os
     import subprocess
     import sys
 
+    if isa == "avx2" and vq.CPU_ISA == "scalar":
+        pytest.skip("this CPU has no AVX2 + FMA: the AVX2 scans cannot run here")
     code = ("import torch, astra_kernels as ak\n"
             "from astra_kernels import vq\n"
+            "print(vq.CPU_ISA, vq.BF16_NATIVE)\n"
             "g = torch.Generator().manual_seed(5)\n"
-            "for n, G, K, DG in [(203, 4, 100, 24), (70, 1, 300, 256), (9, 2, 5, 3)]:\n"
+            "cases = [(203, 4, 100, 24), (70, 1, 300, 256), (9, 2, 5, 3), (61, 32, 1024, 12), (40, 2, 37, 7)]\n"
+            "for n, G, K, DG in cases:\n"
             "    x, cb = torch.randn(n, G * DG, generator=g), torch.randn(G, K, DG, generator=g)\n"
             "    cb[:, K // 2] = cb[:, 1]\n"
-            "    assert torch.equal(ak.vq_encode(x, cb), vq.vq_encode_reference(x, cb)), (n, G, K, DG)\n"
+            "    for dt in (torch.float32, torch.float64):\n"
+            "        xd, cd = x.to(dt), cb.to(dt)\n"
+            "        assert torch.equal(ak.vq_encode(xd, cd), vq.vq_encode_reference(xd, cd)), (n, G, K, DG, dt)\n"
             "print('ok')\n")
-    env = dict(os.environ, ASTRA_NO_AVX512="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [isa, "False", "ok"], r.stdout
 
 
 @pytest.mark.parametrize("D", [32, 256])
-def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(D, small_kernel):
+def test_cpu_path_exact_when_most_of_the_codebook_is_within_the_screening_error(D, screen):
     """250 of 300 codewords within ~1e-4 of each other: the 3 / 16 / 128-candidate tiers cannot prove
     the argmin, the full-codebook tier (and float64 for the near-ties) must."""
     g = T.seeded_generator(60 + D)
