@@ -77,7 +77,9 @@ class TrainSimRuntime(SimRuntime):
         C = self._cb[layer]
         G, K, d = C.shape
         with torch.no_grad():
-            codes = ak.vq_encode(h.detach().to(C.dtype), C.detach()).long()           # [B, n, G]
+            # C itself, not C.detach() (a new tensor each call): the encoder's per-codebook preparation is cached
+            # on the tensor and its version, so the ranks of one step share it and an optimizer step renews it
+            codes = ak.vq_encode(h.detach().to(C.dtype), C).long()                     # [B, n, G]
         q = C[torch.arange(G, device=C.device), codes].reshape(h.shape).to(h.dtype)     # [B, n, D]
         resid = h - q
         rows = resid if valid is None else resid[valid]
