@@ -13,7 +13,7 @@ The fast CPU path (:func:`_encode_torch`), exact by certificate
 ------------------------------------------------------------------
 Distances are ``d(k) = ||c_k||^2 - 2 x.c_k`` (``||x||^2`` does not move the argmin). Stage 1 screens every
 token with one GEMM per chunk of tokens followed by one fused C++ pass over the scores (``csrc/screen.cpp``,
-extension ``astra_kernels._vq_screen``: distance, top-t and ``max |S|`` in one AVX-512 scan,
+extension ``astra_kernels._vq_screen``: distance, top-t and ``max |S|`` in one AVX-512 or AVX2 scan,
 :func:`_screen_topk`); stage 2 re-ranks only the tokens whose screened argmin is not *proven* correct. Both
 stages work relative to the mean codeword ``mu`` of each group (``||x - c||`` is translation invariant): the
 rounding-error bounds below then scale with ``||x - mu||`` and ``||c - mu||``, not with large common offsets
@@ -21,9 +21,11 @@ rounding-error bounds below then scale with ``||x - mu||`` and ``||c - mu||``, n
 of 0.2 s for 8192 tokens).
 
 * Large group dims (``DG >= 128``, e.g. G = 1, D = 768): the ``x.c`` products are screened with a
-  **bf16** GEMM (oneDNN, AVX512-BF16; ~2.5-3x faster than fp32 on the Zen4 machine this was written
-  on). For each token a rigorous bound ``e >= |d(k) - dhat(k)|`` for all ``k`` is computed from the
-  actual rounding residuals::
+  **bf16** GEMM where the CPU multiplies bf16 natively (:data:`BF16_NATIVE`: oneDNN, AVX512-BF16; ~2.5-3x
+  faster than fp32 on the Zen4 machine this was written on), else with an **fp32** GEMM (bf16 is emulated
+  there: ~100x slower than fp32 on an AVX2 Zen 3), whose bound is :func:`_fp32_bound`. For the bf16 screen a
+  rigorous bound ``e >= |d(k) - dhat(k)|`` for all ``k`` is computed per token from the actual rounding
+  residuals::
 
       |x.c - S| <= ||x - xb|| ||c|| + ||xb|| ||c - cb||        (bf16 rounding of the inputs)
                  + gamma_DG ||xb|| ||cb||                      (fp32 accumulation, any order)
