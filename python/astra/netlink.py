@@ -310,8 +310,6 @@ def _jitter_check(rate_mbit: Optional[float], loss: float) -> None:
             raise RuntimeError(f"a jitter link needs the {tool!r} command (iproute2 / nftables)")
     if not os.path.exists("/dev/net/tun"):
         raise RuntimeError("a jitter link needs /dev/net/tun (kernel CONFIG_TUN)")
-    if rate_mbit is not None and not rate_mbit > 0:
-        raise ValueError(f"rate must be > 0 Mbit/s or None (unshaped), got {rate_mbit}")
 
 
 def _jitter_namespace(ns: str, tun: str, rank: int, rate_mbit: Optional[float], loss: float) -> None:
@@ -376,9 +374,12 @@ def jitter_link(rate_mbit: Optional[float] = None, *, delay_ms: float = 20.0, ji
     the relay still stops (its stdin closes) but the namespaces stay: ``ip netns del {prefix}-{pid}-0`` (and
     ``-1``). Raises ``PermissionError`` when not
     root, ``RuntimeError`` naming a missing tool or a failed set-up step, ``ValueError`` for bad arguments."""
-    _jitter_check(rate_mbit, loss)
+    # the arguments first, then what the machine has (a bad argument is refused on any machine)
+    if rate_mbit is not None and not rate_mbit > 0:
+        raise ValueError(f"rate must be > 0 Mbit/s or None (unshaped), got {rate_mbit}")
     _check_loss_delay(loss, delay_ms, jitter_ms)
     delay_sampler(delay_ms, jitter_ms, distribution, seed)             # validates the distribution
+    _jitter_check(rate_mbit, loss)
     pid = os.getpid()
     link = JitterLink(namespaces=(f"{prefix}-{pid}-0", f"{prefix}-{pid}-1"))
     made: List[str] = []
