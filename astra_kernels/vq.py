@@ -508,6 +508,20 @@ def _small_group_bf16_top2(x32: torch.Tensor, p: "_CodebookPrep", vals: torch.Te
                                      vals[:, start].data_ptr(), idx[:, start].data_ptr())
 
 
+def _group_norms(xc: torch.Tensor, x32: torch.Tensor, G: int, DG: int):
+    """``(nx, nres)``, both ``[G, n]`` fp32, for centered rows ``xc [n, G * DG]`` and their fp32 copy ``x32``:
+    upper bounds on every group's ``||x32||`` and, for float64 ``xc``, on its rounding ``||xc - x32||`` (else
+    None). Norms over the contiguous ``[n, G, DG]`` layout, then transposed: ~9x faster than over a
+    ``[G, n, DG]`` view."""
+    n = xc.shape[0]
+    nx = torch.linalg.vector_norm(x32.reshape(n, G, DG), dim=-1).T * (1 + 1e-5)
+    if xc.dtype != torch.float64:
+        return nx, None
+    nres = (torch.linalg.vector_norm((xc.reshape(n, G, DG) - x32.reshape(n, G, DG).to(torch.float64))
+                                     .to(torch.float32), dim=-1).T * (1 + 1e-5)).contiguous()
+    return nx, nres
+
+
 def _encode_small(x2, codebook, p, codes, ws: dict):
     """Screen for small group dims (``DG < 128``, e.g. G = 32 of 768 or 384), never writing the ``[G, N, K]``
     score matrix (a grouped bmm with inner dim 24 is memory-bound on writing it). One fused C++ pass per chunk
@@ -528,16 +542,11 @@ def _encode_small(x2, codebook, p, codes, ws: dict):
         xc = _center(x2[s:s + chunk], p, ws, torch.float64 if f64 else torch.float32)   # x - mu
         n = xc.shape[0]
         x32 = xc.to(torch.float32).contiguous() if f64 else xc
-        # norms over the contiguous [n, G, DG] layout, then transposed: ~9x faster than over a [G, n, DG] view
-        nres = None
-        if f64:
-            nres = (torch.linalg.vector_norm((xc.reshape(n, G, DG) - x32.reshape(n, G, DG).to(torch.float64))
-                                             .to(torch.float32), dim=-1).T * (1 + 1e-5)).contiguous()
+        nx, nres = _group_norms(xc, x32, G, DG)
         if SMALL_GROUP_BF16 and DG >= BF16_SCREEN_MIN_GROUP_DIM:
             _small_group_bf16_top2(x32, p, vals_all, idx_all, s, nres)
         else:
             _small_group_topk(x32, p, vals_all, idx_all, s)
-        nx = torch.linalg.vector_norm(x32.reshape(n, G, DG), dim=-1).T * (1 + 1e-5)          # [G, n]
         mc, mcn = p.max_c[:, None], p.max_cn[:, None]
         e = (2 * gam * (nx * mc + mcn) + 4 * _U_F32 * (mcn + 2 * nx * mc) + 2 * nx * p.max_c32r[:, None]
              + 2 * _U_F32 * 1.01 * nx * mc)                              # + rounding of x - mu
@@ -656,12 +665,9 @@ def _screen_large_fp32(x2, p: "_CodebookPrep", ws: dict, vals, idx, e_out) -> No
     S = torch.bmm(xg, p.cb32.transpose(1, 2), out=_ws_view(ws, "S32", (G, n, K), torch.float32))   # [G, n, K]
     for g in range(G):
         _screen_topk(S[g], p.cn[g], -2.0, vals[g], idx[g])
-    nx = torch.linalg.vector_norm(xg, dim=-1) * (1 + 1e-5)             # [G, n]
-    if f64:
-        nres = torch.linalg.vector_norm((xc.reshape(n, G, DG) - x32.reshape(n, G, DG).to(torch.float64))
-                                        .to(torch.float32), dim=-1).T * (1 + 1e-5)
-    else:
-        nres = _U_F32 * 1.01 * nx
+    nx, nres = _group_norms(xc, x32, G, DG)
+    if nres is None:
+        nres = _U_F32 * 1.01 * nx                                       # the one rounding of fp32 x - mu
     e_out.copy_(_fp32_bound(nx, nres, p.max_c[:, None], p.max_c32r[:, None], p.max_cn[:, None], p.gamma))
 
 

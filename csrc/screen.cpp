@@ -42,6 +42,15 @@ struct Best {
   }
 };
 
+// Push the lanes set in `hit` (lane j: score d[j], code base + j) into `best`, lowest lane first.
+inline void push_hits(Best& best, unsigned hit, const float* d, int64_t base) {
+  while (hit) {
+    const int j = __builtin_ctz(hit);
+    hit &= hit - 1;
+    best.push(d[j], base + j);
+  }
+}
+
 inline float bf16_to_f32(uint16_t b) {
   uint32_t u = uint32_t(b) << 16;
   float f;
@@ -98,11 +107,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void scan_avx512(const void
       __mmask16 hit = _mm512_mask_cmp_ps_mask(lanes, d, vthr, _CMP_LT_OQ);
       if (hit) {
         _mm512_store_ps(tmp, d);
-        while (hit) {
-          const int j = __builtin_ctz(hit);
-          hit &= hit - 1;
-          best.push(tmp[j], k0 + j);
-        }
+        push_hits(best, hit, tmp, k0);
         vthr = _mm512_set1_ps(best.worst());
       }
     }
@@ -153,11 +158,7 @@ __attribute__((target("avx2,fma"))) void scan_avx2(const void* S, int64_t rows, 
       int hit = _mm256_movemask_ps(_mm256_cmp_ps(d, vthr, _CMP_LT_OQ));
       if (hit) {
         _mm256_store_ps(tmp, d);
-        while (hit) {
-          const int j = __builtin_ctz(hit);
-          hit &= hit - 1;
-          best.push(tmp[j], k0 + j);
-        }
+        push_hits(best, hit, tmp, k0);
         vthr = _mm256_set1_ps(best.worst());
       }
     }
@@ -234,11 +235,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void small_group_avx512(con
         __mmask16 hit = _mm512_cmp_ps_mask(d, thr[r], _CMP_LT_OQ);
         if (hit) {
           _mm512_store_ps(tmp, d);
-          while (hit) {
-            const int l = __builtin_ctz(hit);
-            hit &= hit - 1;
-            best[r].push(tmp[l], (kb + v) * 16 + l);
-          }
+          push_hits(best[r], hit, tmp, (kb + v) * 16);
           thr[r] = _mm512_set1_ps(best[r].worst());
         }
       }
@@ -304,11 +301,7 @@ __attribute__((target("avx2,fma"))) void small_group_avx2(const float* x, int64_
     for (int r = 0; r < R; ++r) {
       int hit = hits[r];
       if (!hit) continue;
-      while (hit) {
-        const int l = __builtin_ctz(hit);
-        hit &= hit - 1;
-        best[r].push(sc[r][l], kb * 16 + l);
-      }
+      push_hits(best[r], hit, sc[r], kb * 16);
       thr[r] = best[r].worst();
     }
   }
