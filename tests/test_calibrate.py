@@ -3,7 +3,7 @@ import torch
 from test_runtime_support import main_output, tiny_inputs, tiny_model
 
 import astra
-from astra.calibrate import collect_hidden_states, kmeans
+from astra.calibrate import collect_hidden_states, kmeans, pca_rotation
 
 
 def test_collect_excludes_padding_and_matches_layer_inputs():
@@ -100,7 +100,7 @@ def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):
     # order differs, rank by rank), layer 1 on different ones once layer 0's non-local tokens are quantized
     from astra.calibrate import _quantized_inputs
 
-    h0 = _quantized_inputs(model, samples, [], 0, 2, "auto", None)
+    h0 = _quantized_inputs(model, samples, [], None, 0, 2, "auto", None)
     ref0 = collect_hidden_states(model, samples)[0]
     torch.testing.assert_close(h0.norm(dim=1).sort().values, ref0.norm(dim=1).sort().values)
     # layer 1's inputs differ once layer 0's non-local tokens are quantized
@@ -119,4 +119,6 @@ def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):
         rt.uninstall()
     h1 = torch.cat(rt.recorded)
     assert h1.shape[0] == sum(int(s["attention_mask"].sum()) for s in samples)
-    assert torch.equal(seq[1], kmeans(h1, 4, 16, iters=4, seed=1, backend="torch"))
+    R1 = pca_rotation(h1, 4).to(h1.dtype)                # rotated (G > 1): in the rotation of those vectors
+    assert torch.equal(seq.rotations[1], R1)
+    assert torch.equal(seq[1], kmeans(h1 @ R1, 4, 16, iters=4, seed=1, backend="torch"))

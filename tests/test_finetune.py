@@ -39,7 +39,7 @@ def test_ste_gradients_reach_codebooks_and_sender_weights():
     inputs = tiny_inputs("bert", padded=True)
     cb = astra.calibrate(model, [inputs], groups=4, codebook_size=16, iters=3)
     params = [torch.nn.Parameter(t.clone()) for t in cb.tensors]
-    cbp = astra.Codebooks(params, model_type="bert", hidden_size=64)
+    cbp = cb.with_tensors(params)
     out, rt = _train_sim(model, inputs, cbp, 2)
     main_output(out).pow(2).sum().backward()
     for p in params:                                      # every layer's codebook gets a gradient

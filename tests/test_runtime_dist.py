@@ -1,7 +1,7 @@
 """astra.parallelize over real gloo ranks (astra.launch): full-precision SP equals the model, ASTRA equals
 astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes."""
 import torch
-from test_runtime_support import max_diff, tiny_codebooks, tiny_inputs, tiny_model
+from test_runtime_support import codebook_case, max_diff, tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 
@@ -14,12 +14,13 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
 
     world = dist.get_world_size()
     results = []
-    for family, head, padded, G, class_token in cases:
+    for family, head, padded, spec, class_token in cases:
+        G, rotate = codebook_case(spec)
         model = tiny_model(family, head=head)
         inputs = tiny_inputs(family, seq=11, padded=padded)
         cb = None
         if G is not None:
-            cb = tiny_codebooks(model, family, G)
+            cb = tiny_codebooks(model, family, G, rotate=rotate)
         with torch.no_grad():
             ref = model(**inputs)
         sim = astra.simulate(model, inputs, world_size=world, codebooks=cb, class_token=class_token)
@@ -36,7 +37,8 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
         with torch.no_grad():   # reversible: the unpatched model is the original model again
             again = model(**inputs)
         assert all(torch.equal(again[k], ref[k]) for k in ref.keys() if isinstance(ref[k], torch.Tensor))
-        rec = {"case": (family, head, padded, G, class_token), "stats": stats,
+        rec = {"case": (family, head, padded, spec, class_token), "stats": stats,
+               "rotated": cb is not None and cb.rotated,
                "local_len": {k: v.shape[1] for k, v in local.items() if isinstance(v, torch.Tensor) and v.dim() == 3},
                "local_idx": pm.last_local_indices.tolist(), "vs_sim": {}, "vs_ref": {},
                "bits": None if cb is None else cb.bits, "type_ok": type(full) is type(ref),
@@ -59,7 +61,9 @@ def check(results_per_rank, world):
 
     for rank, results in enumerate(results_per_rank):
         for rec in results:
-            family, head, padded, G, class_token = rec["case"]
+            family, head, padded, spec, class_token = rec["case"]
+            G, rotate = codebook_case(spec)
+            assert rec["rotated"] == (G is not None and (G > 1 if rotate == "auto" else rotate))
             assert rec["type_ok"]
             # output="local": pooled head outputs a rank did not compute from the model's own token are left out
             # (the class token lives on rank 0 without distributed class tokens; a decoder classifier pools at a
@@ -108,7 +112,11 @@ CASES_2 = [
      ("gpt2", "token_classification", True, None, "auto"), ("bert", "question_answering", True, None, "auto"),
      ("bert", "sequence_classification", True, None, "distributed"),
      ("roberta", "sequence_classification", True, 1, "distributed"),
-     ("bert", "sequence_classification", True, None, "auto"), ("gpt2", "sequence_classification", True, None, "auto")]
+     ("bert", "sequence_classification", True, None, "auto"),
+     ("gpt2", "sequence_classification", True, None, "auto")] + [
+    # rotated codebooks on the G = 1 table path, and G = 32 in the model's own basis
+    ("gpt2", True, True, "1r", "auto"), ("llama", True, True, "1r", "auto"),
+    ("bert", True, True, "32n", "auto")]
 
 
 def test_two_gloo_ranks_all_families():

@@ -1,4 +1,10 @@
-"""Per-layer VQ codebooks: one ``[G, K, D/G]`` tensor per layer plus metadata, stored as safetensors."""
+"""Per-layer VQ codebooks: one ``[G, K, D/G]`` tensor per layer plus metadata, stored as safetensors.
+
+Optionally each layer also has a rotation ``R [D, D]`` (orthogonal): a hidden state ``h`` is then quantized as
+``y = h @ R`` cut into the G groups, and dequantized as ``y_hat @ R.T``. :func:`astra.calibrate` makes it from
+the principal axes of the layer's hidden states, dealt out so that every group gets a share of the variance
+(the initial rotation of optimized product quantization); G = 1 codebooks gain nothing from one.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +19,7 @@ from astra_kernels.checks import FLOAT_DTYPES, check_finite
 
 FORMAT = "astra-codebooks"
 FORMAT_VERSION = "2"            # 2: metadata carries sha256 checksums of every layer and of the metadata
+ROTATED_VERSION = "3"           # 3: version 2 plus one rotation per layer (tensors rotation.<i>, their checksums)
 UNCHECKED_VERSION = "1"         # written before checksums: loads with a warning
 
 
@@ -21,9 +28,11 @@ class Codebooks:
 
     ``model_type`` is the HF ``config.model_type`` of the model family the codebooks were built for
     (a registered family's name, e.g. ``"gpt2"``, ``"qwen3"``, ``"bert"``), ``hidden_size`` its D.
+    ``rotations``: None, or one orthogonal ``[D, D]`` float tensor per layer (see the module docstring).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int):
+    def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int,
+                 rotations: Optional[Sequence[torch.Tensor]] = None):
         tensors = list(tensors)
         if not tensors:
             raise ValueError("Codebooks needs at least one layer")
@@ -54,6 +63,11 @@ class Codebooks:
         self.tensors: List[torch.Tensor] = tensors
         self.model_type = model_type
         self.hidden_size = hidden_size
+        self.rotations: Optional[List[torch.Tensor]] = _checked_rotations(rotations, len(tensors), hidden_size)
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "Codebooks":
+        """The same codebooks (family, size, rotations) with other per-layer tensors."""
+        return Codebooks(tensors, model_type=self.model_type, hidden_size=self.hidden_size, rotations=self.rotations)
 
     # -- shape metadata ----------------------------------------------------------------------------
     @property
@@ -88,12 +102,18 @@ class Codebooks:
     def __repr__(self) -> str:
         return (
             f"Codebooks(model_type={self.model_type!r}, layers={self.num_layers}, hidden_size={self.hidden_size}, "
-            f"G={self.groups}, K={self.codebook_size}, bits={self.bits}, dtype={self.dtype})"
+            f"G={self.groups}, K={self.codebook_size}, bits={self.bits}, dtype={self.dtype}"
+            f"{', rotated' if self.rotated else ''})"
         )
 
+    @property
+    def rotated(self) -> bool:
+        return self.rotations is not None
+
     def to(self, *args, **kwargs) -> "Codebooks":
+        rot = None if self.rotations is None else [r.to(*args, **kwargs) for r in self.rotations]
         return Codebooks([t.to(*args, **kwargs) for t in self.tensors], model_type=self.model_type,
-                         hidden_size=self.hidden_size)
+                         hidden_size=self.hidden_size, rotations=rot)
 
     def bits_per_token(self) -> int:
         return self.groups * self.bits
@@ -117,9 +137,13 @@ class Codebooks:
         return [tensor_checksum(t) for t in self.tensors]
 
     def _metadata(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "model_type": self.model_type,
-                "hidden_size": str(self.hidden_size), "num_layers": str(self.num_layers), "groups": str(self.groups),
-                "codebook_size": str(self.codebook_size), "layer_checksums": ",".join(self.layer_checksums())}
+        meta = {"format": FORMAT, "version": ROTATED_VERSION if self.rotated else FORMAT_VERSION,
+                "model_type": self.model_type, "hidden_size": str(self.hidden_size), "num_layers": str(self.num_layers),
+                "groups": str(self.groups), "codebook_size": str(self.codebook_size),
+                "layer_checksums": ",".join(self.layer_checksums())}
+        if self.rotated:
+            meta["rotation_checksums"] = ",".join(tensor_checksum(r) for r in self.rotations)
+        return meta
 
     def checksum(self) -> str:
         """sha256 of the metadata and every layer's checksum: the identity of these codebooks."""
@@ -130,6 +154,8 @@ class Codebooks:
         from safetensors.torch import save_file
 
         tensors = {f"layer.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors)}
+        for i, r in enumerate(self.rotations or ()):
+            tensors[f"rotation.{i}"] = r.detach().contiguous().cpu()
         meta = self._metadata()
         meta["checksum"] = metadata_checksum(meta)
         save_file(tensors, os.fspath(path), metadata=meta)
@@ -150,18 +176,20 @@ class Codebooks:
         with f:
             meta = f.metadata() or {}
             n, hidden, G, K, model_type = _check_metadata(path, meta)
+            rotated = meta["version"] == ROTATED_VERSION
             keys = set(f.keys())
-            want = {f"layer.{i}" for i in range(n)}
+            want = {f"{kind}.{i}" for i in range(n) for kind in (("layer", "rotation") if rotated else ("layer",))}
             if keys != want:
-                raise ValueError(f"{path}: expected tensors layer.0..layer.{n - 1}, found {sorted(keys)}")
+                names = " and ".join(f"{k}.0..{k}.{n - 1}" for k in (("layer", "rotation") if rotated else ("layer",)))
+                raise ValueError(f"{path}: expected tensors {names}, found {sorted(keys)}")
             tensors = [f.get_tensor(f"layer.{i}") for i in range(n)]
-        if meta["version"] == FORMAT_VERSION:
-            sums = meta["layer_checksums"].split(",")
-            for i, t in enumerate(tensors):
-                if i >= len(sums) or tensor_checksum(t) != sums[i]:
-                    raise ValueError(f"{path}: layer {i} fails its checksum: the file is corrupt (re-calibrate or "
-                                     "restore it)")
-        cb = cls([t.to(device) for t in tensors], model_type=model_type, hidden_size=hidden)
+            rotations = [f.get_tensor(f"rotation.{i}") for i in range(n)] if rotated else None
+        if meta["version"] != UNCHECKED_VERSION:
+            _verify(path, "layer", tensors, meta["layer_checksums"])
+        if rotated:
+            _verify(path, "rotation", rotations, meta.get("rotation_checksums", ""))
+            rotations = [r.to(device) for r in rotations]
+        cb = cls([t.to(device) for t in tensors], model_type=model_type, hidden_size=hidden, rotations=rotations)
         if cb.groups != G or cb.codebook_size != K:
             raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
         if model is not None:
@@ -180,6 +208,40 @@ class Codebooks:
         g = torch.Generator().manual_seed(seed)
         t = [torch.randn(groups, codebook_size, D // groups, generator=g) * scale for _ in range(fam.num_layers)]
         return cls(t, model_type=fam.name, hidden_size=D)
+
+
+def _verify(path: str, kind: str, tensors: Sequence[torch.Tensor], sums_text: str) -> None:
+    sums = sums_text.split(",")
+    for i, t in enumerate(tensors):
+        if i >= len(sums) or tensor_checksum(t) != sums[i]:
+            raise ValueError(f"{path}: {kind} {i} fails its checksum: the file is corrupt (re-calibrate or restore it)")
+
+
+#: how far ``R.T @ R`` may be from the identity (float64, largest entry) for a rotation to count as orthogonal
+ORTHOGONAL_TOL = 1e-4
+
+
+def _checked_rotations(rotations, layers: int, hidden_size: int) -> Optional[List[torch.Tensor]]:
+    if rotations is None:
+        return None
+    rotations = list(rotations)
+    if len(rotations) != layers:
+        raise ValueError(f"{len(rotations)} rotations for {layers} codebook layers; give one per layer")
+    eye = None
+    for i, r in enumerate(rotations):
+        if not isinstance(r, torch.Tensor) or r.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"rotation of layer {i} must be a floating tensor, got "
+                             f"{getattr(r, 'dtype', type(r).__name__)}")
+        if tuple(r.shape) != (hidden_size, hidden_size):
+            raise ValueError(f"rotation of layer {i} has shape {tuple(r.shape)}; "
+                             f"expected [{hidden_size}, {hidden_size}]")
+        check_finite(f"rotation of layer {i}", r)
+        r64 = r.detach().double().cpu()
+        eye = torch.eye(hidden_size, dtype=torch.float64) if eye is None else eye
+        off = float((r64.t() @ r64 - eye).abs().max())
+        if off > ORTHOGONAL_TOL * (1e3 if r.dtype in (torch.float16, torch.bfloat16) else 1):
+            raise ValueError(f"rotation of layer {i} is not orthogonal (max |R^T R - I| = {off:.2e})")
+    return rotations
 
 
 def as_codebooks(codebooks, model) -> Optional[Codebooks]:
@@ -210,7 +272,7 @@ def _check_metadata(path: str, meta: dict):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an astra codebook file (metadata format={meta.get('format')!r})")
     version = meta.get("version")
-    if version == FORMAT_VERSION:
+    if version in (FORMAT_VERSION, ROTATED_VERSION):
         if "checksum" not in meta or "layer_checksums" not in meta:
             raise ValueError(f"{path}: codebook file version {version} without its checksums: the file is corrupt")
         if metadata_checksum(meta) != meta["checksum"]:

@@ -123,7 +123,7 @@ def _reference(rt: TrainSimRuntime, teacher, batch):
 
 
 def _step(model, st: _Setup, cb: Codebooks, batch, n: int, opts: Dict[str, Any], gen) -> float:
-    cbs = Codebooks(st.params, model_type=cb.model_type, hidden_size=cb.hidden_size)
+    cbs = cb.with_tensors(st.params)
     rt = TrainSimRuntime(model, cbs, n, opts["class_token"], naq=opts["naq"], generator=gen)
     rt.install()
     try:
@@ -203,8 +203,7 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
         for name, p in model.named_parameters():
             p.requires_grad_(st.frozen[name])
         model.train(was_training)
-    res.codebooks = Codebooks([p.detach().to(cb.dtype) for p in st.params], model_type=cb.model_type,
-                              hidden_size=cb.hidden_size)
+    res.codebooks = cb.with_tensors([p.detach().to(cb.dtype) for p in st.params])
     if output_dir is not None:
         res.output_dir = save_finetuned(res, output_dir, save_model=(train == "all"))
     return res

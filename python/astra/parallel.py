@@ -84,7 +84,7 @@ class DistRuntime(RuntimeBase):
         tables = []
         with torch.no_grad():
             for l, m in enumerate(self.fam.attn_modules):
-                words = self._cb[l][0].unsqueeze(0)           # [1, K, D]
+                words = self.unrotate(l, self._cb[l][0]).unsqueeze(0)           # [1, K, D]
                 k, v = self.fam.kv(m, words)                  # [1, Hkv, K, Dh]
                 tables.append((k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()))
         self.tables = tables
@@ -144,11 +144,11 @@ class DistRuntime(RuntimeBase):
         elif self.codebooks is None:
             payload = send.contiguous().reshape(-1).view(torch.uint8)
         elif prof is not None:       # the two steps of encode_and_pack, timed apart (byte-identical frames)
-            codes = ak.vq_encode(send, self._cb[layer])
+            codes = self.encode(layer, send)
             prof.mark(layer, prof_.ENCODE)
             payload = ak.pack_codes(codes, self.codebooks.bits)
         else:
-            payload = ak.encode_and_pack(send, self._cb[layer], self.codebooks.bits)   # codes [B, n, G]
+            payload = ak.encode_and_pack(self.rotate(layer, send), self._cb[layer], self.codebooks.bits)  # [B, n, G]
         st.tokens_sent = ctx.B * int(ctx.chunks[self.rank].numel()) if self._senders[self.rank] else 0
         ctx.state[layer] = self._exchange(payload, self._sizes, st, what)
         if prof is not None:
