@@ -146,7 +146,7 @@ def minilm_task(size: Size) -> Task:
         return {"cos": cos, "nn": float((nn_e == nn_r).float().mean())}
 
     # MiniLM is the costly model on CPU: its ablations run on the ViT and GPT-2 only
-    return Task("MiniLM", model, batches(train_s, 16), test, score, lr=1e-2, model_lr=1e-5,
+    return Task("MiniLM", model, batches(train_s, 16), test, score, lr=2e-3, model_lr=1e-5,
                 epochs=size.epochs_minilm, ablations=False, ws2=False)
 
 

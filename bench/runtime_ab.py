@@ -2,9 +2,10 @@
 
     python bench/runtime_ab.py --variants g1-even,g1-balanced,g32-even,g32-balanced --repeats 5
 
-A variant is ``<g1|g32|fp>-<split>``: the codebooks (G = 1 or 32, K = 1024, k-means on random inputs, as
-``astra bench``; ``fp``: full precision) and the split (``astra.split.SPLITS``). Each repeat runs every variant
-once (after one warm-up forward each), so load drifts hit every variant alike. Prints per variant the median
+A variant is ``<g1|g32|g32n|fp>-<split>``: the codebooks (G = 1 or 32, K = 1024, k-means on random inputs, as
+``astra bench``, rotated when G > 1; ``g32n``: G = 32 not rotated; ``fp``: full precision) and the split
+(``astra.split.SPLITS``). Each repeat runs every variant once (after one warm-up forward each), so load drifts
+hit every variant alike. Prints per variant the median
 slowest-rank wall time, the median slowest-rank CPU time (``time.process_time``: less sensitive to other load
 on the machine) and every rank's median phase totals from :mod:`astra.profile`.
 """
@@ -17,7 +18,8 @@ import sys
 import tempfile
 import time
 
-GROUPS = {"g1": 1, "g32": 32, "fp": None}
+#: codebooks of a variant: (G, astra.calibrate's rotate); g32n: G = 32 in the model's basis (not rotated)
+GROUPS = {"g1": (1, "auto"), "g32": (32, "auto"), "g32n": (32, False), "fp": None}
 
 
 def _rank(rank, variants, paths, model_name, layers, tokens, repeats):
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         model = build_model(a.model, a.layers, a.tokens)
         paths = {}
         for cb in sorted({v.split("-")[0] for v in variants} - {"fp"}):
-            c = bench_codebooks(model, a.model, a.tokens, GROUPS[cb])
+            c = bench_codebooks(model, a.model, a.tokens, *GROUPS[cb])
             paths[cb] = os.path.join(tmp, f"{cb}.safetensors")
             c.save(paths[cb])
         out = astra.launch(_rank, 2, variants, paths, a.model, a.layers, a.tokens, a.repeats, timeout=900.0)

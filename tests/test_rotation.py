@@ -97,6 +97,8 @@ def test_rotated_codebooks_save_load_and_corruption(tmp_path):
     cb.save(path)
     back = astra.Codebooks.load(path, model)
     assert back.rotated and "rotated" in repr(back)
+    half = cb.to(torch.bfloat16)                               # a rounded rotation is still accepted
+    assert half.rotated and half.rotations[0].dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(back.rotations, cb.rotations))
     assert back.checksum() == cb.checksum() != cb.with_tensors(cb.tensors).to(torch.float64).checksum()
     from safetensors import safe_open
@@ -136,3 +138,24 @@ def test_finetune_keeps_the_rotation_and_trains_through_it():
     assert res.codebooks.rotated
     assert all(torch.equal(a, b) for a, b in zip(res.codebooks.rotations, cb.rotations))
     assert any(not torch.equal(a, b) for a, b in zip(res.codebooks.tensors, cb.tensors))
+
+
+def test_split_costs_count_the_rotation():
+    """The causal split's costs charge a rotated codebook's D x D products: one per encoded token, one per
+    decoded non-local key (G > 1; at G = 1 the K/V tables hold the rotation)."""
+    from astra.models import family_of
+    from astra.split import causal_costs
+
+    model = tiny_model("gpt2")
+    fam = family_of(model)
+    data = [tiny_inputs("gpt2", batch=4, seq=16, seed=3)]
+    plain = astra.calibrate(model, data, groups=4, codebook_size=16, iters=2, rotate=False)
+    rot = astra.calibrate(model, data, groups=4, codebook_size=16, iters=2)
+    (p0, k0, e0), (p1, k1, e1) = causal_costs(fam, plain), causal_costs(fam, rot)
+    D = 64
+    token0 = D * 16 / e0                               # one token's per-layer work, unrotated
+    assert e1 * (token0 + D * D) == pytest.approx(D * 16 + D * D, rel=1e-12)
+    assert k1 * (token0 + D * D) == pytest.approx(k0 * token0 + D * D, rel=1e-12)
+    assert p1 * (token0 + D * D) == pytest.approx(p0 * token0, rel=1e-12)
+    g1 = astra.calibrate(model, data, groups=1, codebook_size=16, iters=2, rotate=True)
+    assert causal_costs(fam, g1)[1] == 0
