@@ -138,6 +138,8 @@ def test_finetune_keeps_the_rotation_and_trains_through_it():
     assert res.codebooks.rotated
     assert all(torch.equal(a, b) for a, b in zip(res.codebooks.rotations, cb.rotations))
     assert any(not torch.equal(a, b) for a, b in zip(res.codebooks.tensors, cb.tensors))
+    with pytest.raises(ValueError, match="codebook layers for 2 rotations"):
+        cb.with_tensors(cb.tensors[:1])
 
 
 def test_split_costs_count_the_rotation():

@@ -6,8 +6,8 @@ tokens excluded), rotated by :func:`pca_rotation` when G > 1 (``rotate``), cut i
 per group with k-means: ``faiss.Kmeans`` when faiss is importable (``backend="auto"``), else seeded Lloyd
 iterations in torch. With ``world_size=N`` layer l is calibrated instead on the vectors it quantizes in an
 N-rank ASTRA simulation whose layers < l already use their calibrated codebooks (the distribution inference
-sees). The paper trains codebooks jointly with
-fine-tuning (:func:`astra.finetune`); this is the cheap post-hoc starting point.
+sees). The paper trains codebooks jointly with fine-tuning (:func:`astra.finetune`); this is the cheap post-hoc
+starting point.
 """
 from __future__ import annotations
 

@@ -66,8 +66,13 @@ class Codebooks:
         self.rotations: Optional[List[torch.Tensor]] = _checked_rotations(rotations, len(tensors), hidden_size)
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "Codebooks":
-        """The same codebooks (family, size, rotations) with other per-layer tensors."""
-        return Codebooks(tensors, model_type=self.model_type, hidden_size=self.hidden_size, rotations=self.rotations)
+        """The same codebooks (family, size, rotations) with other per-layer tensors. The rotations are shared,
+        not checked again (fine-tuning calls this every step; their orthogonality check is a D^3 product)."""
+        out = Codebooks(tensors, model_type=self.model_type, hidden_size=self.hidden_size)
+        if self.rotated and out.num_layers != self.num_layers:
+            raise ValueError(f"{out.num_layers} codebook layers for {self.num_layers} rotations; give one per layer")
+        out.rotations = self.rotations
+        return out
 
     # -- shape metadata ----------------------------------------------------------------------------
     @property
@@ -177,10 +182,10 @@ class Codebooks:
             meta = f.metadata() or {}
             n, hidden, G, K, model_type = _check_metadata(path, meta)
             rotated = meta["version"] == ROTATED_VERSION
+            kinds = ("layer", "rotation") if rotated else ("layer",)
             keys = set(f.keys())
-            want = {f"{kind}.{i}" for i in range(n) for kind in (("layer", "rotation") if rotated else ("layer",))}
-            if keys != want:
-                names = " and ".join(f"{k}.0..{k}.{n - 1}" for k in (("layer", "rotation") if rotated else ("layer",)))
+            if keys != {f"{kind}.{i}" for i in range(n) for kind in kinds}:
+                names = " and ".join(f"{k}.0..{k}.{n - 1}" for k in kinds)
                 raise ValueError(f"{path}: expected tensors {names}, found {sorted(keys)}")
             tensors = [f.get_tensor(f"layer.{i}") for i in range(n)]
             rotations = [f.get_tensor(f"rotation.{i}") for i in range(n)] if rotated else None
@@ -217,8 +222,10 @@ def _verify(path: str, kind: str, tensors: Sequence[torch.Tensor], sums_text: st
             raise ValueError(f"{path}: {kind} {i} fails its checksum: the file is corrupt (re-calibrate or restore it)")
 
 
-#: how far ``R.T @ R`` may be from the identity (float64, largest entry) for a rotation to count as orthogonal
+#: how far ``R.T @ R`` may be from the identity (float64, largest entry) for a rotation to count as orthogonal:
+#: 1e-4, and 0.1 for a rotation rounded to 16 bits
 ORTHOGONAL_TOL = 1e-4
+ORTHOGONAL_TOL_16BIT = 0.1
 
 
 def _checked_rotations(rotations, layers: int, hidden_size: int) -> Optional[List[torch.Tensor]]:
@@ -227,7 +234,7 @@ def _checked_rotations(rotations, layers: int, hidden_size: int) -> Optional[Lis
     rotations = list(rotations)
     if len(rotations) != layers:
         raise ValueError(f"{len(rotations)} rotations for {layers} codebook layers; give one per layer")
-    eye = None
+    eye = torch.eye(hidden_size, dtype=torch.float64)
     for i, r in enumerate(rotations):
         if not isinstance(r, torch.Tensor) or r.dtype not in FLOAT_DTYPES:
             raise ValueError(f"rotation of layer {i} must be a floating tensor, got "
@@ -237,9 +244,8 @@ def _checked_rotations(rotations, layers: int, hidden_size: int) -> Optional[Lis
                              f"expected [{hidden_size}, {hidden_size}]")
         check_finite(f"rotation of layer {i}", r)
         r64 = r.detach().double().cpu()
-        eye = torch.eye(hidden_size, dtype=torch.float64) if eye is None else eye
         off = float((r64.t() @ r64 - eye).abs().max())
-        if off > ORTHOGONAL_TOL * (1e3 if r.dtype in (torch.float16, torch.bfloat16) else 1):
+        if off > (ORTHOGONAL_TOL_16BIT if r.dtype in (torch.float16, torch.bfloat16) else ORTHOGONAL_TOL):
             raise ValueError(f"rotation of layer {i} is not orthogonal (max |R^T R - I| = {off:.2e})")
     return rotations
 

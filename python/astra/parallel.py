@@ -84,7 +84,7 @@ class DistRuntime(RuntimeBase):
         tables = []
         with torch.no_grad():
             for l, m in enumerate(self.fam.attn_modules):
-                words = self.unrotate(l, self._cb[l][0]).unsqueeze(0)           # [1, K, D]
+                words = self.unrotate(l, self._cb[l][0]).unsqueeze(0)   # [1, K, D], the model's basis
                 k, v = self.fam.kv(m, words)                  # [1, Hkv, K, Dh]
                 tables.append((k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()))
         self.tables = tables
