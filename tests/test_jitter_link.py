@@ -103,7 +103,10 @@ def _namespaces():
 @pytest.mark.root
 def test_round_trips_equal_the_seeded_draws_and_the_link_is_removed():
     """Each UDP echo crosses the relay twice, one at a time, so its round trip is the sum of the next two
-    draws of the seeded sampler plus the relay's and the sockets' own time (measured: ~0.5 ms)."""
+    draws of the seeded sampler plus the relay's and the sockets' own time (measured idle: ~0.5 ms; a loaded CI
+    machine was seen adding a median 3.8 ms and single echoes up to 28 ms of scheduling delay). So the round
+    trips must follow the draws (correlation, which a relay ignoring them would not reach: the draws' spread is
+    ~16 ms) and never undercut them, with the median excess well below one draw."""
     n = 30
     with jitter_link(None, delay_ms=20, jitter_ms=20, seed=3, prefix="astra-jtest") as link:
         names = link.namespaces
@@ -113,9 +116,10 @@ def test_round_trips_equal_the_seeded_draws_and_the_link_is_removed():
     expected = [(d() + d()) * 1e3 for _ in range(n)]
     excess = [r - e for r, e in zip(rtts, expected)]
     assert None not in rtts and min(excess) >= 0.0, excess
-    assert statistics.median(excess) < 3.0, excess
+    assert statistics.median(excess) < 10.0, excess
+    assert statistics.correlation(rtts, expected) > 0.8, (rtts, expected)
     assert statistics.pstdev(rtts) > 10.0                  # the jitter is there: sum of two U(0, 40 ms)
-    assert link.stats["packets"] == [n, n] and link.stats["late_ms"]["p50"] < 1.0, link.stats
+    assert link.stats["packets"] == [n, n] and link.stats["late_ms"]["p50"] < 5.0, link.stats
     assert not any(ns in _namespaces() for ns in names)
 
 

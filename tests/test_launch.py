@@ -108,8 +108,12 @@ def test_torchrun(tmp_path):
         full = pm.gather(pm(**inputs)).logits
         assert float((full - ref).abs().max()) < 1e-4
         print("TORCHRUN_OK", dist.get_rank(), flush=True)
-        dist.barrier()     # every rank done with the group before any tears it down
-        dist.destroy_process_group()
+        dist.barrier()     # every rank done with the group before any leaves
+        # Leave without tearing gloo down: in about 1 run of 8 here, torch's gloo teardown aborted a rank with
+        # "terminate called without an active exception" after everything above had passed. That is torch's
+        # teardown race, not what this test checks.
+        import os
+        os._exit(0)
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
