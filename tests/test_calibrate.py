@@ -3,7 +3,9 @@ import torch
 from test_runtime_support import main_output, tiny_inputs, tiny_model
 
 import astra
-from astra.calibrate import collect_hidden_states, kmeans, pca_rotation
+from astra.bases import attention_basis, attention_metric
+from astra.calibrate import collect_hidden_states, kmeans
+from astra.models import family_of
 
 
 def test_collect_excludes_padding_and_matches_layer_inputs():
@@ -119,6 +121,8 @@ def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):
         rt.uninstall()
     h1 = torch.cat(rt.recorded)
     assert h1.shape[0] == sum(int(s["attention_mask"].sum()) for s in samples)
-    R1 = pca_rotation(h1, 4).to(h1.dtype)                # rotated (G > 1): in the rotation of those vectors
-    assert torch.equal(seq.rotations[1], R1)
-    assert torch.equal(seq[1], kmeans(h1 @ R1, 4, 16, iters=4, seed=1, backend="torch"))
+    # G > 1: in the attention basis of those vectors
+    fam = family_of(model)
+    T1 = attention_basis(attention_metric(fam, fam.attn_modules[1], h1), h1, 4)[0].to(h1.dtype)
+    assert torch.equal(seq.transforms[1], T1)
+    assert torch.equal(seq[1], kmeans(h1 @ T1, 4, 16, iters=4, seed=1, backend="torch"))

@@ -15,12 +15,12 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
     world = dist.get_world_size()
     results = []
     for family, head, padded, spec, class_token in cases:
-        G, rotate = codebook_case(spec)
+        G, basis = codebook_case(spec)
         model = tiny_model(family, head=head)
         inputs = tiny_inputs(family, seq=11, padded=padded)
         cb = None
         if G is not None:
-            cb = tiny_codebooks(model, family, G, rotate=rotate)
+            cb = tiny_codebooks(model, family, G, basis=basis)
         with torch.no_grad():
             ref = model(**inputs)
         sim = astra.simulate(model, inputs, world_size=world, codebooks=cb, class_token=class_token)
@@ -38,7 +38,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
             again = model(**inputs)
         assert all(torch.equal(again[k], ref[k]) for k in ref.keys() if isinstance(ref[k], torch.Tensor))
         rec = {"case": (family, head, padded, spec, class_token), "stats": stats,
-               "rotated": cb is not None and cb.rotated,
+               "transformed": cb is not None and cb.transformed,
                "local_len": {k: v.shape[1] for k, v in local.items() if isinstance(v, torch.Tensor) and v.dim() == 3},
                "local_idx": pm.last_local_indices.tolist(), "vs_sim": {}, "vs_ref": {},
                "bits": None if cb is None else cb.bits, "type_ok": type(full) is type(ref),
@@ -62,8 +62,8 @@ def check(results_per_rank, world):
     for rank, results in enumerate(results_per_rank):
         for rec in results:
             family, head, padded, spec, class_token = rec["case"]
-            G, rotate = codebook_case(spec)
-            assert rec["rotated"] == (G is not None and (G > 1 if rotate == "auto" else rotate))
+            G, basis = codebook_case(spec)
+            assert rec["transformed"] == (G is not None and (G > 1 if basis == "auto" else basis != "none"))
             assert rec["type_ok"]
             # output="local": pooled head outputs a rank did not compute from the model's own token are left out
             # (the class token lives on rank 0 without distributed class tokens; a decoder classifier pools at a
@@ -114,8 +114,9 @@ CASES_2 = [
      ("roberta", "sequence_classification", True, 1, "distributed"),
      ("bert", "sequence_classification", True, None, "auto"),
      ("gpt2", "sequence_classification", True, None, "auto")] + [
-    # rotated codebooks on the G = 1 table path, and G = 32 in the model's own basis
-    ("gpt2", True, True, "1r", "auto"), ("llama", True, True, "1r", "auto"),
+    # transformed codebooks (non-orthogonal: the attention basis) on the G = 1 table path, the PCA rotation, and
+    # G = 32 in the model's own basis
+    ("gpt2", True, True, "1a", "auto"), ("llama", True, True, "1a", "auto"), ("gpt2", True, True, "4p", "auto"),
     ("bert", True, True, "32n", "auto")]
 
 

@@ -107,17 +107,17 @@ def max_diff(a, b, inputs) -> float:
     return float(d.max())
 
 
-def tiny_codebooks(model, family: str, groups: int, *, sample_seeds=(11, 12), seed: int = 7, rotate="auto"):
+def tiny_codebooks(model, family: str, groups: int, *, sample_seeds=(11, 12), seed: int = 7, basis="auto"):
     """Small codebooks (K = 16) calibrated on two seeded batches of ``tiny_inputs``."""
     import astra
 
     samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in sample_seeds]
-    return astra.calibrate(model, samples, groups=groups, codebook_size=16, iters=4, seed=seed, rotate=rotate)
+    return astra.calibrate(model, samples, groups=groups, codebook_size=16, iters=4, seed=seed, basis=basis)
 
 
 def codebook_case(spec):
-    """``(G, rotate)`` of a test case's codebook spec: None (full precision), G (rotated when G > 1, as
-    astra.calibrate does by default), or "<G>r" / "<G>n" (rotated / not, whatever G)."""
+    """``(G, basis)`` of a test case's codebook spec: None (full precision), G (astra.calibrate's default basis),
+    or "<G>a" / "<G>p" / "<G>n" (the attention basis / the PCA rotation / the model's basis, whatever G)."""
     if spec is None or isinstance(spec, int):
         return spec, "auto"
-    return int(spec[:-1]), {"r": True, "n": False}[spec[-1]]
+    return int(spec[:-1]), {"a": "attention", "p": "pca", "n": "none"}[spec[-1]]

@@ -2,7 +2,7 @@
 
 For every layer the hidden states ``h`` entering the attention's Q/K/V projection (the vectors ASTRA
 quantizes) are collected from full-precision forwards of the unmodified model over the samples (padding
-tokens excluded), rotated by :func:`pca_rotation` when G > 1 (``rotate``), cut into G groups, and clustered
+tokens excluded), moved into a basis of :mod:`astra.bases` (``basis``), cut into G groups, and clustered
 per group with k-means: ``faiss.Kmeans`` when faiss is importable (``backend="auto"``), else seeded Lloyd
 iterations in torch. With ``world_size=N`` layer l is calibrated instead on the vectors it quantizes in an
 N-rank ASTRA simulation whose layers < l already use their calibrated codebooks (the distribution inference
@@ -12,11 +12,11 @@ starting point.
 from __future__ import annotations
 
 import importlib.util
-import math
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
+from . import bases
 from .codebooks import Codebooks
 from .models import family_of
 
@@ -182,47 +182,19 @@ def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int
     return C
 
 
-def pca_rotation(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """An orthogonal ``R [D, D]`` for product quantization of ``x [N, D]`` in G groups: the principal axes of
-    ``x``, allocated to the groups so that the products of their variances are balanced (the initial rotation
-    of optimized product quantization, Ge et al. 2013, eigenvalue allocation): by decreasing variance, in rounds
-    of G axes, each round's largest axis going to the group whose product is the smallest so far, its next to
-    the next smallest, and so on (in rounds, so that the allocation does not depend on the data's scale; the
-    groups' log products then differ by at most one round's log spread). It decorrelates the raw dimensions, which a
-    product quantizer cannot exploit across groups, and no group is left with only weak axes. Within a group
-    the axes come by decreasing variance; each axis's sign makes its largest entry positive (deterministic)."""
-    x64 = x.detach().double().cpu()
-    D = x64.shape[1]
-    if D % groups:
-        raise ValueError(f"hidden size {D} is not divisible by G={groups}")
-    xc = x64 - x64.mean(0)
-    lam, U = torch.linalg.eigh(xc.t() @ xc / max(1, xc.shape[0] - 1))
-    U = U * torch.where(U.gather(0, U.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0).to(U.dtype)
-    order = lam.argsort(descending=True).tolist()
-    floor = float(lam.max().clamp_min(1e-300)) * 1e-12            # null axes: a tiny variance, not log(0)
-    d = D // groups
-    members: List[List[int]] = [[] for _ in range(groups)]
-    logs = [0.0] * groups
-    for r in range(d):
-        poorest = sorted(range(groups), key=lambda g: (logs[g], g))
-        for g, j in zip(poorest, order[r * groups:(r + 1) * groups]):
-            members[g].append(j)
-            logs[g] += math.log(max(float(lam[j]), floor))
-    return U[:, [j for m in members for j in m]]
-
-
 def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *, groups: int = 1,
               codebook_size: int = 1024, iters: int = 15, seed: int = 0, max_tokens: Optional[int] = 20000,
               backend: str = "auto", world_size: Optional[int] = None, class_token="auto",
-              rotate="auto", progress: bool = False) -> Codebooks:
+              basis: str = "auto", progress: bool = False) -> Codebooks:
     """Codebooks for ``model`` by k-means over the hidden states of ``samples`` (input dicts for
     ``model(**sample)``; a single dict is one sample). Deterministic for a given seed and backend.
 
     ``backend``: see :func:`kmeans`. ``world_size``: calibrate layer l on what it quantizes in a
     ``world_size``-rank simulation with layers < l already quantized (``class_token`` as in
-    :func:`astra.simulate`); one forward pass over the samples per layer. ``rotate``: quantize each layer in
-    its :func:`pca_rotation` (``True``), in the model's own basis (``False``), or ``"auto"``: rotated when
-    ``groups > 1``. ``progress``: a tqdm bar over layers.
+    :func:`astra.simulate`); one forward pass over the samples per layer. ``basis`` (:mod:`astra.bases`): quantize
+    each layer in its ``"attention"`` basis (the error measured as the attention output's), its ``"pca"``
+    rotation, the model's own basis (``"none"``), or ``"auto"``: the attention basis for G > 1 where the family
+    allows it, else the PCA rotation; none for G = 1. ``progress``: a tqdm bar over layers.
     """
     from tqdm.auto import tqdm
 
@@ -234,35 +206,39 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
         raise ValueError("calibrate needs at least one sample")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if rotate not in ("auto", True, False):
-        raise ValueError(f"rotate must be 'auto', True or False, got {rotate!r}")
-    rotate = groups > 1 if rotate == "auto" else rotate
+    basis = bases.resolve(basis, fam, groups)
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
     was_training = model.training
     model.eval()
     tensors: List[torch.Tensor] = []
-    rotations: Optional[List[torch.Tensor]] = [] if rotate else None
+    pairs: Optional[List[tuple]] = None if basis == "none" else []      # per layer (T, T^-1)
     bar = tqdm(range(fam.num_layers), desc=f"astra.calibrate[G={groups}, K={codebook_size}]", disable=not progress)
     try:
         hs = collect_hidden_states(model, samples, max_tokens=max_tokens) if world_size is None else None
         for l in bar:
-            h = hs[l] if hs is not None else _quantized_inputs(model, samples, tensors, rotations, l, world_size,
+            h = hs[l] if hs is not None else _quantized_inputs(model, samples, tensors, pairs, l, world_size,
                                                                  class_token, max_tokens)
-            if rotations is not None:
-                rotations.append(pca_rotation(h, groups).to(h.dtype))
-                h = h @ rotations[-1]
+            if pairs is not None:
+                pairs.append(tuple(t.to(h.dtype) for t in bases.layer_basis(fam, l, h, groups, basis)))
+                h = h @ pairs[-1][0]
             tensors.append(kmeans(h, groups, codebook_size, iters=iters, seed=seed + l, backend=backend))
     finally:
         bar.close()
         model.train(was_training)
-    dtype = next(model.parameters()).dtype
-    rot = None if rotations is None else [r.to(dtype) for r in rotations]
-    return Codebooks([t.to(dtype) for t in tensors], model_type=fam.name, hidden_size=fam.hidden_size, rotations=rot)
+    return _codebooks(fam, next(model.parameters()).dtype, tensors, pairs)
+
+
+def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Optional[List[tuple]]) -> Codebooks:
+    """Codebooks of ``tensors`` in ``dtype``, with the per-layer ``(T, T^-1)`` ``pairs`` (None: untransformed)."""
+    cast = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    return Codebooks(cast(tensors), model_type=fam.name, hidden_size=fam.hidden_size,
+                     transforms=None if pairs is None else cast(p[0] for p in pairs),
+                     inverses=None if pairs is None else cast(p[1] for p in pairs))
 
 
 @torch.no_grad()
-def _quantized_inputs(model, samples, done: List[torch.Tensor], rotations: Optional[List[torch.Tensor]], layer: int,
+def _quantized_inputs(model, samples, done: List[torch.Tensor], pairs: Optional[List[tuple]], layer: int,
                       world_size: int, class_token, max_tokens: Optional[int]) -> torch.Tensor:
     """The vectors layer ``layer`` quantizes in a ``world_size``-rank simulation with layers < ``layer`` quantized
     by the codebooks in ``done`` (later layers full precision)."""
@@ -274,9 +250,8 @@ def _quantized_inputs(model, samples, done: List[torch.Tensor], rotations: Optio
     fill = done[0].new_zeros(done[0].shape) if done else torch.zeros(1, 1, fam.hidden_size)
     rest = fam.num_layers - len(done)
     eye = torch.eye(fam.hidden_size, dtype=dtype)
-    rot = None if rotations is None else [r.to(dtype) for r in rotations] + [eye] * rest
-    cb = Codebooks([t.to(dtype) for t in done] + [fill.to(dtype)] * rest, model_type=fam.name,
-                   hidden_size=fam.hidden_size, rotations=rot)
+    later = None if pairs is None else list(pairs) + [(eye, eye)] * rest
+    cb = _codebooks(fam, dtype, list(done) + [fill] * rest, later)
     rt = TrainSimRuntime(model, cb, world_size, class_token, quantize_layers=layer, record_layer=layer)
     rt.install()
     try:

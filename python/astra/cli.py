@@ -14,6 +14,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+from .bases import BASES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -176,17 +178,15 @@ def cmd_info(args) -> int:
     return 0
 
 
-#: --rotation's choices -> astra.calibrate's rotate
-ROTATIONS = {"auto": "auto", "pca": True, "none": False}
 
 
 def _calibrate(model, tokenize, paras: List[str], *, groups: int, K: int, max_length: int, max_tokens: int,
-               iters: int, seed: int, rotation: str = "auto"):
+               iters: int, seed: int, basis: str = "auto"):
     import astra
 
     samples = [tokenize(paras[i: i + 8], max_length) for i in range(0, len(paras), 8)]
     return astra.calibrate(model, samples, groups=groups, codebook_size=K, iters=iters, seed=seed,
-                           max_tokens=max_tokens, rotate=ROTATIONS[rotation], progress=True)
+                           max_tokens=max_tokens, basis=basis, progress=True)
 
 
 def _demo_rank(rank, model_name, cb_path, texts, max_length, class_token):
@@ -239,7 +239,7 @@ def codebooks_for(args, model, tokenize, desc: str):
     t0 = time.perf_counter()
     cb = _calibrate(model, tokenize, calib, groups=args.groups, K=args.codebook_size, max_length=args.max_length,
                     max_tokens=args.max_tokens, iters=args.iters, seed=getattr(args, "seed", 0),
-                    rotation=args.rotation)
+                    basis=args.basis)
     print(f"  {cb} in {time.perf_counter() - t0:.1f}s", flush=True)
     return cb
 
@@ -449,9 +449,10 @@ def _codebook_options(p, *, samples: int, max_tokens: int, iters: int, reuse: bo
     p.add_argument("--samples", type=int, default=samples, help="calibration paragraphs (CPython pydoc topics)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="calibration vectors per layer at most")
     p.add_argument("--iters", type=int, default=iters, help="k-means iterations")
-    p.add_argument("--rotation", choices=tuple(ROTATIONS), default="auto",
-                   help="quantize each layer in the PCA rotation of its hidden states (pca), in the model's basis "
-                   "(none), or auto: pca when G > 1")
+    p.add_argument("--basis", choices=BASES, default="auto",
+                   help="quantize each layer in its attention basis (the error measured as the attention output's), "
+                   "the PCA rotation of its hidden states (pca), the model's basis (none), or auto: attention for "
+                   "G > 1 where the model allows it, else pca; none for G = 1")
     p.add_argument("--max-length", type=int, default=128, help="tokens per input at most")
 
 

@@ -1,9 +1,9 @@
 """Per-layer VQ codebooks: one ``[G, K, D/G]`` tensor per layer plus metadata, stored as safetensors.
 
-Optionally each layer also has a rotation ``R [D, D]`` (orthogonal): a hidden state ``h`` is then quantized as
-``y = h @ R`` cut into the G groups, and dequantized as ``y_hat @ R.T``. :func:`astra.calibrate` makes it from
-the principal axes of the layer's hidden states, dealt out so that every group gets a share of the variance
-(the initial rotation of optimized product quantization); G = 1 codebooks gain nothing from one.
+Optionally each layer also has a transform ``T [D, D]`` (invertible) and its inverse: a hidden state ``h`` is
+then quantized as ``y = h @ T`` cut into the G groups, and dequantized as ``y_hat @ T^-1``. :func:`astra.calibrate`
+makes it with :mod:`astra.bases`: the attention basis, in which the squared quantization error is the error it
+causes in the attention output, rotated so that every group gets a share of the variance.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from astra_kernels.checks import FLOAT_DTYPES, check_finite
 
 FORMAT = "astra-codebooks"
 FORMAT_VERSION = "2"            # 2: metadata carries sha256 checksums of every layer and of the metadata
-ROTATED_VERSION = "3"           # 3: version 2 plus one rotation per layer (tensors rotation.<i>, their checksums)
+ROTATED_VERSION = "3"           # 3 (read only): version 2 plus one orthogonal rotation per layer (rotation.<i>)
+TRANSFORMED_VERSION = "4"       # 4: version 2 plus per layer a transform and its inverse (transform.<i>, inverse.<i>)
 UNCHECKED_VERSION = "1"         # written before checksums: loads with a warning
 
 
@@ -28,11 +29,13 @@ class Codebooks:
 
     ``model_type`` is the HF ``config.model_type`` of the model family the codebooks were built for
     (a registered family's name, e.g. ``"gpt2"``, ``"qwen3"``, ``"bert"``), ``hidden_size`` its D.
-    ``rotations``: None, or one orthogonal ``[D, D]`` float tensor per layer (see the module docstring).
+    ``transforms``: None, or one invertible ``[D, D]`` float tensor per layer (see the module docstring);
+    ``inverses``: their inverses (None: computed in float64). Every pair must multiply to the identity.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int,
-                 rotations: Optional[Sequence[torch.Tensor]] = None):
+                 transforms: Optional[Sequence[torch.Tensor]] = None,
+                 inverses: Optional[Sequence[torch.Tensor]] = None):
         tensors = list(tensors)
         if not tensors:
             raise ValueError("Codebooks needs at least one layer")
@@ -63,15 +66,17 @@ class Codebooks:
         self.tensors: List[torch.Tensor] = tensors
         self.model_type = model_type
         self.hidden_size = hidden_size
-        self.rotations: Optional[List[torch.Tensor]] = _checked_rotations(rotations, len(tensors), hidden_size)
+        self.transforms: Optional[List[torch.Tensor]]
+        self.inverses: Optional[List[torch.Tensor]]
+        self.transforms, self.inverses = _checked_transforms(transforms, inverses, len(tensors), hidden_size)
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "Codebooks":
-        """The same codebooks (family, size, rotations) with other per-layer tensors. The rotations are shared,
-        not checked again (fine-tuning calls this every step; their orthogonality check is a D^3 product)."""
+        """The same codebooks (family, size, transforms) with other per-layer tensors. The transforms are shared,
+        not checked again (fine-tuning calls this every step; their check is a D^3 product)."""
         out = Codebooks(tensors, model_type=self.model_type, hidden_size=self.hidden_size)
-        if self.rotated and out.num_layers != self.num_layers:
-            raise ValueError(f"{out.num_layers} codebook layers for {self.num_layers} rotations; give one per layer")
-        out.rotations = self.rotations
+        if self.transformed and out.num_layers != self.num_layers:
+            raise ValueError(f"{out.num_layers} codebook layers for {self.num_layers} transforms; give one per layer")
+        out.transforms, out.inverses = self.transforms, self.inverses
         return out
 
     # -- shape metadata ----------------------------------------------------------------------------
@@ -108,17 +113,18 @@ class Codebooks:
         return (
             f"Codebooks(model_type={self.model_type!r}, layers={self.num_layers}, hidden_size={self.hidden_size}, "
             f"G={self.groups}, K={self.codebook_size}, bits={self.bits}, dtype={self.dtype}"
-            f"{', rotated' if self.rotated else ''})"
+            f"{', transformed' if self.transformed else ''})"
         )
 
     @property
-    def rotated(self) -> bool:
-        return self.rotations is not None
+    def transformed(self) -> bool:
+        return self.transforms is not None
 
     def to(self, *args, **kwargs) -> "Codebooks":
-        rot = None if self.rotations is None else [r.to(*args, **kwargs) for r in self.rotations]
-        return Codebooks([t.to(*args, **kwargs) for t in self.tensors], model_type=self.model_type,
-                         hidden_size=self.hidden_size, rotations=rot)
+        def moved(ts):
+            return None if ts is None else [t.to(*args, **kwargs) for t in ts]
+        return Codebooks(moved(self.tensors), model_type=self.model_type, hidden_size=self.hidden_size,
+                         transforms=moved(self.transforms), inverses=moved(self.inverses))
 
     def bits_per_token(self) -> int:
         return self.groups * self.bits
@@ -142,12 +148,13 @@ class Codebooks:
         return [tensor_checksum(t) for t in self.tensors]
 
     def _metadata(self) -> dict:
-        meta = {"format": FORMAT, "version": ROTATED_VERSION if self.rotated else FORMAT_VERSION,
+        meta = {"format": FORMAT, "version": TRANSFORMED_VERSION if self.transformed else FORMAT_VERSION,
                 "model_type": self.model_type, "hidden_size": str(self.hidden_size), "num_layers": str(self.num_layers),
                 "groups": str(self.groups), "codebook_size": str(self.codebook_size),
                 "layer_checksums": ",".join(self.layer_checksums())}
-        if self.rotated:
-            meta["rotation_checksums"] = ",".join(tensor_checksum(r) for r in self.rotations)
+        if self.transformed:
+            meta["transform_checksums"] = ",".join(tensor_checksum(t) for t in self.transforms)
+            meta["inverse_checksums"] = ",".join(tensor_checksum(t) for t in self.inverses)
         return meta
 
     def checksum(self) -> str:
@@ -159,8 +166,9 @@ class Codebooks:
         from safetensors.torch import save_file
 
         tensors = {f"layer.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors)}
-        for i, r in enumerate(self.rotations or ()):
-            tensors[f"rotation.{i}"] = r.detach().contiguous().cpu()
+        for kind, ts in (("transform", self.transforms), ("inverse", self.inverses)):
+            for i, t in enumerate(ts or ()):
+                tensors[f"{kind}.{i}"] = t.detach().contiguous().cpu()
         meta = self._metadata()
         meta["checksum"] = metadata_checksum(meta)
         save_file(tensors, os.fspath(path), metadata=meta)
@@ -168,7 +176,8 @@ class Codebooks:
     @classmethod
     def load(cls, path: "str | os.PathLike", model=None, *, device="cpu") -> "Codebooks":
         """Load codebooks saved by :meth:`save`, verifying the checksums (a corrupt layer is named); with
-        ``model``, also check they fit it. Version-1 files (no checksums) load with a warning."""
+        ``model``, also check they fit it. Version-1 files (no checksums) load with a warning; version-3 files
+        (orthogonal rotations) load with each rotation's transpose as its inverse."""
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -181,20 +190,21 @@ class Codebooks:
         with f:
             meta = f.metadata() or {}
             n, hidden, G, K, model_type = _check_metadata(path, meta)
-            rotated = meta["version"] == ROTATED_VERSION
-            kinds = ("layer", "rotation") if rotated else ("layer",)
+            kinds = _TENSOR_KINDS.get(meta["version"], ("layer",))
             keys = set(f.keys())
             if keys != {f"{kind}.{i}" for i in range(n) for kind in kinds}:
                 names = " and ".join(f"{k}.0..{k}.{n - 1}" for k in kinds)
                 raise ValueError(f"{path}: expected tensors {names}, found {sorted(keys)}")
-            tensors = [f.get_tensor(f"layer.{i}") for i in range(n)]
-            rotations = [f.get_tensor(f"rotation.{i}") for i in range(n)] if rotated else None
-        if meta["version"] != UNCHECKED_VERSION:
-            _verify(path, "layer", tensors, meta["layer_checksums"])
-        if rotated:
-            _verify(path, "rotation", rotations, meta.get("rotation_checksums", ""))
-            rotations = [r.to(device) for r in rotations]
-        cb = cls([t.to(device) for t in tensors], model_type=model_type, hidden_size=hidden, rotations=rotations)
+            read = {kind: [f.get_tensor(f"{kind}.{i}") for i in range(n)] for kind in kinds}
+        for kind in kinds:
+            if meta["version"] != UNCHECKED_VERSION:
+                _verify(path, kind, read[kind], meta.get(f"{kind}_checksums", ""))
+            read[kind] = [t.to(device) for t in read[kind]]
+        if "rotation" in read:
+            read["transform"], read["inverse"] = read["rotation"], [r.t().contiguous() for r in read["rotation"]]
+        tensors = read["layer"]
+        cb = cls(tensors, model_type=model_type, hidden_size=hidden, transforms=read.get("transform"),
+                 inverses=read.get("inverse"))
         if cb.groups != G or cb.codebook_size != K:
             raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
         if model is not None:
@@ -222,32 +232,56 @@ def _verify(path: str, kind: str, tensors: Sequence[torch.Tensor], sums_text: st
             raise ValueError(f"{path}: {kind} {i} fails its checksum: the file is corrupt (re-calibrate or restore it)")
 
 
-#: how far ``R.T @ R`` may be from the identity (float64, largest entry) for a rotation to count as orthogonal:
-#: 1e-4, and 0.1 for a rotation rounded to 16 bits
-ORTHOGONAL_TOL = 1e-4
-ORTHOGONAL_TOL_16BIT = 0.1
+#: the tensors each format version holds per layer (versions not listed: the codebooks only)
+_TENSOR_KINDS = {ROTATED_VERSION: ("layer", "rotation"), TRANSFORMED_VERSION: ("layer", "transform", "inverse")}
+
+#: how far ``T @ T^-1`` may be from the identity (float64 product of the stored tensors, largest entry): 1e-3, and
+#: 0.1 for tensors rounded to 16 bits
+INVERSE_TOL = 1e-3
+INVERSE_TOL_16BIT = 0.1
 
 
-def _checked_rotations(rotations, layers: int, hidden_size: int) -> Optional[List[torch.Tensor]]:
-    if rotations is None:
-        return None
-    rotations = list(rotations)
-    if len(rotations) != layers:
-        raise ValueError(f"{len(rotations)} rotations for {layers} codebook layers; give one per layer")
+def _checked_matrix(what: str, t, hidden_size: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != (hidden_size, hidden_size):
+        raise ValueError(f"{what} has shape {tuple(t.shape)}; expected [{hidden_size}, {hidden_size}]")
+    check_finite(what, t)
+    return t
+
+
+def _inverse(what: str, t: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.linalg.inv(t.detach().double()).to(t.dtype)
+    except RuntimeError as e:  # torch.linalg.LinAlgError
+        raise ValueError(f"{what} is singular: it has no inverse") from e
+
+
+def _checked_transforms(transforms, inverses, layers: int, hidden_size: int):
+    """``(transforms, inverses)`` checked (count, shape, dtype, finite, each pair's product the identity), the
+    inverses computed in float64 where not given."""
+    if transforms is None:
+        if inverses is not None:
+            raise ValueError("inverses were given without transforms")
+        return None, None
+    transforms = list(transforms)
+    if len(transforms) != layers:
+        raise ValueError(f"{len(transforms)} transforms for {layers} codebook layers; give one per layer")
+    transforms = [_checked_matrix(f"transform of layer {i}", t, hidden_size) for i, t in enumerate(transforms)]
+    if inverses is None:
+        inverses = [_inverse(f"transform of layer {i}", t) for i, t in enumerate(transforms)]
+    inverses = list(inverses)
+    if len(inverses) != layers:
+        raise ValueError(f"{len(inverses)} inverses for {layers} transforms; give one per layer")
     eye = torch.eye(hidden_size, dtype=torch.float64)
-    for i, r in enumerate(rotations):
-        if not isinstance(r, torch.Tensor) or r.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"rotation of layer {i} must be a floating tensor, got "
-                             f"{getattr(r, 'dtype', type(r).__name__)}")
-        if tuple(r.shape) != (hidden_size, hidden_size):
-            raise ValueError(f"rotation of layer {i} has shape {tuple(r.shape)}; "
-                             f"expected [{hidden_size}, {hidden_size}]")
-        check_finite(f"rotation of layer {i}", r)
-        r64 = r.detach().double().cpu()
-        off = float((r64.t() @ r64 - eye).abs().max())
-        if off > (ORTHOGONAL_TOL_16BIT if r.dtype in (torch.float16, torch.bfloat16) else ORTHOGONAL_TOL):
-            raise ValueError(f"rotation of layer {i} is not orthogonal (max |R^T R - I| = {off:.2e})")
-    return rotations
+    for i, (t, inv) in enumerate(zip(transforms, inverses)):
+        _checked_matrix(f"inverse transform of layer {i}", inv, hidden_size)
+        off = float((t.detach().double().cpu() @ inv.detach().double().cpu() - eye).abs().max())
+        sixteen = torch.float16 in (t.dtype, inv.dtype) or torch.bfloat16 in (t.dtype, inv.dtype)
+        if not off <= (INVERSE_TOL_16BIT if sixteen else INVERSE_TOL):
+            raise ValueError(f"transform of layer {i} and its inverse do not multiply to the identity (max |T T^-1 - I|"
+                             f" = {off:.2e}): the transform is singular or ill-conditioned, or the inverse is wrong")
+    return transforms, inverses
 
 
 def as_codebooks(codebooks, model) -> Optional[Codebooks]:
@@ -278,7 +312,7 @@ def _check_metadata(path: str, meta: dict):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an astra codebook file (metadata format={meta.get('format')!r})")
     version = meta.get("version")
-    if version in (FORMAT_VERSION, ROTATED_VERSION):
+    if version in (FORMAT_VERSION, ROTATED_VERSION, TRANSFORMED_VERSION):
         if "checksum" not in meta or "layer_checksums" not in meta:
             raise ValueError(f"{path}: codebook file version {version} without its checksums: the file is corrupt")
         if metadata_checksum(meta) != meta["checksum"]:

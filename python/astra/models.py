@@ -22,6 +22,7 @@ from .errors import UnsupportedModelError
 
 Module = torch.nn.Module
 KV = Callable[[Module, torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
+Q = Callable[[Module, torch.Tensor, int], torch.Tensor]
 
 TEXT_INPUTS = frozenset({"input_ids", "inputs_embeds", "attention_mask", "position_ids"})
 IMAGE_INPUTS = frozenset({"pixel_values", "interpolate_pos_encoding"})
@@ -63,6 +64,24 @@ def linear_kv(key: str, value: str, key_norm: Optional[str] = None) -> KV:
     return kv
 
 
+def linear_q(query: str, query_norm: Optional[str] = None) -> Q:
+    """Queries through ``module.<query>`` (bias included), then ``module.<query_norm>`` per head when given."""
+    def q(module: Module, h: torch.Tensor, head_dim: int):
+        B, T, _ = h.shape
+        out = getattr(module, query)(h).view(B, T, -1, head_dim)
+        return out if query_norm is None else getattr(module, query_norm)(out)
+    return q
+
+
+def fused_conv1d_q(attr: str = "c_attn") -> Q:
+    """Queries from the query slice of a fused ``[q | k | v]`` GPT-2 ``Conv1D``."""
+    def q(module: Module, h: torch.Tensor, head_dim: int):
+        B, T, D = h.shape
+        conv = getattr(module, attr)
+        return torch.addmm(conv.bias[:D], h.reshape(-1, D), conv.weight[:, :D]).view(B, T, -1, head_dim)
+    return q
+
+
 def fused_conv1d_kv(attr: str = "c_attn") -> KV:
     """K/V from a fused ``[q | k | v]`` GPT-2 ``Conv1D`` (``y = x @ W + b``, ``W [D, 3D]``): its key and value
     slices only, so the query projection is never computed."""
@@ -84,6 +103,8 @@ class FamilyAdapter:
     ``embeddings``, so position ids such as RoBERTa's padding-offset ones stay global).
     ``attention``: the attention modules, one per layer, that call HF's attention interface.
     ``kv(module, h, head_dim)``: K, V ``[B, T, Hkv, Dh]`` of hidden states ``h [B, T, D]``, before RoPE.
+    ``q(module, h, head_dim)``: the queries ``[B, T, H, Dh]``, before RoPE (None: not known; calibration's
+    attention basis, :mod:`astra.bases`, is then not available and ``basis="auto"`` uses the PCA rotation).
     ``final``: the module whose output holds the final hidden states (where replicated class tokens are merged).
     ``class_token``: "none", "optional" (BERT: distributed or on rank 0) or "always" (ViT: always replicated).
     ``image_tokens(base, inputs)``: for image models, the sequence length the ``pixel_values`` give.
@@ -95,6 +116,7 @@ class FamilyAdapter:
     decoder: bool
     attention: Callable[[Module], Sequence[Module]]
     kv: KV
+    q: Optional[Q] = None
     inputs: FrozenSet[str] = TEXT_INPUTS
     rope: bool = False
     embeddings: Optional[Callable[[Module], Module]] = None
@@ -222,6 +244,12 @@ class Family:
         k, v = self.adapter.kv(module, h, self.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
 
+    def q(self, module: Module, h: torch.Tensor) -> torch.Tensor:
+        """Queries ``[B, H, T, Dh]`` of ``h [B, T, D]`` (pre-RoPE); the adapter must know them (``adapter.q``)."""
+        if self.adapter.q is None:
+            raise ValueError(f"the {self.name!r} family adapter does not give the queries (FamilyAdapter.q)")
+        return self.adapter.q(module, h, self.head_dim).transpose(1, 2)
+
     # -- rotary embedding ------------------------------------------------------------------------
     def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[B or 1, T, Dh]`` at ``position_ids`` from the model's own rotary module."""
@@ -324,17 +352,19 @@ def _vit_tokens(base: Module, inputs: dict) -> int:
 
 def _register_builtins() -> None:
     llama_like = dict(decoder=True, attention=lambda b: [layer.self_attn for layer in b.layers],
-                      kv=linear_kv("k_proj", "v_proj"), rope=True, final=lambda b: b.norm)
+                      kv=linear_kv("k_proj", "v_proj"), q=linear_q("q_proj"), rope=True, final=lambda b: b.norm)
     register_family(FamilyAdapter("gpt2", True, lambda b: [blk.attn for blk in b.h], fused_conv1d_kv(),
+                                  q=fused_conv1d_q(),
                                   inputs=TEXT_INPUTS | {"token_type_ids"}, final=lambda b: b.ln_f,
                                   check=_no_cross_attention, max_len=lambda c: c.n_positions))
     register_family(FamilyAdapter("llama", **llama_like))
     register_family(FamilyAdapter("mistral", **llama_like, window=_sliding_window))
     register_family(FamilyAdapter("qwen2", **llama_like, window=_sliding_window))          # q/k/v biases
-    register_family(FamilyAdapter("qwen3", **dict(llama_like, kv=linear_kv("k_proj", "v_proj", "k_norm")),
+    register_family(FamilyAdapter("qwen3", **dict(llama_like, kv=linear_kv("k_proj", "v_proj", "k_norm"),
+                                                  q=linear_q("q_proj", "q_norm")),
                                   window=_sliding_window))
     bert_like = dict(decoder=False, attention=lambda b: [layer.attention.self for layer in b.encoder.layer],
-                     kv=linear_kv("key", "value"), inputs=TEXT_INPUTS | {"token_type_ids"},
+                     kv=linear_kv("key", "value"), q=linear_q("query"), inputs=TEXT_INPUTS | {"token_type_ids"},
                      embeddings=lambda b: b.embeddings, final=lambda b: b.encoder, class_token="optional",
                      check=_bidirectional_encoder)
     register_family(FamilyAdapter("bert", **bert_like, max_len=lambda c: c.max_position_embeddings))
@@ -343,7 +373,8 @@ def _register_builtins() -> None:
     register_family(FamilyAdapter("roberta", **bert_like,
                                   max_len=lambda c: c.max_position_embeddings - c.pad_token_id - 1))
     register_family(FamilyAdapter("vit", False, lambda b: [layer.attention for layer in b.layers],
-                                  linear_kv("k_proj", "v_proj"), inputs=IMAGE_INPUTS, embeddings=lambda b: b.embeddings,
+                                  linear_kv("k_proj", "v_proj"), q=linear_q("q_proj"), inputs=IMAGE_INPUTS,
+                                  embeddings=lambda b: b.embeddings,
                                   final=lambda b: b.layernorm, class_token="always", image_tokens=_vit_tokens))
 
 

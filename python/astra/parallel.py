@@ -84,7 +84,7 @@ class DistRuntime(RuntimeBase):
         tables = []
         with torch.no_grad():
             for l, m in enumerate(self.fam.attn_modules):
-                words = self.unrotate(l, self._cb[l][0]).unsqueeze(0)   # [1, K, D], the model's basis
+                words = self.untransform(l, self._cb[l][0]).unsqueeze(0)   # [1, K, D], the model's basis
                 k, v = self.fam.kv(m, words)                  # [1, Hkv, K, Dh]
                 tables.append((k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()))
         self.tables = tables
@@ -148,7 +148,7 @@ class DistRuntime(RuntimeBase):
             prof.mark(layer, prof_.ENCODE)
             payload = ak.pack_codes(codes, self.codebooks.bits)
         else:
-            payload = ak.encode_and_pack(self.rotate(layer, send), self._cb[layer], self.codebooks.bits)  # [B, n, G]
+            payload = ak.encode_and_pack(self.transform(layer, send), self._cb[layer], self.codebooks.bits)  # [B, n, G]
         st.tokens_sent = ctx.B * int(ctx.chunks[self.rank].numel()) if self._senders[self.rank] else 0
         ctx.state[layer] = self._exchange(payload, self._sizes, st, what)
         if prof is not None:

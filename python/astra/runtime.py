@@ -68,7 +68,8 @@ class RuntimeBase:
         self._handles = []
         self._orig_impl = None
         self._cb: List[torch.Tensor] = []
-        self._rot: Optional[List[torch.Tensor]] = None     # the codebooks' rotations on the model's device / dtype
+        self._tf: Optional[List[torch.Tensor]] = None      # the codebooks' transforms on the model's device / dtype
+        self._inv: Optional[List[torch.Tensor]] = None     # and their inverses
         self._installed = False
 
     # -- install / uninstall ---------------------------------------------------------------------
@@ -79,8 +80,9 @@ class RuntimeBase:
         p = next(self.model.parameters())
         if self.codebooks is not None:
             self._cb = [c.to(device=p.device, dtype=p.dtype) for c in self.codebooks.tensors]
-            if self.codebooks.rotated:
-                self._rot = [r.to(device=p.device, dtype=p.dtype) for r in self.codebooks.rotations]
+            if self.codebooks.transformed:
+                self._tf = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.transforms]
+                self._inv = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.inverses]
         self._orig_impl = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTN_NAME)
         if self.model.config._attn_implementation != ATTN_NAME:
@@ -173,19 +175,19 @@ class RuntimeBase:
             k = self.fam.apply_rope(k, cos, sin)
         return k, v
 
-    def rotate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """``h [..., D]`` in the space layer ``layer``'s codebooks quantize (``h @ R``; unrotated codebooks: h)."""
-        return h if self._rot is None else torch.matmul(h.to(self._rot[layer].dtype), self._rot[layer])
+    def transform(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """``h [..., D]`` in the basis layer ``layer``'s codebooks quantize in (``h @ T``; untransformed: h)."""
+        return h if self._tf is None else torch.matmul(h.to(self._tf[layer].dtype), self._tf[layer])
 
-    def unrotate(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`rotate` (``y @ R.T``)."""
-        return y if self._rot is None else torch.matmul(y.to(self._rot[layer].dtype), self._rot[layer].t())
+    def untransform(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`transform` (``y @ T^-1``)."""
+        return y if self._inv is None else torch.matmul(y.to(self._inv[layer].dtype), self._inv[layer])
 
     def encode(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return ak.vq_encode(self.rotate(layer, h), self._cb[layer])
+        return ak.vq_encode(self.transform(layer, h), self._cb[layer])
 
     def decode(self, layer: int, codes: torch.Tensor, dtype) -> torch.Tensor:
-        return self.unrotate(layer, ak.vq_decode(codes, self._cb[layer])).to(dtype)
+        return self.untransform(layer, ak.vq_decode(codes, self._cb[layer])).to(dtype)
 
     def _pos_for(self, idx: torch.Tensor) -> Optional[torch.Tensor]:
         if self.ctx.pos_ids is None:

@@ -94,19 +94,19 @@ def _balanced_bounds(n: int, world: int, pair: float, key: float, encode: float 
 def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float]:
     """``(pair, key, encode)`` of :func:`split_indices` for a causal model: one (query, key) pair of attention (all
     heads, QK and PV, at :data:`ATTENTION_MAC_COST`), one non-local key's K/V projection (none with G = 1, whose
-    K/V come from the codeword tables; with rotated codebooks plus the decode's ``D x D`` rotation) and one
-    token's VQ encode (with rotated codebooks plus its ``D x D`` rotation; the last rank skips it), each
+    K/V come from the codeword tables; with transformed codebooks plus the decode's ``D x D`` inverse transform)
+    and one token's VQ encode (with transformed codebooks plus its ``D x D`` transform; the last rank skips it), each
     relative to one token's per-layer work (the layer's weights, plus the encode). A function of the model and
     the codebooks only, so every rank and ``simulate`` agree."""
     layers = fam.num_layers
     weights = sum(q.numel() for m in fam.base.modules() if not isinstance(m, torch.nn.Embedding)
                   for q in m.parameters(recurse=False))
     D = fam.hidden_size
-    rotation = D * D if codebooks is not None and codebooks.rotated else 0
-    encode = 0 if codebooks is None else codebooks.codebook_size * D + rotation
+    transform = D * D if codebooks is not None and codebooks.transformed else 0
+    encode = 0 if codebooks is None else codebooks.codebook_size * D + transform
     token = weights / layers + encode
     kv = 2 * D * fam.num_kv_heads * fam.head_dim
-    key = 0 if codebooks is not None and codebooks.groups == 1 else kv + rotation
+    key = 0 if codebooks is not None and codebooks.groups == 1 else kv + transform
     return ATTENTION_MAC_COST * 2 * D / token, key / token, encode / token
 
 

@@ -79,9 +79,9 @@ class TrainSimRuntime(SimRuntime):
         with torch.no_grad():
             # C itself, not C.detach() (a new tensor each call): the encoder's per-codebook preparation is cached
             # on the tensor and its version, so the ranks of one step share it and an optimizer step renews it
-            codes = ak.vq_encode(self.rotate(layer, h.detach()).to(C.dtype), C).long()  # [B, n, G]
-        q = C[torch.arange(G, device=C.device), codes].reshape(h.shape)                 # [B, n, D] rotated
-        q = self.unrotate(layer, q).to(h.dtype)
+            codes = ak.vq_encode(self.transform(layer, h.detach()).to(C.dtype), C).long()  # [B, n, G]
+        q = C[torch.arange(G, device=C.device), codes].reshape(h.shape)                 # [B, n, D] transformed
+        q = self.untransform(layer, q).to(h.dtype)
         resid = h - q
         rows = resid if valid is None else resid[valid]
         if rows.shape[0]:
