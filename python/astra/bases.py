@@ -147,24 +147,31 @@ def layer_basis(fam, layer: int, h: torch.Tensor, groups: int, basis: str
     return attention_basis(attention_metric(fam, fam.attn_modules[layer], h), h, groups)
 
 
-def resolve(basis: str, fam, groups: int) -> str:
-    """``basis`` with "auto" resolved: "attention" for G > 1 when the family gives its queries and its K/V are affine
-    in the hidden state, "pca" for other G > 1, "none" for G = 1 (full-vector k-means gains nothing measurable
-    from either)."""
-    if basis not in BASES:
-        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
-    if basis != "auto":
-        if basis == "attention" and fam.adapter.q is None:
-            raise ValueError(f"basis='attention' needs the queries, which the {fam.name!r} family adapter does "
-                             "not give (FamilyAdapter.q); use basis='pca'")
-        return basis
-    if groups == 1:
-        return "none"
+def attention_unavailable(fam) -> Optional[str]:
+    """Why the attention basis does not apply to ``fam`` (None: it does): the adapter gives no queries, or the K/V
+    are not affine in the hidden state (a key norm; probed on layer 0 with seeded random hidden states)."""
     if fam.adapter.q is None:
-        return "pca"
+        return (f"basis='attention' needs the queries, which the {fam.name!r} family adapter does not give "
+                "(FamilyAdapter.q); use basis='pca'")
     probe = torch.randn(8, fam.hidden_size, generator=torch.Generator().manual_seed(0))
     try:
         kv_maps(fam, fam.attn_modules[0], probe)
-    except ValueError:           # K/V not affine in h (a key norm)
-        return "pca"
-    return "attention"
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def resolve(basis: str, fam, groups: int) -> str:
+    """``basis`` checked, with "auto" resolved: "attention" for G > 1 where :func:`attention_unavailable` finds no
+    reason against it, "pca" for other G > 1, "none" for G = 1 (full-vector k-means gains nothing measurable
+    from either). An explicit "attention" that does not apply is a ValueError, before any calibration work."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if basis == "auto":
+        if groups == 1:
+            return "none"
+        return "pca" if attention_unavailable(fam) else "attention"
+    why = attention_unavailable(fam) if basis == "attention" else None
+    if why:
+        raise ValueError(why)
+    return basis
