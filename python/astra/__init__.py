@@ -1,12 +1,14 @@
 """astra: ASTRA sequence-parallel Transformer inference (VQ codes between devices) on HF models.
 
 Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`unpatch`, :func:`launch`,
-:func:`calibrate`, :func:`finetune`, :func:`simulate_generate`, the family registry (:class:`FamilyAdapter`,
-:func:`register_family`, :func:`unregister_family`, :func:`family_of`), and the errors :class:`PeerError`,
-:class:`UnsupportedModelError`, :class:`LaunchError`, :class:`InputMismatchError`, :class:`InvalidInputError`,
-:class:`RankFailedError`, :class:`FrameMismatchError`, :class:`NonFiniteError`. Semantics: docs/runtime.md.
+:func:`tune_allocator`, :func:`calibrate`, :func:`finetune`, :func:`simulate_generate`, the family registry
+(:class:`FamilyAdapter`, :func:`register_family`, :func:`unregister_family`, :func:`family_of`), and the errors
+:class:`PeerError`, :class:`UnsupportedModelError`, :class:`LaunchError`, :class:`InputMismatchError`,
+:class:`InvalidInputError`, :class:`RankFailedError`, :class:`FrameMismatchError`, :class:`NonFiniteError`.
+Semantics: docs/runtime.md.
 """
 from astra_kernels import __version__
+from .allocator import tune_allocator
 from .calibrate import calibrate
 from .codebooks import Codebooks
 from .context import LayerStats
@@ -37,6 +39,7 @@ __all__ = [
     "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
     "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "OutputStats", "calibrate", "finetune", "ParallelModel",
     "launch",
-    "local_indices", "parallelize", "simulate", "simulate_generate", "split_indices", "unpatch", "__version__",
+    "local_indices", "parallelize", "simulate", "simulate_generate", "split_indices", "tune_allocator", "unpatch",
+    "__version__",
     "FamilyAdapter", "family_of", "register_family", "unregister_family",
 ]

@@ -11,6 +11,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, List, Optional
 
+from . import allocator
 from .errors import LaunchError
 
 
@@ -28,10 +29,12 @@ def _load(b: bytes):
     return torch.load(io.BytesIO(b), weights_only=False)
 
 
-def _worker(rank, world_size, init_method, backend, timeout_s, threads, fn, args, kwargs, q):
+def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn, args, kwargs, q):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
     try:
+        if tune:
+            allocator.tune_allocator()
         import torch
         import torch.distributed as dist
 
@@ -53,14 +56,15 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, fn, args
 
 def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout: float = 60.0,
            join_timeout: Optional[float] = None, threads: int = 1, start_method: str = "spawn",
-           **kwargs) -> List[Any]:
+           tune_allocator: bool = True, **kwargs) -> List[Any]:
     """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` local processes joined in a ``backend`` process
     group (gloo over loopback by default; file rendezvous) and return the per-rank results, in rank order.
 
     ``fn`` must be importable (module-level) and its result picklable. ``timeout`` is the process group's
     collective timeout (seconds); ``join_timeout`` bounds the whole run (ranks still running then are
-    killed). Raises :class:`astra.LaunchError` if a rank raised, died, or was killed; the error carries the
-    results of the ranks that did return.
+    killed). ``tune_allocator``: every rank first calls :func:`astra.tune_allocator` (glibc keeps freed memory
+    instead of faulting it in again every layer; see :mod:`astra.allocator`). Raises :class:`astra.LaunchError`
+    if a rank raised, died, or was killed; the error carries the results of the ranks that did return.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -69,8 +73,8 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     # rendezvous through a fresh file (no port to race for with other processes on the machine)
     rdv_dir = tempfile.mkdtemp(prefix="astra-launch-")
     init_method = "file://" + os.path.join(rdv_dir, "rendezvous")
-    procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads, fn,
-                                               args, kwargs, q), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads,
+                                               tune_allocator, fn, args, kwargs, q), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -121,6 +121,7 @@ def cmd_run(args) -> int:
         if under_torchrun():
             import torch.distributed as dist
 
+            astra.tune_allocator()             # as astra.launch does for the ranks it starts
             dist.init_process_group("gloo")    # this process already holds the model and the codebooks
             mine = rank_body(model, cb, tokenize(args.texts, args.max_length), args.timeout)
             ranks = [None] * dist.get_world_size()
