@@ -169,7 +169,8 @@ def _block_scaling(D, G, perm, scales):
 def test_transformed_codebooks_quantize_in_the_transformed_basis(family, n):
     """Codebooks C in the model's basis and (C', T) with T a block permutation with a scale per group and C'
     = C moved alike quantize identically (a group's scale does not change its nearest codeword): simulate gives
-    the same output, so encode applies T and decode T^-1."""
+    the same output, so encode applies T and decode T^-1. (The even split: the balanced one charges the transform,
+    so it may split the two apart.)"""
     model = tiny_model(family)
     inputs = tiny_inputs(family, padded=True)
     G = 4
@@ -178,13 +179,40 @@ def test_transformed_codebooks_quantize_in_the_transformed_basis(family, n):
     T = _block_scaling(64, G, perm, scales)
     moved = [(t[perm].flip(-1) * torch.tensor(scales).view(G, 1, 1)).contiguous() for t in cb.tensors]
     tf = astra.Codebooks(moved, model_type=cb.model_type, hidden_size=64, transforms=[T] * cb.num_layers)
-    ref = main_output(astra.simulate(model, inputs, world_size=n, codebooks=cb))
-    got = main_output(astra.simulate(model, inputs, world_size=n, codebooks=tf))
+    ref = main_output(astra.simulate(model, inputs, world_size=n, codebooks=cb, split="even"))
+    got = main_output(astra.simulate(model, inputs, world_size=n, codebooks=tf, split="even"))
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     inv = torch.linalg.inv(T)
     wrong = astra.Codebooks(moved, model_type=cb.model_type, hidden_size=64, transforms=[inv] * cb.num_layers)
-    bad = main_output(astra.simulate(model, inputs, world_size=n, codebooks=wrong))
+    bad = main_output(astra.simulate(model, inputs, world_size=n, codebooks=wrong, split="even"))
     assert (bad - ref).abs().max() > 1e-3                      # the orientation matters, and is T, not T^-1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "qwen3"])
+def test_folded_kv_projection_equals_decode_then_project(family):
+    """Non-local K/V through the folded projection T^-1 [W_K | W_V] equal the inverse transform followed by the
+    layer's own projection (+ RoPE at the tokens' positions); a family whose K/V are not affine (Qwen3's
+    k_norm) is not folded and takes the unfolded path."""
+    from astra.simulation import SimRuntime
+
+    model = tiny_model(family)
+    cb = astra.calibrate(model, _data(family), groups=4, codebook_size=16, iters=2, basis="pca")
+    rt = SimRuntime(model, cb, world_size=2)
+    rt.install()
+    try:
+        assert (rt._folds is None) == (family == "qwen3")
+        g = torch.Generator().manual_seed(7)
+        codes = torch.randint(0, 16, (2, 5, 4), generator=g, dtype=torch.int32)
+        pos = torch.tensor([[3, 9, 4, 11, 6]] * 2)
+        for layer, m in enumerate(rt.fam.attn_modules):
+            k, v = rt.quantized_kv(layer, m, codes, pos, torch.float32)
+            k0, v0 = rt.remote_kv(m, rt.decode(layer, codes, torch.float32), pos)
+            assert k.shape == k0.shape and v.shape == v0.shape
+            torch.testing.assert_close(k, k0, rtol=0, atol=1e-5)
+            torch.testing.assert_close(v, v0, rtol=0, atol=1e-5)
+            assert float(k0.abs().max()) > 0.1 and float(v0.abs().max()) > 0.1
+    finally:
+        rt.uninstall()
 
 
 def test_calibrate_bases():
@@ -298,9 +326,9 @@ def test_finetune_keeps_the_transform_and_trains_through_it():
 
 
 def test_split_costs_count_the_transform():
-    """The causal split's costs charge a transformed codebook's D x D products: one per encoded token, one per
-    decoded non-local key (G > 1; at G = 1 the K/V tables hold the inverse transform)."""
-    from astra.split import causal_costs
+    """The causal split's costs charge a transformed codebook's D x D product once per encoded token, and nothing
+    per non-local key (the folded K/V projection; at G = 1 the K/V tables hold the inverse transform)."""
+    from astra.split import GROUPED_ENCODE_MAC_COST, causal_costs
 
     model = tiny_model("gpt2")
     fam = family_of(model)
@@ -309,9 +337,10 @@ def test_split_costs_count_the_transform():
     tf = astra.calibrate(model, data, groups=4, codebook_size=16, iters=2)
     (p0, k0, e0), (p1, k1, e1) = causal_costs(fam, plain), causal_costs(fam, tf)
     D = 64
-    token0 = D * 16 / e0                               # one token's per-layer work, untransformed
-    assert e1 * (token0 + D * D) == pytest.approx(D * 16 + D * D, rel=1e-12)
-    assert k1 * (token0 + D * D) == pytest.approx(k0 * token0 + D * D, rel=1e-12)
+    search = GROUPED_ENCODE_MAC_COST * D * 16          # G = 4: the grouped search's weighted multiply-adds
+    token0 = search / e0                               # one token's per-layer work, untransformed
+    assert e1 * (token0 + D * D) == pytest.approx(search + D * D, rel=1e-12)
+    assert k1 * (token0 + D * D) == pytest.approx(k0 * token0, rel=1e-12)
     assert p1 * (token0 + D * D) == pytest.approx(p0 * token0, rel=1e-12)
     g1 = astra.calibrate(model, data, groups=1, codebook_size=16, iters=2, basis="attention")
     assert causal_costs(fam, g1)[1] == 0

@@ -66,10 +66,10 @@ def pca_rotation(x: torch.Tensor, groups: int) -> torch.Tensor:
     return U[:, [j for m in members for j in m]]
 
 
-def kv_maps(fam, module, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The linear parts ``(W_K, W_V)``, each ``[Hkv, D, Dh]`` float64, of the layer's K/V (pre-RoPE) as affine
-    maps of the hidden state; ValueError if the family's K/V is not affine in ``h`` (e.g. Qwen3's ``k_norm``),
-    checked on the first rows of ``h [N, D]``."""
+def kv_maps(fam, module, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's K/V (pre-RoPE) as affine maps of the hidden state: ``(W_K, W_V, b_K, b_V)``, float64, the
+    weights ``[Hkv, D, Dh]`` and the biases ``[Hkv, Dh]``; ValueError if the family's K/V is not affine in ``h``
+    (e.g. Qwen3's ``k_norm``), checked on the first rows of ``h [N, D]``."""
     D = fam.hidden_size
     p = next(module.parameters())
     with torch.no_grad():
@@ -84,7 +84,18 @@ def kv_maps(fam, module, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             if err > AFFINE_TOL:
                 raise ValueError(f"the {fam.name!r} family's {name} is not affine in the hidden state (relative "
                                  f"error {err:.1e}): the attention basis does not apply; use basis='pca'")
-    return wk, wv
+    return wk, wv, k0[0, :, 0].double(), v0[0, :, 0].double()
+
+
+def folded_kv(fam, module, inverse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The layer's K/V projection of a dequantized token taken straight from the codebooks' basis: ``(W, b)``,
+    float64, ``W = T^-1 [W_K | W_V]`` ``[D, 2 Hkv Dh]`` and ``b = [b_K | b_V]``, so that ``y_hat @ W + b`` holds the
+    token's K and V (pre-RoPE; head-major: ``[2, Hkv, Dh]`` per token) with one GEMM instead of the inverse
+    transform's and the projection's. ValueError as :func:`kv_maps` where the K/V are not affine."""
+    probe = torch.randn(8, fam.hidden_size, generator=torch.Generator().manual_seed(0))
+    wk, wv, bk, bv = kv_maps(fam, module, probe)
+    w = torch.stack([wk, wv]).permute(2, 0, 1, 3).reshape(fam.hidden_size, -1)      # [D, 2 * Hkv * Dh]
+    return inverse.double().to(w.device) @ w, torch.stack([bk, bv]).reshape(-1)
 
 
 def rope_averaged(c: torch.Tensor) -> torch.Tensor:
@@ -100,7 +111,7 @@ def attention_metric(fam, module, h: torch.Tensor) -> torch.Tensor:
     """``M [D, D]`` (float64, symmetric, positive semi-definite) such that ``e M e^T`` is the attention output's
     squared error caused by an error ``e`` in a non-local token's hidden state, estimated on this layer's hidden
     states ``h [N, D]`` (see the module docstring)."""
-    wk, wv = kv_maps(fam, module, h)
+    wk, wv, _, _ = kv_maps(fam, module, h)
     p = next(module.parameters())
     with torch.no_grad():
         x = h.to(p.dtype).to(p.device).unsqueeze(0)

@@ -213,7 +213,7 @@ class DistRuntime(RuntimeBase):
                 prof.mark(layer, prof_.UNPACK)
             use_table = self.tables is not None and (not fam.rope or ctx.default_pos)
             if ctx.capture is not None or not use_table:
-                k_hat, v_hat = self.remote_kv(module, self.decode(layer, codes, q.dtype), self._pos_for(rg))
+                k_hat, v_hat = self.quantized_kv(layer, module, codes, self._pos_for(rg), q.dtype)
             if prof is not None:
                 prof.mark(layer, prof_.NONLOCAL_KV)
             if use_table:

@@ -17,6 +17,7 @@ import torch
 
 import astra_kernels as ak
 from astra_kernels.checks import check_finite as finite_or_raise
+from . import bases
 from .codebooks import Codebooks
 from .context import Ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
@@ -70,6 +71,7 @@ class RuntimeBase:
         self._cb: List[torch.Tensor] = []
         self._tf: Optional[List[torch.Tensor]] = None      # the codebooks' transforms on the model's device / dtype
         self._inv: Optional[List[torch.Tensor]] = None     # and their inverses
+        self._folds: Optional[List] = None     # per layer (W, b) of bases.folded_kv (transformed, affine K/V)
         self._installed = False
 
     # -- install / uninstall ---------------------------------------------------------------------
@@ -83,6 +85,7 @@ class RuntimeBase:
             if self.codebooks.transformed:
                 self._tf = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.transforms]
                 self._inv = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.inverses]
+                self._folds = self._fold_kv(p)
         self._orig_impl = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTN_NAME)
         if self.model.config._attn_implementation != ATTN_NAME:
@@ -172,6 +175,32 @@ class RuntimeBase:
         k, v = self.fam.kv(module, h_hat)
         if self.fam.rope:
             cos, sin = self.fam.rope_cos_sin(pos, h_hat.dtype)
+            k = self.fam.apply_rope(k, cos, sin)
+        return k, v
+
+    def _fold_kv(self, p: torch.Tensor) -> Optional[List]:
+        """Every layer's :func:`astra.bases.folded_kv` on the model's device / dtype (None: K/V not affine)."""
+        try:
+            with torch.no_grad():
+                folds = [bases.folded_kv(self.fam, m, inv) for m, inv in zip(self.fam.attn_modules,
+                                                                             self.codebooks.inverses)]
+        except ValueError:
+            return None
+        return [(w.to(device=p.device, dtype=p.dtype), b.to(device=p.device, dtype=p.dtype)) for w, b in folds]
+
+    def quantized_kv(self, layer: int, module, codes: torch.Tensor, pos: Optional[torch.Tensor], dtype):
+        """K/V ``[B, Hkv, Tr, Dh]`` (RoPE applied) of non-local tokens from their codes ``[B, Tr, G]``: decoded,
+        then the layer's own projection; with transformed codebooks and affine K/V, one GEMM through the folded
+        projection ``T^-1 [W_K | W_V]`` instead of the inverse transform's and the projection's."""
+        if self._folds is None:
+            return self.remote_kv(module, self.decode(layer, codes, dtype), pos)
+        w, b = self._folds[layer]
+        y = ak.vq_decode(codes, self._cb[layer]).to(w.dtype)                       # [B, Tr, D], transformed
+        B, Tr = codes.shape[:2]
+        kv = torch.addmm(b, y.reshape(B * Tr, -1), w).view(B, Tr, 2, self.fam.num_kv_heads, -1)
+        k, v = kv.permute(2, 0, 3, 1, 4).to(dtype).unbind(0)                        # [B, Hkv, Tr, Dh] each
+        if self.fam.rope:
+            cos, sin = self.fam.rope_cos_sin(pos, k.dtype)
             k = self.fam.apply_rope(k, cos, sin)
         return k, v
 

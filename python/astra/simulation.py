@@ -62,7 +62,7 @@ class SimRuntime(RuntimeBase):
             if self.codebooks is None:
                 hats.append(hs)
             else:
-                hats.append(self.decode(layer, self.encode(layer, hs), hs.dtype))
+                hats.append(self.encode(layer, hs))          # codes [B, n, G]
         self.ctx.state[layer] = hats
 
     def attention(self, module, q, k, v, scaling):
@@ -70,7 +70,9 @@ class SimRuntime(RuntimeBase):
         layer = module._astra_layer
         hats = ctx.state.pop(layer)
         # K/V of every rank's dequantized tokens, once per layer
-        kv_hat = [self.remote_kv(module, hats[s], self._pos_for(ctx.chunks[s])) for s in range(self.N)]
+        pos = [self._pos_for(ctx.chunks[s]) for s in range(self.N)]
+        kv_hat = [self.remote_kv(module, hats[s], pos[s]) if self.codebooks is None
+                  else self.quantized_kv(layer, module, hats[s], pos[s], q.dtype) for s in range(self.N)]
         out = q.new_empty(q.shape)
         for r in range(self.N):
             le = self._local_ext(r)

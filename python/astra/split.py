@@ -18,6 +18,11 @@ DEFAULT_SPLIT = "auto"
 #: CPU flash attention's time per multiply-add relative to a GEMM's: 1.0 left the last rank busier, 2.0 the
 #: first (per-rank CPU time, GPT-2 shape, bench/runtime_ab.py)
 ATTENTION_MAC_COST = 1.5
+#: a grouped (G > 1) nearest-codeword search's time per multiply-add relative to a GEMM's: its small per-group
+#: products are memory-bound (GPT-2 shape, G = 32, 24-dim groups: 74 us per token and layer measured against
+#: 2.16 M multiply-adds' worth at the dense layers' rate, transform included; bench/runtime_ab.py, AVX2 CPU).
+#: G = 1's search is one GEMM (measured at 1.0)
+GROUPED_ENCODE_MAC_COST = 2.0
 
 
 def split_indices(seq_len: int, world_size: int, class_token: bool,
@@ -94,8 +99,9 @@ def _balanced_bounds(n: int, world: int, pair: float, key: float, encode: float 
 def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float]:
     """``(pair, key, encode)`` of :func:`split_indices` for a causal model: one (query, key) pair of attention (all
     heads, QK and PV, at :data:`ATTENTION_MAC_COST`), one non-local key's K/V projection (none with G = 1, whose
-    K/V come from the codeword tables; with transformed codebooks plus the decode's ``D x D`` inverse transform)
-    and one token's VQ encode (with transformed codebooks plus its ``D x D`` transform; the last rank skips it), each
+    K/V come from the codeword tables; transformed codebooks fold their inverse transform into it, see
+    :meth:`astra.runtime.RuntimeBase.quantized_kv`) and one token's VQ encode (with transformed codebooks plus its
+    ``D x D`` transform; the search at :data:`GROUPED_ENCODE_MAC_COST` for G > 1; the last rank skips it), each
     relative to one token's per-layer work (the layer's weights, plus the encode). A function of the model and
     the codebooks only, so every rank and ``simulate`` agree."""
     layers = fam.num_layers
@@ -103,10 +109,11 @@ def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float]:
                   for q in m.parameters(recurse=False))
     D = fam.hidden_size
     transform = D * D if codebooks is not None and codebooks.transformed else 0
-    encode = 0 if codebooks is None else codebooks.codebook_size * D + transform
+    search = 1.0 if codebooks is None or codebooks.groups == 1 else GROUPED_ENCODE_MAC_COST
+    encode = 0 if codebooks is None else search * codebooks.codebook_size * D + transform
     token = weights / layers + encode
     kv = 2 * D * fam.num_kv_heads * fam.head_dim
-    key = 0 if codebooks is not None and codebooks.groups == 1 else kv + transform
+    key = 0 if codebooks is not None and codebooks.groups == 1 else kv
     return ATTENTION_MAC_COST * 2 * D / token, key / token, encode / token
 
 
