@@ -26,12 +26,13 @@ from .codec import (
     unpack_codes,
 )
 from .segments import CountKeys, GroupTableKeys, TableKeys, TokenKeys
-from .vq import MAX_K, default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference
+from .vq import MAX_K, SMALL_GROUP_MAX_DIM, default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference
 
 __version__ = "0.1.0"  # the package version (pyproject.toml and astra read it from here)
 
 __all__ = [
-    "CODES_DTYPE", "MAX_K", "CountKeys", "GroupTableKeys", "TableKeys", "TokenKeys", "attention_group_table",
+    "CODES_DTYPE", "MAX_K", "SMALL_GROUP_MAX_DIM", "CountKeys", "GroupTableKeys", "TableKeys", "TokenKeys",
+    "attention_group_table",
     "attention_local", "attention_per_token", "attention_segments", "attention_table", "build_group_tables",
     "crc32c", "default_bits", "encode_and_pack", "frame_header", "frame_layout", "frame_nbytes", "header_nbytes",
     "merge_attention", "mixed_attention", "mixed_attention_reference", "pack_codes", "unpack_codes", "vq_decode",

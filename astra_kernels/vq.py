@@ -77,7 +77,9 @@ _CHUNK_ELEMS = 1 << 20     # G * chunk * K per screening chunk (4 MB of fp32 scr
 _MIN_CHUNK = 64            # tokens per chunk at least (bounds the Python overhead for large G * K)
 _REFINE_BATCH = 2048       # uncertified tokens refined per batch
 _SMALL_CHUNK = 1024       # tokens per call of the fused small-group scan
-_BF16_MIN_DG = 128         # group dims from which the bf16 screen pays off (else the fp32 one)
+#: the largest group dim the CPU path encodes with the fused small-group scan, which never writes the score
+#: matrix; from 128 dims up a GEMM screens (bf16 where native, else fp32)
+SMALL_GROUP_MAX_DIM = 127
 _EXACT_ELEMS = 1 << 22    # rows * K * DG per float64 block in exact computations
 
 
@@ -607,7 +609,7 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return codes
     p = _prep(codebook)
     ws = _workspace()
-    if DG < _BF16_MIN_DG:
+    if DG <= SMALL_GROUP_MAX_DIM:
         return _encode_small(x2, codebook, p, codes, ws)
     t1 = min(K, _TIERS[0] + 1)
     vals_all = torch.empty(G, N, t1, dtype=torch.float32)
@@ -671,6 +673,28 @@ def _screen_large_fp32(x2, p: "_CodebookPrep", ws: dict, vals, idx, e_out) -> No
     e_out.copy_(_fp32_bound(nx, nres, p.max_c[:, None], p.max_c32r[:, None], p.max_cn[:, None], p.gamma))
 
 
+#: when the uncertified (token, group) pairs times ``K * DG`` are at most this many elements, they are decided at
+#: once by the float64 reference formula over the whole codebook (one batched pass over every group) instead of
+#: group by group through the tiers of :func:`_refine_group`, whose fixed cost per group (~1.5 ms of small torch
+#: ops) dominated 2-dim groups: the digits ViT's G = 32 left ~120 of 26k pairs uncertified, spread over ~30 of the
+#: 32 groups (an 816-token encode: 56 ms, nearly all refinement)
+BATCHED_EXACT_ELEMS = 1 << 22
+
+
+def _exact_pairs(x2: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor) -> None:
+    """``codes[t, g]`` <- the float64 reference argmin (:func:`vq_encode_reference`'s formula, ties to the lowest
+    code) over the whole group codebook, for every ``(g, t)`` row of ``pairs [P, 2]``, in blocks of
+    :data:`_EXACT_ELEMS`."""
+    G, K, DG = codebook.shape
+    gi, ti = pairs[:, 0], pairs[:, 1]
+    xg, cb = x2.reshape(x2.shape[0], G, DG), codebook.detach()
+    rows = max(1, _EXACT_ELEMS // (K * DG))
+    for s in range(0, gi.numel(), rows):
+        g, t = gi[s:s + rows], ti[s:s + rows]
+        d = ((xg[t, g].to(torch.float64)[:, None, :] - cb[g].to(torch.float64)) ** 2).sum(-1)   # [r, K]
+        codes[t, g] = torch.argmin(d, dim=-1).to(torch.int32)
+
+
 def _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf16_rows: bool):
     """Stage 2, shared by both screens: ``vals_all / idx_all [G, N, t]`` are the smallest screened
     distances (ascending) and their codes, ``e_all [G, N]`` the bound on the screening error."""
@@ -678,6 +702,10 @@ def _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf
     codes.copy_(idx_all[..., 0].transpose(0, 1))
     ok = (vals_all[..., 1] - vals_all[..., 0]) > 2.0 * e_all            # [G, N]
     if bool(ok.all()):
+        return codes
+    pairs = (~ok).nonzero()                                             # [P, 2]: (group, token)
+    if pairs.shape[0] * K * DG <= BATCHED_EXACT_ELEMS:
+        _exact_pairs(x2, codebook, codes, pairs)
         return codes
     # tokens whose screened argmin is not certified, in batches
     for g in range(G):

@@ -1,4 +1,6 @@
 """astra.finetune and the differentiable simulation behind it (astra.training)."""
+import copy
+
 import pytest
 import torch
 from test_runtime_support import main_output, tiny_inputs, tiny_model
@@ -104,6 +106,27 @@ def test_naq_noise_only_in_training_and_scaled_by_residual():
     c, _ = _train_sim(model, inputs, res.codebooks, 2)
     assert torch.equal(a, b)
     torch.testing.assert_close(main_output(c).detach(), a, rtol=1e-4, atol=1e-5)
+
+
+def test_naq_default_is_off_for_codebooks_and_on_for_all():
+    from astra.finetune import NAQ_DEFAULT
+
+    assert NAQ_DEFAULT == {"codebooks": 0.0, "all": 1.0}
+    model = tiny_model("vit")
+    inputs = tiny_inputs("vit")
+    cb = astra.calibrate(model, [inputs], groups=4, codebook_size=16, iters=3)
+
+    def trained(train, **kw):
+        m = copy.deepcopy(model)
+        res = astra.finetune(m, cb, [inputs], world_size=2, steps=3, train=train, lr=1e-2, progress=False, **kw)
+        return torch.cat([t.reshape(-1) for t in res.codebooks.tensors]), res.losses
+
+    for train, on in (("codebooks", False), ("all", True)):
+        dflt, dl = trained(train)
+        off, ol = trained(train, naq=0.0)
+        one, nl = trained(train, naq=1.0)
+        assert not torch.equal(off, one)             # the noise changes what is learned ...
+        assert torch.equal(dflt, one if on else off) and dl == (nl if on else ol)    # ... and the default picks
 
 
 def _data(family, n=3, **kw):

@@ -81,14 +81,18 @@ def test_encode_d768_k1024_g1(backend):
     _assert_codes_match(ak.vq_encode(x, cb, backend=backend), x, cb, exact=(backend == "torch"))
 
 
-@pytest.fixture(params=["bf16", "fp32"])
+@pytest.fixture(params=["bf16", "fp32", "fp32-tiers"])
 def screen(request, monkeypatch):
     """Both screens of the CPU path, for large and small groups: bf16 (the large-group bf16 GEMM runs on any CPU,
     emulated where bf16 is not native; the bf16 small-group screen only where the CPU has AVX512-BF16, else
-    the fp32 one stands in) and fp32 (the fp32 GEMM and the fp32 small-group scan: CPUs without native bf16)."""
+    the fp32 one stands in) and fp32 (the fp32 GEMM and the fp32 small-group scan: CPUs without native bf16).
+    "fp32-tiers": the fp32 screens with every uncertified pair refined through the tiers of ``_refine_group``
+    (``BATCHED_EXACT_ELEMS = 0``), which the small test inputs would otherwise send to the batched exact pass."""
     bf16 = request.param == "bf16"
     monkeypatch.setattr(vq, "LARGE_GROUP_BF16", bf16)
     monkeypatch.setattr(vq, "SMALL_GROUP_BF16", bf16 and vq.BF16_NATIVE)
+    if request.param == "fp32-tiers":
+        monkeypatch.setattr(vq, "BATCHED_EXACT_ELEMS", 0)
     return request.param
 
 
@@ -468,6 +472,7 @@ def test_cpu_path_centering_on_offset_data(D, monkeypatch):
         return orig(*a, **k)
 
     monkeypatch.setattr(vq, "_refine_group", spy)
+    monkeypatch.setattr(vq, "BATCHED_EXACT_ELEMS", 0)       # every uncertified token through _refine_group
     T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
     assert sum(refined) < 0.9 * n, sum(refined)
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
+import astra_kernels as ak
 from . import bases
 from .codebooks import Codebooks
 from .models import family_of
@@ -63,13 +64,16 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
 
 
 def _assign(xs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Nearest codeword per group for the Lloyd step: plain fp32 ``||c||^2 - 2 x.c`` argmin, ``[N, G]``.
+    """Nearest codeword per group for the Lloyd step, ``[N, G]``.
 
-    Calibration only needs a good assignment, not the exact one, so it skips astra_kernels.vq_encode's
-    exactness certificate (which re-ranks near-ties in float64 and gets slow on the near-tied clusters
-    k-means produces). Encoding on the wire always goes through astra_kernels.vq_encode."""
+    Groups of at most :data:`astra_kernels.SMALL_GROUP_MAX_DIM` dims: the exact encode (its fused small-group
+    scan never writes the ``[G, N, K]`` scores; 2-12-dim groups ran 2.3-3.5x faster than the GEMM below, same
+    error). Larger groups: plain fp32 ``||c||^2 - 2 x.c`` argmin by GEMM (3x faster than the exact encode at
+    384 dims: calibration needs a good assignment, not the certified one)."""
     G, N, d = xs.shape
     K = C.shape[1]
+    if d <= ak.SMALL_GROUP_MAX_DIM:
+        return ak.vq_encode(xs.transpose(0, 1).reshape(N, G * d), C).long()
     cn = (C * C).sum(-1).unsqueeze(1)                                    # [G, 1, K]
     step = max(1, (1 << 24) // max(1, G * K))
     out = []
@@ -79,13 +83,21 @@ def _assign(xs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1).t()
 
 
+#: ``backend="auto"`` runs the torch Lloyd iterations instead of faiss for groups below this many dims: faiss's
+#: k-means ran 4x slower there (20k vectors, 8 groups, K = 1024, 2 threads, 10 iterations: 2 and 4 dims faiss
+#: 6.7 s, torch with the exact encode 1.7 s; 8 dims 0.8 s vs 1.9 s; the digits ViT's 2-dim groups, 23k tokens,
+#: G = 32: 35.2 s vs 7.1 s, equal error; bench/RESULTS.md "Calibration speed")
+FAISS_MIN_GROUP_DIM = 8
+
+
 def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int = 0, backend: str = "auto",
            init_samples: int = 4096) -> torch.Tensor:
     """Grouped k-means: ``x [N, D]`` -> codebook ``[G, K, D/G]`` (float32).
 
     ``backend``: ``"faiss"`` (``faiss.Kmeans`` per group), ``"torch"`` (Lloyd in torch) or ``"auto"`` (faiss
-    when importable); both seeded, k-means++ seeding for K <= 256. With fewer vectors than codewords the torch path
-    is used (faiss cannot seed more centroids than points)."""
+    when importable, except for groups below :data:`FAISS_MIN_GROUP_DIM` dims); both seeded, k-means++ seeding
+    for K <= 256. With fewer vectors than codewords the torch path is used (faiss cannot seed more centroids
+    than points)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if x.ndim != 2:
@@ -98,7 +110,8 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
     if backend == "faiss" and not faiss_available():
         raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
     x = x.detach().float().cpu()
-    if backend != "torch" and N >= k and faiss_available():
+    use_faiss = backend == "faiss" or (backend == "auto" and D // groups >= FAISS_MIN_GROUP_DIM)
+    if use_faiss and N >= k and faiss_available():
         return _kmeans_faiss(x, groups, k, iters=iters, seed=seed, init_samples=init_samples)
     return _kmeans_torch(x, groups, k, iters=iters, seed=seed, init_samples=init_samples)
 
