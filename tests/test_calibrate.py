@@ -76,6 +76,29 @@ def test_faiss_and_torch_backends_are_seeded_and_comparable():
         assert ef < 1.05 * et and ef < 0.5 * float(x.reshape(-1, 4, 4).var(0).mean()), (k, ef, et)
 
 
+def test_small_groups_assign_exactly_and_skip_faiss(monkeypatch):
+    """Groups of a few dims: the Lloyd assignment is the exact encode (the float64 argmin), and backend "auto"
+    runs the torch iterations (faiss was 4x slower there); from FAISS_MIN_GROUP_DIM dims up it is faiss."""
+    import importlib
+
+    import astra_kernels as ak
+
+    cal = importlib.import_module("astra.calibrate")
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(8, 500, 2, generator=g)                               # [G, N, d]
+    C = torch.randn(8, 64, 2, generator=g)
+    ref = ak.vq_encode_reference(xs.transpose(0, 1).reshape(500, 16), C).long()
+    assert torch.equal(cal._assign(xs, C), ref)
+    calls = []
+    monkeypatch.setattr(cal, "_kmeans_faiss", lambda *a, **k: calls.append(a[0].shape) or torch.zeros(()))
+    x = torch.randn(600, 16, generator=g)
+    small = kmeans(x, 8, 32, iters=3, seed=1)                               # 2-dim groups
+    assert calls == [] and torch.equal(small, kmeans(x, 8, 32, iters=3, seed=1, backend="torch"))
+    if cal.faiss_available():
+        kmeans(x, 16 // cal.FAISS_MIN_GROUP_DIM, 32, iters=3, seed=1)
+        assert calls == [(600, 16)]
+
+
 def test_kmeans_bad_inputs():
     import pytest
 

@@ -477,6 +477,22 @@ def test_cpu_path_centering_on_offset_data(D, monkeypatch):
     assert sum(refined) < 0.9 * n, sum(refined)
 
 
+def test_few_uncertified_pairs_are_decided_in_one_batched_exact_pass(monkeypatch):
+    """2-dim groups with near-tied codewords: the uncertified (token, group) pairs, spread over many groups,
+    are decided by one batched float64 pass (no per-group tiers), and the codes are the reference's."""
+    g = T.seeded_generator(81)
+    G, K, DG = 16, 256, 2
+    cb = T.random_inputs(G, K, DG, generator=g)
+    cb[:, 1::2] = cb[:, 0::2] + 1e-6 * T.random_inputs(G, K // 2, DG, generator=g)     # near-tied pairs
+    x = cb[:, :40].transpose(0, 1).reshape(40, G * DG) + 1e-3 * T.random_inputs(40, G * DG, generator=g)
+    batched, tiered = [], []
+    orig_pairs, orig_group = vq._exact_pairs, vq._refine_group
+    monkeypatch.setattr(vq, "_exact_pairs", lambda *a: batched.append(a[3].shape[0]) or orig_pairs(*a))
+    monkeypatch.setattr(vq, "_refine_group", lambda *a, **k: tiered.append(1) or orig_group(*a, **k))
+    T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), vq.vq_encode_reference(x, cb))
+    assert len(batched) == 1 and batched[0] > G and not tiered, (batched, tiered)
+
+
 def test_inference_mode_tensors_are_encoded_and_cached_by_content():
     """Tensors made under torch.inference_mode have no version counter: the cache checks their contents,
     so an in-place edit never hits a stale entry (and encoding them does not crash)."""
