@@ -182,6 +182,13 @@ def default_bits(K: int) -> int:
 # float64 references
 # --------------------------------------------------------------------------------------------------
 
+def _sq_dist64(x64: torch.Tensor, c64: torch.Tensor) -> torch.Tensor:
+    """The reference distance formula, ``sum((x - c)^2)`` in float64, of rows ``x64 [r, DG]`` to codewords
+    ``c64 [K, DG]`` (shared) or ``[r, K, DG]`` (per row): ``[r, K]``. Every exact decision of this module goes
+    through it, so the fast path's exact steps and the references compute the same sums."""
+    return ((x64[:, None, :] - c64) ** 2).sum(-1)
+
+
 def vq_distances_reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """float64 squared L2 distances ``[..., G, K]`` (brute force ``sum((x_g - c)^2)``; for tests)."""
     G, K, DG = _check_codebook(codebook)
@@ -193,7 +200,7 @@ def vq_distances_reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Ten
     for g in range(G):
         for s in range(0, x64.shape[0], rows):
             xs = x64[s:s + rows, g]
-            out[s:s + rows, g] = ((xs[:, None, :] - c64[g][None]) ** 2).sum(-1)
+            out[s:s + rows, g] = _sq_dist64(xs, c64[g])
     return out.reshape(*x.shape[:-1], G, K)
 
 
@@ -208,7 +215,7 @@ def vq_encode_reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     for g in range(G):
         for s in range(0, x64.shape[0], rows):
             xs = x64[s:s + rows, g]
-            d = ((xs[:, None, :] - c64[g][None]) ** 2).sum(-1)
+            d = _sq_dist64(xs, c64[g])
             out[s:s + rows, g] = torch.argmin(d, dim=-1).to(torch.int32)  # first minimum
     return out.reshape(*x.shape[:-1], G)
 
@@ -332,7 +339,7 @@ def _exact_rerank(x64: torch.Tensor, cbg: torch.Tensor, cand: Optional[torch.Ten
         c64 = cbg.to(torch.float64)
         rows = max(1, _EXACT_ELEMS // max(1, K * cbg.shape[1]))
         for s in range(0, r, rows):
-            d = ((x64[s:s + rows, None, :] - c64[None]) ** 2).sum(-1)
+            d = _sq_dist64(x64[s:s + rows], c64)
             out[s:s + rows] = torch.argmin(d, dim=-1)
         return out
     m = cand.shape[1]
@@ -340,7 +347,7 @@ def _exact_rerank(x64: torch.Tensor, cbg: torch.Tensor, cand: Optional[torch.Ten
     for s in range(0, r, rows):
         cs = cand[s:s + rows]
         c64 = cbg[cs].to(torch.float64)                      # [rows, m, DG]
-        d = ((x64[s:s + rows, None, :] - c64) ** 2).sum(-1)
+        d = _sq_dist64(x64[s:s + rows], c64)
         out[s:s + rows] = cs.gather(1, torch.argmin(d, dim=-1, keepdim=True)).squeeze(1)
     return out
 
@@ -691,7 +698,7 @@ def _exact_pairs(x2: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, 
     rows = max(1, _EXACT_ELEMS // (K * DG))
     for s in range(0, gi.numel(), rows):
         g, t = gi[s:s + rows], ti[s:s + rows]
-        d = ((xg[t, g].to(torch.float64)[:, None, :] - cb[g].to(torch.float64)) ** 2).sum(-1)   # [r, K]
+        d = _sq_dist64(xg[t, g].to(torch.float64), cb[g].to(torch.float64))          # [r, K]
         codes[t, g] = torch.argmin(d, dim=-1).to(torch.int32)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path[:0] = [p for p in (".", "python", os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
 
@@ -42,13 +41,11 @@ def main(argv=None) -> int:
             cb.save(a.codebooks)
     print("calibrated:", flush=True)
     A.evaluate(task, task.model, cb)
-    loss = A.embedding_loss if a.loss == "embedding" else None
-    t0 = time.perf_counter()
-    res = astra.finetune(task.model, cb, task.train, world_size=4, train="codebooks", epochs=a.epochs, lr=a.lr,
-                         beta=1e-4, naq=a.naq, loss=loss, seed=0, progress=False)
-    print(f"fine-tuned (loss {a.loss}, naq {a.naq}, lr {a.lr:g}, {len(res.losses)} steps, "
-          f"{time.perf_counter() - t0:.0f} s; loss {sum(res.losses[:5]) / 5:.4g} -> {sum(res.losses[-5:]) / 5:.4g}):")
-    A.evaluate(task, task.model, res.codebooks)
+    task.loss = A.embedding_loss if a.loss == "embedding" else None
+    task.lr, task.epochs = a.lr, a.epochs
+    print(f"fine-tuned (loss {a.loss}, lr {a.lr:g}):", flush=True)
+    _, codebooks = A.fine_tuned(task, cb, G=a.groups, ws=4, naq=a.naq)
+    A.evaluate(task, task.model, codebooks)
     return 0
 
 
