@@ -492,9 +492,11 @@ SMALL_GROUP_BF16 = BF16_NATIVE
 LARGE_GROUP_BF16 = BF16_NATIVE
 #: the smallest group dim the bf16 screen takes: in 2-dim groups of 1024 codewords its window (bf16 rounding)
 #: holds more candidates than it keeps, a third of the pairs (random data) to a half (the digits ViT's hidden
-#: states) go to the refinement, and the encode ran 2.6x slower than the fp32 scan; from 4 dims up it was
-#: 1.3-1.6x faster (2048 random tokens, G = 32, K = 1024, one thread)
-BF16_SCREEN_MIN_GROUP_DIM = 4
+#: states) go to the refinement, and the encode ran 2.6x slower than the fp32 scan. On random data it was
+#: 1.3-1.6x faster from 4 dims up (2048 tokens, G = 32, K = 1024, one thread), but on real 4-dim groups (the
+#: accuracy study's GPT-2, D = 128, G = 32, K = 1024, Zen 4) most pairs went to the refinement: calibration
+#: took 64 s with it against 25 s with the fp32 scan, astra.simulate 3.5 s against 1.5 s (same codes)
+BF16_SCREEN_MIN_GROUP_DIM = 8
 
 
 def _small_group_bf16_top2(x32: torch.Tensor, p: "_CodebookPrep", vals: torch.Tensor, idx: torch.Tensor,
