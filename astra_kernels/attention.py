@@ -479,6 +479,10 @@ def _attention_torch(qs: Queries, segments: Sequence[Segment]) -> Tuple[torch.Te
 
 _FLASH_FAILED: set = set()  # dtypes for which this torch build's CPU flash kernel raised
 _MASK_ELEMS = 1 << 22  # mask elements per query chunk on the causal route (16 MiB fp32)
+_CAUSAL_CHUNK = 64     # queries per call where causal keys are sorted (bench/RESULTS.md, "Causal attention")
+# above this many local keys the kernel's own causal triangle wastes little (its 512-key blocks are small against
+# the sequence) and beats the masked chunks: measured 1024 keys chunked 21.7 ms vs 24.4, 2048 keys 87.8 vs 80.7
+_CAUSAL_CHUNKED_MAX_KEYS = 1024
 
 
 def _one_segment(qs: Queries, K, V, kpos, kbias, ct):
@@ -500,48 +504,28 @@ def _attention_flash_cpu(flash, qs, K, V, kpos, kbias, ct):
     B, Hq, Hkv, Tl, Dh = qs.B, qs.Hq, K.shape[1], qs.Tl, qs.Dh
     G = Hq // Hkv
     N = K.shape[2]
-    K = K.contiguous()
-    V = V.contiguous()
-    q5 = q.to(ct).reshape(B, Hkv, G, Tl, Dh)
+    K, V = _rows_contiguous(K), _rows_contiguous(V)    # the kernel takes any strides but the head dim's
+    q5 = _rows_contiguous(q.to(ct)).unsqueeze(2) if G == 1 else q.to(ct).reshape(B, Hkv, G, Tl, Dh)
     causal = qs.causal and kpos is not None
     if causal and bool((kpos.max(dim=1).values <= qs.q_pos.min(dim=1).values).all()):
         causal = False  # every key of the segment is visible to every query (e.g. earlier chunks)
-    if causal and kpos is qs.q_pos and Tl > 1 and bool((kpos[:, 1:] > kpos[:, :-1]).all()):
-        # local segment, positions strictly increasing: the causal mask is the index triangle, which
-        # the flash kernel does itself (is_causal=True), skipping the blocks above the diagonal
-        Kx = K if G == 1 else K.repeat_interleave(G, dim=1)
-        Vx = V if G == 1 else V.repeat_interleave(G, dim=1)
-        mask = None if kbias is None else kbias.view(B, 1, 1, N)
-        o, l = flash(q.to(ct), Kx, Vx, 0.0, True, attn_mask=mask, scale=qs.scale)
-        o = o.reshape(B, Hq, Tl, Dh)
-        l = l.reshape(B, Hq, Tl).to(ct)
-        if kbias is not None:
-            empty = (~torch.isneginf(kbias)).cumsum(dim=1) == 0          # no visible key up to i
-            if bool(empty.any()):
-                e = empty.unsqueeze(1).expand(B, Hq, Tl)
-                o = o.masked_fill(e.unsqueeze(-1), 0.0)
-                l = l.masked_fill(e, _NEG_INF)
-        return o, l
+    if (causal and N > _CAUSAL_CHUNKED_MAX_KEYS and kpos is qs.q_pos and Tl > 1
+            and bool((kpos[:, 1:] > kpos[:, :-1]).all())):
+        return _flash_triangle(flash, qs, K, V, kbias, ct)
     out = torch.empty(B, Hq, Tl, Dh, dtype=ct, device=q.device)
     lse = torch.empty(B, Hq, Tl, dtype=ct, device=q.device)
-    chunk = Tl if not causal else max(1, min(Tl, _MASK_ELEMS // max(1, B * G * N)))
-    for t0 in range(0, Tl, chunk):
+    chunk, ends = _causal_plan(qs, kpos, B * G, N) if causal else (Tl, None)
+    for i, t0 in enumerate(range(0, Tl, chunk)):
         t1 = min(Tl, t0 + chunk)
         c = t1 - t0
+        n = N if ends is None else ends[i]          # keys past n are after every query of the chunk
+        if n == 0:
+            out[:, :, t0:t1] = 0.0
+            lse[:, :, t0:t1] = _NEG_INF
+            continue
         qc = q5[:, :, :, t0:t1].reshape(B, Hkv, G * c, Dh)
-        if causal:
-            mask = torch.zeros(B, c, N, dtype=ct, device=q.device)
-            if kbias is not None:
-                mask.add_(kbias.unsqueeze(1))
-            mask.masked_fill_(kpos.unsqueeze(1) > qs.q_pos[:, t0:t1].unsqueeze(2), _NEG_INF)
-            empty = torch.isneginf(mask).all(dim=-1)                      # [B, c]
-            mask = mask.unsqueeze(1).unsqueeze(1).expand(B, 1, G, c, N).reshape(B, 1, G * c, N)
-        elif kbias is not None:
-            mask = kbias.view(B, 1, 1, N)
-            empty = torch.isneginf(kbias).all(dim=-1, keepdim=True).expand(B, c)
-        else:
-            mask, empty = None, None
-        o, l = flash(qc, K, V, 0.0, False, attn_mask=mask, scale=qs.scale)
+        mask, empty = _chunk_mask(qs, kpos, kbias, t0, t1, n, G, ct) if causal else _bias_mask(kbias, c)
+        o, l = flash(qc, K[:, :, :n], V[:, :, :n], 0.0, False, attn_mask=mask, scale=qs.scale)
         o = o.reshape(B, Hq, c, Dh)
         l = l.reshape(B, Hq, c)
         if empty is not None and bool(empty.any()):
@@ -551,6 +535,66 @@ def _attention_flash_cpu(flash, qs, K, V, kpos, kbias, ct):
         out[:, :, t0:t1] = o
         lse[:, :, t0:t1] = l
     return out, lse
+
+
+def _flash_triangle(flash, qs: Queries, K, V, kbias, ct):
+    """The local segment with strictly increasing positions: the causal mask is the index triangle, which the
+    flash kernel applies itself (``is_causal=True``, skipping its 512-key blocks above the diagonal)."""
+    q = qs.q
+    B, Hq, Hkv, Tl = qs.B, qs.Hq, K.shape[1], qs.Tl
+    G = Hq // Hkv
+    Kx = K if G == 1 else K.repeat_interleave(G, dim=1)
+    Vx = V if G == 1 else V.repeat_interleave(G, dim=1)
+    mask = None if kbias is None else kbias.view(B, 1, 1, K.shape[2])
+    o, l = flash(_rows_contiguous(q.to(ct)), Kx, Vx, 0.0, True, attn_mask=mask, scale=qs.scale)
+    l = l.to(ct)
+    if kbias is not None:
+        empty = (~torch.isneginf(kbias)).cumsum(dim=1) == 0          # no visible key up to i
+        if bool(empty.any()):
+            e = empty.unsqueeze(1).expand(B, Hq, Tl)
+            o = o.masked_fill(e.unsqueeze(-1), 0.0)
+            l = l.masked_fill(e, _NEG_INF)
+    return o, l
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (e.g. HF's ``[B, T, H, Dh] -> [B, H, T, Dh]`` transposed
+    views, which the CPU flash kernel reads in place), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _causal_plan(qs: Queries, kpos: torch.Tensor, rows: int, N: int):
+    """(query chunk size, keys each chunk reads or None = all) for the causal route. Keys sorted by position
+    (the local segment, contiguous chunks): each chunk of ``_CAUSAL_CHUNK`` queries reads only the key prefix
+    up to its last query, which skips the work above the diagonal that torch's kernel does not skip."""
+    Tl = qs.Tl
+    chunk = max(1, min(Tl, _MASK_ELEMS // max(1, rows * N)))
+    if N < 2 * _CAUSAL_CHUNK or not bool((kpos[:, 1:] >= kpos[:, :-1]).all()):
+        return chunk, None
+    chunk = min(chunk, _CAUSAL_CHUNK)
+    last = torch.stack([qs.q_pos[:, t0:t0 + chunk].amax(dim=1) for t0 in range(0, Tl, chunk)], dim=1)  # [B, n]
+    ends = torch.searchsorted(kpos.contiguous(), last.contiguous(), right=True)
+    return chunk, ends.amax(dim=0).tolist()
+
+
+def _chunk_mask(qs: Queries, kpos, kbias, t0: int, t1: int, n: int, G: int, ct):
+    """Additive mask ``[B, 1, G * c, n]`` of queries ``t0:t1`` over the first ``n`` keys (key bias + causal), and
+    the rows that see no key ``[B, c]``."""
+    B, c = qs.B, t1 - t0
+    mask = torch.zeros(B, c, n, dtype=ct, device=qs.q.device)
+    if kbias is not None:
+        mask.add_(kbias[:, :n].unsqueeze(1))
+    mask.masked_fill_(kpos[:, :n].unsqueeze(1) > qs.q_pos[:, t0:t1].unsqueeze(2), _NEG_INF)
+    empty = torch.isneginf(mask).all(dim=-1)                      # [B, c]
+    return mask.unsqueeze(1).unsqueeze(1).expand(B, 1, G, c, n).reshape(B, 1, G * c, n), empty
+
+
+def _bias_mask(kbias, c: int):
+    """Key bias alone ``[B, 1, 1, N]`` (or None) and the rows that see no key ``[B, c]`` (or None)."""
+    if kbias is None:
+        return None, None
+    B, N = kbias.shape
+    return kbias.view(B, 1, 1, N), torch.isneginf(kbias).all(dim=-1, keepdim=True).expand(B, c)
 
 
 def _attention_matmul(qs, K, V, kpos, kbias, ct):

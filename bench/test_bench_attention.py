@@ -37,7 +37,13 @@ for _p in (_ROOT, os.path.join(_ROOT, "python")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from astra_kernels import attention_group_table, attention_per_token, build_group_tables, vq_decode  # noqa: E402
+from astra_kernels import (  # noqa: E402
+    attention_group_table,
+    attention_local,
+    attention_per_token,
+    build_group_tables,
+    vq_decode,
+)
 from astra_kernels.attention import mixed_attention  # noqa: E402
 
 D, H, DH, K, TL = 768, 12, 64, 1024, 512
@@ -166,3 +172,46 @@ def test_g32_group_table(benchmark, Tr, table):
     dt = torch.float32 if table == "fp32" else torch.bfloat16
     benchmark.extra_info.update(route=f"g32_group_table_{table}", G=G32, threads=torch.get_num_threads())
     benchmark(g32_group_table, s, codes, dt)
+
+
+# ---- the local causal triangle (every rank's local attention in a causal model) ------------------------------
+# attention_local(causal=True) against torch's SDPA with is_causal=True (what HF's "sdpa" attention runs), both on
+# HF's layout (q/k/v transposed views of [1, T, H, Dh]), T local tokens, one thread:
+#
+#     PYTHONPATH=.:python python -m pytest bench/test_bench_attention.py --benchmark-only -k causal \
+#         --benchmark-group-by=param:T --benchmark-columns=min,median,mean,rounds
+_C_CACHE = {}
+
+
+def _causal_case(T):
+    if T not in _C_CACHE:
+        g = torch.Generator().manual_seed(77 + T)
+        qkv = torch.randn(1, T, 3 * H * DH, generator=g)
+        q, k, v = (x.view(1, T, H, DH).transpose(1, 2) for x in qkv.split(H * DH, dim=2))
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+        for route in (causal_sdpa, causal_astra):    # the same answer, or the timing means nothing
+            torch.testing.assert_close(route((q, k, v)).double(), ref, rtol=1e-4, atol=1e-4)
+        _C_CACHE[T] = (q, k, v)
+    return _C_CACHE[T]
+
+
+def causal_sdpa(s):
+    return F.scaled_dot_product_attention(*s, is_causal=True)
+
+
+def causal_astra(s):
+    return attention_local(*s, causal=True, backend="torch")
+
+
+@pytest.mark.parametrize("T", [256, 524, 1024])
+def test_causal_sdpa(benchmark, T):
+    s = _causal_case(T)
+    benchmark.extra_info.update(route="sdpa is_causal", threads=torch.get_num_threads())
+    benchmark(causal_sdpa, s)
+
+
+@pytest.mark.parametrize("T", [256, 524, 1024])
+def test_causal_attention_local(benchmark, T):
+    s = _causal_case(T)
+    benchmark.extra_info.update(route="attention_local causal", threads=torch.get_num_threads())
+    benchmark(causal_astra, s)

@@ -331,18 +331,44 @@ def test_cpu_noncontiguous_inputs(mode):
     check(out, lse, *reference(q, k, v, **kw))
 
 
+@pytest.mark.parametrize("Tl,route", [(37, "chunks"), (300, "chunks"), (300, "triangle")])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (3, 3)])
 @pytest.mark.parametrize("mode", ["local", "count", "rope"])
-def test_cpu_causal_sorted_local_route(mode, Hq, Hkv):
-    """Increasing local positions take the flash kernel's own causal triangle; leading padded keys leave
-    the first queries with no key at all (out 0, lse -inf) when nothing non-local is visible."""
-    q, k, v, kw = make_case(17, mode=mode, causal=True, positions="default", Hq=Hq, Hkv=Hkv, Tl=37)
+def test_cpu_causal_sorted_local_route(mode, Hq, Hkv, Tl, route, monkeypatch):
+    """Increasing local positions: from 128 keys on, chunks of queries each read only the keys up to their
+    last query; above _CAUSAL_CHUNKED_MAX_KEYS the flash kernel's own triangle (shrunk here to reach it); leading
+    padded keys leave the first queries with no key at all (out 0, lse -inf) when nothing non-local is visible."""
+    import astra_kernels.attention as A
+
+    if route == "triangle":
+        monkeypatch.setattr(A, "_CAUSAL_CHUNKED_MAX_KEYS", 100)
+    q, k, v, kw = make_case(17 + Tl, mode=mode, causal=True, positions="default", Hq=Hq, Hkv=Hkv, Tl=Tl)
     kw["local_mask"][:, :3] = False
     kw["local_mask"][:, 3:] = True
     out, lse = mixed_attention(noncontig(q), noncontig(k), noncontig(v), return_lse=True, **kw)
     ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl)
     assert bool(torch.isneginf(lse[:, :, :3]).all())
+
+
+@pytest.mark.parametrize("B,Hq,Hkv", [(1, 4, 4), (2, 4, 2)])
+def test_cpu_causal_chunks_of_sorted_segment(B, Hq, Hkv, monkeypatch):
+    """A sorted non-local segment whose keys start after the first query chunks: those chunks read no key
+    of it (out 0, lse -inf before the merge), later chunks read a prefix; every row equals the reference.
+    The chunk size is shrunk so that uneven chunks and a partial last chunk occur."""
+    import astra_kernels.attention as A
+
+    monkeypatch.setattr(A, "_CAUSAL_CHUNK", 48)
+    Tl, Tr = 250, 230
+    q, k, v, kw = make_case(23 + B, mode="per_token", B=B, Hq=Hq, Hkv=Hkv, Tl=Tl, Tr=Tr, causal=True,
+                            positions="default")
+    kw["q_pos"] = torch.arange(Tl).repeat(B, 1) * 2
+    kw["kv_pos"] = (torch.arange(Tr) * 2 + 101 + torch.arange(B).unsqueeze(1) * 10)
+    for include_local in (True, False):
+        out, lse = mixed_attention(q, k, v, return_lse=True, include_local=include_local, **kw)
+        ro, rl = reference(q, k, v, include_local=include_local, **kw)
+        check(out, lse, ro, rl)
+    assert bool(torch.isneginf(lse[:, :, :50]).all()) and bool(torch.isfinite(lse[:, :, 60:]).all())
 
 
 def mixed_segments(seed, Tl=17, Tr=40, K=9):
