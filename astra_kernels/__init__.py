@@ -25,6 +25,7 @@ from .codec import (
     pack_codes,
     unpack_codes,
 )
+from .dense import gemm
 from .segments import CountKeys, GroupTableKeys, TableKeys, TokenKeys
 from .vq import MAX_K, SMALL_GROUP_MAX_DIM, default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference
 
@@ -34,7 +35,7 @@ __all__ = [
     "CODES_DTYPE", "MAX_K", "SMALL_GROUP_MAX_DIM", "CountKeys", "GroupTableKeys", "TableKeys", "TokenKeys",
     "attention_group_table",
     "attention_local", "attention_per_token", "attention_segments", "attention_table", "build_group_tables",
-    "crc32c", "default_bits", "encode_and_pack", "frame_header", "frame_layout", "frame_nbytes", "header_nbytes",
-    "merge_attention", "mixed_attention", "mixed_attention_reference", "pack_codes", "unpack_codes", "vq_decode",
-    "vq_encode", "vq_encode_reference",
+    "crc32c", "default_bits", "encode_and_pack", "frame_header", "frame_layout", "frame_nbytes", "gemm",
+    "header_nbytes", "merge_attention", "mixed_attention", "mixed_attention_reference", "pack_codes", "unpack_codes",
+    "vq_decode", "vq_encode", "vq_encode_reference",
 ]

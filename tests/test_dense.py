@@ -1,0 +1,100 @@
+"""astra_kernels.dense: astra's own dense products (oneDNN on fp32 CPU tensors, torch's default elsewhere), against
+a float64 reference on random inputs."""
+
+import pytest
+import torch
+
+import astra_kernels.dense as G
+from astra_kernels import gemm
+from astra_kernels.testing import assert_matches_reference, random_inputs, seeded_generator
+
+
+def reference(x, w, b):
+    out = x.double() @ w.double()
+    return out if b is None else out + b.double()
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (37, 48), (3, 70, 48), (2, 1, 5, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_matches_reference(shape, bias, dtype):
+    g = seeded_generator(len(shape) * 100 + shape[0] + bias)
+    x = random_inputs(*shape, dtype=dtype, generator=g)
+    w = random_inputs(48, 96, dtype=dtype, generator=g)
+    b = random_inputs(96, dtype=dtype, generator=g) if bias else None
+    out = gemm(x, w, b)
+    assert out.dtype == dtype and out.shape == (*shape[:-1], 96)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    assert_matches_reference(out, reference(x, w, b), rtol=tol, atol=tol * 10, name="gemm")
+
+
+def test_strided_operands():
+    """A transposed x and a w that is a transposed view (how the runtime's weights may arrive)."""
+    g = seeded_generator(3)
+    x = random_inputs(64, 50, generator=g).t()               # [50, 64], not contiguous
+    w = random_inputs(80, 64, generator=g).t()               # [64, 80], not contiguous
+    b = random_inputs(80, generator=g)
+    assert_matches_reference(gemm(x, w, b), reference(x, w, b), rtol=1e-5, atol=1e-4, name="gemm")
+
+
+def test_gradients_take_torch_and_flow():
+    g = seeded_generator(5)
+    x = random_inputs(9, 16, generator=g).requires_grad_()
+    w = random_inputs(16, 8, generator=g).requires_grad_()
+    b = random_inputs(8, generator=g).requires_grad_()
+    gemm(x, w, b).square().sum().backward()
+    x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    (x2 @ w2 + b2).square().sum().backward()
+    for a, r in ((x, x2), (w, w2), (b, b2)):
+        assert_matches_reference(a.grad, r.grad, rtol=1e-5, atol=1e-4, name="grad")
+
+
+def test_empty_rows():
+    w = random_inputs(16, 8, generator=seeded_generator(6))
+    assert gemm(torch.empty(0, 16), w).shape == (0, 8)
+
+
+def test_falls_back_when_onednn_raises(monkeypatch):
+    """A torch build whose oneDNN linear rejects the input: the same values through torch's default, and
+    every later call goes there directly."""
+    calls = []
+
+    def broken(*a):
+        calls.append(1)
+        raise RuntimeError("not built for this input")
+
+    monkeypatch.setattr(G, "_FAILED", [])
+    monkeypatch.setattr(G, "_onednn_op", lambda: broken)
+    g = seeded_generator(7)
+    x, w = random_inputs(5, 16, generator=g), random_inputs(16, 8, generator=g)
+    for _ in range(2):
+        assert_matches_reference(gemm(x, w), reference(x, w, None), rtol=1e-5, atol=1e-5, name="gemm")
+    assert calls == [1] and not G.onednn_available()
+
+
+@pytest.mark.skipif(not G.onednn_available(), reason="this torch build has no oneDNN linear")
+def test_onednn_route_is_taken(monkeypatch):
+    seen = []
+    op = G._onednn_op()
+    monkeypatch.setattr(G, "_onednn_op", lambda: (lambda *a: seen.append(1) or op(*a)))
+    g = seeded_generator(8)
+    x, w = random_inputs(5, 16, generator=g), random_inputs(16, 8, generator=g)
+    gemm(x, w)
+    assert seen == [1]
+    gemm(x.double(), w.double())                              # float64: torch's default
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("x,w,b,msg", [
+    ((5, 16), (15, 8), None, "x \\[..., K\\] and w \\[K, N\\]"),
+    ((5, 16), (16, 8, 1), None, "x \\[..., K\\] and w \\[K, N\\]"),
+    ((5, 16), (16, 8), (9,), "bias must have shape"),
+])
+def test_bad_shapes(x, w, b, msg):
+    with pytest.raises(ValueError, match=msg):
+        gemm(torch.ones(x), torch.ones(w), None if b is None else torch.ones(b))
+
+
+def test_mixed_dtypes():
+    with pytest.raises(ValueError, match="share a dtype"):
+        gemm(torch.ones(2, 3), torch.ones(3, 4, dtype=torch.float64))
