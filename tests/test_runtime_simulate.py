@@ -80,6 +80,29 @@ def test_quantized_nonlocal_changes_output_and_is_deterministic():
     assert float((a[:, first] - ref[:, first]).abs().max()) < TOL
 
 
+def test_inference_mode_codebooks_run_as_normal_tensors():
+    """Codebooks calibrated under torch.inference_mode: the runtime holds normal copies (its kernel caches then key
+    on version counters instead of comparing contents every call) and computes exactly what it does with normal
+    codebooks."""
+    from astra.simulation import SimRuntime
+
+    model = tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=8, seed=3)
+    with torch.inference_mode():
+        cb_inf = cb.with_tensors([t.clone() for t in cb.tensors])
+    assert all(t.is_inference() for t in cb_inf.tensors)
+    rt = SimRuntime(model, cb_inf, world_size=2)
+    rt.install()
+    try:
+        assert not any(t.is_inference() for t in rt._cb)
+    finally:
+        rt.uninstall()
+    a = main_output(astra.simulate(model, inputs, world_size=2, codebooks=cb))
+    b = main_output(astra.simulate(model, inputs, world_size=2, codebooks=cb_inf))
+    assert torch.equal(a, b)
+
+
 def test_nonlocal_kv_come_from_dequantized_hidden_state():
     """With a codebook holding every hidden state exactly (one codeword per token of one sequence),
     quantization is lossless, so ASTRA equals the model: the non-local K/V are the layer's own projections

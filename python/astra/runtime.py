@@ -52,6 +52,16 @@ def _register() -> None:
     _REGISTERED = True
 
 
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of an inference tensor (codebooks calibrated under ``torch.inference_mode``): the
+    kernels' per-codebook caches recognise a normal tensor by its version counter, an inference tensor only by
+    comparing its contents on every call (~0.3 ms per layer at K = 1024, D = 768)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 class RuntimeBase:
     """Installs hooks + the attention implementation on a model; subclasses fill in the per-layer work."""
 
@@ -81,7 +91,7 @@ class RuntimeBase:
         _register()
         p = next(self.model.parameters())
         if self.codebooks is not None:
-            self._cb = [c.to(device=p.device, dtype=p.dtype) for c in self.codebooks.tensors]
+            self._cb = [_normal(c.to(device=p.device, dtype=p.dtype)) for c in self.codebooks.tensors]
             if self.codebooks.transformed:
                 self._tf = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.transforms]
                 self._inv = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.inverses]
@@ -197,7 +207,7 @@ class RuntimeBase:
         w, b = self._folds[layer]
         y = ak.vq_decode(codes, self._cb[layer]).to(w.dtype)                       # [B, Tr, D], transformed
         B, Tr = codes.shape[:2]
-        kv = torch.addmm(b, y.reshape(B * Tr, -1), w).view(B, Tr, 2, self.fam.num_kv_heads, -1)
+        kv = ak.gemm(y.reshape(B * Tr, -1), w, b).view(B, Tr, 2, self.fam.num_kv_heads, -1)
         k, v = kv.permute(2, 0, 3, 1, 4).to(dtype).unbind(0)                        # [B, Hkv, Tr, Dh] each
         if self.fam.rope:
             cos, sin = self.fam.rope_cos_sin(pos, k.dtype)
@@ -206,11 +216,11 @@ class RuntimeBase:
 
     def transform(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """``h [..., D]`` in the basis layer ``layer``'s codebooks quantize in (``h @ T``; untransformed: h)."""
-        return h if self._tf is None else torch.matmul(h.to(self._tf[layer].dtype), self._tf[layer])
+        return h if self._tf is None else ak.gemm(h.to(self._tf[layer].dtype), self._tf[layer])
 
     def untransform(self, layer: int, y: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`transform` (``y @ T^-1``)."""
-        return y if self._inv is None else torch.matmul(y.to(self._inv[layer].dtype), self._inv[layer])
+        return y if self._inv is None else ak.gemm(y.to(self._inv[layer].dtype), self._inv[layer])
 
     def encode(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return ak.vq_encode(self.transform(layer, h), self._cb[layer])
