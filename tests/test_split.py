@@ -11,39 +11,42 @@ from astra.models import family_of
 from astra.split import causal_costs, resolve_split, split_indices
 
 
-def _cost(n, p, pair, key, encode=0.0, last=False):
-    return n * (1 - encode if last else 1) + pair * (n * p + n * (n + 1) / 2) + key * p
+def _cost(n, p, pair, key, encode=0.0, local=None, last=False):
+    local = pair if local is None else local
+    return n * (1 - encode if last else 1) + pair * n * p + local * n * (n + 1) / 2 + key * p
 
 
-def _worst(bounds, pair, key, encode):
+def _worst(bounds, pair, key, encode, local=None):
     N = len(bounds) - 1
-    return max(_cost(b - a, a, pair, key, encode, i == N - 1) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))
+    return max(_cost(b - a, a, pair, key, encode, local, i == N - 1)
+               for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])))
 
 
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 300), N=st.integers(1, 6), cls=st.booleans(), pair=st.floats(0, 0.05),
-       key=st.floats(0, 1), encode=st.sampled_from([0.0, 0.05, 0.5]))
-def test_balanced_split_is_contiguous_and_minimises_the_largest_cost(T, N, cls, pair, key, encode):
+       key=st.floats(0, 1), encode=st.sampled_from([0.0, 0.05, 0.5]), extra=st.sampled_from([0.0, 0.3, 2.0]))
+def test_balanced_split_is_contiguous_and_minimises_the_largest_cost(T, N, cls, pair, key, encode, extra):
     key *= 1 - encode
+    local = pair * (1 + extra)             # the local triangle's pairs cost at least the non-local ones
     start = 1 if cls else 0
     if T - start < N:
         with pytest.raises(ValueError):
-            split_indices(T, N, cls, (pair, key, encode))
+            split_indices(T, N, cls, (pair, key, encode, local))
         return
-    chunks = split_indices(T, N, cls, (pair, key, encode))
+    chunks = split_indices(T, N, cls, (pair, key, encode, local))
     assert len(chunks) == N and torch.equal(torch.cat(chunks), torch.arange(start, T))
     sizes = [len(c) for c in chunks]
     assert min(sizes) >= 1
     bounds = [0]
     for n in sizes:
         bounds.append(bounds[-1] + n)
-    worst = _worst(bounds, pair, key, encode)
+    worst = _worst(bounds, pair, key, encode, local)
     for i in range(1, N):              # moving any one boundary by one token never lowers the largest cost
         for d in (-1, 1):
             nb = list(bounds)
             nb[i] += d
             if all(b > a for a, b in zip(nb[:-1], nb[1:])):
-                assert _worst(nb, pair, key, encode) >= worst - 1e-9
+                assert _worst(nb, pair, key, encode, local) >= worst - 1e-9
     if pair == 0 and key == 0 and encode == 0:
         assert max(sizes) == -(-(T - start) // N)
 
@@ -57,20 +60,22 @@ def test_split_costs_are_checked():
         split_indices(10, 2, False, (-1.0, 0.0))
     with pytest.raises(ValueError, match="0 <= encode < 1"):
         split_indices(10, 2, False, (0.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="local >= pair"):
+        split_indices(10, 2, False, (0.2, 0.0, 0.0, 0.1))
 
 
 def test_causal_costs_put_fewer_tokens_on_later_ranks():
     fam = family_of(tiny_model("gpt2"))
-    pair, key, encode = causal_costs(fam, None)
-    assert pair > 0 and key > 0 and encode == 0
-    sizes = [len(c) for c in split_indices(1024, 4, False, (pair, key, encode))]
+    pair, key, encode, local = costs = causal_costs(fam, None)
+    assert local > pair > 0 and key > 0 and encode == 0
+    sizes = [len(c) for c in split_indices(1024, 4, False, costs)]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
-    assert resolve_split(fam, None, "even") is None and resolve_split(fam, None, "auto") == (pair, key, encode)
+    assert resolve_split(fam, None, "even") is None and resolve_split(fam, None, "auto") == costs
     # with codebooks the last rank skips its encode: it takes more tokens than without that saving
     cb = tiny_codebooks(tiny_model("gpt2", head=False), "gpt2", 1)
-    pair1, key1, enc1 = causal_costs(fam, cb)
-    assert 0 < enc1 < 1 and key1 == 0
-    last = [len(split_indices(1024, 4, False, (pair1, key1, e))[-1]) for e in (0.0, enc1, 0.3)]
+    pair1, key1, enc1, local1 = causal_costs(fam, cb)
+    assert 0 < enc1 < 1 and key1 == 0 and local1 > pair1
+    last = [len(split_indices(1024, 4, False, (pair1, key1, e, local1))[-1]) for e in (0.0, enc1, 0.3)]
     assert last[0] <= last[1] < last[2]
     with pytest.raises(ValueError, match="split must be one of"):
         resolve_split(fam, None, "uneven")

@@ -15,25 +15,37 @@ SPLITS = ("auto", "even", "balanced")
 #: GPT-2 shape, 12 layers, T = 1024, 2 ranks x 1 thread, interleaved, median of 5, the forward went from
 #: 1.507 to 1.368 s at G = 1 and from 1.901 to 1.649 s at G = 32 against the even split; bench/runtime_ab.py)
 DEFAULT_SPLIT = "auto"
-#: CPU flash attention's time per multiply-add relative to a GEMM's: 1.0 left the last rank busier, 2.0 the
-#: first (per-rank CPU time, GPT-2 shape, bench/runtime_ab.py)
-ATTENTION_MAC_COST = 1.5
-#: a grouped (G > 1) nearest-codeword search's time per multiply-add relative to a GEMM's: its small per-group
-#: products are memory-bound (GPT-2 shape, G = 32, 24-dim groups: 74 us per token and layer measured against
-#: 2.16 M multiply-adds' worth at the dense layers' rate, transform included; bench/runtime_ab.py, AVX2 CPU).
-#: G = 1's search is one GEMM (measured at 1.0)
-GROUPED_ENCODE_MAC_COST = 2.0
+#: The causal split's costs are times per multiply-add of astra's own work relative to the model's dense layers
+#: (torch's default GEMM), each read off the per-layer breakdown of one rank (astra.profile; GPT-2 shape, T = 1024,
+#: 2 ranks x 1 thread; bench/runtime_ab.py) on an AMD EPYC Zen 5 (AVX-512, AVX512-BF16), where torch's default
+#: fp32 GEMM (MKL) runs its AVX2 code and oneDNN (astra_kernels.gemm) about 2.1x faster; bench/RESULTS.md
+#: "The split's costs". On an AVX2 CPU the grouped search measured 2.0 (the rest was not re-measured there).
+#:
+#: attention of one query over one non-local key, all heads, QK and PV: per-token keys (G > 1) ...
+ATTENTION_MAC_COST = 1.4
+#: ... and keys gathered from G = 1's codeword tables, count-weighted where the model has no RoPE
+TABLE_ATTENTION_MAC_COST = 1.1
+#: the local causal triangle (astra_kernels' causal route: chunks of queries, each over its key prefix, masked)
+CAUSAL_ATTENTION_MAC_COST = 1.85
+#: the nearest-codeword search at G = 1: a bf16 GEMM screen, exact re-rank of the few candidates
+ENCODE_MAC_COST = 0.5
+#: the grouped (G > 1) search: the fused small-group scans
+GROUPED_ENCODE_MAC_COST = 0.85
+#: astra's own products (astra_kernels.gemm): a transformed codebook's ``D x D`` transform on the sender, the
+#: folded non-local K/V projection on the receiver (its decode included)
+GEMM_MAC_COST = 0.5
 
 
 def split_indices(seq_len: int, world_size: int, class_token: bool,
                   costs: Optional[Tuple[float, ...]] = None) -> List[torch.Tensor]:
     """Global indices of the non-replicated tokens of each rank, contiguous and in rank order.
 
-    ``costs=None``: the even split (``torch.tensor_split`` order). ``costs=(pair, key, encode)``: the causal
-    split that balances ``n * (1 - encode [last]) + pair * (n * p + n * (n + 1) / 2) + key * p``
-    (``0 <= encode < 1``, ``key <= 1 - encode``) over the ranks, for a rank holding ``n`` tokens after ``p``
-    earlier ones (per-token work, causal attention pairs, non-local keys; the last rank does not encode its
-    tokens, which no query attends to; :func:`causal_costs`)."""
+    ``costs=None``: the even split (``torch.tensor_split`` order). ``costs=(pair, key, encode[, local])``: the
+    causal split that balances ``n * (1 - encode [last]) + pair * n * p + local * n * (n + 1) / 2 + key * p``
+    (``0 <= encode < 1``, ``key <= 1 - encode``, ``local >= pair``; ``local`` defaults to ``pair``) over the ranks,
+    for a rank holding ``n`` tokens after ``p`` earlier ones (per-token work, attention pairs with non-local and
+    local keys, non-local keys; the last rank does not encode its tokens, which no query attends to;
+    :func:`causal_costs`)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     start = 1 if class_token else 0
@@ -49,10 +61,16 @@ def split_indices(seq_len: int, world_size: int, class_token: bool,
 
 def chunk_cost(m: int, p: int, costs: Tuple[float, ...], last: bool = False) -> float:
     """The work of a rank holding ``m`` tokens after ``p`` earlier ones, in units of one token's per-layer work,
-    under the causal split's ``costs = (pair, key[, encode])`` (:func:`split_indices`; the last rank does not
-    encode)."""
-    pair, key, encode = (tuple(costs) + (0.0,))[:3]
-    return m * (1 - encode if last else 1) + pair * (m * p + m * (m + 1) / 2) + key * p
+    under the causal split's ``costs = (pair, key[, encode[, local]])`` (:func:`split_indices`; the last rank does
+    not encode)."""
+    pair, key, encode, local = _full(costs)
+    return m * (1 - encode if last else 1) + pair * m * p + local * m * (m + 1) / 2 + key * p
+
+
+def _full(costs: Tuple[float, ...]) -> Tuple[float, float, float, float]:
+    """``(pair, key, encode, local)`` from a 2- to 4-tuple of split costs (encode 0, local = pair by default)."""
+    c = tuple(costs) + (0.0,) * (3 - len(costs))
+    return (c[0], c[1], c[2], c[3] if len(c) > 3 else c[0])
 
 
 def rank_costs(seq_len: int, world_size: int, costs: Optional[Tuple[float, ...]] = None) -> List[float]:
@@ -64,14 +82,14 @@ def rank_costs(seq_len: int, world_size: int, costs: Optional[Tuple[float, ...]]
     return [chunk_cost(len(c), int(c[0]), costs, last=r == world_size - 1) for r, c in enumerate(chunks)]
 
 
-def _balanced_bounds(n: int, world: int, pair: float, key: float, encode: float = 0.0) -> List[int]:
+def _balanced_bounds(n: int, world: int, *costs: float) -> List[int]:
     """Chunk boundaries ``0 = b_0 < ... < b_world = n`` minimising the largest rank cost (bisection on it)."""
-    if not (pair >= 0 and 0 <= encode < 1 and 0 <= key <= 1 - encode):
-        # key <= 1 - encode: a token moved to an earlier rank never makes a later rank dearer (so filling greedily
-        # is optimal)
-        raise ValueError(f"split costs need pair >= 0, 0 <= encode < 1 and 0 <= key <= 1 - encode, got pair={pair}, "
-                         f"key={key}, encode={encode}")
-    costs = (pair, key, encode)
+    pair, key, encode, local = costs = _full(costs)
+    if not (pair >= 0 and 0 <= encode < 1 and 0 <= key <= 1 - encode and local >= pair):
+        # key <= 1 - encode and local >= pair: a token moved to an earlier rank never makes a later rank dearer (so
+        # filling greedily is optimal)
+        raise ValueError(f"split costs need pair >= 0, 0 <= encode < 1, 0 <= key <= 1 - encode and local >= pair, "
+                         f"got pair={pair}, key={key}, encode={encode}, local={local}")
 
     def cost(m: int, p: int, last: bool = False) -> float:
         return chunk_cost(m, p, costs, last)
@@ -96,25 +114,27 @@ def _balanced_bounds(n: int, world: int, pair: float, key: float, encode: float 
     return fill(hi)
 
 
-def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float]:
-    """``(pair, key, encode)`` of :func:`split_indices` for a causal model: one (query, key) pair of attention (all
-    heads, QK and PV, at :data:`ATTENTION_MAC_COST`), one non-local key's K/V projection (none with G = 1, whose
-    K/V come from the codeword tables; transformed codebooks fold their inverse transform into it, see
-    :meth:`astra.runtime.RuntimeBase.quantized_kv`) and one token's VQ encode (with transformed codebooks plus its
-    ``D x D`` transform; the search at :data:`GROUPED_ENCODE_MAC_COST` for G > 1; the last rank skips it), each
-    relative to one token's per-layer work (the layer's weights, plus the encode). A function of the model and
-    the codebooks only, so every rank and ``simulate`` agree."""
+def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float, float]:
+    """``(pair, key, encode, local)`` of :func:`split_indices` for a causal model, each relative to one token's
+    per-layer work (the layer's weights, plus the encode), every multiply-add weighted by its constant above: one
+    (query, non-local key) pair of attention (all heads, QK and PV); one non-local key's K/V projection (none with
+    G = 1, whose K/V come from the codeword tables; transformed codebooks fold their inverse transform into it, see
+    :meth:`astra.runtime.RuntimeBase.quantized_kv`); one token's VQ encode (with transformed codebooks plus its
+    ``D x D`` transform; the last rank skips it); one (query, local key) pair of the causal triangle. A function of
+    the model and the codebooks only, so every rank and ``simulate`` agree."""
     layers = fam.num_layers
     weights = sum(q.numel() for m in fam.base.modules() if not isinstance(m, torch.nn.Embedding)
                   for q in m.parameters(recurse=False))
     D = fam.hidden_size
-    transform = D * D if codebooks is not None and codebooks.transformed else 0
-    search = 1.0 if codebooks is None or codebooks.groups == 1 else GROUPED_ENCODE_MAC_COST
+    tables = codebooks is not None and codebooks.groups == 1
+    transform = GEMM_MAC_COST * D * D if codebooks is not None and codebooks.transformed else 0
+    search = ENCODE_MAC_COST if codebooks is None or codebooks.groups == 1 else GROUPED_ENCODE_MAC_COST
     encode = 0 if codebooks is None else search * codebooks.codebook_size * D + transform
     token = weights / layers + encode
     kv = 2 * D * fam.num_kv_heads * fam.head_dim
-    key = 0 if codebooks is not None and codebooks.groups == 1 else kv
-    return ATTENTION_MAC_COST * 2 * D / token, key / token, encode / token
+    key = 0 if tables else (kv if codebooks is None else GEMM_MAC_COST * kv)
+    pair = (TABLE_ATTENTION_MAC_COST if tables else ATTENTION_MAC_COST) * 2 * D
+    return pair / token, key / token, encode / token, CAUSAL_ATTENTION_MAC_COST * 2 * D / token
 
 
 def key_ranks(fam: Family, chunks: List[torch.Tensor], rank: int) -> List[int]:
