@@ -28,10 +28,11 @@ def main(argv=None) -> int:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--breakdown", action="store_true", help="also print every rank's per-layer time breakdown")
+    ap.add_argument("--out-dir", default="bench/results", help="existing directory for the results")
     a = ap.parse_args(argv)
     return astra_main(["bench", "--models", "gpt2", "--systems", "single,ceiling,fp-sp,astra-g32,astra-g1",
                        "--rates", a.rates, "--tokens", str(a.tokens), "--layers", str(a.layers),
-                       "--world-size", str(a.world), "--repeats", str(a.repeats)]
+                       "--world-size", str(a.world), "--repeats", str(a.repeats), "--out-dir", a.out_dir]
                       + (["--breakdown"] if a.breakdown else []))
 
 

@@ -90,12 +90,16 @@ def test_inference_mode_codebooks_run_as_normal_tensors():
     inputs = tiny_inputs("gpt2")
     cb = astra.Codebooks.random(model, groups=4, codebook_size=8, seed=3)
     with torch.inference_mode():
-        cb_inf = cb.with_tensors([t.clone() for t in cb.tensors])
-    assert all(t.is_inference() for t in cb_inf.tensors)
-    rt = SimRuntime(model, cb_inf, world_size=2)
-    rt.install()
+        made = [t.clone() for t in cb.tensors]
+        cb_inf = cb.with_tensors(made)
+        other = cb.with_tensors([t.clone() for t in cb.tensors])
+    assert all(t.is_inference() for t in made) and not any(t.is_inference() for t in cb_inf.tensors)
+    model64 = tiny_model("gpt2").to(torch.float64)
+    with torch.inference_mode():             # installed under inference_mode with a dtype conversion
+        rt = SimRuntime(model64, other, world_size=2)
+        rt.install()
     try:
-        assert not any(t.is_inference() for t in rt._cb)
+        assert all(t.dtype == torch.float64 and not t.is_inference() for t in rt._cb)
     finally:
         rt.uninstall()
     a = main_output(astra.simulate(model, inputs, world_size=2, codebooks=cb))

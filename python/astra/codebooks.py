@@ -56,6 +56,7 @@ class Codebooks:
                     f"layer 0 is {tuple(first.shape)} {first.dtype}; all layers must share shape and dtype"
                 )
             check_finite(f"codebook of layer {i}", t)
+        tensors = [as_normal_tensor(t) for t in tensors]
         G, K, d = first.shape
         if G < 1 or K < 1 or d < 1:
             raise ValueError(f"codebook shape {tuple(first.shape)} has an empty dimension")
@@ -282,6 +283,16 @@ def _checked_transforms(transforms, inverses, layers: int, hidden_size: int):
             raise ValueError(f"transform of layer {i} and its inverse do not multiply to the identity (max |T T^-1 - I|"
                              f" = {off:.2e}): the transform is singular or ill-conditioned, or the inverse is wrong")
     return transforms, inverses
+
+
+def as_normal_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it if it is an inference tensor (made under ``torch.inference_mode``, e.g. codebooks
+    calibrated there): the kernels' per-codebook caches recognise a normal tensor by its version counter, an
+    inference tensor only by comparing its contents on every call (~0.3 ms per layer at K = 1024, D = 768)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 def as_codebooks(codebooks, model) -> Optional[Codebooks]:

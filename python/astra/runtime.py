@@ -18,7 +18,7 @@ import torch
 import astra_kernels as ak
 from astra_kernels.checks import check_finite as finite_or_raise
 from . import bases
-from .codebooks import Codebooks
+from .codebooks import Codebooks, as_normal_tensor
 from .context import Ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .models import family_of
@@ -52,16 +52,6 @@ def _register() -> None:
     _REGISTERED = True
 
 
-def _normal(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a normal copy of an inference tensor (codebooks calibrated under ``torch.inference_mode``): the
-    kernels' per-codebook caches recognise a normal tensor by its version counter, an inference tensor only by
-    comparing its contents on every call (~0.3 ms per layer at K = 1024, D = 768)."""
-    if not t.is_inference():
-        return t
-    with torch.inference_mode(False):
-        return t.clone()
-
-
 class RuntimeBase:
     """Installs hooks + the attention implementation on a model; subclasses fill in the per-layer work."""
 
@@ -91,7 +81,7 @@ class RuntimeBase:
         _register()
         p = next(self.model.parameters())
         if self.codebooks is not None:
-            self._cb = [_normal(c.to(device=p.device, dtype=p.dtype)) for c in self.codebooks.tensors]
+            self._cb = [as_normal_tensor(c.to(device=p.device, dtype=p.dtype)) for c in self.codebooks.tensors]
             if self.codebooks.transformed:
                 self._tf = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.transforms]
                 self._inv = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.inverses]
