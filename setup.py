@@ -1,5 +1,5 @@
 """Build the C++ extensions (``astra_kernels._codec``: the codec; ``astra_kernels._vq_screen``: the VQ
-encoder's CPU screen scan) through CMake + Ninja.
+encoder's CPU screen scan; ``astra_kernels._attention_cpu``: the CPU attention kernel) through CMake + Ninja.
 
 Everything else about the package lives in pyproject.toml. The extensions link no libtorch: it works
 on raw pointers handed over by the Python layer, so one build serves every torch version.
@@ -50,6 +50,7 @@ class CMakeBuild(build_ext):
 
 setup(
     ext_modules=[CMakeExtension("astra_kernels._codec", target="_codec"),
-                 CMakeExtension("astra_kernels._vq_screen", target="_vq_screen")],
+                 CMakeExtension("astra_kernels._vq_screen", target="_vq_screen"),
+                 CMakeExtension("astra_kernels._attention_cpu", target="_attention_cpu")],
     cmdclass={"build_ext": CMakeBuild},
 )

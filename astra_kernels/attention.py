@@ -487,6 +487,9 @@ _CAUSAL_CHUNKED_MAX_KEYS = 1024
 
 def _one_segment(qs: Queries, K, V, kpos, kbias, ct):
     """(out [B,Hq,Tl,Dh] ct, lse [B,Hq,Tl] ct) over one key segment; rows with no key: 0 / -inf."""
+    kernel = _cpu_kernel()
+    if kernel is not None and ct == torch.float32 and qs.q.device.type == "cpu" and _int32_positions(qs, kpos):
+        return _attention_kernel(kernel, qs, K, V, kpos, kbias)
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if flash is not None and qs.q.device.type == "cpu" and ct not in _FLASH_FAILED:
         try:
@@ -494,6 +497,48 @@ def _one_segment(qs: Queries, K, V, kpos, kbias, ct):
         except RuntimeError:  # op missing a dtype on this torch build: use the matmul route
             _FLASH_FAILED.add(ct)
     return _attention_matmul(qs, K, V, kpos, kbias, ct)
+
+
+def _cpu_kernel():
+    """The C++ attention kernel module (``astra_kernels._attention_cpu``) where it runs on this CPU, else None."""
+    try:
+        from . import _attention_cpu
+    except ImportError:        # a build without it: torch's flash kernel
+        return None
+    return _attention_cpu if _attention_cpu.available() else None
+
+
+def _int32_positions(qs: Queries, kpos) -> bool:
+    """Whether the positions fit the kernel's int32 (token indices always do)."""
+    if kpos is None or not qs.causal:
+        return True
+    lim = 2 ** 31 - 1
+    return all(int(t.max()) <= lim and int(t.min()) >= -lim for t in (qs.q_pos, kpos) if t.numel())
+
+
+def _attention_kernel(kernel, qs: Queries, K, V, kpos, kbias):
+    """fp32 attention through the C++ kernel (csrc/attention_cpu.h): GQA, the key bias and the causal mask by
+    position inside it (blocks of keys past a block of queries skipped when the keys are sorted), q/K/V read in
+    place when their head dim is contiguous."""
+    q = _rows_contiguous(qs.q.to(torch.float32))
+    K, V = _rows_contiguous(K), _rows_contiguous(V)
+    B, Hq, Tl, Dh = q.shape
+    Hkv, N = K.shape[1], K.shape[2]
+    out = torch.empty(B, Hq, Tl, Dh, dtype=torch.float32)
+    lse = torch.empty(B, Hq, Tl, dtype=torch.float32)
+    causal = qs.causal and kpos is not None
+    if causal and bool((kpos.max(dim=1).values <= qs.q_pos.min(dim=1).values).all()):
+        causal = False  # every key of the segment is visible to every query (e.g. earlier chunks)
+    qp = qs.q_pos.to(torch.int32).contiguous() if causal else None
+    kp = kpos.to(torch.int32).contiguous() if causal else None
+    srt = causal and bool((kpos[:, 1:] >= kpos[:, :-1]).all())
+    bias = None if kbias is None else kbias.to(torch.float32).contiguous()
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    kernel.attention_f32(ptr(q), *q.stride()[:3], ptr(K), *K.stride()[:3], ptr(V), *V.stride()[:3],
+                         ptr(bias), 0 if bias is None else bias.stride(0), ptr(qp), ptr(kp), srt,
+                         B, Hq, Hkv, Tl, N, Dh, qs.scale, ptr(out), *out.stride()[:3], ptr(lse),
+                         torch.get_num_threads())
+    return out, lse
 
 
 def _attention_flash_cpu(flash, qs, K, V, kpos, kbias, ct):

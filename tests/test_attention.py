@@ -11,6 +11,19 @@ from astra_kernels.testing import assert_matches_reference, random_inputs, rando
 MODES = ("local", "per_token", "table", "rope", "count")
 
 
+@pytest.fixture(autouse=True, params=["kernel", "flash"])
+def cpu_route(request, monkeypatch):
+    """Every test runs on both fp32 CPU routes: the C++ kernel (csrc/attention_cpu.cpp, AVX-512) and torch's
+    flash kernel (the route of CPUs without AVX-512)."""
+    import astra_kernels.attention as A
+
+    if request.param == "kernel" and A._cpu_kernel() is None:
+        pytest.skip("the C++ attention kernel needs AVX-512 (this CPU has none, or ASTRA_NO_AVX512 is set)")
+    if request.param == "flash":
+        monkeypatch.setattr(A, "_cpu_kernel", lambda: None)
+    return request.param
+
+
 def rope_tables(P, Dh, dtype=torch.float32, base=10000.0):
     inv = 1.0 / (base ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh))
     ang = torch.arange(P, dtype=torch.float64)[:, None] * inv[None, :]
@@ -289,6 +302,7 @@ def test_cpu_matmul_fallback_route(mode, monkeypatch):
     """The portable matmul route (used where torch has no CPU flash kernel) meets the same bar."""
     import astra_kernels.attention as A
 
+    monkeypatch.setattr(A, "_cpu_kernel", lambda: None)
     monkeypatch.setattr(A, "_attention_flash_cpu", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("off")))
     monkeypatch.setattr(A, "_FLASH_FAILED", set())
     for causal in (False, True):
@@ -526,3 +540,28 @@ def test_group_table_validation_and_pruning():
         n = int(pruned.valid[b].sum())
         keep = (seg.pos[b] <= qp[b].max()) & seg.valid[b]
         assert torch.equal(pruned.codes[b, :n], seg.codes[b][keep]) and torch.equal(pruned.pos[b, :n], seg.pos[b][keep])
+
+
+@pytest.mark.parametrize("Tl,Tr,Dh", [(1, 1, 1), (15, 31, 7), (17, 33, 16), (65, 100, 65), (130, 7, 24)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_block_edges_and_threads(Tl, Tr, Dh, threads, cpu_route):
+    """Query blocks of 64 and key blocks of 32 with partial last blocks, head dims off the 6-wide output tile,
+    several threads: every route equals the reference."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mode, positions in (("per_token", "interleaved"), ("count", "contiguous"), ("local", "default")):
+            q, k, v, kw = make_case(Tl * 7 + Tr + Dh, mode=mode, Tl=Tl, Tr=Tr, Dh=Dh, causal=True,
+                                    positions=positions, Hq=4, Hkv=2)
+            out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
+            check(out, lse, *reference(q, k, v, **kw))
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_cpu_positions_beyond_int32_take_torch(cpu_route):
+    """Positions past the kernel's int32 run through torch's route, with the same result."""
+    q, k, v, kw = make_case(91, mode="per_token", Tl=20, Tr=30, causal=True, positions="interleaved")
+    kw["q_pos"], kw["kv_pos"] = kw["q_pos"] + 2 ** 33, kw["kv_pos"] + 2 ** 33
+    out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
+    check(out, lse, *reference(q, k, v, **kw))
