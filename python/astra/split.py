@@ -18,15 +18,18 @@ DEFAULT_SPLIT = "auto"
 #: The causal split's costs are times per multiply-add of astra's own work relative to the model's dense layers
 #: (torch's default GEMM), each read off the per-layer breakdown of one rank (astra.profile; GPT-2 shape, T = 1024,
 #: 2 ranks x 1 thread; bench/runtime_ab.py) on an AMD EPYC Zen 5 (AVX-512, AVX512-BF16), where torch's default
-#: fp32 GEMM (MKL) runs its AVX2 code and oneDNN (astra_kernels.gemm) about 2.1x faster; bench/RESULTS.md
-#: "The split's costs". On an AVX2 CPU the grouped search measured 2.0 (the rest was not re-measured there).
+#: fp32 GEMM (MKL) runs its AVX2 code, oneDNN (astra_kernels.gemm) about 2.2x faster and the attention is
+#: astra's C++ kernel (csrc/attention_cpu.cpp); bench/RESULTS.md "The split's costs". They are constants, not
+#: measured per machine, so that every rank (whatever its CPU) and ``simulate`` compute the same split; on CPUs
+#: without AVX-512 (torch's flash kernel, AVX2 scans) the split is a few per cent off balance (the grouped search
+#: measured 2.0 on an AVX2 CPU).
 #:
 #: attention of one query over one non-local key, all heads, QK and PV: per-token keys (G > 1) ...
-ATTENTION_MAC_COST = 1.4
+ATTENTION_MAC_COST = 0.8
 #: ... and keys gathered from G = 1's codeword tables, count-weighted where the model has no RoPE
-TABLE_ATTENTION_MAC_COST = 1.1
-#: the local causal triangle (astra_kernels' causal route: chunks of queries, each over its key prefix, masked)
-CAUSAL_ATTENTION_MAC_COST = 1.85
+TABLE_ATTENTION_MAC_COST = 0.7
+#: the local causal triangle (key blocks past a block of queries skipped, the diagonal ones masked)
+CAUSAL_ATTENTION_MAC_COST = 0.93
 #: the nearest-codeword search at G = 1: a bf16 GEMM screen, exact re-rank of the few candidates
 ENCODE_MAC_COST = 0.5
 #: the grouped (G > 1) search: the fused small-group scans
