@@ -499,6 +499,10 @@ def _one_segment(qs: Queries, K, V, kpos, kbias, ct):
     return _attention_matmul(qs, K, V, kpos, kbias, ct)
 
 
+_THREAD_WORK = 1 << 17      # (query, key, head-dim) products per thread at least: the kernel starts its threads
+                            # per call (~20 us each); a decode step (1 query x 1024 keys x 12 heads) gets 6
+
+
 def _cpu_kernel():
     """The C++ attention kernel module (``astra_kernels._attention_cpu``) where it runs on this CPU, else None."""
     try:
@@ -534,10 +538,10 @@ def _attention_kernel(kernel, qs: Queries, K, V, kpos, kbias):
     srt = causal and bool((kpos[:, 1:] >= kpos[:, :-1]).all())
     bias = None if kbias is None else kbias.to(torch.float32).contiguous()
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    threads = min(torch.get_num_threads(), max(1, B * Hq * Tl * N * Dh // _THREAD_WORK))
     kernel.attention_f32(ptr(q), *q.stride()[:3], ptr(K), *K.stride()[:3], ptr(V), *V.stride()[:3],
                          ptr(bias), 0 if bias is None else bias.stride(0), ptr(qp), ptr(kp), srt,
-                         B, Hq, Hkv, Tl, N, Dh, qs.scale, ptr(out), *out.stride()[:3], ptr(lse),
-                         torch.get_num_threads())
+                         B, Hq, Hkv, Tl, N, Dh, qs.scale, ptr(out), *out.stride()[:3], ptr(lse), threads)
     return out, lse
 
 
