@@ -12,12 +12,14 @@ from astra.bench.results import COLUMNS, add_speedups, markdown_table, write_all
 from astra.bench.sweep import BenchConfig, emulated_row, estimate_s, make_row
 from astra.costmodel import (
     CostModel,
+    Machine,
     Point,
     Profile,
     compute_time,
     evaluate,
     fit,
     link_bytes,
+    machine_compute,
     unit_costs,
 )
 from astra.netlink import (
@@ -141,6 +143,39 @@ def test_compute_follows_the_causal_split_of_the_work():
     assert compute_time(p, 4, cores=4) == pytest.approx(1.5 * ratio)
 
 
+def test_machine_probes_scale_the_compute_and_charge_the_stall_per_collective():
+    """The ceiling measured at N against the ceiling the core-sharing arithmetic predicts scales every system's
+    compute; the synchronisation probe's stall per collective beyond N = 2's is charged on each collective. At
+    N = 2 the probes change nothing, and without them the compute is :func:`compute_time`'s."""
+    p = Profile("astra-g1", "gpt2", compute_s=1.2, local_s=0.9, frame_bytes=1000, collectives=12, tokens=1024,
+                probe_s=0.3, probe_tokens=128, syncs=14)
+    assert Machine(2, ceiling_s=0.9, sync_s=0.9 + 12 * 0.001, sync_collectives=12).stall_s == pytest.approx(0.001)
+    assert Machine(2, ceiling_s=0.9).stall_s == 0.0 and Machine(2, 0.9, 0.85, 12).stall_s == 0.0
+    ceiling = Profile("ceiling", "gpt2", compute_s=0.9, local_s=0.9, frame_bytes=0, collectives=0, tokens=1024,
+                      probe_s=0.3, probe_tokens=128)
+    modelled = compute_time(ceiling, 8, cores=2)
+    machines = {2: Machine(2, 0.9, 0.9 + 12 * 0.001, 12), 8: Machine(8, modelled * 1.25, modelled * 1.25 + 0.24, 12)}
+    assert machine_compute(p, 2, 2, machines) == pytest.approx(compute_time(p, 2, cores=2))
+    expect = compute_time(p, 8, cores=2) * 1.25 + 14 * (0.02 - 0.001)
+    assert machine_compute(p, 8, 2, machines) == pytest.approx(expect)
+    assert machine_compute(p, 8, 2, {2: machines[2]}) == pytest.approx(compute_time(p, 8, cores=2))
+    assert machine_compute(p, 8, 2, None) == pytest.approx(compute_time(p, 8, cores=2))
+    model = CostModel(eta=1.0, per_collective_s=0.0, cores=2, machines={"gpt2": machines})
+    assert model.predict(p, 8, None) == pytest.approx(expect)
+    assert model.predict(p, 2, None) == pytest.approx(1.2)
+
+
+def test_machines_from_ceiling_rows():
+    from astra.bench.predict import machines_from
+
+    rows = [{"model": "gpt2", "system": "ceiling", "world": n, "rate_mbit": None, "median_s": 1.0 + n / 100,
+             "sync_s": 1.1 + n / 100, "sync_collectives": 12} for n in (2, 8)]
+    rows.append({"model": "gpt2", "system": "astra-g1", "world": 8, "rate_mbit": None, "median_s": 3.0})
+    m = machines_from(rows)
+    assert set(m) == {"gpt2"} and set(m["gpt2"]) == {2, 8}
+    assert m["gpt2"][8].stall_s == pytest.approx(0.1 / 12) and m["gpt2"][2].ceiling_s == pytest.approx(1.02)
+
+
 def test_padded_allgather_bytes_follow_the_largest_chunk_of_the_split():
     """The all-gather pads every frame to the largest chunk's: with the causal split the first rank's chunk
     shrinks more slowly than T/N, and the link carries N (N - 1) frames of its size."""
@@ -251,8 +286,9 @@ def test_predict_report_fits_at_n2_and_scores_only_held_out_points(tmp_path):
 
 
 def test_the_ceiling_times_its_probe_on_every_rank():
-    """The ceiling's job also times 1/PROBE_SHARE of its tokens per rank (the cost model's fixed part), and its
-    row carries the median of the slowest rank's probe."""
+    """The ceiling's job also times 1/PROBE_SHARE of its tokens per rank (the cost model's fixed part) and itself
+    with an all-gather before every layer (the synchronisation probe), and its row carries the median of the
+    slowest rank's probes."""
     from astra.bench.ranks import PROBE_SHARE
     from astra.bench.worker import run_job
 
@@ -261,8 +297,21 @@ def test_the_ceiling_times_its_probe_on_every_rank():
            "models": {"gpt2": {"systems": ["ceiling"], "plan": {"ceiling": (2, False)}, "codebooks": {},
                                "tp_dir": None}}}
     res = run_job(job)["gpt2"]["ceiling"]
-    assert len(res["times"]) == len(res["probe_times"]) == 2 and all(t > 0 for t in res["probe_times"])
+    assert len(res["times"]) == len(res["probe_times"]) == len(res["sync_times"]) == 2
+    assert all(t > 0 for t in res["probe_times"] + res["sync_times"]) and res["sync_collectives"] == 1
     assert res["probe_tokens"] == 64 // (2 * PROBE_SHARE)
     row = make_row("gpt2", "ceiling", res, BenchConfig(tokens=64, layers=1, repeats=2), None, "real")
     assert row["probe_tokens"] == 8 and row["probe_s"] == sorted(res["probe_times"])[0] + 0.5 * (
         sorted(res["probe_times"])[1] - sorted(res["probe_times"])[0])
+    assert row["sync_collectives"] == 1 and row["sync_s"] == pytest.approx(sum(res["sync_times"]) / 2)
+
+
+def test_hf_tp_runs_only_where_the_heads_split():
+    """HF tensor parallelism shards the attention heads: the Llama-shaped bench model (12 heads) runs it at N = 2
+    and 4 but not 8, where the sweep leaves it out (with a progress line) instead of crashing the ranks."""
+    from astra.bench.models import tp_splits
+    from astra.bench.sweep import _plan
+
+    assert tp_splits("llama", 2) and tp_splits("llama", 4) and not tp_splits("llama", 8)
+    cfg = BenchConfig(models=("llama",), systems=("ceiling", "hf-tp", "astra-g1"))
+    assert "hf-tp" in _plan("llama", cfg, None, {}, 4) and "hf-tp" not in _plan("llama", cfg, None, {}, 8)

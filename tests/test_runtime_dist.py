@@ -26,6 +26,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
         sim = astra.simulate(model, inputs, world_size=world, codebooks=cb, class_token=class_token)
         pm = astra.parallelize(model, cb, class_token=class_token, timeout=timeout, overlap=overlap)
         local = pm(**inputs, output="local")
+        exchanges = pm.exchanges
         full = pm.gather(local)
         stats = [(s.bytes_sent, s.bytes_received, s.bytes_on_wire, s.wait_s) for s in pm.stats]
         try:
@@ -42,7 +43,8 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
                "local_len": {k: v.shape[1] for k, v in local.items() if isinstance(v, torch.Tensor) and v.dim() == 3},
                "local_idx": pm.last_local_indices.tolist(), "vs_sim": {}, "vs_ref": {},
                "bits": None if cb is None else cb.bits, "type_ok": type(full) is type(ref),
-               "tables": pm._rt.tables is not None, "costs": pm._rt.split_costs, "causal": pm._rt.fam.causal}
+               "tables": pm._rt.tables is not None, "costs": pm._rt.split_costs, "causal": pm._rt.fam.causal,
+               "exchanges": exchanges, "layers": pm._rt.fam.num_layers}
         rec["dropped"] = sorted(k for k, r in ref.items() if isinstance(r, torch.Tensor) and full.get(k) is None)
         rec["local_dropped"] = sorted(k for k, r in ref.items() if isinstance(r, torch.Tensor) and local.get(k) is None)
         for key, r in ref.items():
@@ -81,6 +83,8 @@ def check(results_per_rank, world):
                 for key, d in rec["vs_ref"].items():
                     assert d < TOL, (rank, rec["case"], key, d)
             cls = family == "vit" or class_token == "distributed"
+            # the input agreement, one all-gather per layer, the class-token mean, the end-of-forward status
+            assert rec["exchanges"] == 1 + rec["layers"] + cls + 1, (rec["case"], rec["exchanges"])
             chunks = astra.split_indices(rec["T"], world, cls, rec["costs"])
             n = [len(c) for c in chunks]
             assert rec["local_idx"] == astra.local_indices(rec["T"], world, rank, cls, rec["costs"]).tolist()

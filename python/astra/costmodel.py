@@ -24,6 +24,13 @@ of R Mbit/s, the predicted latency of one forward is
 * ``eta`` (the link's efficiency: protocol overhead, shaping), ``overlap`` and ``per_collective`` (seconds of
   fixed cost per collective) are the only fitted numbers, by least squares on the relative error over the
   points used to fit (unweighted, the slowest system's seconds would decide alone).
+* **The machine at N** (:class:`Machine`, optional): two probes of the machine itself, no system involved, at
+  every N: the ceiling (N processes, T/N tokens each) and the same with a 64-byte all-gather before every layer.
+  The first scales the compute by how far N processes of plain model work run from what the core-sharing
+  arithmetic above says (caches, context switches); the second gives what synchronising N ranks costs per
+  collective (ranks that share a core wait for each other's time slices), charged on every collective of the
+  system (``syncs``: its input agreement and end-of-forward status too) beyond its cost at N = 2, which the
+  system's own N = 2 measurement already holds.
 
 The error is reported on the measured points not used to fit (other bandwidths, N = 4 and 8).
 """
@@ -52,6 +59,7 @@ class Profile:
     split_costs: Optional[Tuple[float, ...]] = None    # the split's costs (astra.split_indices; None: even)
     probe_s: float = 0.0      # the ceiling's probe at N = 2: ``probe_tokens`` per rank (0: unknown, no fixed part)
     probe_tokens: int = 0
+    syncs: int = 0            # collectives per forward with or without bytes (agreement, status; 0: collectives)
 
 
 def largest_chunk(p: Profile, world: int) -> float:
@@ -82,6 +90,23 @@ def unit_costs(p: Profile) -> Tuple[float, float]:
     u = (p.local_s - p.probe_s) / (c_half - c_probe)
     fixed = min(max(0.0, p.local_s - u * c_half), 0.9 * p.local_s)
     return (p.local_s - fixed) / c_half, fixed
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine probes of one model at one N (``astra bench``'s ceiling row): no system is measured here."""
+
+    world: int
+    ceiling_s: float            # N processes, T/N tokens each, no communication
+    sync_s: float = 0.0         # the same with a 64-byte all-gather before every layer (0: not measured)
+    sync_collectives: int = 0
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds one collective costs beyond the work, on this machine at this N."""
+        if self.sync_s <= 0 or self.sync_collectives < 1:
+            return 0.0
+        return max(0.0, (self.sync_s - self.ceiling_s) / self.sync_collectives)
 
 
 @dataclass(frozen=True)
@@ -120,13 +145,30 @@ def link_bytes(p: Profile, world: int) -> float:
     return float(link_bytes_allgather(int(round(per_rank)), world))
 
 
-def charged_seconds(p: Profile, world: int, rate_mbit: float, burst_bytes: float, cores: int) -> float:
+def charged_seconds(p: Profile, world: int, rate_mbit: float, burst_bytes: float, cores: int,
+                    compute: Optional[float] = None) -> float:
     """Seconds the shaped link charges one forward at ``rate_mbit``: per collective, its share of
-    :func:`link_bytes` beyond the bucket (``burst_bytes``, refilled during the compute between collectives)."""
+    :func:`link_bytes` beyond the bucket (``burst_bytes``, refilled during the ``compute`` seconds between
+    collectives; default :func:`compute_time`)."""
     c = max(1, p.collectives)
     per_s = rate_mbit * 1e6 / 8.0
-    refill = min(float(burst_bytes), per_s * compute_time(p, world, cores) / c)
+    compute = compute_time(p, world, cores) if compute is None else compute
+    refill = min(float(burst_bytes), per_s * compute / c)
     return c * max(0.0, link_bytes(p, world) / c - refill) / per_s
+
+
+def machine_compute(p: Profile, world: int, cores: int, machines: Optional[Dict[int, Machine]]) -> float:
+    """:func:`compute_time` corrected by the machine probes of ``p``'s model (``machines`` by N; both N = 2 and
+    ``world`` needed, else uncorrected): times the ceiling's measured over its modelled time at ``world``, plus
+    the synchronisation stall of each collective beyond the one at N = 2."""
+    t = compute_time(p, world, cores)
+    m2, mw = (machines or {}).get(2), (machines or {}).get(world)
+    if m2 is None or mw is None:
+        return t
+    ceiling = Profile("ceiling", p.model, compute_s=m2.ceiling_s, local_s=m2.ceiling_s, frame_bytes=0.0,
+                      collectives=0, tokens=p.tokens, probe_s=p.probe_s, probe_tokens=p.probe_tokens)
+    ratio = mw.ceiling_s / compute_time(ceiling, world, cores)
+    return t * ratio + max(1, p.syncs or p.collectives) * max(0.0, mw.stall_s - m2.stall_s)
 
 
 @dataclass(frozen=True)
@@ -136,15 +178,20 @@ class CostModel:
     cores: int
     burst_bytes: float = TBF_BURST_BYTES
     overlap: float = 0.0          # share of the compute that runs while a collective is in flight
+    machines: Optional[Dict[str, Dict[int, Machine]]] = None     # the machine probes, by model and N
+
+    def compute(self, p: Profile, world: int) -> float:
+        """Per-forward compute at ``world`` ranks (:func:`machine_compute` with this model's probes)."""
+        return machine_compute(p, world, self.cores, (self.machines or {}).get(p.model))
 
     def link_time(self, p: Profile, world: int, rate_mbit: float) -> float:
         """Seconds the link adds to one forward at ``rate_mbit`` (beyond the compute it overlaps)."""
-        compute = compute_time(p, world, self.cores)
-        charged = charged_seconds(p, world, rate_mbit, self.burst_bytes, self.cores)
+        compute = self.compute(p, world)
+        charged = charged_seconds(p, world, rate_mbit, self.burst_bytes, self.cores, compute)
         return max(0.0, self.eta * charged - self.overlap * compute) + self.per_collective_s * max(1, p.collectives)
 
     def predict(self, p: Profile, world: int, rate_mbit: Optional[float]) -> float:
-        t = compute_time(p, world, self.cores)
+        t = self.compute(p, world)
         return t if rate_mbit is None else t + self.link_time(p, world, rate_mbit)
 
 
@@ -154,9 +201,10 @@ OVERLAP_GRID = tuple(0.01 * i for i in range(91))
 
 
 def fit(profiles: Dict[tuple, Profile], points: Iterable[Point], cores: int,
-        burst_bytes: float = TBF_BURST_BYTES) -> CostModel:
+        burst_bytes: float = TBF_BURST_BYTES, machines: Optional[Dict[str, Dict[int, Machine]]] = None) -> CostModel:
     """Fit ``eta``, ``overlap`` and the per-collective cost on the shaped ``points`` (N = 2) by least squares on
-    the relative error (each residual divided by the measured latency); ``profiles`` by (system, model)."""
+    the relative error (each residual divided by the measured latency); ``profiles`` by (system, model);
+    ``machines``: the machine probes by model and N, kept by the model (at N = 2 they change nothing)."""
     rows = []          # (compute, charged, collectives, latency) per shaped point
     for pt in points:
         if pt.rate_mbit is None:
@@ -180,7 +228,8 @@ def fit(profiles: Dict[tuple, Profile], points: Iterable[Point], cores: int,
             if best is None or err < best[0] - 1e-15:
                 best = (err, eta, ov, per)
     _, eta, ov, per = best
-    return CostModel(eta=eta, per_collective_s=per, cores=cores, burst_bytes=burst_bytes, overlap=ov)
+    return CostModel(eta=eta, per_collective_s=per, cores=cores, burst_bytes=burst_bytes, overlap=ov,
+                     machines=machines)
 
 
 def evaluate(model: CostModel, profiles: Dict[tuple, Profile], points: Iterable[Point]) -> List[dict]:

@@ -48,6 +48,7 @@ class DistRuntime(RuntimeBase):
         self._senders: List[bool] = []       # per rank: some other rank attends to its tokens (else it sends nothing)
         self._rg: Optional[torch.Tensor] = None     # their global indices
         self.calls = 0                       # forwards so far (every rank counts the same; agreed every call)
+        self.exchanges = 0                   # collectives of the last complete forward (input agreement included)
         self.broken: Optional[str] = None    # why the process group can not be used again, after a PeerError
         self.local_fallback = False          # the last forward ran on this rank alone (on_peer_failure="local")
         self._slot = 0                       # the next exchange of the current forward
@@ -259,6 +260,7 @@ class DistRuntime(RuntimeBase):
                 prof.mark(self.fam.num_layers - 1, prof_.REST)
             status = torch.zeros(0, dtype=torch.uint8, device=local.device)    # the envelope carries the status
             self._exchange(status, [0] * self.world, None, "end-of-forward status").wait()
+            self.exchanges = self._slot + 1             # the forward's collectives, its input agreement included
             if prof is not None:
                 prof.mark_outside(prof_.AFTER)
                 prof.stop()
@@ -419,6 +421,10 @@ class ParallelModel:
     def stats(self) -> List[LayerStats]:
         """Per-layer statistics of the last forward (bytes sent/received, time waiting)."""
         return list(self._rt.stats)
+
+    #: collectives every rank took part in during the last complete forward: the input agreement, one all-gather
+    #: per layer (the class-token mean where there is one) and the end-of-forward status (0 before any forward)
+    exchanges = property(lambda self: self._rt.exchanges)
 
     @property
     def breakdown(self) -> Optional[prof_.Breakdown]:

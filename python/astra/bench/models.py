@@ -78,6 +78,14 @@ def ceiling_inputs(model: str, tokens: int, world: int) -> Dict:
     return {"input_ids": inputs["input_ids"][:, :n]}
 
 
+def tp_splits(model: str, world: int) -> bool:
+    """Whether HF tensor parallelism can shard bench model ``model``'s attention heads over ``world`` ranks."""
+    cfg = build_config(model, 1, 4)
+    heads = getattr(cfg, "num_attention_heads", 0)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads % world == 0 and kv % world == 0
+
+
 def has_tp_plan(model: str) -> bool:
     """Whether HF tensor parallelism (``tp_plan="auto"``) is defined for this bench model."""
     return bool(getattr(build_config(model, 1, 4), "base_model_tp_plan", None))

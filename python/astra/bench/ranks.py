@@ -67,7 +67,7 @@ def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
     try:
         runs, warm = job["plan"][key]
         times = timed(lambda: pm(**inputs), runs, warm, barrier, job["label"] + SYSTEMS[key] if rank == 0 else "")
-        res = {"times": times, **_forward_stats(pm.stats), "split_costs": pm.split_costs}
+        res = {"times": times, **_forward_stats(pm.stats), "split_costs": pm.split_costs, "syncs": pm.exchanges}
     finally:
         pm.unpatch()
     if job.get("breakdown"):
@@ -114,7 +114,45 @@ def _run_tp(rank, job, inputs, barrier) -> Dict:
     tensor = inputs["input_ids"].numel() * model.config.hidden_size * 4        # fp32 activations [B, T, D]
     world = job["world"]
     per_rank = link_bytes_allreduce(tensor, world) // world                   # ring all-reduce, per rank
-    return {"times": times, "bytes_sent": per_rank * n, "frame_bytes": tensor * n, "wait_s": 0.0, "collectives": n}
+    return {"times": times, "bytes_sent": per_rank * n, "frame_bytes": tensor * n, "wait_s": 0.0, "collectives": n,
+            "syncs": n}
+
+
+def _run_ceiling(rank, job, model, barrier) -> Dict:
+    """The ceiling (T/N tokens per rank, no communication) and its two machine probes: the same with 1/PROBE_SHARE
+    of the tokens, whose difference splits a rank's compute into per-token work and a fixed part
+    (:func:`astra.costmodel.unit_costs`), and the same with a 64-byte all-gather before every layer's attention,
+    whose difference is what synchronising N ranks costs on this machine per collective (ranks sharing cores
+    wait for each other's time slices; :attr:`astra.costmodel.Machine.stall_s`)."""
+    from .models import ceiling_inputs
+
+    local = ceiling_inputs(job["model"], job["tokens"], job["world"])
+    runs, warm = job["plan"]["ceiling"]
+    lab = job["label"] + SYSTEMS["ceiling"] if rank == 0 else ""
+    out = {"times": timed(lambda: model(**local), runs, warm, barrier, lab), "bytes_sent": 0, "frame_bytes": 0,
+           "wait_s": 0.0, "collectives": 0}
+    small = ceiling_inputs(job["model"], job["tokens"], job["world"] * PROBE_SHARE)
+    out.update(probe_times=timed(lambda: model(**small), runs, warm, barrier),
+               probe_tokens=job["tokens"] // (job["world"] * PROBE_SHARE))
+    hooks = _sync_hooks(model)
+    try:
+        out.update(sync_times=timed(lambda: model(**local), runs, warm, barrier), sync_collectives=len(hooks))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def _sync_hooks(model) -> list:
+    """Forward pre-hooks that all-gather 64 bytes before every layer's attention (the synchronisation probe)."""
+    import torch
+    import torch.distributed as dist
+
+    from ..models import family_of
+
+    buf = torch.zeros(64, dtype=torch.uint8)
+    outs = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    return [m.register_forward_pre_hook(lambda *_: dist.all_gather(outs, buf)) for m in family_of(model).attn_modules]
 
 
 def bench_rank(rank: int, job: Dict) -> Dict[str, Dict]:
@@ -123,7 +161,7 @@ def bench_rank(rank: int, job: Dict) -> Dict[str, Dict]:
     import torch
     import torch.distributed as dist
 
-    from .models import build_inputs, build_model, ceiling_inputs
+    from .models import build_inputs, build_model
 
     torch.set_num_threads(1)
     barrier = dist.barrier
@@ -132,16 +170,7 @@ def bench_rank(rank: int, job: Dict) -> Dict[str, Dict]:
     out = {}
     for key in job["systems"]:
         if key == "ceiling":
-            local = ceiling_inputs(job["model"], job["tokens"], job["world"])
-            runs, warm = job["plan"][key]
-            lab = job["label"] + SYSTEMS[key] if rank == 0 else ""
-            out[key] = {"times": timed(lambda local=local: model(**local), runs, warm, barrier, lab), "bytes_sent": 0,
-                        "frame_bytes": 0, "wait_s": 0.0, "collectives": 0}
-            # the probe: the same with 1/PROBE_SHARE of the tokens, whose difference splits a rank's compute into
-            # per-token work and a fixed part (astra.costmodel.unit_costs)
-            small = ceiling_inputs(job["model"], job["tokens"], job["world"] * PROBE_SHARE)
-            out[key].update(probe_times=timed(lambda small=small: model(**small), runs, warm, barrier),
-                            probe_tokens=job["tokens"] // (job["world"] * PROBE_SHARE))
+            out[key] = _run_ceiling(rank, job, model, barrier)
         elif key == "hf-tp":
             out[key] = _run_tp(rank, job, inputs, barrier)
         else:

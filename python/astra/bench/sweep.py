@@ -21,7 +21,7 @@ from ..netlink import (
     shaped_namespace,
     transfer_time,
 )
-from .models import has_tp_plan
+from .models import has_tp_plan, tp_splits
 from .ranks import DISTRIBUTED, SYSTEMS, progress
 
 #: the default bandwidths in Mbit/s (plus the unshaped loopback)
@@ -67,9 +67,9 @@ def _calibrate(name: str, cfg: BenchConfig, tmp: str) -> Dict[str, str]:
     return paths
 
 
-def _systems_for(name: str, cfg: BenchConfig, unshaped: bool) -> List[str]:
+def _systems_for(name: str, cfg: BenchConfig, unshaped: bool, world: int) -> List[str]:
     keep = [k for k in cfg.systems if k in DISTRIBUTED or unshaped]
-    return [k for k in keep if k != "hf-tp" or has_tp_plan(name)]
+    return [k for k in keep if k != "hf-tp" or (has_tp_plan(name) and tp_splits(name, world))]
 
 
 def estimate_s(row_unshaped: Dict, rate: Optional[float], delay_ms: float = 0.0) -> float:
@@ -78,9 +78,9 @@ def estimate_s(row_unshaped: Dict, rate: Optional[float], delay_ms: float = 0.0)
                                                     collectives=row_unshaped["collectives"], delay_ms=delay_ms)
 
 
-def _plan(name: str, cfg: BenchConfig, rate, unshaped_rows: Dict) -> Dict[str, list]:
+def _plan(name: str, cfg: BenchConfig, rate, unshaped_rows: Dict, world: int) -> Dict[str, list]:
     plan = {}
-    for key in _systems_for(name, cfg, rate is None):
+    for key in _systems_for(name, cfg, rate is None, world):
         base = unshaped_rows.get((name, key))
         slow = base is not None and estimate_s(base, rate, cfg.delay_ms) > cfg.slow_after_s
         plan[key] = [1, False] if slow else [cfg.repeats, True]
@@ -117,10 +117,13 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
             "rate_mbit": rate, "runs": len(times), "median_s": med, "min_s": min(times), "max_s": max(times),
             "slow": len(times) < cfg.repeats, "bytes_sent_per_rank": int(res["bytes_sent"]),
             "frame_bytes": int(res["frame_bytes"]), "link_bytes": int(link_b),
-            "collectives": int(res["collectives"]), "compute_s": max(0.0, med - res["wait_s"]), "times": times,
+            "collectives": int(res["collectives"]), "syncs": int(res.get("syncs", res["collectives"])),
+            "compute_s": max(0.0, med - res["wait_s"]), "times": times,
             "split_costs": res.get("split_costs"),
             **({"probe_tokens": res["probe_tokens"], "probe_s": statistics.median(res["probe_times"])}
                if "probe_times" in res else {}),
+            **({"sync_s": statistics.median(res["sync_times"]), "sync_collectives": res["sync_collectives"]}
+               if "sync_times" in res else {}),
             **({"breakdown": res["breakdown"]} if "breakdown" in res else {})}
 
 
@@ -136,7 +139,7 @@ def emulated_row(base: Dict, rate: float, cfg: BenchConfig) -> Dict:
 def _job(cfg: BenchConfig, rate, kind: str, prepared: Dict, unshaped_rows: Dict, world: int) -> Dict:
     models = {}
     for name in cfg.models:
-        plan = _plan(name, cfg, rate, unshaped_rows)
+        plan = _plan(name, cfg, rate, unshaped_rows, world)
         paths = prepared[name]
         models[name] = {"systems": list(plan), "plan": plan, "tp_dir": paths.get("tp_dir"),
                         "codebooks": {k: v for k, v in paths.items() if k in ASTRA_GROUPS}}
@@ -176,14 +179,18 @@ def prepare(cfg: BenchConfig, tmp: str) -> Dict[str, Dict[str, str]]:
 
 def run_sweep(cfg: BenchConfig, extra_worlds=()) -> List[Dict]:
     """Every system on every model over the unshaped loopback and each bandwidth of ``cfg.rates``, at N =
-    ``cfg.world`` and then at each of ``extra_worlds`` (there without the one-device and ceiling rows)."""
+    ``cfg.world`` and then at each of ``extra_worlds`` (there without the one-device row)."""
     rows: List[Dict] = []
     with tempfile.TemporaryDirectory(prefix="astra-bench-") as tmp:
         prepared = prepare(cfg, tmp)
         for world in (cfg.world, *extra_worlds):
+            # at the other N: the systems that communicate, and the ceiling with its machine probes
             wcfg = cfg if world == cfg.world else replace(cfg, systems=tuple(k for k in cfg.systems
-                                                                             if k in DISTRIBUTED))
+                                                                             if k in DISTRIBUTED or k == "ceiling"))
             unshaped: Dict = {}
+            for name in wcfg.models:
+                if "hf-tp" in wcfg.systems and has_tp_plan(name) and not tp_splits(name, world):
+                    progress(f"  {name}: HF tensor parallel skipped at N={world} (its heads do not split {world} ways)")
             if cfg.link == "real":
                 rates = [None] + sorted(cfg.rates, reverse=True)
                 rows += run_links(wcfg, prepared, tmp, world, rates, "real", unshaped)

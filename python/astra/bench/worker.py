@@ -52,8 +52,9 @@ def run_job(job: Dict) -> Dict:
                 times = slowest([r["times"] for r in per_rank])
                 # the slowest rank waits least: its forward minus its wait is the compute that sets the latency
                 out[name][k] = dict(per_rank[0], times=times, wait_s=min(r["wait_s"] for r in per_rank))
-                if "probe_times" in per_rank[0]:
-                    out[name][k]["probe_times"] = slowest([r["probe_times"] for r in per_rank])
+                for probe in ("probe_times", "sync_times"):
+                    if probe in per_rank[0]:
+                        out[name][k][probe] = slowest([r[probe] for r in per_rank])
                 if "breakdown" in per_rank[0]:
                     out[name][k]["breakdown"] = [r["breakdown"] for r in per_rank]     # every rank's
     return out
