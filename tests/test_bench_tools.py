@@ -310,8 +310,8 @@ def test_hf_tp_runs_only_where_the_heads_split():
     """HF tensor parallelism shards the attention heads: the Llama-shaped bench model (12 heads) runs it at N = 2
     and 4 but not 8, where the sweep leaves it out (with a progress line) instead of crashing the ranks."""
     from astra.bench.models import tp_splits
-    from astra.bench.sweep import _plan
+    from astra.bench.sweep import plan_systems
 
     assert tp_splits("llama", 2) and tp_splits("llama", 4) and not tp_splits("llama", 8)
     cfg = BenchConfig(models=("llama",), systems=("ceiling", "hf-tp", "astra-g1"))
-    assert "hf-tp" in _plan("llama", cfg, None, {}, 4) and "hf-tp" not in _plan("llama", cfg, None, {}, 8)
+    assert "hf-tp" in plan_systems("llama", cfg, None, {}, 4) and "hf-tp" not in plan_systems("llama", cfg, None, {}, 8)

@@ -78,7 +78,9 @@ def estimate_s(row_unshaped: Dict, rate: Optional[float], delay_ms: float = 0.0)
                                                     collectives=row_unshaped["collectives"], delay_ms=delay_ms)
 
 
-def _plan(name: str, cfg: BenchConfig, rate, unshaped_rows: Dict, world: int) -> Dict[str, list]:
+def plan_systems(name: str, cfg: BenchConfig, rate, unshaped_rows: Dict, world: int) -> Dict[str, list]:
+    """Per system to run on bench model ``name`` over the link of ``rate`` at ``world`` ranks: ``[runs, warm-up]``
+    (a system estimated slower than ``cfg.slow_after_s`` runs once, without warm-up)."""
     plan = {}
     for key in _systems_for(name, cfg, rate is None, world):
         base = unshaped_rows.get((name, key))
@@ -139,7 +141,7 @@ def emulated_row(base: Dict, rate: float, cfg: BenchConfig) -> Dict:
 def _job(cfg: BenchConfig, rate, kind: str, prepared: Dict, unshaped_rows: Dict, world: int) -> Dict:
     models = {}
     for name in cfg.models:
-        plan = _plan(name, cfg, rate, unshaped_rows, world)
+        plan = plan_systems(name, cfg, rate, unshaped_rows, world)
         paths = prepared[name]
         models[name] = {"systems": list(plan), "plan": plan, "tp_dir": paths.get("tp_dir"),
                         "codebooks": {k: v for k, v in paths.items() if k in ASTRA_GROUPS}}
