@@ -479,7 +479,7 @@ def _attention_torch(qs: Queries, segments: Sequence[Segment]) -> Tuple[torch.Te
 
 _FLASH_FAILED: set = set()  # dtypes for which this torch build's CPU flash kernel raised
 _MASK_ELEMS = 1 << 22  # mask elements per query chunk on the causal route (16 MiB fp32)
-_CAUSAL_CHUNK = 64     # queries per call where causal keys are sorted (bench/RESULTS.md, "Causal attention")
+_CAUSAL_CHUNK = 64     # queries per call where causal keys are sorted (bench/RESULTS.md, issue 10 on Zen 5)
 # above this many local keys the kernel's own causal triangle wastes little (its 512-key blocks are small against
 # the sequence) and beats the masked chunks: measured 1024 keys chunked 21.7 ms vs 24.4, 2048 keys 87.8 vs 80.7
 _CAUSAL_CHUNKED_MAX_KEYS = 1024
@@ -512,6 +512,14 @@ def _cpu_kernel():
     return _attention_cpu if _attention_cpu.available() else None
 
 
+def _masked_causally(qs: Queries, kpos) -> bool:
+    """Whether the causal mask hides some key of the segment from some query (not when every key is at or before
+    every query, e.g. an earlier rank's chunk)."""
+    if not qs.causal or kpos is None:
+        return False
+    return not bool((kpos.max(dim=1).values <= qs.q_pos.min(dim=1).values).all())
+
+
 def _int32_positions(qs: Queries, kpos) -> bool:
     """Whether the positions fit the kernel's int32 (token indices always do)."""
     if kpos is None or not qs.causal:
@@ -530,9 +538,7 @@ def _attention_kernel(kernel, qs: Queries, K, V, kpos, kbias):
     Hkv, N = K.shape[1], K.shape[2]
     out = torch.empty(B, Hq, Tl, Dh, dtype=torch.float32)
     lse = torch.empty(B, Hq, Tl, dtype=torch.float32)
-    causal = qs.causal and kpos is not None
-    if causal and bool((kpos.max(dim=1).values <= qs.q_pos.min(dim=1).values).all()):
-        causal = False  # every key of the segment is visible to every query (e.g. earlier chunks)
+    causal = _masked_causally(qs, kpos)
     qp = qs.q_pos.to(torch.int32).contiguous() if causal else None
     kp = kpos.to(torch.int32).contiguous() if causal else None
     srt = causal and bool((kpos[:, 1:] >= kpos[:, :-1]).all())
@@ -555,9 +561,7 @@ def _attention_flash_cpu(flash, qs, K, V, kpos, kbias, ct):
     N = K.shape[2]
     K, V = _rows_contiguous(K), _rows_contiguous(V)    # the kernel takes any strides but the head dim's
     q5 = _rows_contiguous(q.to(ct)).unsqueeze(2) if G == 1 else q.to(ct).reshape(B, Hkv, G, Tl, Dh)
-    causal = qs.causal and kpos is not None
-    if causal and bool((kpos.max(dim=1).values <= qs.q_pos.min(dim=1).values).all()):
-        causal = False  # every key of the segment is visible to every query (e.g. earlier chunks)
+    causal = _masked_causally(qs, kpos)
     if (causal and N > _CAUSAL_CHUNKED_MAX_KEYS and kpos is qs.q_pos and Tl > 1
             and bool((kpos[:, 1:] > kpos[:, :-1]).all())):
         return _flash_triangle(flash, qs, K, V, kbias, ct)
