@@ -51,10 +51,11 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) 
             f"bias must have shape [N={w.shape[1]}], got {None if bias is None else tuple(bias.shape)}")
     require(x.dtype == w.dtype and (bias is None or bias.dtype == w.dtype),
             f"x, w and bias must share a dtype, got {x.dtype}, {w.dtype}, {None if bias is None else bias.dtype}")
-    if (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32 and x.numel()
-            and not _wants_grad(x, w, bias) and onednn_available()):
+    op = None if _FAILED else _onednn_op()
+    if (op is not None and x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() and not _wants_grad(x, w, bias)):
         try:
-            return _onednn_op()(x, w.t(), bias, "none", [None], "")
+            return op(x, w.t(), bias, "none", [None], "")
         except RuntimeError:        # not built for this input on this torch: torch's default from now on
             _FAILED.append(True)
     if bias is None:

@@ -19,7 +19,7 @@ DEFAULT_SPLIT = "auto"
 #: (torch's default GEMM), each read off the per-layer breakdown of one rank (astra.profile; GPT-2 shape, T = 1024,
 #: 2 ranks x 1 thread; bench/runtime_ab.py) on an AMD EPYC Zen 5 (AVX-512, AVX512-BF16), where torch's default
 #: fp32 GEMM (MKL) runs its AVX2 code, oneDNN (astra_kernels.gemm) about 2.2x faster and the attention is
-#: astra's C++ kernel (csrc/attention_cpu.cpp); bench/RESULTS.md "The split's costs". They are constants, not
+#: astra's C++ kernel (csrc/attention_cpu.cpp); bench/RESULTS.md, issue 10 on Zen 5. They are constants, not
 #: measured per machine, so that every rank (whatever its CPU) and ``simulate`` compute the same split; on CPUs
 #: without AVX-512 (torch's flash kernel, AVX2 scans) the split is a few per cent off balance (the grouped search
 #: measured 2.0 on an AVX2 CPU).
