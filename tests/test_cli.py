@@ -33,6 +33,11 @@ def test_calibrate_then_info(tmp_path, capsys):
     assert (cb.model_type, cb.groups, cb.codebook_size, cb.num_layers) == ("gpt2", 8, 16, 4)
     assert main(["info", "--codebooks", str(path)]) == 0
     assert "bits per token: 32" in capsys.readouterr().out
+    assert main(["calibrate", "--model", "gpt2-random", "--groups", "8", "--codebook-size", "16", "--predict",
+                 "--samples", "8", "--max-length", "32", "--iters", "2", "--out", str(path)]) == 0
+    assert astra.Codebooks.load(path).predictive
+    assert main(["info", "--codebooks", str(path)]) == 0
+    assert "predictive" in capsys.readouterr().out
 
 
 def test_bad_codebook_file_is_a_clean_error(tmp_path, capsys):

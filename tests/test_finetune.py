@@ -52,7 +52,7 @@ def test_ste_gradients_reach_codebooks_and_sender_weights():
     g_ste = w.grad.clone()
     model.zero_grad()
     rt2 = TrainSimRuntime(model, cbp, 2)
-    rt2.quantize = lambda layer, h, valid, q=rt2.quantize: q(layer, h.detach(), valid)
+    rt2.quantize = lambda layer, h, valid, pred=None, q=rt2.quantize: q(layer, h.detach(), valid, pred)
     rt2.install()
     try:
         main_output(rt2.run(inputs)[0]).pow(2).sum().backward()

@@ -1,7 +1,7 @@
 """astra.parallelize over real gloo ranks (astra.launch): full-precision SP equals the model, ASTRA equals
 astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes."""
 import torch
-from test_runtime_support import codebook_case, max_diff, tiny_codebooks, tiny_inputs, tiny_model
+from test_runtime_support import codebook_case, max_diff, predictive_case, tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 
@@ -20,7 +20,7 @@ def run_cases(rank, cases, timeout=30.0, overlap=True):
         inputs = tiny_inputs(family, seq=11, padded=padded)
         cb = None
         if G is not None:
-            cb = tiny_codebooks(model, family, G, basis=basis)
+            cb = tiny_codebooks(model, family, G, basis=basis, predict=predictive_case(spec))
         with torch.no_grad():
             ref = model(**inputs)
         sim = astra.simulate(model, inputs, world_size=world, codebooks=cb, class_token=class_token)
@@ -76,7 +76,8 @@ def check(results_per_rank, world):
                 encoder and head in (True, False)) else []
             assert rec["local_dropped"] == ([] if owned else pooled), (rank, rec["case"])
             assert rec["dropped"] == [], (rank, rec["case"])
-            assert rec["tables"] == (G == 1)          # G = 1 runs the precomputed K/V table path
+            # G = 1 runs the precomputed K/V table path (not with predictive codebooks: K/V depend on the prediction)
+            assert rec["tables"] == (G == 1 and not predictive_case(spec))
             for key, d in rec["vs_sim"].items():
                 assert d < TOL, (rank, rec["case"], key, d)
             if G is None:
@@ -121,7 +122,11 @@ CASES_2 = [
     # transformed codebooks (non-orthogonal: the attention basis) on the G = 1 table path, the PCA rotation, and
     # G = 32 in the model's own basis
     ("gpt2", True, True, "1a", "auto"), ("llama", True, True, "1a", "auto"), ("gpt2", True, True, "4p", "auto"),
-    ("bert", True, True, "32n", "auto")]
+    ("bert", True, True, "32n", "auto")] + [
+    # predictive codebooks: encoders predict from the embedding output too (ViT: distributed class tokens), decoders
+    # from the previous layer only
+    ("bert", True, True, "32+", "auto"), ("vit", True, False, "1+", "auto"), ("gpt2", True, True, "32+", "auto"),
+    ("llama", True, True, "1+", "auto"), ("bert", "sequence_classification", True, "1+", "distributed")]
 
 
 def test_two_gloo_ranks_all_families():

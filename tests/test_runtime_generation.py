@@ -209,16 +209,17 @@ def _family_rank(rank, family):
 
 
 def _codebook_rank(rank, family):
-    """With codebooks: distributed tokens equal simulate_generate (G = 1 table path, G = 32, left padding)."""
+    """With codebooks: distributed tokens equal simulate_generate (G = 1 table path, G = 32, left padding,
+    predictive G = 1)."""
     model = gen_model(family)
     res = []
-    for G, padded in ((1, False), (32, True)):
+    for G, padded, predict in ((1, False, False), (32, True, False), (1, True, True)):
         inp = tiny_inputs(family, seq=11, padded=padded)
-        cb = tiny_codebooks(model, family, G, sample_seeds=(21, 22), seed=3)
+        cb = tiny_codebooks(model, family, G, sample_seeds=(21, 22), seed=3, predict=predict)
         kw = dict(attention_mask=inp.get("attention_mask"), max_new_tokens=5, do_sample=False)
         sim = astra.simulate_generate(model, inp["input_ids"], world_size=2, codebooks=cb, **kw)
         pm = astra.parallelize(model, cb, timeout=30)
-        res.append((f"codebooks G={G}", pm.generate(inp["input_ids"], **kw), sim))
+        res.append((f"codebooks G={G}{' predictive' if predict else ''}", pm.generate(inp["input_ids"], **kw), sim))
         pm.unpatch()
     return res
 
@@ -240,5 +241,5 @@ def test_distributed_generation_equals_hf_generate():
                 else:
                     assert got == ref, (family, name, rank, got, ref)
         names = [r[0] for r in out[0][family]]
-        assert names[-8:] == ["scores", "1-D", "failure", "heartbeat", "broken raise", "broken local",
-                              "codebooks G=1", "codebooks G=32"]
+        assert names[-9:] == ["scores", "1-D", "failure", "heartbeat", "broken raise", "broken local",
+                              "codebooks G=1", "codebooks G=32", "codebooks G=1 predictive"]

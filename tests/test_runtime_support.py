@@ -107,17 +107,25 @@ def max_diff(a, b, inputs) -> float:
     return float(d.max())
 
 
-def tiny_codebooks(model, family: str, groups: int, *, sample_seeds=(11, 12), seed: int = 7, basis="auto"):
+def tiny_codebooks(model, family: str, groups: int, *, sample_seeds=(11, 12), seed: int = 7, basis="auto",
+                   predict=False):
     """Small codebooks (K = 16) calibrated on two seeded batches of ``tiny_inputs``."""
     import astra
 
     samples = [tiny_inputs(family, seq=16, batch=4, seed=s) for s in sample_seeds]
-    return astra.calibrate(model, samples, groups=groups, codebook_size=16, iters=4, seed=seed, basis=basis)
+    return astra.calibrate(model, samples, groups=groups, codebook_size=16, iters=4, seed=seed, basis=basis,
+                           predict=predict)
 
 
 def codebook_case(spec):
     """``(G, basis)`` of a test case's codebook spec: None (full precision), G (astra.calibrate's default basis),
-    or "<G>a" / "<G>p" / "<G>n" (the attention basis / the PCA rotation / the model's basis, whatever G)."""
+    "<G>a" / "<G>p" / "<G>n" (the attention basis / the PCA rotation / the model's basis, whatever G), or "<G>+"
+    (predictive codebooks, the default basis: :func:`predictive_case`)."""
     if spec is None or isinstance(spec, int):
         return spec, "auto"
-    return int(spec[:-1]), {"a": "attention", "p": "pca", "n": "none"}[spec[-1]]
+    return int(spec[:-1]), {"a": "attention", "p": "pca", "n": "none", "+": "auto"}[spec[-1]]
+
+
+def predictive_case(spec) -> bool:
+    """Whether a test case's codebook spec asks for predictive codebooks (``"<G>+"``)."""
+    return isinstance(spec, str) and spec.endswith("+")

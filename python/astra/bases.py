@@ -146,16 +146,18 @@ def attention_basis(M: torch.Tensor, h: torch.Tensor, groups: int) -> Tuple[torc
     return S @ R, R.t() @ S_inv
 
 
-def layer_basis(fam, layer: int, h: torch.Tensor, groups: int, basis: str
+def layer_basis(fam, layer: int, h: torch.Tensor, groups: int, basis: str, quantized: Optional[torch.Tensor] = None
                 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(T, T^-1)`` (float64) layer ``layer`` quantizes its hidden states ``h [N, D]`` in, or None (the model's own
-    basis), for a ``basis`` resolved by :func:`resolve`."""
+    """``(T, T^-1)`` (float64) layer ``layer`` quantizes in, or None (the model's own basis), for a ``basis`` resolved
+    by :func:`resolve`: the metric from the layer's hidden states ``h [N, D]``, the rotation from the vectors it
+    quantizes, ``quantized [N, D]`` (default ``h``; predictive codebooks: the residuals of the prediction)."""
+    x = h if quantized is None else quantized
     if basis == "none":
         return None
     if basis == "pca":
-        R = pca_rotation(h, groups)
+        R = pca_rotation(x, groups)
         return R, R.t()
-    return attention_basis(attention_metric(fam, fam.attn_modules[layer], h), h, groups)
+    return attention_basis(attention_metric(fam, fam.attn_modules[layer], h), x, groups)
 
 
 def attention_unavailable(fam) -> Optional[str]:

@@ -29,22 +29,25 @@ def faiss_available() -> bool:
 
 
 @torch.no_grad()
-def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_tokens: Optional[int] = None
-                          ) -> List[torch.Tensor]:
-    """Per layer, the ``[N, D]`` hidden states entering the attention projections (non-padding tokens)."""
+def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_tokens: Optional[int] = None,
+                          embeddings: bool = False):
+    """Per layer, the ``[N, D]`` hidden states entering the attention projections (non-padding tokens). With
+    ``embeddings``: ``(those, e)``, ``e [N, D]`` the same tokens' embedding outputs (None for a family whose ranks
+    do not embed the whole sequence: decoders)."""
     fam = family_of(model)
-    per_layer: List[List[torch.Tensor]] = [[] for _ in range(fam.num_layers)]
+    use_emb = embeddings and fam.embeddings is not None
+    per_layer: List[List[torch.Tensor]] = [[] for _ in range(fam.num_layers + use_emb)]
     current_mask: List[Optional[torch.Tensor]] = [None]
 
-    def hook_for(layer):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            m = current_mask[0]
-            x = h[m] if (m is not None and m.shape == h.shape[:2]) else h.reshape(-1, h.shape[-1])
-            per_layer[layer].append(x.detach().float().cpu())
-        return hook
+    def keep(slot, h):
+        m = current_mask[0]
+        x = h[m] if (m is not None and m.shape == h.shape[:2]) else h.reshape(-1, h.shape[-1])
+        per_layer[slot].append(x.detach().float().cpu())
 
-    handles = [m.register_forward_pre_hook(hook_for(l), with_kwargs=True) for l, m in enumerate(fam.attn_modules)]
+    handles = [m.register_forward_pre_hook(lambda mod, a, kw, l=l: keep(l, a[0] if a else kw["hidden_states"]),
+                                           with_kwargs=True) for l, m in enumerate(fam.attn_modules)]
+    if use_emb:
+        handles.append(fam.embeddings.register_forward_hook(lambda mod, a, out: keep(-1, out)))
     try:
         n = 0
         for s in samples:
@@ -60,7 +63,9 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
     out = [torch.cat(xs) for xs in per_layer]
     if max_tokens is not None:
         out = [x[:max_tokens] for x in out]
-    return out
+    if not embeddings:
+        return out
+    return (out[:-1], out[-1]) if use_emb else (out, None)
 
 
 def _assign(xs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -198,7 +203,7 @@ def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int
 def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *, groups: int = 1,
               codebook_size: int = 1024, iters: int = 15, seed: int = 0, max_tokens: Optional[int] = 20000,
               backend: str = "auto", world_size: Optional[int] = None, class_token="auto",
-              basis: str = "auto", progress: bool = False) -> Codebooks:
+              basis: str = "auto", predict: bool = False, progress: bool = False) -> Codebooks:
     """Codebooks for ``model`` by k-means over the hidden states of ``samples`` (input dicts for
     ``model(**sample)``; a single dict is one sample). Deterministic for a given seed and backend.
 
@@ -207,7 +212,10 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     :func:`astra.simulate`); one forward pass over the samples per layer. ``basis`` (:mod:`astra.bases`): quantize
     each layer in its ``"attention"`` basis (the error measured as the attention output's), its ``"pca"``
     rotation, the model's own basis (``"none"``), or ``"auto"``: the attention basis for G > 1 where the family
-    allows it, else the PCA rotation; none for G = 1. ``progress``: a tqdm bar over layers.
+    allows it, else the PCA rotation; none for G = 1. ``predict``: predictive codebooks (:class:`astra.Codebooks`):
+    layer by layer, a ridge least-squares predictor of the hidden state from the token's embedding output and its
+    reconstruction of the previous layer (as the runtimes compute it with the codebooks fitted so far), then k-means
+    on the residuals; not with ``world_size``. ``progress``: a tqdm bar over layers.
     """
     from tqdm.auto import tqdm
 
@@ -222,12 +230,18 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     basis = bases.resolve(basis, fam, groups)
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
+    if predict and world_size is not None:
+        raise ValueError("predict=True fits on the model's own hidden states; it does not take world_size")
     was_training = model.training
     model.eval()
     tensors: List[torch.Tensor] = []
     pairs: Optional[List[tuple]] = None if basis == "none" else []      # per layer (T, T^-1)
     bar = tqdm(range(fam.num_layers), desc=f"astra.calibrate[G={groups}, K={codebook_size}]", disable=not progress)
     try:
+        if predict:
+            fit = dict(groups=groups, k=codebook_size, iters=iters, seed=seed, backend=backend, basis=basis)
+            hs, emb = collect_hidden_states(model, samples, max_tokens=max_tokens, embeddings=True)
+            return _predictive(fam, next(model.parameters()).dtype, hs, emb, bar, fit)
         hs = collect_hidden_states(model, samples, max_tokens=max_tokens) if world_size is None else None
         for l in bar:
             h = hs[l] if hs is not None else _quantized_inputs(model, samples, tensors, pairs, l, world_size,
@@ -242,12 +256,62 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     return _codebooks(fam, next(model.parameters()).dtype, tensors, pairs)
 
 
-def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Optional[List[tuple]]) -> Codebooks:
-    """Codebooks of ``tensors`` in ``dtype``, with the per-layer ``(T, T^-1)`` ``pairs`` (None: untransformed)."""
+def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Optional[List[tuple]],
+               predictors: Optional[List[tuple]] = None) -> Codebooks:
+    """Codebooks of ``tensors`` in ``dtype``, with the per-layer ``(T, T^-1)`` ``pairs`` (None: untransformed) and
+    ``(W, b)`` ``predictors`` (None: not predictive)."""
     cast = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    part = lambda ps, i: None if ps is None else cast(p[i] for p in ps)  # noqa: E731
     return Codebooks(cast(tensors), model_type=fam.name, hidden_size=fam.hidden_size,
-                     transforms=None if pairs is None else cast(p[0] for p in pairs),
-                     inverses=None if pairs is None else cast(p[1] for p in pairs))
+                     transforms=part(pairs, 0), inverses=part(pairs, 1),
+                     predictors=part(predictors, 0), predictor_biases=part(predictors, 1))
+
+
+#: the ridge of the predictors' least squares, relative to the mean variance of their inputs
+PREDICTOR_RIDGE = 1e-3
+
+
+def fit_predictor(emb: Optional[torch.Tensor], prev: Optional[torch.Tensor], h: torch.Tensor):
+    """Ridge least squares ``h ~ [emb, prev] @ W + b`` (float64): ``(W [2D, D], b [D])``, the half of ``W`` of an
+    input that is None left zero."""
+    D = h.shape[1]
+    y = h.double()
+    W = y.new_zeros(2 * D, D)
+    parts = [(i, x.double()) for i, x in enumerate((emb, prev)) if x is not None]
+    if not parts:
+        return W, y.mean(0)
+    x = torch.cat([p for _, p in parts], 1)
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    gram = xc.t() @ xc
+    gram.diagonal().add_(PREDICTOR_RIDGE * float(gram.diagonal().mean()))
+    sol = torch.linalg.solve(gram, xc.t() @ (y - my))
+    for j, (i, _) in enumerate(parts):
+        W[i * D:(i + 1) * D] = sol[j * D:(j + 1) * D]
+    return W, my - mx @ sol
+
+
+def _predictive(fam, dtype: torch.dtype, hs: List[torch.Tensor], emb: Optional[torch.Tensor], bar, fit: dict
+                ) -> Codebooks:
+    """Predictive codebooks (see :func:`calibrate`'s ``predict``), fitted layer by layer in ``bar``."""
+    tensors, pairs, predictors = [], [], []
+    prev = None
+    for l in bar:
+        h = hs[l].double()
+        W, b = fit_predictor(emb, prev, h)
+        pred = b + sum(x.double() @ W[i * h.shape[1]:(i + 1) * h.shape[1]]
+                       for i, x in enumerate((emb, prev)) if x is not None)
+        resid = h - pred
+        pair = bases.layer_basis(fam, l, hs[l], fit["groups"], fit["basis"], quantized=resid)
+        T, T_inv = pair if pair is not None else (None, None)
+        y = (resid if T is None else resid @ T).float()
+        C = kmeans(y, fit["groups"], fit["k"], iters=fit["iters"], seed=fit["seed"] + l, backend=fit["backend"])
+        y_hat = ak.vq_decode(ak.vq_encode(y, C), C).double()
+        prev = pred + (y_hat if T_inv is None else y_hat @ T_inv)
+        tensors.append(C)
+        pairs.append(pair)
+        predictors.append((W, b))
+    return _codebooks(fam, dtype, tensors, None if pairs[0] is None else pairs, predictors)
 
 
 @torch.no_grad()

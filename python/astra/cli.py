@@ -181,12 +181,12 @@ def cmd_info(args) -> int:
 
 
 def _calibrate(model, tokenize, paras: List[str], *, groups: int, K: int, max_length: int, max_tokens: int,
-               iters: int, seed: int, basis: str = "auto"):
+               iters: int, seed: int, basis: str = "auto", predict: bool = False):
     import astra
 
     samples = [tokenize(paras[i: i + 8], max_length) for i in range(0, len(paras), 8)]
     return astra.calibrate(model, samples, groups=groups, codebook_size=K, iters=iters, seed=seed,
-                           max_tokens=max_tokens, basis=basis, progress=True)
+                           max_tokens=max_tokens, basis=basis, predict=predict, progress=True)
 
 
 def _demo_rank(rank, model_name, cb_path, texts, max_length, class_token):
@@ -239,7 +239,7 @@ def codebooks_for(args, model, tokenize, desc: str):
     t0 = time.perf_counter()
     cb = _calibrate(model, tokenize, calib, groups=args.groups, K=args.codebook_size, max_length=args.max_length,
                     max_tokens=args.max_tokens, iters=args.iters, seed=getattr(args, "seed", 0),
-                    basis=args.basis)
+                    basis=args.basis, predict=args.predict)
     print(f"  {cb} in {time.perf_counter() - t0:.1f}s", flush=True)
     return cb
 
@@ -453,6 +453,10 @@ def _codebook_options(p, *, samples: int, max_tokens: int, iters: int, reuse: bo
                    help="quantize each layer in its attention basis (the error measured as the attention output's), "
                    "the PCA rotation of its hidden states (pca), the model's basis (none), or auto: attention for "
                    "G > 1 where the model allows it, else pca; none for G = 1")
+    p.add_argument("--predict", action="store_true",
+                   help="predictive codebooks: each layer quantizes only what a prediction from the token's embedding "
+                   "output and its previous layer's reconstruction misses (less error for the same bits; a receiver "
+                   "then computes K/V per token instead of from the G = 1 tables)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per input at most")
 
 

@@ -4,6 +4,12 @@ Optionally each layer also has a transform ``T [D, D]`` (invertible) and its inv
 then quantized as ``y = h @ T`` cut into the G groups, and dequantized as ``y_hat @ T^-1``. :func:`astra.calibrate`
 makes it with :mod:`astra.bases`: the attention basis, in which the squared quantization error is the error it
 causes in the attention output, rotated so that every group gets a share of the variance.
+
+Optionally each layer also has a predictor (:attr:`Codebooks.predictive`): a weight ``P [2D, D]`` and a bias
+``p [D]``. Layer l then quantizes not ``h`` but its residual ``h - ([e, h_prev] @ P + p)``, where ``e`` is the
+token's embedding output (zero for families whose ranks do not embed the whole sequence: decoders) and ``h_prev``
+its dequantized hidden state of layer l - 1 (zero for layer 0). Every rank holds both for every token it receives,
+so the prediction costs no bits: the codes carry only what it misses (closed-loop predictive coding, as in DPCM).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ FORMAT = "astra-codebooks"
 FORMAT_VERSION = "2"            # 2: metadata carries sha256 checksums of every layer and of the metadata
 ROTATED_VERSION = "3"           # 3 (read only): version 2 plus one orthogonal rotation per layer (rotation.<i>)
 TRANSFORMED_VERSION = "4"       # 4: version 2 plus per layer a transform and its inverse (transform.<i>, inverse.<i>)
+PREDICTIVE_VERSION = "5"        # 5: version 2 or 4 plus per layer a predictor (predictor.<i>, predictor_bias.<i>);
+#                                 its metadata names the tensor kinds it holds ("kinds")
 UNCHECKED_VERSION = "1"         # written before checksums: loads with a warning
 
 
@@ -31,11 +39,15 @@ class Codebooks:
     (a registered family's name, e.g. ``"gpt2"``, ``"qwen3"``, ``"bert"``), ``hidden_size`` its D.
     ``transforms``: None, or one invertible ``[D, D]`` float tensor per layer (see the module docstring);
     ``inverses``: their inverses (None: computed in float64). Every pair must multiply to the identity.
+    ``predictors`` / ``predictor_biases``: None, or one ``[2D, D]`` weight and one ``[D]`` bias per layer (see the
+    module docstring; both or neither).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int,
                  transforms: Optional[Sequence[torch.Tensor]] = None,
-                 inverses: Optional[Sequence[torch.Tensor]] = None):
+                 inverses: Optional[Sequence[torch.Tensor]] = None,
+                 predictors: Optional[Sequence[torch.Tensor]] = None,
+                 predictor_biases: Optional[Sequence[torch.Tensor]] = None):
         tensors = list(tensors)
         if not tensors:
             raise ValueError("Codebooks needs at least one layer")
@@ -70,6 +82,10 @@ class Codebooks:
         self.transforms: Optional[List[torch.Tensor]]
         self.inverses: Optional[List[torch.Tensor]]
         self.transforms, self.inverses = _checked_transforms(transforms, inverses, len(tensors), hidden_size)
+        self.predictors: Optional[List[torch.Tensor]]
+        self.predictor_biases: Optional[List[torch.Tensor]]
+        self.predictors, self.predictor_biases = _checked_predictors(predictors, predictor_biases, len(tensors),
+                                                                     hidden_size)
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "Codebooks":
         """The same codebooks (family, size, transforms) with other per-layer tensors. The transforms are shared,
@@ -78,6 +94,7 @@ class Codebooks:
         if self.transformed and out.num_layers != self.num_layers:
             raise ValueError(f"{out.num_layers} codebook layers for {self.num_layers} transforms; give one per layer")
         out.transforms, out.inverses = self.transforms, self.inverses
+        out.predictors, out.predictor_biases = self.predictors, self.predictor_biases
         return out
 
     # -- shape metadata ----------------------------------------------------------------------------
@@ -114,18 +131,24 @@ class Codebooks:
         return (
             f"Codebooks(model_type={self.model_type!r}, layers={self.num_layers}, hidden_size={self.hidden_size}, "
             f"G={self.groups}, K={self.codebook_size}, bits={self.bits}, dtype={self.dtype}"
-            f"{', transformed' if self.transformed else ''})"
+            f"{', transformed' if self.transformed else ''}{', predictive' if self.predictive else ''})"
         )
 
     @property
     def transformed(self) -> bool:
         return self.transforms is not None
 
+    @property
+    def predictive(self) -> bool:
+        """Each layer quantizes the residual of a prediction (see the module docstring)."""
+        return self.predictors is not None
+
     def to(self, *args, **kwargs) -> "Codebooks":
         def moved(ts):
             return None if ts is None else [t.to(*args, **kwargs) for t in ts]
         return Codebooks(moved(self.tensors), model_type=self.model_type, hidden_size=self.hidden_size,
-                         transforms=moved(self.transforms), inverses=moved(self.inverses))
+                         transforms=moved(self.transforms), inverses=moved(self.inverses),
+                         predictors=moved(self.predictors), predictor_biases=moved(self.predictor_biases))
 
     def bits_per_token(self) -> int:
         return self.groups * self.bits
@@ -148,14 +171,22 @@ class Codebooks:
         """sha256 of each layer's dtype, shape and bytes."""
         return [tensor_checksum(t) for t in self.tensors]
 
+    def _extra(self) -> dict:
+        """The per-layer tensors besides the codebooks, by kind (the file's ``<kind>.<i>``)."""
+        kinds = {"transform": self.transforms, "inverse": self.inverses, "predictor": self.predictors,
+                 "predictor_bias": self.predictor_biases}
+        return {k: ts for k, ts in kinds.items() if ts is not None}
+
     def _metadata(self) -> dict:
-        meta = {"format": FORMAT, "version": TRANSFORMED_VERSION if self.transformed else FORMAT_VERSION,
+        version = PREDICTIVE_VERSION if self.predictive else TRANSFORMED_VERSION if self.transformed else FORMAT_VERSION
+        meta = {"format": FORMAT, "version": version,
                 "model_type": self.model_type, "hidden_size": str(self.hidden_size), "num_layers": str(self.num_layers),
                 "groups": str(self.groups), "codebook_size": str(self.codebook_size),
                 "layer_checksums": ",".join(self.layer_checksums())}
-        if self.transformed:
-            meta["transform_checksums"] = ",".join(tensor_checksum(t) for t in self.transforms)
-            meta["inverse_checksums"] = ",".join(tensor_checksum(t) for t in self.inverses)
+        for kind, ts in self._extra().items():
+            meta[f"{kind}_checksums"] = ",".join(tensor_checksum(t) for t in ts)
+        if self.predictive:
+            meta["kinds"] = ",".join(["layer", *self._extra()])
         return meta
 
     def checksum(self) -> str:
@@ -167,8 +198,8 @@ class Codebooks:
         from safetensors.torch import save_file
 
         tensors = {f"layer.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors)}
-        for kind, ts in (("transform", self.transforms), ("inverse", self.inverses)):
-            for i, t in enumerate(ts or ()):
+        for kind, ts in self._extra().items():
+            for i, t in enumerate(ts):
                 tensors[f"{kind}.{i}"] = t.detach().contiguous().cpu()
         meta = self._metadata()
         meta["checksum"] = metadata_checksum(meta)
@@ -191,7 +222,7 @@ class Codebooks:
         with f:
             meta = f.metadata() or {}
             n, hidden, G, K, model_type = _check_metadata(path, meta)
-            kinds = _TENSOR_KINDS.get(meta["version"], ("layer",))
+            kinds = _tensor_kinds(path, meta)
             keys = set(f.keys())
             if keys != {f"{kind}.{i}" for i in range(n) for kind in kinds}:
                 names = " and ".join(f"{k}.0..{k}.{n - 1}" for k in kinds)
@@ -205,7 +236,8 @@ class Codebooks:
             read["transform"], read["inverse"] = read["rotation"], [r.t().contiguous() for r in read["rotation"]]
         tensors = read["layer"]
         cb = cls(tensors, model_type=model_type, hidden_size=hidden, transforms=read.get("transform"),
-                 inverses=read.get("inverse"))
+                 inverses=read.get("inverse"), predictors=read.get("predictor"),
+                 predictor_biases=read.get("predictor_bias"))
         if cb.groups != G or cb.codebook_size != K:
             raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
         if model is not None:
@@ -233,8 +265,21 @@ def _verify(path: str, kind: str, tensors: Sequence[torch.Tensor], sums_text: st
             raise ValueError(f"{path}: {kind} {i} fails its checksum: the file is corrupt (re-calibrate or restore it)")
 
 
-#: the tensors each format version holds per layer (versions not listed: the codebooks only)
+#: the tensors each format version holds per layer (versions not listed: the codebooks only; version 5 names them)
 _TENSOR_KINDS = {ROTATED_VERSION: ("layer", "rotation"), TRANSFORMED_VERSION: ("layer", "transform", "inverse")}
+#: the kinds a version-5 file may name
+_PREDICTIVE_KINDS = (("layer", "predictor", "predictor_bias"),
+                     ("layer", "transform", "inverse", "predictor", "predictor_bias"))
+
+
+def _tensor_kinds(path: str, meta: dict) -> tuple:
+    if meta["version"] != PREDICTIVE_VERSION:
+        return _TENSOR_KINDS.get(meta["version"], ("layer",))
+    kinds = tuple(meta.get("kinds", "").split(","))
+    if kinds not in _PREDICTIVE_KINDS:
+        raise ValueError(f"{path}: codebook file version 5 names tensor kinds {meta.get('kinds')!r}; expected one of "
+                         f"{[','.join(k) for k in _PREDICTIVE_KINDS]}: the file is corrupt")
+    return kinds
 
 #: how far ``T @ T^-1`` may be from the identity (float64 product of the stored tensors, largest entry): 1e-3, and
 #: 0.1 for tensors rounded to 16 bits
@@ -285,6 +330,27 @@ def _checked_transforms(transforms, inverses, layers: int, hidden_size: int):
     return transforms, inverses
 
 
+def _checked_predictors(weights, biases, layers: int, hidden_size: int):
+    """``(weights, biases)`` checked: both or neither, one per layer, ``[2D, D]`` and ``[D]`` floating and finite."""
+    if weights is None and biases is None:
+        return None, None
+    if weights is None or biases is None:
+        raise ValueError("predictors and predictor_biases go together: give both or neither")
+    weights, biases = list(weights), list(biases)
+    for what, whats, ts, shape in (("predictor", "predictors", weights, (2 * hidden_size, hidden_size)),
+                                   ("predictor bias", "predictor biases", biases, (hidden_size,))):
+        if len(ts) != layers:
+            raise ValueError(f"{len(ts)} {whats} for {layers} codebook layers; give one per layer")
+        for i, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{what} of layer {i} must be a floating tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{what} of layer {i} has shape {tuple(t.shape)}; expected {list(shape)}")
+            check_finite(f"{what} of layer {i}", t)
+    return weights, biases
+
+
 def as_normal_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a normal copy of it if it is an inference tensor (made under ``torch.inference_mode``, e.g. codebooks
     calibrated there): the kernels' per-codebook caches recognise a normal tensor by its version counter, an
@@ -323,7 +389,7 @@ def _check_metadata(path: str, meta: dict):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an astra codebook file (metadata format={meta.get('format')!r})")
     version = meta.get("version")
-    if version in (FORMAT_VERSION, ROTATED_VERSION, TRANSFORMED_VERSION):
+    if version in (FORMAT_VERSION, ROTATED_VERSION, TRANSFORMED_VERSION, PREDICTIVE_VERSION):
         if "checksum" not in meta or "layer_checksums" not in meta:
             raise ValueError(f"{path}: codebook file version {version} without its checksums: the file is corrupt")
         if metadata_checksum(meta) != meta["checksum"]:

@@ -78,6 +78,11 @@ class DistRuntime(RuntimeBase):
             raise ValueError(f"kv_tables must be 'auto', True or False, got {use!r}")
         if self.codebooks is None or use is False:
             return
+        if self.codebooks.predictive:
+            if use is True:
+                raise ValueError("kv_tables=True needs codebooks without predictors (a predictive token's K/V depends "
+                                 "on its prediction, not on its code alone)")
+            return
         if self.codebooks.groups != 1:
             if use is True:
                 raise ValueError("kv_tables=True needs G = 1 codebooks (a token's K/V is then a function of one code)")
@@ -92,6 +97,8 @@ class DistRuntime(RuntimeBase):
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_embeddings(self, out):
+        if self.predictive:
+            self.ctx.state["emb"] = out                  # the whole sequence's, by global index
         return out[:, self._local]
 
     def on_final(self, x):
@@ -144,9 +151,13 @@ class DistRuntime(RuntimeBase):
             payload = send.new_empty(0, dtype=torch.uint8)
         elif self.codebooks is None:
             payload = send.contiguous().reshape(-1).view(torch.uint8)
-        elif prof is not None:       # the two steps of encode_and_pack, timed apart (byte-identical frames)
-            codes = self.encode(layer, send)
-            prof.mark(layer, prof_.ENCODE)
+        elif prof is not None or self.predictive:    # encode, then pack (encode_and_pack's frames, byte-identical)
+            pred = self.predicted(layer, ctx.chunks[self.rank], "own") if self.predictive else None
+            codes = self.encode(layer, send, pred)
+            if pred is not None:
+                ctx.state["own"] = self.decode(layer, codes, send.dtype, pred)
+            if prof is not None:
+                prof.mark(layer, prof_.ENCODE)
             payload = ak.pack_codes(codes, self.codebooks.bits)
         else:
             payload = ak.encode_and_pack(self.transform(layer, send), self._cb[layer], self.codebooks.bits)  # [B, n, G]
@@ -154,6 +165,12 @@ class DistRuntime(RuntimeBase):
         ctx.state[layer] = self._exchange(payload, self._sizes, st, what)
         if prof is not None:
             prof.mark(layer, prof_.PACK)
+
+    def predicted(self, layer: int, idx: torch.Tensor, key: str) -> torch.Tensor:
+        """Layer ``layer``'s prediction of the tokens of global indices ``idx``, whose reconstruction of the previous
+        layer is ``ctx.state[key]`` (``"own"``: this rank's tokens, ``"received"``: the non-local ones)."""
+        emb = self.ctx.state.get("emb")
+        return self.prediction(layer, None if emb is None else emb[:, idx], self.ctx.state.get(key))
 
     def _rows(self, payload: torch.Tensor) -> torch.Tensor:
         """A rank's raw hidden states ``[B, n, D]`` from its full-precision payload bytes."""
@@ -212,8 +229,12 @@ class DistRuntime(RuntimeBase):
             codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
             if prof is not None:
                 prof.mark(layer, prof_.UNPACK)
-            use_table = self.tables is not None and (not fam.rope or ctx.default_pos)
-            if ctx.capture is not None or not use_table:
+            use_table = self.tables is not None and not self.predictive and (not fam.rope or ctx.default_pos)
+            if self.predictive:
+                h_hat = self.decode(layer, codes, q.dtype, self.predicted(layer, rg, "received"))
+                ctx.state["received"] = h_hat
+                k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
+            elif ctx.capture is not None or not use_table:
                 k_hat, v_hat = self.quantized_kv(layer, module, codes, self._pos_for(rg), q.dtype)
             if prof is not None:
                 prof.mark(layer, prof_.NONLOCAL_KV)

@@ -72,6 +72,7 @@ class RuntimeBase:
         self._tf: Optional[List[torch.Tensor]] = None      # the codebooks' transforms on the model's device / dtype
         self._inv: Optional[List[torch.Tensor]] = None     # and their inverses
         self._folds: Optional[List] = None     # per layer (W, b) of bases.folded_kv (transformed, affine K/V)
+        self._pred: Optional[List] = None      # per layer the predictor (W [2D, D], b [D]) of predictive codebooks
         self._installed = False
 
     # -- install / uninstall ---------------------------------------------------------------------
@@ -86,6 +87,10 @@ class RuntimeBase:
                 self._tf = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.transforms]
                 self._inv = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.inverses]
                 self._folds = self._fold_kv(p)
+            if self.codebooks.predictive:
+                self._pred = [(as_normal_tensor(w.to(device=p.device, dtype=p.dtype)),
+                               as_normal_tensor(b.to(device=p.device, dtype=p.dtype)))
+                              for w, b in zip(self.codebooks.predictors, self.codebooks.predictor_biases)]
         self._orig_impl = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTN_NAME)
         if self.model.config._attn_implementation != ATTN_NAME:
@@ -212,11 +217,31 @@ class RuntimeBase:
         """The inverse of :meth:`transform` (``y @ T^-1``)."""
         return y if self._inv is None else ak.gemm(y.to(self._inv[layer].dtype), self._inv[layer])
 
-    def encode(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return ak.vq_encode(self.transform(layer, h), self._cb[layer])
+    @property
+    def predictive(self) -> bool:
+        """The codebooks quantize the residual of a prediction (:attr:`astra.Codebooks.predictive`)."""
+        return self._pred is not None
 
-    def decode(self, layer: int, codes: torch.Tensor, dtype) -> torch.Tensor:
-        return self.untransform(layer, ak.vq_decode(codes, self._cb[layer])).to(dtype)
+    def prediction(self, layer: int, emb: Optional[torch.Tensor], prev: Optional[torch.Tensor]) -> torch.Tensor:
+        """Layer ``layer``'s prediction ``[e, h_prev] @ P + p`` ``[B, n, D]`` of tokens whose embedding output is
+        ``emb [B, n, D]`` and whose dequantized hidden state of the previous layer is ``prev [B, n, D]`` (None: zero;
+        both None: the bias alone, broadcast)."""
+        w, b = self._pred[layer]
+        D = self.fam.hidden_size
+        out = b
+        for x, part in ((emb, w[:D]), (prev, w[D:])):
+            if x is not None:
+                out = out + ak.gemm(x.to(w.dtype), part)
+        return out
+
+    def encode(self, layer: int, h: torch.Tensor, pred: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Codes ``[B, n, G]`` of ``h [B, n, D]``, or of its residual ``h - pred`` (predictive codebooks)."""
+        return ak.vq_encode(self.transform(layer, h if pred is None else h - pred.to(h.dtype)), self._cb[layer])
+
+    def decode(self, layer: int, codes: torch.Tensor, dtype, pred: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The dequantized hidden states ``[B, n, D]`` of ``codes`` (plus ``pred``: predictive codebooks)."""
+        h = self.untransform(layer, ak.vq_decode(codes, self._cb[layer])).to(dtype)
+        return h if pred is None else h + pred.to(dtype)
 
     def _pos_for(self, idx: torch.Tensor) -> Optional[torch.Tensor]:
         if self.ctx.pos_ids is None:

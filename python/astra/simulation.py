@@ -47,6 +47,8 @@ class SimRuntime(RuntimeBase):
         return i
 
     def on_embeddings(self, out):
+        if self.predictive:
+            self.ctx.state["emb"] = out                      # the whole sequence's, by global index
         if not self.ctx.cls:
             return out
         return torch.cat([out[:, :1]] * self.N + [out[:, 1:]], dim=1)
@@ -56,14 +58,26 @@ class SimRuntime(RuntimeBase):
         return torch.cat([copies.mean(dim=1, keepdim=True), x[:, self.N:]], dim=1)
 
     def on_layer_input(self, layer, module, h):
-        hats = []
-        for s in range(self.N):
-            hs = h[:, self._ext(self.ctx.chunks[s])]
-            if self.codebooks is None:
-                hats.append(hs)
-            else:
-                hats.append(self.encode(layer, hs))          # codes [B, n, G]
-        self.ctx.state[layer] = hats
+        self.ctx.state[layer] = [self.sent(layer, s, h[:, self._ext(self.ctx.chunks[s])]) for s in range(self.N)]
+
+    def sent(self, layer: int, s: int, hs: torch.Tensor) -> torch.Tensor:
+        """What the other ranks receive of rank ``s``'s tokens ``hs [B, n, D]`` in layer ``layer``: ``hs`` itself
+        (full precision), their codes ``[B, n, G]``, or, with predictive codebooks, their reconstruction
+        ``[B, n, D]`` (which is also what layer ``layer + 1`` predicts from)."""
+        if self.codebooks is None:
+            return hs
+        if not self.predictive:
+            return self.encode(layer, hs)
+        pred = self.predicted(layer, s)
+        self.ctx.state["recon"][s] = self.decode(layer, self.encode(layer, hs, pred), hs.dtype, pred)
+        return self.ctx.state["recon"][s]
+
+    def predicted(self, layer: int, s: int) -> torch.Tensor:
+        """Layer ``layer``'s prediction of rank ``s``'s tokens (predictive codebooks)."""
+        state = self.ctx.state
+        recon = state.setdefault("recon", [None] * self.N)
+        emb = state.get("emb")
+        return self.prediction(layer, None if emb is None else emb[:, self.ctx.chunks[s]], recon[s])
 
     def attention(self, module, q, k, v, scaling):
         ctx = self.ctx
@@ -71,7 +85,7 @@ class SimRuntime(RuntimeBase):
         hats = ctx.state.pop(layer)
         # K/V of every rank's dequantized tokens, once per layer
         pos = [self._pos_for(ctx.chunks[s]) for s in range(self.N)]
-        kv_hat = [self.remote_kv(module, hats[s], pos[s]) if self.codebooks is None
+        kv_hat = [self.remote_kv(module, hats[s], pos[s]) if self.codebooks is None or self.predictive
                   else self.quantized_kv(layer, module, hats[s], pos[s], q.dtype) for s in range(self.N)]
         out = q.new_empty(q.shape)
         for r in range(self.N):

@@ -72,16 +72,21 @@ class TrainSimRuntime(SimRuntime):
             self._cb = [c if c.device == p.device else c.to(p.device) for c in self.codebooks.tensors]
 
     # -- quantization ----------------------------------------------------------------------------
-    def quantize(self, layer: int, h: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-        """Straight-through VQ of ``h [B, n, D]`` (+ NAQ noise); adds this layer's commitment term."""
+    def quantize(self, layer: int, h: torch.Tensor, valid: Optional[torch.Tensor],
+                 pred: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Straight-through VQ of ``h [B, n, D]`` (with predictive codebooks: of its residual ``h - pred``, the
+        prediction added back) (+ NAQ noise); adds this layer's commitment term."""
         C = self._cb[layer]
         G, K, d = C.shape
+        x = h.detach() if pred is None else h.detach() - pred.detach().to(h.dtype)
         with torch.no_grad():
             # C itself, not C.detach() (a new tensor each call): the encoder's per-codebook preparation is cached
             # on the tensor and its version, so the ranks of one step share it and an optimizer step renews it
-            codes = ak.vq_encode(self.transform(layer, h.detach()).to(C.dtype), C).long()  # [B, n, G]
+            codes = ak.vq_encode(self.transform(layer, x).to(C.dtype), C).long()        # [B, n, G]
         q = C[torch.arange(G, device=C.device), codes].reshape(h.shape)                 # [B, n, D] transformed
         q = self.untransform(layer, q).to(h.dtype)
+        if pred is not None:
+            q = q + pred.to(h.dtype)
         resid = h - q
         rows = resid if valid is None else resid[valid]
         if rows.shape[0]:
@@ -102,7 +107,12 @@ class TrainSimRuntime(SimRuntime):
             valid = None if ctx.mask is None else ctx.mask[:, ctx.chunks[s]]
             if layer == self.record_layer:
                 self.recorded.append((hs if valid is None else hs[valid]).reshape(-1, hs.shape[-1]).detach())
-            hats.append(self.quantize(layer, hs, valid) if quant else hs)
+            if not quant:
+                hats.append(hs)
+                continue
+            hats.append(self.quantize(layer, hs, valid, self.predicted(layer, s) if self.predictive else None))
+            if self.predictive:
+                ctx.state["recon"][s] = hats[-1]
         ctx.state[layer] = hats
 
     # -- attention -------------------------------------------------------------------------------

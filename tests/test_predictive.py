@@ -1,0 +1,145 @@
+"""Predictive codebooks: each layer quantizes the residual of a prediction from the token's embedding output and
+its previous layer's reconstruction (astra.Codebooks.predictive, astra.calibrate(predict=True)). The distributed
+runtime's equality with simulate is in test_runtime_dist.py and test_runtime_generation.py."""
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_runtime_support import main_output, tiny_codebooks, tiny_inputs, tiny_model
+
+import astra
+from astra.calibrate import collect_hidden_states, fit_predictor
+from astra.training import TrainSimRuntime
+
+
+def test_fit_predictor_recovers_an_affine_map_and_leaves_missing_inputs_zero():
+    g = torch.Generator().manual_seed(0)
+    D, N = 8, 400
+    e, prev = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    A, B, c = torch.randn(D, D, generator=g), torch.randn(D, D, generator=g), torch.randn(D, generator=g)
+    W, b = fit_predictor(e, prev, e @ A + prev @ B + c)
+    torch.testing.assert_close(W, torch.cat([A, B]).double(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(b, c.double(), atol=2e-2, rtol=2e-2)
+    W, b = fit_predictor(None, prev, prev @ B + c)
+    assert W[:D].abs().max() == 0 and (W[D:] - B.double()).abs().max() < 2e-2
+    h = torch.randn(N, D, generator=g) + 3.0
+    W, b = fit_predictor(None, None, h)
+    assert W.abs().max() == 0
+    torch.testing.assert_close(b, h.double().mean(0))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_model("bert")
+
+
+@pytest.fixture(scope="module")
+def predictive(bert):
+    return tiny_codebooks(bert, "bert", 4, predict=True)
+
+
+def test_calibrated_predictors_shapes_and_layer_0_is_the_embedding_output(bert, predictive):
+    D = bert.config.hidden_size
+    assert predictive.predictive and "predictive" in repr(predictive)
+    assert [tuple(w.shape) for w in predictive.predictors] == [(2 * D, D)] * bert.config.num_hidden_layers
+    assert [tuple(b.shape) for b in predictive.predictor_biases] == [(D,)] * bert.config.num_hidden_layers
+    # BERT's layer 0 quantizes its embedding output: the fitted prediction is (nearly) exact, the residual tiny
+    hs, emb = collect_hidden_states(bert, [tiny_inputs("bert", seq=16, batch=4, seed=11)], embeddings=True)
+    assert torch.equal(hs[0], emb)
+    W, b = predictive.predictors[0], predictive.predictor_biases[0]
+    assert W[D:].abs().max() == 0                      # layer 0 has no previous layer
+    resid = hs[0] - (emb @ W[:D] + b)
+    assert float(resid.pow(2).mean()) < 1e-2 * float(hs[0].var(0).mean())
+    # decoders: no embedding output on every rank, so layer 0 predicts from nothing (its bias, the mean)
+    gpt2 = tiny_model("gpt2", head=False)
+    cb = tiny_codebooks(gpt2, "gpt2", 4, predict=True)
+    assert cb.predictors[0].abs().max() == 0 and cb.predictors[1][D:].abs().max() > 0
+
+
+def test_save_load_round_trip_and_corruption(tmp_path, bert, predictive):
+    path = tmp_path / "cb.safetensors"
+    predictive.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["version"] == "5" and meta["kinds"] == "layer,transform,inverse,predictor,predictor_bias"
+    cb = astra.Codebooks.load(path, bert)
+    assert cb.checksum() == predictive.checksum()
+    for a, b in zip(cb.predictors + cb.predictor_biases, predictive.predictors + predictive.predictor_biases):
+        assert torch.equal(a, b)
+    x = tiny_inputs("bert", seed=5)
+    torch.testing.assert_close(main_output(astra.simulate(bert, x, world_size=2, codebooks=cb)),
+                               main_output(astra.simulate(bert, x, world_size=2, codebooks=predictive)), rtol=0, atol=0)
+    tensors["predictor.1"] = tensors["predictor.1"] + 1e-3
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="predictor 1 fails its checksum"):
+        astra.Codebooks.load(tmp_path / "bad.safetensors")
+    del tensors["predictor_bias.0"]
+    save_file(tensors, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="expected tensors"):
+        astra.Codebooks.load(tmp_path / "missing.safetensors")
+
+
+def test_predictors_are_validated_and_kept(predictive):
+    kw = dict(model_type="bert", hidden_size=predictive.hidden_size)
+    W, b = predictive.predictors, predictive.predictor_biases
+    with pytest.raises(ValueError, match="give both or neither"):
+        astra.Codebooks(predictive.tensors, predictors=W, **kw)
+    with pytest.raises(ValueError, match=r"predictor of layer 0 has shape \(64, 64\); expected \[128, 64\]"):
+        astra.Codebooks(predictive.tensors, predictors=[w[:64] for w in W], predictor_biases=b, **kw)
+    with pytest.raises(ValueError, match="1 predictor biases for 2 codebook layers"):
+        astra.Codebooks(predictive.tensors, predictors=W, predictor_biases=b[:1], **kw)
+    nan = [w.clone() for w in W]
+    nan[1][3, 4] = float("nan")
+    with pytest.raises(ValueError, match="predictor of layer 1"):
+        astra.Codebooks(predictive.tensors, predictors=nan, predictor_biases=b, **kw)
+    moved = predictive.to(torch.float64)
+    assert moved.predictive and moved.predictors[0].dtype == torch.float64
+    assert predictive.with_tensors([t + 1 for t in predictive.tensors]).predictors is W
+
+
+def test_calibrate_predict_rejects_world_size(bert):
+    with pytest.raises(ValueError, match="predict=True .* does not take world_size"):
+        astra.calibrate(bert, [tiny_inputs("bert")], groups=4, codebook_size=8, predict=True, world_size=2)
+
+
+def _train_sim(model, inputs, cb, n):
+    rt = TrainSimRuntime(model, cb, n)
+    rt.install()
+    try:
+        return rt.run(inputs)[0], rt
+    finally:
+        rt.uninstall()
+
+
+def test_training_path_equals_simulate_and_gradients_flow_through_the_predictions(bert, predictive):
+    inputs = tiny_inputs("bert", padded=True)
+    ref = main_output(astra.simulate(bert, inputs, world_size=3, codebooks=predictive))
+    params = [torch.nn.Parameter(t.clone()) for t in predictive.tensors]
+    out, rt = _train_sim(bert, inputs, predictive.with_tensors(params), 3)
+    got = main_output(out)
+    rows = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got.detach()[rows], ref[rows], rtol=1e-4, atol=1e-5)
+    got[rows].pow(2).sum().backward()
+    for p in params:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # layer 1's prediction reads layer 0's reconstruction: layer 0's codebook also gets a gradient from it. Cut
+    # the predictions' gradient and layer 0's codebook gradient changes.
+    g0 = params[0].grad.clone()
+    for p in params:
+        p.grad = None
+    rt2 = TrainSimRuntime(bert, predictive.with_tensors(params), 3)
+    rt2.prediction = lambda layer, emb, prev, f=rt2.prediction: f(layer, emb, None if prev is None else prev.detach())
+    rt2.install()
+    try:
+        main_output(rt2.run(inputs)[0])[rows].pow(2).sum().backward()
+    finally:
+        rt2.uninstall()
+    assert (g0 - params[0].grad).norm() > 1e-3 * g0.norm()
+
+
+def test_predictive_codebooks_finetune(bert, predictive):
+    data = [tiny_inputs("bert", seed=s) for s in (31, 32)]
+    res = astra.finetune(bert, predictive, data, world_size=2, steps=3, progress=False)
+    assert res.codebooks.predictive and res.codebooks.predictors is predictive.predictors
+    assert any(not torch.equal(a, b) for a, b in zip(res.codebooks.tensors, predictive.tensors))
