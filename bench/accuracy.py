@@ -2,7 +2,7 @@
 
 One command, CPU only, no downloads; writes its tables into bench/RESULTS.md (between the accuracy markers):
 
-    PYTHONPATH=.:python python bench/accuracy.py            # full study (38 min on 2 idle Zen 4 cores, 52.5 on Zen 3)
+    PYTHONPATH=.:python python bench/accuracy.py            # full study (29.6 min on 2 idle Zen 5 cores)
     PYTHONPATH=.:python python bench/accuracy.py --quick    # a few minutes, smaller data and fewer steps
 
 Models and data (held-out data is never used to calibrate or fine-tune):

@@ -4,6 +4,7 @@ command line: the loss, NAQ, the learning rate, epochs. Calibrates (or loads ``-
 sizes 2, 4 and 8, before and after.
 
     PYTHONPATH=.:python python bench/minilm_finetune.py --groups 32 --loss embedding --naq 0
+    PYTHONPATH=.:python python bench/minilm_finetune.py --groups 1 --predict --lr 5e-4
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--naq", type=float, default=None, help="NAQ lambda (default: astra.finetune's)")
     ap.add_argument("--lr", type=float, default=2e-3, help="codebook learning rate (default: 2e-3)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs over the 1500 training sentences (default: 1)")
+    ap.add_argument("--predict", action="store_true", help="predictive codebooks (astra.calibrate(predict=True))")
     ap.add_argument("--codebooks", default=None, help="load / save the calibrated codebooks here")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     a = ap.parse_args(argv)
@@ -36,7 +38,8 @@ def main(argv=None) -> int:
     if a.codebooks and os.path.exists(a.codebooks):
         cb = astra.Codebooks.load(a.codebooks)
     else:
-        cb = astra.calibrate(task.model, task.train, groups=a.groups, codebook_size=1024, iters=10, max_tokens=50000)
+        cb = astra.calibrate(task.model, task.train, groups=a.groups, codebook_size=1024, iters=10, max_tokens=50000,
+                             predict=a.predict)
         if a.codebooks:
             cb.save(a.codebooks)
     print("calibrated:", flush=True)

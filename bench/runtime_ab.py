@@ -2,8 +2,9 @@
 
     python bench/runtime_ab.py --variants g1-even,g1-balanced,g32-even,g32-balanced --repeats 5
 
-A variant is ``<g1|g32|g32n|fp>-<split>``: the codebooks (G = 1 or 32, K = 1024, k-means on random inputs, as
-``astra bench``, transformed when G > 1; ``g32n``: G = 32 in the model's basis; ``fp``: full precision) and the split
+A variant is ``<g1|g32|g32n|g1p|g32p|fp>-<split>``: the codebooks (G = 1 or 32, K = 1024, k-means on random inputs,
+as ``astra bench``, transformed when G > 1; ``g32n``: G = 32 in the model's basis; ``g1p`` / ``g32p``: predictive
+codebooks; ``fp``: full precision) and the split
 (``astra.split.SPLITS``). Each repeat runs every variant once (after one warm-up forward each), so load drifts
 hit every variant alike. Prints per variant the median
 slowest-rank wall time, the median slowest-rank CPU time (``time.process_time``: less sensitive to other load
@@ -18,8 +19,9 @@ import sys
 import tempfile
 import time
 
-#: codebooks of a variant: (G, astra.calibrate's basis); g32n: G = 32 in the model's basis (not transformed)
-GROUPS = {"g1": (1, "auto"), "g32": (32, "auto"), "g32n": (32, "none"), "fp": None}
+#: codebooks of a variant: (G, astra.calibrate's basis, predict); g32n: G = 32 in the model's basis (not transformed)
+GROUPS = {"g1": (1, "auto", False), "g32": (32, "auto", False), "g32n": (32, "none", False),
+          "g1p": (1, "auto", True), "g32p": (32, "auto", True), "fp": None}
 
 
 def _rank(rank, variants, paths, model_name, layers, tokens, repeats):

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from test_runtime_support import tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
+from astra import split
 from astra.models import family_of
 from astra.split import causal_costs, resolve_split, split_indices
 
@@ -77,6 +78,13 @@ def test_causal_costs_put_fewer_tokens_on_later_ranks():
     assert 0 < enc1 < 1 and key1 == 0 and local1 > pair1
     last = [len(split_indices(1024, 4, False, (pair1, key1, e, local1))[-1]) for e in (0.0, enc1, 0.3)]
     assert last[0] <= last[1] < last[2]
+    # predictive codebooks: K/V per key (no tables), and the prediction on both sides: D = 64, 2 D^2 GEMM MACs each
+    cbp = tiny_codebooks(tiny_model("gpt2", head=False), "gpt2", 1, predict=True)
+    pair_p, key_p, enc_p, _ = causal_costs(fam, cbp)
+    D, K = fam.hidden_size, cbp.codebook_size
+    token = split.ATTENTION_MAC_COST * 2 * D / pair_p          # one token's per-layer work, as causal_costs counts it
+    assert key_p * token == pytest.approx(split.GEMM_MAC_COST * (2 * D * D + 2 * D * D))   # K/V + prediction
+    assert enc_p * token == pytest.approx(split.ENCODE_MAC_COST * K * D + split.GEMM_MAC_COST * 2 * D * D)
     with pytest.raises(ValueError, match="split must be one of"):
         resolve_split(fam, None, "uneven")
     bert = family_of(tiny_model("bert"))

@@ -123,19 +123,23 @@ def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float, float]:
     (query, non-local key) pair of attention (all heads, QK and PV); one non-local key's K/V projection (none with
     G = 1, whose K/V come from the codeword tables; transformed codebooks fold their inverse transform into it, see
     :meth:`astra.runtime.RuntimeBase.quantized_kv`); one token's VQ encode (with transformed codebooks plus its
-    ``D x D`` transform; the last rank skips it); one (query, local key) pair of the causal triangle. A function of
-    the model and the codebooks only, so every rank and ``simulate`` agree."""
+    ``D x D`` transform; the last rank skips it); one (query, local key) pair of the causal triangle. Predictive
+    codebooks add to both a key and an encode the ``[2D, D]`` prediction and the inverse transform (the sender
+    reconstructs its own tokens), and take K/V per key instead of from the tables. A function of the model and the
+    codebooks only, so every rank and ``simulate`` agree."""
     layers = fam.num_layers
     weights = sum(q.numel() for m in fam.base.modules() if not isinstance(m, torch.nn.Embedding)
                   for q in m.parameters(recurse=False))
     D = fam.hidden_size
-    tables = codebooks is not None and codebooks.groups == 1
+    predictive = codebooks is not None and codebooks.predictive
+    tables = codebooks is not None and codebooks.groups == 1 and not predictive
     transform = GEMM_MAC_COST * D * D if codebooks is not None and codebooks.transformed else 0
+    predict = GEMM_MAC_COST * 2 * D * D + transform if predictive else 0     # prediction + reconstruction
     search = ENCODE_MAC_COST if codebooks is None or codebooks.groups == 1 else GROUPED_ENCODE_MAC_COST
-    encode = 0 if codebooks is None else search * codebooks.codebook_size * D + transform
+    encode = 0 if codebooks is None else search * codebooks.codebook_size * D + transform + predict
     token = weights / layers + encode
     kv = 2 * D * fam.num_kv_heads * fam.head_dim
-    key = 0 if tables else (kv if codebooks is None else GEMM_MAC_COST * kv)
+    key = 0 if tables else (kv if codebooks is None else GEMM_MAC_COST * kv + predict)
     pair = (TABLE_ATTENTION_MAC_COST if tables else ATTENTION_MAC_COST) * 2 * D
     return pair / token, key / token, encode / token, CAUSAL_ATTENTION_MAC_COST * 2 * D / token
 

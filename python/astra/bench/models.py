@@ -91,14 +91,15 @@ def has_tp_plan(model: str) -> bool:
     return bool(getattr(build_config(model, 1, 4), "base_model_tp_plan", None))
 
 
-def bench_codebooks(model, name: str, tokens: int, groups: int, basis="auto"):
+def bench_codebooks(model, name: str, tokens: int, groups: int, basis="auto", predict: bool = False):
     """The benchmark's codebooks for ``model`` (bench model ``name``): K = CODEBOOK_SIZE, k-means (4 iterations)
-    on two seeded random inputs of ``tokens`` tokens (latency only, never accuracy); ``basis`` as in
-    :func:`astra.calibrate` (by default transformed when G > 1, as users get them)."""
+    on two seeded random inputs of ``tokens`` tokens (latency only, never accuracy); ``basis`` and ``predict`` as
+    in :func:`astra.calibrate` (by default transformed when G > 1, as users get them)."""
     import torch
 
     import astra
 
     samples = [build_inputs(name, tokens, seed=s) for s in (11, 12)]
     with torch.inference_mode():
-        return astra.calibrate(model, samples, groups=groups, codebook_size=CODEBOOK_SIZE, iters=4, basis=basis)
+        return astra.calibrate(model, samples, groups=groups, codebook_size=CODEBOOK_SIZE, iters=4, basis=basis,
+                               predict=predict)
