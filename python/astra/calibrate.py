@@ -18,7 +18,7 @@ import torch
 
 import astra_kernels as ak
 from . import bases
-from .codebooks import Codebooks
+from .codebooks import Codebooks, apply_predictor
 from .models import family_of
 
 BACKENDS = ("auto", "faiss", "torch")
@@ -299,8 +299,7 @@ def _predictive(fam, dtype: torch.dtype, hs: List[torch.Tensor], emb: Optional[t
     for l in bar:
         h = hs[l].double()
         W, b = fit_predictor(emb, prev, h)
-        pred = b + sum(x.double() @ W[i * h.shape[1]:(i + 1) * h.shape[1]]
-                       for i, x in enumerate((emb, prev)) if x is not None)
+        pred = apply_predictor(W, b, emb, prev)
         resid = h - pred
         pair = bases.layer_basis(fam, l, hs[l], fit["groups"], fit["basis"], quantized=resid)
         T, T_inv = pair if pair is not None else (None, None)

@@ -351,6 +351,18 @@ def _checked_predictors(weights, biases, layers: int, hidden_size: int):
     return weights, biases
 
 
+def apply_predictor(w: torch.Tensor, b: torch.Tensor, emb: Optional[torch.Tensor], prev: Optional[torch.Tensor],
+                    matmul=torch.matmul) -> torch.Tensor:
+    """A predictive layer's prediction ``[emb, prev] @ w + b`` (``w [2D, D]``, ``b [D]``; ``emb`` / ``prev``
+    ``[..., D]``, None: zero, so both None give ``b``), in ``w``'s dtype, the products by ``matmul``."""
+    D = w.shape[1]
+    out = b
+    for x, part in ((emb, w[:D]), (prev, w[D:])):
+        if x is not None:
+            out = out + matmul(x.to(w.dtype), part)
+    return out
+
+
 def as_normal_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a normal copy of it if it is an inference tensor (made under ``torch.inference_mode``, e.g. codebooks
     calibrated there): the kernels' per-codebook caches recognise a normal tensor by its version counter, an

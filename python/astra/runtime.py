@@ -18,7 +18,7 @@ import torch
 import astra_kernels as ak
 from astra_kernels.checks import check_finite as finite_or_raise
 from . import bases
-from .codebooks import Codebooks, as_normal_tensor
+from .codebooks import Codebooks, apply_predictor, as_normal_tensor
 from .context import Ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .models import family_of
@@ -226,13 +226,7 @@ class RuntimeBase:
         """Layer ``layer``'s prediction ``[e, h_prev] @ P + p`` ``[B, n, D]`` of tokens whose embedding output is
         ``emb [B, n, D]`` and whose dequantized hidden state of the previous layer is ``prev [B, n, D]`` (None: zero;
         both None: the bias alone, broadcast)."""
-        w, b = self._pred[layer]
-        D = self.fam.hidden_size
-        out = b
-        for x, part in ((emb, w[:D]), (prev, w[D:])):
-            if x is not None:
-                out = out + ak.gemm(x.to(w.dtype), part)
-        return out
+        return apply_predictor(*self._pred[layer], emb, prev, ak.gemm)
 
     def encode(self, layer: int, h: torch.Tensor, pred: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Codes ``[B, n, G]`` of ``h [B, n, D]``, or of its residual ``h - pred`` (predictive codebooks)."""
