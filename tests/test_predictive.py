@@ -129,7 +129,7 @@ def test_training_path_equals_simulate_and_gradients_flow_through_the_prediction
     for p in params:
         p.grad = None
     rt2 = TrainSimRuntime(bert, predictive.with_tensors(params), 3)
-    rt2.prediction = lambda layer, emb, prev, f=rt2.prediction: f(layer, emb, None if prev is None else prev.detach())
+    rt2.prediction = lambda layer, idx, prev, f=rt2.prediction: f(layer, idx, None if prev is None else prev.detach())
     rt2.install()
     try:
         main_output(rt2.run(inputs)[0])[rows].pow(2).sum().backward()

@@ -287,11 +287,12 @@ INVERSE_TOL = 1e-3
 INVERSE_TOL_16BIT = 0.1
 
 
-def _checked_matrix(what: str, t, hidden_size: int) -> torch.Tensor:
+def _checked_tensor(what: str, t, shape: tuple) -> torch.Tensor:
+    """``t`` if it is a finite floating tensor of ``shape``, else ValueError naming ``what``."""
     if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{what} must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if tuple(t.shape) != (hidden_size, hidden_size):
-        raise ValueError(f"{what} has shape {tuple(t.shape)}; expected [{hidden_size}, {hidden_size}]")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}; expected {list(shape)}")
     check_finite(what, t)
     return t
 
@@ -313,7 +314,8 @@ def _checked_transforms(transforms, inverses, layers: int, hidden_size: int):
     transforms = list(transforms)
     if len(transforms) != layers:
         raise ValueError(f"{len(transforms)} transforms for {layers} codebook layers; give one per layer")
-    transforms = [_checked_matrix(f"transform of layer {i}", t, hidden_size) for i, t in enumerate(transforms)]
+    square = (hidden_size, hidden_size)
+    transforms = [_checked_tensor(f"transform of layer {i}", t, square) for i, t in enumerate(transforms)]
     if inverses is None:
         inverses = [_inverse(f"transform of layer {i}", t) for i, t in enumerate(transforms)]
     inverses = list(inverses)
@@ -321,7 +323,7 @@ def _checked_transforms(transforms, inverses, layers: int, hidden_size: int):
         raise ValueError(f"{len(inverses)} inverses for {layers} transforms; give one per layer")
     eye = torch.eye(hidden_size, dtype=torch.float64)
     for i, (t, inv) in enumerate(zip(transforms, inverses)):
-        _checked_matrix(f"inverse transform of layer {i}", inv, hidden_size)
+        _checked_tensor(f"inverse transform of layer {i}", inv, square)
         off = float((t.detach().double().cpu() @ inv.detach().double().cpu() - eye).abs().max())
         sixteen = torch.float16 in (t.dtype, inv.dtype) or torch.bfloat16 in (t.dtype, inv.dtype)
         if not off <= (INVERSE_TOL_16BIT if sixteen else INVERSE_TOL):
@@ -342,12 +344,7 @@ def _checked_predictors(weights, biases, layers: int, hidden_size: int):
         if len(ts) != layers:
             raise ValueError(f"{len(ts)} {whats} for {layers} codebook layers; give one per layer")
         for i, t in enumerate(ts):
-            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"{what} of layer {i} must be a floating tensor, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)}")
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{what} of layer {i} has shape {tuple(t.shape)}; expected {list(shape)}")
-            check_finite(f"{what} of layer {i}", t)
+            _checked_tensor(f"{what} of layer {i}", t, shape)
     return weights, biases
 
 

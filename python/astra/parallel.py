@@ -97,8 +97,6 @@ class DistRuntime(RuntimeBase):
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_embeddings(self, out):
-        if self.predictive:
-            self.ctx.state["emb"] = out                  # the whole sequence's, by global index
         return out[:, self._local]
 
     def on_final(self, x):
@@ -152,7 +150,8 @@ class DistRuntime(RuntimeBase):
         elif self.codebooks is None:
             payload = send.contiguous().reshape(-1).view(torch.uint8)
         elif prof is not None or self.predictive:    # encode, then pack (encode_and_pack's frames, byte-identical)
-            pred = self.predicted(layer, ctx.chunks[self.rank], "own") if self.predictive else None
+            # "own": this rank's reconstruction of its tokens in the previous layer ("received": the others')
+            pred = self.prediction(layer, ctx.chunks[self.rank], ctx.state.get("own")) if self.predictive else None
             codes = self.encode(layer, send, pred)
             if pred is not None:
                 ctx.state["own"] = self.decode(layer, codes, send.dtype, pred)
@@ -165,12 +164,6 @@ class DistRuntime(RuntimeBase):
         ctx.state[layer] = self._exchange(payload, self._sizes, st, what)
         if prof is not None:
             prof.mark(layer, prof_.PACK)
-
-    def predicted(self, layer: int, idx: torch.Tensor, key: str) -> torch.Tensor:
-        """Layer ``layer``'s prediction of the tokens of global indices ``idx``, whose reconstruction of the previous
-        layer is ``ctx.state[key]`` (``"own"``: this rank's tokens, ``"received"``: the non-local ones)."""
-        emb = self.ctx.state.get("emb")
-        return self.prediction(layer, None if emb is None else emb[:, idx], self.ctx.state.get(key))
 
     def _rows(self, payload: torch.Tensor) -> torch.Tensor:
         """A rank's raw hidden states ``[B, n, D]`` from its full-precision payload bytes."""
@@ -231,7 +224,7 @@ class DistRuntime(RuntimeBase):
                 prof.mark(layer, prof_.UNPACK)
             use_table = self.tables is not None and not self.predictive and (not fam.rope or ctx.default_pos)
             if self.predictive:
-                h_hat = self.decode(layer, codes, q.dtype, self.predicted(layer, rg, "received"))
+                h_hat = self.decode(layer, codes, q.dtype, self.prediction(layer, rg, ctx.state.get("received")))
                 ctx.state["received"] = h_hat
                 k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
             elif ctx.capture is not None or not use_table:

@@ -164,6 +164,8 @@ class RuntimeBase:
     def _emb_hook(self, module, args, output):
         if self.ctx is None:
             return None
+        if self.predictive:
+            self.ctx.state["emb"] = output                   # the whole sequence's, by global index
         return self.on_embeddings(output)
 
     def _final_hook(self, module, args, output):
@@ -222,11 +224,12 @@ class RuntimeBase:
         """The codebooks quantize the residual of a prediction (:attr:`astra.Codebooks.predictive`)."""
         return self._pred is not None
 
-    def prediction(self, layer: int, emb: Optional[torch.Tensor], prev: Optional[torch.Tensor]) -> torch.Tensor:
-        """Layer ``layer``'s prediction ``[e, h_prev] @ P + p`` ``[B, n, D]`` of tokens whose embedding output is
-        ``emb [B, n, D]`` and whose dequantized hidden state of the previous layer is ``prev [B, n, D]`` (None: zero;
-        both None: the bias alone, broadcast)."""
-        return apply_predictor(*self._pred[layer], emb, prev, ak.gemm)
+    def prediction(self, layer: int, idx: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+        """Layer ``layer``'s prediction ``[e, h_prev] @ P + p`` ``[B, n, D]`` of the tokens of global indices ``idx``:
+        ``e`` their embedding output (kept by the embeddings hook; zero where the family has none), ``h_prev = prev``
+        their dequantized hidden state of the previous layer (None: zero; both zero: the bias alone, broadcast)."""
+        emb = self.ctx.state.get("emb")
+        return apply_predictor(*self._pred[layer], None if emb is None else emb[:, idx], prev, ak.gemm)
 
     def encode(self, layer: int, h: torch.Tensor, pred: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Codes ``[B, n, G]`` of ``h [B, n, D]``, or of its residual ``h - pred`` (predictive codebooks)."""

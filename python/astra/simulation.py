@@ -47,8 +47,6 @@ class SimRuntime(RuntimeBase):
         return i
 
     def on_embeddings(self, out):
-        if self.predictive:
-            self.ctx.state["emb"] = out                      # the whole sequence's, by global index
         if not self.ctx.cls:
             return out
         return torch.cat([out[:, :1]] * self.N + [out[:, 1:]], dim=1)
@@ -74,10 +72,8 @@ class SimRuntime(RuntimeBase):
 
     def predicted(self, layer: int, s: int) -> torch.Tensor:
         """Layer ``layer``'s prediction of rank ``s``'s tokens (predictive codebooks)."""
-        state = self.ctx.state
-        recon = state.setdefault("recon", [None] * self.N)
-        emb = state.get("emb")
-        return self.prediction(layer, None if emb is None else emb[:, self.ctx.chunks[s]], recon[s])
+        recon = self.ctx.state.setdefault("recon", [None] * self.N)
+        return self.prediction(layer, self.ctx.chunks[s], recon[s])
 
     def attention(self, module, q, k, v, scaling):
         ctx = self.ctx
