@@ -50,10 +50,42 @@ def test_calibrated_predictors_shapes_and_layer_0_is_the_embedding_output(bert, 
     assert W[D:].abs().max() == 0                      # layer 0 has no previous layer
     resid = hs[0] - (emb @ W[:D] + b)
     assert float(resid.pow(2).mean()) < 1e-2 * float(hs[0].var(0).mean())
-    # decoders: no embedding output on every rank, so layer 0 predicts from nothing (its bias, the mean)
-    gpt2 = tiny_model("gpt2", head=False)
-    cb = tiny_codebooks(gpt2, "gpt2", 4, predict=True)
-    assert cb.predictors[0].abs().max() == 0 and cb.predictors[1][D:].abs().max() > 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoders_embed_the_whole_sequence_as_their_forward_does(family):
+    """A decoder's ranks embed every token themselves (FamilyAdapter.embed), exactly as the forward's first layer
+    sees it: with default and given position ids and, for GPT-2, token types."""
+    from astra.models import family_of
+
+    model = tiny_model(family, head=False)
+    fam = family_of(model)
+    inputs = tiny_inputs(family, batch=2, seq=9, padded=True, seed=3)
+    pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    cases = [(inputs, torch.arange(9).unsqueeze(0)), (dict(inputs, position_ids=pos), pos)]
+    if family == "gpt2":
+        cases.append((dict(inputs, token_type_ids=inputs["input_ids"] % 3), torch.arange(9).unsqueeze(0)))
+    for given, p in cases:
+        with torch.no_grad():
+            want = model(**given, output_hidden_states=True).hidden_states[0]
+            got = fam.embed(given, p)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoders_predict_layer_0_from_their_embedding(family):
+    """Predictive decoder codebooks read the embedding output too: layer 0 (its normalized embedding) is
+    predicted far better than by the mean alone, which is all a decoder had without it."""
+    model = tiny_model(family, head=False)
+    D = model.config.hidden_size
+    cb = tiny_codebooks(model, family, 4, predict=True)
+    assert cb.predictors[0][:D].abs().max() > 0 and cb.predictors[0][D:].abs().max() == 0
+    assert cb.predictors[1][D:].abs().max() > 0
+    hs, emb = collect_hidden_states(model, [tiny_inputs(family, seq=16, batch=4, seed=21)], embeddings=True)
+    W, b = cb.predictors[0], cb.predictor_biases[0]
+    left = float((hs[0] - (emb @ W[:D] + b)).pow(2).sum()) / float((hs[0] - hs[0].mean(0)).pow(2).sum())
+    print(f"{family}: layer 0's prediction leaves {left:.4f} of the held-out tokens' variance")
+    assert left < 0.05
 
 
 def test_save_load_round_trip_and_corruption(tmp_path, bert, predictive):

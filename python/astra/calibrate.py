@@ -19,6 +19,7 @@ import torch
 import astra_kernels as ak
 from . import bases
 from .codebooks import Codebooks, apply_predictor
+from .context import make_ctx
 from .models import family_of
 
 BACKENDS = ("auto", "faiss", "torch")
@@ -32,10 +33,10 @@ def faiss_available() -> bool:
 def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_tokens: Optional[int] = None,
                           embeddings: bool = False):
     """Per layer, the ``[N, D]`` hidden states entering the attention projections (non-padding tokens). With
-    ``embeddings``: ``(those, e)``, ``e [N, D]`` the same tokens' embedding outputs (None for a family whose ranks
-    do not embed the whole sequence: decoders)."""
+    ``embeddings``: ``(those, e)``, ``e [N, D]`` the same tokens' embedding outputs (an encoder's ``embeddings``
+    module's, a decoder's :meth:`Family.embed`; None for a decoder whose adapter gives no ``embed``)."""
     fam = family_of(model)
-    use_emb = embeddings and fam.embeddings is not None
+    use_emb = embeddings and (fam.embeddings is not None or fam.adapter.embed is not None)
     per_layer: List[List[torch.Tensor]] = [[] for _ in range(fam.num_layers + use_emb)]
     current_mask: List[Optional[torch.Tensor]] = [None]
 
@@ -46,7 +47,7 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
 
     handles = [m.register_forward_pre_hook(lambda mod, a, kw, l=l: keep(l, a[0] if a else kw["hidden_states"]),
                                            with_kwargs=True) for l, m in enumerate(fam.attn_modules)]
-    if use_emb:
+    if use_emb and fam.embeddings is not None:
         handles.append(fam.embeddings.register_forward_hook(lambda mod, a, out: keep(-1, out)))
     try:
         n = 0
@@ -54,6 +55,8 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
             m = s.get("attention_mask")
             current_mask[0] = m.bool() if m is not None else None
             model(**s)
+            if use_emb and fam.embeddings is None:
+                keep(-1, fam.embed(s, make_ctx(fam, s, 1, False).pos_ids))
             n += per_layer[0][-1].shape[0]
             if max_tokens is not None and n >= max_tokens:
                 break

@@ -111,6 +111,9 @@ class FamilyAdapter:
     ``check(config)``: raise :class:`UnsupportedModelError` for configurations astra can not run.
     ``max_len(config)``: the longest sequence the position embeddings allow (None: no limit, e.g. RoPE).
     ``window(config)``: the sliding-window span of any layer (None: full attention); longer sequences are refused.
+    ``embed(base, inputs, pos)``: decoders: the embedding output ``[B, T, D]`` of a whole input dict at position ids
+    ``pos [B or 1, T]``, what the forward hands its first layer (eval mode), so that every rank can embed every
+    token for predictive codebooks (None: they predict without it, as from zero).
     """
     model_type: str
     decoder: bool
@@ -126,10 +129,13 @@ class FamilyAdapter:
     check: Optional[Callable[[object], None]] = None
     max_len: Optional[Callable[[object], Optional[int]]] = None
     window: Optional[Callable[[object], Optional[int]]] = None
+    embed: Optional[Callable[[Module, dict, torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self):
         if self.class_token not in CLASS_TOKEN_MODES:
             raise ValueError(f"class_token must be one of {CLASS_TOKEN_MODES}, got {self.class_token!r}")
+        if not self.decoder and self.embed is not None:
+            raise ValueError("`embed` is for decoders (an encoder's `embeddings` module embeds the whole sequence)")
         if not self.decoder and self.embeddings is None:
             raise ValueError("an encoder family needs `embeddings` (the module whose output is sliced per rank)")
         if self.class_token != "none" and self.final is None:
@@ -192,6 +198,14 @@ class Family:
     @property
     def num_layers(self) -> int:
         return len(self.attn_modules)
+
+    def embed(self, inputs: dict, pos: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A decoder's embedding output ``[B, T, D]`` of the whole input dict ``inputs`` at position ids ``pos``
+        (:attr:`FamilyAdapter.embed`); None where the adapter gives none (and for encoders, whose ``embeddings``
+        module embeds the whole sequence in the forward)."""
+        if self.adapter.embed is None:
+            return None
+        return self.adapter.embed(self.base, inputs, pos)
 
     @property
     def _head(self) -> Head:
@@ -350,11 +364,23 @@ def _vit_tokens(base: Module, inputs: dict) -> int:
     return emb.num_patches + 1
 
 
+def _gpt2_embed(base: Module, inputs: dict, pos: torch.Tensor) -> torch.Tensor:
+    ids, types = inputs.get("input_ids"), inputs.get("token_type_ids")
+    x = (base.wte(ids) if ids is not None else inputs["inputs_embeds"]) + base.wpe(pos)
+    return x if types is None else x + base.wte(types)
+
+
+def _llama_embed(base: Module, inputs: dict, pos: torch.Tensor) -> torch.Tensor:
+    ids = inputs.get("input_ids")
+    return base.embed_tokens(ids) if ids is not None else inputs["inputs_embeds"]
+
+
 def _register_builtins() -> None:
     llama_like = dict(decoder=True, attention=lambda b: [layer.self_attn for layer in b.layers],
-                      kv=linear_kv("k_proj", "v_proj"), q=linear_q("q_proj"), rope=True, final=lambda b: b.norm)
+                      kv=linear_kv("k_proj", "v_proj"), q=linear_q("q_proj"), rope=True, final=lambda b: b.norm,
+                      embed=_llama_embed)
     register_family(FamilyAdapter("gpt2", True, lambda b: [blk.attn for blk in b.h], fused_conv1d_kv(),
-                                  q=fused_conv1d_q(),
+                                  q=fused_conv1d_q(), embed=_gpt2_embed,
                                   inputs=TEXT_INPUTS | {"token_type_ids"}, final=lambda b: b.ln_f,
                                   check=_no_cross_attention, max_len=lambda c: c.n_positions))
     register_family(FamilyAdapter("llama", **llama_like))

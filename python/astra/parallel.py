@@ -11,7 +11,7 @@ import astra_kernels as ak
 from . import profile as prof_
 from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest
 from .codebooks import as_codebooks
-from .context import LayerStats, key_masks, make_ctx
+from .context import LayerStats, key_masks
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
 from .generation import Heartbeat, check_generation, hf_generate, prepare_prompt, result_like, sequences_of
 from .inputs import seq_geometry, validate_inputs
@@ -311,7 +311,7 @@ class DistRuntime(RuntimeBase):
 
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
-        ctx = make_ctx(fam, inputs, self.world, self.cls, self.split_costs)
+        ctx = self.new_ctx(inputs, self.world)
         local = with_class_token(ctx.chunks[self.rank], ctx.cls)      # the split of make_ctx, not a second one
         attends = [key_ranks(fam, ctx.chunks, r) for r in range(self.world)]
         others = attends[self.rank]

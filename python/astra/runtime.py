@@ -19,7 +19,7 @@ import astra_kernels as ak
 from astra_kernels.checks import check_finite as finite_or_raise
 from . import bases
 from .codebooks import Codebooks, apply_predictor, as_normal_tensor
-from .context import Ctx
+from .context import Ctx, make_ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .models import family_of
 from .split import resolve_class_token, resolve_split
@@ -54,6 +54,9 @@ def _register() -> None:
 
 class RuntimeBase:
     """Installs hooks + the attention implementation on a model; subclasses fill in the per-layer work."""
+
+    # True in astra.training's subclass: the simulation keeps autograd on (the caller's grad mode applies)
+    differentiable = False
 
     def __init__(self, model, codebooks: Optional[Codebooks], class_token="auto", split="even"):
         self.fam = family_of(model)
@@ -131,6 +134,18 @@ class RuntimeBase:
             yield
         finally:
             self.model.set_attn_implementation(ATTN_NAME)
+
+    def new_ctx(self, inputs, world_size: int) -> Ctx:
+        """A forward's context (:func:`make_ctx`); with predictive codebooks a decoder's ranks also embed the whole
+        sequence there (:meth:`Family.embed`: the ``e`` the predictions read; encoders keep theirs from the
+        embeddings hook)."""
+        ctx = make_ctx(self.fam, inputs, world_size, self.cls, self.split_costs)
+        if self.predictive and self.fam.decoder:
+            with contextlib.nullcontext() if self.differentiable else torch.no_grad():
+                emb = self.fam.embed(inputs, ctx.pos_ids)
+            if emb is not None:
+                ctx.state["emb"] = emb
+        return ctx
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):

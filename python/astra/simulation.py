@@ -8,7 +8,7 @@ import torch
 
 import astra_kernels as ak
 from .codebooks import as_codebooks
-from .context import key_masks, make_ctx
+from .context import key_masks
 from .inputs import validate_inputs
 from .runtime import RuntimeBase
 from .split import DEFAULT_SPLIT, with_class_token
@@ -17,9 +17,6 @@ from .split import DEFAULT_SPLIT, with_class_token
 class SimRuntime(RuntimeBase):
     """All ranks at once. With distributed class tokens the sequence is laid out as
     ``[cls copy of rank 0, ..., cls copy of rank N-1, token 1, ..., token T-1]``."""
-
-    # True in astra.training's subclass: run() keeps autograd on (the caller's grad mode applies)
-    differentiable = False
 
     def __init__(self, model, codebooks, world_size: int, class_token="auto", split=DEFAULT_SPLIT):
         super().__init__(model, codebooks, class_token, split)
@@ -113,7 +110,7 @@ class SimRuntime(RuntimeBase):
     def run(self, inputs: Dict[str, Any], capture: bool = False):
         inputs = validate_inputs(self.fam, inputs, self.N, self.cls)
         self.layer = None
-        self.ctx = make_ctx(self.fam, inputs, self.N, self.cls, self.split_costs)
+        self.ctx = self.new_ctx(inputs, self.N)
         if capture:
             self.ctx.capture = {}
         try:
