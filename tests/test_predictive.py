@@ -55,14 +55,16 @@ def test_calibrated_predictors_shapes_and_layer_0_is_the_embedding_output(bert, 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_decoders_embed_the_whole_sequence_as_their_forward_does(family):
     """A decoder's ranks embed every token themselves (FamilyAdapter.embed), exactly as the forward's first layer
-    sees it: with default and given position ids and, for GPT-2, token types."""
+    sees it: with default and given position ids, from ids or given embeddings and, for GPT-2, token types."""
     from astra.models import family_of
 
     model = tiny_model(family, head=False)
     fam = family_of(model)
     inputs = tiny_inputs(family, batch=2, seq=9, padded=True, seed=3)
     pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    cases = [(inputs, torch.arange(9).unsqueeze(0)), (dict(inputs, position_ids=pos), pos)]
+    embeds = 1.5 * model.get_input_embeddings()(inputs["input_ids"]).detach()
+    cases = [(inputs, torch.arange(9).unsqueeze(0)), (dict(inputs, position_ids=pos), pos),
+             ({"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}, torch.arange(9).unsqueeze(0))]
     if family == "gpt2":
         cases.append((dict(inputs, token_type_ids=inputs["input_ids"] % 3), torch.arange(9).unsqueeze(0)))
     for given, p in cases:
