@@ -241,8 +241,9 @@ class RuntimeBase:
 
     def prediction(self, layer: int, idx: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
         """Layer ``layer``'s prediction ``[e, h_prev] @ P + p`` ``[B, n, D]`` of the tokens of global indices ``idx``:
-        ``e`` their embedding output (kept by the embeddings hook; zero where the family has none), ``h_prev = prev``
-        their dequantized hidden state of the previous layer (None: zero; both zero: the bias alone, broadcast)."""
+        ``e`` their embedding output (kept by the embeddings hook, or a decoder's by :meth:`new_ctx`; zero where
+        the family gives none), ``h_prev = prev`` their dequantized hidden state of the previous layer (None: zero;
+        both zero: the bias alone, broadcast)."""
         emb = self.ctx.state.get("emb")
         return apply_predictor(*self._pred[layer], None if emb is None else emb[:, idx], prev, ak.gemm)
 
