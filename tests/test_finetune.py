@@ -86,6 +86,30 @@ def test_straight_through_quantizer_value_and_gradients():
     assert len(rt.commitment) == 1
 
 
+def test_codebook_gradients_are_bitwise_reproducible_with_threads():
+    """Many tokens on few codewords, two threads: the codewords' gradients are the same bits on every backward
+    (advanced indexing's accumulating backward was not, and MiniLM fine-tunes differed between processes)."""
+    model = tiny_model("bert")
+    g = torch.Generator().manual_seed(3)
+    C = torch.nn.Parameter(torch.randn(4, 16, 16, generator=g))
+    rt = TrainSimRuntime(model, astra.Codebooks([C, C.detach()], model_type="bert", hidden_size=64), 2)
+    h = torch.randn(8, 6000, 64, generator=g)
+    w = torch.randn(8, 6000, 64, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    rt.install()
+    try:
+        grads = []
+        for _ in range(4):
+            C.grad = None
+            (rt.quantize(0, h, None) * w).sum().backward()
+            grads.append(C.grad.clone())
+    finally:
+        rt.uninstall()
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], x) for x in grads[1:])
+
+
 def test_naq_noise_only_in_training_and_scaled_by_residual():
     model = tiny_model("vit")
     inputs = tiny_inputs("vit")

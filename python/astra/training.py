@@ -83,7 +83,10 @@ class TrainSimRuntime(SimRuntime):
             # C itself, not C.detach() (a new tensor each call): the encoder's per-codebook preparation is cached
             # on the tensor and its version, so the ranks of one step share it and an optimizer step renews it
             codes = ak.vq_encode(self.transform(layer, x).to(C.dtype), C).long()        # [B, n, G]
-        q = C[torch.arange(G, device=C.device), codes].reshape(h.shape)                 # [B, n, D] transformed
+        # index_select: its backward (index_add_) sums each codeword's gradient in a fixed order on CPU; advanced
+        # indexing's (index_put_ accumulating) does not with several threads, and fine-tunes came out different
+        rows = codes + torch.arange(G, device=C.device) * K
+        q = C.reshape(G * K, d).index_select(0, rows.reshape(-1)).reshape(h.shape)      # [B, n, D] transformed
         q = self.untransform(layer, q).to(h.dtype)
         if pred is not None:
             q = q + pred.to(h.dtype)
