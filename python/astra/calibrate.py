@@ -19,7 +19,8 @@ import torch
 import astra_kernels as ak
 from . import bases
 from .codebooks import Codebooks, apply_predictor
-from .context import make_ctx
+from .context import position_ids
+from .inputs import seq_geometry
 from .models import family_of
 
 BACKENDS = ("auto", "faiss", "torch")
@@ -49,6 +50,7 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
                                            with_kwargs=True) for l, m in enumerate(fam.attn_modules)]
     if use_emb and fam.embeddings is not None:
         handles.append(fam.embeddings.register_forward_hook(lambda mod, a, out: keep(-1, out)))
+    dev = next(model.parameters()).device
     try:
         n = 0
         for s in samples:
@@ -56,7 +58,7 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
             current_mask[0] = m.bool() if m is not None else None
             model(**s)
             if use_emb and fam.embeddings is None:
-                keep(-1, fam.embed(s, make_ctx(fam, s, 1, False).pos_ids))
+                keep(-1, fam.embed(s, position_ids(fam, s, seq_geometry(fam, s)[1], dev)[0]))
             n += per_layer[0][-1].shape[0]
             if max_tokens is not None and n >= max_tokens:
                 break

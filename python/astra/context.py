@@ -51,16 +51,19 @@ def make_ctx(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool, co
         if mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}], got {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
-    pos = inputs.get("position_ids")
-    default_pos = True
-    if fam.decoder:
-        # HF's forward: arange(T) unless position_ids are given (generate gives them from the attention mask)
-        arange = torch.arange(T, device=dev).unsqueeze(0)
-        if pos is None:
-            pos = arange
-        else:
-            pos = pos.to(dev).unsqueeze(0) if pos.ndim == 1 else pos.to(dev)
-            default_pos = bool((pos == arange).all())
-    else:
-        pos = None
+    pos, default_pos = position_ids(fam, inputs, T, dev)
     return Ctx(T=T, B=B, cls=cls, chunks=chunks, pos_ids=pos, default_pos=default_pos, mask=mask)
+
+
+def position_ids(fam: Family, inputs: Dict[str, Any], T: int, device) -> Tuple[Optional[torch.Tensor], bool]:
+    """A decoder's global position ids ``[B or 1, T]`` and whether they are ``arange(T)`` (encoders: ``(None,
+    True)``; their embeddings compute their own over the whole sequence)."""
+    if not fam.decoder:
+        return None, True
+    # HF's forward: arange(T) unless position_ids are given (generate gives them from the attention mask)
+    arange = torch.arange(T, device=device).unsqueeze(0)
+    pos = inputs.get("position_ids")
+    if pos is None:
+        return arange, True
+    pos = pos.to(device).unsqueeze(0) if pos.ndim == 1 else pos.to(device)
+    return pos, bool((pos == arange).all())

@@ -85,8 +85,8 @@ class TrainSimRuntime(SimRuntime):
             codes = ak.vq_encode(self.transform(layer, x).to(C.dtype), C).long()        # [B, n, G]
         # index_select: its backward (index_add_) sums each codeword's gradient in a fixed order on CPU; advanced
         # indexing's (index_put_ accumulating) does not with several threads, and fine-tunes came out different
-        rows = codes + torch.arange(G, device=C.device) * K
-        q = C.reshape(G * K, d).index_select(0, rows.reshape(-1)).reshape(h.shape)      # [B, n, D] transformed
+        flat = codes + torch.arange(G, device=C.device) * K                             # rows of C [G * K, d]
+        q = C.reshape(G * K, d).index_select(0, flat.reshape(-1)).reshape(h.shape)      # [B, n, D] transformed
         q = self.untransform(layer, q).to(h.dtype)
         if pred is not None:
             q = q + pred.to(h.dtype)
