@@ -429,6 +429,10 @@ def validate(args) -> None:
         from .runcmd import check_run_args
 
         check_run_args(args)
+    if args.cmd == "finetune":
+        from .finetunecmd import check_finetune_args
+
+        check_finetune_args(args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,10 +485,19 @@ def _run_parser(sub) -> None:
     r.set_defaults(fn=lambda a: __import__("astra.runcmd", fromlist=["cmd_run"]).cmd_run(a))
 
 
+def _finetune_parser(sub) -> None:
+    from .finetunecmd import DESCRIPTION, add_finetune_arguments
+
+    f = sub.add_parser("finetune", formatter_class=_Fmt, description=DESCRIPTION,
+                       help="fine-tune saved codebooks (and optionally the model) on text; held-out loss before/after")
+    add_finetune_arguments(f)
+    f.set_defaults(fn=lambda a: __import__("astra.finetunecmd", fromlist=["cmd_finetune"]).cmd_finetune(a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="astra", formatter_class=_Fmt,
                                 description="ASTRA sequence-parallel inference (VQ codes between ranks)")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,calibrate,info,bench,run}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,calibrate,finetune,info,bench,run}")
 
     d = sub.add_parser("demo", formatter_class=_Fmt, help="calibrate (or load codebooks), run local gloo ranks, "
                        "compare with the model and report bytes",
@@ -507,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Versions, kernel ops, supported models; --codebooks FILE describes a file.")
     i.add_argument("--codebooks", default=None, metavar="FILE", help="describe this codebook file")
     i.set_defaults(fn=cmd_info)
+    _finetune_parser(sub)
     _bench_parser(sub)
     _run_parser(sub)
     return p
