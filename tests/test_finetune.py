@@ -181,6 +181,27 @@ def test_finetune_codebooks_lowers_distillation_error_and_leaves_model_untouched
     assert err(res.codebooks) < 0.9 * err(cb), (err(res.codebooks), err(cb))
 
 
+def test_default_codebook_lr_follows_each_layers_scale():
+    from astra.finetune import LR_RELATIVE, codebook_lrs
+
+    model = tiny_model("gpt2")
+    data = _data("gpt2")
+    cb = astra.calibrate(model, data, groups=4, codebook_size=16, iters=3)
+    scaled = cb.with_tensors([t * (l + 1) for l, t in enumerate(cb.tensors)])     # layer l's codewords x (l + 1)
+    lrs = codebook_lrs(scaled, None)
+    assert lrs == pytest.approx([LR_RELATIVE * float(t.abs().mean()) for t in scaled.tensors], rel=1e-6)
+    assert codebook_lrs(scaled, 3e-3) == [3e-3] * cb.num_layers
+    # Adam's first step moves every entry with a gradient by its group's lr: here each layer's own
+    res = astra.finetune(model, scaled, data, world_size=2, steps=1, progress=False)
+    for l, (a, b) in enumerate(zip(scaled.tensors, res.codebooks.tensors)):
+        moved = (b - a).abs()
+        assert float(moved.max()) == pytest.approx(lrs[l], rel=1e-3), l
+        assert float(moved[moved > 0].median()) == pytest.approx(lrs[l], rel=1e-2), l     # (tiny gradients: less)
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            astra.finetune(model, cb, data, world_size=2, lr=bad, progress=False)
+
+
 def test_finetune_all_round_trips_through_save_and_load(tmp_path):
     import transformers as tf
 

@@ -29,6 +29,10 @@ TRAIN_MODES = ("codebooks", "all")
 #: ``train="codebooks"`` reached 0.9908 held-out cosine without it against 0.9889 with lambda = 1 at G = 32, and
 #: 0.9423 against 0.9368 at G = 1 (bench/RESULTS.md, issue 8). The paper's NAQ hardens a model being trained.
 NAQ_DEFAULT = {"codebooks": 0.0, "all": 1.0}
+#: ``lr=None``: each layer's codebook learning rate is this times the mean absolute entry of its codebook, so the
+#: (Adam) steps follow the codebooks' scale, which differs ~6x across models and codebook kinds (predictive
+#: codebooks code residuals); bench/RESULTS.md, "The codebook learning rate"
+LR_RELATIVE = 0.006
 
 
 @dataclass
@@ -104,11 +108,21 @@ class _Setup:
     optimizer: torch.optim.Optimizer
 
 
-def _setup(model, cb: Codebooks, train: str, lr: float, model_lr: float) -> _Setup:
+def codebook_lrs(cb: Codebooks, lr: Optional[float]) -> List[float]:
+    """Every layer's codebook learning rate: ``lr``, or with None :data:`LR_RELATIVE` times the layer's mean
+    absolute codebook entry."""
+    if lr is None:
+        return [LR_RELATIVE * float(t.detach().abs().mean()) for t in cb.tensors]
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0 (or None: relative to the codebooks' scale), got {lr}")
+    return [float(lr)] * cb.num_layers
+
+
+def _setup(model, cb: Codebooks, train: str, lr: Optional[float], model_lr: float) -> _Setup:
     dev = next(model.parameters()).device
     params = [torch.nn.Parameter(t.detach().to(device=dev, dtype=torch.float32).clone()) for t in cb.tensors]
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
-    groups = [{"params": params, "lr": lr}]
+    groups = [{"params": [p], "lr": r} for p, r in zip(params, codebook_lrs(cb, lr))]
     teacher = None
     if train == "all":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -154,7 +168,7 @@ def _step(model, st: _Setup, cb: Codebooks, batch, n: int, opts: Dict[str, Any],
 
 def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, Any]]], *,
              world_size: Union[int, Sequence[int]], train: str = "codebooks", epochs: int = 1,
-             steps: Optional[int] = None, lr: float = 1e-3, model_lr: float = 2e-5, beta: float = 1e-4,
+             steps: Optional[int] = None, lr: Optional[float] = None, model_lr: float = 2e-5, beta: float = 1e-4,
              naq: Optional[float] = None, class_token="auto", loss: Optional[Callable] = None, clip: float = 1.0,
              seed: int = 0, progress: bool = True, output_dir: Optional[str] = None) -> FinetuneResult:
     """Fine-tune ``codebooks`` (``train="codebooks"``, model weights untouched) or model and codebooks together
