@@ -178,6 +178,8 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
     ``loss(out, ref, batch)``: task loss of the simulated output ``out`` vs the unmodified model's ``ref``
     (default :func:`distill_loss`). ``naq``: lambda of noise-augmented quantization (training only; 0 = off;
     default :data:`NAQ_DEFAULT`: 0 for ``train="codebooks"``, 1 for ``train="all"``).
+    ``lr``: the codebooks' learning rate; None: per layer :data:`LR_RELATIVE` times its mean absolute entry
+    (:func:`codebook_lrs`). ``model_lr``: the model's, with ``train="all"``.
     ``steps`` defaults to ``epochs * len(data)``; batches are visited in a seeded shuffled order.
     ``output_dir``: writes ``codebooks.safetensors`` and, with ``train="all"``, the HF model (``save_pretrained``).
     The model runs in eval mode (no dropout). Deterministic on CPU for a given ``seed``.
