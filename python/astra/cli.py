@@ -345,7 +345,7 @@ def cmd_calibrate(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # argument checks: every one runs before any work, and fails with one line (exit code 2)
 # ------------------------------------------------------------------------------------------------
-def _int_range(opt: str, value: int, lo: int, hi: Optional[int] = None) -> None:
+def int_range(opt: str, value: int, lo: int, hi: Optional[int] = None) -> None:
     if value < lo or (hi is not None and value > hi):
         want = f">= {lo}" if hi is None else f"in {lo}..{hi}"
         raise UsageError(f"{opt} must be {want}, got {value}")
@@ -384,12 +384,12 @@ def check_codebook_args(args) -> None:
         if not os.path.isfile(args.codebooks):
             raise UsageError(f"--codebooks: no such file {args.codebooks}")
         return
-    _int_range("--codebook-size", args.codebook_size, 1, MAX_K)
-    _int_range("--groups", args.groups, 1)
+    int_range("--codebook-size", args.codebook_size, 1, MAX_K)
+    int_range("--groups", args.groups, 1)
     n_paras = len(stdlib_paragraphs())
-    _int_range("--samples", args.samples, 1, n_paras)
-    _int_range("--max-tokens", args.max_tokens, 1)
-    _int_range("--iters", args.iters, 1)
+    int_range("--samples", args.samples, 1, n_paras)
+    int_range("--max-tokens", args.max_tokens, 1)
+    int_range("--iters", args.iters, 1)
     D = hidden_size_of(args.model)
     if D % args.groups:
         raise UsageError(f"--groups {args.groups} does not divide the model's hidden size {D}")
@@ -410,13 +410,13 @@ def validate(args) -> None:
     if hasattr(args, "model") and args.cmd != "bench":
         resolve_model_name(args.model)
     if hasattr(args, "max_length"):
-        _int_range("--max-length", args.max_length, 2)
+        int_range("--max-length", args.max_length, 2)
     if args.cmd == "info" and args.codebooks and not os.path.isfile(args.codebooks):
         raise UsageError(f"--codebooks: no such file {args.codebooks}")
     if args.cmd in ("demo", "run"):
-        _int_range("--world-size", args.world_size, 1, 64)
+        int_range("--world-size", args.world_size, 1, 64)
     if args.cmd == "demo":
-        _int_range("--batch", args.batch, 1, len(stdlib_paragraphs()))
+        int_range("--batch", args.batch, 1, len(stdlib_paragraphs()))
     if args.cmd in ("demo", "calibrate", "run"):
         check_codebook_args(args)
     if args.cmd == "calibrate":

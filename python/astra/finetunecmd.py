@@ -44,18 +44,20 @@ def add_finetune_arguments(p) -> None:
 
 def parse_world_sizes(text: str) -> List[int]:
     """``"4"`` -> [4], ``"2,4,8"`` -> [2, 4, 8]; ValueError naming the option otherwise."""
+    from .cli import int_range
+
     try:
         sizes = [int(s) for s in text.split(",")]
     except ValueError:
         raise ValueError(f"--world-size must be an int or a comma list of ints, got {text!r}") from None
-    if any(not 2 <= n <= 64 for n in sizes):
-        raise ValueError(f"--world-size must be in 2..64 (at 1 no token is quantized), got {text}")
+    for n in sizes:
+        int_range("--world-size", n, 2, 64)           # at 1 no token is quantized: nothing to train
     return sizes
 
 
 def check_finetune_args(args) -> None:
     """Every argument of ``astra finetune`` before any work (ValueError with one line)."""
-    from .cli import local_model_dir, resolve_model_name, stdlib_paragraphs
+    from .cli import int_range, local_model_dir, resolve_model_name, stdlib_paragraphs
     from .runcmd import read_texts
 
     if not os.path.isfile(args.codebooks):
@@ -71,8 +73,7 @@ def check_finetune_args(args) -> None:
         raise ValueError(f"--train all needs a model directory (with its tokenizer); {args.model} is random-init")
     for opt, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--held-out", args.held_out),
                    ("--samples", args.samples)):
-        if v < 1:
-            raise ValueError(f"{opt} must be >= 1, got {v}")
+        int_range(opt, v, 1)
     for opt, v, zero_ok in (("--lr", args.lr, False), ("--model-lr", args.model_lr, False),
                             ("--beta", args.beta, True), ("--naq", args.naq, True)):
         if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok)):
@@ -116,8 +117,6 @@ def save_tokenizer(model_name: str, out: str) -> None:
 
 
 def cmd_finetune(args) -> int:
-    import copy
-
     import torch
 
     import astra
@@ -141,15 +140,14 @@ def cmd_finetune(args) -> int:
     print(f"[3/3] astra.finetune(train={args.train!r}, world_size={ws}, epochs={args.epochs}"
           + "".join(f", {k}={v:g}" for k, v in opts.items()) + ") ...", flush=True)
     t0 = time.perf_counter()
-    trained = model if args.train == "codebooks" else copy.deepcopy(model)
-    res = astra.finetune(trained, cb, train, world_size=ws, train=args.train, epochs=args.epochs, seed=args.seed,
+    res = astra.finetune(model, cb, train, world_size=ws, train=args.train, epochs=args.epochs, seed=args.seed,
                          output_dir=args.out, **opts)
     print(f"  {len(res.losses)} steps in {time.perf_counter() - t0:.1f}s")
     if args.train == "all":
         save_tokenizer(args.model, args.out)
     print("held-out distillation loss (astra.simulate vs the unmodified model), before -> after:")
     for n in args.world_sizes:
-        after = held_out_loss(trained, res.codebooks, test, refs, n)
+        after = held_out_loss(model, res.codebooks, test, refs, n)      # refs: the model before training
         print(f"  world size {n}: {before[n]:.5g} -> {after:.5g} ({100 * (after / before[n] - 1):+.1f} %)")
     path = os.path.join(args.out, CODEBOOKS_FILE)
     model_opt = f"--model {args.out}" if args.train == "all" else f"--model {args.model}"
