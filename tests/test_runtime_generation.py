@@ -81,6 +81,24 @@ def test_simulate_generate_full_precision_equals_model_generate(family):
             assert torch.equal(got, ref), (family, name, n, got.tolist(), ref.tolist())
 
 
+def test_the_cache_goes_to_generate_under_the_installed_transformers_name(monkeypatch):
+    import sys
+    import warnings
+
+    from astra.generation import cache_kwarg
+
+    model = gen_model("gpt2")
+    ids = tiny_inputs("gpt2", batch=1, seq=6, seed=3)["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)          # no deprecated keyword from astra's own call
+        astra.simulate_generate(model, ids, world_size=2, max_new_tokens=2)
+    for version, name in (("4.48.0", "past_key_values"), ("5.23.0", "past_key_values"), ("5.24.0", "cache"),
+                          ("6.1.0", "cache")):
+        # (transformers swaps its module object in sys.modules on lazy imports: patch the one there now)
+        monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+        assert cache_kwarg() == name, version
+
+
 def test_simulate_generate_beams_dict_output_and_inferred_mask():
     model = tiny_model("llama")
     ids = tiny_inputs("llama", seq=10)["input_ids"]

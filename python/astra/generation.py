@@ -27,6 +27,17 @@ from .errors import InvalidInputError, UnsupportedModelError
 from .inputs import validate_inputs
 
 _NOT_WITH_GENERATE = ("inputs_embeds", "token_type_ids", "cache_implementation", "prefill_chunk_size")
+#: the first transformers whose ``generate`` takes the KV cache as ``cache=`` (earlier: ``past_key_values=``, which
+#: it still accepts with a FutureWarning until 6.0)
+CACHE_KWARG_SINCE = "5.24.0"
+
+
+def cache_kwarg() -> str:
+    """The name under which the installed transformers' ``generate`` takes a KV cache."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__) >= Version(CACHE_KWARG_SINCE) else "past_key_values"
 
 
 @dataclass
@@ -126,7 +137,7 @@ def hf_generate(model, prompt: Prompt, kv: Optional[List[Tuple[torch.Tensor, tor
         kwargs["stopping_criteria"] = StoppingCriteriaList(list(kwargs.get("stopping_criteria") or [])
                                                            + list(extra_criteria))
     if kv is not None:
-        kwargs["past_key_values"] = build_cache(model, kv, prompt.expand)
+        kwargs[cache_kwarg()] = build_cache(model, kv, prompt.expand)
     if prompt.position_ids is not None:
         kwargs["position_ids"] = prompt.position_ids
     return model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
