@@ -205,8 +205,9 @@ def test_folded_kv_projection_equals_decode_then_project(family):
         codes = torch.randint(0, 16, (2, 5, 4), generator=g, dtype=torch.int32)
         pos = torch.tensor([[3, 9, 4, 11, 6]] * 2)
         for layer, m in enumerate(rt.fam.attn_modules):
-            k, v = rt.quantized_kv(layer, m, codes, pos, torch.float32)
-            k0, v0 = rt.remote_kv(m, rt.decode(layer, codes, torch.float32), pos)
+            with torch.no_grad():               # inference, as the runtimes call them
+                k, v = rt.quantized_kv(layer, m, codes, pos, torch.float32)
+                k0, v0 = rt.remote_kv(m, rt.decode(layer, codes, torch.float32), pos)
             assert k.shape == k0.shape and v.shape == v0.shape
             torch.testing.assert_close(k, k0, rtol=0, atol=1e-5)
             torch.testing.assert_close(v, v0, rtol=0, atol=1e-5)
