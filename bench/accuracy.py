@@ -74,13 +74,13 @@ class Task:
     test: List[Dict[str, torch.Tensor]]
     score: Callable[[List, List], Dict[str, float]]      # (outputs, reference outputs) -> metrics
     ref: List = field(default_factory=list)
-    lr: float = 2e-3
+    lr: Optional[float] = None               # codebook lr (None: astra.finetune's, relative to the codebooks' scale)
     model_lr: float = 2e-5
     epochs: int = 1
     loss: Callable = None                    # astra.finetune's task loss (None: its default distillation)
     ablations: bool = True                   # run the ablation table for this task
     ws2: bool = True                         # also fine-tune train="codebooks" at world size 2
-    predictive_lr: Optional[float] = None    # fine-tune predictive codebooks at this codebook lr (None: not at all)
+    predictive_tune: bool = False            # also fine-tune the predictive codebooks (train="codebooks", ws 4)
     calibrated: Dict[int, astra.Codebooks] = field(default_factory=dict)   # G -> plain calibrated codebooks
     tuned: Dict[tuple, tuple] = field(default_factory=dict)   # a fine-tune's settings -> (codebooks, metrics)
 
@@ -152,10 +152,8 @@ def minilm_task(size: Size) -> Task:
         return {"cos": cos, "nn": float((nn_e == nn_r).float().mean())}
 
     # MiniLM is the costly model on CPU: its ablations run on the ViT and GPT-2 only
-    # predictive codebooks quantize residuals ~2.5x smaller than the hidden states: a 4x smaller Adam step (their
-    # fine-tune at 2e-3 lowered the held-out cosine; 5e-4 raised it: bench/RESULTS.md, "Predictive codebooks")
-    return Task("MiniLM", model, batches(train_s, 16), test, score, lr=2e-3, model_lr=1e-5,
-                epochs=size.epochs_minilm, loss=embedding_loss, ablations=False, ws2=False, predictive_lr=5e-4)
+    return Task("MiniLM", model, batches(train_s, 16), test, score, model_lr=1e-5,
+                epochs=size.epochs_minilm, loss=embedding_loss, ablations=False, ws2=False, predictive_tune=True)
 
 
 def _digits():
@@ -212,7 +210,7 @@ def vit_task(size: Size, cache: str) -> Task:
         pred = torch.cat([o.logits.argmax(-1) for o in outs])
         return {"top1": 100.0 * float((pred == yte).float().mean())}
 
-    return Task("ViT-digits", model, train, test, score, lr=5e-3, model_lr=1e-5, epochs=size.epochs_vit)
+    return Task("ViT-digits", model, train, test, score, model_lr=1e-5, epochs=size.epochs_vit)
 
 
 def stdlib_bytes(seq: int):
@@ -269,7 +267,7 @@ def gpt2_task(size: Size, cache: str) -> Task:
         n = sum(b["input_ids"][:, 1:].numel() for b in test)
         return {"ppl": float(torch.exp(torch.stack(nll).sum() / n))}
 
-    return Task("GPT-2-stdlib", model, train, test, score, lr=5e-3, model_lr=1e-5, epochs=size.epochs_gpt2)
+    return Task("GPT-2-stdlib", model, train, test, score, model_lr=1e-5, epochs=size.epochs_gpt2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,31 +311,32 @@ def evaluate(task: Task, model, cb, class_token="auto") -> Dict[int, Dict[str, f
 
 
 def fine_tuned(task: Task, cb, *, G: int, ws: int, train: str = "codebooks", naq=None, beta: float = 1e-4,
-               class_token="auto", lr: Optional[float] = None, log=print):
+               class_token="auto", log=print):
     import copy
 
     model = copy.deepcopy(task.model) if train == "all" else task.model
     t0 = time.perf_counter()
-    lr = task.lr if lr is None else lr
+    lr = task.lr
+    lr_text = "relative" if lr is None else f"{lr:g}"
     res = astra.finetune(model, cb, task.train, world_size=ws, train=train, epochs=task.epochs, lr=lr,
                          model_lr=task.model_lr, beta=beta, naq=naq, class_token=class_token, loss=task.loss,
                          seed=0, progress=False)
     first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / len(res.losses[-5:])
-    log(f"  {task.name} G={G} ws={ws} train={train} naq={naq} beta={beta} cls={class_token} lr={lr:g}: "
+    log(f"  {task.name} G={G} ws={ws} train={train} naq={naq} beta={beta} cls={class_token} lr={lr_text}: "
         f"{len(res.losses)} steps, loss {first:.4g} -> {last:.4g} ({time.perf_counter() - t0:.0f}s)")
     return model, res.codebooks
 
 
 def tuned_row(task: Task, variant: str, cb, *, G: int, ws: int, train: str = "codebooks", naq=None,
-              beta: float = 1e-4, lr: Optional[float] = None, log=print) -> Row:
+              beta: float = 1e-4, log=print) -> Row:
     """The row of a fine-tune (:func:`fine_tuned`) and its evaluation; a fine-tune with the same settings as an
     earlier row (e.g. the NAQ ablation's default lambda) is run once and its figures reused."""
     naq = NAQ_DEFAULT[train] if naq is None else float(naq)
-    key = (id(cb), G, ws, train, naq, float(beta), lr)
+    key = (id(cb), G, ws, train, naq, float(beta))
     if key in task.tuned:
         log(f"  {task.name} G={G} ws={ws} train={train} naq={naq} beta={beta}: the fine-tune of an earlier row")
     else:
-        m, c = fine_tuned(task, cb, G=G, ws=ws, train=train, naq=naq, beta=beta, lr=lr, log=log)
+        m, c = fine_tuned(task, cb, G=G, ws=ws, train=train, naq=naq, beta=beta, log=log)
         task.tuned[key] = (cb, evaluate(task, m, c))          # cb kept alive: its id stays unique
     return Row(variant, str(G), str(ws), task.tuned[key][1])
 
@@ -361,15 +360,14 @@ def main_rows(task: Task, K: int, log) -> List[Row]:
 
 def predictive_rows(task: Task, G: int, K: int, max_tokens: int, log) -> List[Row]:
     """Predictive codebooks (``astra.calibrate(predict=True)``): calibrated, and for tasks with a
-    ``predictive_lr`` fine-tuned train="codebooks" at world size 4."""
+    ``predictive_tune`` fine-tuned train="codebooks" at world size 4."""
     t0 = time.perf_counter()
     pc = astra.calibrate(task.model, task.train, groups=G, codebook_size=K, iters=10, max_tokens=max_tokens,
                          predict=True)
     log(f"  {task.name} G={G} predictive calibration {time.perf_counter() - t0:.0f}s")
     rows = [Row("calibrated, predictive", str(G), "-", evaluate(task, task.model, pc))]
-    if task.predictive_lr is not None:
-        rows.append(tuned_row(task, 'fine-tuned train="codebooks", predictive', pc, G=G, ws=4,
-                              lr=task.predictive_lr, log=log))
+    if task.predictive_tune:
+        rows.append(tuned_row(task, 'fine-tuned train="codebooks", predictive', pc, G=G, ws=4, log=log))
     return rows
 
 

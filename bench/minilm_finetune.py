@@ -4,7 +4,7 @@ command line: the loss, NAQ, the learning rate, epochs. Calibrates (or loads ``-
 sizes 2, 4 and 8, before and after.
 
     PYTHONPATH=.:python python bench/minilm_finetune.py --groups 32 --loss embedding --naq 0
-    PYTHONPATH=.:python python bench/minilm_finetune.py --groups 1 --predict --lr 5e-4
+    PYTHONPATH=.:python python bench/minilm_finetune.py --groups 1 --predict
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loss", choices=("distill", "embedding"), default="embedding",
                     help="distill: astra.finetune's default; embedding: the study's sentence-embedding distance")
     ap.add_argument("--naq", type=float, default=None, help="NAQ lambda (default: astra.finetune's)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="codebook learning rate (default: 2e-3)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="codebook learning rate (default: astra.finetune's, relative to the codebooks' scale)")
     ap.add_argument("--epochs", type=int, default=1, help="epochs over the 1500 training sentences (default: 1)")
     ap.add_argument("--predict", action="store_true", help="predictive codebooks (astra.calibrate(predict=True))")
     ap.add_argument("--codebooks", default=None, help="load / save the calibrated codebooks here")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     A.evaluate(task, task.model, cb)
     task.loss = A.embedding_loss if a.loss == "embedding" else None
     task.lr, task.epochs = a.lr, a.epochs
-    print(f"fine-tuned (loss {a.loss}, lr {a.lr:g}):", flush=True)
+    print(f"fine-tuned (loss {a.loss}, lr {'relative' if a.lr is None else f'{a.lr:g}'}):", flush=True)
     _, codebooks = A.fine_tuned(task, cb, G=a.groups, ws=4, naq=a.naq)
     A.evaluate(task, task.model, codebooks)
     return 0
