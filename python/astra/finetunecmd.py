@@ -27,12 +27,13 @@ def add_finetune_arguments(p) -> None:
     p.add_argument("--train", choices=TRAIN_MODES, default="codebooks",
                    help="codebooks: the model's weights stay as they are; all: model and codebooks together")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training text")
-    p.add_argument("--lr", type=float, default=None, help="codebook learning rate (default: astra.finetune's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="codebook learning rate (None: astra.finetune's, relative to each layer's codebook scale)")
     p.add_argument("--model-lr", type=float, default=None,
-                   help="model learning rate with --train all (default: astra.finetune's)")
-    p.add_argument("--beta", type=float, default=None, help="commitment loss weight (default: astra.finetune's)")
+                   help="model learning rate with --train all (None: astra.finetune's)")
+    p.add_argument("--beta", type=float, default=None, help="commitment loss weight (None: astra.finetune's)")
     p.add_argument("--naq", type=float, default=None,
-                   help="noise-augmented quantization lambda (default: astra.finetune's for the --train mode)")
+                   help="noise-augmented quantization lambda (None: astra.finetune's for the --train mode)")
     p.add_argument("--input", default=None, metavar="FILE",
                    help="train on this text file's non-empty lines instead of CPython's pydoc topics")
     p.add_argument("--samples", type=int, default=400, help="training paragraphs (or lines) at most")
