@@ -328,22 +328,26 @@ def test_finetune_keeps_the_transform_and_trains_through_it():
 
 def test_split_costs_count_the_transform():
     """The causal split's costs charge a transformed codebook's D x D product once per encoded token, and nothing
-    per non-local key (the folded K/V projection; at G = 1 the K/V tables hold the inverse transform)."""
-    from astra.split import GEMM_MAC_COST, GROUPED_ENCODE_MAC_COST, causal_costs
+    per non-local key (the folded K/V projection; at G = 1 the K/V tables hold the inverse transform), in every
+    layer but layer 0, which every rank computes (no encode; every non-local key projected)."""
+    from astra.split import GEMM_MAC_COST, GROUPED_ENCODE_MAC_COST, TABLE_ATTENTION_MAC_COST, causal_costs
 
     model = tiny_model("gpt2")
     fam = family_of(model)
+    c = 1 - 1 / fam.num_layers                         # the share of layers that encode (layer 0 does not)
     data = _data("gpt2", seeds=(3,))
     plain = astra.calibrate(model, data, groups=4, codebook_size=16, iters=2, basis="none")
     tf = astra.calibrate(model, data, groups=4, codebook_size=16, iters=2)
     (p0, k0, e0, l0), (p1, k1, e1, l1) = causal_costs(fam, plain), causal_costs(fam, tf)
     D = 64
     search = GROUPED_ENCODE_MAC_COST * D * 16          # G = 4: the grouped search's weighted multiply-adds
-    token0 = search / e0                               # one token's per-layer work, untransformed
+    token0 = c * search / e0                           # one token's per-layer work, untransformed
     tdd = GEMM_MAC_COST * D * D                        # the transform, through astra_kernels.gemm
-    assert e1 * (token0 + tdd) == pytest.approx(search + tdd, rel=1e-12)
-    assert k1 * (token0 + tdd) == pytest.approx(k0 * token0, rel=1e-12)
-    assert p1 * (token0 + tdd) == pytest.approx(p0 * token0, rel=1e-12)
-    assert l1 * (token0 + tdd) == pytest.approx(l0 * token0, rel=1e-12)
+    assert e1 * (token0 + c * tdd) == pytest.approx(c * (search + tdd), rel=1e-12)
+    assert k1 * (token0 + c * tdd) == pytest.approx(k0 * token0, rel=1e-12)
+    assert p1 * (token0 + c * tdd) == pytest.approx(p0 * token0, rel=1e-12)
+    assert l1 * (token0 + c * tdd) == pytest.approx(l0 * token0, rel=1e-12)
     g1 = astra.calibrate(model, data, groups=1, codebook_size=16, iters=2, basis="attention")
-    assert causal_costs(fam, g1)[1] == 0
+    pair, key = causal_costs(fam, g1)[:2]
+    token = TABLE_ATTENTION_MAC_COST * 2 * D / pair
+    assert key * token == pytest.approx((1 - c) * 2 * D * D, rel=1e-12)      # layer 0's projections only

@@ -3,7 +3,7 @@ model under full-precision astra.simulate, runs ASTRA; inputs a model does not t
 models, heads and configurations are refused naming what is supported; users register their own family."""
 import pytest
 import torch
-from test_runtime_support import FAMILIES, PAD, max_diff, tiny_inputs, tiny_model
+from test_runtime_support import FAMILIES, PAD, main_output, max_diff, tiny_inputs, tiny_model
 
 import astra
 from astra.models import FamilyAdapter, family_of, linear_kv, register_family, unregister_family
@@ -201,3 +201,50 @@ def test_a_subclass_of_a_head_is_that_head():
     with torch.no_grad():
         ref = model(**inputs).logits
     assert float((astra.simulate(model, inputs, world_size=2).logits - ref).abs().max()) < TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_rank_computes_layer_0_from_the_embedding_output(family):
+    """Layer 0 exchanges nothing: ``first_layer_input`` of the embedding output is exactly what layer 0's attention
+    receives, so a one-layer model under ASTRA (any codebooks, any world size) is the unmodified model, and a
+    two-layer model's output does not depend on layer 0's codebook."""
+    from astra.calibrate import collect_hidden_states
+
+    inputs = tiny_inputs(family, seq=12)
+    model = tiny_model(family, head=False)
+    fam = family_of(model)
+    assert fam.computes_first_layer and not fam.exchanged(0) and fam.exchanged(1)
+    hs, emb = collect_hidden_states(model, [inputs], embeddings=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fam.first_layer_input(emb[None])[0], hs[0], rtol=0, atol=1e-6)
+    one = tiny_model(family, head=False, num_hidden_layers=1)
+    with torch.no_grad():
+        ref = one(**inputs)
+    cb = astra.Codebooks.random(one, groups=2, codebook_size=4, seed=3)
+    for n in (2, 3):
+        assert _worst(ref, astra.simulate(one, inputs, world_size=n, codebooks=cb), inputs) < TOL, (family, n)
+    cb = astra.Codebooks.random(model, groups=2, codebook_size=4, seed=3)
+    other = cb.with_tensors([cb.tensors[0] * 100 + 7] + list(cb.tensors[1:]))
+    a, b = (main_output(astra.simulate(model, inputs, world_size=3, codebooks=c)) for c in (cb, other))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, main_output(model(**inputs)))       # the later layers are quantized
+
+
+def test_a_family_without_first_input_exchanges_layer_0():
+    """An adapter that does not say how layer 0's input follows from the embedding output (``first_input``
+    None) gets layer 0 exchanged and quantized like the others."""
+    import dataclasses
+
+    model = tiny_model("bert", head=False)
+    adapter = family_of(model).adapter
+    inputs = tiny_inputs("bert", seq=12)
+    cb = astra.Codebooks.random(model, groups=2, codebook_size=4, seed=3)
+    other = cb.with_tensors([cb.tensors[0] * 100 + 7] + list(cb.tensors[1:]))
+    register_family(dataclasses.replace(adapter, first_input=None), replace=True)
+    try:
+        assert not family_of(model).computes_first_layer and family_of(model).exchanged(0)
+        a, b = (main_output(astra.simulate(model, inputs, world_size=3, codebooks=c)) for c in (cb, other))
+        assert not torch.allclose(a, b, atol=1e-3)
+    finally:
+        register_family(adapter, replace=True)
+    assert family_of(model).computes_first_layer

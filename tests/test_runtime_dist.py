@@ -1,5 +1,6 @@
 """astra.parallelize over real gloo ranks (astra.launch): full-precision SP equals the model, ASTRA equals
-astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes."""
+astra.simulate with calibrated codebooks (G in {1, 32}), per-layer bytes equal the codec frame sizes (layer 0
+exchanges nothing: every rank computes it)."""
 import torch
 from test_runtime_support import codebook_case, max_diff, predictive_case, tiny_codebooks, tiny_inputs, tiny_model
 
@@ -84,8 +85,9 @@ def check(results_per_rank, world):
                 for key, d in rec["vs_ref"].items():
                     assert d < TOL, (rank, rec["case"], key, d)
             cls = family == "vit" or class_token == "distributed"
-            # the input agreement, one all-gather per layer, the class-token mean, the end-of-forward status
-            assert rec["exchanges"] == 1 + rec["layers"] + cls + 1, (rec["case"], rec["exchanges"])
+            # the input agreement, one all-gather per layer but layer 0 (every rank computes its inputs from the
+            # embedding output), the class-token mean, the end-of-forward status
+            assert rec["exchanges"] == 1 + rec["layers"] - 1 + cls + 1, (rec["case"], rec["exchanges"])
             chunks = astra.split_indices(rec["T"], world, cls, rec["costs"])
             n = [len(c) for c in chunks]
             assert rec["local_idx"] == astra.local_indices(rec["T"], world, rank, cls, rec["costs"]).tolist()
@@ -93,6 +95,9 @@ def check(results_per_rank, world):
             senders = [not (rec["causal"] and s == world - 1) for s in range(world)]
             for layer, (sent, recv, wire, wait) in enumerate(rec["stats"]):
                 B = rec["B"]
+                if layer == 0:
+                    assert (sent, recv, wire, wait) == (0, 0, 0, 0.0), (rec["case"], sent, recv, wire)
+                    continue
                 if G is None:
                     per = 64 * 4
                     sizes = [B * k * per if snd else 0 for k, snd in zip(n, senders)]

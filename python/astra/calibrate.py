@@ -311,7 +311,8 @@ def _predictive(fam, dtype: torch.dtype, hs: List[torch.Tensor], emb: Optional[t
         y = (resid if T is None else resid @ T).float()
         C = kmeans(y, fit["groups"], fit["k"], iters=fit["iters"], seed=fit["seed"] + l, backend=fit["backend"])
         y_hat = ak.vq_decode(ak.vq_encode(y, C), C).double()
-        prev = pred + (y_hat if T_inv is None else y_hat @ T_inv)
+        # what the next layer's prediction reads: the receivers' reconstruction, or h where they compute it
+        prev = pred + (y_hat if T_inv is None else y_hat @ T_inv) if fam.exchanged(l) else h
         tensors.append(C)
         pairs.append(pair)
         predictors.append((W, b))

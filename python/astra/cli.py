@@ -283,11 +283,12 @@ def sentence_embedding(h, mask):
 def _bytes_report(ranks, cb) -> None:
     from astra_kernels import frame_nbytes
 
-    print("\nbytes sent per layer (first layer; every layer is the same):")
+    print("\nbytes sent per layer (the last; every exchanged layer is the same, and layer 0 sends nothing: every rank "
+          "computes it):")
     print(f"  {'rank':>4} {'tokens':>7} {'full-precision SP':>18} {'ASTRA':>8} {'ratio':>8}")
     tot_fp = tot_q = 0
     for r, res in enumerate(ranks):
-        fp_b, q_b = res["fp"]["stats"][0][0], res["astra"]["stats"][0][0]
+        fp_b, q_b = res["fp"]["stats"][-1][0], res["astra"]["stats"][-1][0]
         tot_fp += sum(s[0] for s in res["fp"]["stats"])
         tot_q += sum(s[0] for s in res["astra"]["stats"])
         ratio = f"{fp_b / q_b:>7.1f}x" if q_b else "       -"    # causal: nobody attends to the last rank's tokens

@@ -114,6 +114,11 @@ class FamilyAdapter:
     ``embed(base, inputs, pos)``: decoders: the embedding output ``[B, T, D]`` of a whole input dict at position ids
     ``pos [B or 1, T]``, what the forward hands its first layer (eval mode), so that every rank can embed every
     token for predictive codebooks (None: they predict without it, as from zero).
+    ``first_input(base, e)``: what layer 0's attention module receives, ``[B, n, D]``, from the embedding output
+    ``e [B, n, D]`` of the same tokens (a pre-norm block's first norm; a post-norm encoder's ``e`` itself). Every rank
+    holds the whole sequence's embedding output (an encoder's ``embeddings``; a decoder's ``embed``), so with it
+    every rank computes every token's layer-0 K/V and layer 0 exchanges nothing (None: layer 0 is exchanged like
+    the others).
     """
     model_type: str
     decoder: bool
@@ -130,6 +135,7 @@ class FamilyAdapter:
     max_len: Optional[Callable[[object], Optional[int]]] = None
     window: Optional[Callable[[object], Optional[int]]] = None
     embed: Optional[Callable[[Module, dict, torch.Tensor], torch.Tensor]] = None
+    first_input: Optional[Callable[[Module, torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self):
         if self.class_token not in CLASS_TOKEN_MODES:
@@ -206,6 +212,22 @@ class Family:
         if self.adapter.embed is None:
             return None
         return self.adapter.embed(self.base, inputs, pos)
+
+    @property
+    def computes_first_layer(self) -> bool:
+        """Every rank computes every token's layer-0 input itself (:attr:`FamilyAdapter.first_input`, from the
+        embedding output of the whole sequence), so layer 0 exchanges nothing."""
+        a = self.adapter
+        return a.first_input is not None and (not a.decoder or a.embed is not None)
+
+    def exchanged(self, layer: int) -> bool:
+        """Whether layer ``layer``'s non-local hidden states travel between the ranks (all layers but layer 0 where
+        :attr:`computes_first_layer`)."""
+        return layer > 0 or not self.computes_first_layer
+
+    def first_layer_input(self, emb: torch.Tensor) -> torch.Tensor:
+        """Layer 0's attention input ``[B, n, D]`` of tokens whose embedding output is ``emb [B, n, D]``."""
+        return self.adapter.first_input(self.base, emb)
 
     @property
     def _head(self) -> Head:
@@ -378,9 +400,9 @@ def _llama_embed(base: Module, inputs: dict, pos: torch.Tensor) -> torch.Tensor:
 def _register_builtins() -> None:
     llama_like = dict(decoder=True, attention=lambda b: [layer.self_attn for layer in b.layers],
                       kv=linear_kv("k_proj", "v_proj"), q=linear_q("q_proj"), rope=True, final=lambda b: b.norm,
-                      embed=_llama_embed)
+                      embed=_llama_embed, first_input=lambda b, e: b.layers[0].input_layernorm(e))
     register_family(FamilyAdapter("gpt2", True, lambda b: [blk.attn for blk in b.h], fused_conv1d_kv(),
-                                  q=fused_conv1d_q(), embed=_gpt2_embed,
+                                  q=fused_conv1d_q(), embed=_gpt2_embed, first_input=lambda b, e: b.h[0].ln_1(e),
                                   inputs=TEXT_INPUTS | {"token_type_ids"}, final=lambda b: b.ln_f,
                                   check=_no_cross_attention, max_len=lambda c: c.n_positions))
     register_family(FamilyAdapter("llama", **llama_like))
@@ -392,7 +414,7 @@ def _register_builtins() -> None:
     bert_like = dict(decoder=False, attention=lambda b: [layer.attention.self for layer in b.encoder.layer],
                      kv=linear_kv("key", "value"), q=linear_q("query"), inputs=TEXT_INPUTS | {"token_type_ids"},
                      embeddings=lambda b: b.embeddings, final=lambda b: b.encoder, class_token="optional",
-                     check=_bidirectional_encoder)
+                     check=_bidirectional_encoder, first_input=lambda b, e: e)       # post-norm
     register_family(FamilyAdapter("bert", **bert_like, max_len=lambda c: c.max_position_embeddings))
     # RoBERTa's position ids start after the padding index (pad_token_id + 1 + cumsum of non-padding tokens):
     # computed by its own embeddings over the whole sequence, so they stay global
@@ -401,7 +423,8 @@ def _register_builtins() -> None:
     register_family(FamilyAdapter("vit", False, lambda b: [layer.attention for layer in b.layers],
                                   linear_kv("k_proj", "v_proj"), q=linear_q("q_proj"), inputs=IMAGE_INPUTS,
                                   embeddings=lambda b: b.embeddings,
-                                  final=lambda b: b.layernorm, class_token="always", image_tokens=_vit_tokens))
+                                  final=lambda b: b.layernorm, class_token="always", image_tokens=_vit_tokens,
+                                  first_input=lambda b, e: b.layers[0].layernorm_before(e)))
 
 
 _register_builtins()

@@ -129,8 +129,9 @@ class DistRuntime(RuntimeBase):
         return [n if send else 0 for n, send in zip(sizes, self._senders)]
 
     def _slot_sizes(self, slot: int) -> List[int]:
-        """Payload sizes of exchange ``slot``: layers 0..L-1, then the class-token mean, then the final status."""
-        L = self.fam.num_layers
+        """Payload sizes of exchange ``slot``: the exchanged layers in order (:meth:`astra.models.Family.exchanged`),
+        then the class-token mean, then the final status."""
+        L = sum(self.fam.exchanged(l) for l in range(self.fam.num_layers))
         if slot < L:
             return self._sizes
         if slot == L and self.ctx.cls:
@@ -145,6 +146,11 @@ class DistRuntime(RuntimeBase):
         prof = self.profiler
         if prof is not None:
             prof.mark(layer - 1, prof_.REST) if layer else prof.mark_outside(prof_.BEFORE)
+        if not self.fam.exchanged(layer):       # every rank computes these tokens' inputs itself: nothing to send
+            if self.predictive:
+                ctx.state["own"] = send
+            ctx.state[layer] = None
+            return
         if not self._senders[self.rank]:     # causal, last rank: no query anywhere attends to these tokens
             payload = send.new_empty(0, dtype=torch.uint8)
         elif self.codebooks is None:
@@ -192,7 +198,8 @@ class DistRuntime(RuntimeBase):
             o = ak.attention_local(q, k, v, **common).to(q.dtype).transpose(1, 2).contiguous()
             if prof is not None:
                 prof.mark(layer, prof_.LOCAL_ATTN)
-            pend.wait()
+            if pend is not None:
+                pend.wait()
             if prof is not None:
                 prof.mark(layer, prof_.WAIT)
             if ctx.capture is not None:
@@ -204,39 +211,19 @@ class DistRuntime(RuntimeBase):
             local_part = ak.attention_local(q, k, v, return_lse=True, **common)
             if prof is not None:
                 prof.mark(layer, prof_.LOCAL_ATTN)
-        parts = pend.wait()
+        parts = None if pend is None else pend.wait()
         if prof is not None:
             prof.mark(layer, prof_.WAIT)
         nonlocal_kw = dict(common, kv_pos=rg, remote_mask=rm, return_lse=local_part is not None)
         lk, lv = (k, v) if local_part is None else (None, None)     # None: the non-local-only pass
-        k_hat = v_hat = None
-        if self.codebooks is None:
-            h_hat = torch.cat([self._rows(parts[s]) for s in others], dim=1)
-            if prof is not None:
-                prof.mark(layer, prof_.UNPACK)
-            k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
-            if prof is not None:
-                prof.mark(layer, prof_.NONLOCAL_KV)
-            res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
+        k_hat, v_hat, table_codes = self._nonlocal_kv(layer, module, parts, q)
+        if table_codes is not None:
+            kt, vt = self.tables[layer]
+            cos, sin = self._rope_table(q.dtype) if fam.rope else (None, None)
+            res = ak.attention_table(q, lk, lv, table_codes[..., 0], kt, vt, rope_cos=cos, rope_sin=sin,
+                                     **nonlocal_kw)
         else:
-            codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in others], dim=1)  # [B, Tr, G]
-            if prof is not None:
-                prof.mark(layer, prof_.UNPACK)
-            use_table = self.tables is not None and not self.predictive and (not fam.rope or ctx.default_pos)
-            if self.predictive:
-                h_hat = self.decode(layer, codes, q.dtype, self.prediction(layer, rg, ctx.state.get("received")))
-                ctx.state["received"] = h_hat
-                k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
-            elif ctx.capture is not None or not use_table:
-                k_hat, v_hat = self.quantized_kv(layer, module, codes, self._pos_for(rg), q.dtype)
-            if prof is not None:
-                prof.mark(layer, prof_.NONLOCAL_KV)
-            if use_table:
-                kt, vt = self.tables[layer]
-                cos, sin = self._rope_table(q.dtype) if fam.rope else (None, None)
-                res = ak.attention_table(q, lk, lv, codes[..., 0], kt, vt, rope_cos=cos, rope_sin=sin, **nonlocal_kw)
-            else:
-                res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
+            res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
         o = res if local_part is None else ak.merge_attention(local_part[0], local_part[1], *res)[0]
         if ctx.capture is not None:
             K = k.new_empty(k.shape[0], k.shape[1], ctx.T, k.shape[3])
@@ -248,6 +235,37 @@ class DistRuntime(RuntimeBase):
         if prof is not None:
             prof.mark(layer, prof_.ATTN)
         return o, None
+
+    def _nonlocal_kv(self, layer: int, module, parts: Optional[List[torch.Tensor]], q: torch.Tensor):
+        """``(k_hat, v_hat, table_codes)`` of the non-local keys from the received ``parts`` (None: a layer every rank
+        computes itself, :meth:`astra.models.Family.exchanged`): their K/V ``[B, Hkv, Tr, Dh]`` (None on the G = 1
+        table path unless captured), and their codes ``[B, Tr, G]`` where the table path attends to them (else
+        None)."""
+        ctx, rg, prof = self.ctx, self._rg, self.profiler
+        codes = h_hat = None
+        if parts is not None and self.codebooks is not None:
+            codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in self._kv_ranks], dim=1)
+            if prof is not None:
+                prof.mark(layer, prof_.UNPACK)
+            if self.predictive:
+                h_hat = self.decode(layer, codes, q.dtype, self.prediction(layer, rg, ctx.state.get("received")))
+        else:
+            h_hat = (self.computed_input(rg) if parts is None
+                     else torch.cat([self._rows(parts[s]) for s in self._kv_ranks], dim=1))
+            if prof is not None:
+                prof.mark(layer, prof_.UNPACK)
+        if self.predictive:
+            ctx.state["received"] = h_hat
+        use_table = (codes is not None and self.tables is not None and not self.predictive
+                     and (not self.fam.rope or ctx.default_pos))
+        k_hat = v_hat = None
+        if h_hat is not None:
+            k_hat, v_hat = self.remote_kv(module, h_hat, self._pos_for(rg))
+        elif ctx.capture is not None or not use_table:
+            k_hat, v_hat = self.quantized_kv(layer, module, codes, self._pos_for(rg), q.dtype)
+        if prof is not None:
+            prof.mark(layer, prof_.NONLOCAL_KV)
+        return k_hat, v_hat, codes if use_table else None
 
     # -- one forward -----------------------------------------------------------------------------
     def run(self, inputs: Dict[str, Any], capture: bool = False, request: str = "",

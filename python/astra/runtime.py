@@ -135,12 +135,22 @@ class RuntimeBase:
         finally:
             self.model.set_attn_implementation(ATTN_NAME)
 
+    @property
+    def needs_embeddings(self) -> bool:
+        """The forward keeps the whole sequence's embedding output (``ctx.state["emb"]``): predictions read it, and
+        layer 0's non-local inputs are computed from it (:attr:`Family.computes_first_layer`)."""
+        return self.predictive or self.fam.computes_first_layer
+
+    def computed_input(self, idx: torch.Tensor) -> torch.Tensor:
+        """Layer 0's attention input ``[B, n, D]`` of the tokens of global indices ``idx``, from the embedding output
+        (every rank's own computation, no exchange; :meth:`Family.first_layer_input`)."""
+        return self.fam.first_layer_input(self.ctx.state["emb"][:, idx])
+
     def new_ctx(self, inputs, world_size: int) -> Ctx:
-        """A forward's context (:func:`make_ctx`); with predictive codebooks a decoder's ranks also embed the whole
-        sequence there (:meth:`Family.embed`: the ``e`` the predictions read; encoders keep theirs from the
-        embeddings hook)."""
+        """A forward's context (:func:`make_ctx`); where :attr:`needs_embeddings`, a decoder's ranks also embed the
+        whole sequence there (:meth:`Family.embed`; encoders keep theirs from the embeddings hook)."""
         ctx = make_ctx(self.fam, inputs, world_size, self.cls, self.split_costs)
-        if self.predictive and self.fam.decoder:
+        if self.needs_embeddings and self.fam.decoder:
             with contextlib.nullcontext() if self.differentiable else torch.no_grad():
                 emb = self.fam.embed(inputs, ctx.pos_ids)
             if emb is not None:
@@ -179,7 +189,7 @@ class RuntimeBase:
     def _emb_hook(self, module, args, output):
         if self.ctx is None:
             return None
-        if self.predictive:
+        if self.needs_embeddings:
             self.ctx.state["emb"] = output                   # the whole sequence's, by global index
         return self.on_embeddings(output)
 

@@ -56,16 +56,19 @@ class SimRuntime(RuntimeBase):
         self.ctx.state[layer] = [self.sent(layer, s, h[:, self._ext(self.ctx.chunks[s])]) for s in range(self.N)]
 
     def sent(self, layer: int, s: int, hs: torch.Tensor) -> torch.Tensor:
-        """What the other ranks receive of rank ``s``'s tokens ``hs [B, n, D]`` in layer ``layer``: ``hs`` itself
-        (full precision), their codes ``[B, n, G]``, or, with predictive codebooks, their reconstruction
-        ``[B, n, D]`` (which is also what layer ``layer + 1`` predicts from)."""
+        """What the other ranks hold of rank ``s``'s tokens ``hs [B, n, D]`` in layer ``layer``: ``hs`` itself (full
+        precision, or a layer they compute themselves, :meth:`astra.models.Family.exchanged`), their codes
+        ``[B, n, G]``, or, with predictive codebooks, their reconstruction ``[B, n, D]`` (which is also what layer
+        ``layer + 1`` predicts from)."""
         if self.codebooks is None:
             return hs
         if not self.predictive:
-            return self.encode(layer, hs)
-        pred = self.predicted(layer, s)
-        self.ctx.state["recon"][s] = self.decode(layer, self.encode(layer, hs, pred), hs.dtype, pred)
-        return self.ctx.state["recon"][s]
+            return self.encode(layer, hs) if self.fam.exchanged(layer) else hs
+        if self.fam.exchanged(layer):
+            pred = self.predicted(layer, s)
+            hs = self.decode(layer, self.encode(layer, hs, pred), hs.dtype, pred)
+        self.ctx.state.setdefault("recon", [None] * self.N)[s] = hs
+        return hs
 
     def predicted(self, layer: int, s: int) -> torch.Tensor:
         """Layer ``layer``'s prediction of rank ``s``'s tokens (predictive codebooks)."""
@@ -78,8 +81,9 @@ class SimRuntime(RuntimeBase):
         hats = ctx.state.pop(layer)
         # K/V of every rank's dequantized tokens, once per layer
         pos = [self._pos_for(ctx.chunks[s]) for s in range(self.N)]
-        kv_hat = [self.remote_kv(module, hats[s], pos[s]) if self.codebooks is None or self.predictive
-                  else self.quantized_kv(layer, module, hats[s], pos[s], q.dtype) for s in range(self.N)]
+        coded = self.codebooks is not None and not self.predictive and self.fam.exchanged(layer)
+        kv_hat = [self.quantized_kv(layer, module, hats[s], pos[s], q.dtype) if coded
+                  else self.remote_kv(module, hats[s], pos[s]) for s in range(self.N)]
         out = q.new_empty(q.shape)
         for r in range(self.N):
             le = self._local_ext(r)

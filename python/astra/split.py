@@ -125,9 +125,12 @@ def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float, float]:
     :meth:`astra.runtime.RuntimeBase.quantized_kv`); one token's VQ encode (with transformed codebooks plus its
     ``D x D`` transform; the last rank skips it); one (query, local key) pair of the causal triangle. Predictive
     codebooks add to both a key and an encode the ``[2D, D]`` prediction and the inverse transform (the sender
-    reconstructs its own tokens), and take K/V per key instead of from the tables. A function of the model and the
-    codebooks only, so every rank and ``simulate`` agree."""
+    reconstructs its own tokens), and take K/V per key instead of from the tables. Averaged over the layers: a layer
+    every rank computes (:meth:`astra.models.Family.exchanged`) has no encode and projects every non-local key's K/V
+    from its embedding output. A function of the model and the codebooks only, so every rank and ``simulate``
+    agree."""
     layers = fam.num_layers
+    coded = sum(fam.exchanged(l) for l in range(layers)) / layers
     weights = sum(q.numel() for m in fam.base.modules() if not isinstance(m, torch.nn.Embedding)
                   for q in m.parameters(recurse=False))
     D = fam.hidden_size
@@ -136,10 +139,10 @@ def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float, float]:
     transform = GEMM_MAC_COST * D * D if codebooks is not None and codebooks.transformed else 0
     predict = GEMM_MAC_COST * 2 * D * D + transform if predictive else 0     # prediction + reconstruction
     search = ENCODE_MAC_COST if codebooks is None or codebooks.groups == 1 else GROUPED_ENCODE_MAC_COST
-    encode = 0 if codebooks is None else search * codebooks.codebook_size * D + transform + predict
+    encode = 0 if codebooks is None else coded * (search * codebooks.codebook_size * D + transform + predict)
     token = weights / layers + encode
     kv = 2 * D * fam.num_kv_heads * fam.head_dim
-    key = 0 if tables else (kv if codebooks is None else GEMM_MAC_COST * kv + predict)
+    key = coded * (0 if tables else (kv if codebooks is None else GEMM_MAC_COST * kv + predict)) + (1 - coded) * kv
     pair = (TABLE_ATTENTION_MAC_COST if tables else ATTENTION_MAC_COST) * 2 * D
     return pair / token, key / token, encode / token, CAUSAL_ATTENTION_MAC_COST * 2 * D / token
 

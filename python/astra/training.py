@@ -4,8 +4,9 @@
 per-rank local/non-local key sets) with three changes, none of which affects inference:
 
 * autograd stays on (``differentiable = True``);
-* non-local tokens are quantized with a straight-through estimator: ``h_hat = C[codes] + h - sg(h)``, so the
-  value is the codeword while the gradient reaches both the codebook ``C`` and the sender's hidden state ``h``;
+* non-local tokens are quantized (in the layers that exchange them, :meth:`astra.models.Family.exchanged`)
+  with a straight-through estimator: ``h_hat = C[codes] + h - sg(h)``, so the value is the codeword while the
+  gradient reaches both the codebook ``C`` and the sender's hidden state ``h``;
   the commitment term ``mean ||h - C[codes]||^2`` of every quantized layer is collected in ``commitment``;
 * attention is plain torch (:func:`dense_attention`) instead of the ``astra_kernels`` attention entry points, which are
   forward-only. ``tests/test_finetune.py`` checks both give the same values.
@@ -102,7 +103,7 @@ class TrainSimRuntime(SimRuntime):
 
     def on_layer_input(self, layer, module, h):
         ctx = self.ctx
-        quant = (self.codebooks is not None and self.N > 1
+        quant = (self.codebooks is not None and self.N > 1 and self.fam.exchanged(layer)
                  and (self.quantize_layers is None or layer < self.quantize_layers))
         hats = []
         for s in range(self.N):
@@ -110,12 +111,12 @@ class TrainSimRuntime(SimRuntime):
             valid = None if ctx.mask is None else ctx.mask[:, ctx.chunks[s]]
             if layer == self.record_layer:
                 self.recorded.append((hs if valid is None else hs[valid]).reshape(-1, hs.shape[-1]).detach())
-            if not quant:
+            if quant:
+                hats.append(self.quantize(layer, hs, valid, self.predicted(layer, s) if self.predictive else None))
+            else:
                 hats.append(hs)
-                continue
-            hats.append(self.quantize(layer, hs, valid, self.predicted(layer, s) if self.predictive else None))
             if self.predictive:
-                ctx.state["recon"][s] = hats[-1]
+                ctx.state.setdefault("recon", [None] * self.N)[s] = hats[-1]
         ctx.state[layer] = hats
 
     # -- attention -------------------------------------------------------------------------------
