@@ -271,8 +271,8 @@ class DistRuntime(RuntimeBase):
     def run(self, inputs: Dict[str, Any], capture: bool = False, request: str = "",
             request_error: Optional[Exception] = None):
         """One forward on this rank: agree on the inputs (and on ``request``, what the caller asks of the forward,
-        or ``request_error``, why it can not be given), run the model with one exchange per layer, agree on the
-        outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback."""
+        or ``request_error``, why it can not be given), run the model with one exchange per exchanged layer, agree on
+        the outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback."""
         self.calls += 1
         self.local_fallback = False
         if self.broken is not None:
@@ -455,7 +455,8 @@ class ParallelModel:
         return list(self._rt.stats)
 
     #: collectives every rank took part in during the last complete forward: the input agreement, one all-gather
-    #: per layer (the class-token mean where there is one) and the end-of-forward status (0 before any forward)
+    #: per exchanged layer (every layer but layer 0, :meth:`astra.models.Family.exchanged`), the class-token mean
+    #: where there is one and the end-of-forward status (0 before any forward)
     exchanges = property(lambda self: self._rt.exchanges)
 
     @property
