@@ -113,7 +113,8 @@ class FamilyAdapter:
     ``window(config)``: the sliding-window span of any layer (None: full attention); longer sequences are refused.
     ``embed(base, inputs, pos)``: decoders: the embedding output ``[B, T, D]`` of a whole input dict at position ids
     ``pos [B or 1, T]``, what the forward hands its first layer (eval mode), so that every rank can embed every
-    token for predictive codebooks (None: they predict without it, as from zero).
+    token: for layer 0 (``first_input``) and predictive codebooks (None: layer 0 is exchanged, and predictions read
+    no embedding, as from zero).
     ``first_input(base, e)``: what layer 0's attention module receives, ``[B, n, D]``, from the embedding output
     ``e [B, n, D]`` of the same tokens (a pre-norm block's first norm; a post-norm encoder's ``e`` itself). Every rank
     holds the whole sequence's embedding output (an encoder's ``embeddings``; a decoder's ``embed``), so with it
