@@ -382,8 +382,7 @@ def check_codebook_args(args) -> None:
     from astra_kernels.vq import MAX_K
 
     if getattr(args, "codebooks", None):
-        if not os.path.isfile(args.codebooks):
-            raise UsageError(f"--codebooks: no such file {args.codebooks}")
+        check_in_file("--codebooks", args.codebooks)
         return
     int_range("--codebook-size", args.codebook_size, 1, MAX_K)
     int_range("--groups", args.groups, 1)
@@ -394,6 +393,11 @@ def check_codebook_args(args) -> None:
     D = hidden_size_of(args.model)
     if D % args.groups:
         raise UsageError(f"--groups {args.groups} does not divide the model's hidden size {D}")
+
+
+def check_in_file(opt: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise UsageError(f"{opt}: no such file {path}")
 
 
 def check_out_file(opt: str, path: str) -> None:
@@ -412,8 +416,8 @@ def validate(args) -> None:
         resolve_model_name(args.model)
     if hasattr(args, "max_length"):
         int_range("--max-length", args.max_length, 2)
-    if args.cmd == "info" and args.codebooks and not os.path.isfile(args.codebooks):
-        raise UsageError(f"--codebooks: no such file {args.codebooks}")
+    if args.cmd == "info" and args.codebooks:
+        check_in_file("--codebooks", args.codebooks)
     if args.cmd in ("demo", "run"):
         int_range("--world-size", args.world_size, 1, 64)
     if args.cmd == "demo":

@@ -58,11 +58,10 @@ def parse_world_sizes(text: str) -> List[int]:
 
 def check_finetune_args(args) -> None:
     """Every argument of ``astra finetune`` before any work (ValueError with one line)."""
-    from .cli import int_range, local_model_dir, resolve_model_name, stdlib_paragraphs
+    from .cli import check_in_file, int_range, local_model_dir, resolve_model_name, stdlib_paragraphs
     from .runcmd import read_texts
 
-    if not os.path.isfile(args.codebooks):
-        raise ValueError(f"--codebooks: no such file {args.codebooks}")
+    check_in_file("--codebooks", args.codebooks)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out: {args.out} exists and is not a directory")
@@ -79,8 +78,8 @@ def check_finetune_args(args) -> None:
                             ("--beta", args.beta, True), ("--naq", args.naq, True)):
         if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok)):
             raise ValueError(f"{opt} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {v}")
-    if args.input is not None and not os.path.isfile(args.input):
-        raise ValueError(f"--input: no such file {args.input}")
+    if args.input is not None:
+        check_in_file("--input", args.input)
     texts = read_texts(args.input) if args.input is not None else stdlib_paragraphs()
     if len(texts) <= args.held_out:
         raise ValueError(f"--held-out {args.held_out} leaves nothing to train on ({len(texts)} texts)")

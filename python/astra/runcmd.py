@@ -31,8 +31,10 @@ def read_texts(path: str) -> List[str]:
 
 
 def check_run_args(args) -> None:
-    if args.input != "-" and not os.path.isfile(args.input):
-        raise ValueError(f"--input: no such file {args.input}")
+    from .cli import check_in_file
+
+    if args.input != "-":
+        check_in_file("--input", args.input)
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0, got {args.timeout}")
     args.texts = read_texts(args.input)
