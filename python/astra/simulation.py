@@ -67,13 +67,17 @@ class SimRuntime(RuntimeBase):
         if self.fam.exchanged(layer):
             pred = self.predicted(layer, s)
             hs = self.decode(layer, self.encode(layer, hs, pred), hs.dtype, pred)
-        self.ctx.state.setdefault("recon", [None] * self.N)[s] = hs
+        self.reconstructions()[s] = hs
         return hs
+
+    def reconstructions(self) -> list:
+        """Per rank, what the others hold of its tokens in the current layer (predictive codebooks: what the next
+        layer predicts from; None before the first layer)."""
+        return self.ctx.state.setdefault("recon", [None] * self.N)
 
     def predicted(self, layer: int, s: int) -> torch.Tensor:
         """Layer ``layer``'s prediction of rank ``s``'s tokens (predictive codebooks)."""
-        recon = self.ctx.state.setdefault("recon", [None] * self.N)
-        return self.prediction(layer, self.ctx.chunks[s], recon[s])
+        return self.prediction(layer, self.ctx.chunks[s], self.reconstructions()[s])
 
     def attention(self, module, q, k, v, scaling):
         ctx = self.ctx

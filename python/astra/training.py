@@ -116,7 +116,7 @@ class TrainSimRuntime(SimRuntime):
             else:
                 hats.append(hs)
             if self.predictive:
-                ctx.state.setdefault("recon", [None] * self.N)[s] = hats[-1]
+                self.reconstructions()[s] = hats[-1]
         ctx.state[layer] = hats
 
     # -- attention -------------------------------------------------------------------------------
