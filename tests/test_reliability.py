@@ -134,6 +134,52 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
                                                        "differ between ranks"), out["1e_other_codebooks"]
 
 
+def _non_finite(rank):
+    """ViT on 2 ranks: NaN pixels, then a NaN embedding row at the last rank's token 16 (every rank computes its
+    layer-0 input from the embedding output); each followed by a good call."""
+    model = tiny_model("vit")
+    inputs = tiny_inputs("vit")
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=8)
+    sim = astra.simulate(model, inputs, world_size=2, codebooks=cb).logits
+    pm = astra.parallelize(model, cb, timeout=10)
+    pv = inputs["pixel_values"].clone()
+    pv[1, 2, 5, 7] = float("inf")
+    out = {"pixels": _outcome(lambda: pm(pixel_values=pv))}
+    out["pixels_next"] = float((pm.gather(pm(**inputs)).logits - sim).abs().max())
+    table = model.vit.embeddings.position_embeddings
+    keep = table.detach().clone()
+    with torch.no_grad():
+        table[0, 16, 3] = float("nan")
+    out["embedding"] = _outcome(lambda: pm(**inputs))
+    with torch.no_grad():
+        table.copy_(keep)
+    out["embedding_next"] = float((pm.gather(pm(**inputs)).logits - sim).abs().max())
+    return out
+
+
+def test_non_finite_inputs_and_embeddings_name_their_token_on_every_rank():
+    """A NaN / Inf input is refused before any work; a non-finite embedding output is named at layer 0 by the rank
+    that computes it, also where that is a non-local token's input (no exchange there to carry the failure)."""
+    pv = tiny_inputs("vit")["pixel_values"].clone()
+    pv[0, 1, 2, 3] = float("nan")
+    with pytest.raises(astra.InvalidInputError, match=r"pixel_values holds nan at position \[0, 1, 2, 3\]; inputs "
+                                                      "must be finite"):
+        astra.simulate(tiny_model("vit"), {"pixel_values": pv}, world_size=2)
+    emb = torch.randn(2, 11, tiny_model("llama").config.hidden_size)
+    emb[1, 4, 0] = float("-inf")
+    with pytest.raises(astra.InvalidInputError, match=r"inputs_embeds holds -inf at position \[1, 4, 0\]"):
+        astra.simulate(tiny_model("llama"), {"inputs_embeds": emb}, world_size=2)
+    for rank, out in enumerate(astra.launch(_non_finite, 2, join_timeout=120)):
+        assert out["pixels"] == (f"InvalidInputError: astra rank {rank}/2: pixel_values holds inf at position "
+                                 "[1, 2, 5, 7]; inputs must be finite"), out
+        assert out["pixels_next"] < TOL, out
+        msg = out["embedding"]
+        assert msg.startswith(f"RankFailedError: astra rank {rank}/2: rank 0 failed in layer 0"), msg
+        assert ("NonFiniteError: astra rank 0/2, layer 0: the attention input computed from the embedding output "
+                "holds NaN or Inf at token 16 (batch row 0;") in msg, msg
+        assert out["embedding_next"] < TOL, out
+
+
 def _killed_peer(rank, victim, world_timeout):
     import warnings
 

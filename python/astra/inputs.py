@@ -68,6 +68,14 @@ def _tensor(inputs: Dict[str, Any], key: str, kinds: str, ndims: Tuple[int, ...]
     return x
 
 
+def _finite(key: str, x: Optional[torch.Tensor]) -> None:
+    """A float input holding NaN or Inf is refused, naming its first such position (the model would compute on)."""
+    if x is None or x.numel() == 0 or bool(torch.isfinite(x).all()):
+        return
+    bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+    raise InvalidInputError(f"{key} holds {float(x[tuple(bad)])} at position {bad}; inputs must be finite")
+
+
 def _in_range(key: str, x: torch.Tensor, n: Optional[int]) -> None:
     if n is None or x.numel() == 0:
         return
@@ -88,6 +96,7 @@ def _check_sequence(fam: Family, inputs: Dict[str, Any]) -> None:
         _in_range("input_ids", ids, fam.model.get_input_embeddings().num_embeddings)
     if emb is not None and emb.shape[2] != fam.hidden_size:
         raise InvalidInputError(f"inputs_embeds must be [B, T, {fam.hidden_size}], got {list(emb.shape)}")
+    _finite("inputs_embeds", emb)
     for key in ("attention_mask", "token_type_ids"):
         x = _tensor(inputs, key, "int", (2,))
         if x is not None and tuple(x.shape) != (B, T):
@@ -104,7 +113,8 @@ def _check_sequence(fam: Family, inputs: Dict[str, Any]) -> None:
 
 def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool) -> Dict[str, Any]:
     """Everything a forward can check before it starts: accepted inputs, tensor kinds, ranks and shapes, ids in
-    range, a chunk for every rank. Raises :class:`InvalidInputError` (or ``UnsupportedModelError``)."""
+    range, float inputs finite, a chunk for every rank. Raises :class:`InvalidInputError` (or
+    ``UnsupportedModelError``)."""
     inputs = check_inputs(fam, inputs)
     if fam.image:
         pv = _tensor(inputs, "pixel_values", "float", (4,))
@@ -117,6 +127,7 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
         if not inputs.get("interpolate_pos_encoding") and tuple(pv.shape[2:]) != tuple(size):
             raise InvalidInputError(f"pixel_values must be {list(size)} pixels (or pass "
                                     f"interpolate_pos_encoding=True), got {list(pv.shape[2:])}")
+        _finite("pixel_values", pv)
     else:
         _check_sequence(fam, inputs)
     try:

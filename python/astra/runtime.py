@@ -143,8 +143,11 @@ class RuntimeBase:
 
     def computed_input(self, idx: torch.Tensor) -> torch.Tensor:
         """Layer 0's attention input ``[B, n, D]`` of the tokens of global indices ``idx``, from the embedding output
-        (every rank's own computation, no exchange; :meth:`Family.first_layer_input`)."""
-        return self.fam.first_layer_input(self.ctx.state["emb"][:, idx])
+        (every rank's own computation, no exchange; :meth:`Family.first_layer_input`). Raises
+        :class:`NonFiniteError` naming the first non-finite token, as its own rank's check does."""
+        h = self.fam.first_layer_input(self.ctx.state["emb"][:, idx])
+        self.check_finite(0, h, idx)
+        return h
 
     def new_ctx(self, inputs, world_size: int) -> Ctx:
         """A forward's context (:func:`make_ctx`); where :attr:`needs_embeddings`, a decoder's ranks also embed the
@@ -167,16 +170,21 @@ class RuntimeBase:
         self.on_layer_input(self.layer, module, h)
         return None
 
-    def check_finite(self, layer: int, h: torch.Tensor) -> None:
-        """Raise :class:`NonFiniteError` naming the place and the first token whose hidden state is not finite."""
+    def check_finite(self, layer: int, h: torch.Tensor, idx: Optional[torch.Tensor] = None) -> None:
+        """Raise :class:`NonFiniteError` naming the place and the first token whose hidden state ``h [B, n, D]`` is
+        not finite: the ``i``-th token this runtime's model sees, or with ``idx``, the token of global index
+        ``idx[i]`` (a non-local token whose input this rank computed itself)."""
         try:
             finite_or_raise("h", h)             # one cheap reduction; the search for the token only on failure
             return
         except ValueError:
             pass
         b, i = (~torch.isfinite(h)).flatten(2).any(-1).nonzero()[0].tolist()
-        raise NonFiniteError(f"{self.place()}, layer {layer}: the hidden state entering attention holds NaN or Inf "
-                             f"at token {self.global_token(i)} (batch row {b}; the first such token)")
+        token = self.global_token(i) if idx is None else int(idx[i])
+        what = "the hidden state entering attention" if idx is None else \
+            "the attention input computed from the embedding output"
+        raise NonFiniteError(f"{self.place()}, layer {layer}: {what} holds NaN or Inf at token {token} (batch row "
+                             f"{b}; the first such token)")
 
     def place(self) -> str:
         """Where this runtime runs, for error messages."""
