@@ -69,7 +69,7 @@ def _tensor(inputs: Dict[str, Any], key: str, kinds: str, ndims: Tuple[int, ...]
 
 
 def _finite(key: str, x: Optional[torch.Tensor]) -> None:
-    """A float input holding NaN or Inf is refused, naming its first such position (the model would compute on)."""
+    """A float input holding NaN or Inf is refused before any work, naming its first such position."""
     if x is None or x.numel() == 0 or bool(torch.isfinite(x).all()):
         return
     bad = (~torch.isfinite(x)).nonzero()[0].tolist()
