@@ -76,6 +76,7 @@ def test_finetune_reports_the_held_out_loss_it_lowers(tmp_path, capsys):
     assert float(sum(ref) / len(ref)) == pytest.approx(losses[2][0], rel=1e-4)
     tuned = astra.Codebooks.load(out_dir / "codebooks.safetensors", model)
     assert not torch.equal(tuned.tensors[1], cb.tensors[1])
+    assert tuned.placeholder_layers == cb.placeholder_layers == (0,) and tuned[0].abs().max() == 0
 
 
 def test_finetune_all_saves_a_model_directory_that_loads_with_its_tokenizer(tmp_path, capsys):

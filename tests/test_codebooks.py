@@ -1,7 +1,7 @@
 """astra.Codebooks: construction checks, safetensors round trip, and clear errors on bad files/models."""
 import pytest
 import torch
-from test_runtime_support import tiny_model
+from test_runtime_support import layer_0_exchanged, tiny_inputs, tiny_model
 
 import astra
 
@@ -93,3 +93,56 @@ def test_parallel_entry_points_check_codebooks(gpt2):
     cb = astra.Codebooks.random(tiny_model("bert"), groups=1, codebook_size=4)
     with pytest.raises(ValueError, match="built for model_type 'bert'"):
         astra.simulate(gpt2, {"input_ids": torch.ones(1, 4, dtype=torch.long)}, world_size=2, codebooks=cb)
+
+
+def _meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_placeholder_layers_format_versions_and_refusal(tmp_path, gpt2):
+    """``astra.calibrate`` leaves the layers every rank computes (layer 0 of the built-in families) as placeholders
+    and writes format version 6 naming them; files without placeholders keep versions 2 / 4 / 5; placeholder
+    codebooks are refused for a family that exchanges the layer."""
+    from safetensors.torch import load_file, save_file
+
+    from astra.codebooks import metadata_checksum
+
+    samples = [tiny_inputs("gpt2", seq=16, batch=4, seed=s) for s in (11, 12)]
+    for kw, kinds in (({"groups": 1}, "layer"), ({"groups": 4}, "layer,transform,inverse"),
+                      ({"groups": 4, "world_size": 2}, "layer,transform,inverse"),
+                      ({"groups": 4, "predict": True}, "layer,transform,inverse,predictor,predictor_bias")):
+        cb = astra.calibrate(gpt2, samples, codebook_size=16, iters=2, **kw)
+        assert cb.placeholder_layers == (0,) and cb[0].abs().max() == 0 and cb[1].abs().max() > 0, kw
+        assert "placeholder_layers=[0]" in repr(cb)
+        cb.save(tmp_path / "cb.safetensors")
+        meta = _meta(tmp_path / "cb.safetensors")
+        assert (meta["version"], meta["kinds"], meta["placeholder_layers"]) == ("6", kinds, "0"), kw
+        back = astra.Codebooks.load(tmp_path / "cb.safetensors", gpt2)
+        assert back.placeholder_layers == (0,) and back.checksum() == cb.checksum()
+        assert cb.to(torch.float64).placeholder_layers == cb.with_tensors(cb.tensors).placeholder_layers == (0,)
+        with layer_0_exchanged(gpt2):
+            with pytest.raises(ValueError, match=r"placeholders for layer\(s\) \[0\].*gpt2 exchanges them"):
+                astra.Codebooks.load(tmp_path / "cb.safetensors", gpt2)
+            with pytest.raises(ValueError, match=r"placeholders for layer\(s\) \[0\]"):
+                astra.simulate(gpt2, samples[0], world_size=2, codebooks=cb)
+            plain = astra.calibrate(gpt2, samples, codebook_size=16, iters=2, **kw)
+        assert plain.placeholder_layers == () and plain[0].abs().max() > 0
+        plain.save(tmp_path / "plain.safetensors")
+        assert _meta(tmp_path / "plain.safetensors")["version"] == {"layer": "2", "layer,transform,inverse": "4"}.get(
+            kinds, "5")
+    for bad, msg in (([2], r"not all in 0..1"), ([0, 1], "every layer is a placeholder")):
+        with pytest.raises(ValueError, match=msg):
+            astra.Codebooks(cb.tensors, model_type="gpt2", hidden_size=64, placeholder_layers=bad)
+    tensors, meta = load_file(str(tmp_path / "cb.safetensors")), _meta(tmp_path / "cb.safetensors")
+    meta["placeholder_layers"] = "zero"
+    meta["checksum"] = metadata_checksum(meta)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="names placeholder layers 'zero'; expected layer numbers"):
+        astra.Codebooks.load(tmp_path / "bad.safetensors")
+    meta["placeholder_layers"] = "1"                                 # edited without the checksum
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="metadata fails its checksum"):
+        astra.Codebooks.load(tmp_path / "bad.safetensors")

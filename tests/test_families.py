@@ -3,7 +3,7 @@ model under full-precision astra.simulate, runs ASTRA; inputs a model does not t
 models, heads and configurations are refused naming what is supported; users register their own family."""
 import pytest
 import torch
-from test_runtime_support import FAMILIES, PAD, main_output, max_diff, tiny_inputs, tiny_model
+from test_runtime_support import FAMILIES, PAD, layer_0_exchanged, main_output, max_diff, tiny_inputs, tiny_model
 
 import astra
 from astra.models import FamilyAdapter, family_of, linear_kv, register_family, unregister_family
@@ -233,18 +233,12 @@ def test_every_rank_computes_layer_0_from_the_embedding_output(family):
 def test_a_family_without_first_input_exchanges_layer_0():
     """An adapter that does not say how layer 0's input follows from the embedding output (``first_input``
     None) gets layer 0 exchanged and quantized like the others."""
-    import dataclasses
-
     model = tiny_model("bert", head=False)
-    adapter = family_of(model).adapter
     inputs = tiny_inputs("bert", seq=12)
     cb = astra.Codebooks.random(model, groups=2, codebook_size=4, seed=3)
     other = cb.with_tensors([cb.tensors[0] * 100 + 7] + list(cb.tensors[1:]))
-    register_family(dataclasses.replace(adapter, first_input=None), replace=True)
-    try:
+    with layer_0_exchanged(model):
         assert not family_of(model).computes_first_layer and family_of(model).exchanged(0)
         a, b = (main_output(astra.simulate(model, inputs, world_size=3, codebooks=c)) for c in (cb, other))
         assert not torch.allclose(a, b, atol=1e-3)
-    finally:
-        register_family(adapter, replace=True)
     assert family_of(model).computes_first_layer

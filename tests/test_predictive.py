@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_runtime_support import main_output, tiny_codebooks, tiny_inputs, tiny_model
+from test_runtime_support import layer_0_exchanged, main_output, tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 from astra.calibrate import collect_hidden_states, fit_predictor
@@ -38,15 +38,28 @@ def predictive(bert):
     return tiny_codebooks(bert, "bert", 4, predict=True)
 
 
-def test_calibrated_predictors_shapes_and_layer_0_is_the_embedding_output(bert, predictive):
+def test_calibrated_predictors_shapes_and_layer_0_is_a_placeholder(bert, predictive):
     D = bert.config.hidden_size
     assert predictive.predictive and "predictive" in repr(predictive)
     assert [tuple(w.shape) for w in predictive.predictors] == [(2 * D, D)] * bert.config.num_hidden_layers
     assert [tuple(b.shape) for b in predictive.predictor_biases] == [(D,)] * bert.config.num_hidden_layers
-    # BERT's layer 0 quantizes its embedding output: the fitted prediction is (nearly) exact, the residual tiny
+    # every rank computes layer 0: nothing fitted there; layer 1 predicts from the embedding output and the exact h_0
+    assert predictive.placeholder_layers == (0,)
+    assert predictive.predictors[0].abs().max() == 0 and predictive.predictor_biases[0].abs().max() == 0
+    assert predictive[0].abs().max() == 0 and torch.equal(predictive.transforms[0], torch.eye(D))
+    assert predictive.predictors[1][:D].abs().max() > 0 and predictive.predictors[1][D:].abs().max() > 0
+
+
+def test_an_exchanged_layer_0_is_predicted_from_the_embedding_output(bert):
+    """Where layer 0 is exchanged (a family without ``first_input``), BERT's layer 0 quantizes its embedding output:
+    the fitted prediction is (nearly) exact, the residual tiny."""
+    D = bert.config.hidden_size
+    with layer_0_exchanged(bert):
+        cb = tiny_codebooks(bert, "bert", 4, predict=True)
+    assert cb.placeholder_layers == ()
     hs, emb = collect_hidden_states(bert, [tiny_inputs("bert", seq=16, batch=4, seed=11)], embeddings=True)
     assert torch.equal(hs[0], emb)
-    W, b = predictive.predictors[0], predictive.predictor_biases[0]
+    W, b = cb.predictors[0], cb.predictor_biases[0]
     assert W[D:].abs().max() == 0                      # layer 0 has no previous layer
     resid = hs[0] - (emb @ W[:D] + b)
     assert float(resid.pow(2).mean()) < 1e-2 * float(hs[0].var(0).mean())
@@ -80,7 +93,11 @@ def test_decoders_predict_layer_0_from_their_embedding(family):
     predicted far better than by the mean alone, which is all a decoder had without it."""
     model = tiny_model(family, head=False)
     D = model.config.hidden_size
-    cb = tiny_codebooks(model, family, 4, predict=True)
+    built_in = tiny_codebooks(model, family, 4, predict=True)      # layer 0 computed: layer 1 reads e and h_0
+    assert built_in.placeholder_layers == (0,) and built_in.predictors[0].abs().max() == 0
+    assert built_in.predictors[1][:D].abs().max() > 0 and built_in.predictors[1][D:].abs().max() > 0
+    with layer_0_exchanged(model):
+        cb = tiny_codebooks(model, family, 4, predict=True)
     assert cb.predictors[0][:D].abs().max() > 0 and cb.predictors[0][D:].abs().max() == 0
     assert cb.predictors[1][D:].abs().max() > 0
     hs, emb = collect_hidden_states(model, [tiny_inputs(family, seq=16, batch=4, seed=21)], embeddings=True)
@@ -96,7 +113,8 @@ def test_save_load_round_trip_and_corruption(tmp_path, bert, predictive):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    assert meta["version"] == "5" and meta["kinds"] == "layer,transform,inverse,predictor,predictor_bias"
+    assert meta["version"] == "6" and meta["kinds"] == "layer,transform,inverse,predictor,predictor_bias"
+    assert meta["placeholder_layers"] == "0"
     cb = astra.Codebooks.load(path, bert)
     assert cb.checksum() == predictive.checksum()
     for a, b in zip(cb.predictors + cb.predictor_biases, predictive.predictors + predictive.predictor_biases):

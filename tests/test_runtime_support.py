@@ -2,6 +2,7 @@
 ranks, which is why it lives in a module and not in conftest)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -129,3 +130,20 @@ def codebook_case(spec):
 def predictive_case(spec) -> bool:
     """Whether a test case's codebook spec asks for predictive codebooks (``"<G>+"``)."""
     return isinstance(spec, str) and spec.endswith("+")
+
+
+@contextlib.contextmanager
+def layer_0_exchanged(model):
+    """``model``'s family re-registered without ``first_input`` for the block: layer 0 is then exchanged and
+    quantized like the others (as for a family that does not say how layer 0's input follows from the embedding
+    output); the built-in adapter is restored after."""
+    import dataclasses
+
+    from astra.models import family_of, register_family
+
+    adapter = family_of(model).adapter
+    register_family(dataclasses.replace(adapter, first_input=None), replace=True)
+    try:
+        yield
+    finally:
+        register_family(adapter, replace=True)

@@ -249,6 +249,12 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
             return _predictive(fam, next(model.parameters()).dtype, hs, emb, bar, fit)
         hs = collect_hidden_states(model, samples, max_tokens=max_tokens) if world_size is None else None
         for l in bar:
+            if not fam.exchanged(l):
+                C, pair = placeholder(fam, groups, codebook_size, basis)
+                tensors.append(C)
+                if pairs is not None:
+                    pairs.append(pair)
+                continue
             h = hs[l] if hs is not None else _quantized_inputs(model, samples, tensors, pairs, l, world_size,
                                                                  class_token, max_tokens)
             if pairs is not None:
@@ -261,6 +267,17 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     return _codebooks(fam, next(model.parameters()).dtype, tensors, pairs)
 
 
+def placeholder(fam, groups: int, k: int, basis: str):
+    """``(codebook, (T, T^-1) or None)`` of a layer no runtime quantizes (:meth:`Family.exchanged` False: every rank
+    computes its inputs itself), which calibration does not fit: zeros and the identity
+    (:attr:`Codebooks.placeholder_layers`)."""
+    D = fam.hidden_size
+    if groups < 1 or D % groups:
+        raise ValueError(f"hidden size {D} is not divisible by G={groups}")
+    eye = torch.eye(D, dtype=torch.float64)
+    return torch.zeros(groups, k, D // groups), None if basis == "none" else (eye, eye)
+
+
 def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Optional[List[tuple]],
                predictors: Optional[List[tuple]] = None) -> Codebooks:
     """Codebooks of ``tensors`` in ``dtype``, with the per-layer ``(T, T^-1)`` ``pairs`` (None: untransformed) and
@@ -269,7 +286,8 @@ def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Opti
     part = lambda ps, i: None if ps is None else cast(p[i] for p in ps)  # noqa: E731
     return Codebooks(cast(tensors), model_type=fam.name, hidden_size=fam.hidden_size,
                      transforms=part(pairs, 0), inverses=part(pairs, 1),
-                     predictors=part(predictors, 0), predictor_biases=part(predictors, 1))
+                     predictors=part(predictors, 0), predictor_biases=part(predictors, 1),
+                     placeholder_layers=[l for l in range(len(tensors)) if not fam.exchanged(l)])
 
 
 #: the ridge of the predictors' least squares, relative to the mean variance of their inputs
@@ -303,6 +321,13 @@ def _predictive(fam, dtype: torch.dtype, hs: List[torch.Tensor], emb: Optional[t
     prev = None
     for l in bar:
         h = hs[l].double()
+        if not fam.exchanged(l):        # the next layer predicts from h itself, which the receivers compute
+            C, pair = placeholder(fam, fit["groups"], fit["k"], fit["basis"])
+            tensors.append(C)
+            pairs.append(pair)
+            predictors.append((h.new_zeros(2 * h.shape[1], h.shape[1]), h.new_zeros(h.shape[1])))
+            prev = h
+            continue
         W, b = fit_predictor(emb, prev, h)
         pred = apply_predictor(W, b, emb, prev)
         resid = h - pred
@@ -311,8 +336,7 @@ def _predictive(fam, dtype: torch.dtype, hs: List[torch.Tensor], emb: Optional[t
         y = (resid if T is None else resid @ T).float()
         C = kmeans(y, fit["groups"], fit["k"], iters=fit["iters"], seed=fit["seed"] + l, backend=fit["backend"])
         y_hat = ak.vq_decode(ak.vq_encode(y, C), C).double()
-        # what the next layer's prediction reads: the receivers' reconstruction, or h where they compute it
-        prev = pred + (y_hat if T_inv is None else y_hat @ T_inv) if fam.exchanged(l) else h
+        prev = pred + (y_hat if T_inv is None else y_hat @ T_inv)     # what the next layer's prediction reads
         tensors.append(C)
         pairs.append(pair)
         predictors.append((W, b))

@@ -29,6 +29,8 @@ ROTATED_VERSION = "3"           # 3 (read only): version 2 plus one orthogonal r
 TRANSFORMED_VERSION = "4"       # 4: version 2 plus per layer a transform and its inverse (transform.<i>, inverse.<i>)
 PREDICTIVE_VERSION = "5"        # 5: version 2 or 4 plus per layer a predictor (predictor.<i>, predictor_bias.<i>);
 #                                 its metadata names the tensor kinds it holds ("kinds")
+PLACEHOLDER_VERSION = "6"       # 6: version 2, 4 or 5 whose metadata also names placeholder layers
+#                                 ("placeholder_layers") and the tensor kinds it holds ("kinds")
 UNCHECKED_VERSION = "1"         # written before checksums: loads with a warning
 
 
@@ -41,13 +43,18 @@ class Codebooks:
     ``inverses``: their inverses (None: computed in float64). Every pair must multiply to the identity.
     ``predictors`` / ``predictor_biases``: None, or one ``[2D, D]`` weight and one ``[D]`` bias per layer (see the
     module docstring; both or neither).
+    ``placeholder_layers``: layers whose tensors are placeholders that no runtime reads (zero codebook, identity
+    transform, zero predictor): layers whose inputs every rank computes itself (:meth:`astra.models.Family.exchanged`
+    is False for them), which :func:`astra.calibrate` therefore does not fit. :meth:`check_model` refuses these
+    codebooks for a model whose family exchanges such a layer.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int,
                  transforms: Optional[Sequence[torch.Tensor]] = None,
                  inverses: Optional[Sequence[torch.Tensor]] = None,
                  predictors: Optional[Sequence[torch.Tensor]] = None,
-                 predictor_biases: Optional[Sequence[torch.Tensor]] = None):
+                 predictor_biases: Optional[Sequence[torch.Tensor]] = None,
+                 placeholder_layers: Sequence[int] = ()):
         tensors = list(tensors)
         if not tensors:
             raise ValueError("Codebooks needs at least one layer")
@@ -86,6 +93,7 @@ class Codebooks:
         self.predictor_biases: Optional[List[torch.Tensor]]
         self.predictors, self.predictor_biases = _checked_predictors(predictors, predictor_biases, len(tensors),
                                                                      hidden_size)
+        self.placeholder_layers = _checked_layers(placeholder_layers, len(tensors))
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "Codebooks":
         """The same codebooks (family, size, transforms) with other per-layer tensors. The transforms are shared,
@@ -95,6 +103,7 @@ class Codebooks:
             raise ValueError(f"{out.num_layers} codebook layers for {self.num_layers} transforms; give one per layer")
         out.transforms, out.inverses = self.transforms, self.inverses
         out.predictors, out.predictor_biases = self.predictors, self.predictor_biases
+        out.placeholder_layers = _checked_layers(self.placeholder_layers, out.num_layers)
         return out
 
     # -- shape metadata ----------------------------------------------------------------------------
@@ -131,7 +140,8 @@ class Codebooks:
         return (
             f"Codebooks(model_type={self.model_type!r}, layers={self.num_layers}, hidden_size={self.hidden_size}, "
             f"G={self.groups}, K={self.codebook_size}, bits={self.bits}, dtype={self.dtype}"
-            f"{', transformed' if self.transformed else ''}{', predictive' if self.predictive else ''})"
+            f"{', transformed' if self.transformed else ''}{', predictive' if self.predictive else ''}"
+            f"{f', placeholder_layers={list(self.placeholder_layers)}' if self.placeholder_layers else ''})"
         )
 
     @property
@@ -148,7 +158,8 @@ class Codebooks:
             return None if ts is None else [t.to(*args, **kwargs) for t in ts]
         return Codebooks(moved(self.tensors), model_type=self.model_type, hidden_size=self.hidden_size,
                          transforms=moved(self.transforms), inverses=moved(self.inverses),
-                         predictors=moved(self.predictors), predictor_biases=moved(self.predictor_biases))
+                         predictors=moved(self.predictors), predictor_biases=moved(self.predictor_biases),
+                         placeholder_layers=self.placeholder_layers)
 
     def bits_per_token(self) -> int:
         return self.groups * self.bits
@@ -165,6 +176,10 @@ class Codebooks:
             raise ValueError(f"codebooks have hidden_size {self.hidden_size}, model has {fam.hidden_size}")
         if fam.num_layers != self.num_layers:
             raise ValueError(f"codebooks have {self.num_layers} layers, model has {fam.num_layers}")
+        exchanged = [l for l in self.placeholder_layers if fam.exchanged(l)]
+        if exchanged:
+            raise ValueError(f"codebooks hold only placeholders for layer(s) {exchanged}, which every rank computed "
+                             f"itself where they were calibrated, but {fam.name} exchanges them here: re-calibrate")
 
     # -- integrity -------------------------------------------------------------------------------
     def layer_checksums(self) -> List[str]:
@@ -179,14 +194,18 @@ class Codebooks:
 
     def _metadata(self) -> dict:
         version = PREDICTIVE_VERSION if self.predictive else TRANSFORMED_VERSION if self.transformed else FORMAT_VERSION
+        if self.placeholder_layers:
+            version = PLACEHOLDER_VERSION
         meta = {"format": FORMAT, "version": version,
                 "model_type": self.model_type, "hidden_size": str(self.hidden_size), "num_layers": str(self.num_layers),
                 "groups": str(self.groups), "codebook_size": str(self.codebook_size),
                 "layer_checksums": ",".join(self.layer_checksums())}
         for kind, ts in self._extra().items():
             meta[f"{kind}_checksums"] = ",".join(tensor_checksum(t) for t in ts)
-        if self.predictive:
+        if version in (PREDICTIVE_VERSION, PLACEHOLDER_VERSION):
             meta["kinds"] = ",".join(["layer", *self._extra()])
+        if self.placeholder_layers:
+            meta["placeholder_layers"] = ",".join(map(str, self.placeholder_layers))
         return meta
 
     def checksum(self) -> str:
@@ -237,7 +256,7 @@ class Codebooks:
         tensors = read["layer"]
         cb = cls(tensors, model_type=model_type, hidden_size=hidden, transforms=read.get("transform"),
                  inverses=read.get("inverse"), predictors=read.get("predictor"),
-                 predictor_biases=read.get("predictor_bias"))
+                 predictor_biases=read.get("predictor_bias"), placeholder_layers=_placeholder_layers(path, meta))
         if cb.groups != G or cb.codebook_size != K:
             raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
         if model is not None:
@@ -265,21 +284,45 @@ def _verify(path: str, kind: str, tensors: Sequence[torch.Tensor], sums_text: st
             raise ValueError(f"{path}: {kind} {i} fails its checksum: the file is corrupt (re-calibrate or restore it)")
 
 
-#: the tensors each format version holds per layer (versions not listed: the codebooks only; version 5 names them)
+#: the tensors each format version holds per layer (versions not listed: the codebooks only; versions 5 and 6 name
+#: them)
 _TENSOR_KINDS = {ROTATED_VERSION: ("layer", "rotation"), TRANSFORMED_VERSION: ("layer", "transform", "inverse")}
-#: the kinds a version-5 file may name
-_PREDICTIVE_KINDS = (("layer", "predictor", "predictor_bias"),
-                     ("layer", "transform", "inverse", "predictor", "predictor_bias"))
+#: the kinds a file of each version that names them (metadata "kinds") may name
+_NAMED_KINDS = {PREDICTIVE_VERSION: (("layer", "predictor", "predictor_bias"),
+                                     ("layer", "transform", "inverse", "predictor", "predictor_bias"))}
+_NAMED_KINDS[PLACEHOLDER_VERSION] = (("layer",), ("layer", "transform", "inverse"), *_NAMED_KINDS[PREDICTIVE_VERSION])
 
 
 def _tensor_kinds(path: str, meta: dict) -> tuple:
-    if meta["version"] != PREDICTIVE_VERSION:
-        return _TENSOR_KINDS.get(meta["version"], ("layer",))
+    version = meta["version"]
+    if version not in _NAMED_KINDS:
+        return _TENSOR_KINDS.get(version, ("layer",))
     kinds = tuple(meta.get("kinds", "").split(","))
-    if kinds not in _PREDICTIVE_KINDS:
-        raise ValueError(f"{path}: codebook file version 5 names tensor kinds {meta.get('kinds')!r}; expected one of "
-                         f"{[','.join(k) for k in _PREDICTIVE_KINDS]}: the file is corrupt")
+    if kinds not in _NAMED_KINDS[version]:
+        raise ValueError(f"{path}: codebook file version {version} names tensor kinds {meta.get('kinds')!r}; expected "
+                         f"one of {[','.join(k) for k in _NAMED_KINDS[version]]}: the file is corrupt")
     return kinds
+
+
+def _placeholder_layers(path: str, meta: dict) -> tuple:
+    """The placeholder layers a version-6 file names (other versions: none)."""
+    if meta["version"] != PLACEHOLDER_VERSION:
+        return ()
+    try:
+        return tuple(int(x) for x in meta.get("placeholder_layers", "").split(","))
+    except ValueError:
+        raise ValueError(f"{path}: codebook file version 6 names placeholder layers "
+                         f"{meta.get('placeholder_layers')!r}; expected layer numbers: the file is corrupt") from None
+
+
+def _checked_layers(layers: Sequence[int], count: int) -> tuple:
+    """``layers`` as a sorted tuple of distinct layer numbers in ``[0, count)``, not all of them, else ValueError."""
+    out = tuple(sorted({int(l) for l in layers}))
+    if out and not (0 <= out[0] and out[-1] < count):
+        raise ValueError(f"placeholder layers {list(out)} are not all in 0..{count - 1}")
+    if len(out) == count:
+        raise ValueError("every layer is a placeholder: there is nothing to quantize with")
+    return out
 
 #: how far ``T @ T^-1`` may be from the identity (float64 product of the stored tensors, largest entry): 1e-3, and
 #: 0.1 for tensors rounded to 16 bits
@@ -398,7 +441,7 @@ def _check_metadata(path: str, meta: dict):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an astra codebook file (metadata format={meta.get('format')!r})")
     version = meta.get("version")
-    if version in (FORMAT_VERSION, ROTATED_VERSION, TRANSFORMED_VERSION, PREDICTIVE_VERSION):
+    if version in (FORMAT_VERSION, ROTATED_VERSION, TRANSFORMED_VERSION, PREDICTIVE_VERSION, PLACEHOLDER_VERSION):
         if "checksum" not in meta or "layer_checksums" not in meta:
             raise ValueError(f"{path}: codebook file version {version} without its checksums: the file is corrupt")
         if metadata_checksum(meta) != meta["checksum"]:

@@ -72,7 +72,8 @@ class DistRuntime(RuntimeBase):
             raise
 
     def _build_tables(self) -> None:
-        """Per-layer K/V of every codeword ``[K, Hkv, Dh]`` (pre-RoPE) for the G = 1 table path."""
+        """Per exchanged layer the K/V of every codeword ``[K, Hkv, Dh]`` (pre-RoPE) for the G = 1 table path (None for
+        a layer every rank computes)."""
         use = self.kv_tables
         if use not in ("auto", True, False):
             raise ValueError(f"kv_tables must be 'auto', True or False, got {use!r}")
@@ -90,6 +91,9 @@ class DistRuntime(RuntimeBase):
         tables = []
         with torch.no_grad():
             for l, m in enumerate(self.fam.attn_modules):
+                if not self.fam.exchanged(l):                 # no codes arrive there: no table
+                    tables.append(None)
+                    continue
                 words = self.untransform(l, self._cb[l][0]).unsqueeze(0)   # [1, K, D], the model's basis
                 k, v = self.fam.kv(m, words)                  # [1, Hkv, K, Dh]
                 tables.append((k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()))
