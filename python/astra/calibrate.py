@@ -250,7 +250,7 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
         hs = collect_hidden_states(model, samples, max_tokens=max_tokens) if world_size is None else None
         for l in bar:
             if not fam.exchanged(l):
-                C, pair = placeholder(fam, groups, codebook_size, basis)
+                C, pair = _placeholder(fam, groups, codebook_size, basis)
                 tensors.append(C)
                 if pairs is not None:
                     pairs.append(pair)
@@ -267,7 +267,7 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     return _codebooks(fam, next(model.parameters()).dtype, tensors, pairs)
 
 
-def placeholder(fam, groups: int, k: int, basis: str):
+def _placeholder(fam, groups: int, k: int, basis: str):
     """``(codebook, (T, T^-1) or None)`` of a layer no runtime quantizes (:meth:`Family.exchanged` False: every rank
     computes its inputs itself), which calibration does not fit: zeros and the identity
     (:attr:`Codebooks.placeholder_layers`)."""
@@ -322,7 +322,7 @@ def _predictive(fam, dtype: torch.dtype, hs: List[torch.Tensor], emb: Optional[t
     for l in bar:
         h = hs[l].double()
         if not fam.exchanged(l):        # the next layer predicts from h itself, which the receivers compute
-            C, pair = placeholder(fam, fit["groups"], fit["k"], fit["basis"])
+            C, pair = _placeholder(fam, fit["groups"], fit["k"], fit["basis"])
             tensors.append(C)
             pairs.append(pair)
             predictors.append((h.new_zeros(2 * h.shape[1], h.shape[1]), h.new_zeros(h.shape[1])))

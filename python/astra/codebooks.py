@@ -193,9 +193,8 @@ class Codebooks:
         return {k: ts for k, ts in kinds.items() if ts is not None}
 
     def _metadata(self) -> dict:
-        version = PREDICTIVE_VERSION if self.predictive else TRANSFORMED_VERSION if self.transformed else FORMAT_VERSION
-        if self.placeholder_layers:
-            version = PLACEHOLDER_VERSION
+        version = (PLACEHOLDER_VERSION if self.placeholder_layers else PREDICTIVE_VERSION if self.predictive
+                   else TRANSFORMED_VERSION if self.transformed else FORMAT_VERSION)
         meta = {"format": FORMAT, "version": version,
                 "model_type": self.model_type, "hidden_size": str(self.hidden_size), "num_layers": str(self.num_layers),
                 "groups": str(self.groups), "codebook_size": str(self.codebook_size),
