@@ -112,6 +112,10 @@ def test_kmeans_bad_inputs():
         astra.calibrate(tiny_model("bert"), [], groups=4, codebook_size=8)
     with pytest.raises(ValueError, match="world_size"):
         astra.calibrate(tiny_model("bert"), [tiny_inputs("bert")], groups=4, codebook_size=8, world_size=0)
+    for G in (5, 0):              # refused before any forward, whichever path (layer 0 is not fitted to catch it)
+        for kw in ({}, {"predict": True}, {"world_size": 2}):
+            with pytest.raises(ValueError, match=f"hidden size 64 is not divisible by G={G}"):
+                astra.calibrate(tiny_model("bert"), [tiny_inputs("bert")], groups=G, codebook_size=8, **kw)
 
 
 def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):

@@ -232,6 +232,8 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
         raise ValueError("calibrate needs at least one sample")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if groups < 1 or fam.hidden_size % groups:
+        raise ValueError(f"hidden size {fam.hidden_size} is not divisible by G={groups}")
     basis = bases.resolve(basis, fam, groups)
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
@@ -272,8 +274,6 @@ def _placeholder(fam, groups: int, k: int, basis: str):
     computes its inputs itself), which calibration does not fit: zeros and the identity
     (:attr:`Codebooks.placeholder_layers`)."""
     D = fam.hidden_size
-    if groups < 1 or D % groups:
-        raise ValueError(f"hidden size {D} is not divisible by G={groups}")
     eye = torch.eye(D, dtype=torch.float64)
     return torch.zeros(groups, k, D // groups), None if basis == "none" else (eye, eye)
 
