@@ -115,11 +115,12 @@ def _check_x(x, G: int, DG: int) -> None:
 
 class _IdentityCache:
     """Per-tensor cache keyed by the tensor *object* (weakly referenced) plus its version counter,
-    data pointer, shape, strides, dtype and device: an in-place edit bumps the version, and a new
-    tensor that reuses a freed tensor's memory is a different object, so neither can hit a stale
-    entry. Inference tensors (made under ``torch.inference_mode``) have no version counter: their entry
-    keeps a private copy of the contents and only hits while the tensor still equals it exactly (one
-    compare pass, ~10x cheaper than recomputing a codebook's preparation)."""
+    data pointer, shape, strides, dtype and device, and checked against a private copy of the contents: an
+    entry hits only while the tensor still equals that copy exactly. The version counter alone misses edits
+    that bypass it (writes through ``.data``, through a numpy array the tensor shares memory with, or to an
+    inference tensor, which has none), and a stale entry would be a wrong answer; the compare is one pass over
+    the codebook, ~10x cheaper than recomputing its preparation. A NaN never equals itself, so a codebook with
+    a NaN always misses (and is refused by the check it then runs)."""
 
     def __init__(self, maxsize: int):
         self.maxsize = maxsize
@@ -134,7 +135,7 @@ class _IdentityCache:
         e = self.d.get(id(t))
         if e is None or e[0]() is not t or e[1] != self._sig(t):
             return None
-        if e[3] is not None and not torch.equal(e[3], t):
+        if not torch.equal(e[3], t):
             return None
         return e[2]
 
@@ -143,20 +144,7 @@ class _IdentityCache:
             self.d = {k: v for k, v in self.d.items() if v[0]() is not None}
             if len(self.d) >= self.maxsize:
                 self.d.clear()
-        snapshot = t.detach().clone() if t.is_inference() else None
-        self.d[id(t)] = (weakref.ref(t), self._sig(t), value, snapshot)
-
-
-_finite_cache = _IdentityCache(64)
-
-
-def _check_finite(t: torch.Tensor, name: str, cache: bool = False) -> None:
-    """:func:`astra_kernels.checks.check_finite`, remembered per codebook tensor with ``cache``."""
-    if cache and t.numel() and _finite_cache.get(t):
-        return
-    check_finite(name, t)
-    if cache and t.numel():
-        _finite_cache.put(t, True)
+        self.d[id(t)] = (weakref.ref(t), self._sig(t), value, t.detach().clone())
 
 
 def _check_codes(codes, G: int, K: int, check_range: bool = True) -> None:
@@ -771,8 +759,8 @@ def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto")
     G, K, DG = _check_codebook(codebook)
     _check_x(x, G, DG)
     be = resolve_backend(backend, x, codebook)
-    _check_finite(codebook, "codebook", cache=True)
-    _check_finite(x, "x")
+    check_finite("codebook", codebook)
+    check_finite("x", x)
     lead = tuple(x.shape[:-1])
     x2 = x.detach().reshape(-1, G * DG)
     with torch.no_grad():
@@ -825,8 +813,8 @@ def encode_and_pack(x: torch.Tensor, codebook: torch.Tensor, bits: Optional[int]
         raise ValueError(f"codes would have {len(shape)} dims; a frame holds at most 8")
     be = resolve_backend(backend, x, codebook)
     if be == "triton":
-        _check_finite(codebook, "codebook", cache=True)
-        _check_finite(x, "x")
+        check_finite("codebook", codebook)
+        check_finite("x", x)
         from .triton import vq_kernels as _k
 
         xk, cb, cn = _triton_inputs(x.detach().reshape(-1, G * DG), codebook)

@@ -502,12 +502,38 @@ def test_inference_mode_tensors_are_encoded_and_cached_by_content():
         cb = torch.randn(2, 64, 24, generator=g)
         codes = ak.vq_encode(x, cb, backend="torch")
         assert torch.equal(codes, ak.vq_encode_reference(x, cb))
-        assert vq._finite_cache.get(cb) is not None                    # cached despite no version counter
+        assert vq._prep_cache.get(cb) is not None                      # cached despite no version counter
         cb.mul_(-1.0)  # in-place edit of an inference tensor: must not hit a cached entry
-        assert vq._finite_cache.get(cb) is None
+        assert vq._prep_cache.get(cb) is None
         assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
         cb[1, 5, 3] += 0.25                                           # a single element changed
         assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
+
+
+@pytest.mark.parametrize("edit", ["data", "numpy", "nan"])
+def test_edits_that_bypass_the_version_counter_never_hit_a_stale_preparation(edit):
+    """An EMA-style update through ``.data``, or a write to the numpy array a codebook shares memory with, leaves
+    the version counter as it was: the cached preparation must still not be used (it gave wrong codes for 396 of
+    400), and a NaN written that way must still be refused."""
+    g = torch.Generator().manual_seed(12)
+    arr = torch.randn(2, 64, 4, generator=g).numpy()
+    cb = torch.from_numpy(arr) if edit == "numpy" else torch.from_numpy(arr.copy())
+    x = torch.randn(200, 8, generator=g)
+    assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
+    version = cb._version
+    new = torch.randn(2, 64, 4, generator=g)
+    if edit == "numpy":
+        arr[...] = new.numpy()
+    else:
+        cb.data.copy_(new)
+    if edit == "nan":
+        cb.data[0, 0, 0] = float("nan")
+    assert cb._version == version                                      # the edit bypassed the counter
+    if edit == "nan":
+        with pytest.raises(ValueError, match="codebook contains non-finite"):
+            ak.vq_encode(x, cb, backend="torch")
+        return
+    assert torch.equal(ak.vq_encode(x, cb, backend="torch"), ak.vq_encode_reference(x, cb))
 
 
 def test_codebook_preparation_is_kept_for_every_layer_of_a_deep_model():
