@@ -533,6 +533,8 @@ def _attention_kernel(kernel, qs: Queries, K, V, kpos, kbias):
     position inside it (blocks of keys past a block of queries skipped when the keys are sorted), q/K/V read in
     place when their head dim is contiguous."""
     q = _rows_contiguous(qs.q.to(torch.float32))
+    if q.stride(2) > kernel.MAX_QUERY_STRIDE:          # its int32 gather offsets would overflow
+        q = q.contiguous()
     K, V = _rows_contiguous(K), _rows_contiguous(V)
     B, Hq, Tl, Dh = q.shape
     Hkv, N = K.shape[1], K.shape[2]

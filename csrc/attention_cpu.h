@@ -18,6 +18,10 @@ namespace astra {
 // out = softmax(scale * q k^T + bias + mask) v per (batch, head, query); a query that sees no key gets out = 0
 // and lse = -inf. Computed in blocks of 64 queries x 32 keys with an online softmax (fp32 accumulation),
 // on `threads` threads (1: the caller's).
+// The largest query token stride (in floats) the kernel reads in place: it gathers 16 queries at a time with
+// int32 offsets lane * stride. A larger stride needs a contiguous copy (the Python layer makes one).
+constexpr int64_t kMaxQueryStride = INT32_MAX / 16;
+
 struct AttentionArgs {
   const float* q;
   int64_t sqb, sqh, sqt;

@@ -11,6 +11,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_attention_cpu, m) {
   m.doc() = "Flash-style fp32 attention on the CPU (C++, AVX-512). Internal to astra_kernels.attention.";
+  m.attr("MAX_QUERY_STRIDE") = astra::kMaxQueryStride;
   m.def("available", &astra::attention_available, "Whether attention_f32 runs on this CPU (AVX-512 F).");
   m.def(
       "attention_f32",
@@ -22,6 +23,9 @@ PYBIND11_MODULE(_attention_cpu, m) {
         if (B < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || Tq < 1 || N < 1 || D < 1 || threads < 1 || !q || !k || !v ||
             !out || !lse || ((qpos == 0) != (kpos == 0)))
           throw py::value_error("attention_f32: bad sizes or pointers");
+        if (sqt < 0 || sqt > astra::kMaxQueryStride)
+          throw py::value_error("attention_f32: the query token stride exceeds MAX_QUERY_STRIDE (int32 gather "
+                                "offsets); pass a contiguous q");
         astra::AttentionArgs a{reinterpret_cast<const float*>(q), sqb, sqh, sqt,
                                reinterpret_cast<const float*>(k), skb, skh, skn,
                                reinterpret_cast<const float*>(v), svb, svh, svn,

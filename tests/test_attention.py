@@ -565,3 +565,30 @@ def test_cpu_positions_beyond_int32_take_torch(cpu_route):
     kw["q_pos"], kw["kv_pos"] = kw["q_pos"] + 2 ** 33, kw["kv_pos"] + 2 ** 33
     out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
     check(out, lse, *reference(q, k, v, **kw))
+
+
+def test_queries_of_a_huge_token_stride_are_read_safely(cpu_route):
+    """A query view whose token stride times 15 overflows int32 (the C++ kernel gathers 16 queries with int32
+    offsets; it segfaulted): the host copies q first, and the kernel itself refuses such a stride. The storage is
+    virtual (torch.empty); only the 16 rows used are written."""
+    import astra_kernels.attention as A
+    from astra_kernels import attention_local
+
+    Tl, Dh = 16, 8
+    sqt = 2 ** 31 // 15 + 1000
+    try:
+        store = torch.empty(15 * sqt + Dh)
+    except RuntimeError as e:                               # a machine that refuses 8.6 GB of address space
+        pytest.skip(f"cannot reserve {15 * sqt * 4 / 2 ** 30:.1f} GiB of virtual memory: {e}")
+    g = seeded_generator(31)
+    q = store.as_strided((1, 1, Tl, Dh), (0, 0, sqt, 1))
+    q.copy_(random_inputs(1, 1, Tl, Dh, generator=g))
+    k, v = random_inputs(1, 1, Tl, Dh, generator=g), random_inputs(1, 1, Tl, Dh, generator=g)
+    out, lse = attention_local(q, k, v, return_lse=True)
+    check(out, lse, *mixed_attention_reference(q.contiguous(), k, v))
+    kernel = A._cpu_kernel()
+    if cpu_route == "kernel":
+        f = torch.empty(1)
+        with pytest.raises(ValueError, match="query token stride exceeds MAX_QUERY_STRIDE"):
+            kernel.attention_f32(q.data_ptr(), 0, 0, sqt, k.data_ptr(), 0, 0, Dh, v.data_ptr(), 0, 0, Dh, 0, 0, 0, 0,
+                                 False, 1, 1, 1, Tl, Tl, Dh, 1.0, f.data_ptr(), 0, 0, Dh, f.data_ptr(), 1)
