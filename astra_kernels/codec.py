@@ -135,7 +135,7 @@ def _pack_triton(codes, bits: int, out) -> torch.Tensor:
     if codes.dim() > _codec.MAX_NDIM:
         raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {codes.dim()}")
     _codec.frame_layout(bits, list(codes.shape))  # validates the dims against the format
-    flat = codes.reshape(-1)
+    flat = codes.reshape(-1).to(torch.int64)     # in the codes' own dtype 1 << bits wraps (uint8 at 8 bits)
     bad = ((flat < 0) | (flat >= (1 << bits))).nonzero()
     if bad.numel():
         i = int(bad[0, 0])

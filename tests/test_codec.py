@@ -243,6 +243,13 @@ def test_triton_packer_through_public_api_matches_cpp(kernel_device):
         got = pack_codes(codes.to(kernel_device), bits, backend="triton")
         assert torch.equal(got.cpu(), want)
         assert torch.equal(unpack_codes(got.cpu()), codes)
+    # every integer dtype at the top code of its widest width (in the codes' own dtype 1 << bits wrapped: uint8
+    # codes at 8 bits were refused as out of range, uint16 / uint32 failed in torch's comparison)
+    for dtype, bits in ((torch.uint8, 8), (torch.int8, 7), (torch.int16, 15), (torch.uint16, 16),
+                        (torch.uint32, 16), (torch.int64, 16)):
+        codes = torch.tensor([0, 1, (1 << bits) - 1, 5], dtype=dtype)
+        got = pack_codes(codes.to(kernel_device), bits, backend="triton")
+        assert torch.equal(got.cpu(), pack_codes(codes, bits, backend="torch")), dtype
     bad = _rand_codes((20,), 4, dtype=torch.int32)
     bad[11] = 16
     with pytest.raises(ValueError, match="out of range at flat index 11: 16"):
