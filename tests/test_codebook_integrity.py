@@ -3,6 +3,7 @@ provably harmless (loads as exactly the same codebooks); version-1 files (no che
 import json
 import random
 import struct
+import time
 import warnings
 
 import pytest
@@ -82,6 +83,25 @@ def test_header_edits_are_refused(saved, tmp_path, edit, msg):
     p.write_bytes(_rewrite_header(raw, edit))
     with pytest.raises(ValueError, match=msg):
         astra.Codebooks.load(p)
+
+
+@pytest.mark.parametrize("layers", ["30000000", "0", "-3"])
+def test_a_layer_count_that_the_tensors_do_not_hold_is_refused_at_once(saved, tmp_path, layers):
+    """A num_layers edited with its checksum recomputed (a plain sha256) names more layers than the file holds: refused
+    before any per-layer work (3e7 layers took 13.5 s and 2.8 GB to refuse, 1e9 would exhaust memory)."""
+    from astra.codebooks import metadata_checksum
+
+    def edit(h):
+        h["__metadata__"]["num_layers"] = layers
+        h["__metadata__"]["checksum"] = metadata_checksum(h["__metadata__"])
+
+    ref, raw = saved
+    p = tmp_path / "layers.safetensors"
+    p.write_bytes(_rewrite_header(raw, edit))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="expected tensors"):
+        astra.Codebooks.load(p)
+    assert time.perf_counter() - t0 < 5.0       # before: 13.5 s for 3e7 layers
 
 
 def test_a_flipped_data_byte_names_its_layer(saved, tmp_path):

@@ -81,9 +81,8 @@ def test_quantized_nonlocal_changes_output_and_is_deterministic():
 
 
 def test_inference_mode_codebooks_run_as_normal_tensors():
-    """Codebooks calibrated under torch.inference_mode: the runtime holds normal copies (its kernel caches then key
-    on version counters instead of comparing contents every call) and computes exactly what it does with normal
-    codebooks."""
+    """Codebooks calibrated under torch.inference_mode: the runtime holds normal copies and computes exactly what it
+    does with normal codebooks."""
     from astra.simulation import SimRuntime
 
     model = tiny_model("gpt2")
