@@ -52,7 +52,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._dispatch import resolve_backend
-from .checks import check_finite, check_float, check_int, check_mask, require
+from .checks import FLOAT_DTYPES, check_finite, check_float, check_int, check_mask, require
 from .segments import CountKeys, GroupTableKeys, Segment, TableKeys, TokenKeys, positions, prune_causal, split_counts
 
 __all__ = ["attention_local", "attention_per_token", "attention_table", "attention_group_table", "build_group_tables",
@@ -380,16 +380,25 @@ def build_group_tables(codebook: torch.Tensor, w_k: torch.Tensor, b_k: Optional[
     ``G * K * 2 * Hkv * Dh`` elements (G = 32, K = 1024, D = 768: 201 MB fp32, 101 MB bf16).
     """
     check_float("codebook", codebook, 3)
+    check_finite("codebook", codebook)
     G, K, DG = codebook.shape
-    out = []
+    require(not isinstance(kv_heads, bool) and isinstance(kv_heads, int) and kv_heads >= 1,
+            f"kv_heads must be an int >= 1, got {kv_heads!r}")
+    require(dtype is None or dtype in FLOAT_DTYPES, f"dtype must be a floating dtype, got {dtype}")
     for name, w, b in (("w_k", w_k, b_k), ("w_v", w_v, b_v)):
         bname = "b" + name[1:]
         check_float(name, w, 2)
+        check_finite(name, w)
         require(w.shape[1] == G * DG and w.shape[0] % kv_heads == 0,
                 f"{name} must have shape [Hkv * Dh, D={G * DG}] with Hkv={kv_heads}, got {tuple(w.shape)}")
         if b is not None:
             check_float(bname, b, 1)
+            check_finite(bname, b)
             require(b.shape[0] == w.shape[0], f"{bname} must have shape [{w.shape[0]}], got {tuple(b.shape)}")
+    require(w_k.shape[0] == w_v.shape[0],
+            f"w_k and w_v must have the same rows (Hkv * Dh), got {tuple(w_k.shape)} and {tuple(w_v.shape)}")
+    out = []
+    for w, b in ((w_k, b_k), (w_v, b_v)):
         w64 = w.detach().to(torch.float64).reshape(w.shape[0], G, DG)
         t = torch.einsum("gkd,ogd->gko", codebook.detach().to(torch.float64), w64)        # [G, K, Hkv * Dh]
         if b is not None:
@@ -488,7 +497,8 @@ _CAUSAL_CHUNKED_MAX_KEYS = 1024
 def _one_segment(qs: Queries, K, V, kpos, kbias, ct):
     """(out [B,Hq,Tl,Dh] ct, lse [B,Hq,Tl] ct) over one key segment; rows with no key: 0 / -inf."""
     kernel = _cpu_kernel()
-    if kernel is not None and ct == torch.float32 and qs.q.device.type == "cpu" and _int32_positions(qs, kpos):
+    if kernel is not None and ct == torch.float32 and qs.q.device.type == "cpu" and _int32_positions(qs, kpos) \
+            and not _needs_grad(qs.q, K, V, kbias):            # the kernel has no backward: torch's routes do
         return _attention_kernel(kernel, qs, K, V, kpos, kbias)
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if flash is not None and qs.q.device.type == "cpu" and ct not in _FLASH_FAILED:
@@ -501,6 +511,10 @@ def _one_segment(qs: Queries, K, V, kpos, kbias, ct):
 
 _THREAD_WORK = 1 << 17      # (query, key, head-dim) products per thread at least: the kernel starts its threads
                             # per call (~20 us each); a decode step (1 query x 1024 keys x 12 heads) gets 6
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def _cpu_kernel():

@@ -45,12 +45,17 @@ _DTYPES = {
 def frame_layout(shape: Sequence[int], bits: int) -> Tuple[int, int, int]:
     """``(header_nbytes, payload_nbytes, frame_nbytes)`` of a frame holding codes of ``shape``."""
     _check_bits(bits)
-    return _codec.frame_layout(int(bits), [int(s) for s in shape])
+    dims = list(shape)
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in dims):
+        raise ValueError(f"shape must hold integers, got {tuple(shape)!r}")
+    return _codec.frame_layout(int(bits), [int(s) for s in dims])
 
 
 def header_nbytes(ndim: int) -> int:
     """Size in bytes of the header (CRC included) of a frame with ``ndim`` dims, from the C++ codec's
     layout (the one home of the wire format)."""
+    if isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)) or not 0 <= ndim <= _codec.MAX_NDIM:
+        raise ValueError(f"a frame has 0..{_codec.MAX_NDIM} dims, got {ndim!r}")
     return _HEADER_BASE + _HEADER_PER_DIM * int(ndim)
 
 
@@ -74,13 +79,16 @@ def _as_cpu_tensor(x, what: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x
     elif isinstance(x, np.ndarray):
-        if not x.flags.writeable:
-            x = x.copy()  # torch.from_numpy warns on read-only arrays
+        if not x.flags.writeable or any(st < 0 for st in x.strides):
+            x = x.copy()  # torch.from_numpy warns on read-only arrays and refuses negative strides
         t = torch.from_numpy(x)
     elif isinstance(x, (bytes, bytearray, memoryview)) and what == "frame":
-        t = torch.frombuffer(bytearray(x), dtype=torch.uint8)
+        # torch.frombuffer refuses an empty buffer
+        t = torch.frombuffer(bytearray(x), dtype=torch.uint8) if len(x) else torch.empty(0, dtype=torch.uint8)
     else:
         raise ValueError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"{what} is a meta tensor: it has no data to pack or unpack")
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
@@ -95,7 +103,7 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
     the frame is written to its start and the matching view ``out[:nbytes]`` is returned (C++ codec
     only). ``backend``: see the module docstring.
     """
-    if type(bits) is not int:  # noqa: E721 - fast path; numpy ints etc. are checked below
+    if type(bits) is not int or not 1 <= bits <= 16:  # noqa: E721 - fast path; numpy ints etc. checked here
         _check_bits(bits)
         bits = int(bits)
     if backend != "auto" or (isinstance(codes, torch.Tensor) and not codes.is_cpu):
@@ -118,8 +126,17 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.dim() == 1
               and out.is_cpu and out.is_contiguous()):
         raise ValueError("out must be a contiguous 1-D torch.uint8 CPU tensor")
+    elif _overlap(t, out):
+        raise ValueError("out overlaps the memory of codes: the frame would overwrite the codes it is packing")
     n = _codec.pack(t.data_ptr(), code, shape, bits, out.data_ptr(), out.numel())
     return out if n == out.numel() else out[:n]
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous CPU tensors share any byte of memory."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a.numel() > 0 and b.numel() > 0 and a0 < b0 + b.numel() * b.element_size() \
+        and b0 < a0 + a.numel() * a.element_size()
 
 
 def _pack_triton(codes, bits: int, out) -> torch.Tensor:

@@ -58,6 +58,7 @@ each; the codebook's result is cached with its version counter).
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import weakref
 from typing import Dict, Optional, Tuple
@@ -804,8 +805,9 @@ def encode_and_pack(x: torch.Tensor, codebook: torch.Tensor, bits: Optional[int]
     _check_x(x, G, DG)
     if bits is None:
         bits = default_bits(K)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+    bits = int(bits)
     if K > (1 << bits):
         raise ValueError(f"K={K} codes do not fit in {bits} bits")
     shape = tuple(x.shape[:-1]) + (G,)

@@ -518,6 +518,36 @@ def test_build_group_tables_equals_decode_then_project():
         build_group_tables(cb, wk[:, :-1], bk, wv, bv, kv_heads=Hkv)
     with pytest.raises(ValueError, match="b_v must have shape"):
         build_group_tables(cb, wk, bk, wv, bv[:-1], kv_heads=Hkv)
+    # before: ZeroDivisionError, torch's "invalid shape dimension", tables of different shapes, int or NaN tables
+    for heads in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="kv_heads must be an int >= 1"):
+            build_group_tables(cb, wk, bk, wv, bv, kv_heads=heads)
+    with pytest.raises(ValueError, match="w_k and w_v must have the same rows"):
+        build_group_tables(cb, wk, bk, wv[:Dh], bv[:Dh], kv_heads=1)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        build_group_tables(cb, wk, bk, wv, bv, kv_heads=Hkv, dtype=torch.int32)
+    for i, name in enumerate(("codebook", "w_k", "b_k", "w_v", "b_v")):
+        args = [t.clone() for t in (cb, wk, bk, wv, bv)]
+        args[i].view(-1)[3] = float("nan")
+        with pytest.raises(ValueError, match=f"{name} contains non-finite"):
+            build_group_tables(*args, kv_heads=Hkv)
+
+
+def test_gradients_flow_on_every_cpu_route(cpu_route):
+    """The C++ kernel has no backward: with inputs that require grad the host takes torch's route, so the output
+    carries the graph (on the kernel route it silently had none), and the gradients are the float64 reference's."""
+    q, k, v, kw = make_case(44, mode="local", causal=True, positions="contiguous")
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = mixed_attention(q, k, v, backend="torch", **kw)
+    assert out.requires_grad
+    w = random_inputs(*out.shape, generator=seeded_generator(45))
+    (out * w).sum().backward()
+    (reference(q64, k64, v64, **kw)[0] * w.double()).sum().backward()
+    for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert_matches_reference(got, ref.float(), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    with torch.no_grad():                                   # no graph wanted: the kernel's route again
+        assert not mixed_attention(q, k, v, backend="torch", **kw).requires_grad
 
 
 def test_group_table_validation_and_pruning():

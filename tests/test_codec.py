@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from astra_kernels import crc32c, frame_header, frame_layout, frame_nbytes, pack_codes, unpack_codes
+from astra_kernels import crc32c, frame_header, frame_layout, frame_nbytes, header_nbytes, pack_codes, unpack_codes
 from astra_kernels import testing as T
 
 # The independent pure-Python model of docs/wire-format.md: astra_kernels.testing.reference_frame.
@@ -100,6 +100,14 @@ def test_out_buffer():
         pack_codes(codes, 12, out=torch.empty(10, dtype=torch.uint8))
     with pytest.raises(ValueError, match="out must be"):
         pack_codes(codes, 12, out=torch.empty(1000, dtype=torch.int32))
+    # an out that overlaps the codes' memory would overwrite codes before they are read (the frame's CRC was valid,
+    # its codes wrong)
+    mem = torch.arange(300).to(torch.uint8)
+    for view in (mem[10:], mem[:50], mem[199:]):
+        with pytest.raises(ValueError, match="out overlaps the memory of codes"):
+            pack_codes(mem[:200], 8, out=view)
+    f = pack_codes(mem[:200], 8, out=torch.empty(300, dtype=torch.uint8))        # disjoint: fine
+    assert torch.equal(unpack_codes(f).to(torch.uint8), mem[:200])
 
 
 @settings(max_examples=300, deadline=None)
@@ -114,7 +122,7 @@ def test_property_round_trip_matches_reference(bits, shape, data):
 
 
 # ---- rejection -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", [0, 17, -1, 10.0, True, "10", None])
+@pytest.mark.parametrize("bad", [0, 17, -1, 10.0, True, "10", None, 2 ** 40, -2 ** 40])
 def test_rejects_bad_bits(bad):
     with pytest.raises(ValueError, match="bits"):
         pack_codes(torch.tensor([1]), bad)
@@ -141,6 +149,26 @@ def test_rejects_bad_code_inputs():
         pack_codes(torch.zeros([1] * 9, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="does not fit"):
         frame_layout((2 ** 32,), 4)
+    with pytest.raises(ValueError, match="meta tensor"):
+        pack_codes(torch.zeros(3, dtype=torch.int32, device="meta"), 4)
+    with pytest.raises(ValueError, match="shape must hold integers"):
+        frame_nbytes((2.5,), 4)
+    for ndim in (-1, 9, 2.0):
+        with pytest.raises(ValueError, match="0..8 dims"):
+            header_nbytes(ndim)
+
+
+def test_empty_byte_strings_and_reversed_numpy_views():
+    """An empty byte string is a truncated frame (torch.frombuffer refused it with its own message) and has CRC 0; a
+    numpy view with negative strides is copied like any other non-contiguous input (torch.from_numpy refused it)."""
+    assert crc32c(b"") == 0 and crc32c(bytearray()) == 0
+    for empty in (b"", bytearray(), memoryview(b"")):
+        with pytest.raises(ValueError, match="truncated frame: 0 bytes"):
+            unpack_codes(empty)
+        with pytest.raises(ValueError, match="truncated frame: 0 bytes"):
+            frame_header(empty)
+    rev = np.arange(10)[::-1]
+    assert np.array_equal(unpack_codes(pack_codes(rev, 4)).numpy(), rev)
 
 
 def _frame(bits=10, shape=(6, 5), seed=7) -> bytearray:

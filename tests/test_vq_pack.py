@@ -1,5 +1,6 @@
 """Triton packer, on-device CRC32C and fused encode+pack: frames byte-identical to the C++ codec and to an
 independent pure-Python implementation of docs/wire-format.md."""
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,4 @@ def test_encode_and_pack_leading_dims_and_bits_errors():
         ak.encode_and_pack(x, cb, bits=17)
     with pytest.raises(ValueError, match="bits"):
         ak.encode_and_pack(x, cb, bits=0)
+    assert torch.equal(ak.encode_and_pack(x, cb, bits=np.int64(4)), f)      # numpy ints, as pack_codes takes
