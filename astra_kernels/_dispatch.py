@@ -44,6 +44,9 @@ def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:
                 f"backend='triton' needs CUDA tensors (got {dev}); set TRITON_INTERPRET=1 to run the "
                 "kernel in Triton's interpreter on CPU tensors"
             )
+        if dev != "cuda" and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in tensors):
+            raise ValueError("Triton's interpreter has no bfloat16 (its results are garbage): use float16 / float32 "
+                             "CPU tensors under TRITON_INTERPRET=1, or backend='torch'")
         return "triton"
     # auto
     if dev == "cuda" and triton_available():

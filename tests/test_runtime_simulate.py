@@ -187,6 +187,16 @@ def test_parallelize_needs_a_process_group():
     assert model.config._attn_implementation != "astra"
 
 
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), 1e300, "soon", None])
+def test_parallelize_refuses_a_timeout_no_wait_can_take(bad):
+    """Checked before anything else (before the process group): an infinite timeout was accepted and then failed
+    inside every wait, reported as a dead peer (OverflowError in timedelta)."""
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+        astra.parallelize(model, timeout=bad)
+    assert model.config._attn_implementation != "astra"
+
+
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 40), N=st.integers(1, 6), cls=st.booleans())
 def test_split_is_tensor_split_of_the_non_replicated_tokens(T, N, cls):

@@ -549,3 +549,19 @@ def test_codebook_preparation_is_kept_for_every_layer_of_a_deep_model():
     for c, p in zip(cbs, first):
         ak.vq_encode(x, c)
         assert vq._prep(c) is p
+
+
+def test_the_interpreter_refuses_bfloat16():
+    """Triton's interpreter has no bfloat16: on CPU tensors it returned garbage codes (and attention outputs of
+    ~8e8) without an error; the dispatch now refuses before any kernel runs. (On CUDA, bf16 is a supported dtype.)"""
+    if not T.triton_runnable() or T.kernel_device() != "cpu":
+        pytest.skip("needs Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest)")
+    g = torch.Generator().manual_seed(13)
+    cb, x = torch.randn(1, 8, 4, generator=g).bfloat16(), torch.randn(5, 4, generator=g).bfloat16()
+    q = torch.randn(1, 1, 2, 4, generator=g).bfloat16()
+    codes = torch.zeros(5, 1, dtype=torch.int32)
+    for call in (lambda: ak.vq_encode(x, cb, backend="triton"), lambda: ak.vq_decode(codes, cb, backend="triton"),
+                 lambda: ak.attention_local(q, q, q, backend="triton")):
+        with pytest.raises(ValueError, match="interpreter has no bfloat16"):
+            call()
+    assert torch.equal(ak.vq_encode(x, cb), ak.vq_encode_reference(x, cb))      # the CPU path takes bf16

@@ -14,6 +14,7 @@ collective.
 """
 from __future__ import annotations
 
+import math
 import struct
 import time
 from datetime import timedelta
@@ -73,19 +74,30 @@ class Pending:
         return [o[ENVELOPE_NBYTES: ENVELOPE_NBYTES + int(n)] for o, n in zip(self._outs, self._sizes)]
 
 
+def checked_timeout(timeout_s) -> float:
+    """``timeout_s`` as float seconds, else ValueError: a number > 0 that a wait can be given (inf overflowed
+    ``timedelta`` inside every wait, reported as a dead peer)."""
+    try:
+        t = float(timeout_s)
+        timedelta(seconds=t)
+    except (TypeError, ValueError, OverflowError):
+        t = math.nan
+    if not 0 < t < math.inf:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout_s!r}")
+    return t
+
+
 class Transport:
     def __init__(self, group=None, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.timeout_s = checked_timeout(timeout_s)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("astra.parallelize needs an initialized torch.distributed process group "
                                "(torchrun + init_process_group, or astra.launch)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.timeout_s = float(timeout_s)
         self.error_text: Optional[str] = None   # this rank's error, sent after the failed status is seen
         self.device = torch.device("cpu")        # where fixed-size buffers live (the model's device, for NCCL)
-        if not (self.timeout_s > 0):
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout_s}")
 
     # -- error handling --------------------------------------------------------------------------
     def _peer_error(self, what: str, e: Optional[BaseException]) -> PeerError:
