@@ -19,8 +19,9 @@ the keyword form of the first three). Non-local K/V come in one of two input for
   non-local token's K/V is a fixed function of its codeword). With ``rope_cos/rope_sin`` the gathered
   key is rotated by the token's global position ``kv_pos`` (HF Llama ``rotate_half`` convention).
   Without RoPE, identical codes give identical keys, so attention can run over the *distinct* codes
-  once, each weighted by its count (``log(count)`` added to its score) - exactly equal, and the
-  non-local cost no longer grows with ``Tr`` (``count_weighted``).
+  once, each weighted by its count (``log(count)`` added to its score) - equal in exact arithmetic (the fp32
+  ``log(count)`` rounds: ~1e-7 relative, in float64 too), and the non-local cost no longer grows with ``Tr``
+  (``count_weighted``).
 
 Count weighting with masks: a code's count only includes the keys visible to the query. Non-local keys
 visible to every local query (before all of them, or ``causal=False``) are counted once per batch row;
@@ -248,7 +249,8 @@ def attention_table(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torc
     integer in ``[0, K)``; ``k_table, v_table [K, Hkv, Dh]``; ``rope_cos, rope_sin [P, Dh]``: the
     gathered key becomes ``k * cos[kv_pos] + rotate_half(k) * sin[kv_pos]`` (HF Llama convention).
     ``count_weighted`` (no RoPE only): attend over the distinct codes, ``log(count)`` added to each
-    score - exactly equal, cost independent of ``Tr``; ``"auto"`` uses it whenever valid.
+    score - equal in exact arithmetic (fp32 ``log(count)``: ~1e-7 relative), cost independent of ``Tr``; ``"auto"``
+    uses it whenever valid.
     """
     require(count_weighted in ("auto", True, False),
             f"count_weighted must be 'auto', True or False, got {count_weighted!r}")

@@ -273,7 +273,7 @@ def prune_causal(seg: Union[TokenKeys, TableKeys, GroupTableKeys], q_pos: torch.
 
 
 def split_counts(seg: TableKeys, q_pos: torch.Tensor, causal: bool) -> List[Segment]:
-    """Count-weighted form of un-rotated table keys (exactly equal attention): the distinct codes of the
+    """Count-weighted form of un-rotated table keys (attention equal in exact arithmetic): the distinct codes of the
     keys every query sees as :class:`CountKeys`; keys only some queries see (possible only when positions
     interleave) stay :class:`TableKeys`; keys no query sees are dropped."""
     require(not seg.rope, "count weighting is invalid with RoPE: rotated keys depend on position, not only on the code")
