@@ -109,6 +109,23 @@ def _check_sequence(fam: Family, inputs: Dict[str, Any]) -> None:
                                     f"{list(pos.shape)}")
         limit = None if fam.rope else getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None))
         _in_range("position_ids", pos, limit)
+        _not_packed(fam, pos.reshape(-1, T), inputs.get("attention_mask"))
+
+
+def _not_packed(fam: Family, pos: torch.Tensor, mask) -> None:
+    """Refuse position ids that transformers reads as packed sequences: with no attention_mask, a bidirectional model
+    masks attention block-diagonally wherever consecutive positions do not step by 1
+    (``masking_utils.find_packed_sequence_indices``); astra's attention has no such mask, and its result differed
+    silently. (Causal models' masks ignore it, and astra matches them.)"""
+    if fam.causal or mask is not None or pos.shape[-1] < 2:
+        return
+    steps = pos.diff(dim=-1) != 1
+    if bool(steps.any()):
+        row, col = (int(i) for i in steps.nonzero()[0])
+        raise InvalidInputError(
+            f"position_ids step from {int(pos[row, col])} to {int(pos[row, col + 1])} at token {col + 1} (row {row}): "
+            f"with no attention_mask, transformers reads that as packed sequences and masks {fam.name}'s attention "
+            f"block-diagonally, which astra does not; pass one sequence per row (or an attention_mask)")
 
 
 def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool) -> Dict[str, Any]:
