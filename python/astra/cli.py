@@ -88,8 +88,30 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_model(name: str):
-    """(model, tokenize(texts, max_length) -> inputs dict, description)."""
+def load_model(name: str, max_length: Optional[int] = None):
+    """(model, tokenize(texts, max_length) -> inputs dict, description); with ``max_length``, UsageError unless the
+    model's positions hold that many tokens."""
+    from .models import family_of
+
+    model, tokenize, desc = _load_model(name)
+    limit = family_of(model).max_len()
+    if max_length is not None and limit is not None and max_length > limit:
+        raise UsageError(f"--max-length {max_length} is more tokens than the model's position embeddings hold "
+                         f"({limit})")
+    return model, tokenize, desc
+
+
+def _auto_class(path: str):
+    """The transformers auto class of a model directory: with its LM head where the checkpoint is a causal LM
+    (so a decoder's outputs are next-token logits), else the base model."""
+    import transformers as tf
+
+    archs = getattr(tf.AutoConfig.from_pretrained(path, local_files_only=True), "architectures", None) or []
+    lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return tf.AutoModelForCausalLM if lm else tf.AutoModel
+
+
+def _load_model(name: str):
     import torch
     import transformers as tf
 
@@ -97,7 +119,7 @@ def load_model(name: str):
     name = resolve_model_name(name)
     path = local_model_dir(name)
     if path is not None:
-        model = tf.AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+        model = _auto_class(path).from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
         tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
         def tokenize(texts, max_length):
@@ -308,11 +330,12 @@ def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     name = resolve_model_name(args.model)
     print(f"[1/3] loading {name} ...", flush=True)
-    model, tokenize, desc = load_model(name)
+    model, tokenize, desc = load_model(name, args.max_length)
     print(f"model: {desc}")
-    cb = codebooks_for(args, model, tokenize, desc)
     held_out = stdlib_paragraphs()[-args.batch:]
     inputs = tokenize(held_out, args.max_length)
+    check_world_fits(model, inputs, args.world_size)
+    cb = codebooks_for(args, model, tokenize, desc)
     with torch.no_grad():
         ref = {k: v for k, v in model(**inputs).items() if isinstance(v, torch.Tensor)}
     sim = astra.simulate(model, inputs, world_size=args.world_size, codebooks=cb, class_token="auto")
@@ -333,9 +356,24 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def check_world_fits(model, inputs, world_size: int) -> None:
+    """UsageError, before any calibration, unless ``world_size`` ranks can run these inputs (a token for every rank,
+    :func:`astra.inputs.validate_inputs`: one line instead of every rank's error after the work)."""
+    from .errors import InvalidInputError
+    from .inputs import validate_inputs
+    from .models import family_of
+    from .split import resolve_class_token
+
+    fam = family_of(model)
+    try:
+        validate_inputs(fam, inputs, world_size, resolve_class_token(fam, "auto"))
+    except InvalidInputError as e:
+        raise UsageError(f"--world-size {world_size}: {e}") from None
+
+
 def cmd_calibrate(args) -> int:
     print(f"[1/3] loading {args.model} ...", flush=True)
-    model, tokenize, desc = load_model(args.model)
+    model, tokenize, desc = load_model(args.model, args.max_length)
     cb = codebooks_for(args, model, tokenize, desc)
     print(f"[3/3] saving -> {args.out}", flush=True)
     cb.save(args.out)
@@ -395,12 +433,20 @@ def check_codebook_args(args) -> None:
         raise UsageError(f"--groups {args.groups} does not divide the model's hidden size {D}")
 
 
-def check_in_file(opt: str, path: str) -> None:
-    if not os.path.isfile(path):
+def check_in_file(opt: str, path: str, regular: bool = True) -> None:
+    """An input file that exists and is no directory; ``regular``: a regular file (one a reader may map), else any
+    readable file (a pipe, ``/dev/stdin``, a process substitution)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{opt}: {path} is a directory; give a file")
+    if not os.path.exists(path):
         raise UsageError(f"{opt}: no such file {path}")
+    if regular and not os.path.isfile(path):
+        raise UsageError(f"{opt}: {path} is not a regular file")
 
 
 def check_out_file(opt: str, path: str) -> None:
+    """An output file that can be written: its directory exists and a file of that name can be made there (tried
+    now, so a name the file system refuses fails before the work, not after it)."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{opt}: directory {parent} does not exist")
@@ -408,6 +454,14 @@ def check_out_file(opt: str, path: str) -> None:
         raise UsageError(f"{opt}: directory {parent} is not writable")
     if os.path.isdir(path):
         raise UsageError(f"{opt}: {path} is a directory; give a file name")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{opt}: cannot write {path} ({e.strerror})") from e
+    if not existed:
+        os.remove(path)
 
 
 def validate(args) -> None:

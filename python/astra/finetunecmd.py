@@ -78,8 +78,8 @@ def check_finetune_args(args) -> None:
                             ("--beta", args.beta, True), ("--naq", args.naq, True)):
         if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok)):
             raise ValueError(f"{opt} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {v}")
-    if args.input is not None:
-        check_in_file("--input", args.input)
+    if args.input not in (None, "-"):
+        check_in_file("--input", args.input, regular=False)
     texts = read_texts(args.input) if args.input is not None else stdlib_paragraphs()
     if len(texts) <= args.held_out:
         raise ValueError(f"--held-out {args.held_out} leaves nothing to train on ({len(texts)} texts)")
@@ -124,7 +124,7 @@ def cmd_finetune(args) -> int:
     from .finetune import CODEBOOKS_FILE
 
     print(f"[1/3] loading {args.model} ...", flush=True)
-    model, tokenize, desc = load_model(args.model)
+    model, tokenize, desc = load_model(args.model, args.max_length)
     cb = astra.Codebooks.load(args.codebooks, model)
     train = batches(tokenize, args.train_texts, args.batch_size, args.max_length)
     test = batches(tokenize, args.held_out_texts, args.batch_size, args.max_length)

@@ -22,8 +22,11 @@ def read_texts(path: str) -> List[str]:
             raise ValueError("--input -: no text on stdin (pipe text in, or give --input FILE)")
         text = sys.stdin.read()
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--input {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"--input {path}: no non-empty lines")
@@ -34,7 +37,7 @@ def check_run_args(args) -> None:
     from .cli import check_in_file
 
     if args.input != "-":
-        check_in_file("--input", args.input)
+        check_in_file("--input", args.input, regular=False)
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0, got {args.timeout}")
     args.texts = read_texts(args.input)
@@ -70,7 +73,8 @@ def rank_body(model, cb, inputs: Dict, timeout: float) -> Dict:
             full = pm.gather(out)
     finally:
         pm.unpatch()
-    return {"time_s": dt, "bytes_sent": sum(s.bytes_sent for s in pm.stats), "layers": len(pm.stats),
+    exchanged = sum(1 for s in pm.stats if s.bytes_on_wire > 0)       # layer 0 sends nothing (docs/runtime.md)
+    return {"time_s": dt, "bytes_sent": sum(s.bytes_sent for s in pm.stats), "layers": exchanged,
             "out": {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}}
 
 
@@ -100,7 +104,8 @@ def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
     d = (got - ref_main).abs()[valid]
     print(f"\nlatency (slowest rank, one forward): {max(r['time_s'] for r in ranks) * 1e3:.1f} ms")
     for r, res in enumerate(ranks):
-        print(f"  rank {r}: {res['time_s'] * 1e3:.1f} ms, sent {res['bytes_sent']:,} B over {res['layers']} layers")
+        print(f"  rank {r}: {res['time_s'] * 1e3:.1f} ms, sent {res['bytes_sent']:,} B over the {res['layers']} layers "
+              f"that exchange")
     print(f"distance to the unmodified model ({key}): max |diff| {float(d.max()):.4f}, mean |diff| "
           f"{float(d.mean()):.5f}")
 
@@ -109,11 +114,13 @@ def cmd_run(args) -> int:
     import tempfile
 
     import astra
-    from .cli import codebooks_for, load_model
+    from .cli import check_world_fits, codebooks_for, load_model
 
     print(f"[1/3] loading {args.model} ...", flush=True)
-    model, tokenize, desc = load_model(args.model)
+    model, tokenize, desc = load_model(args.model, args.max_length)
     print(f"model: {desc}; {len(args.texts)} input(s)")
+    world = int(os.environ.get("WORLD_SIZE", args.world_size)) if under_torchrun() else args.world_size
+    check_world_fits(model, tokenize(args.texts, args.max_length), world)
     cb = codebooks_for(args, model, tokenize, desc)
     with tempfile.TemporaryDirectory() as d:
         path = args.codebooks or os.path.join(d, "codebooks.safetensors")

@@ -63,7 +63,8 @@ def add_bench_arguments(b) -> None:
     b.add_argument("--loss", type=float, default=0.0,
                    help="packet loss in percent (nftables random drops; real link only)")
     b.add_argument("--delay", type=float, default=0.0, help="one-way delay in ms (netem on the real link)")
-    b.add_argument("--out-dir", default=os.path.join("bench", "results"), help="existing directory for the results")
+    b.add_argument("--out-dir", default=os.path.join("bench", "results"),
+                   help="directory for the results (made if missing)")
     b.add_argument("--quick", action="store_true",
                    help=f"a few minutes: T={QUICK['tokens']}, {QUICK['layers']} layers, rates "
                    f"{','.join(f'{r:g}' for r in QUICK['rates'])} (overrides those options)")
@@ -97,8 +98,6 @@ def check_bench_args(args) -> None:
             raise ValueError(f"{opt} must be >= {lo}, got {v}")
     if not args.slow_after > 0 or not args.timeout > 0 or args.delay < 0 or not 0 <= args.loss < 100:
         raise ValueError("--slow-after and --timeout must be > 0, --delay >= 0, --loss in [0, 100)")
-    if not os.path.isdir(args.out_dir):
-        raise ValueError(f"--out-dir: directory {args.out_dir} does not exist")
     why = real_link_available()
     if args.link == "real" and why:
         raise ValueError(f"--link real: {why}")
@@ -117,6 +116,10 @@ def check_bench_args(args) -> None:
     for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
         if (mod != "accelerate" or "hf-tp" in systems) and importlib.util.find_spec(mod) is None:
             raise ValueError(f"{what} needs {mod}: pip install 'astra-kernels[bench]'")
+    try:                                   # last: nothing is made for a command line that fails its checks
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {args.out_dir}: cannot make that directory ({e.strerror})") from e
     args.bench = BenchConfig(models=tuple(models), systems=tuple(systems), rates=tuple(rates), tokens=args.tokens,
                              layers=args.layers, world=args.world_size, repeats=args.repeats,
                              slow_after_s=args.slow_after, link=args.link, loss=args.loss, delay_ms=args.delay,
