@@ -47,7 +47,15 @@ def _st_cases(rank):
     res["mean"] = (_cos(emb, ref), float((emb - ref).abs().max()))
     s = pm.output_stats
     res["mean_stats"] = (s.output, s.bytes_sent, s.bytes_received)
+    refused = []        # outputs the distributed pooling does not make: named, before any collective
+    for kw in ({"output_value": "token_embeddings"}, {"output_value": None}):
+        try:
+            st.encode(TEXTS, **kw)
+        except astra.UnsupportedModelError as e:
+            refused.append("pooling_gather=True" in str(e))
+    res["token_embeddings_refused"] = refused
     revert_sentence_transformers(st)
+    res["token_embeddings_reverted"] = len(st.encode(TEXTS[:1], output_value="token_embeddings")[0])
     # [CLS] [SEP] alone, with distributed class tokens: one token for two ranks, padded for them
     ref_empty = st.encode([""], convert_to_tensor=True)
     apply_sentence_transformers(st, timeout=30, class_token="distributed")
@@ -127,6 +135,8 @@ def test_sentence_transformers_two_ranks(ranks):
         # one batch of 4 sentences: 4 sums of 384 floats and 4 counts, whatever the sentences' length
         assert res["mean_stats"] == ("mean_pooled", 4 * 385 * 4, 4 * 385 * 4)
         assert res["reverted"] == 0.0 and res["empty"] > 0.99999
+        assert res["token_embeddings_refused"] == [True, True]                  # was a bare KeyError
+        assert res["token_embeddings_reverted"] > 0
         assert res["astra"][0] < 1e-4 and res["astra"][1] > 1e-3      # equals simulate; the codes were used
         assert res["cls_refused"] is None and res["cls"] > 0.99999
         assert "pooling_gather=True" in res["max_refused"] and res["max"] > 0.99999

@@ -17,6 +17,8 @@ modules and unpatches the transformer.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Dict
 
 from ..errors import AstraError, UnsupportedModelError
@@ -68,8 +70,25 @@ def apply_sentence_transformers(st_model, codebooks=None, *, pooling_gather: boo
     trans.forward = transformer_forward
     if plan != "hidden_states":
         pool.forward = _pooled
+        st_model.encode = _pooled_only(st_model.encode)
     setattr(st_model, ATTR, (pm, trans, pool))
     return pm
+
+
+def _pooled_only(encode):
+    """``encode`` refusing the outputs a distributed pooling does not make (the token embeddings, which never leave
+    their ranks: sentence-transformers raised a bare KeyError for them)."""
+    sig = inspect.signature(encode)
+
+    @functools.wraps(encode)
+    def wrapped(*args, **kwargs):
+        want = sig.bind_partial(*args, **kwargs).arguments.get("output_value", "sentence_embedding")
+        if want != "sentence_embedding":
+            raise UnsupportedModelError(f"output_value={want!r} needs the token embeddings, which the distributed "
+                                        "pooling never gathers: apply with pooling_gather=True")
+        return encode(*args, **kwargs)
+
+    return wrapped
 
 
 def revert_sentence_transformers(st_model) -> None:
@@ -80,6 +99,7 @@ def revert_sentence_transformers(st_model) -> None:
     pm, trans, pool = state
     for m in (trans, pool):
         m.__dict__.pop("forward", None)
+    st_model.__dict__.pop("encode", None)
     pm.unpatch()
     delattr(st_model, ATTR)
 
