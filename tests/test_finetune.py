@@ -1,5 +1,6 @@
 """astra.finetune and the differentiable simulation behind it (astra.training)."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -245,6 +246,19 @@ def test_finetune_bad_inputs():
                        loss=lambda out, ref, b: out.last_hidden_state.sum() * float("nan"))
     with pytest.raises(TypeError, match=r"data\[1\] must be a non-empty dict"):
         astra.finetune(model, cb, [data[0], {}], world_size=2)
+
+
+def test_a_bad_output_dir_is_refused_before_training(tmp_path, monkeypatch):
+    """It was found only when saving, after the whole training, whose result was then lost."""
+    F = sys.modules["astra.finetune"]          # astra.finetune is the function; its module holds _step
+    model = tiny_model("bert")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16)
+    monkeypatch.setattr(F, "_step", lambda *a, **k: pytest.fail("training started"))
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for bad in (afile, afile / "sub"):
+        with pytest.raises(ValueError, match="output_dir .* cannot be made"):
+            astra.finetune(model, cb, _data("bert"), world_size=2, progress=False, output_dir=str(bad))
 
 
 def test_progress_bar_shows_running_loss(capsys):

@@ -196,6 +196,8 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
     total = int(steps) if steps is not None else int(epochs) * len(data)
     if total < 1:
         raise ValueError(f"nothing to train: steps={steps}, epochs={epochs}")
+    if output_dir is not None:
+        _writable_dir(output_dir)
     fam = family_of(model)
     naq = NAQ_DEFAULT[train] if naq is None else naq
     opts = dict(class_token=class_token, naq=float(naq), loss=loss or distill_loss, beta=float(beta),
@@ -230,6 +232,16 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
     if output_dir is not None:
         res.output_dir = save_finetuned(res, output_dir, save_model=(train == "all"))
     return res
+
+
+def _writable_dir(path: str) -> None:
+    """Make ``path`` (a directory) now, or ValueError: before the training, whose result a bad ``output_dir`` lost."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output_dir {path!r} cannot be made ({e.strerror})") from e
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"output_dir {path!r} is not writable")
 
 
 def save_finetuned(res: FinetuneResult, output_dir: str, *, save_model: bool) -> str:
