@@ -34,10 +34,14 @@ def test_kmeans_is_seeded_and_reduces_error():
 
 
 def test_more_codewords_than_points_and_large_k():
+    import pytest
+
     x = torch.randn(10, 8)
-    c = kmeans(x, 1, 300, iters=2, seed=0)          # random-init path, K > N
+    with pytest.warns(UserWarning, match="k-means of 10 vectors into K=300 codewords"):
+        c = kmeans(x, 1, 300, iters=2, seed=0)      # random-init path, K > N
     assert c.shape == (1, 300, 8) and torch.isfinite(c).all()
-    c = kmeans(x, 4, 16, iters=2, seed=0)           # k-means++ path, K > N
+    with pytest.warns(UserWarning, match="K=16 codewords: at most 10 of them differ, yet every code takes 4 bits"):
+        c = kmeans(x, 4, 16, iters=2, seed=0)       # k-means++ path, K > N
     assert c.shape == (4, 16, 2) and torch.isfinite(c).all()
 
 
@@ -116,6 +120,34 @@ def test_kmeans_bad_inputs():
         for kw in ({}, {"predict": True}, {"world_size": 2}):
             with pytest.raises(ValueError, match=f"hidden size 64 is not divisible by G={G}"):
                 astra.calibrate(tiny_model("bert"), [tiny_inputs("bert")], groups=G, codebook_size=8, **kw)
+
+
+def test_calibrate_names_each_bad_argument_before_any_forward(monkeypatch):
+    """Each was a torch error from deep inside (IndexError, 'cannot reshape a tensor of 0 elements', an attention
+    metric 'that is zero' for NaN embeddings, AttributeError for a tensor of ids) or, for K above the vectors,
+    silence."""
+    import pytest
+
+    model = tiny_model("bert")
+    x = tiny_inputs("bert")
+    ok = dict(groups=4, codebook_size=8, iters=2)
+    for kw, msg in (({"codebook_size": 0}, "codebook_size must be an int in 1..65536"),
+                    ({"codebook_size": 70000}, "codebook_size must be an int in 1..65536"),
+                    ({"iters": 0}, "iters must be an int >= 1"), ({"max_tokens": 0}, "max_tokens must be None")):
+        with pytest.raises(ValueError, match=msg):
+            astra.calibrate(model, [x], **{**ok, **kw})
+    with pytest.raises(TypeError, match="samples must be an input dict or an iterable of them, got Tensor"):
+        astra.calibrate(model, x["input_ids"], **ok)
+    with pytest.raises(TypeError, match=r"samples\[1\] must be an input dict"):
+        astra.calibrate(model, [x, x["input_ids"]], **ok)
+    emb = torch.randn(2, 8, 64)
+    emb[1, 3, 5] = float("nan")
+    with pytest.raises(astra.InvalidInputError, match=r"inputs_embeds holds nan at position \[1, 3, 5\]"):
+        astra.calibrate(model, [{"inputs_embeds": emb}], **ok)
+    with pytest.raises(ValueError, match="no attended token to calibrate on"):
+        astra.calibrate(model, [dict(x, attention_mask=torch.zeros_like(x["input_ids"]))], **ok)
+    with pytest.warns(UserWarning, match=r"k-means of \d+ vectors into K=1024 codewords"):
+        astra.calibrate(model, [x], groups=4, codebook_size=1024, iters=1)
 
 
 def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):

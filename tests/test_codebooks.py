@@ -73,6 +73,9 @@ def test_load_rejects_bad_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not an astra codebook file"):
         astra.Codebooks.load(other)
+    if not torch.cuda.is_available():             # torch's "not compiled with CUDA" AssertionError before
+        with pytest.raises(ValueError, match="device='cuda': this torch has no CUDA device"):
+            astra.Codebooks.load(other, device="cuda")
     inf = tmp_path / "inf.safetensors"
     save_file({"layer.0": torch.full((1, 4, 64), float("inf"))}, str(inf), metadata={
         "format": "astra-codebooks", "version": "1", "model_type": "gpt2", "hidden_size": "64",

@@ -44,6 +44,16 @@ def test_launch_returns_results_in_rank_order():
     assert torch.equal(out[2]["x"], torch.tensor([0, 2, 4]))
 
 
+def test_launch_refuses_bad_sizes_and_timeouts_before_starting_ranks():
+    """timeout=0 was accepted (parallelize refuses it) and world_size=2.5 failed inside multiprocessing."""
+    for kw, msg in (({"timeout": 0}, "timeout must be a finite number"), ({"join_timeout": -1}, "timeout must be"),
+                    ({"timeout": float("inf")}, "timeout must be")):
+        with pytest.raises(ValueError, match=msg):
+            astra.launch(_echo, 2, 1.0, **kw)
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+        astra.launch(_echo, 2.5, 1.0)
+
+
 def test_launch_reports_rank_errors():
     with pytest.raises(astra.LaunchError, match="rank 1 raised ValueError: boom from rank one") as ei:
         astra.launch(_fail_on_one, 2, join_timeout=120)

@@ -187,6 +187,21 @@ def test_parallelize_needs_a_process_group():
     assert model.config._attn_implementation != "astra"
 
 
+def test_simulate_refuses_a_fractional_world_size_and_an_empty_batch():
+    """world_size=2.5 ran as 2; a batch of 0 rows failed inside a reshape."""
+    model = tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2")
+    for ws in (2.5, "2", True, 0):
+        with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+            astra.simulate(model, inputs, world_size=ws)
+    with pytest.raises(astra.InvalidInputError, match="the batch is empty"):
+        astra.simulate(model, {k: v[:0] for k, v in inputs.items()}, world_size=2)
+    with pytest.raises(ValueError, match="not divisible by G=0"):
+        astra.Codebooks.random(model, groups=0, codebook_size=8)
+    with pytest.raises(ValueError, match="codebook_size must be an int >= 1"):
+        astra.Codebooks.random(model, groups=4, codebook_size=0)
+
+
 @pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), 1e300, "soon", None])
 def test_parallelize_refuses_a_timeout_no_wait_can_take(bad):
     """Checked before anything else (before the process group): an infinite timeout was accepted and then failed

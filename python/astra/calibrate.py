@@ -12,6 +12,7 @@ starting point.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -20,7 +21,7 @@ import astra_kernels as ak
 from . import bases
 from .codebooks import Codebooks, apply_predictor
 from .context import position_ids
-from .inputs import seq_geometry
+from .inputs import seq_geometry, validate_inputs
 from .models import family_of
 
 BACKENDS = ("auto", "faiss", "torch")
@@ -66,6 +67,8 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
         for h in handles:
             h.remove()
     out = [torch.cat(xs) for xs in per_layer]
+    if out[0].shape[0] == 0:
+        raise ValueError("the samples hold no attended token to calibrate on (every attention_mask entry is 0)")
     if max_tokens is not None:
         out = [x[:max_tokens] for x in out]
     if not embeddings:
@@ -119,6 +122,10 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
         raise ValueError("no calibration vectors")
     if backend == "faiss" and not faiss_available():
         raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+    if N < k:
+        warnings.warn(f"k-means of {N} vectors into K={k} codewords: at most {N} of them differ, yet every code takes "
+                      f"{ak.default_bits(k)} bits; calibrate on more tokens or choose a smaller codebook_size",
+                      UserWarning, stacklevel=2)
     x = x.detach().float().cpu()
     use_faiss = backend == "faiss" or (backend == "auto" and D // groups >= FAISS_MIN_GROUP_DIM)
     if use_faiss and N >= k and faiss_available():
@@ -205,6 +212,41 @@ def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int
     return C
 
 
+def _is_int(x, lo: int) -> bool:
+    return not isinstance(x, bool) and isinstance(x, int) and x >= lo
+
+
+def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict) -> list:
+    """:func:`calibrate`'s arguments checked before any forward (ValueError / TypeError naming the argument; each
+    sample as :func:`astra.inputs.validate_inputs` checks a forward's inputs); returns the samples as a list."""
+    if isinstance(samples, dict):
+        samples = [samples]
+    if isinstance(samples, (torch.Tensor, str, bytes)) or not isinstance(samples, Iterable):
+        raise TypeError(f"samples must be an input dict or an iterable of them, got {type(samples).__name__}")
+    samples = list(samples)
+    if not samples:
+        raise ValueError("calibrate needs at least one sample")
+    for i, s in enumerate(samples):
+        if not isinstance(s, dict):
+            raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
+        validate_inputs(fam, s, 1, False)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not _is_int(groups, 1) or fam.hidden_size % groups:
+        raise ValueError(f"hidden size {fam.hidden_size} is not divisible by G={groups}")
+    if not _is_int(codebook_size, 1) or codebook_size > ak.MAX_K:
+        raise ValueError(f"codebook_size must be an int in 1..{ak.MAX_K}, got {codebook_size!r}")
+    if not _is_int(iters, 1):
+        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+    if max_tokens is not None and not _is_int(max_tokens, 1):
+        raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
+    if world_size is not None and not _is_int(world_size, 1):
+        raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
+    if predict and world_size is not None:
+        raise ValueError("predict=True fits on the model's own hidden states; it does not take world_size")
+    return samples
+
+
 def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *, groups: int = 1,
               codebook_size: int = 1024, iters: int = 15, seed: int = 0, max_tokens: Optional[int] = 20000,
               backend: str = "auto", world_size: Optional[int] = None, class_token="auto",
@@ -225,20 +267,8 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     from tqdm.auto import tqdm
 
     fam = family_of(model)
-    if isinstance(samples, dict):
-        samples = [samples]
-    samples = list(samples)
-    if not samples:
-        raise ValueError("calibrate needs at least one sample")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if groups < 1 or fam.hidden_size % groups:
-        raise ValueError(f"hidden size {fam.hidden_size} is not divisible by G={groups}")
+    samples = _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict)
     basis = bases.resolve(basis, fam, groups)
-    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
-        raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
-    if predict and world_size is not None:
-        raise ValueError("predict=True fits on the model's own hidden states; it does not take world_size")
     was_training = model.training
     model.eval()
     tensors: List[torch.Tensor] = []

@@ -231,6 +231,9 @@ class Codebooks:
         from safetensors import safe_open
 
         path = os.fspath(path)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: this torch has no CUDA device (torch {torch.__version__})")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no codebook file at {path}")
         try:
@@ -269,8 +272,10 @@ class Codebooks:
 
         fam = family_of(model)
         D = fam.hidden_size
-        if D % groups:
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or D % groups:
             raise ValueError(f"hidden size {D} is not divisible by G={groups}")
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+            raise ValueError(f"codebook_size must be an int >= 1, got {codebook_size!r}")
         g = torch.Generator().manual_seed(seed)
         t = [torch.randn(groups, codebook_size, D // groups, generator=g) * scale for _ in range(fam.num_layers)]
         return cls(t, model_type=fam.name, hidden_size=D)

@@ -149,6 +149,8 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
         _check_sequence(fam, inputs)
     try:
         B, T = seq_geometry(fam, inputs)
+        if B < 1:
+            raise ValueError("the batch is empty (batch size 0)")
         split_indices(T, world_size, cls)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e

@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional
 
 from . import allocator
 from .errors import LaunchError
+from .transport import checked_timeout
 
 
 def _dump(obj) -> bytes:
@@ -66,8 +67,11 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     instead of faulting it in again every layer; see :mod:`astra.allocator`). Raises :class:`astra.LaunchError`
     if a rank raised, died, or was killed; the error carries the results of the ranks that did return.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    timeout = checked_timeout(timeout)                      # 0 was accepted (parallelize refused it)
+    if join_timeout is not None:
+        join_timeout = checked_timeout(join_timeout)
     ctx = mp.get_context(start_method)
     q = ctx.Queue()
     # rendezvous through a fresh file (no port to race for with other processes on the machine)

@@ -19,8 +19,10 @@ class SimRuntime(RuntimeBase):
     ``[cls copy of rank 0, ..., cls copy of rank N-1, token 1, ..., token T-1]``."""
 
     def __init__(self, model, codebooks, world_size: int, class_token="auto", split=DEFAULT_SPLIT):
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")   # 2.5 ran as 2
         super().__init__(model, codebooks, class_token, split)
-        self.N = int(world_size)
+        self.N = world_size
 
     # extended-sequence index of global index g (non-class tokens)
     def _ext(self, g: torch.Tensor) -> torch.Tensor:
