@@ -94,6 +94,13 @@ def _cases(rank):
     other_cb = astra.Codebooks.random(model, groups=1, codebook_size=8, seed=rank)
     pm = astra.parallelize(model, other_cb, timeout=5)
     out["1e_other_codebooks"] = (_outcome(lambda: pm(**inputs)), 0.0)
+    astra.unpatch(model)
+    if rank == 1:                                  # one weight of one rank's checkpoint differs in its last bits
+        with torch.no_grad():
+            w = model.transformer.h[1].mlp.c_fc.weight
+            w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(float("inf")))
+    pm = astra.parallelize(model, cb, timeout=5)
+    out["1f_other_weights"] = (_outcome(lambda: pm(**inputs)), 0.0)
     return out
 
 
@@ -132,6 +139,10 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
         assert "re-synchronised" in out["1d_out_of_step"][0]
         assert out["1e_other_codebooks"][0].startswith(f"InputMismatchError: astra rank {rank}/{world}: codebooks "
                                                        "differ between ranks"), out["1e_other_codebooks"]
+        # the model's class, configuration and size agree: before, the ranks computed with different weights silently
+        weights = out["1f_other_weights"][0]
+        assert weights.startswith(f"InputMismatchError: astra rank {rank}/{world}: model weights differ between "
+                                  "ranks") and "every rank must load the same checkpoint" in weights, weights
 
 
 def _non_finite(rank):

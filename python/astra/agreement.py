@@ -2,7 +2,7 @@
 first layer of every distributed forward (docs/runtime.md, "Failures").
 
 The fingerprint has the same size on every rank whatever the inputs, so the exchange itself can never fail on
-mismatched sizes. It holds the call counter, the world size, digests of the model description, the codebooks
+mismatched sizes. It holds the call counter, the world size, digests of the model description and weights, the codebooks
 and the input values, a text description of the inputs (names, dtypes, shapes) and, when this rank rejected its
 inputs, the reason.
 """
@@ -17,7 +17,9 @@ import torch
 
 from .errors import InputMismatchError, InvalidInputError
 
-HEAD = struct.Struct("<IIII16s16s16s")   # magic, call, world, status, model, codebooks, input values digests
+# magic, call, world, status, model (8 bytes of its description's digest, 8 of its weights'), codebooks and input
+# values digests
+HEAD = struct.Struct("<IIII16s16s16s")
 TEXT_NBYTES = 448
 FINGERPRINT_NBYTES = HEAD.size + TEXT_NBYTES
 MAGIC = 0x46505341                         # "ASPF"
@@ -63,6 +65,22 @@ def digest(*parts: Any) -> bytes:
     return h.digest()
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def weights_digest(model) -> bytes:
+    """8-byte digest of every parameter's values: per parameter the sums, as int64, of its elements' bit patterns
+    (all of them, and every third), so the digest is exact and the same whatever the reduction's order or thread
+    count (one pass over the weights: ~0.16 s for GPT-2's 124 M on 2 cores). Two checkpoints, or two random
+    initialisations, differ in it; the model's configuration and size alone did not tell them apart."""
+    sums = []
+    for name, p in model.named_parameters():
+        bits = p.detach().reshape(-1).view(_BITS[p.element_size()])
+        sums += [name, int(bits.sum(dtype=torch.int64)), int(bits[::3].sum(dtype=torch.int64))]
+    return digest(*sums)[:8]
+
+
 def describe_inputs(inputs: Dict[str, Any]) -> str:
     parts = []
     for k in sorted(inputs):
@@ -88,12 +106,13 @@ def disagreement(fps: List[Fingerprint], rank: int) -> Optional[Exception]:
     if strange:
         return InputMismatchError(pre + f"rank(s) {strange} sent no astra input fingerprint: they are not running "
                                         "the same astra forward (another collective or program is interleaved)")
-    checks = [("world sizes", [str(f.world) for f in fps]),
-              ("models", [f.model.hex()[:12] for f in fps]),
-              ("codebooks", [f.codebooks.hex()[:12] for f in fps])]
-    for name, vals in checks:
+    checks = [("world sizes", [str(f.world) for f in fps], ""),
+              ("models (class, configuration, size, dtype)", [f.model[:8].hex() for f in fps], ""),
+              ("model weights", [f.model[8:].hex() for f in fps], ": every rank must load the same checkpoint"),
+              ("codebooks", [f.codebooks.hex()[:12] for f in fps], "")]
+    for name, vals, hint in checks:
         if len(set(vals)) > 1:
-            return InputMismatchError(pre + _differ(name, vals))
+            return InputMismatchError(pre + _differ(name, vals) + hint)
     bad = [r for r, f in enumerate(fps) if f.status != VALID]
     if bad:
         texts = {fps[r].text for r in bad}

@@ -9,7 +9,7 @@ import torch
 
 import astra_kernels as ak
 from . import profile as prof_
-from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest
+from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest, weights_digest
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
@@ -54,7 +54,7 @@ class DistRuntime(RuntimeBase):
         self._slot = 0                       # the next exchange of the current forward
         self._dtype, self._elt = p.dtype, p.element_size()
         self._model_digest = digest(type(model).__name__, model.config.to_json_string(use_diff=False),
-                                    sum(q.numel() for q in model.parameters()), p.dtype)
+                                    sum(q.numel() for q in model.parameters()), p.dtype)[:8] + weights_digest(model)
         self._cb_digest = b"\0" * 16 if codebooks is None else digest(codebooks.checksum())
 
     def place(self) -> str:
