@@ -47,6 +47,7 @@ GPU (about fp32 accuracy) and exact fp32 in the interpreter.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -150,6 +151,10 @@ def _queries(q, qp, causal, scale, segments) -> Queries:
     require(len(heads) == 1, f"key segments disagree on the number of kv heads: {sorted(heads)}")
     Hkv = heads.pop()
     require(Hkv >= 1 and Hq % Hkv == 0, f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    real = isinstance(scale, numbers.Real) or (isinstance(scale, torch.Tensor) and scale.numel() == 1
+                                               and not scale.is_complex())
+    require(scale is None or (real and not isinstance(scale, bool)),
+            f"scale must be a real number or None, got {scale!r}")         # "0.5" was read as 0.5, 1j a TypeError
     scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
     require(math.isfinite(scale), f"scale must be finite, got {scale}")
     return Queries(q, qp, bool(causal), scale)

@@ -239,6 +239,8 @@ def _bad(**over):
     (lambda q, k, v, kw: kw["k_table"].__setitem__((0, 0, 0), float("nan")), "non-finite"),
     (lambda q, k, v, kw: q.__setitem__((0, 0, 0, 0), float("inf")), "non-finite"),
     (lambda q, k, v, kw: kw.update(scale=float("nan")), "scale"),
+    (lambda q, k, v, kw: kw.update(scale="0.5"), "scale must be a real number or None"),     # was read as 0.5
+    (lambda q, k, v, kw: kw.update(scale=1j), "scale must be a real number or None"),        # was a TypeError
 ])
 def test_validation_errors(change, msg):
     q, k, v, kw = _bad()
