@@ -150,6 +150,21 @@ def test_inputs_the_model_does_not_take_are_dropped():
         astra.simulate(model, dict(inputs, output_hidden_states=True), world_size=2)
 
 
+def test_a_cache_given_under_any_name_is_refused():
+    """transformers 5 calls the cache ``cache`` in forward's signature, yet ``past_key_values`` still reaches it
+    through **kwargs: dropped as an unnamed key, astra computed without the cache the model used (a wrong answer)."""
+    model = tiny_model("gpt2", head="causal_lm")
+    ids = tiny_inputs("gpt2", seq=12)["input_ids"]
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :8], use_cache=True).past_key_values
+        used = model(input_ids=ids[:, 8:], cache=cache).logits
+        full = model(input_ids=ids).logits[:, 8:]
+    assert float((used - full).abs().max()) < TOL                   # the model does use it
+    for key in ("past_key_values", "cache"):
+        with pytest.raises(astra.UnsupportedModelError, match=rf"\['{key}'\] .*change what is computed"):
+            astra.simulate(model, {"input_ids": ids[:, 8:], key: cache}, world_size=2)
+
+
 def test_unsupported_models_heads_and_lengths_are_named():
     import transformers as tf
 

@@ -12,14 +12,18 @@ from .split import split_indices
 
 # flags HF models take through **kwargs: True changes what the model returns (refused), False is the default
 REFUSED_FLAGS = ("output_attentions", "output_hidden_states")
+# inputs that change what is computed, refused by name whatever the model's forward signature calls them (the
+# cache is ``cache`` there since transformers 5, yet ``past_key_values`` still reaches it through **kwargs: a
+# signature-based check dropped it, and astra computed without the cache the model would have used)
+REFUSED_INPUTS = ("past_key_values", "cache", "cache_position", "labels", "head_mask", "encoder_hidden_states",
+                  "encoder_attention_mask", "logits_to_keep", "num_logits_to_keep")
 
 
 def check_inputs(fam: Family, inputs: Dict[str, Any]) -> Dict[str, Any]:
     """The inputs astra passes on. Dropped: None values, the flags above when False, ``use_cache`` (decoders)
     and keys the model's ``forward`` does not name (e.g. sentence-transformers' ``modality``), which the
-    unmodified model ignores too. Refused: the flags above when True, ``return_dict=False``, and inputs the
-    model takes but astra does not (``labels``, ``past_key_values``, ``head_mask``, ...: they change what is
-    computed)."""
+    unmodified model ignores too. Refused: the flags above when True, ``return_dict=False``, :data:`REFUSED_INPUTS`
+    by name, and inputs the model's ``forward`` names but astra does not take (they change what is computed)."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
     for flag in REFUSED_FLAGS:
         if inputs.pop(flag, False):
@@ -28,6 +32,10 @@ def check_inputs(fam: Family, inputs: Dict[str, Any]) -> Dict[str, Any]:
         raise UnsupportedModelError("use_cache=True is not supported here")
     if inputs.pop("return_dict", True) is False:
         raise UnsupportedModelError("astra needs return_dict=True outputs")
+    refused = sorted(k for k in inputs if k in REFUSED_INPUTS and k not in fam.inputs)
+    if refused:
+        raise UnsupportedModelError(f"astra does not support the input(s) {refused} for {type(fam.model).__name__} "
+                                    f"(they change what is computed); it takes {sorted(fam.inputs)}")
     inputs = {k: v for k, v in inputs.items() if k in fam.forward_params or k in fam.inputs}
     bad = set(inputs) - fam.inputs
     if bad:
