@@ -227,7 +227,7 @@ def _demo_rank(rank, model_name, cb_path, texts, max_length, class_token):
         dt = time.perf_counter() - t0
         full = pm.gather(out)
         res[mode] = {"out": {k: v for k, v in full.items() if isinstance(v, torch.Tensor)},
-                     "stats": [(s.bytes_sent, s.bytes_received, s.wait_s) for s in pm.stats],
+                     "stats": [(s.bytes_sent, s.bytes_received, s.wait_s, s.tokens_sent) for s in pm.stats],
                      "time": dt, "tokens": int(pm.last_local_indices.numel()) * inputs_batch(inputs)}
         pm.unpatch()
     return res
@@ -303,22 +303,28 @@ def sentence_embedding(h, mask):
 
 
 def _bytes_report(ranks, cb) -> None:
+    """Bytes each rank sent, per token it sent: the two systems may split a causal model's tokens differently (the
+    balanced split counts ASTRA's encode), so their totals alone are no compression ratio."""
     from astra_kernels import frame_nbytes
 
     print("\nbytes sent per layer (the last; every exchanged layer is the same, and layer 0 sends nothing: every rank "
-          "computes it):")
-    print(f"  {'rank':>4} {'tokens':>7} {'full-precision SP':>18} {'ASTRA':>8} {'ratio':>8}")
-    tot_fp = tot_q = 0
+          "computes it); a causal model's last rank sends nothing (nobody attends to its tokens):")
+    print(f"  {'rank':>4} {'full-precision SP':>26} {'ASTRA':>20} {'ratio per token':>16}")
+    tot = {"fp": [0, 0], "astra": [0, 0]}                # bytes, tokens sent: every layer, every rank
     for r, res in enumerate(ranks):
-        fp_b, q_b = res["fp"]["stats"][-1][0], res["astra"]["stats"][-1][0]
-        tot_fp += sum(s[0] for s in res["fp"]["stats"])
-        tot_q += sum(s[0] for s in res["astra"]["stats"])
-        ratio = f"{fp_b / q_b:>7.1f}x" if q_b else "       -"    # causal: nobody attends to the last rank's tokens
-        print(f"  {r:>4} {res['astra']['tokens']:>7} {fp_b:>18,} {q_b:>8,} {ratio}")
+        last = {m: res[m]["stats"][-1] for m in tot}     # (bytes_sent, bytes_received, wait_s, tokens_sent)
+        for m in tot:
+            tot[m][0] += sum(s[0] for s in res[m]["stats"])
+            tot[m][1] += sum(s[3] for s in res[m]["stats"])
+        per = {m: last[m][0] / last[m][3] if last[m][3] else 0.0 for m in tot}
+        ratio = f"{per['fp'] / per['astra']:>15.1f}x" if per["astra"] else f"{'-':>16}"
+        cells = {m: f"{last[m][0]:,} B / {last[m][3]} tok" for m in tot}
+        print(f"  {r:>4} {cells['fp']:>26} {cells['astra']:>20} {ratio}")
     D = cb.hidden_size
     header = frame_nbytes((1, 0, cb.groups), cb.bits)
-    print(f"  all layers, all ranks: {tot_fp:,} B full precision vs {tot_q:,} B ASTRA "
-          f"= {tot_fp / tot_q:.1f}x less (frames include a {header}-byte header; payload ratio "
+    fp_t, q_t = (tot[m][0] / max(1, tot[m][1]) for m in ("fp", "astra"))
+    print(f"  all layers, all ranks: {fp_t:,.1f} B per token sent full precision vs {q_t:,.1f} B ASTRA = "
+          f"{fp_t / q_t:.1f}x less (frames include a {header}-byte header; payload ratio "
           f"{D * 32 / (cb.groups * cb.bits):.1f}x = {D}x32 bits / ({cb.groups}x{cb.bits}) bits per token)")
 
 
@@ -472,7 +478,9 @@ def validate(args) -> None:
         int_range("--max-length", args.max_length, 2)
     if args.cmd == "info" and args.codebooks:
         check_in_file("--codebooks", args.codebooks)
-    if args.cmd in ("demo", "run"):
+    if args.cmd == "demo":
+        int_range("--world-size", args.world_size, 2, 64)     # its report compares what ranks send each other
+    if args.cmd == "run":
         int_range("--world-size", args.world_size, 1, 64)
     if args.cmd == "demo":
         int_range("--batch", args.batch, 1, len(stdlib_paragraphs()))
