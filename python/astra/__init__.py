@@ -1,10 +1,13 @@
 """astra: ASTRA sequence-parallel Transformer inference (VQ codes between devices) on HF models.
 
-Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize`, :func:`unpatch`, :func:`launch`,
-:func:`tune_allocator`, :func:`calibrate`, :func:`finetune`, :func:`simulate_generate`, the family registry
+Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize` (a :class:`ParallelModel`, its per-layer
+:class:`LayerStats` and :class:`OutputStats`), :func:`unpatch`, :func:`launch`, :func:`tune_allocator`,
+:func:`calibrate`, :func:`finetune` (a :class:`FinetuneResult`), :func:`simulate_generate`, the token split
+(:func:`split_indices`, :func:`local_indices`), :data:`DEFAULT_TIMEOUT_S`, the family registry
 (:class:`FamilyAdapter`, :func:`register_family`, :func:`unregister_family`, :func:`family_of`), and the errors
-:class:`PeerError`, :class:`UnsupportedModelError`, :class:`LaunchError`, :class:`InputMismatchError`,
-:class:`InvalidInputError`, :class:`RankFailedError`, :class:`FrameMismatchError`, :class:`NonFiniteError`.
+(:class:`AstraError` and its kinds :class:`PeerError`, :class:`UnsupportedModelError`, :class:`LaunchError`,
+:class:`InputMismatchError`, :class:`InvalidInputError`, :class:`RankFailedError`, :class:`FrameMismatchError`,
+:class:`NonFiniteError`).
 Semantics: docs/runtime.md.
 """
 from astra_kernels import __version__

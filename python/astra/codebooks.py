@@ -7,8 +7,9 @@ causes in the attention output, rotated so that every group gets a share of the 
 
 Optionally each layer also has a predictor (:attr:`Codebooks.predictive`): a weight ``P [2D, D]`` and a bias
 ``p [D]``. Layer l then quantizes not ``h`` but its residual ``h - ([e, h_prev] @ P + p)``, where ``e`` is the
-token's embedding output (zero for families whose ranks do not embed the whole sequence: decoders) and ``h_prev``
-its dequantized hidden state of layer l - 1 (zero for layer 0). Every rank holds both for every token it receives,
+token's embedding output (every rank embeds the whole sequence: an encoder's ``embeddings`` module, a decoder's
+:meth:`astra.models.Family.embed`; zero only for a family whose adapter gives neither) and ``h_prev`` its dequantized
+hidden state of layer l - 1 (zero for layer 0). Every rank holds both for every token it receives,
 so the prediction costs no bits: the codes carry only what it misses (closed-loop predictive coding, as in DPCM).
 """
 from __future__ import annotations

@@ -636,8 +636,8 @@ def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeou
     ``pm.degraded``, ``LayerStats.local_fallback``). Failure semantics: docs/runtime.md, "Failures".
     ``profile``: time every phase of every layer (:mod:`astra.profile`; ``pm.breakdown``); off by default.
     ``split``: the token split, the same on every rank and in :func:`astra.simulate` (:data:`astra.split.SPLITS`:
-    ``"even"``, ``"balanced"``: causal attention work balanced, the last rank holding fewer tokens, or
-    ``"auto"``); the input agreement rejects ranks given different splits."""
+    ``"even"``, ``"balanced"``: causal attention work balanced (later ranks hold fewer tokens, the last, which
+    encodes nothing, a few more), or ``"auto"``); the input agreement rejects ranks given different splits."""
     cb = as_codebooks(codebooks, model)
     rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
                      overlap=overlap, on_peer_failure=on_peer_failure, profile=profile, split=split)
