@@ -245,3 +245,78 @@ def test_lossy_link_outputs_equal_simulate():
                         "--loss", "5", *delay], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| 5.0 % | 3 |" in r.stdout and r.stdout.rstrip().endswith("OK")
+
+
+def _any_outcome(fn):
+    try:
+        fn()
+        return "ok"
+    except BaseException as e:  # noqa: B036 - KeyboardInterrupt is one of the outcomes under test
+        return f"{type(e).__name__}: {e}"
+
+
+def _mixed_calls(rank):
+    """Ranks that call different things, or the same with other arguments, or are interrupted by a BaseException:
+    each pairing used to abort a healthy rank (gloo's size check) or return another rank's answer."""
+    import time
+
+    model = tiny_model("gpt2", head="causal_lm")
+    x = tiny_inputs("gpt2", seq=12)
+    ids = x["input_ids"][:1]
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16)
+    sim = astra.simulate(model, x, world_size=2, codebooks=cb).logits
+    pm = astra.parallelize(model, cb, timeout=5)
+    out, t0 = {}, time.perf_counter()
+    local = pm(**x)
+
+    def after(name, fn):                        # the case, then a good call on every rank: exact again
+        out[name] = _any_outcome(fn)
+        out[name + " next"] = float((pm.gather(pm(**x)).logits - sim).abs().max())
+
+    after("gather vs forward", lambda: pm.gather(local) if rank == 0 else pm(**x))
+    after("gather dst", lambda: pm.gather(local, dst=rank))
+    def interrupt_once(module, args):
+        hook.remove()
+        raise KeyboardInterrupt()
+
+    if rank == 1:
+        hook = model.transformer.h[1].register_forward_pre_hook(interrupt_once)
+    after("interrupted", lambda: pm(**x))
+    short = torch.tensor([[5, 6]]) if rank == 0 else torch.tensor([[7, 8], [9, 10]])
+    after("short prompts", lambda: pm.generate(short, max_new_tokens=3))
+    last = ids.clone()
+    last[0, -1] = (last[0, -1] + rank) % 97
+    after("last prompt token", lambda: pm.generate(last, max_new_tokens=3))
+    after("generate arguments", lambda: pm.generate(ids, max_new_tokens=2 + rank))
+    after("refused on one rank", lambda: pm.generate(ids, max_new_tokens=2, **({"use_cache": False} if rank == 0
+                                                                                 else {})))
+    after("forward vs generate", lambda: pm(**x) if rank == 0 else pm.generate(ids, max_new_tokens=2))
+    out["generate"] = pm.generate(ids, max_new_tokens=4).tolist()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def test_ranks_calling_different_things_all_raise_and_stay_usable():
+    results = astra.launch(_mixed_calls, 2, join_timeout=240)
+    model = tiny_model("gpt2", head="causal_lm")
+    ids = tiny_inputs("gpt2", seq=12)["input_ids"][:1]
+    want = astra.simulate_generate(model, ids, world_size=2, codebooks=astra.Codebooks.random(
+        model, groups=4, codebook_size=16), max_new_tokens=4).tolist()
+    for rank, out in enumerate(results):
+        for name, v in out.items():
+            if name.endswith(" next"):
+                assert v < TOL, (rank, name, v)
+        for name in ("gather vs forward", "gather dst", "short prompts", "last prompt token", "generate arguments",
+                     "forward vs generate"):
+            assert out[name].startswith(f"InputMismatchError: astra rank {rank}/2: "), (rank, name, out[name])
+        assert "gather(dst=0)" in out["gather dst"] and "gather(dst=1)" in out["gather dst"]
+        assert out["interrupted"] == ("KeyboardInterrupt: " if rank == 1 else
+                                      out["interrupted"]), out["interrupted"]
+        if rank == 0:
+            assert out["interrupted"].startswith("RankFailedError: astra rank 0/2: rank 1 failed in layer "), out
+            assert "KeyboardInterrupt" in out["interrupted"]
+        refused = out["refused on one rank"]        # before: rank 0 alone raised; rank 1's next call paired with it
+        assert refused.startswith(f"InputMismatchError: astra rank {rank}/2: rank 0 rejected its inputs "
+                                  "(UnsupportedModelError: ") and "use_cache=False" in refused, refused
+        assert out["generate"] == want
+        assert out["seconds"] < 60           # every case is told at once, none waits for the 5 s timeout

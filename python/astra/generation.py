@@ -114,6 +114,23 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
     return Prompt(input_ids, mask, position_ids, gc, model_kwargs, expand)
 
 
+def generation_request(prompt: Optional[Prompt]) -> Tuple[str, Dict[str, Any]]:
+    """What the ranks of a ``generate`` agree on before its prefill (:meth:`astra.parallel.DistRuntime.agree`): the
+    whole prompt (its values, digested), the resolved generation config and the tensors among the other arguments
+    (objects such as streamers or stopping criteria are left out: only the last rank runs them, so they may be
+    given there alone). ``prompt`` None: refused locally."""
+    if prompt is None:
+        return "generate: refused; ", {}
+    try:
+        config = prompt.config.to_json_string(use_diff=True).replace("\n", "").replace(" ", "")
+    except (TypeError, ValueError):
+        config = repr(sorted(prompt.config.to_dict()))
+    extra = {k: v for k, v in prompt.model_kwargs.items() if isinstance(v, torch.Tensor)}    # model inputs
+    values = {"input_ids": prompt.input_ids, "attention_mask": prompt.attention_mask, "config": config,
+              **({} if prompt.position_ids is None else {"position_ids": prompt.position_ids}), **extra}
+    return f"generate {config}; ", values
+
+
 def build_cache(model, kv: List[Tuple[torch.Tensor, torch.Tensor]], expand: int = 1):
     """A ``DynamicCache`` holding per-layer K/V ``[B, Hkv, T, Dh]``, each row repeated ``expand`` times (beams and
     returned sequences: HF expands the prompt but not a cache it is given)."""

@@ -13,7 +13,15 @@ from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, dis
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
-from .generation import Heartbeat, check_generation, hf_generate, prepare_prompt, result_like, sequences_of
+from .generation import (
+    Heartbeat,
+    check_generation,
+    generation_request,
+    hf_generate,
+    prepare_prompt,
+    result_like,
+    sequences_of,
+)
 from .inputs import seq_geometry, validate_inputs
 from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
 from .runtime import RuntimeBase
@@ -307,29 +315,55 @@ class DistRuntime(RuntimeBase):
             return self._after_peer_failure(inputs, e)
         except Exception as e:
             self._fail_together(e)
+        except BaseException as e:      # KeyboardInterrupt, CancelledError: the peers are told, then it goes on
+            self._tell_peers(e)
+            raise
         finally:
             self.ctx = None
         return out, ctx, local
+
+    def _tell_peers(self, e: BaseException) -> None:
+        """Report a non-``Exception`` interruption of this rank's forward as its failure (the peers raise
+        RankFailedError and stay usable; unreported, they waited in an exchange that this rank's next call paired
+        with a different size, and gloo aborted them), without turning it into an astra error here."""
+        try:
+            self._fail_together(e)
+        except AstraError:
+            pass
 
     # -- after the forward: the exchanges of its output (astra.outputs) ------------------------------
     def output_exchange(self, build, sizes, stats, what: str) -> List[torch.Tensor]:
         """One enveloped all-gather of an output's parts: ``build()`` is this rank's payload (``sizes[s]`` bytes
         from rank s). A rank whose ``build`` raises sends a failed status: every rank raises RankFailedError."""
-        payload, status = self._built(build)
-        return self._exchange(payload, sizes, stats, what, status).wait()
+        payload, status, stop = self._built(build)
+        return self._reraised(stop, lambda: self._exchange(payload, sizes, stats, what, status).wait())
 
     def output_broadcast(self, build, nbytes: int, src: int, stats, what: str) -> torch.Tensor:
         """Rank ``src``'s ``build()`` (``nbytes``, known to every rank) on every rank: one enveloped broadcast."""
-        payload, status = self._built(build) if self.rank == src else (None, STATUS_OK)
+        payload, status, stop = self._built(build) if self.rank == src else (None, STATUS_OK, None)
         slot = self._next_slot()
-        return self.transport.broadcast_frame(payload, nbytes, src, self.calls, slot, stats, what, status)
+        return self._reraised(stop, lambda: self.transport.broadcast_frame(payload, nbytes, src, self.calls, slot,
+                                                                            stats, what, status))
 
     def _built(self, build):
+        """``(payload, status, interruption)``: a failure of ``build`` is sent as a failed status (the exchange then
+        raises RankFailedError on every rank); a KeyboardInterrupt-like one is re-raised after the exchange."""
         try:
-            return build(), STATUS_OK
-        except Exception as e:      # sent as a failed status; the exchange then raises RankFailedError here too
+            return build(), STATUS_OK, None
+        except BaseException as e:
             self.transport.error_text = f"{type(e).__name__}: {e}"
-            return torch.zeros(0, dtype=torch.uint8, device=self.transport.device), STATUS_FAILED
+            empty = torch.zeros(0, dtype=torch.uint8, device=self.transport.device)
+            return empty, STATUS_FAILED, None if isinstance(e, Exception) else e
+
+    @staticmethod
+    def _reraised(stop: Optional[BaseException], exchange):
+        """``exchange()``; after this rank's own interruption ``stop``, that interruption instead of its report."""
+        try:
+            return exchange()
+        except AstraError:
+            if stop is not None:
+                raise stop from None
+            raise
 
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
@@ -357,7 +391,19 @@ class DistRuntime(RuntimeBase):
         self._sizes = self._layer_sizes()          # every layer's exchange has the same sizes
         return ctx, local, call
 
-    def _agree(self, inputs: Dict[str, Any], request: str = "", request_error=None) -> Dict[str, Any]:
+    def agree(self, request: str, values: Dict[str, Any], request_error=None) -> None:
+        """The agreement of a collective other than a forward (``gather``, ``generate``), before its first sized
+        exchange: a new call, whose fixed-size fingerprint (``request`` and a digest of ``values``) pairs with
+        whatever the other ranks' first exchange is, so ranks calling different things, or the same with other
+        arguments, raise the same error instead of pairing exchanges of different sizes (gloo aborts the process)."""
+        self.calls += 1
+        if request_error is not None and self.broken is not None:
+            raise request_error
+        if self.broken is None:             # a broken group: the caller goes on alone or raises its PeerError
+            self._agree(values, request, request_error, validate=False)
+
+    def _agree(self, inputs: Dict[str, Any], request: str = "", request_error=None,
+               validate: bool = True) -> Dict[str, Any]:
         """Validate the inputs, then exchange fixed-size fingerprints: every rank raises the same error unless
         every rank was given the same valid inputs and request, model, codebooks and world size, at the same call."""
         err = None
@@ -367,7 +413,8 @@ class DistRuntime(RuntimeBase):
             if not self._installed:
                 raise AstraError("this ParallelModel was unpatched (astra.unpatch / pm.unpatch): it no longer "
                                  "controls the model; call astra.parallelize(model, ...) again on every rank")
-            inputs = validate_inputs(self.fam, inputs, self.world, self.cls)
+            if validate:
+                inputs = validate_inputs(self.fam, inputs, self.world, self.cls)
         except Exception as e:  # any verdict on the inputs travels in the fingerprint, so every rank raises
             err = e
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
@@ -387,7 +434,7 @@ class DistRuntime(RuntimeBase):
             raise err
         raise exc
 
-    def _fail_together(self, e: Exception):
+    def _fail_together(self, e: BaseException):
         """This rank failed mid-forward: finish the exchanges in flight, then send an error frame in place of
         the next exchange, so every rank raises :class:`RankFailedError` in this same call."""
         text = (f"{type(e).__name__}: {e}").encode("utf-8")
@@ -521,7 +568,20 @@ class ParallelModel:
         forward (collective): the explicit form of ``output="hidden_states"``."""
         if self._last is None:
             raise AstraError("gather() needs a forward first")
-        fw = replace(self._last, out=out, dst=check_dst(dst, self.world_size), stats=OutputStats("hidden_states"))
+        err = None
+        try:
+            dst = check_dst(dst, self.world_size)
+        except ValueError as e:
+            err = e
+        # the local outputs themselves differ between ranks (their tokens; fields only some ranks hold, such as
+        # BERT's pooler output on rank 0): the call and its dst are what every rank must share
+        request = f"gather(dst={dst!r}); "
+        try:
+            self._rt.agree(request, {}, err)
+        except PeerError as e:
+            self._rt.broken = str(e)
+            raise
+        fw = replace(self._last, out=out, dst=dst, stats=OutputStats("hidden_states"))
         return self._output(OUTPUTS["hidden_states"], fw)
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, position_ids=None, **kwargs):
@@ -531,12 +591,27 @@ class ParallelModel:
         received and calls ``generate`` with it (the model's own attention). Returns HF's result (prompt + new
         tokens, or a ``GenerateOutput`` whose ``sequences`` only are sent) on every rank (docs/runtime.md)."""
         rt = self._rt
-        check_generation(rt.fam)
-        prompt = prepare_prompt(rt.fam, input_ids, attention_mask, position_ids, generation_config, kwargs)
+        prompt, err = None, None
+        try:
+            check_generation(rt.fam)
+            prompt = prepare_prompt(rt.fam, input_ids, attention_mask, position_ids, generation_config, kwargs)
+        except (ValueError, UnsupportedModelError) as e:
+            err = e                         # raised on every rank by the agreement
+        if rt.broken is not None:
+            if err is not None:
+                raise err
+            return self._generate_alone(prompt, warn=True)
+        try:
+            rt.agree(*generation_request(prompt), err)
+        except PeerError as e:
+            rt.broken = str(e)
+            if err is not None:
+                raise err from e
+            if rt.on_peer_failure == "raise":
+                raise
+            return self._generate_alone(prompt, warn=True)
         last = self.world_size - 1
         kv = None
-        if rt.broken is not None:
-            return self._generate_alone(prompt, warn=True)
         if prompt.prefill_len >= self.world_size:   # else a short prompt: the last rank generates alone
             _, ctx, _ = rt.run(prompt.prefill_inputs(), capture=(self.rank == last))
             if ctx is None:                 # a peer failed (on_peer_failure="local", warned): generate alone
