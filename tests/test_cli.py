@@ -248,6 +248,14 @@ def test_bad_arguments_fail_before_any_work_with_one_line(argv, msg, capsys, mon
     assert not (tmp_path / "new").exists()                  # a failed command line makes no directory
 
 
+def test_run_under_torchrun_refuses_stdin(capsys, monkeypatch):
+    """Every torchrun worker read the same stdin: one took the text, the others failed with 'no non-empty lines'."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(astra, "calibrate", lambda *a, **k: pytest.fail("work started"))
+    assert main(["run", "--model", "gpt2-random"]) == 2
+    assert "under torchrun every rank reads the same stdin" in capsys.readouterr().err
+
+
 def test_bench_names_a_missing_package_before_any_work(capsys, monkeypatch):
     import importlib.util
 

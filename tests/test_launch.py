@@ -54,6 +54,29 @@ def test_launch_refuses_bad_sizes_and_timeouts_before_starting_ranks():
         astra.launch(_echo, 2.5, 1.0)
 
 
+class _Unloadable:
+    """Pickles in the rank, fails to load in the launching process."""
+
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise RuntimeError("this result can not be rebuilt here")
+
+
+def _unloadable(rank):
+    return _Unloadable() if rank == 1 else rank
+
+
+def test_a_result_that_can_not_be_loaded_is_a_launch_error():
+    """It escaped as the bare RuntimeError of the load, leaving the other ranks running."""
+    with pytest.raises(astra.LaunchError, match="rank 1 raised its result could not be loaded in the launching "
+                                                "process: RuntimeError: this result can not be rebuilt here") as e:
+        astra.launch(_unloadable, 2, join_timeout=60)
+    assert e.value.results == {0: 0}
+
+
 def test_launch_reports_rank_errors():
     with pytest.raises(astra.LaunchError, match="rank 1 raised ValueError: boom from rank one") as ei:
         astra.launch(_fail_on_one, 2, join_timeout=120)

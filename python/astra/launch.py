@@ -92,7 +92,11 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
         except Exception:
             return False
         if kind == "ok":
-            results[rank] = _load(payload)
+            try:
+                results[rank] = _load(payload)
+            except Exception as e:          # e.g. a class the launching process can not rebuild
+                errors[rank] = (f"its result could not be loaded in the launching process: {type(e).__name__}: "
+                                f"{e}")
         else:
             errors[rank] = payload
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import timedelta
 from typing import Dict, List
 
 DESCRIPTION = """\
@@ -38,6 +39,9 @@ def check_run_args(args) -> None:
 
     if args.input != "-":
         check_in_file("--input", args.input, regular=False)
+    elif under_torchrun():
+        raise ValueError("--input -: under torchrun every rank reads the same stdin (one takes the text, the others "
+                         "none); give --input FILE")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0, got {args.timeout}")
     args.texts = read_texts(args.input)
@@ -131,7 +135,9 @@ def cmd_run(args) -> int:
             import torch.distributed as dist
 
             astra.tune_allocator()             # as astra.launch does for the ranks it starts
-            dist.init_process_group("gloo")    # this process already holds the model and the codebooks
+            # this process already holds the model and the codebooks; --timeout bounds the rendezvous and the
+            # results' gather too (gloo's default is 30 minutes)
+            dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
             mine = rank_body(model, cb, tokenize(args.texts, args.max_length), args.timeout)
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
