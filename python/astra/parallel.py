@@ -397,10 +397,15 @@ class DistRuntime(RuntimeBase):
         whatever the other ranks' first exchange is, so ranks calling different things, or the same with other
         arguments, raise the same error instead of pairing exchanges of different sizes (gloo aborts the process)."""
         self.calls += 1
-        if request_error is not None and self.broken is not None:
-            raise request_error
-        if self.broken is None:             # a broken group: the caller goes on alone or raises its PeerError
+        if self.broken is not None:         # a broken group: the caller goes on alone or raises its PeerError
+            if request_error is not None:
+                raise request_error
+            return
+        try:
             self._agree(values, request, request_error, validate=False)
+        except PeerError as e:
+            self.broken = str(e)
+            raise
 
     def _agree(self, inputs: Dict[str, Any], request: str = "", request_error=None,
                validate: bool = True) -> Dict[str, Any]:
@@ -575,12 +580,7 @@ class ParallelModel:
             err = e
         # the local outputs themselves differ between ranks (their tokens; fields only some ranks hold, such as
         # BERT's pooler output on rank 0): the call and its dst are what every rank must share
-        request = f"gather(dst={dst!r}); "
-        try:
-            self._rt.agree(request, {}, err)
-        except PeerError as e:
-            self._rt.broken = str(e)
-            raise
+        self._rt.agree(f"gather(dst={dst!r}); ", {}, err)
         fw = replace(self._last, out=out, dst=dst, stats=OutputStats("hidden_states"))
         return self._output(OUTPUTS["hidden_states"], fw)
 
@@ -604,7 +604,6 @@ class ParallelModel:
         try:
             rt.agree(*generation_request(prompt), err)
         except PeerError as e:
-            rt.broken = str(e)
             if err is not None:
                 raise err from e
             if rt.on_peer_failure == "raise":
