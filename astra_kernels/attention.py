@@ -54,7 +54,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._dispatch import resolve_backend
-from .checks import FLOAT_DTYPES, check_finite, check_float, check_int, check_mask, require
+from .checks import FLOAT_DTYPES, check_finite, check_float, check_int, check_mask, is_count, require
 from .segments import CountKeys, GroupTableKeys, Segment, TableKeys, TokenKeys, positions, prune_causal, split_counts
 
 __all__ = ["attention_local", "attention_per_token", "attention_table", "attention_group_table", "build_group_tables",
@@ -389,7 +389,7 @@ def build_group_tables(codebook: torch.Tensor, w_k: torch.Tensor, b_k: Optional[
     check_float("codebook", codebook, 3)
     check_finite("codebook", codebook)
     G, K, DG = codebook.shape
-    require(not isinstance(kv_heads, bool) and isinstance(kv_heads, int) and kv_heads >= 1,
+    require(is_count(kv_heads, 1),
             f"kv_heads must be an int >= 1, got {kv_heads!r}")
     require(dtype is None or dtype in FLOAT_DTYPES, f"dtype must be a floating dtype, got {dtype}")
     for name, w, b in (("w_k", w_k, b_k), ("w_v", w_v, b_v)):

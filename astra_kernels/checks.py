@@ -2,11 +2,12 @@
 finiteness check and the "raise a clear ValueError" helper."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "require", "check_float", "check_finite", "check_int", "check_mask"]
+__all__ = ["FLOAT_DTYPES", "require", "is_count", "check_float", "check_finite", "check_int", "check_mask"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -15,6 +16,11 @@ def require(cond: bool, msg: str) -> None:
     """Raise ``ValueError(msg)`` unless ``cond``."""
     if not cond:
         raise ValueError(msg)
+
+
+def is_count(x, lo: int = 0) -> bool:
+    """Whether ``x`` is a Python int (numpy's too, not a bool) of at least ``lo``: a size, a count, a rank."""
+    return not isinstance(x, bool) and isinstance(x, numbers.Integral) and x >= lo
 
 
 def check_float(name: str, t, ndim: int) -> None:

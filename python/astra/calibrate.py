@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import torch
 
 import astra_kernels as ak
+from astra_kernels.checks import is_count
 from . import bases
 from .codebooks import Codebooks, apply_predictor
 from .context import position_ids
@@ -212,10 +213,6 @@ def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int
     return C
 
 
-def _is_int(x, lo: int) -> bool:
-    return not isinstance(x, bool) and isinstance(x, int) and x >= lo
-
-
 def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict) -> list:
     """:func:`calibrate`'s arguments checked before any forward (ValueError / TypeError naming the argument; each
     sample as :func:`astra.inputs.validate_inputs` checks a forward's inputs); returns the samples as a list."""
@@ -232,15 +229,15 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
         validate_inputs(fam, s, 1, False)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not _is_int(groups, 1) or fam.hidden_size % groups:
+    if not is_count(groups, 1) or fam.hidden_size % groups:
         raise ValueError(f"hidden size {fam.hidden_size} is not divisible by G={groups}")
-    if not _is_int(codebook_size, 1) or codebook_size > ak.MAX_K:
+    if not is_count(codebook_size, 1) or codebook_size > ak.MAX_K:
         raise ValueError(f"codebook_size must be an int in 1..{ak.MAX_K}, got {codebook_size!r}")
-    if not _is_int(iters, 1):
+    if not is_count(iters, 1):
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    if max_tokens is not None and not _is_int(max_tokens, 1):
+    if max_tokens is not None and not is_count(max_tokens, 1):
         raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
-    if world_size is not None and not _is_int(world_size, 1):
+    if world_size is not None and not is_count(world_size, 1):
         raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
     if predict and world_size is not None:
         raise ValueError("predict=True fits on the model's own hidden states; it does not take world_size")

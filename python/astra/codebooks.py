@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from astra_kernels import MAX_K, default_bits
-from astra_kernels.checks import FLOAT_DTYPES, check_finite
+from astra_kernels.checks import FLOAT_DTYPES, check_finite, is_count
 
 FORMAT = "astra-codebooks"
 FORMAT_VERSION = "2"            # 2: metadata carries sha256 checksums of every layer and of the metadata
@@ -273,9 +273,9 @@ class Codebooks:
 
         fam = family_of(model)
         D = fam.hidden_size
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or D % groups:
+        if not is_count(groups, 1) or D % groups:
             raise ValueError(f"hidden size {D} is not divisible by G={groups}")
-        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+        if not is_count(codebook_size, 1):
             raise ValueError(f"codebook_size must be an int >= 1, got {codebook_size!r}")
         g = torch.Generator().manual_seed(seed)
         t = [torch.randn(groups, codebook_size, D // groups, generator=g) * scale for _ in range(fam.num_layers)]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from astra_kernels.checks import is_count
 from .codebooks import Codebooks, as_codebooks
 from .models import family_of
 from .training import TrainSimRuntime
@@ -76,8 +77,9 @@ def _world_sizes(world_size) -> List[int]:
         sizes = sorted(world_size) if isinstance(world_size, set) else list(world_size)
     else:
         sizes = []
-    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) for n in sizes):
+    if not sizes or not all(is_count(n) for n in sizes):
         raise ValueError(f"world_size must be an int >= 2 or a non-empty sequence of them, got {world_size!r}")
+    sizes = [int(n) for n in sizes]
     if min(sizes) < 2:
         raise ValueError(f"world_size must be >= 2 (at world size 1 no token is quantized; nothing to train), "
                          f"got {world_size!r}")

@@ -11,6 +11,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, List, Optional
 
+from astra_kernels.checks import is_count
 from . import allocator
 from .errors import LaunchError
 from .transport import checked_timeout
@@ -67,7 +68,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     instead of faulting it in again every layer; see :mod:`astra.allocator`). Raises :class:`astra.LaunchError`
     if a rank raised, died, or was killed; the error carries the results of the ranks that did return.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if not is_count(world_size, 1):
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     timeout = checked_timeout(timeout)                      # 0 was accepted (parallelize refused it)
     if join_timeout is not None:

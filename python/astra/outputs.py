@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from astra_kernels.checks import is_count
 from .errors import UnsupportedModelError
 from .models import Family
 
@@ -195,9 +196,9 @@ def resolve_output(fam: Family, output: Optional[str]) -> OutputKind:
 def check_dst(dst, world: int) -> Optional[int]:
     if dst is None:
         return None
-    if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world:
+    if not is_count(dst, 0) or dst >= world:
         raise ValueError(f"dst must be None (every rank) or a rank in 0..{world - 1}, got {dst!r}")
-    return dst
+    return int(dst)
 
 
 def class_like(fw: Forward) -> Dict[str, torch.Tensor]:

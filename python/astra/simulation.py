@@ -7,6 +7,7 @@ from typing import Any, Dict
 import torch
 
 import astra_kernels as ak
+from astra_kernels.checks import is_count
 from .codebooks import as_codebooks
 from .context import key_masks
 from .inputs import validate_inputs
@@ -19,7 +20,7 @@ class SimRuntime(RuntimeBase):
     ``[cls copy of rank 0, ..., cls copy of rank N-1, token 1, ..., token T-1]``."""
 
     def __init__(self, model, codebooks, world_size: int, class_token="auto", split=DEFAULT_SPLIT):
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        if not is_count(world_size, 1):
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")   # 2.5 ran as 2
         super().__init__(model, codebooks, class_token, split)
         self.N = world_size
