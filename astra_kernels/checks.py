@@ -7,9 +7,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "require", "is_count", "check_float", "check_finite", "check_int", "check_mask"]
+__all__ = ["FLOAT_DTYPES", "INT_OF_SIZE", "MAX_BITS", "require", "is_count", "check_bits", "check_float",
+           "check_finite", "check_int", "check_mask"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the signed integer dtype of each element size (a tensor's bits seen as integers: exact compares and sums)
+INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+MAX_BITS = 16  # the widest code the wire format carries (docs/wire-format.md)
 
 
 def require(cond: bool, msg: str) -> None:
@@ -21,6 +25,15 @@ def require(cond: bool, msg: str) -> None:
 def is_count(x, lo: int = 0) -> bool:
     """Whether ``x`` is a Python int (numpy's too, not a bool) of at least ``lo``: a size, a count, a rank."""
     return not isinstance(x, bool) and isinstance(x, numbers.Integral) and x >= lo
+
+
+def check_bits(bits) -> int:
+    """``bits`` as an int in ``1..MAX_BITS``, else ValueError."""
+    if not is_count(bits):
+        raise ValueError(f"bits must be an int in 1..{MAX_BITS}, got {bits!r}")
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
+    return int(bits)
 
 
 def check_float(name: str, t, ndim: int) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from . import _codec
 from ._dispatch import resolve_backend
+from .checks import MAX_BITS, check_bits
 
 __all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "header_nbytes", "crc32c",
            "CODES_DTYPE"]
@@ -44,7 +45,7 @@ _DTYPES = {
 
 def frame_layout(shape: Sequence[int], bits: int) -> Tuple[int, int, int]:
     """``(header_nbytes, payload_nbytes, frame_nbytes)`` of a frame holding codes of ``shape``."""
-    _check_bits(bits)
+    check_bits(bits)
     dims = list(shape)
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in dims):
         raise ValueError(f"shape must hold integers, got {tuple(shape)!r}")
@@ -66,13 +67,6 @@ _HEADER_BASE = _codec.frame_layout(1, [1])[0] - _HEADER_PER_DIM
 def frame_nbytes(shape: Sequence[int], bits: int) -> int:
     """Size in bytes of the frame holding codes of ``shape`` at ``bits`` bits each."""
     return frame_layout(shape, bits)[2]
-
-
-def _check_bits(bits) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
-    if not 1 <= int(bits) <= 16:
-        raise ValueError(f"bits must be in 1..16, got {bits}")
 
 
 def _as_cpu_tensor(x, what: str) -> torch.Tensor:
@@ -103,9 +97,8 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
     the frame is written to its start and the matching view ``out[:nbytes]`` is returned (C++ codec
     only). ``backend``: see the module docstring.
     """
-    if type(bits) is not int or not 1 <= bits <= 16:  # noqa: E721 - fast path; numpy ints etc. checked here
-        _check_bits(bits)
-        bits = int(bits)
+    if type(bits) is not int or not 1 <= bits <= MAX_BITS:  # noqa: E721 - fast path; numpy ints etc. checked here
+        bits = check_bits(bits)
     if backend != "auto" or (isinstance(codes, torch.Tensor) and not codes.is_cpu):
         if resolve_backend(backend, codes if isinstance(codes, torch.Tensor) else None) == "triton":
             return _pack_triton(codes, bits, out)
@@ -121,7 +114,7 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
         raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {len(shape)}")
     if out is None:
         # Size from the format (docs/wire-format.md); shape and bits are validated again in C++.
-        nbytes = header_nbytes(len(shape)) + (t.numel() * bits + 7) // 8 if 1 <= bits <= 16 else 0
+        nbytes = header_nbytes(len(shape)) + (t.numel() * bits + 7) // 8 if 1 <= bits <= MAX_BITS else 0
         out = torch.from_numpy(np.empty(nbytes, np.uint8))  # cheaper than torch.empty for small frames
     elif not (isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.dim() == 1
               and out.is_cpu and out.is_contiguous()):
@@ -142,7 +135,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _pack_triton(codes, bits: int, out) -> torch.Tensor:
     from .triton.codec_kernels import pack_frame_triton  # lazy: the CPU path never imports triton
 
-    _check_bits(bits)
+    check_bits(bits)
     if out is not None:
         raise ValueError("out= is only supported by the C++ codec (backend='torch' or CPU tensors)")
     if not isinstance(codes, torch.Tensor):

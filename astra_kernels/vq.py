@@ -58,7 +58,6 @@ each; the codebook's result is cached with its version counter).
 """
 from __future__ import annotations
 
-import numbers
 import threading
 import weakref
 from typing import Dict, Optional, Tuple
@@ -67,12 +66,12 @@ import torch
 
 from . import _vq_screen
 from ._dispatch import resolve_backend
-from .checks import FLOAT_DTYPES, check_finite
+from .checks import FLOAT_DTYPES, INT_OF_SIZE, MAX_BITS, check_bits, check_finite
 
 __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "vq_distances_reference",
            "vq_decode_reference", "default_bits", "MAX_K"]
 
-MAX_K = 65536  # codebook entries at most: codes travel in at most 16 bits (docs/wire-format.md)
+MAX_K = 1 << MAX_BITS  # codebook entries at most: codes travel in at most MAX_BITS = 16 bits
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
 _CHUNK_ELEMS = 1 << 20     # G * chunk * K per screening chunk (4 MB of fp32 screened distances)
 _MIN_CHUNK = 64            # tokens per chunk at least (bounds the Python overhead for large G * K)
@@ -114,9 +113,6 @@ def _check_x(x, G: int, DG: int) -> None:
         raise ValueError(f"x has last dim D={x.shape[-1]} but the codebook [G={G}, K, D//G={DG}] needs D={G * DG}")
 
 
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors of one shape and dtype hold the same bits (an integer compare: 8 bytes at a time where
     the size allows, 2x faster than a float ``torch.equal``, and exact for NaN payloads and signed zeros)."""
@@ -125,10 +121,10 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     wide = a.numel() * a.element_size() % 8 == 0
     try:
-        ints = [x.view(torch.uint8).view(torch.int64) if wide else x.view(_INT_OF_SIZE[x.element_size()])
+        ints = [x.view(torch.uint8).view(torch.int64) if wide else x.view(INT_OF_SIZE[x.element_size()])
                 for x in (a, b)]
     except RuntimeError:            # a view whose offset does not allow the wide integers
-        ints = [x.view(_INT_OF_SIZE[x.element_size()]) for x in (a, b)]
+        ints = [x.view(INT_OF_SIZE[x.element_size()]) for x in (a, b)]
     return torch.equal(*ints)
 
 
@@ -823,9 +819,7 @@ def encode_and_pack(x: torch.Tensor, codebook: torch.Tensor, bits: Optional[int]
     _check_x(x, G, DG)
     if bits is None:
         bits = default_bits(K)
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
-    bits = int(bits)
+    bits = check_bits(bits)
     if K > (1 << bits):
         raise ValueError(f"K={K} codes do not fit in {bits} bits")
     shape = tuple(x.shape[:-1]) + (G,)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from astra_kernels.checks import INT_OF_SIZE
 from .errors import InputMismatchError, InvalidInputError
 
 # magic, call, world, status, model (8 bytes of its description's digest, 8 of its weights'), codebooks and input
@@ -65,9 +66,6 @@ def digest(*parts: Any) -> bytes:
     return h.digest()
 
 
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 @torch.no_grad()
 def weights_digest(model) -> bytes:
     """8-byte digest of every parameter's values: per parameter the sums, as int64, of its elements' bit patterns
@@ -76,7 +74,7 @@ def weights_digest(model) -> bytes:
     initialisations, differ in it; the model's configuration and size alone did not tell them apart."""
     sums = []
     for name, p in model.named_parameters():
-        bits = p.detach().reshape(-1).view(_BITS[p.element_size()])
+        bits = p.detach().reshape(-1).view(INT_OF_SIZE[p.element_size()])
         sums += [name, int(bits.sum(dtype=torch.int64)), int(bits[::3].sum(dtype=torch.int64))]
     return digest(*sums)[:8]
 

@@ -126,7 +126,7 @@ def generation_request(prompt: Optional[Prompt]) -> Tuple[str, Dict[str, Any]]:
     except (TypeError, ValueError):
         config = repr(sorted(prompt.config.to_dict()))
     extra = {k: v for k, v in prompt.model_kwargs.items() if isinstance(v, torch.Tensor)}    # model inputs
-    values = {"input_ids": prompt.input_ids, "attention_mask": prompt.attention_mask, "config": config,
+    values = {"input_ids": prompt.input_ids, "attention_mask": prompt.attention_mask,
               **({} if prompt.position_ids is None else {"position_ids": prompt.position_ids}), **extra}
     return f"generate {config}; ", values
 
