@@ -326,7 +326,8 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     """Merge two partial attentions over disjoint key sets: ``(out [..., T, Dh], lse [..., T])``.
 
     ``lse = -inf`` marks a row that saw no key (its ``out`` is ignored); a row with no key on either
-    side comes out as ``out = 0``, ``lse = -inf``. Output dtype is ``out_a``'s; lse is float32
+    side comes out as ``out = 0``, ``lse = -inf``. Raises ValueError for an lse holding NaN or +inf, or a
+    non-finite ``out`` in a row that carries weight. Output dtype is ``out_a``'s; lse is float32
     (float64 if the inputs' lse is float64).
     """
     for n, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
@@ -337,6 +338,8 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
             f"got {tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
     ct = torch.float64 if torch.float64 in (lse_a.dtype, lse_b.dtype, out_a.dtype) else torch.float32
     la, lb = lse_a.to(ct), lse_b.to(ct)
+    for n, t in (("lse_a", la), ("lse_b", lb)):      # -inf is a row with no key; NaN / +inf would spread silently
+        require(not bool((torch.isnan(t) | torch.isposinf(t)).any()), f"{n} contains NaN or +inf")
     m = torch.maximum(la, lb)
     m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     wa, wb = torch.exp(la - m_safe), torch.exp(lb - m_safe)
@@ -346,6 +349,7 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     oa = torch.where((wa > 0).unsqueeze(-1), out_a.to(ct), torch.zeros((), dtype=ct, device=out_a.device))
     ob = torch.where((wb > 0).unsqueeze(-1), out_b.to(ct), torch.zeros((), dtype=ct, device=out_b.device))
     out = (oa * (wa * inv).unsqueeze(-1) + ob * (wb * inv).unsqueeze(-1)).to(out_a.dtype)
+    check_finite("out_a / out_b (in rows that carry weight)", out)
     lse = (m_safe + torch.log(tot)).to(torch.float64 if ct == torch.float64 else torch.float32)
     return out, lse
 

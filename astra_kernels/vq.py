@@ -790,7 +790,9 @@ def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto")
 
 
 def vq_decode(codes: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Codewords for ``codes [..., G]``: ``[..., D]`` in the codebook's dtype. Codes must be in ``[0, K)``."""
+    """Codewords for ``codes [..., G]``: ``[..., D]`` in the codebook's dtype. Codes must be in ``[0, K)``.
+
+    Raises ValueError for bad shapes / dtypes, out-of-range codes, or a selected codeword holding NaN / inf."""
     G, K, DG = _check_codebook(codebook)
     _check_codes(codes, G, K)
     be = resolve_backend(backend, codes, codebook)
@@ -803,6 +805,8 @@ def vq_decode(codes: torch.Tensor, codebook: torch.Tensor, *, backend: str = "au
     else:
         c = c2.to(torch.int64)
         out = codebook.detach()[torch.arange(G, device=codebook.device)[None, :], c].reshape(-1, G * DG)
+    # the codewords these codes select (a pass over the output, not the whole codebook; unused rows do not matter)
+    check_finite("codebook (in the codewords these codes select)", out)
     return out.reshape(*lead, G * DG)
 
 

@@ -213,6 +213,26 @@ def test_merge_validates_shapes():
         merge_attention(a, la, a, torch.randn(2, 3))
 
 
+def test_merge_refuses_nan_lse_and_non_finite_weighted_out():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g)
+    la, lb = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    for bad in (float("nan"), float("inf")):
+        lbad = la.clone()
+        lbad[1, 2, 3] = bad
+        with pytest.raises(ValueError, match="lse_a contains NaN or \\+inf"):
+            merge_attention(a, lbad, b, lb)
+        obad = b.clone()
+        obad[0, 1, 2, 5] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            merge_attention(a, la, obad, lb)
+    # a row with lse = -inf carries no weight: its out may hold anything
+    lneg, obad = lb.clone(), b.clone()
+    lneg[0, 1, 2], obad[0, 1, 2, 5] = float("-inf"), float("nan")
+    o, l = merge_attention(a, la, obad, lneg)
+    assert torch.equal(o[0, 1, 2], a[0, 1, 2]) and bool(torch.isfinite(o).all())
+
+
 def _bad(**over):
     q, k, v, kw = make_case(1, mode="rope", masks=True)
     kw.update(over)

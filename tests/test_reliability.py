@@ -275,6 +275,10 @@ def _mixed_calls(rank):
 
     after("gather vs forward", lambda: pm.gather(local) if rank == 0 else pm(**x))
     after("gather dst", lambda: pm.gather(local, dst=rank))
+    other = type(local)(logits=local.logits.double()) if rank == 1 else local
+    after("gather of other dtypes", lambda: pm.gather(other))
+    fewer = type(local)(logits=local.logits[..., :-1]) if rank == 1 else local
+    after("gather of other widths", lambda: pm.gather(fewer))
     def interrupt_once(module, args):
         hook.remove()
         raise KeyboardInterrupt()
@@ -306,10 +310,12 @@ def test_ranks_calling_different_things_all_raise_and_stay_usable():
         for name, v in out.items():
             if name.endswith(" next"):
                 assert v < TOL, (rank, name, v)
-        for name in ("gather vs forward", "gather dst", "short prompts", "last prompt token", "generate arguments",
+        for name in ("gather vs forward", "gather dst", "gather of other dtypes", "gather of other widths",
+                     "short prompts", "last prompt token", "generate arguments",
                      "forward vs generate"):
             assert out[name].startswith(f"InputMismatchError: astra rank {rank}/2: "), (rank, name, out[name])
         assert "gather(dst=0)" in out["gather dst"] and "gather(dst=1)" in out["gather dst"]
+        assert "torch.float64" in out["gather of other dtypes"], out["gather of other dtypes"]
         assert out["interrupted"] == ("KeyboardInterrupt: " if rank == 1 else
                                       out["interrupted"]), out["interrupted"]
         if rank == 0:

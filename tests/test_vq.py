@@ -278,6 +278,21 @@ def test_decode_errors():
         ak.vq_decode(torch.tensor([[0.0, 1.0]]), cb)
 
 
+def test_decode_refuses_a_selected_non_finite_codeword():
+    """A NaN / inf codeword the codes select is an error (vq_encode refuses such a codebook too); one the codes
+    do not select does not change the answer and passes."""
+    cb = T.random_inputs(2, 5, 3, generator=T.seeded_generator(41))
+    codes = torch.tensor([[0, 1], [2, 3]])
+    for bad in (float("nan"), float("inf")):
+        poisoned = cb.clone()
+        poisoned[1, 3, 2] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            ak.vq_decode(codes, poisoned)
+        poisoned = cb.clone()
+        poisoned[0, 4, 0] = bad            # group 0's codeword 4: not selected
+        torch.testing.assert_close(ak.vq_decode(codes, poisoned), vq.vq_decode_reference(codes, cb), rtol=0, atol=0)
+
+
 def test_max_k_65536_cpu():
     g = T.seeded_generator(40)
     cb = T.random_inputs(1, 65536, 4, generator=g)

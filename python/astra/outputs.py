@@ -225,6 +225,18 @@ def token_fields(fam: Family) -> List[str]:
     return list(fam.token_outputs)
 
 
+def token_signature(fam: Family, out) -> str:
+    """What every rank's per-token fields of ``out`` must share for a gather (the bytes each rank sends follow
+    from it): each field's name, dtype, batch and per-token shape; its token count is the rank's own."""
+    parts = []
+    for k in token_fields(fam):
+        t = out.get(k) if hasattr(out, "get") else None
+        if isinstance(t, torch.Tensor):
+            parts.append(f"{k}: {t.dtype} [{', '.join(map(str, t.shape[:1]))}, *, {', '.join(map(str, t.shape[2:]))}]"
+                         if t.dim() >= 2 else f"{k}: {t.dtype} {tuple(t.shape)}")
+    return "; ".join(parts) or "no per-token fields"
+
+
 def _no_class_token(fam: Family) -> Optional[str]:
     return None if fam.class_token_allowed else f"{fam.name} has no class token"
 

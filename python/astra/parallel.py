@@ -23,7 +23,7 @@ from .generation import (
     sequences_of,
 )
 from .inputs import seq_geometry, validate_inputs
-from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output
+from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_signature
 from .runtime import RuntimeBase
 from .split import DEFAULT_SPLIT, key_ranks, local_indices, with_class_token
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
@@ -579,8 +579,9 @@ class ParallelModel:
         except ValueError as e:
             err = e
         # the local outputs themselves differ between ranks (their tokens; fields only some ranks hold, such as
-        # BERT's pooler output on rank 0): the call and its dst are what every rank must share
-        self._rt.agree(f"gather(dst={dst!r}); ", {}, err)
+        # BERT's pooler output on rank 0): the call, its dst and the per-token fields' layout are what every rank
+        # must share (other dtypes or widths would pair frames of other sizes, which gloo answers with an abort)
+        self._rt.agree(f"gather(dst={dst!r}); {token_signature(self._rt.fam, out)}; ", {}, err)
         fw = replace(self._last, out=out, dst=dst, stats=OutputStats("hidden_states"))
         return self._output(OUTPUTS["hidden_states"], fw)
 
