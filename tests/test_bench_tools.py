@@ -18,8 +18,10 @@ from astra.costmodel import (
     compute_time,
     evaluate,
     fit,
+    hidden_seconds,
     link_bytes,
     machine_compute,
+    own_unit_costs,
     unit_costs,
 )
 from astra.netlink import (
@@ -128,6 +130,36 @@ def test_compute_scaling_and_link_bytes_with_world_size():
     bare = Profile("fp-sp", "gpt2", compute_s=1.2, local_s=0.9, frame_bytes=1000, collectives=12, tokens=1024)
     assert unit_costs(bare)[1] == 0.0 and compute_time(bare, 4, cores=4) == pytest.approx(0.6)
     assert link_bytes(p, 2) == 2000 and link_bytes(p, 4) == 500 * 12
+
+
+def test_a_systems_own_probe_gives_its_fixed_cost():
+    """With the system's own N = 2 probe (1/4 of the tokens), its work is u * (its tokens) + F from those two
+    forwards, F being the system's own fixed cost per rank (0.2 s here, where the ceiling's is 0.1 s)."""
+    kw = dict(compute_s=1.2, local_s=0.9, frame_bytes=1000, collectives=12, tokens=1024, probe_s=0.3, probe_tokens=128)
+    p = Profile("astra-g1", "gpt2", own_probe_s=0.45, own_probe_tokens=256, **kw)
+    assert own_unit_costs(p) == pytest.approx((0.75 / 384, 0.2))
+    assert compute_time(p, 2, cores=2) == pytest.approx(1.2)
+    assert compute_time(p, 4, cores=4) == pytest.approx(256 * 0.75 / 384 + 0.2)
+    assert compute_time(p, 8, cores=2) == pytest.approx(8 * (128 * 0.75 / 384 + 0.2) / 2)
+    # the ceiling's fixed part (0.1 s) without the probe: a smaller fixed part, so less compute at N = 8
+    bare = Profile("astra-g1", "gpt2", **kw)
+    assert own_unit_costs(bare) is None and compute_time(bare, 8, cores=2) == pytest.approx(8 * (0.275 + 0.1) / 2)
+    # a probe no faster than the full forward, or of no fewer tokens, is not used
+    for bad in (dict(own_probe_s=1.3, own_probe_tokens=256), dict(own_probe_s=0.45, own_probe_tokens=1024)):
+        assert own_unit_costs(Profile("astra-g1", "gpt2", **bad, **kw)) is None
+    causal = Profile("astra-g32", "gpt2", own_probe_s=0.45, own_probe_tokens=256, split_costs=(3e-4, 0.15, 0.1), **kw)
+    u, fixed = own_unit_costs(causal)
+    c = [max(astra.split.rank_costs(t, 2, causal.split_costs)) for t in (1024, 256)]
+    assert u * c[0] + fixed == pytest.approx(1.2) and u * c[1] + fixed == pytest.approx(0.45)
+
+
+def test_hidden_seconds_is_a_smooth_minimum():
+    assert hidden_seconds(1.0, 1.0) == pytest.approx(0.5)
+    assert hidden_seconds(100.0, 1.0) == pytest.approx(100 / 101)
+    assert hidden_seconds(1.0, 100.0) == pytest.approx(100 / 101)
+    assert hidden_seconds(0.0, 1.0) == 0.0 and hidden_seconds(1.0, 0.0) == 0.0
+    for x, w in ((0.3, 0.1), (0.05, 0.04), (2.0, 2.5)):
+        assert 0 < hidden_seconds(x, w) < min(x, w)
 
 
 def test_compute_follows_the_causal_split_of_the_work():
@@ -304,6 +336,29 @@ def test_the_ceiling_times_its_probe_on_every_rank():
     assert row["probe_tokens"] == 8 and row["probe_s"] == sorted(res["probe_times"])[0] + 0.5 * (
         sorted(res["probe_times"])[1] - sorted(res["probe_times"])[0])
     assert row["sync_collectives"] == 1 and row["sync_s"] == pytest.approx(sum(res["sync_times"]) / 2)
+
+
+def test_systems_time_their_own_probe_on_the_fitting_link():
+    """With ``probe`` in the job (the unshaped link at the N the cost model fits on), each system also times a forward
+    of 1/PROBE_SHARE of the tokens; its row carries that forward's median minus the slowest rank's wait."""
+    from astra.bench.ranks import PROBE_SHARE
+    from astra.bench.worker import run_job
+
+    job = {"world": 2, "tokens": 64, "layers": 1, "timeout_s": 300, "join_timeout_s": 600, "breakdown": False,
+           "link": "loopback (unshaped)", "probe": True,
+           "models": {"gpt2": {"systems": ["fp-sp"], "plan": {"fp-sp": (3, False)}, "codebooks": {},
+                               "tp_dir": None}}}
+    res = run_job(job)["gpt2"]["fp-sp"]
+    assert len(res["probe_times"]) == 3 and all(t > 0 for t in res["probe_times"]) and res["probe_wait_s"] >= 0
+    assert res["probe_tokens"] == 64 // (2 * PROBE_SHARE)
+    row = make_row("gpt2", "fp-sp", res, BenchConfig(tokens=64, layers=1, repeats=3), None, "real")
+    assert row["probe_s"] == pytest.approx(max(0.0, sorted(res["probe_times"])[1] - res["probe_wait_s"]))
+    from astra.bench.predict import profiles_from
+
+    prof = profiles_from([row], 2)[("fp-sp", "gpt2")]
+    assert (prof.own_probe_s, prof.own_probe_tokens) == (row["probe_s"], 16)
+    del job["probe"]
+    assert "probe_times" not in run_job(job)["gpt2"]["fp-sp"]
 
 
 def test_hf_tp_runs_only_where_the_heads_split():

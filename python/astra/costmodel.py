@@ -3,24 +3,24 @@
 For one system (full-precision SP, ASTRA G = 32, ASTRA G = 1, HF TP) on one model at N ranks and a link
 of R Mbit/s, the predicted latency of one forward is
 
-    latency(N, R) = compute(N) + C * max(0, eta * transfer(N, R) / C - overlap * compute(N) / C)
-                    + per_collective * C
+    latency(N, R) = compute(N) + X - X * W / (X + W) + per_collective * C,
+    X = eta * transfer(N, R),  W = overlap * compute(N)
 
-* ``compute(N)``: every rank's work is ``u * s * cost_r + F``, where ``cost_r`` is the rank's share under the
+* ``compute(N)``: every rank's work is ``u * cost_r + F``, where ``cost_r`` is the rank's share under the
   system's split (:func:`astra.split.rank_costs`: its tokens, causal attention pairs, non-local keys' K/V
-  projections and encodes, in units of one token's per-layer work); ``u`` (seconds per unit) and ``F``
-  (seconds per rank and forward whatever its tokens) come from the ceiling (T/2 tokens per rank, no
-  communication) against its probe (T/8 per rank, the same two ranks); ``s`` scales the system to its own
-  forward at N = 2 on the unshaped loopback (its time minus the time the slowest rank waited). N ranks on
-  ``cores`` cores take ``max(largest rank, sum of ranks / cores)``, normalised so that N = 2 gives the measured
-  compute.
+  projections and encodes, in units of one token's per-layer work); ``u`` (seconds per unit) and ``F`` (seconds
+  per rank and forward whatever its tokens) come from the system's own forward at N = 2 on the unshaped loopback
+  (its time minus the time the slowest rank waited) against the same forward of 1/4 of the tokens (its probe;
+  :func:`own_unit_costs`). Without that probe, ``F`` is the ceiling's (T/2 tokens per rank, no communication,
+  against T/8) and ``u`` scales the system to its N = 2 forward. N ranks on ``cores`` cores take
+  ``max(largest rank, sum of ranks / cores)``, normalised so that N = 2 gives the measured compute.
 * ``transfer(N, R)``: the bytes that cross the one link all ranks share (from the bytes measured at N = 2: an
   all-gather's frames, padded to the largest chunk's, reach the N - 1 others, the largest chunk at N following
   the split; a ring all-reduce sends 2 (N - 1)/N of its tensor), spread over the forward's ``C`` collectives,
   charged at ``R`` beyond the link's token bucket (:data:`astra.netlink.TBF_BURST_BYTES`, refilled while the
   ranks compute between two collectives, at most ``R`` times that gap).
 * ``overlap``: the share of each layer's compute that runs while its collective is in flight (the local
-  projections and attention), during which the transfer costs nothing extra.
+  projections and attention); the transfer hides behind it as :func:`hidden_seconds` says.
 * ``eta`` (the link's efficiency: protocol overhead, shaping), ``overlap`` and ``per_collective`` (seconds of
   fixed cost per collective) are the only fitted numbers, by least squares on the relative error over the
   points used to fit (unweighted, the slowest system's seconds would decide alone).
@@ -60,6 +60,8 @@ class Profile:
     probe_s: float = 0.0      # the ceiling's probe at N = 2: ``probe_tokens`` per rank (0: unknown, no fixed part)
     probe_tokens: int = 0
     syncs: int = 0            # collectives per forward with or without bytes (agreement, status; 0: collectives)
+    own_probe_s: float = 0.0  # the system's own N = 2 forward of ``own_probe_tokens`` in all (0: not measured)
+    own_probe_tokens: int = 0
 
 
 def largest_chunk(p: Profile, world: int) -> float:
@@ -78,6 +80,14 @@ def rank_work(p: Profile, world: int) -> List[float]:
     return rank_costs(p.tokens, world, p.split_costs)
 
 
+def _line(full_s: float, probe_s: float, c_full: float, c_probe: float) -> Tuple[float, float]:
+    """``(u, F)`` of the work ``u * c + F`` through ``(c_full, full_s)`` and ``(c_probe, probe_s)``, with ``F`` kept
+    in ``[0, 0.9 full_s]``."""
+    u = (full_s - probe_s) / (c_full - c_probe)
+    fixed = min(max(0.0, full_s - u * c_full), 0.9 * full_s)
+    return (full_s - fixed) / c_full, fixed
+
+
 def unit_costs(p: Profile) -> Tuple[float, float]:
     """``(u, F)``: seconds per unit of :func:`rank_work` and seconds per rank and forward whatever its tokens, from
     the ceiling at N = 2 (T/2 tokens per rank) against its probe (fewer tokens per rank, same two ranks)."""
@@ -86,10 +96,18 @@ def unit_costs(p: Profile) -> Tuple[float, float]:
     c_half = chunk_cost(T / 2, 0, costs, last=True)
     if not (0 < p.probe_s < p.local_s and 0 < p.probe_tokens < T / 2):     # no probe: no fixed part
         return p.local_s / c_half, 0.0
-    c_probe = chunk_cost(float(p.probe_tokens), 0, costs, last=True)
-    u = (p.local_s - p.probe_s) / (c_half - c_probe)
-    fixed = min(max(0.0, p.local_s - u * c_half), 0.9 * p.local_s)
-    return (p.local_s - fixed) / c_half, fixed
+    return _line(p.local_s, p.probe_s, c_half, chunk_cost(float(p.probe_tokens), 0, costs, last=True))
+
+
+def own_unit_costs(p: Profile) -> Optional[Tuple[float, float]]:
+    """``(u, F)`` of the system itself (None without its probe): its N = 2 forward of T tokens against the same
+    forward of ``own_probe_tokens``, each the slowest rank's work under the split. ``F`` is the system's own fixed
+    cost per rank and forward (per-layer dispatch of encode, exchange, decode, merge), which the ceiling's does not
+    hold and which does not shrink with a rank's tokens."""
+    if p.kind != "allgather" or not (0 < p.own_probe_s < p.compute_s and 2 <= p.own_probe_tokens < p.tokens):
+        return None
+    c_probe = max(rank_costs(p.own_probe_tokens, 2, p.split_costs)) if p.split_costs else p.own_probe_tokens / 2
+    return _line(p.compute_s, p.own_probe_s, max(rank_work(p, 2)), c_probe)
 
 
 @dataclass(frozen=True)
@@ -129,10 +147,13 @@ def compute_time(p: Profile, world: int, cores: int) -> float:
     """Per-forward compute at ``world`` ranks, from the system's N = 2 profile (see the module docstring)."""
     if world < 1 or cores < 1:
         raise ValueError(f"world and cores must be >= 1, got {world}, {cores}")
-    u, fixed = unit_costs(p)
-    w2 = rank_work(p, 2)
-    s = max(0.0, p.compute_s - fixed) / (u * max(w2))     # the system's own cost per unit against the ceiling's
-    work = lambda n: [u * s * c + fixed for c in rank_work(p, n)]  # noqa: E731
+    own = own_unit_costs(p)
+    if own is None:
+        u, fixed = unit_costs(p)
+        u *= max(0.0, p.compute_s - fixed) / (u * max(rank_work(p, 2)))   # the system's cost per unit, the ceiling's F
+    else:
+        u, fixed = own
+    work = lambda n: [u * c + fixed for c in rank_work(p, n)]  # noqa: E731
     return p.compute_s * _busy(work(world), cores) / _busy(work(2), cores)
 
 
@@ -155,6 +176,15 @@ def charged_seconds(p: Profile, world: int, rate_mbit: float, burst_bytes: float
     compute = compute_time(p, world, cores) if compute is None else compute
     refill = min(float(burst_bytes), per_s * compute / c)
     return c * max(0.0, link_bytes(p, world) / c - refill) / per_s
+
+
+def hidden_seconds(transfer: float, window: float) -> float:
+    """Seconds of a forward's ``transfer`` hidden behind the ``window`` of compute that can run while it is in flight:
+    ``transfer * window / (transfer + window)``, the smaller of the two when one dominates, half of either when they
+    are equal. A full ``min`` assumes every rank's transfer starts as its window opens; ranks that share cores reach
+    a collective at different moments, and where transfer and window are comparable only part of it hides (runs 6-8
+    of bench/RESULTS.md: N = 8, 50-100 Mbit/s, 0.4-0.45 of the transfer hidden where ``min`` hides all of it)."""
+    return transfer * window / (transfer + window) if transfer > 0 and window > 0 else 0.0
 
 
 def machine_compute(p: Profile, world: int, cores: int, machines: Optional[Dict[int, Machine]]) -> float:
@@ -188,7 +218,9 @@ class CostModel:
         """Seconds the link adds to one forward at ``rate_mbit`` (beyond the compute it overlaps)."""
         compute = self.compute(p, world)
         charged = charged_seconds(p, world, rate_mbit, self.burst_bytes, self.cores, compute)
-        return max(0.0, self.eta * charged - self.overlap * compute) + self.per_collective_s * max(1, p.collectives)
+        transfer = self.eta * charged
+        hidden = hidden_seconds(transfer, self.overlap * compute)
+        return transfer - hidden + self.per_collective_s * max(1, p.collectives)
 
     def predict(self, p: Profile, world: int, rate_mbit: Optional[float]) -> float:
         t = self.compute(p, world)
@@ -221,7 +253,7 @@ def fit(profiles: Dict[tuple, Profile], points: Iterable[Point], cores: int,
     for eta in ETA_GRID:
         for ov in OVERLAP_GRID:
             # residual_i = a_i - per * b_i (relative): per by least squares, clipped at 0
-            a = [(lat - comp - max(0.0, eta * ch - ov * comp)) / lat for comp, ch, _, lat in rows]
+            a = [(lat - comp - eta * ch + hidden_seconds(eta * ch, ov * comp)) / lat for comp, ch, _, lat in rows]
             b = [c / lat for _, _, c, lat in rows]
             per = max(0.0, sum(x * y for x, y in zip(a, b)) / sum(y * y for y in b))
             err = sum((x - per * y) ** 2 for x, y in zip(a, b))

@@ -26,7 +26,8 @@ def profiles_from(rows: List[Dict], world: int) -> Dict[Tuple[str, str], Profile
                 frame_bytes=r["frame_bytes"], collectives=r["collectives"], syncs=r.get("syncs", 0),
                 kind="allreduce" if r["system"] == "hf-tp" else "allgather", tokens=r.get("tokens", 0),
                 split_costs=tuple(r["split_costs"]) if r.get("split_costs") else None,
-                probe_s=ceiling.get("probe_s", 0.0), probe_tokens=ceiling.get("probe_tokens", 0))
+                probe_s=ceiling.get("probe_s", 0.0), probe_tokens=ceiling.get("probe_tokens", 0),
+                own_probe_s=r.get("probe_s", 0.0), own_probe_tokens=r.get("probe_tokens", 0) * world)
     return out
 
 

@@ -20,7 +20,8 @@ SYSTEMS = {
 }
 #: the systems that communicate (run under astra.launch on the link)
 DISTRIBUTED = ("hf-tp", "fp-sp", "astra-g32", "astra-g1")
-#: the ceiling also times a forward of 1/PROBE_SHARE of its tokens (the cost model's fixed per-rank part)
+#: the ceiling, and each system on the unshaped link, also time a forward of 1/PROBE_SHARE of their tokens (the cost
+#: model's fixed per-rank part)
 PROBE_SHARE = 4
 
 
@@ -61,6 +62,7 @@ def _forward_stats(stats) -> Dict[str, float]:
 
 def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
     import astra
+    from .models import build_inputs
 
     cb = job["codebooks"].get(key)
     pm = astra.parallelize(model, cb, timeout=job["timeout_s"])
@@ -68,6 +70,12 @@ def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
         runs, warm = job["plan"][key]
         times = timed(lambda: pm(**inputs), runs, warm, barrier, job["label"] + SYSTEMS[key] if rank == 0 else "")
         res = {"times": times, **_forward_stats(pm.stats), "split_costs": pm.split_costs, "syncs": pm.exchanges}
+        if job.get("probe") and job["model"] != "vit":   # ViT's smaller image would need other position embeddings
+            # the same system on 1/PROBE_SHARE of the tokens (astra.costmodel.own_unit_costs)
+            small = build_inputs(job["model"], job["tokens"] // PROBE_SHARE)
+            res.update(probe_times=timed(lambda: pm(**small), runs, warm, barrier),
+                       probe_wait_s=_forward_stats(pm.stats)["wait_s"],
+                       probe_tokens=job["tokens"] // (job["world"] * PROBE_SHARE))
     finally:
         pm.unpatch()
     if job.get("breakdown"):

@@ -122,7 +122,8 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
             "collectives": int(res["collectives"]), "syncs": int(res.get("syncs", res["collectives"])),
             "compute_s": max(0.0, med - res["wait_s"]), "times": times,
             "split_costs": res.get("split_costs"),
-            **({"probe_tokens": res["probe_tokens"], "probe_s": statistics.median(res["probe_times"])}
+            **({"probe_tokens": res["probe_tokens"],
+                "probe_s": max(0.0, statistics.median(res["probe_times"]) - res.get("probe_wait_s", 0.0))}
                if "probe_times" in res else {}),
             **({"sync_s": statistics.median(res["sync_times"]), "sync_collectives": res["sync_collectives"]}
                if "sync_times" in res else {}),
@@ -147,6 +148,7 @@ def _job(cfg: BenchConfig, rate, kind: str, prepared: Dict, unshaped_rows: Dict,
                         "codebooks": {k: v for k, v in paths.items() if k in ASTRA_GROUPS}}
     return {"world": world, "tokens": cfg.tokens, "layers": cfg.layers, "models": models,
             "timeout_s": cfg.timeout_s, "join_timeout_s": 4 * 3600, "breakdown": cfg.breakdown,
+            "probe": rate is None and world == cfg.world,     # the systems' own probes, where the cost model fits
             "link": link_name(kind, rate, cfg.loss, cfg.delay_ms)}
 
 

@@ -55,6 +55,8 @@ def run_job(job: Dict) -> Dict:
                 for probe in ("probe_times", "sync_times"):
                     if probe in per_rank[0]:
                         out[name][k][probe] = slowest([r[probe] for r in per_rank])
+                if "probe_wait_s" in per_rank[0]:
+                    out[name][k]["probe_wait_s"] = min(r["probe_wait_s"] for r in per_rank)
                 if "breakdown" in per_rank[0]:
                     out[name][k]["breakdown"] = [r["breakdown"] for r in per_rank]     # every rank's
     return out
