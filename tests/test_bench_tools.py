@@ -361,6 +361,22 @@ def test_systems_time_their_own_probe_on_the_fitting_link():
     assert "probe_times" not in run_job(job)["gpt2"]["fp-sp"]
 
 
+def test_too_few_tokens_to_probe_run_without_probes():
+    """T = 4 at N = 2 leaves no token for a probe of 1/PROBE_SHARE (the ceiling's probe crashed the ranks there):
+    the ceiling and the systems run without their probes, and the cost model without a fixed part."""
+    from astra.bench.ranks import probe_tokens
+    from astra.bench.worker import run_job
+
+    assert probe_tokens(4, 2) == 0 and probe_tokens(8, 2) == 1 and probe_tokens(1024, 8) == 32
+    job = {"world": 2, "tokens": 4, "layers": 2, "timeout_s": 300, "join_timeout_s": 600, "breakdown": False,
+           "link": "loopback (unshaped)", "probe": True,
+           "models": {"gpt2": {"systems": ["ceiling", "fp-sp"], "plan": {"ceiling": (1, False), "fp-sp": (1, False)},
+                               "codebooks": {}, "tp_dir": None}}}
+    res = run_job(job)["gpt2"]
+    assert len(res["ceiling"]["times"]) == len(res["fp-sp"]["times"]) == 1
+    assert "probe_times" not in res["ceiling"] and "probe_times" not in res["fp-sp"]
+
+
 def test_hf_tp_runs_only_where_the_heads_split():
     """HF tensor parallelism shards the attention heads: the Llama-shaped bench model (12 heads) runs it at N = 2
     and 4 but not 8, where the sweep leaves it out (with a progress line) instead of crashing the ranks."""

@@ -25,6 +25,11 @@ DISTRIBUTED = ("hf-tp", "fp-sp", "astra-g32", "astra-g1")
 PROBE_SHARE = 4
 
 
+def probe_tokens(tokens: int, world: int) -> int:
+    """Tokens per rank of a probe forward (1/PROBE_SHARE of a rank's share; 0: too few tokens to probe)."""
+    return tokens // (world * PROBE_SHARE)
+
+
 def slowest(per_rank: List[List[float]]) -> List[float]:
     """Per run, the slowest rank's time (``per_rank[r][i]``: rank r's i-th run; every rank runs as often)."""
     return [max(times) for times in zip(*per_rank)]
@@ -70,12 +75,12 @@ def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
         runs, warm = job["plan"][key]
         times = timed(lambda: pm(**inputs), runs, warm, barrier, job["label"] + SYSTEMS[key] if rank == 0 else "")
         res = {"times": times, **_forward_stats(pm.stats), "split_costs": pm.split_costs, "syncs": pm.exchanges}
-        if job.get("probe") and job["model"] != "vit":   # ViT's smaller image would need other position embeddings
+        n = probe_tokens(job["tokens"], job["world"])
+        if job.get("probe") and n and job["model"] != "vit":   # ViT's smaller image needs other position embeddings
             # the same system on 1/PROBE_SHARE of the tokens (astra.costmodel.own_unit_costs)
-            small = build_inputs(job["model"], job["tokens"] // PROBE_SHARE)
+            small = build_inputs(job["model"], n * job["world"])
             res.update(probe_times=timed(lambda: pm(**small), runs, warm, barrier),
-                       probe_wait_s=_forward_stats(pm.stats)["wait_s"],
-                       probe_tokens=job["tokens"] // (job["world"] * PROBE_SHARE))
+                       probe_wait_s=_forward_stats(pm.stats)["wait_s"], probe_tokens=n)
     finally:
         pm.unpatch()
     if job.get("breakdown"):
@@ -139,9 +144,10 @@ def _run_ceiling(rank, job, model, barrier) -> Dict:
     lab = job["label"] + SYSTEMS["ceiling"] if rank == 0 else ""
     out = {"times": timed(lambda: model(**local), runs, warm, barrier, lab), "bytes_sent": 0, "frame_bytes": 0,
            "wait_s": 0.0, "collectives": 0}
-    small = ceiling_inputs(job["model"], job["tokens"], job["world"] * PROBE_SHARE)
-    out.update(probe_times=timed(lambda: model(**small), runs, warm, barrier),
-               probe_tokens=job["tokens"] // (job["world"] * PROBE_SHARE))
+    if probe_tokens(job["tokens"], job["world"]):      # else too few tokens: the cost model has no fixed part
+        small = ceiling_inputs(job["model"], job["tokens"], job["world"] * PROBE_SHARE)
+        out.update(probe_times=timed(lambda: model(**small), runs, warm, barrier),
+                   probe_tokens=probe_tokens(job["tokens"], job["world"]))
     hooks = _sync_hooks(model)
     try:
         out.update(sync_times=timed(lambda: model(**local), runs, warm, barrier), sync_collectives=len(hooks))
