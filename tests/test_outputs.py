@@ -194,6 +194,19 @@ def test_registry_has_the_kinds():
     assert fam.pooled_tokens({}, 3, 4).tolist() == [3, 3, 3]
 
 
+def test_class_token_output_needs_a_field_computed_from_the_class_token():
+    """A BERT head whose outputs are all per-token (token classification, masked LM, question answering) has no
+    class-token field: output='class_token' is refused before any forward (it was a KeyError on every rank); a base
+    model and a sequence classifier keep it."""
+    from astra.outputs import resolve_output
+
+    for head in ("token_classification", "masked_lm", "question_answering"):
+        with pytest.raises(astra.UnsupportedModelError, match=f"{head} head's outputs are all per-token"):
+            resolve_output(astra.family_of(tiny_model("bert", head=head)), "class_token")
+    for head in (False, "sequence_classification"):
+        assert resolve_output(astra.family_of(tiny_model("bert", head=head)), "class_token").name == "class_token"
+
+
 def test_bert_every_kind_two_ranks(ranks):
     B, D, T = 2, 64, 11
     for rank, (res, _) in enumerate(ranks):

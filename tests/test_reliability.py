@@ -279,6 +279,8 @@ def _mixed_calls(rank):
     after("gather of other dtypes", lambda: pm.gather(other))
     fewer = type(local)(logits=local.logits[..., :-1]) if rank == 1 else local
     after("gather of other widths", lambda: pm.gather(fewer))
+    pm(**tiny_inputs("gpt2", seq=9))                       # another split: rank 0's chunk changes
+    after("gather of an earlier forward", lambda: pm.gather(local))
     def interrupt_once(module, args):
         hook.remove()
         raise KeyboardInterrupt()
@@ -316,6 +318,9 @@ def test_ranks_calling_different_things_all_raise_and_stay_usable():
             assert out[name].startswith(f"InputMismatchError: astra rank {rank}/2: "), (rank, name, out[name])
         assert "gather(dst=0)" in out["gather dst"] and "gather(dst=1)" in out["gather dst"]
         assert "torch.float64" in out["gather of other dtypes"], out["gather of other dtypes"]
+        stale = out["gather of an earlier forward"]      # before: a raw RuntimeError, then gloo aborted rank 0
+        assert stale.startswith(("InvalidInputError: gather: out['logits'] has shape", "InputMismatchError: ")), stale
+        assert "out must be this rank's local output of the last forward" in stale, stale
         assert out["interrupted"] == ("KeyboardInterrupt: " if rank == 1 else
                                       out["interrupted"]), out["interrupted"]
         if rank == 0:

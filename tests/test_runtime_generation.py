@@ -164,6 +164,11 @@ def test_generation_rejects_bad_prompts_and_models():
         astra.simulate_generate(model, ids, world_size=2, inputs_embeds=torch.zeros(1, 4, 64))
     with pytest.raises(astra.UnsupportedModelError, match="use_cache"):
         astra.simulate_generate(model, ids, world_size=2, use_cache=False)
+    # assisted decoding from the prefill's cache returned other tokens than greedy decoding (HF's assisted path)
+    with pytest.raises(astra.UnsupportedModelError, match="assisted decoding.*prompt_lookup_num_tokens"):
+        astra.simulate_generate(model, ids, world_size=2, max_new_tokens=3, prompt_lookup_num_tokens=2)
+    with pytest.raises(astra.UnsupportedModelError, match="assisted decoding.*assistant_model"):
+        astra.simulate_generate(model, ids, world_size=2, max_new_tokens=3, assistant_model=model)
     with pytest.raises(ValueError, match="max_new_tokens"):
         astra.simulate_generate(model, ids, world_size=2, max_new_tokens=0)
 

@@ -27,6 +27,9 @@ from .errors import InvalidInputError, UnsupportedModelError
 from .inputs import validate_inputs
 
 _NOT_WITH_GENERATE = ("inputs_embeds", "token_type_ids", "cache_implementation", "prefill_chunk_size")
+#: assisted decoding (prompt lookup, an assistant model, early exit): given a cache of all but the last prompt token,
+#: HF's assisted path returns other tokens than plain greedy decoding (transformers 5.x), so it is refused
+_ASSISTED = ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit", "assistant_tokenizer")
 #: the first transformers whose ``generate`` takes the KV cache as ``cache=`` (earlier: ``past_key_values=``, which
 #: it still accepts with a FutureWarning until 6.0)
 CACHE_KWARG_SINCE = "5.24.0"
@@ -107,6 +110,10 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
     if gc.use_cache is False:
         raise UnsupportedModelError("astra's generate continues from the prefill's KV cache: use_cache=False is "
                                     "not supported")
+    assisted = [k for k in _ASSISTED if getattr(gc, k, None) is not None or model_kwargs.get(k) is not None]
+    if assisted:
+        raise UnsupportedModelError(f"astra's generate does not support assisted decoding ({assisted}): HF's "
+                                    "assisted path does not continue correctly from the prefill's KV cache")
     mask = attention_mask.long() if attention_mask is not None else _default_mask(input_ids, gc)
     if position_ids is not None:        # [T] or [1, T] -> [B, T]: HF extends and expands them per row
         position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(input_ids.shape[0], -1)

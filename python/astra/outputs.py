@@ -238,7 +238,12 @@ def token_signature(fam: Family, out) -> str:
 
 
 def _no_class_token(fam: Family) -> Optional[str]:
-    return None if fam.class_token_allowed else f"{fam.name} has no class token"
+    if not fam.class_token_allowed:
+        return f"{fam.name} has no class token"
+    if fam.head is not None and not class_head(fam):
+        return (f"its {fam.head} head's outputs are all per-token, none is computed from the class token "
+                "(output='hidden_states' or 'local' give them)")
+    return None
 
 
 def _no_lm_head(fam: Family) -> Optional[str]:

@@ -23,7 +23,7 @@ from .generation import (
     sequences_of,
 )
 from .inputs import seq_geometry, validate_inputs
-from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_signature
+from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_fields, token_signature
 from .runtime import RuntimeBase
 from .split import DEFAULT_SPLIT, key_ranks, local_indices, with_class_token
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
@@ -576,6 +576,7 @@ class ParallelModel:
         err = None
         try:
             dst = check_dst(dst, self.world_size)
+            self._check_local(out)
         except ValueError as e:
             err = e
         # the local outputs themselves differ between ranks (their tokens; fields only some ranks hold, such as
@@ -584,6 +585,19 @@ class ParallelModel:
         self._rt.agree(f"gather(dst={dst!r}); {token_signature(self._rt.fam, out)}; ", {}, err)
         fw = replace(self._last, out=out, dst=dst, stats=OutputStats("hidden_states"))
         return self._output(OUTPUTS["hidden_states"], fw)
+
+    def _check_local(self, out) -> None:
+        """``out``'s per-token fields hold this rank's tokens of the last forward (an output of an earlier forward
+        with another split would pair frames of other sizes)."""
+        if self._last.alone:            # computed over the whole sequence here (peer failure fallback)
+            return
+        want = len(self._last.chunks[self.rank]) + (1 if self._rt.cls else 0)
+        for k in token_fields(self._rt.fam):
+            t = out.get(k) if hasattr(out, "get") else None
+            if isinstance(t, torch.Tensor) and (t.dim() < 2 or t.shape[1] != want):
+                raise InvalidInputError(f"gather: out[{k!r}] has shape {tuple(t.shape)}, but the last forward gave "
+                                        f"this rank {want} tokens: out must be this rank's local output of the "
+                                        "last forward")
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, position_ids=None, **kwargs):
         """The model's own ``generate`` (HF's arguments: ``generation_config``, ``max_new_tokens``, ``do_sample``,
