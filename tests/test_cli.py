@@ -207,8 +207,26 @@ BAD = [
      "--world-size 64: sequence has 16 tokens"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--input", "TMPDIR"], "is a directory; give a file"),
     (["bench", "--models", "vit", "--tokens", "1000", "--out-dir", "."], "must be a square"),
-    (["bench", "--rates", "10,0", "--out-dir", "."], "--rates must be > 0"),
-    (["bench", "--systems", "astra-g1,nope", "--out-dir", "."], "unknown or missing --models/--systems ['nope']"),
+    (["bench", "--rates", "10,0", "--out-dir", "."], "--rates must be finite and > 0"),
+    (["bench", "--systems", "astra-g1,nope", "--out-dir", "."], "unknown --models/--systems ['nope']"),
+    # each of these ran the whole sweep and then crashed (a traceback in the plot), wrote nan rows or failed in a worker
+    (["bench", "--rates", "10,inf", "--out-dir", "."], "--rates must be finite and > 0"),
+    (["bench", "--rates", "", "--out-dir", "."], "--rates is empty"),
+    (["bench", "--rates", "10,10", "--out-dir", "."], "--rates lists 10 more than once"),
+    (["bench", "--models", "gpt2,gpt2", "--out-dir", "."], "--models lists gpt2 more than once"),
+    (["bench", "--delay", "nan", "--link", "emulated", "--out-dir", "."], "--delay finite and >= 0"),
+    (["bench", "--timeout", "inf", "--out-dir", "."], "--timeout: timeout must be a finite number"),
+    (["bench", "--predict", "--world-size", "4", "--out-dir", "."], "other than --world-size 4 (measured anyway)"),
+    (["bench", "--predict", "--predict-worlds", "2.5", "--out-dir", "."], "got 2.5"),
+    (["bench", "--predict", "--predict-worlds", "", "--out-dir", "."], "--predict-worlds is empty"),
+    (["bench", "--predict", "--fit-rates", "10,20", "--rates", "10,100", "--out-dir", "."],
+     "--fit-rates must be among --rates 10,100: 20 is not"),
+    (["bench", "--rates", "10", "--predict", "--predict-worlds", "a", "--out-dir", "."], "--predict-worlds: expected"),
+    (["bench", "--layers", "1", "--out-dir", "."], "astra-g32, astra-g1 need --layers >= 2"),
+    (["bench", "--systems", "hf-tp", "--models", "gpt2", "--out-dir", "."], "hf-tp runs on none of --models gpt2"),
+    (["bench", "--systems", "hf-tp", "--models", "llama", "--world-size", "8", "--out-dir", "."],
+     "hf-tp runs on none of --models llama at --world-size 8"),
+    (["run", "--model", "gpt2-random", "--input", "SHORT", "--timeout", "inf"], "--timeout: timeout must be a finite"),
     (["bench", "--world-size", "3", "--out-dir", "."], "--world-size must be >= 2 and divide --tokens 1024"),
     (["bench", "--link", "emulated", "--loss", "1", "--out-dir", "."], "the emulated link does not model loss"),
     (["run", "--model", "gpt2-random", "--input", "/nonexistent.txt"], "--input: no such file"),
@@ -271,3 +289,16 @@ def test_bad_argument_in_a_real_process_exits_2_without_traceback():
                        capture_output=True, text=True, timeout=120, env=_env(), cwd=str(ROOT))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "astra calibrate: error: --groups must be >= 1, got 0"
+
+
+def test_run_names_the_inputs_it_cuts_to_max_length():
+    """`astra run` ran a 25,000-character line on its first --max-length tokens without a word: it now names them."""
+    from astra.cli import load_model
+    from astra.runcmd import truncated
+
+    _, tokenize, _ = load_model("gpt2-random")
+    texts = ["short", "x" * 40, "y" * 16]
+    assert truncated(tokenize, texts, 16) == [1]
+    assert truncated(tokenize, texts, 64) == []
+    _, tokenize, _ = load_model("vit-random")
+    assert truncated(tokenize, texts, 16) == []

@@ -7,6 +7,8 @@ import time
 from datetime import timedelta
 from typing import Dict, List
 
+from .transport import checked_timeout
+
 DESCRIPTION = """\
 Run a real model with ASTRA over N local gloo ranks (astra.launch), or as one rank under torchrun
 (`torchrun --nproc-per-node 2 -m astra run ...`). The model is the packaged all-MiniLM-L6-v2 or an HF model
@@ -42,8 +44,10 @@ def check_run_args(args) -> None:
     elif under_torchrun():
         raise ValueError("--input -: under torchrun every rank reads the same stdin (one takes the text, the others "
                          "none); give --input FILE")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    try:
+        args.timeout = checked_timeout(args.timeout)
+    except ValueError as e:
+        raise ValueError(f"--timeout: {e}") from None
     args.texts = read_texts(args.input)
 
 
@@ -77,7 +81,8 @@ def rank_body(model, cb, inputs: Dict, timeout: float) -> Dict:
             full = pm.gather(out)
     finally:
         pm.unpatch()
-    exchanged = sum(1 for s in pm.stats if s.bytes_on_wire > 0)       # layer 0 sends nothing (docs/runtime.md)
+    # layer 0 sends nothing (docs/runtime.md); one rank exchanges nothing at all
+    exchanged = 0 if pm.world_size == 1 else sum(1 for s in pm.stats if s.bytes_on_wire > 0)
     return {"time_s": dt, "bytes_sent": sum(s.bytes_sent for s in pm.stats), "layers": exchanged,
             "out": {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}}
 
@@ -108,10 +113,20 @@ def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
     d = (got - ref_main).abs()[valid]
     print(f"\nlatency (slowest rank, one forward): {max(r['time_s'] for r in ranks) * 1e3:.1f} ms")
     for r, res in enumerate(ranks):
-        print(f"  rank {r}: {res['time_s'] * 1e3:.1f} ms, sent {res['bytes_sent']:,} B over the {res['layers']} layers "
-              f"that exchange")
+        where = f"over the {res['layers']} layers that exchange" if res["layers"] else "(one rank: nothing exchanged)"
+        print(f"  rank {r}: {res['time_s'] * 1e3:.1f} ms, sent {res['bytes_sent']:,} B {where}")
     print(f"distance to the unmodified model ({key}): max |diff| {float(d.max()):.4f}, mean |diff| "
           f"{float(d.mean()):.5f}")
+
+
+def truncated(tokenize, texts: List[str], max_length: int) -> List[int]:
+    """Indices of the texts that ``tokenize`` cuts at ``max_length`` tokens (none for image models)."""
+    longer = tokenize(texts, max_length + 1)
+    ids, mask = longer.get("input_ids"), longer.get("attention_mask")
+    if ids is None:
+        return []
+    lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+    return [i for i, n in enumerate(lengths) if n > max_length]
 
 
 def cmd_run(args) -> int:
@@ -125,6 +140,10 @@ def cmd_run(args) -> int:
     print(f"model: {desc}; {len(args.texts)} input(s)")
     world = int(os.environ.get("WORLD_SIZE", args.world_size)) if under_torchrun() else args.world_size
     check_world_fits(model, tokenize(args.texts, args.max_length), world)
+    cut = truncated(tokenize, args.texts, args.max_length)
+    if cut:
+        lines = ", ".join(str(i + 1) for i in cut)
+        print(f"note: input line(s) {lines} are longer than --max-length {args.max_length} tokens and run cut to it")
     cb = codebooks_for(args, model, tokenize, desc)
     with tempfile.TemporaryDirectory() as d:
         path = args.codebooks or os.path.join(d, "codebooks.safetensors")

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import time
 from typing import List, Optional
 
 from ..netlink import netem_available, real_link_available
-from .models import BENCH_MODELS, check_tokens
+from ..transport import checked_timeout
+from .models import BENCH_MODELS, check_tokens, has_tp_plan, tp_splits
 from .ranks import SYSTEMS
-from .sweep import DEFAULT_RATES, BenchConfig, run_sweep
+from .sweep import ASTRA_GROUPS, DEFAULT_RATES, BenchConfig, run_sweep
 
 DESCRIPTION = """\
 Prefill latency against link bandwidth. In one run, on the same random-init model and input, it measures:
@@ -35,15 +37,26 @@ QUICK = {"tokens": 256, "layers": 2, "rates": (10.0, 100.0), "repeats": 3}
 TITLE = "{kind} link; random-init {models}; {layers} layers, T={tokens}, N={world} ranks x 1 thread"
 
 
-def _floats(s: str) -> List[float]:
+def _listed(opt: str, values: list, fmt=str) -> list:
+    """``values`` of option ``opt``, else ValueError: none, or one listed twice."""
+    if not values:
+        raise ValueError(f"{opt} is empty: give at least one value")
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        raise ValueError(f"{opt} lists {fmt(twice[0])} more than once")
+    return values
+
+
+def _floats(opt: str, s: str) -> List[float]:
     try:
-        return [float(x) for x in s.split(",") if x.strip()]
+        values = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {s!r}") from None
+        raise ValueError(f"{opt}: expected comma-separated numbers, got {s!r}") from None
+    return _listed(opt, values, lambda v: f"{v:g}")
 
 
-def _names(s: str) -> List[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
+def _names(opt: str, s: str) -> List[str]:
+    return _listed(opt, [x.strip() for x in s.split(",") if x.strip()])
 
 
 def add_bench_arguments(b) -> None:
@@ -67,8 +80,10 @@ def add_bench_arguments(b) -> None:
                    help="directory for the results (made if missing)")
     b.add_argument("--quick", action="store_true",
                    help=f"a few minutes: T={QUICK['tokens']}, {QUICK['layers']} layers, rates "
-                   f"{','.join(f'{r:g}' for r in QUICK['rates'])} (overrides those options)")
-    b.add_argument("--predict", action="store_true", help="also measure N=4 and 8 and report the cost model")
+                   f"{','.join(f'{r:g}' for r in QUICK['rates'])}, {QUICK['repeats']} repeats (overrides those "
+                   "options)")
+    b.add_argument("--predict", action="store_true",
+                   help="also measure N of --predict-worlds and report the cost model")
     b.add_argument("--predict-worlds", default="4,8", help="N values the cost model predicts (with --predict)")
     b.add_argument("--fit-rates", default="10,100", help="bandwidths (N=2) the cost model is fitted on")
     b.add_argument("--breakdown", action="store_true",
@@ -82,13 +97,14 @@ def check_bench_args(args) -> None:
     if args.quick:
         args.tokens, args.layers, args.repeats = QUICK["tokens"], QUICK["layers"], QUICK["repeats"]
         args.rates = ",".join(f"{r:g}" for r in QUICK["rates"])
-    models, systems, rates = _names(args.models), _names(args.systems), _floats(args.rates)
+    models, systems = _names("--models", args.models), _names("--systems", args.systems)
     bad = [m for m in models if m not in BENCH_MODELS] or [s for s in systems if s not in SYSTEMS]
-    if bad or not models or not systems:
-        raise ValueError(f"unknown or missing --models/--systems {bad}: models {', '.join(BENCH_MODELS)}; "
+    if bad:
+        raise ValueError(f"unknown --models/--systems {bad}: models {', '.join(BENCH_MODELS)}; "
                          f"systems {', '.join(SYSTEMS)}")
-    if any(not r > 0 for r in rates):
-        raise ValueError(f"--rates must be > 0 Mbit/s, got {args.rates}")
+    rates = _floats("--rates", args.rates)
+    if not all(0 < r < math.inf for r in rates):
+        raise ValueError(f"--rates must be finite and > 0 Mbit/s, got {args.rates}")
     for m in models:
         check_tokens(m, args.tokens)
     if args.world_size < 2 or args.tokens % args.world_size:
@@ -96,22 +112,19 @@ def check_bench_args(args) -> None:
     for opt, v, lo in (("--layers", args.layers, 1), ("--repeats", args.repeats, 1)):
         if v < lo:
             raise ValueError(f"{opt} must be >= {lo}, got {v}")
-    if not args.slow_after > 0 or not args.timeout > 0 or args.delay < 0 or not 0 <= args.loss < 100:
-        raise ValueError("--slow-after and --timeout must be > 0, --delay >= 0, --loss in [0, 100)")
-    why = real_link_available()
-    if args.link == "real" and why:
-        raise ValueError(f"--link real: {why}")
-    args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
-    if args.link == "emulated" and args.loss:
-        raise ValueError("--loss needs the real link (root): the emulated link does not model loss")
-    no_netem = netem_available() if args.link == "real" and args.delay else None     # a throw-away namespace
-    if no_netem:
-        raise ValueError(f"--delay on the real link: {no_netem}")
-    if args.link == "real" and args.loss and shutil.which("nft") is None:
-        raise ValueError("--loss on the real link needs the nft command (apt-get install nftables)")
-    worlds, fit = [int(w) for w in _floats(args.predict_worlds)], _floats(args.fit_rates)
-    if args.predict and (any(w < 2 or args.tokens % w for w in worlds) or not set(fit) <= set(rates)):
-        raise ValueError("--predict-worlds must divide --tokens, and --fit-rates must be among --rates")
+    quantized = [s for s in systems if s in ASTRA_GROUPS]
+    if quantized and args.layers < 2:
+        raise ValueError(f"{', '.join(quantized)} need --layers >= 2: layer 0 exchanges nothing (every rank computes "
+                         "it), so one layer leaves nothing to quantize")
+    _check_tp(models, systems, args.world_size)
+    if not args.slow_after > 0 or not 0 <= args.delay < math.inf or not 0 <= args.loss < 100:
+        raise ValueError("--slow-after must be > 0, --delay finite and >= 0, --loss in [0, 100)")
+    try:
+        args.timeout = checked_timeout(args.timeout)
+    except ValueError as e:
+        raise ValueError(f"--timeout: {e}") from None
+    worlds, fit = _predict_args(args, rates)
+    _check_link(args)
     # the packages last: every argument error is reported first
     for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
         if (mod != "accelerate" or "hf-tp" in systems) and importlib.util.find_spec(mod) is None:
@@ -124,6 +137,44 @@ def check_bench_args(args) -> None:
                              layers=args.layers, world=args.world_size, repeats=args.repeats,
                              slow_after_s=args.slow_after, link=args.link, loss=args.loss, delay_ms=args.delay,
                              timeout_s=args.timeout, breakdown=args.breakdown, extra={"worlds": worlds, "fit": fit})
+
+
+def _check_tp(models: List[str], systems: List[str], world: int) -> None:
+    """hf-tp asked for must run on at least one of the models at ``world`` ranks (where it cannot, it is left out
+    of that model's runs with a progress line)."""
+    if "hf-tp" in systems and not any(has_tp_plan(m) and tp_splits(m, world) for m in models):
+        raise ValueError(f"hf-tp runs on none of --models {','.join(models)} at --world-size {world}: it needs a "
+                         "model with an HF tensor-parallel plan (llama) whose heads split that many ways")
+
+
+def _predict_args(args, rates: List[float]):
+    """(--predict-worlds, --fit-rates), checked when --predict is given."""
+    worlds, fit = _floats("--predict-worlds", args.predict_worlds), _floats("--fit-rates", args.fit_rates)
+    if not args.predict:
+        return [int(w) for w in worlds if w == int(w)], fit
+    bad = [w for w in worlds if w != int(w) or w < 2 or args.tokens % int(w) or w == args.world_size]
+    if bad:
+        raise ValueError(f"--predict-worlds must be whole numbers >= 2 that divide --tokens {args.tokens}, other "
+                         f"than --world-size {args.world_size} (measured anyway), got {bad[0]:g}")
+    missing = [r for r in fit if r not in rates]
+    if missing:
+        raise ValueError(f"--fit-rates must be among --rates {args.rates}: {missing[0]:g} is not")
+    return [int(w) for w in worlds], fit
+
+
+def _check_link(args) -> None:
+    """--link (auto resolved), --loss and --delay against what this machine can do."""
+    why = real_link_available()
+    if args.link == "real" and why:
+        raise ValueError(f"--link real: {why}")
+    args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
+    if args.link == "emulated" and args.loss:
+        raise ValueError("--loss needs the real link (root): the emulated link does not model loss")
+    no_netem = netem_available() if args.link == "real" and args.delay else None     # a throw-away namespace
+    if no_netem:
+        raise ValueError(f"--delay on the real link: {no_netem}")
+    if args.link == "real" and args.loss and shutil.which("nft") is None:
+        raise ValueError("--loss on the real link needs the nft command (apt-get install nftables)")
 
 
 def title_of(cfg: BenchConfig, world: Optional[int] = None) -> str:

@@ -75,7 +75,8 @@ def plot(rows: List[Dict], path: str, title: str) -> str:
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
         for system in dict.fromkeys(r["system"] for r in mine):
-            pts = sorted(((r["rate_mbit"] or x_unshaped), r) for r in mine if r["system"] == system)
+            pts = sorted((((r["rate_mbit"] or x_unshaped), r) for r in mine if r["system"] == system),
+                         key=lambda p: p[0])
             label = pts[0][1]["label"]
             if len(pts) == 1:   # no communication: the same at every bandwidth
                 lo = min(rates) if rates else x_unshaped / 10
