@@ -248,6 +248,33 @@ def test_finetune_bad_inputs():
         astra.finetune(model, cb, [data[0], {}], world_size=2)
 
 
+
+def test_finetune_refuses_bad_options_and_batches_before_touching_the_model(monkeypatch):
+    """A negative clip or model_lr trained the wrong way without an error; a bad seed raised after the model was put
+    in eval mode and frozen (and left so); a bad batch was found only at its step, after the steps before it."""
+    F = sys.modules["astra.finetune"]
+    monkeypatch.setattr(F, "_step", lambda *a, **k: pytest.fail("training started"))
+    model = tiny_model("bert").train()
+    data = _data("bert")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16)
+    bad = [(dict(clip=-1.0), "clip must be a finite number >= 0"), (dict(clip=float("nan")), "clip"),
+           (dict(train="all", model_lr=-1e-3), "model_lr must be a finite number > 0"), (dict(lr=0.0), "lr must"),
+           (dict(lr="0.1"), "lr must"), (dict(naq="x"), "naq must"), (dict(beta=None), "beta must"),
+           (dict(seed="a"), "seed must be an int"), (dict(seed=1.5), "seed must"), (dict(steps=2.9), "steps must"),
+           (dict(epochs=1.7), "epochs must"), (dict(steps=0), "steps must"), (dict(loss=5), "loss must be a callable")]
+    for kw, msg in bad:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            astra.finetune(model, cb, data, world_size=2, progress=False, **kw)
+        assert model.training and all(p.requires_grad for p in model.parameters()), kw
+    one_d = dict(data[1], input_ids=data[1]["input_ids"][0])
+    for batch, msg in (({"ids": data[0]["input_ids"]}, r"data\[1\]: "), (one_d, r"data\[1\]: .*2 dimensions"),
+                       (dict(data[1], input_ids=data[1]["input_ids"] + 10_000), r"data\[1\]: .*valid ids are")):
+        with pytest.raises((astra.InvalidInputError, astra.UnsupportedModelError), match=msg):
+            astra.finetune(model, cb, [data[0], batch], world_size=2, progress=False)
+    with pytest.raises(astra.InvalidInputError, match=r"data\[0\]: .*need at least one per rank"):
+        astra.finetune(model, cb, data, world_size=[2, 32], progress=False)      # 12 tokens: 32 was met at a step
+
+
 def test_a_bad_output_dir_is_refused_before_training(tmp_path, monkeypatch):
     """It was found only when saving, after the whole training, whose result was then lost."""
     F = sys.modules["astra.finetune"]          # astra.finetune is the function; its module holds _step

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import random
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ import torch
 
 from astra_kernels.checks import is_count
 from .codebooks import Codebooks, as_codebooks
+from .errors import InvalidInputError, UnsupportedModelError
+from .inputs import validate_inputs
 from .models import family_of
+from .split import resolve_class_token
 from .training import TrainSimRuntime
 
 CODEBOOKS_FILE = "codebooks.safetensors"
@@ -86,7 +90,9 @@ def _world_sizes(world_size) -> List[int]:
     return sizes
 
 
-def _check_data(data) -> List[Dict[str, Any]]:
+def _check_data(data, fam, world_size: int, cls: bool) -> List[Dict[str, Any]]:
+    """``data`` as a list of batches, each checked as a forward at ``world_size`` ranks checks its inputs (before any
+    training: a bad batch found at step k lost the k steps before it)."""
     if isinstance(data, dict):
         data = [data]
     data = list(data)
@@ -95,7 +101,22 @@ def _check_data(data) -> List[Dict[str, Any]]:
     for i, b in enumerate(data):
         if not isinstance(b, dict) or not b:
             raise TypeError(f"data[{i}] must be a non-empty dict of model inputs, got {type(b).__name__}")
+        try:
+            validate_inputs(fam, b, world_size, cls)
+        except (InvalidInputError, UnsupportedModelError) as e:
+            raise type(e)(f"data[{i}]: {e}") from None
     return data
+
+
+def _check_numbers(**values) -> None:
+    """The learning rates (``lr`` None: relative), ``beta``, ``naq`` and ``clip`` (0: off): finite numbers, the
+    rates > 0 and the others >= 0 (a negative rate or clip trained the wrong way without an error)."""
+    for name, v in values.items():
+        if name == "lr" and v is None:
+            continue
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (v <= 0 if name.endswith("lr") else v < 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name.endswith('lr') else '>= 0'}, got {v!r}")
 
 
 def _to(batch: Dict[str, Any], device) -> Dict[str, Any]:
@@ -189,19 +210,23 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
     sizes = _world_sizes(world_size)
-    data = _check_data(data)
+    fam = family_of(model)
+    data = _check_data(data, fam, max(sizes), resolve_class_token(fam, class_token))
     cb = as_codebooks(codebooks, model)
     if cb is None:
         raise ValueError("finetune needs codebooks (e.g. from astra.calibrate)")
-    if not (math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
-    total = int(steps) if steps is not None else int(epochs) * len(data)
-    if total < 1:
-        raise ValueError(f"nothing to train: steps={steps}, epochs={epochs}")
+    naq = NAQ_DEFAULT[train] if naq is None else naq
+    _check_numbers(lr=lr, model_lr=model_lr, beta=beta, naq=naq, clip=clip)
+    if not is_count(seed, 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be a callable loss(out, ref, batch) or None, got {type(loss).__name__}")
+    for name, v in (("steps", steps), ("epochs", epochs)):
+        if v is not None and not is_count(v, 1):
+            raise ValueError(f"nothing to train: {name} must be an int >= 1, got {v!r}")
+    total = steps if steps is not None else epochs * len(data)
     if output_dir is not None:
         _writable_dir(output_dir)
-    fam = family_of(model)
-    naq = NAQ_DEFAULT[train] if naq is None else naq
     opts = dict(class_token=class_token, naq=float(naq), loss=loss or distill_loss, beta=float(beta),
                 clip=float(clip))
     was_training = model.training
