@@ -331,3 +331,70 @@ def test_ranks_calling_different_things_all_raise_and_stay_usable():
                                   "(UnsupportedModelError: ") and "use_cache=False" in refused, refused
         assert out["generate"] == want
         assert out["seconds"] < 60           # every case is told at once, none waits for the 5 s timeout
+
+
+def _lifecycle(rank):
+    """Patches that share state with another, and a model changed after it was patched: each used to compute a
+    silently wrong answer (another model's patch read through a shared config; dropout) or fail obscurely."""
+    import copy
+
+    import transformers as tf
+
+    model = tiny_model("gpt2", head="causal_lm")
+    x = tiny_inputs("gpt2", seq=12)
+    with torch.no_grad():
+        ref = model(**x).logits
+    pm = astra.parallelize(model, None, timeout=10)
+    out = {"base while head patched": _any_outcome(lambda: astra.simulate(model.transformer, x, world_size=2))}
+    out["after"] = float((pm.gather(pm(**x)).logits - ref).abs().max())
+    model.train()
+    out["train mode"] = _any_outcome(lambda: pm(**x))
+    model.eval()
+    model.transformer.h[0].train()                       # one submodule only
+    out["a module in train mode"] = _any_outcome(lambda: pm(**x))
+    model.eval()
+    model.double()
+    out["dtype changed"] = _any_outcome(lambda: pm(**x))
+    model.float()
+    out["restored"] = float((pm.gather(pm(**x)).logits - ref).abs().max())
+    pm.unpatch()
+    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97)
+    m1, m2 = tf.GPT2Model(cfg).eval(), tf.GPT2Model(cfg).eval()     # transformers does not copy the config
+    p1 = astra.parallelize(m1, None, timeout=10)
+    out["shared config"] = _any_outcome(lambda: astra.parallelize(m2, None, timeout=10))
+    p1.unpatch()
+    with torch.no_grad():
+        out["m2 intact"] = float((m2(**x).last_hidden_state - copy.deepcopy(m2)(**x).last_hidden_state).abs().max())
+    return out
+
+
+def test_patches_sharing_state_and_models_changed_after_patching_are_refused():
+    for out in astra.launch(_lifecycle, 2, join_timeout=120):
+        assert out["base while head patched"].startswith("AstraError: the model shares its config"), out
+        assert out["shared config"].startswith("AstraError: the model shares its config"), out
+        assert out["train mode"].startswith("AstraError: astra runs inference only"), out
+        assert out["a module in train mode"].startswith("AstraError: astra runs inference only"), out
+        assert out["dtype changed"].startswith("AstraError: the model moved to torch.float64"), out
+        assert out["after"] < TOL and out["restored"] < TOL and out["m2 intact"] == 0.0, out
+
+
+def test_meta_models_and_seeds_are_refused_and_float64_codebooks_save(tmp_path):
+    with torch.device("meta"):
+        meta = tiny_model("gpt2")
+    with pytest.raises(astra.UnsupportedModelError, match="meta device"):
+        astra.simulate(meta, tiny_inputs("gpt2"), world_size=2)
+    model = tiny_model("gpt2")
+    x = [tiny_inputs("gpt2", seq=12, seed=s) for s in range(2)]
+    for bad in ("a", 1.5, None, -1):
+        with pytest.raises(ValueError, match="seed must be an int"):
+            astra.calibrate(model, x, groups=4, codebook_size=8, iters=1, seed=bad)
+        with pytest.raises(ValueError, match="seed must be an int"):
+            astra.Codebooks.random(model, groups=4, codebook_size=8, seed=bad)
+    with pytest.raises(astra.InvalidInputError, match="need at least one per rank"):    # was found mid-way
+        astra.calibrate(model, x + [tiny_inputs("gpt2", seq=3)], groups=4, codebook_size=8, iters=1, world_size=4)
+    m64 = tiny_model("gpt2").double()
+    cb = astra.calibrate(m64, x, groups=4, codebook_size=8, iters=1)      # its placeholder layer's T and T^-1: one
+    cb.save(tmp_path / "cb.safetensors")                                 # safetensors refused shared memory
+    back = astra.Codebooks.load(tmp_path / "cb.safetensors", m64)
+    assert all(torch.equal(a, b) for a, b in zip(back.tensors, cb.tensors))
+    assert all(torch.equal(a, b) for a, b in zip(back.transforms, cb.transforms))

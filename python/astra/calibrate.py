@@ -24,6 +24,7 @@ from .codebooks import Codebooks, apply_predictor
 from .context import position_ids
 from .inputs import seq_geometry, validate_inputs
 from .models import family_of
+from .split import resolve_class_token
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -213,7 +214,8 @@ def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int
     return C
 
 
-def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict) -> list:
+def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict,
+                  seed=0, class_token="auto") -> list:
     """:func:`calibrate`'s arguments checked before any forward (ValueError / TypeError naming the argument; each
     sample as :func:`astra.inputs.validate_inputs` checks a forward's inputs); returns the samples as a list."""
     if isinstance(samples, dict):
@@ -226,7 +228,10 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
     for i, s in enumerate(samples):
         if not isinstance(s, dict):
             raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
-        validate_inputs(fam, s, 1, False)
+        # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
+        validate_inputs(fam, s, world_size or 1, bool(world_size) and resolve_class_token(fam, class_token))
+    if not is_count(seed, 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not is_count(groups, 1) or fam.hidden_size % groups:
@@ -264,7 +269,8 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     from tqdm.auto import tqdm
 
     fam = family_of(model)
-    samples = _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict)
+    samples = _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict,
+                            seed, class_token)
     basis = bases.resolve(basis, fam, groups)
     was_training = model.training
     model.eval()
@@ -302,7 +308,7 @@ def _placeholder(fam, groups: int, k: int, basis: str):
     (:attr:`Codebooks.placeholder_layers`)."""
     D = fam.hidden_size
     eye = torch.eye(D, dtype=torch.float64)
-    return torch.zeros(groups, k, D // groups), None if basis == "none" else (eye, eye)
+    return torch.zeros(groups, k, D // groups), None if basis == "none" else (eye, eye.clone())
 
 
 def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Optional[List[tuple]],

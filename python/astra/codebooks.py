@@ -216,10 +216,12 @@ class Codebooks:
     def save(self, path: "str | os.PathLike") -> None:
         from safetensors.torch import save_file
 
-        tensors = {f"layer.{i}": t.detach().contiguous().cpu() for i, t in enumerate(self.tensors)}
+        # copies: safetensors refuses tensors that share memory (a placeholder layer's transform and inverse are one
+        # identity; float64 codebooks keep it without a copy)
+        tensors = {f"layer.{i}": t.detach().cpu().clone() for i, t in enumerate(self.tensors)}
         for kind, ts in self._extra().items():
             for i, t in enumerate(ts):
-                tensors[f"{kind}.{i}"] = t.detach().contiguous().cpu()
+                tensors[f"{kind}.{i}"] = t.detach().cpu().clone()
         meta = self._metadata()
         meta["checksum"] = metadata_checksum(meta)
         save_file(tensors, os.fspath(path), metadata=meta)
@@ -277,6 +279,8 @@ class Codebooks:
             raise ValueError(f"hidden size {D} is not divisible by G={groups}")
         if not is_count(codebook_size, 1):
             raise ValueError(f"codebook_size must be an int >= 1, got {codebook_size!r}")
+        if not is_count(seed, 0):
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         g = torch.Generator().manual_seed(seed)
         t = [torch.randn(groups, codebook_size, D // groups, generator=g) * scale for _ in range(fam.num_layers)]
         return cls(t, model_type=fam.name, hidden_size=D)

@@ -37,7 +37,8 @@ def _astra_attention(module, query, key, value, attention_mask, scaling=None, dr
     if rt is None or rt.ctx is None:
         raise AstraError(
             "this model is patched by astra: call it through astra.simulate / the object returned by "
-            "astra.parallelize, or restore it with astra.unpatch(model)"
+            "astra.parallelize, or restore it with astra.unpatch(model) (a model that shares its config with a "
+            "patched one, e.g. built from the same config object, reads the patch too)"
         )
     return rt.attention(module, query, key, value, scaling)
 
@@ -60,8 +61,12 @@ class RuntimeBase:
 
     def __init__(self, model, codebooks: Optional[Codebooks], class_token="auto", split="even"):
         self.fam = family_of(model)
-        if self.fam.model.training:
-            raise AstraError("astra runs inference only: call model.eval() first")
+        if any(p.is_meta for p in model.parameters()):
+            raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights "
+                                        "first")
+        if not self.differentiable and any(m.training for m in model.modules()):
+            raise AstraError("astra runs inference only: call model.eval() first (the model or one of its modules "
+                             "is in training mode)")
         self.model = model
         self.codebooks = codebooks
         self.cls = resolve_class_token(self.fam, class_token)
@@ -77,13 +82,21 @@ class RuntimeBase:
         self._folds: Optional[List] = None     # per layer (W, b) of bases.folded_kv (transformed, affine K/V)
         self._pred: Optional[List] = None      # per layer the predictor (W [2D, D], b [D]) of predictive codebooks
         self._installed = False
+        self._param_state = None                # (dtype, device) of the model's parameters when installed
 
     # -- install / uninstall ---------------------------------------------------------------------
     def install(self) -> None:
         if getattr(self.model, "_astra_runtime_obj", None) is not None:
             raise AstraError("model is already patched by astra (call astra.unpatch(model) first)")
+        live = [m for m in self.fam.attn_modules if getattr(m, "_astra_runtime", None) is not None
+                and m._astra_runtime() is not None]
+        if live or self.model.config._attn_implementation == ATTN_NAME:
+            raise AstraError("the model shares its config or attention modules with a model astra has patched (a "
+                             "head and its base_model, or models built from one config object): unpatch that one "
+                             "first, or give each model its own config (copy.deepcopy(config))")
         _register()
         p = next(self.model.parameters())
+        self._param_state = (p.dtype, p.device)
         if self.codebooks is not None:
             self._cb = [as_normal_tensor(c.to(device=p.device, dtype=p.dtype)) for c in self.codebooks.tensors]
             if self.codebooks.transformed:
@@ -152,6 +165,7 @@ class RuntimeBase:
     def new_ctx(self, inputs, world_size: int) -> Ctx:
         """A forward's context (:func:`make_ctx`); where :attr:`needs_embeddings`, a decoder's ranks also embed the
         whole sequence there (:meth:`Family.embed`; encoders keep theirs from the embeddings hook)."""
+        self.check_model_state()
         ctx = make_ctx(self.fam, inputs, world_size, self.cls, self.split_costs)
         if self.needs_embeddings and self.fam.decoder:
             with contextlib.nullcontext() if self.differentiable else torch.no_grad():
@@ -159,6 +173,18 @@ class RuntimeBase:
             if emb is not None:
                 ctx.state["emb"] = emb
         return ctx
+
+    def check_model_state(self) -> None:
+        """Raise :class:`AstraError` if the model changed since it was patched in what the runtime relies on: eval
+        mode (a module put back in training mode ran dropout silently) and its parameters' dtype and device (cached
+        with the codebooks and the frame sizes)."""
+        if not self.differentiable and any(m.training for m in self.model.modules()):
+            raise AstraError("astra runs inference only: the model (or one of its modules) was put in training mode "
+                             "after astra patched it; call model.eval()")
+        p = next(self.model.parameters())
+        if self._param_state is not None and (p.dtype, p.device) != self._param_state:
+            raise AstraError(f"the model moved to {p.dtype} on {p.device} after astra patched it on "
+                             f"{self._param_state[0]} on {self._param_state[1]}: unpatch it and patch it again")
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):
