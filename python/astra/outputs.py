@@ -225,15 +225,17 @@ def token_fields(fam: Family) -> List[str]:
     return list(fam.token_outputs)
 
 
+def token_tensors(fam: Family, out) -> Dict[str, torch.Tensor]:
+    """The per-token fields that ``out`` holds as tensors, by name."""
+    get = out.get if hasattr(out, "get") else (lambda k: None)
+    return {k: get(k) for k in token_fields(fam) if isinstance(get(k), torch.Tensor)}
+
+
 def token_signature(fam: Family, out) -> str:
     """What every rank's per-token fields of ``out`` must share for a gather (the bytes each rank sends follow
     from it): each field's name, dtype, batch and per-token shape; its token count is the rank's own."""
-    parts = []
-    for k in token_fields(fam):
-        t = out.get(k) if hasattr(out, "get") else None
-        if isinstance(t, torch.Tensor):
-            parts.append(f"{k}: {t.dtype} [{', '.join(map(str, t.shape[:1]))}, *, {', '.join(map(str, t.shape[2:]))}]"
-                         if t.dim() >= 2 else f"{k}: {t.dtype} {tuple(t.shape)}")
+    parts = [f"{k}: {t.dtype} [{', '.join(map(str, t.shape[:1]))}, *, {', '.join(map(str, t.shape[2:]))}]"
+             if t.dim() >= 2 else f"{k}: {t.dtype} {tuple(t.shape)}" for k, t in token_tensors(fam, out).items()]
     return "; ".join(parts) or "no per-token fields"
 
 
@@ -272,7 +274,7 @@ def hidden_states(fw: Forward):
     if fw.alone:
         return out
     fam, cls = fw.fam, fw.cls
-    keys = [k for k in token_fields(fam) if isinstance(out.get(k), torch.Tensor)]
+    keys = list(token_tensors(fam, out))
     bodies = [out[k][:, 1:] if cls else out[k] for k in keys]
     lengths = [int(c.numel()) for c in fw.chunks]
     fields = dict(out.items())

@@ -23,7 +23,7 @@ from .generation import (
     sequences_of,
 )
 from .inputs import seq_geometry, validate_inputs
-from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_fields, token_signature
+from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_signature, token_tensors
 from .runtime import RuntimeBase
 from .split import DEFAULT_SPLIT, key_ranks, local_indices, with_class_token
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
@@ -592,9 +592,8 @@ class ParallelModel:
         if self._last.alone:            # computed over the whole sequence here (peer failure fallback)
             return
         want = len(self._last.chunks[self.rank]) + (1 if self._rt.cls else 0)
-        for k in token_fields(self._rt.fam):
-            t = out.get(k) if hasattr(out, "get") else None
-            if isinstance(t, torch.Tensor) and (t.dim() < 2 or t.shape[1] != want):
+        for k, t in token_tensors(self._rt.fam, out).items():
+            if t.dim() < 2 or t.shape[1] != want:
                 raise InvalidInputError(f"gather: out[{k!r}] has shape {tuple(t.shape)}, but the last forward gave "
                                         f"this rank {want} tokens: out must be this rank's local output of the "
                                         "last forward")

@@ -64,10 +64,10 @@ class RuntimeBase:
         if any(p.is_meta for p in model.parameters()):
             raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights "
                                         "first")
-        if not self.differentiable and any(m.training for m in model.modules()):
+        self.model = model
+        if self.in_training():
             raise AstraError("astra runs inference only: call model.eval() first (the model or one of its modules "
                              "is in training mode)")
-        self.model = model
         self.codebooks = codebooks
         self.cls = resolve_class_token(self.fam, class_token)
         self.split = split
@@ -174,11 +174,15 @@ class RuntimeBase:
                 ctx.state["emb"] = emb
         return ctx
 
+    def in_training(self) -> bool:
+        """A module of the model is in training mode (dropout on), where this runtime runs inference only."""
+        return not self.differentiable and any(m.training for m in self.model.modules())
+
     def check_model_state(self) -> None:
         """Raise :class:`AstraError` if the model changed since it was patched in what the runtime relies on: eval
         mode (a module put back in training mode ran dropout silently) and its parameters' dtype and device (cached
         with the codebooks and the frame sizes)."""
-        if not self.differentiable and any(m.training for m in self.model.modules()):
+        if self.in_training():
             raise AstraError("astra runs inference only: the model (or one of its modules) was put in training mode "
                              "after astra patched it; call model.eval()")
         p = next(self.model.parameters())
