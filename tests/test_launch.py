@@ -77,6 +77,44 @@ def test_a_result_that_can_not_be_loaded_is_a_launch_error():
     assert e.value.results == {0: 0}
 
 
+def _sleep(rank):
+    time.sleep(60)
+    return rank
+
+
+def test_launch_leaves_no_rank_or_directory_behind_when_the_launching_process_fails(monkeypatch):
+    """A function spawn cannot pickle was a raw AttributeError, and an interrupt of the launching process while it
+    waited left every rank running and the rendezvous directory behind."""
+    import multiprocessing as mp
+    import tempfile
+
+    L = sys.modules["astra.launch"]
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(L.tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+
+    def local(rank):
+        return rank
+
+    with pytest.raises(ValueError, match="must be importable at module level"):
+        astra.launch(local, 2)
+    assert made and not os.path.exists(made[-1])
+
+    real_collect = L._collect
+
+    def interrupted(procs, *a):                          # an interrupt while the launching process waits
+        time.sleep(1.0)
+        assert all(p.is_alive() for p in procs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(L, "_collect", interrupted)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        astra.launch(_sleep, 2, join_timeout=120)
+    assert time.perf_counter() - t0 < 30 and not os.path.exists(made[-1])
+    assert not [p for p in mp.active_children() if p.is_alive()]
+    monkeypatch.setattr(L, "_collect", real_collect)
+
+
 def test_launch_reports_rank_errors():
     with pytest.raises(astra.LaunchError, match="rank 1 raised ValueError: boom from rank one") as ei:
         astra.launch(_fail_on_one, 2, join_timeout=120)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -56,6 +57,59 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
         q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
+def _start(procs) -> None:
+    try:
+        for p in procs:
+            p.start()
+    except (AttributeError, TypeError, pickle.PicklingError) as e:      # spawn pickles fn, its args and kwargs
+        raise ValueError(f"launch could not hand fn and its arguments to the ranks ({type(e).__name__}: {e}): fn "
+                         "must be importable at module level and its arguments picklable") from e
+
+
+def _collect(procs, q, world_size: int, deadline: Optional[float]):
+    """``(results, errors, timed_out)``: every rank's message until all have reported, all have exited, or the
+    deadline."""
+    results, errors = {}, {}
+
+    def drain(block_s: float) -> bool:
+        try:
+            rank, kind, payload = q.get(timeout=block_s)
+        except Exception:
+            return False
+        if kind == "ok":
+            try:
+                results[rank] = _load(payload)
+            except Exception as e:          # e.g. a class the launching process can not rebuild
+                errors[rank] = (f"its result could not be loaded in the launching process: {type(e).__name__}: "
+                                f"{e}")
+        else:
+            errors[rank] = payload
+        return True
+
+    while len(results) + len(errors) < world_size:
+        if drain(0.1):
+            continue
+        if all(not p.is_alive() for p in procs):
+            while drain(0.5):               # the last messages may still be in the pipe
+                pass
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            return results, errors, True
+    return results, errors, False
+
+
+def _reap(procs, grace_s: float) -> None:
+    """Join every started rank for ``grace_s`` seconds, then kill what still runs."""
+    for p in procs:
+        if p.pid is None:                   # never started
+            continue
+        if p.is_alive() and grace_s > 0:
+            p.join(timeout=grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
 def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout: float = 60.0,
            join_timeout: Optional[float] = None, threads: int = 1, start_method: str = "spawn",
            tune_allocator: bool = True, **kwargs) -> List[Any]:
@@ -78,48 +132,18 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     # rendezvous through a fresh file (no port to race for with other processes on the machine)
     rdv_dir = tempfile.mkdtemp(prefix="astra-launch-")
     init_method = "file://" + os.path.join(rdv_dir, "rendezvous")
-    procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads,
-                                               tune_allocator, fn, args, kwargs, q), daemon=True)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
-    results, errors = {}, {}
-    timed_out = False
-
-    def drain(block_s: float):
-        try:
-            rank, kind, payload = q.get(timeout=block_s)
-        except Exception:
-            return False
-        if kind == "ok":
-            try:
-                results[rank] = _load(payload)
-            except Exception as e:          # e.g. a class the launching process can not rebuild
-                errors[rank] = (f"its result could not be loaded in the launching process: {type(e).__name__}: "
-                                f"{e}")
-        else:
-            errors[rank] = payload
-        return True
-
-    while len(results) + len(errors) < world_size:
-        if drain(0.1):
-            continue
-        if all(not p.is_alive() for p in procs):
-            # the last messages may still be in the pipe
-            while drain(0.5):
-                pass
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            timed_out = True
-            break
-    for p in procs:
-        if p.is_alive():
-            p.join(timeout=5 if not timed_out else 0.1)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-    shutil.rmtree(rdv_dir, ignore_errors=True)
+    procs, ok = [], False
+    try:
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads,
+                                                   tune_allocator, fn, args, kwargs, q), daemon=True)
+                 for r in range(world_size)]
+        deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
+        _start(procs)
+        results, errors, timed_out = _collect(procs, q, world_size, deadline)
+        ok = True
+    finally:        # also on an exception or an interrupt in this process: no rank outlives it, no directory leaks
+        _reap(procs, (0.1 if timed_out else 5.0) if ok else 0.0)
+        shutil.rmtree(rdv_dir, ignore_errors=True)
     dead = [r for r in range(world_size) if r not in results and r not in errors]
     if errors or dead:
         parts = []
