@@ -355,3 +355,26 @@ def test_split_costs_count_the_transform():
     pair, key = causal_costs(fam, g1)[:2]
     token = TABLE_ATTENTION_MAC_COST * 2 * D / pair
     assert key * token == pytest.approx((1 - c) * 2 * D * D, rel=1e-12)      # layer 0's projections only
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_half_precision_models_keep_the_attention_basis(family):
+    """The affinity probe ran in the model's dtype: bf16 / fp16 rounding (~1e-3) read as a K/V that is not affine,
+    so half-precision models silently got the PCA basis and no folded K/V. It now runs in float32 and gives the
+    maps of the half-precision weights exactly, leaving the module's tensors as they were."""
+    for dtype in (torch.bfloat16, torch.float16):
+        model = tiny_model(family).to(dtype)
+        fam = family_of(model)
+        assert bases.resolve("auto", fam, 4) == "attention", (family, dtype)
+        module = fam.attn_modules[0]
+        before = [(t.data_ptr(), t.dtype) for t in module.parameters()]
+        h = torch.randn(8, fam.hidden_size, generator=torch.Generator().manual_seed(1))
+        got = bases.kv_maps(fam, module, h)
+        assert [(t.data_ptr(), t.dtype) for t in module.parameters()] == before
+        want = bases.kv_maps(family_of(tiny_model(family).to(dtype).float()), family_of(
+            tiny_model(family).to(dtype).float()).attn_modules[0], h)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not affine"):                 # a key norm is still found in half precision
+        bases.kv_maps(family_of(tiny_model("qwen3").to(torch.bfloat16)), family_of(
+            tiny_model("qwen3").to(torch.bfloat16)).attn_modules[0], torch.randn(8, 64))

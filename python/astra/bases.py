@@ -24,6 +24,7 @@ rotation; at G = 1 neither basis moves the result, so ``basis="auto"`` leaves G 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Tuple
 
@@ -66,13 +67,30 @@ def pca_rotation(x: torch.Tensor, groups: int) -> torch.Tensor:
     return U[:, [j for m in members for j in m]]
 
 
+@contextlib.contextmanager
+def _in_float32(module):
+    """Within the block, ``module``'s half-precision parameters and buffers hold float32 copies; afterwards the very
+    tensors they held before (no rounding back). A probe in fp16 / bf16 rounds its outputs by ~1e-3, which
+    :func:`kv_maps` read as a K/V that is not affine, and the maps themselves would carry that rounding."""
+    saved = [(t, t.data) for t in [*module.parameters(), *module.buffers()]
+             if t.dtype in (torch.float16, torch.bfloat16)]
+    for t, data in saved:
+        t.data = data.float()
+    try:
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
 def kv_maps(fam, module, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's K/V (pre-RoPE) as affine maps of the hidden state: ``(W_K, W_V, b_K, b_V)``, float64, the
     weights ``[Hkv, D, Dh]`` and the biases ``[Hkv, Dh]``; ValueError if the family's K/V is not affine in ``h``
-    (e.g. Qwen3's ``k_norm``), checked on the first rows of ``h [N, D]``."""
+    (e.g. Qwen3's ``k_norm``), checked on the first rows of ``h [N, D]``. A half-precision module is probed in
+    float32 (:func:`_in_float32`)."""
     D = fam.hidden_size
-    p = next(module.parameters())
-    with torch.no_grad():
+    with torch.no_grad(), _in_float32(module):
+        p = next(module.parameters())
         eye = torch.eye(D, dtype=p.dtype, device=p.device).unsqueeze(0)
         k0, v0 = fam.kv(module, torch.zeros_like(eye[:, :1]))         # [1, Hkv, 1, Dh]: the biases
         k1, v1 = fam.kv(module, eye)
