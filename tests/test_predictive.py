@@ -198,3 +198,13 @@ def test_predictive_codebooks_finetune(bert, predictive):
     res = astra.finetune(bert, predictive, data, world_size=2, steps=3, progress=False)
     assert res.codebooks.predictive and res.codebooks.predictors is predictive.predictors
     assert any(not torch.equal(a, b) for a, b in zip(res.codebooks.tensors, predictive.tensors))
+
+
+def test_with_tensors_keeps_one_codebook_per_predictor(bert):
+    """Untransformed predictive codebooks took a 1-layer replacement beside their per-layer predictors, and saved a
+    file that load then refused."""
+    cb = tiny_codebooks(bert, "bert", 4, predict=True, basis="none")
+    assert cb.predictive and not cb.transformed
+    with pytest.raises(ValueError, match="codebook layers for 2 predictors"):
+        cb.with_tensors(cb.tensors[:1])
+    assert cb.with_tensors(list(cb.tensors)).num_layers == cb.num_layers

@@ -100,8 +100,9 @@ class Codebooks:
         """The same codebooks (family, size, transforms) with other per-layer tensors. The transforms are shared,
         not checked again (fine-tuning calls this every step; their check is a D^3 product)."""
         out = Codebooks(tensors, model_type=self.model_type, hidden_size=self.hidden_size)
-        if self.transformed and out.num_layers != self.num_layers:
-            raise ValueError(f"{out.num_layers} codebook layers for {self.num_layers} transforms; give one per layer")
+        if (self.transformed or self.predictive) and out.num_layers != self.num_layers:
+            what = "transforms" if self.transformed else "predictors"
+            raise ValueError(f"{out.num_layers} codebook layers for {self.num_layers} {what}; give one per layer")
         out.transforms, out.inverses = self.transforms, self.inverses
         out.predictors, out.predictor_biases = self.predictors, self.predictor_biases
         out.placeholder_layers = _checked_layers(self.placeholder_layers, out.num_layers)
