@@ -2,13 +2,14 @@
 finiteness check and the "raise a clear ValueError" helper."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "INT_OF_SIZE", "MAX_BITS", "require", "is_count", "check_bits", "check_float",
-           "check_finite", "check_int", "check_mask"]
+__all__ = ["FLOAT_DTYPES", "INT_OF_SIZE", "MAX_BITS", "require", "is_count", "is_finite_real", "check_bits",
+           "check_float", "check_finite", "check_int", "check_mask"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: the signed integer dtype of each element size (a tensor's bits seen as integers: exact compares and sums)
@@ -25,6 +26,13 @@ def require(cond: bool, msg: str) -> None:
 def is_count(x, lo: int = 0) -> bool:
     """Whether ``x`` is a Python int (numpy's too, not a bool) of at least ``lo``: a size, a count, a rank."""
     return not isinstance(x, bool) and isinstance(x, numbers.Integral) and x >= lo
+
+
+def is_finite_real(x, *, positive: bool) -> bool:
+    """Whether ``x`` is a finite real number (not a bool), ``> 0`` when ``positive``, else ``>= 0``: a rate, a weight,
+    a scale."""
+    ok = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+    return ok and (x > 0 if positive else x >= 0)
 
 
 def check_bits(bits) -> int:

@@ -10,8 +10,6 @@ the mean squared error of ``last_hidden_state`` relative to the reference's mean
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import os
 import random
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from astra_kernels.checks import is_count
+from astra_kernels.checks import is_count, is_finite_real
 from .codebooks import Codebooks, as_codebooks
 from .errors import InvalidInputError, UnsupportedModelError
 from .inputs import validate_inputs
@@ -114,8 +112,7 @@ def _check_numbers(**values) -> None:
     for name, v in values.items():
         if name == "lr" and v is None:
             continue
-        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-        if not ok or (v <= 0 if name.endswith("lr") else v < 0):
+        if not is_finite_real(v, positive=name.endswith("lr")):
             raise ValueError(f"{name} must be a finite number {'> 0' if name.endswith('lr') else '>= 0'}, got {v!r}")
 
 
@@ -136,7 +133,7 @@ def codebook_lrs(cb: Codebooks, lr: Optional[float]) -> List[float]:
     absolute codebook entry."""
     if lr is None:
         return [LR_RELATIVE * float(t.detach().abs().mean()) for t in cb.tensors]
-    if not (math.isfinite(lr) and lr > 0):
+    if not is_finite_real(lr, positive=True):
         raise ValueError(f"lr must be a finite number > 0 (or None: relative to the codebooks' scale), got {lr}")
     return [float(lr)] * cb.num_layers
 

@@ -2,10 +2,11 @@
 before and after."""
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Dict, List, Sequence
+
+from astra_kernels.checks import is_finite_real
 
 DESCRIPTION = """\
 Fine-tune codebooks saved by `astra calibrate` with astra.finetune: every step runs the ASTRA simulation at
@@ -76,7 +77,7 @@ def check_finetune_args(args) -> None:
         int_range(opt, v, 1)
     for opt, v, zero_ok in (("--lr", args.lr, False), ("--model-lr", args.model_lr, False),
                             ("--beta", args.beta, True), ("--naq", args.naq, True)):
-        if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok)):
+        if v is not None and not is_finite_real(v, positive=not zero_ok):
             raise ValueError(f"{opt} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {v}")
     if args.input not in (None, "-"):
         check_in_file("--input", args.input, regular=False)

@@ -132,7 +132,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     # rendezvous through a fresh file (no port to race for with other processes on the machine)
     rdv_dir = tempfile.mkdtemp(prefix="astra-launch-")
     init_method = "file://" + os.path.join(rdv_dir, "rendezvous")
-    procs, ok = [], False
+    procs, grace_s = [], 0.0         # an exception or interrupt here: kill the ranks at once
     try:
         procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads,
                                                    tune_allocator, fn, args, kwargs, q), daemon=True)
@@ -140,9 +140,9 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
         deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
         _start(procs)
         results, errors, timed_out = _collect(procs, q, world_size, deadline)
-        ok = True
+        grace_s = 0.1 if timed_out else 5.0
     finally:        # also on an exception or an interrupt in this process: no rank outlives it, no directory leaks
-        _reap(procs, (0.1 if timed_out else 5.0) if ok else 0.0)
+        _reap(procs, grace_s)
         shutil.rmtree(rdv_dir, ignore_errors=True)
     dead = [r for r in range(world_size) if r not in results and r not in errors]
     if errors or dead:

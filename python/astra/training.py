@@ -24,6 +24,7 @@ from typing import List, Optional
 import torch
 
 import astra_kernels as ak
+from astra_kernels.checks import is_finite_real
 from .models import family_of
 from .simulation import SimRuntime
 
@@ -57,7 +58,7 @@ class TrainSimRuntime(SimRuntime):
         super().__init__(model, codebooks, world_size, "auto" if single_vit else class_token)
         if single_vit:
             self.cls = False            # ablation: the class token is rank 0's token like any other
-        if naq < 0 or not math.isfinite(naq):
+        if not is_finite_real(naq, positive=False):
             raise ValueError(f"naq (noise scale lambda) must be a finite number >= 0, got {naq}")
         self.naq = float(naq)
         self.generator = generator
