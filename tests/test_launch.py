@@ -98,7 +98,7 @@ def test_launch_leaves_no_rank_or_directory_behind_when_the_launching_process_fa
 
     with pytest.raises(ValueError, match="must be importable at module level"):
         astra.launch(local, 2)
-    assert made and not os.path.exists(made[-1])
+    assert not made                                      # refused before anything was made
 
     real_collect = L._collect
 
@@ -113,6 +113,46 @@ def test_launch_leaves_no_rank_or_directory_behind_when_the_launching_process_fa
     assert time.perf_counter() - t0 < 30 and not os.path.exists(made[-1])
     assert not [p for p in mp.active_children() if p.is_alive()]
     monkeypatch.setattr(L, "_collect", real_collect)
+
+
+def _views(rank):
+    big = torch.arange(1_000_000, dtype=torch.float32) + rank
+    return {"head": big[:3], "strided": big[:8:2], "whole": torch.arange(4), "rows": [big.view(1000, 1000)[rank]]}
+
+
+def test_launch_returns_views_without_their_whole_storage():
+    """A rank returning a slice of a large tensor sent (and the launching process kept) the whole storage."""
+    out = astra.launch(_views, 2, join_timeout=60)
+    for rank, o in enumerate(out):
+        assert torch.equal(o["head"], torch.tensor([0.0, 1.0, 2.0]) + rank)
+        assert torch.equal(o["strided"], torch.tensor([0.0, 2.0, 4.0, 6.0]) + rank)
+        assert torch.equal(o["rows"][0], torch.arange(1000 * rank, 1000 * rank + 1000, dtype=torch.float32) + rank)
+        assert o["head"].untyped_storage().nbytes() == 12 and o["strided"].untyped_storage().nbytes() == 16
+        assert o["rows"][0].untyped_storage().nbytes() == 4000 and torch.equal(o["whole"], torch.arange(4))
+
+
+def test_a_function_defined_under_the_main_guard_is_named_as_the_cause(tmp_path):
+    """spawn re-imports the launching script, where such a function does not exist: every rank died in spawn's own
+    unpickling and the launch said only "exited without a result"."""
+    script = tmp_path / "guarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'python')!r}]
+        import astra
+
+        if __name__ == "__main__":
+            def work(rank):
+                return rank
+            try:
+                astra.launch(work, 2, join_timeout=60)
+            except astra.LaunchError as e:
+                print("LAUNCH_ERROR", str(e).splitlines()[0])
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = r.stdout.split("LAUNCH_ERROR", 1)[1]
+    assert "rank 0 raised ValueError: the rank could not load fn" in line and "rank 1 raised" in line
+    assert "not under `if __name__ == '__main__':`" in r.stdout
 
 
 def test_launch_reports_rank_errors():

@@ -18,24 +18,57 @@ from .errors import LaunchError
 from .transport import checked_timeout
 
 
-def _dump(obj) -> bytes:
-    import torch
+class _CompactPickler(pickle.Pickler):
+    """Pickles a tensor that views part of a larger storage as a copy of its own elements (plain pickling, like
+    ``torch.save``, sends the whole storage: a rank returning ``hidden[:, :1]`` sent every token)."""
 
+    def reducer_override(self, obj):
+        import torch
+
+        if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type != "meta" and (
+                obj.untyped_storage().nbytes() > obj.numel() * obj.element_size()):
+            return _rebuilt, (obj.clone(memory_format=torch.contiguous_format),)
+        return NotImplemented
+
+
+def _rebuilt(t):
+    return t
+
+
+def _dump(obj) -> bytes:
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    _CompactPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()
 
 
 def _load(b: bytes):
-    import torch
-
-    return torch.load(io.BytesIO(b), weights_only=False)
+    return pickle.loads(b)
 
 
-def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn, args, kwargs, q):
+def _pickled_fn(fn: Callable) -> bytes:
+    """``fn`` pickled by reference here, so that a rank that can not find it again says so (spawn's own unpickling
+    failed before any astra code ran: the rank "exited without a result")."""
+    try:
+        return pickle.dumps(fn)
+    except (AttributeError, TypeError, pickle.PicklingError) as e:
+        raise ValueError(f"launch could not hand fn to the ranks ({type(e).__name__}: {e}): fn must be importable at "
+                         "module level") from e
+
+
+def _unpickled_fn(fn_bytes: bytes) -> Callable:
+    try:
+        return pickle.loads(fn_bytes)
+    except Exception as e:
+        raise ValueError(f"the rank could not load fn ({type(e).__name__}: {e}): spawn re-imports the launching "
+                         "script as a module, so fn must be defined at its top level, not under `if __name__ == "
+                         "'__main__':`, or in an importable module") from e
+
+
+def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn_bytes, args, kwargs, q):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
     try:
+        fn = _unpickled_fn(fn_bytes)
         if tune:
             allocator.tune_allocator()
         import torch
@@ -62,8 +95,8 @@ def _start(procs) -> None:
         for p in procs:
             p.start()
     except (AttributeError, TypeError, pickle.PicklingError) as e:      # spawn pickles fn, its args and kwargs
-        raise ValueError(f"launch could not hand fn and its arguments to the ranks ({type(e).__name__}: {e}): fn "
-                         "must be importable at module level and its arguments picklable") from e
+        raise ValueError(f"launch could not hand the arguments of fn to the ranks ({type(e).__name__}: {e}): they "
+                         "must be picklable") from e
 
 
 def _collect(procs, q, world_size: int, deadline: Optional[float]):
@@ -127,6 +160,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     timeout = checked_timeout(timeout)                      # 0 was accepted (parallelize refused it)
     if join_timeout is not None:
         join_timeout = checked_timeout(join_timeout)
+    fn_bytes = _pickled_fn(fn)
     ctx = mp.get_context(start_method)
     q = ctx.Queue()
     # rendezvous through a fresh file (no port to race for with other processes on the machine)
@@ -135,7 +169,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     procs, grace_s = [], 0.0         # an exception or interrupt here: kill the ranks at once
     try:
         procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads,
-                                                   tune_allocator, fn, args, kwargs, q), daemon=True)
+                                                   tune_allocator, fn_bytes, args, kwargs, q), daemon=True)
                  for r in range(world_size)]
         deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
         _start(procs)
