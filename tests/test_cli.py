@@ -45,7 +45,8 @@ def test_bad_codebook_file_is_a_clean_error(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     assert main(["info", "--codebooks", str(bad)]) == 2
-    assert "error" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "error" in out.err and out.out == ""          # not the versions first, then the refusal
 
 
 def _held_out_losses(out: str):
@@ -239,6 +240,7 @@ BAD = [
     (["finetune", "--codebooks", "FILE", "--out", "D", "--held-out", "5000"], "leaves nothing to train on"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--lr", "0"], "--lr must be a finite number > 0"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--naq", "nan"], "--naq must be a finite number >= 0"),
+    (["finetune", "--codebooks", "FILE", "--out", "D", "--model-lr", "1e-4"], "which --train codebooks leaves as"),
     (["finetune", "--codebooks", "FILE", "--out", "FILE"], "exists and is not a directory"),
     (["finetune", "--codebooks", "FILE", "--out", "/nonexistent-dir/out"], "does not exist or is not writable"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--input", "/nonexistent.txt"], "--input: no such file"),

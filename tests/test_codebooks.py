@@ -33,6 +33,16 @@ def test_save_load_roundtrip(tmp_path, gpt2):
     assert raw[8:9] == b"{"
 
 
+def test_save_names_a_missing_directory_or_a_directory_given_as_the_file(tmp_path, gpt2):
+    """Both were safetensors' own "Error while serializing: I/O error" naming a temporary file."""
+    cb = astra.Codebooks.random(gpt2, groups=2, codebook_size=16, seed=1)
+    with pytest.raises(FileNotFoundError, match=f"no directory {tmp_path / 'missing'}"):
+        cb.save(tmp_path / "missing" / "cb.safetensors")
+    with pytest.raises(IsADirectoryError, match="is a directory; give the codebook file's path"):
+        cb.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_rejects_wrong_model(tmp_path, gpt2):
     cb = astra.Codebooks.random(gpt2, groups=2, codebook_size=16)
     p = tmp_path / "cb.safetensors"

@@ -169,6 +169,7 @@ def cmd_info(args) -> int:
 
     import astra
 
+    cb = astra.Codebooks.load(args.codebooks) if args.codebooks else None     # a bad file: its error alone
     print(f"astra {astra.__version__}")
     print(f"torch {torch.__version__} (cuda available: {torch.cuda.is_available()})")
     try:
@@ -193,13 +194,10 @@ def cmd_info(args) -> int:
         print("triton: not installed (CPU paths only)")
     print(f"packaged all-MiniLM-L6-v2: {minilm_path() or 'not installed'}")
     print("supported models: " + __import__("astra.models", fromlist=["supported"]).supported())
-    if args.codebooks:
-        cb = astra.Codebooks.load(args.codebooks)
+    if cb is not None:
         print(cb)
         print(f"  bits per token: {cb.bits_per_token()} ({cb.groups} x {cb.bits})")
     return 0
-
-
 
 
 def _calibrate(model, tokenize, paras: List[str], *, groups: int, K: int, max_length: int, max_tokens: int,

@@ -215,8 +215,15 @@ class Codebooks:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: "str | os.PathLike") -> None:
+        """Write a safetensors file at ``path`` (its directory must exist; an existing file is replaced)."""
         from safetensors.torch import save_file
 
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory; give the codebook file's path")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot save codebooks to {path}: no directory {folder}")
         # copies: safetensors refuses tensors that share memory (a placeholder layer's transform and inverse are one
         # identity; float64 codebooks keep it without a copy)
         tensors = {f"layer.{i}": t.detach().cpu().clone() for i, t in enumerate(self.tensors)}
@@ -225,7 +232,7 @@ class Codebooks:
                 tensors[f"{kind}.{i}"] = t.detach().cpu().clone()
         meta = self._metadata()
         meta["checksum"] = metadata_checksum(meta)
-        save_file(tensors, os.fspath(path), metadata=meta)
+        save_file(tensors, path, metadata=meta)
 
     @classmethod
     def load(cls, path: "str | os.PathLike", model=None, *, device="cpu") -> "Codebooks":

@@ -70,6 +70,9 @@ def check_finetune_args(args) -> None:
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise ValueError(f"--out: directory {parent} does not exist or is not writable")
     args.world_sizes = parse_world_sizes(args.world_size)
+    if args.train == "codebooks" and args.model_lr is not None:
+        raise ValueError("--model-lr trains the model's weights, which --train codebooks leaves as they are: "
+                         "give --train all, or leave --model-lr out")
     if args.train == "all" and local_model_dir(resolve_model_name(args.model)) is None:
         raise ValueError(f"--train all needs a model directory (with its tokenizer); {args.model} is random-init")
     for opt, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--held-out", args.held_out),
