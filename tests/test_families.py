@@ -137,6 +137,18 @@ def test_sliding_window_is_refused_beyond_the_window():
     assert family_of(tiny_model("qwen2")).window() is None          # use_sliding_window=False: full attention
 
 
+def test_a_compiled_model_is_refused_naming_the_model_to_give():
+    """torch.compile's wrapper was refused as "the head OptimizedModule on GPT2Model"."""
+    model = tiny_model("gpt2")
+    compiled = torch.compile(model)
+    for call in (lambda: astra.simulate(compiled, tiny_inputs("gpt2", seq=6), world_size=2),
+                 lambda: astra.parallelize(compiled)):
+        with pytest.raises(astra.UnsupportedModelError, match=r"torch.compile'd model \(OptimizedModule of "
+                                                              r"GPT2LMHeadModel\): give the model itself"):
+            call()
+    assert family_of(compiled._orig_mod).model is model
+
+
 def test_inputs_the_model_does_not_take_are_dropped():
     model = tiny_model("bert")
     inputs = tiny_inputs("bert", padded=True)

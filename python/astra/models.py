@@ -329,6 +329,9 @@ def family_of(model) -> Family:
     """Resolve a supported HF model (a registered family's base model or a head on it); raise
     :class:`UnsupportedModelError` naming what is supported otherwise."""
     cls = type(model).__name__
+    if isinstance(getattr(model, "_orig_mod", None), Module):           # what torch.compile returns
+        raise UnsupportedModelError(f"astra does not support a torch.compile'd model ({cls} of "
+                                    f"{type(model._orig_mod).__name__}): give the model itself (model._orig_mod)")
     cfg = getattr(model, "config", None)
     adapter = _REGISTRY.get(getattr(cfg, "model_type", None))
     if adapter is None or not isinstance(getattr(model, "base_model", None), Module):
