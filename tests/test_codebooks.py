@@ -159,3 +159,33 @@ def test_placeholder_layers_format_versions_and_refusal(tmp_path, gpt2):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="metadata fails its checksum"):
         astra.Codebooks.load(tmp_path / "bad.safetensors")
+
+
+def test_calibrated_codebooks_refuse_another_checkpoint_of_the_same_shape(tmp_path, gpt2):
+    """Codebooks kept no trace of the weights they fit: another checkpoint of the same family, width and depth ran
+    with them silently. Now a sample of the weights travels with them (through save / load) and is compared."""
+    cb = astra.calibrate(gpt2, [tiny_inputs("gpt2", seq=16)], groups=4, codebook_size=8, iters=2)
+    p = tmp_path / "cb.safetensors"
+    cb.save(p)
+    back = astra.Codebooks.load(p, gpt2)
+    assert back.weights_sample == cb.weights_sample is not None
+    other = tiny_model("gpt2", seed=7)
+    for call in (lambda: astra.Codebooks.load(p, other),
+                 lambda: astra.simulate(other, tiny_inputs("gpt2"), codebooks=back, world_size=2),
+                 lambda: astra.parallelize(other, back)):
+        with pytest.raises(ValueError, match=r"made for other weights than this model's: \d+% of the sampled weights "
+                                             r"match .* set codebooks.weights_sample = None"):
+            call()
+    for same in (tiny_model("gpt2"), tiny_model("gpt2").to(torch.bfloat16), tiny_model("gpt2").half()):
+        back.check_model(same)                          # the checkpoint itself, in any float dtype
+    with torch.no_grad():                               # every weight moved by 5 %: another checkpoint
+        moved = tiny_model("gpt2")
+        for w in moved.parameters():
+            w.mul_(1.05)
+    with pytest.raises(ValueError, match="other weights"):
+        back.check_model(moved)
+    back.weights_sample = None                          # the documented way to use them anyway
+    back.check_model(other)
+    with pytest.raises(ValueError, match="weights_sample must be a sample of weights"):
+        back.weights_sample = "not a sample"
+    assert astra.Codebooks.random(gpt2, groups=2, codebook_size=4).weights_sample is None   # fit to nothing

@@ -25,6 +25,7 @@ from .context import position_ids
 from .inputs import seq_geometry, validate_inputs
 from .models import family_of
 from .split import resolve_class_token
+from .weights_sample import weights_sample
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -320,7 +321,8 @@ def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Opti
     return Codebooks(cast(tensors), model_type=fam.name, hidden_size=fam.hidden_size,
                      transforms=part(pairs, 0), inverses=part(pairs, 1),
                      predictors=part(predictors, 0), predictor_biases=part(predictors, 1),
-                     placeholder_layers=[l for l in range(len(tensors)) if not fam.exchanged(l)])
+                     placeholder_layers=[l for l in range(len(tensors)) if not fam.exchanged(l)],
+                     weights_sample=weights_sample(fam.model))
 
 
 #: the ridge of the predictors' least squares, relative to the mean variance of their inputs

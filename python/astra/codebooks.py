@@ -23,6 +23,7 @@ import torch
 
 from astra_kernels import MAX_K, default_bits
 from astra_kernels.checks import FLOAT_DTYPES, check_finite, is_count
+from .weights_sample import check_text, mismatch
 
 FORMAT = "astra-codebooks"
 FORMAT_VERSION = "2"            # 2: metadata carries sha256 checksums of every layer and of the metadata
@@ -48,6 +49,9 @@ class Codebooks:
     transform, zero predictor): layers whose inputs every rank computes itself (:meth:`astra.models.Family.exchanged`
     is False for them), which :func:`astra.calibrate` therefore does not fit. :meth:`check_model` refuses these
     codebooks for a model whose family exchanges such a layer.
+    ``weights_sample``: None, or a sample of the weights of the checkpoint they were made for
+    (:mod:`astra.weights_sample`; :func:`astra.calibrate` takes it): :meth:`check_model` then refuses a model with other
+    weights. To use the codebooks with other weights on purpose, set it to None.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], *, model_type: str, hidden_size: int,
@@ -55,7 +59,7 @@ class Codebooks:
                  inverses: Optional[Sequence[torch.Tensor]] = None,
                  predictors: Optional[Sequence[torch.Tensor]] = None,
                  predictor_biases: Optional[Sequence[torch.Tensor]] = None,
-                 placeholder_layers: Sequence[int] = ()):
+                 placeholder_layers: Sequence[int] = (), weights_sample: Optional[str] = None):
         tensors = list(tensors)
         if not tensors:
             raise ValueError("Codebooks needs at least one layer")
@@ -95,6 +99,18 @@ class Codebooks:
         self.predictors, self.predictor_biases = _checked_predictors(predictors, predictor_biases, len(tensors),
                                                                      hidden_size)
         self.placeholder_layers = _checked_layers(placeholder_layers, len(tensors))
+        self.weights_sample = weights_sample
+
+    @property
+    def weights_sample(self) -> Optional[str]:
+        """The sample of the weights these codebooks were made for (:mod:`astra.weights_sample`), or None."""
+        return self._weights_sample
+
+    @weights_sample.setter
+    def weights_sample(self, text: Optional[str]) -> None:
+        if text is not None:
+            check_text(text)
+        self._weights_sample = text
 
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> "Codebooks":
         """The same codebooks (family, size, transforms) with other per-layer tensors. The transforms are shared,
@@ -106,6 +122,7 @@ class Codebooks:
         out.transforms, out.inverses = self.transforms, self.inverses
         out.predictors, out.predictor_biases = self.predictors, self.predictor_biases
         out.placeholder_layers = _checked_layers(self.placeholder_layers, out.num_layers)
+        out.weights_sample = self.weights_sample
         return out
 
     # -- shape metadata ----------------------------------------------------------------------------
@@ -161,14 +178,15 @@ class Codebooks:
         return Codebooks(moved(self.tensors), model_type=self.model_type, hidden_size=self.hidden_size,
                          transforms=moved(self.transforms), inverses=moved(self.inverses),
                          predictors=moved(self.predictors), predictor_biases=moved(self.predictor_biases),
-                         placeholder_layers=self.placeholder_layers)
+                         placeholder_layers=self.placeholder_layers, weights_sample=self.weights_sample)
 
     def bits_per_token(self) -> int:
         return self.groups * self.bits
 
     # -- model check -----------------------------------------------------------------------------
     def check_model(self, model) -> None:
-        """Raise ValueError unless these codebooks fit ``model`` (family, hidden size, layer count)."""
+        """Raise ValueError unless these codebooks fit ``model`` (family, hidden size, layer count, and the weights they
+        were made for where they keep a sample of them)."""
         from .models import family_of
 
         fam = family_of(model)
@@ -182,6 +200,11 @@ class Codebooks:
         if exchanged:
             raise ValueError(f"codebooks hold only placeholders for layer(s) {exchanged}, which every rank computed "
                              f"itself where they were calibrated, but {fam.name} exchanges them here: re-calibrate")
+        why = None if self.weights_sample is None else mismatch(self.weights_sample, model)
+        if why is not None:
+            raise ValueError(f"codebooks were made for other weights than this model's: {why}. Calibrate them for "
+                             "this checkpoint (astra.calibrate), or, to use them anyway, set codebooks.weights_sample "
+                             "= None")
 
     # -- integrity -------------------------------------------------------------------------------
     def layer_checksums(self) -> List[str]:
@@ -207,6 +230,8 @@ class Codebooks:
             meta["kinds"] = ",".join(["layer", *self._extra()])
         if self.placeholder_layers:
             meta["placeholder_layers"] = ",".join(map(str, self.placeholder_layers))
+        if self.weights_sample is not None:
+            meta["weights_sample"] = self.weights_sample
         return meta
 
     def checksum(self) -> str:
@@ -269,7 +294,8 @@ class Codebooks:
         tensors = read["layer"]
         cb = cls(tensors, model_type=model_type, hidden_size=hidden, transforms=read.get("transform"),
                  inverses=read.get("inverse"), predictors=read.get("predictor"),
-                 predictor_biases=read.get("predictor_bias"), placeholder_layers=_placeholder_layers(path, meta))
+                 predictor_biases=read.get("predictor_bias"), placeholder_layers=_placeholder_layers(path, meta),
+                 weights_sample=_weights_sample(path, meta))
         if cb.groups != G or cb.codebook_size != K:
             raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
         if model is not None:
@@ -330,6 +356,16 @@ def _placeholder_layers(path: str, meta: dict) -> tuple:
     except ValueError:
         raise ValueError(f"{path}: codebook file version 6 names placeholder layers "
                          f"{meta.get('placeholder_layers')!r}; expected layer numbers: the file is corrupt") from None
+
+
+def _weights_sample(path: str, meta: dict) -> Optional[str]:
+    text = meta.get("weights_sample")
+    try:
+        if text is not None:
+            check_text(text)
+    except ValueError:
+        raise ValueError(f"{path}: its weights sample is not readable: the file is corrupt") from None
+    return text
 
 
 def _checked_layers(layers: Sequence[int], count: int) -> tuple:

@@ -24,6 +24,7 @@ from .inputs import validate_inputs
 from .models import family_of
 from .split import resolve_class_token
 from .training import TrainSimRuntime
+from .weights_sample import weights_sample
 
 CODEBOOKS_FILE = "codebooks.safetensors"
 TRAIN_MODES = ("codebooks", "all")
@@ -228,6 +229,9 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
                 clip=float(clip))
     was_training = model.training
     model.eval()
+    if train == "all":      # the weights move: the codebooks' sample of them would refuse the model after a step
+        cb = cb.with_tensors(cb.tensors)
+        cb.weights_sample = None
     st = _setup(model, cb, train, lr, model_lr)
     dev = st.params[0].device
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -253,6 +257,8 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
             p.requires_grad_(st.frozen[name])
         model.train(was_training)
     res.codebooks = cb.with_tensors([p.detach().to(cb.dtype) for p in st.params])
+    if train == "all":
+        res.codebooks.weights_sample = weights_sample(model)
     if output_dir is not None:
         res.output_dir = save_finetuned(res, output_dir, save_model=(train == "all"))
     return res
