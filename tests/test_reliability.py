@@ -101,6 +101,37 @@ def _cases(rank):
             w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(float("inf")))
     pm = astra.parallelize(model, cb, timeout=5)
     out["1f_other_weights"] = (_outcome(lambda: pm(**inputs)), 0.0)
+    astra.unpatch(model)
+    out.update(_more_disagreements(rank, inputs, sim))
+    return out
+
+
+def _more_disagreements(rank, inputs, sim):
+    """Rows of a weight swapped on one rank (the weights' digest summed their bit patterns: a swap kept the sums);
+    ranks given different class_token options (one rank was aborted inside gloo); one checkpoint loaded from two
+    directories (refused for its path)."""
+    out = {}
+    model = tiny_model("gpt2")
+    if rank == 1:
+        with torch.no_grad():
+            w = model.transformer.h[1].mlp.c_fc.weight
+            w[[0, 3]] = w[[3, 0]].clone()
+    pm = astra.parallelize(model, None, timeout=5)
+    out["1g_swapped_rows"] = (_outcome(lambda: pm(**inputs)), 0.0)
+    astra.unpatch(model)
+    bert, bert_inputs = tiny_model("bert"), tiny_inputs("bert", seq=12)
+    pm = astra.parallelize(bert, None, timeout=5, class_token="distributed" if rank == 0 else "none")
+    out["1h_other_class_token"] = (_outcome(lambda: pm(**bert_inputs)), 0.0)
+    astra.unpatch(bert)
+    with torch.no_grad():
+        ref = bert(**bert_inputs).last_hidden_state
+    pm = astra.parallelize(bert, None, timeout=5, class_token="none")
+    out["1h_next"] = ("ok", float((pm.gather(pm(**bert_inputs)).last_hidden_state - ref).abs().max()))
+    astra.unpatch(bert)
+    loaded = tiny_model("gpt2")                    # as from_pretrained leaves it, from this rank's directory
+    loaded.config._name_or_path = f"/models/copy-{rank}/gpt2"
+    pm = astra.parallelize(loaded, astra.Codebooks.random(loaded, groups=1, codebook_size=8), timeout=5)
+    out["1i_two_directories"] = ("ok", float((pm.gather(pm(**inputs)).logits - sim).abs().max()))
     return out
 
 
@@ -118,7 +149,7 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
         assert "input values (digests) differ" in out["1a_same_shape_other_ids"][0]
         for name in ("1b_other_length", "1c_other_batch"):
             assert out[name][0].startswith(f"InputMismatchError: astra rank {rank}/{world}: input names, dtypes or "
-                                           "shapes differ"), out[name]
+                                           "shapes, or options (split, class_token) differ"), out[name]
         assert out["1b_other_length"][0].count("int64[2, 10]") == 1
         assert out["2a_out_of_vocab"][0] == (f"InvalidInputError: astra rank {rank}/{world}: input_ids holds 97 at "
                                              "position [0, 11]; valid ids are 0..96"), out
@@ -143,6 +174,11 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
         weights = out["1f_other_weights"][0]
         assert weights.startswith(f"InputMismatchError: astra rank {rank}/{world}: model weights differ between "
                                   "ranks") and "every rank must load the same checkpoint" in weights, weights
+        swapped = out["1g_swapped_rows"][0]
+        assert swapped.split(": rank 0:")[0] == weights.split(": rank 0:")[0] and "same checkpoint" in swapped, swapped
+        cls = out["1h_other_class_token"][0]
+        assert cls.startswith(f"InputMismatchError: astra rank {rank}/{world}: input names, dtypes or shapes, or "
+                              "options (split, class_token) differ") and "class_token=distributed" in cls, cls
 
 
 def _non_finite(rank):

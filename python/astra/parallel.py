@@ -9,7 +9,17 @@ import torch
 
 import astra_kernels as ak
 from . import profile as prof_
-from .agreement import INVALID, VALID, Fingerprint, describe_inputs, digest, disagreement, inputs_digest, weights_digest
+from .agreement import (
+    INVALID,
+    VALID,
+    Fingerprint,
+    config_text,
+    describe_inputs,
+    digest,
+    disagreement,
+    inputs_digest,
+    weights_digest,
+)
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks
 from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
@@ -61,7 +71,7 @@ class DistRuntime(RuntimeBase):
         self.local_fallback = False          # the last forward ran on this rank alone (on_peer_failure="local")
         self._slot = 0                       # the next exchange of the current forward
         self._dtype, self._elt = p.dtype, p.element_size()
-        self._model_digest = digest(type(model).__name__, model.config.to_json_string(use_diff=False),
+        self._model_digest = digest(type(model).__name__, config_text(model.config),
                                     sum(q.numel() for q in model.parameters()), p.dtype)[:8] + weights_digest(model)
         self._cb_digest = b"\0" * 16 if codebooks is None else digest(codebooks.checksum())
 
@@ -426,7 +436,8 @@ class DistRuntime(RuntimeBase):
                          model=self._model_digest, codebooks=self._cb_digest,
                          values=b"\0" * 16 if err else digest(inputs_digest(inputs), request),
                          text=f"{type(err).__name__}: {err}" if err
-                         else f"{request}{describe_inputs(inputs)}; split {self.split}")
+                         else f"{request}{describe_inputs(inputs)}; split {self.split}; class_token="
+                         f"{'distributed' if self.cls else 'none'}")
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
