@@ -333,9 +333,30 @@ def _mixed_calls(rank):
     after("refused on one rank", lambda: pm.generate(ids, max_new_tokens=2, **({"use_cache": False} if rank == 0
                                                                                  else {})))
     after("forward vs generate", lambda: pm(**x) if rank == 0 else pm.generate(ids, max_new_tokens=2))
+    bad_config = {"max_new_tokens": 3} if rank == 1 else None          # not a GenerationConfig: AttributeError in HF
+    after("bad generation_config on one rank", lambda: pm.generate(ids, max_new_tokens=3,
+                                                                   generation_config=bad_config))
+    after("interrupted decode", lambda: pm.generate(ids, max_new_tokens=4, streamer=_Interrupting() if rank == 1
+                                                    else None))
     out["generate"] = pm.generate(ids, max_new_tokens=4).tolist()
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+class _Interrupting:
+    """A streamer whose third token interrupts the last rank's decode (before: its peers waited out the timeout and
+    the group broke)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt()
+
+    def end(self):
+        pass
 
 
 def test_ranks_calling_different_things_all_raise_and_stay_usable():
@@ -365,6 +386,12 @@ def test_ranks_calling_different_things_all_raise_and_stay_usable():
         refused = out["refused on one rank"]        # before: rank 0 alone raised; rank 1's next call paired with it
         assert refused.startswith(f"InputMismatchError: astra rank {rank}/2: rank 0 rejected its inputs "
                                   "(UnsupportedModelError: ") and "use_cache=False" in refused, refused
+        bad = out["bad generation_config on one rank"]       # before: rank 1 alone raised, then the calls paired off
+        assert bad.startswith(f"InputMismatchError: astra rank {rank}/2: rank 1 rejected its inputs "
+                              "(AttributeError:"), bad
+        interrupted = out["interrupted decode"]
+        assert interrupted == "KeyboardInterrupt: " if rank == 1 else interrupted.startswith(
+            "RankFailedError: astra rank 0/2: rank 1 failed") and "KeyboardInterrupt" in interrupted, interrupted
         assert out["generate"] == want
         assert out["seconds"] < 60           # every case is told at once, none waits for the 5 s timeout
 

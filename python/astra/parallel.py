@@ -620,8 +620,8 @@ class ParallelModel:
         try:
             check_generation(rt.fam)
             prompt = prepare_prompt(rt.fam, input_ids, attention_mask, position_ids, generation_config, kwargs)
-        except (ValueError, UnsupportedModelError) as e:
-            err = e                         # raised on every rank by the agreement
+        except Exception as e:              # raised on every rank by the agreement (any error: else the ranks' calls
+            err = e                         # would pair off one call apart)
         if rt.broken is not None:
             if err is not None:
                 raise err
@@ -660,7 +660,7 @@ class ParallelModel:
                 result = hf_generate(self.module, prompt, kv, [self._heartbeat()])
         except PeerError:
             raise
-        except Exception as e:
+        except BaseException as e:          # an interrupt too: the waiting ranks are told at once, not at the timeout
             self._send_header(GEN_FAILED)
             text = f"{type(e).__name__}: {e}".encode("utf-8")[:ERROR_TEXT_NBYTES].ljust(ERROR_TEXT_NBYTES, b"\0")
             rt.transport.broadcast(torch.frombuffer(bytearray(text), dtype=torch.uint8).to(rt.transport.device),
