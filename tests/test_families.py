@@ -137,6 +137,41 @@ def test_sliding_window_is_refused_beyond_the_window():
     assert family_of(tiny_model("qwen2")).window() is None          # use_sliding_window=False: full attention
 
 
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_length_dependent_rope_is_exact_within_its_original_length_and_refused_beyond(rope_type):
+    """HF's dynamic and longrope rotary modules pick their frequencies from the largest position they are given:
+    each rank's chunk got other frequencies than the whole sequence (simulate 3.7e-4 to 1e-2 off the model)."""
+    rope = dict(rope_type=rope_type, factor=2.0, rope_theta=10000.0)
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0] * 8, long_factor=[2.0] * 8, original_max_position_embeddings=10)
+    model = tiny_model("llama", max_position_embeddings=10 if rope_type == "dynamic" else 32, rope_parameters=rope,
+                       hidden_size=64, num_attention_heads=4)
+    assert family_of(model).rope_scaled_beyond() == (rope_type, 10)
+    ok = tiny_inputs("llama", seq=10)
+    with torch.no_grad():
+        ref = model(**ok).logits
+    assert float((astra.simulate(model, ok, world_size=3).logits - ref).abs().max()) < TOL
+    with pytest.raises(astra.UnsupportedModelError, match=f"spans 11 positions, more than the 10 beyond which llama's "
+                                                          f"'{rope_type}' rotary embedding changes its frequencies"):
+        astra.simulate(model, tiny_inputs("llama", seq=11), world_size=3)
+    assert family_of(tiny_model("llama")).rope_scaled_beyond() is None
+
+
+@pytest.mark.parametrize("flag,value", [("output_hidden_states", True), ("output_attentions", True),
+                                        ("return_dict", False)])
+def test_output_flags_set_on_the_config_are_refused_like_the_call_flags(flag, value):
+    """The call's flags were checked, the config's were not: hidden states in astra's internal layout (ViT: 18
+    tokens for 17), empty attentions, and with return_dict=False a bare AttributeError on every rank."""
+    for family in ("bert", "vit"):
+        model = tiny_model(family)
+        model.config._attn_implementation = "eager"       # HF refuses output_attentions with sdpa
+        setattr(model.config, flag, value)
+        with pytest.raises(astra.UnsupportedModelError, match="the model's config sets"):
+            astra.simulate(model, tiny_inputs(family), world_size=2)
+        setattr(model.config, flag, not value)
+        assert astra.simulate(model, tiny_inputs(family), world_size=2) is not None
+
+
 def test_a_compiled_model_is_refused_naming_the_model_to_give():
     """torch.compile's wrapper was refused as "the head OptimizedModule on GPT2Model"."""
     model = tiny_model("gpt2")

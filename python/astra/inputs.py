@@ -25,6 +25,7 @@ def check_inputs(fam: Family, inputs: Dict[str, Any]) -> Dict[str, Any]:
     unmodified model ignores too. Refused: the flags above when True, ``return_dict=False``, :data:`REFUSED_INPUTS`
     by name, and inputs the model's ``forward`` names but astra does not take (they change what is computed)."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
+    _check_config_flags(fam)
     for flag in REFUSED_FLAGS:
         if inputs.pop(flag, False):
             raise UnsupportedModelError(f"astra does not support {flag}=True")
@@ -42,6 +43,19 @@ def check_inputs(fam: Family, inputs: Dict[str, Any]) -> Dict[str, Any]:
         raise UnsupportedModelError(f"astra does not support the input(s) {sorted(bad)} for "
                                     f"{type(fam.model).__name__}; it takes {sorted(fam.inputs)}")
     return inputs
+
+
+def _check_config_flags(fam: Family) -> None:
+    """The flags above set on the model's configuration, which the model reads where a call does not give them (the
+    call's own flags are dropped, so a call's False does not override them either)."""
+    cfg = fam.model.config
+    for flag in REFUSED_FLAGS:
+        if getattr(cfg, flag, False):
+            raise UnsupportedModelError(f"astra does not support {flag}=True, which the model's config sets: set "
+                                        f"config.{flag} = False")
+    if getattr(cfg, "return_dict", True) is False:
+        raise UnsupportedModelError("astra needs return_dict=True outputs, and the model's config sets "
+                                    "return_dict=False: set config.return_dict = True")
 
 
 def seq_geometry(fam: Family, inputs: Dict[str, Any]) -> Tuple[int, int]:
@@ -162,11 +176,13 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
         split_indices(T, world_size, cls)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
-    _check_length(fam, T, "position_ids" in inputs)
+    pos = inputs.get("position_ids")
+    _check_length(fam, T, pos is not None, T if pos is None or not pos.numel() else int(pos.max()) + 1)
     return inputs
 
 
-def _check_length(fam: Family, T: int, given_positions: bool) -> None:
+def _check_length(fam: Family, T: int, given_positions: bool, span: int) -> None:
+    """``span``: the largest position + 1, which a length-dependent rotary embedding reads."""
     limit = None if given_positions else fam.max_len()      # given position ids are range-checked above
     if limit is not None and T > limit:
         raise InvalidInputError(f"the sequence has {T} tokens; {fam.name}'s position embeddings hold {limit}")
@@ -175,3 +191,10 @@ def _check_length(fam: Family, T: int, given_positions: bool) -> None:
         # astra's attention has no sliding window: refused rather than computed differently from the model
         raise UnsupportedModelError(f"the sequence has {T} tokens, more than {fam.name}'s sliding window of "
                                     f"{window}: astra does not implement sliding-window attention")
+    rope = fam.rope_scaled_beyond()
+    if rope is not None and span > rope[1]:
+        # the model's rotary module picks its frequencies from the largest position it is given: each rank's chunk
+        # would get other frequencies than the whole sequence
+        raise UnsupportedModelError(f"the sequence spans {span} positions, more than the {rope[1]} beyond which "
+                                    f"{fam.name}'s {rope[0]!r} rotary embedding changes its frequencies with the "
+                                    "sequence's length: astra computes every rank's positions with one set of them")

@@ -288,6 +288,19 @@ class Family:
         return self.adapter.q(module, h, self.head_dim).transpose(1, 2)
 
     # -- rotary embedding ------------------------------------------------------------------------
+    def rope_scaled_beyond(self) -> Optional[Tuple[str, int]]:
+        """``(rope_type, length)`` if the model's rotary frequencies depend on the largest position it is given once
+        the positions pass ``length`` (HF's "dynamic" and "longrope" types), else None."""
+        rot = getattr(self.base, "rotary_emb", None) if self.rope else None
+        types = getattr(rot, "rope_type", None)
+        types = set(types.values()) if isinstance(types, dict) else {types}
+        scaled = sorted(t for t in types if isinstance(t, str) and ("dynamic" in t or t == "longrope"))
+        if not scaled:
+            return None
+        params = getattr(self.base.config, "rope_parameters", None) or {}
+        limits = [getattr(rot, "original_max_seq_len", None), params.get("original_max_position_embeddings")]
+        return scaled[0], min(int(x) for x in limits if isinstance(x, int))
+
     def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[B or 1, T, Dh]`` at ``position_ids`` from the model's own rotary module."""
         dummy = torch.empty(0, dtype=dtype, device=position_ids.device)
