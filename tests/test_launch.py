@@ -1,9 +1,11 @@
 """astra.launch (local gloo ranks), failure handling (a peer dies or stalls -> PeerError within the timeout,
 never a hang), and torchrun."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -153,6 +155,68 @@ def test_a_function_defined_under_the_main_guard_is_named_as_the_cause(tmp_path)
     line = r.stdout.split("LAUNCH_ERROR", 1)[1]
     assert "rank 0 raised ValueError: the rank could not load fn" in line and "rank 1 raised" in line
     assert "not under `if __name__ == '__main__':`" in r.stdout
+
+
+class _BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("no text")
+
+
+def _raise_bad_str(rank):
+    raise _BadStr()
+
+
+def test_an_exception_whose_str_fails_is_still_reported():
+    """The report itself raised in the rank: "exited without a result" and the traceback lost."""
+    with pytest.raises(astra.LaunchError, match=r"rank 0 raised _BadStr: <its str\(\) failed>") as e:
+        astra.launch(_raise_bad_str, 2, join_timeout=60)
+    assert "Traceback" in e.value.errors[1] and e.value.dead == []
+
+
+def test_ranks_do_not_outlive_a_launcher_killed_by_sigterm(tmp_path):
+    """SIGTERM skips the launcher's finally: its ranks kept running, parented to init, and the rendezvous directory
+    stayed."""
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'python')!r}, {str(ROOT / 'tests')!r}]
+        import astra
+        from test_launch import _sleep_and_say
+        if __name__ == "__main__":
+            astra.launch(_sleep_and_say, 2, {str(tmp_path)!r}, join_timeout=120)
+    """))
+    before = set(os.listdir(tempfile.gettempdir()))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("rank-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank-*")]
+    assert len(pids) == 2
+    made = {d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("astra-launch-")}
+    assert made
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+    assert not any(os.path.exists(os.path.join(tempfile.gettempdir(), d)) for d in made)
+
+
+def _sleep_and_say(rank, folder):
+    with open(os.path.join(folder, f"rank-{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+    return rank
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:                    # a zombie is gone for this purpose
+        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_launch_reports_rank_errors():

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -64,9 +65,42 @@ def _unpickled_fn(fn_bytes: bytes) -> Callable:
                          "'__main__':`, or in an importable module") from e
 
 
-def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn_bytes, args, kwargs, q):
+def _exit_with_launcher(launcher: int, rdv_dir: str) -> None:
+    """A rank outlives no launching process: one killed by a signal that skips its ``finally`` (SIGTERM) left every
+    rank running, parented to init, and the rendezvous directory behind. A thread polls twice a second."""
+    parent = os.getppid()       # the launcher under spawn; forkserver's server otherwise
+
+    def gone() -> bool:
+        if os.getppid() != parent:
+            return True
+        try:
+            os.kill(launcher, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    def watch():
+        while not gone():
+            time.sleep(0.5)
+        shutil.rmtree(rdv_dir, ignore_errors=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="astra-launch-watch", daemon=True).start()
+
+
+def _described(e: BaseException) -> str:
+    try:
+        return f"{type(e).__name__}: {e}"
+    except Exception:           # an exception whose __str__ fails still gets reported
+        return f"{type(e).__name__}: <its str() failed>"
+
+
+def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn_bytes, args, kwargs, q, launcher):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
+    _exit_with_launcher(launcher, os.path.dirname(init_method[len("file://"):]))
     try:
         fn = _unpickled_fn(fn_bytes)
         if tune:
@@ -87,7 +121,7 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
                 pass
         q.put((rank, "ok", _dump(result)))
     except BaseException as e:  # report everything, including SystemExit from fn
-        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        q.put((rank, "err", f"{_described(e)}\n{traceback.format_exc()}"))
 
 
 def _start(procs) -> None:
@@ -153,7 +187,9 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     collective timeout (seconds); ``join_timeout`` bounds the whole run (ranks still running then are
     killed). ``tune_allocator``: every rank first calls :func:`astra.tune_allocator` (glibc keeps freed memory
     instead of faulting it in again every layer; see :mod:`astra.allocator`). Raises :class:`astra.LaunchError`
-    if a rank raised, died, or was killed; the error carries the results of the ranks that did return.
+    if a rank raised, died, or was killed; the error carries the results of the ranks that did return. No rank
+    outlives the launching process, however it ends (an exception, an interrupt, SIGTERM or SIGKILL: the ranks poll
+    for it twice a second), and the rendezvous directory goes with them.
     """
     if not is_count(world_size, 1):
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -168,9 +204,9 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     init_method = "file://" + os.path.join(rdv_dir, "rendezvous")
     procs, grace_s = [], 0.0         # an exception or interrupt here: kill the ranks at once
     try:
-        procs = [ctx.Process(target=_worker, args=(r, world_size, init_method, backend, float(timeout), threads,
-                                                   tune_allocator, fn_bytes, args, kwargs, q), daemon=True)
-                 for r in range(world_size)]
+        common = (world_size, init_method, backend, float(timeout), threads, tune_allocator, fn_bytes, args, kwargs,
+                  q, os.getpid())
+        procs = [ctx.Process(target=_worker, args=(r, *common), daemon=True) for r in range(world_size)]
         deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
         _start(procs)
         results, errors, timed_out = _collect(procs, q, world_size, deadline)
