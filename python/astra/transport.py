@@ -101,8 +101,8 @@ class Transport:
 
     # -- error handling --------------------------------------------------------------------------
     def _peer_error(self, what: str, e: Optional[BaseException]) -> PeerError:
-        msg = (f"astra rank {self.rank}/{self.world}: {what} failed - a peer rank died, stalled for more than "
-               f"{self.timeout_s:g}s, or the process group broke")
+        msg = (f"astra rank {self.rank}/{self.world}: {what} failed - a peer rank died, stalled past the timeout "
+               f"({self.timeout_s:g}s, or the process group's own if that is shorter), or the process group broke")
         if e is not None:
             msg += f" ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
         return PeerError(msg)
