@@ -67,27 +67,44 @@ def digest(*parts: Any) -> bytes:
     return h.digest()
 
 
-#: the position weights of :func:`weights_digest`: element i of a parameter weighs ``i * _POS_MUL + _POS_ADD`` (int64,
-#: wrapping), and it is summed ``_CHUNK`` elements at a time
-_POS_MUL, _POS_ADD, _CHUNK = -7046029254386353131, 0x5851F42D4C957F2D, 1 << 22
+#: :func:`weights_digest` weighs element i of a parameter by ``_position_weights()[i % _BLOCK]`` times ``i // _BLOCK
+#: + 1`` (odd pseudo-random int32s from a multiplicative hash; the products wrap), ``_SLAB`` blocks at a time
+_POS_MUL, _POS_ADD, _BLOCK, _SLAB = -7046029254386353131, 0x5851F42D4C957F2D, 1 << 16, 256
+
+
+def _position_weights(dtype: torch.dtype, device) -> torch.Tensor:
+    w = ((torch.arange(_BLOCK, dtype=torch.int64) * _POS_MUL + _POS_ADD) >> 32) | 1
+    return w.to(device=device, dtype=torch.int64 if dtype == torch.int64 else torch.int32)
+
+
+def _weighted_sum(bits: torch.Tensor) -> int:
+    """``sum_i bits[i] * w(i)`` with the position weights above, exact (integer) whatever the reduction's order."""
+    w = _position_weights(bits.dtype, bits.device)
+    n, total = bits.numel(), 0
+    for start in range(0, n, _BLOCK * _SLAB):
+        part = bits[start: start + _BLOCK * _SLAB]
+        full = part.numel() // _BLOCK * _BLOCK
+        first = start // _BLOCK + 1
+        if full:
+            per_block = (part[:full].view(-1, _BLOCK) * w).sum(dim=1, dtype=torch.int64)
+            index = torch.arange(first, first + per_block.numel(), dtype=torch.int64, device=bits.device)
+            total += int((per_block * index).sum())
+        if full < part.numel():
+            total += int((part[full:] * w[: part.numel() - full]).sum(dtype=torch.int64)) * (first + full // _BLOCK)
+    return total
 
 
 @torch.no_grad()
 def weights_digest(model) -> bytes:
-    """8-byte digest of every parameter's values: per parameter two sums, as int64 (wrapping), of its elements' bit
-    patterns: plain, and each weighted by an odd function of its position, so the digest is exact and the same
-    whatever the reduction's order or thread count, and elements that trade places change it (a plain sum, and one
-    of every third element, did not see two rows swapped). Two checkpoints, or two random initialisations, differ
-    in it; the model's configuration and size alone did not tell them apart."""
+    """8-byte digest of every parameter's values: per parameter the sum, as an integer, of its elements' bit
+    patterns each weighted by an odd function of its position (:func:`_weighted_sum`), so the digest is exact and the
+    same whatever the reduction's order or thread count, any one changed element changes it, and so do elements
+    that trade places (a plain sum, and one of every third element, did not see two rows swapped). Two checkpoints,
+    or two random initialisations, differ in it; the model's configuration and size alone did not tell them apart.
+    (One pass over the weights: ~0.3 s for GPT-2's 124 M on 2 busy cores.)"""
     sums = []
     for name, p in model.named_parameters():
-        bits = p.detach().reshape(-1).view(INT_OF_SIZE[p.element_size()])
-        weighted = 0
-        for start in range(0, bits.numel(), _CHUNK):
-            part = bits[start: start + _CHUNK].to(torch.int64)
-            pos = torch.arange(start, start + part.numel(), dtype=torch.int64, device=part.device)
-            weighted += int((part * (pos * _POS_MUL + _POS_ADD)).sum())
-        sums += [name, int(bits.sum(dtype=torch.int64)), weighted]
+        sums += [name, _weighted_sum(p.detach().reshape(-1).view(INT_OF_SIZE[p.element_size()]))]
     return digest(*sums)[:8]
 
 
