@@ -134,7 +134,17 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
         out, lse = attention_triton(qs.q, qs.q_pos, segs, causal=qs.causal, scale=qs.scale)
     else:
         out, lse = _attention_torch(qs, segs)
+    if check is not None or lse.device.type == "cpu":     # a sync on a device: only with validate
+        _check_lse(lse)
     return (out, lse) if return_lse else out
+
+
+def _check_lse(lse: torch.Tensor) -> None:
+    """Raise ValueError where a row's log-sum-exp is NaN or +inf: its scores overflowed the compute dtype (a row
+    that sees no key has ``-inf``, never these). One reduction over ``[B, H, T]``."""
+    if lse.numel() and not bool(lse.amax() < float("inf")):       # NaN fails the compare too
+        raise ValueError(f"attention scores overflow {lse.dtype}: scale * q.k (or its log-sum-exp) is not finite; "
+                         "q, k or scale are too large")
 
 
 def _queries(q, qp, causal, scale, segments) -> Queries:
@@ -486,6 +496,7 @@ def _attention_torch(qs: Queries, segments: Sequence[Segment]) -> Tuple[torch.Te
     for seg in segments:
         K, V, kpos, kbias = _DENSE[type(seg)](seg, ct)
         o, l = _one_segment(qs, K, V, kpos, kbias, ct)
+        _check_lse(l)                       # before a merge, which would refuse it naming lse_a / lse_b
         if acc_o is None:
             acc_o, acc_l = o, l
         else:
@@ -581,13 +592,14 @@ def _attention_kernel(kernel, qs: Queries, K, V, kpos, kbias):
 def _attention_flash_cpu(flash, qs, K, V, kpos, kbias, ct):
     """torch's fused CPU flash-attention kernel with an additive float mask: key bias (padding -inf,
     log(count)) broadcast over queries, plus the causal mask by position where it matters.
-    GQA: the G query heads of a kv head are stacked along the query axis (a view of contiguous q)."""
+    GQA: the G query heads of a kv head are stacked along the query axis (a view of q where its head dim is
+    contiguous, as for G = 1: the kernel reads any strides but that one's)."""
     q = qs.q
     B, Hq, Hkv, Tl, Dh = qs.B, qs.Hq, K.shape[1], qs.Tl, qs.Dh
     G = Hq // Hkv
     N = K.shape[2]
     K, V = _rows_contiguous(K), _rows_contiguous(V)    # the kernel takes any strides but the head dim's
-    q5 = _rows_contiguous(q.to(ct)).unsqueeze(2) if G == 1 else q.to(ct).reshape(B, Hkv, G, Tl, Dh)
+    q5 = _rows_contiguous(q.to(ct)).reshape(B, Hkv, G, Tl, Dh)
     causal = _masked_causally(qs, kpos)
     if (causal and N > _CAUSAL_CHUNKED_MAX_KEYS and kpos is qs.q_pos and Tl > 1
             and bool((kpos[:, 1:] > kpos[:, :-1]).all())):
@@ -604,7 +616,7 @@ def _attention_flash_cpu(flash, qs, K, V, kpos, kbias, ct):
             lse[:, :, t0:t1] = _NEG_INF
             continue
         qc = q5[:, :, :, t0:t1].reshape(B, Hkv, G * c, Dh)
-        mask, empty = _chunk_mask(qs, kpos, kbias, t0, t1, n, G, ct) if causal else _bias_mask(kbias, c)
+        mask, empty = _chunk_mask(qs, kpos, kbias, t0, t1, n, G, ct) if causal else _bias_mask(kbias, B, N, c, ct)
         o, l = flash(qc, K[:, :, :n], V[:, :, :n], 0.0, False, attn_mask=mask, scale=qs.scale)
         o = o.reshape(B, Hq, c, Dh)
         l = l.reshape(B, Hq, c)
@@ -625,7 +637,7 @@ def _flash_triangle(flash, qs: Queries, K, V, kbias, ct):
     G = Hq // Hkv
     Kx = K if G == 1 else K.repeat_interleave(G, dim=1)
     Vx = V if G == 1 else V.repeat_interleave(G, dim=1)
-    mask = None if kbias is None else kbias.view(B, 1, 1, K.shape[2])
+    mask, _ = _bias_mask(kbias, B, K.shape[2], Tl, ct)
     o, l = flash(_rows_contiguous(q.to(ct)), Kx, Vx, 0.0, True, attn_mask=mask, scale=qs.scale)
     l = l.to(ct)
     if kbias is not None:
@@ -669,11 +681,12 @@ def _chunk_mask(qs: Queries, kpos, kbias, t0: int, t1: int, n: int, G: int, ct):
     return mask.unsqueeze(1).unsqueeze(1).expand(B, 1, G, c, n).reshape(B, 1, G * c, n), empty
 
 
-def _bias_mask(kbias, c: int):
-    """Key bias alone ``[B, 1, 1, N]`` (or None) and the rows that see no key ``[B, c]`` (or None)."""
+def _bias_mask(kbias, B: int, N: int, c: int, ct):
+    """Key bias alone ``[B, 1, 1, N]`` (zeros without one) and the rows that see no key ``[B, c]`` (or None).
+    Always a mask: with none, torch's CPU flash kernel turns a row whose fp32 scores overflow to NaN into
+    ``out = 0, lse = 0`` (a wrong answer no check can see); with one the NaN reaches the lse (~1 % slower)."""
     if kbias is None:
-        return None, None
-    B, N = kbias.shape
+        return torch.zeros(B, 1, 1, N, dtype=ct), None
     return kbias.view(B, 1, 1, N), torch.isneginf(kbias).all(dim=-1, keepdim=True).expand(B, c)
 
 

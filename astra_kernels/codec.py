@@ -23,13 +23,15 @@ import torch
 
 from . import _codec
 from ._dispatch import resolve_backend
-from .checks import MAX_BITS, check_bits
+from .checks import MAX_BITS, check_bits, is_count
 
 __all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "header_nbytes", "crc32c",
            "CODES_DTYPE"]
 
 #: dtype of the codes returned by :func:`unpack_codes`.
 CODES_DTYPE = torch.int32
+_INT64 = 1 << 63                # a dim outside +-2**63 does not reach the C++ codec's own check
+_CRC_MAX = (1 << 32) - 1
 
 # torch dtype -> C++ DType enum (csrc/codec.h). int8 works for widths up to 7 (non-negative values).
 _DTYPES = {
@@ -49,6 +51,9 @@ def frame_layout(shape: Sequence[int], bits: int) -> Tuple[int, int, int]:
     dims = list(shape)
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in dims):
         raise ValueError(f"shape must hold integers, got {tuple(shape)!r}")
+    for d, s in enumerate(dims):        # the C++ codec names any other bad size; these do not even reach it
+        if not -_INT64 <= s < _INT64:
+            raise ValueError(f"dimension {d} of size {s} does not fit the frame format")
     return _codec.frame_layout(int(bits), [int(s) for s in dims])
 
 
@@ -183,9 +188,21 @@ def unpack_codes(frame, *, backend: str = "auto") -> torch.Tensor:
         f = _frame_tensor(frame)
     ptr, n = f.data_ptr(), f.numel()
     _, shape = _codec.parse_header(ptr, n)
+    if 0 in shape:
+        _codec.unpack(ptr, n, 0, 0)                      # no codes; the CRC is checked all the same
+        return _empty_codes(shape)
     out = torch.from_numpy(np.empty(shape, np.int32))
     _codec.unpack(ptr, n, out.data_ptr(), out.numel())
     return out
+
+
+def _empty_codes(shape, device=None) -> torch.Tensor:
+    """The empty ``CODES_DTYPE`` tensor of ``shape`` (a dim is 0): numpy refuses one whose other dims are huge ("array
+    is too big"), torch one whose strides overflow int64 (then zero strides: it stores nothing)."""
+    try:
+        return torch.empty(shape, dtype=CODES_DTYPE, device=device)
+    except RuntimeError:
+        return torch.empty_strided(shape, (0,) * len(shape), dtype=CODES_DTYPE, device=device)
 
 
 def _unpack_triton(frame: torch.Tensor) -> torch.Tensor:
@@ -198,11 +215,17 @@ def _unpack_triton(frame: torch.Tensor) -> torch.Tensor:
     # copy of those bytes with the true frame length validates the header and the frame's size
     head = frame[: min(n, header_nbytes(_codec.MAX_NDIM))].cpu().contiguous()
     bits, shape = _codec.parse_header(head.data_ptr(), n)
+    if 0 in shape:                                      # no payload: head is the whole frame
+        _codec.unpack(head.data_ptr(), n, 0, 0)
+        return _empty_codes(shape, frame.device)
     header = bytes(head[: header_nbytes(len(shape)) - 4].tolist())   # the bytes the CRC covers before the payload
     return unpack_frame_triton(frame.contiguous(), bits, shape, header)
 
 
 def crc32c(data, crc: int = 0) -> int:
-    """CRC32C (Castagnoli) of a uint8 tensor / bytes, continuing from ``crc`` (0 starts afresh)."""
+    """CRC32C (Castagnoli) of a uint8 tensor / bytes, continuing from ``crc`` (0 starts afresh; an int in
+    ``0..2**32 - 1``, a previous result)."""
+    if not (is_count(crc) and crc <= _CRC_MAX):
+        raise ValueError(f"crc must be an int in 0..{_CRC_MAX} (a CRC32C to continue from), got {crc!r}")
     t = _frame_tensor(data)
     return _codec.crc32c(t.data_ptr(), t.numel(), int(crc))

@@ -54,8 +54,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) 
     op = None if _FAILED else _onednn_op()
     if (op is not None and x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
             and x.numel() and not _wants_grad(x, w, bias)):
-        try:
-            return op(x, w.t(), bias, "none", [None], "")
+        try:       # the op reads the bias as dense memory whatever its strides: a view ([::2], expand) needs a copy
+            return op(x, w.t(), None if bias is None else bias.contiguous(), "none", [None], "")
         except RuntimeError:        # not built for this input on this torch: torch's default from now on
             _FAILED.append(True)
     if bias is None:

@@ -233,6 +233,10 @@ class CountKeys:
         check_finite("k_table", self.k_table)
         check_finite("v_table", self.v_table)
         _check_code_range(self.codes, self.k_table.shape[0])
+        # finite, or -inf (padding): NaN / +inf read as a finite wrong answer or as an empty row
+        if self.log_counts.numel():
+            require(bool(self.log_counts.amax() < float("inf")), "log_counts contains NaN or +inf "
+                    "(each entry is log(count), or -inf for padding)")
 
     @property
     def num_keys(self) -> int:

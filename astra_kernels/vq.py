@@ -66,7 +66,7 @@ import torch
 
 from . import _vq_screen
 from ._dispatch import resolve_backend
-from .checks import FLOAT_DTYPES, INT_OF_SIZE, MAX_BITS, check_bits, check_finite
+from .checks import FLOAT_DTYPES, INT_OF_SIZE, MAX_BITS, check_bits, check_finite, is_count, require
 
 __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "vq_distances_reference",
            "vq_decode_reference", "default_bits", "MAX_K"]
@@ -177,7 +177,8 @@ def _check_codes(codes, G: int, K: int, check_range: bool = True) -> None:
 
 
 def default_bits(K: int) -> int:
-    """``ceil(log2 K)``, at least 1: the code width for a ``K``-entry codebook."""
+    """``ceil(log2 K)``, at least 1: the code width for a ``K``-entry codebook, ``K`` an int in ``1..MAX_K``."""
+    require(is_count(K, 1) and K <= MAX_K, f"K (codebook entries) must be an int in 1..{MAX_K}, got {K!r}")
     return max(1, int(K - 1).bit_length())
 
 
@@ -247,10 +248,8 @@ class _CodebookPrep:
 
     def __init__(self, codebook: torch.Tensor):
         G, K, DG = codebook.shape
-        c64 = codebook.detach().to(torch.float64)
-        self.mu32 = c64.mean(1).to(torch.float32).contiguous()                             # [G, DG]
+        self.mu32, cc = _centred_codebook(codebook)                      # [G, DG], [G, K, DG] float64
         self.mu_flat = self.mu32.reshape(-1)                                                # [G*DG]
-        cc = c64 - self.mu32.to(torch.float64)[:, None, :]                # exact for fp32/16 codebooks
         self.cb32 = cc.to(torch.float32).contiguous()                    # [G, K, DG] fp32 (refinement)
         cb = cc.to(torch.bfloat16)
         self.cbT = cb.transpose(1, 2).contiguous()                       # [G, DG, K] bf16
@@ -553,7 +552,7 @@ def _encode_small(x2, codebook, p, codes, ws: dict):
     gam = (DG + 2) * _U_F32 / (1 - (DG + 2) * _U_F32)
     chunk = min(N, _SMALL_CHUNK)
     for s in range(0, N, chunk):
-        xc = _center(x2[s:s + chunk], p, ws, torch.float64 if f64 else torch.float32)   # x - mu
+        xc = _center(x2[s:s + chunk], p.mu_flat, ws)                                   # x - mu
         n = xc.shape[0]
         x32 = xc.to(torch.float32).contiguous() if f64 else xc
         nx, nres = _group_norms(xc, x32, G, DG)
@@ -585,11 +584,23 @@ def _workspace() -> dict:
     return ws
 
 
-def _center(xc: torch.Tensor, p: "_CodebookPrep", ws: dict, work_dtype) -> torch.Tensor:
-    """``x - mu`` for a chunk ``[n, D]``: one fp32 rounding (float64 kept for float64 inputs)."""
-    if work_dtype == torch.float64:
-        return xc.to(torch.float64) - p.mu_flat.to(torch.float64)
-    return torch.sub(xc, p.mu_flat, out=_ws_view(ws, "xcen", tuple(xc.shape), torch.float32))
+def _centred_codebook(codebook: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The centred frame both encode paths work in: ``(mu [G, DG] fp32, cc = c - mu [G, K, DG] float64)``, ``mu``
+    the mean codeword of each group (``cc`` exact for fp32 / fp16 / bf16 codebooks). Distances are translation
+    invariant, and relative to ``mu`` the ``||c||^2 - 2 x.c`` of a screen does not cancel under a large offset
+    common to the inputs and the codebook."""
+    c64 = codebook.detach().to(torch.float64)
+    mu32 = c64.mean(1).to(torch.float32).contiguous()
+    return mu32, c64 - mu32.to(torch.float64)[:, None, :]
+
+
+def _center(x: torch.Tensor, mu_flat: torch.Tensor, ws: Optional[dict] = None) -> torch.Tensor:
+    """``x - mu`` for rows ``x [n, D]`` (``mu_flat [D]``: the ``mu`` of :func:`_centred_codebook`): one fp32 rounding
+    (float64 kept for float64 inputs), into the CPU workspace buffer ``ws["xcen"]`` when ``ws`` is given."""
+    if x.dtype == torch.float64:
+        return x - mu_flat.to(torch.float64)
+    out = None if ws is None else _ws_view(ws, "xcen", tuple(x.shape), torch.float32)
+    return torch.sub(x, mu_flat, out=out)
 
 
 def _ws_view(ws: dict, name: str, shape, dtype) -> torch.Tensor:
@@ -640,7 +651,7 @@ def _screen_large_bf16(x2, p: "_CodebookPrep", ws: dict, vals, idx, e_out) -> No
     (the bound of the module docstring)."""
     G, K, DG = p.cb32.shape
     work_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    xc = _center(x2, p, ws, work_dtype)                                  # x - mu, rounded once
+    xc = _center(x2, p.mu_flat, ws)                                      # x - mu, rounded once
     n = xc.shape[0]
     xg = xc.reshape(n, G, DG).transpose(0, 1)                           # [G, n, DG] view
     xb = _ws_view(ws, "xb", (G, n, DG), torch.bfloat16)
@@ -672,7 +683,7 @@ def _screen_large_fp32(x2, p: "_CodebookPrep", ws: dict, vals, idx, e_out) -> No
     :func:`_fp32_bound` (the refinement's, so its fp32 recomputation of a row gives the same kind of values)."""
     G, K, DG = p.cb32.shape
     f64 = x2.dtype == torch.float64
-    xc = _center(x2, p, ws, torch.float64 if f64 else torch.float32)   # x - mu
+    xc = _center(x2, p.mu_flat, ws)                                     # x - mu
     n = xc.shape[0]
     x32 = xc.to(torch.float32) if f64 else xc
     xg = x32.reshape(n, G, DG).transpose(0, 1)                          # [G, n, DG] view
@@ -756,14 +767,13 @@ def _certify_and_refine(x2, codebook, p, codes, vals_all, idx_all, e_all, ws, bf
 # --------------------------------------------------------------------------------------------------
 
 def _triton_inputs(x2: torch.Tensor, codebook: torch.Tensor):
-    """Common dtype for the kernel's tl.dot: fp16/bf16 if both are, else fp32."""
-    if x2.dtype == codebook.dtype and x2.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        dt = x2.dtype
-    else:
-        dt = torch.float32
-    cb = codebook.detach().to(dt).contiguous()
-    cn = (codebook.detach().to(torch.float64) ** 2).sum(-1).to(torch.float32).contiguous()
-    return x2.to(dt).contiguous(), cb, cn
+    """The encode kernel's ``(x - mu, c - mu, ||c - mu||^2)``, fp32, in the centred frame of the CPU path
+    (:func:`_centred_codebook`, :func:`_center`): uncentred, ``||c||^2 - 2 x.c`` cancelled in fp32 under a large
+    common offset (+3000 in one dim: ~20 % of the codes not the nearest). fp16 / bf16 inputs too: ``x - mu`` is
+    not exact in their own dtype, so the kernel takes the fp32 values (tf32x3 dots on a GPU)."""
+    mu, cc = _centred_codebook(codebook)
+    xc = _center(x2, mu.reshape(-1)).to(torch.float32).contiguous()
+    return xc, cc.to(torch.float32).contiguous(), (cc * cc).sum(-1).to(torch.float32).contiguous()
 
 
 def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -40,11 +40,11 @@ struct Work {
 #ifdef ASTRA_X86
 #define ASTRA_AVX512 __attribute__((target("avx512f")))
 
-// 2^x for x <= 0 (and -inf): 0 below -126.
+// 2^x for x <= 0 (and -inf): 0 below -126; NaN stays NaN (a score that overflowed must not read as no key).
 ASTRA_AVX512 inline __m512 exp2_ps(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-126.f);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  x = _mm512_max_ps(x, lo);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);   // x >= -126, or NaN
+  x = _mm512_max_ps(lo, x);                                         // vmaxps gives its second operand for a NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);     // [-1/2, 1/2]
   __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
@@ -183,7 +183,7 @@ ASTRA_AVX512 void store_block(const AttentionArgs& a, const Softmax<NV>& sm, con
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* orow = ob + i * a.sot;
-    if (!(l[i] > 0.f)) {
+    if (l[i] == 0.f) {  // no key seen; a NaN sum (scores overflowed) stays NaN, never this empty-row marker
       for (int64_t d = 0; d < a.D; ++d) orow[d] = 0.f;
       lb[i] = -std::numeric_limits<float>::infinity();
       continue;

@@ -16,8 +16,9 @@ namespace astra {
 //   out  [B, Hq, Tq, D]   strides sob, soh, sot
 //   lse  [B, Hq, Tq] contiguous: log-sum-exp of the scaled scores (natural log)
 // out = softmax(scale * q k^T + bias + mask) v per (batch, head, query); a query that sees no key gets out = 0
-// and lse = -inf. Computed in blocks of 64 queries x 32 keys with an online softmax (fp32 accumulation),
-// on `threads` threads (1: the caller's).
+// and lse = -inf; a query whose scores overflow fp32 (an inf or NaN score) gets NaN in out and lse. Computed in
+// blocks of 64 queries x 32 keys with an online softmax (fp32 accumulation), on `threads` threads (1: the
+// caller's).
 // The largest query token stride (in floats) the kernel reads in place: it gathers 16 queries at a time with
 // int32 offsets lane * stride. A larger stride needs a contiguous copy (the Python layer makes one).
 constexpr int64_t kMaxQueryStride = INT32_MAX / 16;

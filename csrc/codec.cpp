@@ -124,8 +124,8 @@ struct Group {
   static constexpr int kAccBytes = sizeof(Acc);
 };
 
-// Packs n codes; writes exactly ceil(n*B/8) bytes to out (never past out_end). Returns the OR of
-// all codes (as u64) for the range check.
+// Packs n codes; writes exactly ceil(n*B/8) bytes to out (never past out_end, the payload's end). Returns the
+// OR of all codes (as u64) for the range check.
 template <int B, typename T>
 uint64_t pack_payload(const T* in, uint64_t n, uint8_t* out, uint8_t* out_end) {
   using G = Group<B>;
@@ -306,7 +306,9 @@ size_t pack(const void* codes, DType dt, const Header& h, uint8_t* out, size_t o
   out[7] = 0;
   for (int d = 0; d < h.ndim; ++d) put_u32(out + kFixedHeader + 4 * d, h.dims[d]);
   uint8_t* payload = out + h.header_nbytes;
-  uint8_t* end = out + out_cap;
+  // The wide stores of the main loop write up to 16 bytes at once, zeros past the group: bounded by the frame's
+  // end (never out_cap, the caller's bytes past the frame are not ours), the last groups go through the tail.
+  uint8_t* end = out + h.frame_nbytes;
   switch (dt) {
     case DType::U8: pack_checked(static_cast<const uint8_t*>(codes), h, payload, end); break;
     case DType::I8: pack_checked(static_cast<const int8_t*>(codes), h, payload, end); break;

@@ -46,7 +46,8 @@ Header make_header(int bits, int ndim, const int64_t* shape);
 // crc32c_update(0, ...) starts a fresh CRC; chaining passes the previous return value.
 uint32_t crc32c_update(uint32_t crc, const uint8_t* data, size_t n);
 
-// Packs `hdr.numel` codes of type `dt` into `out` (capacity `out_cap`, at least hdr.frame_nbytes).
+// Packs `hdr.numel` codes of type `dt` into `out` (capacity `out_cap`, at least hdr.frame_nbytes); writes
+// out[0, hdr.frame_nbytes) only.
 // Throws CodecError (naming the first offending index and value) if a code is outside [0, 2^bits).
 // Returns the number of bytes written (= hdr.frame_nbytes).
 size_t pack(const void* codes, DType dt, const Header& hdr, uint8_t* out, size_t out_cap);

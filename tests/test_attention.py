@@ -644,3 +644,64 @@ def test_queries_of_a_huge_token_stride_are_read_safely(cpu_route):
         with pytest.raises(ValueError, match="query token stride exceeds MAX_QUERY_STRIDE"):
             kernel.attention_f32(q.data_ptr(), 0, 0, sqt, k.data_ptr(), 0, 0, Dh, v.data_ptr(), 0, 0, Dh, 0, 0, 0, 0,
                                  False, 1, 1, 1, Tl, Tl, Dh, 1.0, f.data_ptr(), 0, 0, Dh, f.data_ptr(), 1)
+
+
+@pytest.mark.parametrize("dtype,grad", [(torch.float32, False), (torch.float32, True), (torch.float64, False)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_heads_with_a_strided_head_dim(dtype, grad, causal, cpu_route):
+    """GQA (Hq = 4 over Hkv = 2) with a q whose head dim has stride 2: the torch flash route (float64, autograd, CPUs
+    without AVX-512) stacked the G query heads of a kv head without making the head dim contiguous, and the kernel
+    read the view as dense rows (error ~1.7)."""
+    g = seeded_generator(1701)
+    q = random_inputs(2, 4, 6, 32, dtype=dtype, generator=g)[..., ::2]
+    k, v = (random_inputs(2, 2, 6, 16, dtype=dtype, generator=g) for _ in range(2))
+    assert q.stride(-1) == 2
+    if grad:
+        q.requires_grad_(True)
+    with torch.set_grad_enabled(grad):
+        out, lse = mixed_attention(q, k, v, causal=causal, return_lse=True)
+    ref = mixed_attention_reference(q.detach(), k, v, causal=causal)
+    check(out.detach(), lse, *ref, dtype=dtype)
+    dense, _ = mixed_attention(q.detach().contiguous(), k, v, causal=causal, return_lse=True)
+    assert_matches_reference(out.detach(), dense.double(), rtol=1e-6, atol=1e-6, name="strided q vs contiguous q")
+
+
+@pytest.mark.parametrize("case", ["scale", "scores", "scores-remote", "scores-float64"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_scores_that_overflow_raise_instead_of_reading_as_no_key(case, validate, cpu_route):
+    """Scaled scores beyond the compute dtype (finite inputs): the C++ kernel's exp turned their NaN into 0, and a
+    sum of 0 is its empty-row marker (out = 0, lse = -inf); torch's flash kernel without a mask gave out = 0,
+    lse = 0. Either is a wrong answer no caller can tell from a real one: a ValueError on the CPU path (the check
+    is one reduction over the [B, H, T] lse, done with validate=False too: it needs no device sync there)."""
+    g = seeded_generator(1702)
+    dtype = torch.float64 if case == "scores-float64" else torch.float32
+    big = {"scale": 1.0, "scores": 1e20, "scores-remote": 1.0, "scores-float64": 1e160}[case]
+    q, k, v = (random_inputs(1, 2, 70, 8, dtype=dtype, generator=g) for _ in range(3))
+    q, k = q * big, k * big
+    kw = dict(scale=1e38 if case == "scale" else None, validate=validate)
+    if case == "scores-remote":             # the local scores are fine, the non-local ones overflow (then merged)
+        q = q * 1e20
+        kw.update(k_hat=k * 1e20, v_hat=v)
+    with pytest.raises(ValueError, match="attention scores overflow"):
+        mixed_attention(q, k, v, **kw)
+    # large scores that stay finite are no error, and a row that sees no key keeps its marker
+    m = torch.ones(1, 70, dtype=torch.bool)
+    m[:, :3] = False
+    out, lse = mixed_attention(q / big * 1e4, k / big * 1e4, v, local_mask=m, causal=True, return_lse=True)
+    assert bool(torch.isneginf(lse[:, :, :3]).all()) and bool(torch.isfinite(lse[:, :, 3:]).all())
+    assert bool((out[:, :, :3] == 0).all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_count_keys_refuse_nan_and_positive_infinite_log_counts(bad):
+    """log_counts: log(count), or -inf for padding. NaN gave a finite wrong output, +inf the empty-row marker."""
+    from astra_kernels import attention_segments
+
+    q, _, _, _, segs, _ = mixed_segments(5)
+    counts = segs[-1]
+    lc = counts.log_counts.clone()
+    lc[0, 0] = float("-inf")                                 # padding is fine
+    attention_segments(q, [CountKeys(counts.codes, lc, counts.k_table, counts.v_table)])
+    lc[-1, 0] = bad
+    with pytest.raises(ValueError, match="log_counts contains NaN or \\+inf"):
+        attention_segments(q, [CountKeys(counts.codes, lc, counts.k_table, counts.v_table)])

@@ -200,3 +200,17 @@ def test_kernel_group_table(dtype, table_dtype, rope, Dh):
     assert_no_poison(out, "out")
     assert not bool((lse == 12345.0).any()), "lse not written"
     check(out.cpu(), lse.cpu(), *mixed_attention_reference(q.cpu(), k.cpu(), v.cpu(), **ref_kw), dtype=dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")     # the interpreter's numpy
+@pytest.mark.parametrize("case", ["scale", "scores"])
+def test_kernel_scores_that_overflow_raise(case):
+    """Scaled scores beyond fp32 (finite inputs) are a ValueError, never an empty row or a finite wrong answer: the
+    kernel's NaN reaches the lse, which the host checks (with validate; a device sync)."""
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(1703)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g).to(dev) for _ in range(3))
+    if case == "scores":
+        q, k = q * 1e20, k * 1e20
+    with pytest.raises(ValueError, match="attention scores overflow"):
+        mixed_attention(q, k, v, scale=1e38 if case == "scale" else None, backend="triton")

@@ -218,6 +218,52 @@ def test_rejects_huge_shape_claims_without_allocating():
         unpack_codes(bytes(g))
 
 
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_into_out_touches_only_the_frame(bits):
+    """``out`` larger than the frame, prefilled with 0xAB: only ``out[:frame_nbytes]`` is written (the wide stores of
+    the packing loop wrote up to 7 zero bytes past the frame's end into the caller's buffer)."""
+    for n in (0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 64, 65, 257):
+        codes = _rand_codes((n,), bits, dtype=torch.int32, seed=n * 17 + bits)
+        nbytes = frame_nbytes((n,), bits)
+        out = torch.full((nbytes + 24,), 0xAB, dtype=torch.uint8)
+        frame = pack_codes(codes, bits, out=out)
+        assert frame.data_ptr() == out.data_ptr() and frame.numel() == nbytes
+        assert bool((out[nbytes:] == 0xAB).all()), f"bits={bits} n={n}: bytes past the frame were written"
+        T.assert_equal_ints(frame, pack_codes(codes, bits), f"bits={bits} n={n}")
+        T.assert_equal_ints(unpack_codes(frame), codes, f"bits={bits} n={n}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_frame_with_huge_other_dims_round_trips(backend, kernel_device):
+    """No codes, other dims huge: pack_codes takes such a tensor, unpack_codes failed with numpy's "array is too big".
+    A frame no torch tensor can take the shape of with its usual strides (8 dims, one 0, the others 2**32 - 1) decodes
+    too (torch refused it: "Stride calculation overflowed"); the CRC is checked all the same."""
+    dev = "cpu" if backend == "torch" else kernel_device
+    shape = (0,) + (2 ** 32 - 1,) * 7
+    head = b"ASTQ" + bytes([1, 3, 8, 0]) + struct.pack("<8I", *shape)
+    crafted = head + struct.pack("<I", T.crc32c_reference(head))
+    frames = [pack_codes(torch.empty(s, dtype=torch.int32), 5) for s in ((0, 2 ** 31, 2 ** 31), (2 ** 32 - 1, 0, 9))]
+    for frame in frames + [torch.frombuffer(bytearray(crafted), dtype=torch.uint8)]:
+        out = unpack_codes(frame.to(dev), backend=backend)
+        assert out.shape == frame_header(frame)[1] and out.dtype == torch.int32 and out.numel() == 0
+        assert out.is_contiguous() and out.device.type == torch.device(dev).type
+    bad = torch.frombuffer(bytearray(crafted[:-1] + bytes([crafted[-1] ^ 1])), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="CRC mismatch"):
+        unpack_codes(bad.to(dev), backend=backend)
+
+
+def test_sizes_and_crcs_beyond_the_bindings_types_are_value_errors():
+    """A dim beyond int64 or a crc outside uint32 reached pybind, whose TypeError named no argument."""
+    for dim in (2 ** 70, -2 ** 70):
+        with pytest.raises(ValueError, match="dimension 0 of size .* does not fit the frame format"):
+            frame_nbytes((dim,), 10)
+    for crc in (-1, 2 ** 32, 2 ** 33, 1.5, True):
+        with pytest.raises(ValueError, match="crc must be an int in 0..4294967295"):
+            crc32c(b"x", crc)
+    assert crc32c(b"x", np.uint32(2 ** 32 - 1)) == crc32c(b"x", 2 ** 32 - 1)
+    assert crc32c(b"y", crc32c(b"x")) == crc32c(b"xy")
+
+
 def test_rejects_bad_frame_types():
     with pytest.raises(ValueError, match="1-D torch.uint8"):
         unpack_codes(torch.zeros(20, dtype=torch.int32))

@@ -37,6 +37,18 @@ def test_strided_operands():
     assert_matches_reference(gemm(x, w, b), reference(x, w, b), rtol=1e-5, atol=1e-4, name="gemm")
 
 
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_bias_views(view):
+    """A bias that is a view (every other element of a buffer, or one value expanded with stride 0): oneDNN's linear
+    read it as dense memory and added the wrong values."""
+    g = seeded_generator(4)
+    x, w = random_inputs(5, 16, generator=g), random_inputs(16, 8, generator=g)
+    b = random_inputs(16, generator=g)[::2] if view == "strided" else random_inputs(1, generator=g).expand(8)
+    assert not b.is_contiguous()
+    assert_matches_reference(gemm(x, w, b), reference(x, w, b), rtol=1e-5, atol=1e-4, name="gemm")
+    assert_matches_reference(gemm(x[None], w, b), reference(x[None], w, b), rtol=1e-5, atol=1e-4, name="gemm 3-D")
+
+
 def test_gradients_take_torch_and_flow():
     g = seeded_generator(5)
     x = random_inputs(9, 16, generator=g).requires_grad_()

@@ -492,6 +492,29 @@ def test_cpu_path_centering_on_offset_data(D, monkeypatch):
     assert sum(refined) < 0.9 * n, sum(refined)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("offset", ["one dim", "every dim"])
+def test_triton_encode_centres_offset_data(dtype, offset):
+    """A large offset common to the inputs and the codebook (+3000 in one dim of each group, or +1000 in all): the
+    Triton kernel's fp32 ``||c||^2 - 2 x.c`` cancelled (~20 % of the codes not the nearest) until the host centred
+    both on the mean codeword, as the CPU path does. Exact codes, and the fused frame equals the reference's."""
+    _need("triton")
+    g = T.seeded_generator(90 + len(offset))
+    dev = T.kernel_device()
+    G, K, DG, n = 2, 64, 32, 70
+    off = torch.zeros(G, DG)
+    if offset == "one dim":
+        off[:, 0] = 3000.0
+    else:
+        off += 1000.0
+    x = (T.random_inputs(n, G, DG, generator=g) + off).reshape(n, G * DG).to(dtype)
+    cb = (T.random_inputs(G, K, DG, generator=g) + off[:, None, :]).to(dtype)
+    ref = vq.vq_encode_reference(x, cb)
+    T.assert_equal_ints(ak.vq_encode(x.to(dev), cb.to(dev), backend="triton").cpu(), ref, "codes")
+    frame = ak.encode_and_pack(x.to(dev), cb.to(dev), backend="triton").cpu()
+    T.assert_equal_ints(frame, ak.pack_codes(ref, vq.default_bits(K)), "frame")
+
+
 def test_few_uncertified_pairs_are_decided_in_one_batched_exact_pass(monkeypatch):
     """2-dim groups with near-tied codewords: the uncertified (token, group) pairs, spread over many groups,
     are decided by one batched float64 pass (no per-group tiers), and the codes are the reference's."""

@@ -100,7 +100,7 @@ def test_encode_and_pack_leading_dims_and_bits_errors():
     assert ak.frame_header(f) == (4, (2, 3, 2))
     T.assert_equal_ints(ak.unpack_codes(f), ak.vq_encode(x, cb))
     assert vq.default_bits(1) == 1 and vq.default_bits(2) == 1 and vq.default_bits(1024) == 10
-    assert vq.default_bits(1025) == 11 and vq.default_bits(65536) == 16
+    assert vq.default_bits(1025) == 11 and vq.default_bits(65536) == 16 and vq.default_bits(np.int64(3)) == 2
     with pytest.raises(ValueError, match="do not fit"):
         ak.encode_and_pack(x, cb, bits=3)
     with pytest.raises(ValueError, match="bits"):
@@ -108,3 +108,10 @@ def test_encode_and_pack_leading_dims_and_bits_errors():
     with pytest.raises(ValueError, match="bits"):
         ak.encode_and_pack(x, cb, bits=0)
     assert torch.equal(ak.encode_and_pack(x, cb, bits=np.int64(4)), f)      # numpy ints, as pack_codes takes
+
+
+@pytest.mark.parametrize("K", [-5, 0, 2.5, 2 ** 20, vq.MAX_K + 1, True, "8", None])
+def test_default_bits_refuses_what_is_no_codebook_size(K):
+    """K is an int in 1..MAX_K: -5 gave 3, 0 and 2.5 gave 1, 2**20 gave 20 (wider than the 16-bit codes)."""
+    with pytest.raises(ValueError, match=f"K \\(codebook entries\\) must be an int in 1..{vq.MAX_K}"):
+        vq.default_bits(K)

@@ -14,7 +14,9 @@ Kernels
     later tile replaces the running best only if strictly smaller. Group dims that are not powers of
     two (12, 24) are padded to the next power of two >= 16 with masked loads (zeros add nothing to the
     dot). fp32 inputs use ``input_precision="tf32x3"`` (three TF32 MMAs, ~fp32 accuracy, still tensor
-    cores); fp16 / bf16 inputs are exact products with an fp32 accumulator.
+    cores); fp16 / bf16 inputs are exact products with an fp32 accumulator. ``astra_kernels.vq`` hands it
+    inputs centred on the mean codeword, in fp32 whatever the caller's dtype (``vq._triton_inputs``):
+    ``||c||^2 - 2 x.c`` cancels in fp32 under a large offset common to x and the codebook.
     With ``FUSE_PACK`` the epilogue also ORs each code's ``BITS`` bits into the frame payload (viewed as
     little-endian int32 words) with ``tl.atomic_or``: a code of <= 16 bits touches at most two words,
     OR is order independent, so the packed payload is deterministic and the codes never leave the
