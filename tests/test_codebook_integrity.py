@@ -73,7 +73,8 @@ def _rewrite_header(raw: bytes, edit) -> bytes:
     (lambda h: h["__metadata__"].update(checksum="0" * 64), "metadata fails its checksum"),
     (lambda h: h["__metadata__"].update(model_type="llama"), "metadata fails its checksum"),
     (lambda h: h["__metadata__"].pop("checksum"), "without its checksums"),
-    (lambda h: h["__metadata__"].update(version="1"), "version 1 with unexpected metadata"),
+    (lambda h: h["__metadata__"].update(version="1"),
+     r"version 1 with unexpected metadata \['checksum', 'layer_checksums'\]: corrupt"),
     (lambda h: h["layer.1"].update(dtype="I32"), "layer 1 fails its checksum"),
     (lambda h: h["layer.0"].update(shape=[2, 2, 64]), "not a valid safetensors|layer 0 fails its checksum"),
 ])

@@ -500,8 +500,9 @@ def _check_metadata(path: str, meta: dict):
         if metadata_checksum(meta) != meta["checksum"]:
             raise ValueError(f"{path}: the metadata fails its checksum: the file is corrupt")
     elif version == UNCHECKED_VERSION:
-        if set(meta) - {"format", "version", "model_type", "hidden_size", "num_layers", "groups", "codebook_size"}:
-            raise ValueError(f"{path}: codebook file version 1 with unexpected metadata {sorted(meta)}: corrupt")
+        extra = set(meta) - {"format", "version", "model_type", "hidden_size", "num_layers", "groups", "codebook_size"}
+        if extra:
+            raise ValueError(f"{path}: codebook file version 1 with unexpected metadata {sorted(extra)}: corrupt")
         warnings.warn(f"{path}: codebook file version 1 has no checksums, so corruption can not be detected; "
                       "re-save it with Codebooks.save to add them", UserWarning, stacklevel=3)
     else:
