@@ -293,6 +293,23 @@ def test_bad_argument_in_a_real_process_exits_2_without_traceback():
     assert r.stderr.strip() == "astra calibrate: error: --groups must be >= 1, got 0"
 
 
+def test_run_reports_an_image_classifier_and_a_padded_causal_lm_per_input():
+    """`astra run --model vit-random` crashed after the whole run (its [B, classes] logits read as a causal LM's),
+    and a right-padded text's next token was read after its padding."""
+    from astra.runcmd import output_lines
+
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randn(2, 10, generator=g)
+    lines = output_lines({"logits": cls}, "logits", cls.flip(0), None, ["img a", "img b"])
+    assert lines == [f"  [{i}] class {int(cls.flip(0)[i].argmax())} (model: {int(cls[i].argmax())}): 'img {c}'"
+                     for i, c in enumerate("ab")]
+    lm = torch.randn(2, 5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    lines = output_lines({"logits": lm}, "logits", lm, mask, ["long", "short"])
+    assert lines[1] == f"  [1] next-token id {int(lm[1, 2].argmax())} (model: {int(lm[1, 2].argmax())}): 'short'"
+    assert lines[0].startswith(f"  [0] next-token id {int(lm[0, 4].argmax())} ")
+
+
 def test_run_names_the_inputs_it_cuts_to_max_length():
     """`astra run` ran a 25,000-character line on its first --max-length tokens without a word: it now names them."""
     from astra.cli import load_model

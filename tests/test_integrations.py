@@ -56,6 +56,11 @@ def _st_cases(rank):
     res["token_embeddings_refused"] = refused
     revert_sentence_transformers(st)
     res["token_embeddings_reverted"] = len(st.encode(TEXTS[:1], output_value="token_embeddings")[0])
+    # pooling_gather=True with mean pooling: it was ignored, and the refusals above asked for it
+    pm = apply_sentence_transformers(st, timeout=30, pooling_gather=True)
+    res["gathered"] = (_cos(st.encode(TEXTS, convert_to_tensor=True), ref), pm.output_stats.output,
+                       len(st.encode(TEXTS[:1], output_value="token_embeddings")[0]))
+    revert_sentence_transformers(st)
     # [CLS] [SEP] alone, with distributed class tokens: one token for two ranks, padded for them
     ref_empty = st.encode([""], convert_to_tensor=True)
     apply_sentence_transformers(st, timeout=30, class_token="distributed")
@@ -137,6 +142,8 @@ def test_sentence_transformers_two_ranks(ranks):
         assert res["reverted"] == 0.0 and res["empty"] > 0.99999
         assert res["token_embeddings_refused"] == [True, True]                  # was a bare KeyError
         assert res["token_embeddings_reverted"] > 0
+        cos, kind, n = res["gathered"]
+        assert cos > 0.99999 and kind == "hidden_states" and n == res["token_embeddings_reverted"], res["gathered"]
         assert res["astra"][0] < 1e-4 and res["astra"][1] > 1e-3      # equals simulate; the codes were used
         assert res["cls_refused"] is None and res["cls"] > 0.99999
         assert "pooling_gather=True" in res["max_refused"] and res["max"] > 0.99999
@@ -149,3 +156,27 @@ def test_pipelines_two_ranks(ranks):
         assert res["fe_reverted"] == 0.0
         assert res["tc"] < 1e-5 and res["tc_labels"]
         assert res["tc_bytes"] == ((3 * 4, 0) if rank == 0 else (0, 3 * 4))   # batch of 1: 3 logits from rank 0
+
+
+def test_padding_for_the_ranks_is_refused_where_the_pooled_token_would_be_a_pad():
+    """A decoder classifier without pad_token_id pools its last position: padded for the ranks, that was a pad token
+    (a text-classification pipeline scored it: 0.11 off in full precision, no error)."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+    from test_runtime_support import tiny_inputs
+
+    from astra.integrations.common import pad_to_ranks
+
+    clf = tf.GPT2ForSequenceClassification(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97,
+                                                          num_labels=3)).eval()
+    fake_pm = SimpleNamespace(world_size=4, class_token=False, module=clf)
+    short = {"input_ids": tiny_inputs("gpt2", seq=2)["input_ids"]}
+    with pytest.raises(astra.UnsupportedModelError, match="fewer than the 4 the 4 ranks need, and "
+                                                          "GPT2ForSequenceClassification pools its last position"):
+        pad_to_ranks(fake_pm, short, pooled=True)
+    padded, T = pad_to_ranks(fake_pm, short)                     # the token features: the pads are cut off after
+    assert T == 2 and padded["input_ids"].shape == (2, 4) and padded["attention_mask"][:, 2:].sum() == 0
+    clf.config.pad_token_id = 5                                  # HF then reads the last non-pad token
+    padded, T = pad_to_ranks(fake_pm, short, pooled=True)
+    assert T == 2 and bool((padded["input_ids"][:, 2:] == 5).all())

@@ -171,6 +171,11 @@ def test_generation_rejects_bad_prompts_and_models():
         astra.simulate_generate(model, ids, world_size=2, max_new_tokens=3, assistant_model=model)
     with pytest.raises(ValueError, match="max_new_tokens"):
         astra.simulate_generate(model, ids, world_size=2, max_new_tokens=0)
+    # accepted before, and the first step's hidden states held the last prompt token alone (HF: the whole prompt)
+    for flag in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(astra.UnsupportedModelError, match=rf"\['{flag}'\]: HF continues from the prefill"):
+            astra.simulate_generate(model, ids, world_size=2, max_new_tokens=2, return_dict_in_generate=True,
+                                    **{flag: True})
 
 
 class _Raise(StoppingCriteria):

@@ -114,6 +114,10 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
     if assisted:
         raise UnsupportedModelError(f"astra's generate does not support assisted decoding ({assisted}): HF's "
                                     "assisted path does not continue correctly from the prefill's KV cache")
+    partial = [k for k in ("output_hidden_states", "output_attentions") if getattr(gc, k, False) or model_kwargs.get(k)]
+    if partial:
+        raise UnsupportedModelError(f"astra's generate does not support {partial}: HF continues from the prefill's "
+                                    "KV cache, so its first step would hold the last prompt token's alone")
     mask = attention_mask.long() if attention_mask is not None else _default_mask(input_ids, gc)
     if position_ids is not None:        # [T] or [1, T] -> [B, T]: HF extends and expands them per row
         position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(input_ids.shape[0], -1)

@@ -90,7 +90,7 @@ def rank_body(model, cb, inputs: Dict, timeout: float) -> Dict:
 def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
     import torch
 
-    from .cli import primary_output, sentence_embedding
+    from .cli import primary_output
 
     inputs = tokenize(texts, max_length)
     with torch.no_grad():
@@ -99,16 +99,8 @@ def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
     got = ranks[0]["out"][key]
     mask = inputs.get("attention_mask")
     print("\noutputs:")
-    if "logits" in ref:
-        nxt = got[:, -1].argmax(-1)
-        for i, t in enumerate(texts):
-            print(f"  [{i}] next-token id {int(nxt[i])} (model: {int(ref['logits'][i, -1].argmax())}): {t[:60]!r}")
-    else:
-        emb, emb_ref = sentence_embedding(got, mask), sentence_embedding(ref_main, mask)
-        for i, t in enumerate(texts):
-            head = ", ".join(f"{float(v):+.3f}" for v in emb[i, :4])
-            cos = float((emb[i] * emb_ref[i]).sum())
-            print(f"  [{i}] embedding [{head}, ...] cosine to the model {cos:.4f}: {t[:60]!r}")
+    for line in output_lines(ref, key, got, mask, texts):
+        print(line)
     valid = mask.bool() if mask is not None else torch.ones(got.shape[:2], dtype=torch.bool)
     d = (got - ref_main).abs()[valid]
     print(f"\nlatency (slowest rank, one forward): {max(r['time_s'] for r in ranks) * 1e3:.1f} ms")
@@ -117,6 +109,27 @@ def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
         print(f"  rank {r}: {res['time_s'] * 1e3:.1f} ms, sent {res['bytes_sent']:,} B {where}")
     print(f"distance to the unmodified model ({key}): max |diff| {float(d.max()):.4f}, mean |diff| "
           f"{float(d.mean()):.5f}")
+
+
+def output_lines(ref: Dict, key: str, got, mask, texts: List[str]) -> List[str]:
+    """One line per input: a causal LM's next token after the input's last token (not after the padding), an
+    image classifier's class, else the sentence embedding's cosine to the unmodified model's."""
+    import torch
+
+    from .cli import sentence_embedding
+
+    if "logits" in ref and got.dim() == 3:
+        T = got.shape[1]
+        last = (torch.arange(T) * mask).argmax(-1) if mask is not None else torch.full((got.shape[0],), T - 1)
+        rows = torch.arange(got.shape[0])
+        nxt, want = got[rows, last].argmax(-1), ref["logits"][rows, last].argmax(-1)
+        return [f"  [{i}] next-token id {int(nxt[i])} (model: {int(want[i])}): {t[:60]!r}" for i, t in enumerate(texts)]
+    if "logits" in ref:
+        cls, want = got.argmax(-1), ref["logits"].argmax(-1)
+        return [f"  [{i}] class {int(cls[i])} (model: {int(want[i])}): {t[:60]!r}" for i, t in enumerate(texts)]
+    emb, emb_ref = sentence_embedding(got, mask), sentence_embedding(ref[key], mask)
+    return [f"  [{i}] embedding [{', '.join(f'{float(v):+.3f}' for v in emb[i, :4])}, ...] cosine to the model "
+            f"{float((emb[i] * emb_ref[i]).sum()):.4f}: {t[:60]!r}" for i, t in enumerate(texts)]
 
 
 def truncated(tokenize, texts: List[str], max_length: int) -> List[int]:

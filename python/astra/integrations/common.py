@@ -7,13 +7,16 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from ..errors import UnsupportedModelError
+from ..models import family_of
 from ..parallel import ParallelModel
 
 
-def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any]) -> Tuple[Dict[str, Any], int]:
+def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any], *, pooled: bool = False) -> Tuple[Dict[str, Any], int]:
     """Right-pad a token batch shorter than the ranks need (one token each besides a replicated class token) with
     masked pad tokens, which change no other token's output (the keys are masked; causal models
-    never look ahead). Returns the inputs and the original length."""
+    never look ahead). Returns the inputs and the original length. ``pooled``: the caller reads the head's pooled
+    output, which a decoder without ``pad_token_id`` takes from the last position, a pad token here: refused."""
     ids = inputs.get("input_ids")
     if ids is None:
         return inputs, -1
@@ -22,7 +25,14 @@ def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any]) -> Tuple[Dict[str, A
     if T >= need:
         return inputs, T
     n = need - T
-    pad_id = getattr(pm.module.config, "pad_token_id", None) or 0
+    pad_id = getattr(pm.module.config, "pad_token_id", None)
+    if pooled and pad_id is None and family_of(pm.module).pooling == "last_token":
+        raise UnsupportedModelError(
+            f"the input has {T} token(s), fewer than the {need} the {pm.world_size} ranks need, and "
+            f"{type(pm.module).__name__} pools its last position, which padding would move onto a pad token (its "
+            "config has no pad_token_id to tell them apart, as HF reads it): set model.config.pad_token_id, or "
+            "give longer inputs")
+    pad_id = pad_id or 0
     out = dict(inputs)
     out["input_ids"] = torch.cat([ids, ids.new_full((ids.shape[0], n), pad_id)], dim=1)
     mask = inputs.get("attention_mask")

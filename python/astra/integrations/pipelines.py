@@ -46,7 +46,7 @@ def revert_pipeline(pipe) -> None:
 
 
 def _forward(pm: ParallelModel, kind: Optional[str], inputs: Dict[str, Any]):
-    inputs, T = pad_to_ranks(pm, inputs)
+    inputs, T = pad_to_ranks(pm, inputs, pooled=kind is None)
     out = pm(**inputs, output=kind)
     if T < 0 or not hasattr(out, "items"):
         return out

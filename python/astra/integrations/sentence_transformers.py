@@ -41,11 +41,14 @@ def _modules(st_model):
 
 
 def _plan(pool, pooling_gather: bool) -> str:
+    """The output kind: the gathered token embeddings with ``pooling_gather`` (every mode, the token embeddings
+    and prompts too; it was ignored for mean and CLS pooling, whose refusals then asked for it), else the mode's
+    distributed form."""
+    if pooling_gather:
+        return "hidden_states"
     modes = (pool.pooling_mode,) if isinstance(pool.pooling_mode, str) else tuple(pool.pooling_mode)
     if len(modes) == 1 and modes[0] in DISTRIBUTED_MODES:
         return DISTRIBUTED_MODES[modes[0]]
-    if pooling_gather:
-        return "hidden_states"
     raise UnsupportedModelError(f"pooling_mode={pool.pooling_mode!r} has no distributed form (only 'mean' and "
                                 "'cls' do); pass pooling_gather=True to gather the full token embeddings and run the "
                                 "model's own pooling")
@@ -55,8 +58,10 @@ def apply_sentence_transformers(st_model, codebooks=None, *, pooling_gather: boo
                                 **parallelize_kwargs) -> ParallelModel:
     """Make ``st_model`` (a ``SentenceTransformer``) encode as one ASTRA rank: afterwards ``st_model.encode(...)``
     is collective (every rank, same sentences) and returns the embeddings on every rank. ``codebooks`` and
-    ``parallelize_kwargs`` go to :func:`astra.parallelize`; ``pooling_gather`` allows pooling modes without a
-    distributed form (by a full gather). Returns the :class:`~astra.ParallelModel` (``stats``, ``output_stats``)."""
+    ``parallelize_kwargs`` go to :func:`astra.parallelize`; ``pooling_gather``: gather the full token embeddings
+    and run the model's own pooling, for every pooling mode (what modes without a distributed form, the token
+    embeddings and ``include_prompt=False`` need). Returns the :class:`~astra.ParallelModel` (``stats``,
+    ``output_stats``)."""
     if getattr(st_model, ATTR, None) is not None:
         raise AstraError("this SentenceTransformer is already parallelized by astra "
                          "(astra.integrations.revert_sentence_transformers first)")
