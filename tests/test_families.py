@@ -172,6 +172,7 @@ def test_output_flags_set_on_the_config_are_refused_like_the_call_flags(flag, va
         assert astra.simulate(model, tiny_inputs(family), world_size=2) is not None
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # torch.compile's
 def test_a_compiled_model_is_refused_naming_the_model_to_give():
     """torch.compile's wrapper was refused as "the head OptimizedModule on GPT2Model"."""
     model = tiny_model("gpt2")
