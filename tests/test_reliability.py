@@ -227,7 +227,9 @@ def test_non_finite_inputs_and_embeddings_name_their_token_on_every_rank():
         assert out["embedding_next"] < TOL, out
 
 
-def _killed_peer(rank, victim, world_timeout):
+def _killed_peer(rank, victim, world_timeout, where="layer"):
+    """The victim is SIGKILLed inside layer 1's attention, or (``where="output"``) after the forward, in its
+    output's exchange (which on_peer_failure="local" did not cover: the survivors raised PeerError)."""
     import warnings
 
     model = tiny_model("llama")
@@ -237,12 +239,14 @@ def _killed_peer(rank, victim, world_timeout):
     cb = astra.Codebooks.random(model, groups=1, codebook_size=8)
     pm = astra.parallelize(model, cb, timeout=world_timeout, on_peer_failure="local")
     pm.gather(pm(**inputs))                        # one healthy forward first
-    if rank == victim:
+    if rank == victim and where == "layer":
         model.model.layers[1].self_attn.register_forward_pre_hook(
             lambda m, a, k: os.kill(os.getpid(), signal.SIGKILL), with_kwargs=True, prepend=True)
+    if rank == victim and where == "output":
+        pm._output = lambda kind, fw: os.kill(os.getpid(), signal.SIGKILL)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        full = pm.gather(pm(**inputs)).logits
+        full = pm(**inputs, output="hidden_states").logits if where == "output" else pm.gather(pm(**inputs)).logits
         again = pm.gather(pm(**inputs)).logits    # later calls keep running alone
     m = inputs["attention_mask"].bool()
     return {"diff": float((full - ref).abs()[m].max()), "again": float((again - ref).abs()[m].max()),
@@ -250,10 +254,10 @@ def _killed_peer(rank, victim, world_timeout):
             "warned": any("computing the whole forward on this rank" in str(w.message) for w in caught)}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_on_peer_failure_local_survives_a_sigkill(world):
+@pytest.mark.parametrize("world,where", [(2, "layer"), (3, "layer"), (2, "output")])
+def test_on_peer_failure_local_survives_a_sigkill(world, where):
     with pytest.raises(astra.LaunchError) as ei:
-        astra.launch(_killed_peer, world, world - 1, 3.0, join_timeout=120)
+        astra.launch(_killed_peer, world, world - 1, 3.0, where, join_timeout=120)
     assert ei.value.dead == [world - 1]
     for rank in range(world - 1):
         r = ei.value.results[rank]

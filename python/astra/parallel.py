@@ -507,6 +507,7 @@ class ParallelModel:
         self._rt = rt
         self.last_local_indices: Optional[torch.Tensor] = None
         self._last: Optional[Forward] = None
+        self._inputs: Dict[str, Any] = {}
         self.output_stats: Optional[OutputStats] = None
 
     rank = property(lambda self: self._rt.rank)
@@ -554,18 +555,22 @@ class ParallelModel:
             out, ctx, local = rt.run(inputs, request=request, request_error=err)
         if err is not None:         # a local fallback skips the agreement
             raise err
-        alone = ctx is None
-        self.last_local_indices = local
-        mask = inputs.get("attention_mask") if alone else ctx.mask
-        self._last = Forward(rt=rt, out=out, hidden=got.get("hidden", out.get("last_hidden_state")),
-                             token_logits=got.get("token_logits"), input_ids=inputs.get("input_ids"),
-                             T=seq_geometry(rt.fam, inputs)[1] if alone else ctx.T, local=local,
-                             chunks=[] if alone else ctx.chunks,
-                             mask=None if mask is None else mask.bool(), alone=alone, dst=dst,
-                             stats=OutputStats(kind.name))
+        self._last = self._record(inputs, out, ctx, local, got, kind.name, dst)
         return self._output(kind, self._last)
 
     forward = __call__
+
+    def _record(self, inputs, out, ctx, local, got, kind_name: str, dst: Optional[int]) -> Forward:
+        """What a forward leaves for its output kind (``ctx`` None: computed on this rank alone)."""
+        alone = ctx is None
+        self.last_local_indices = local
+        self._inputs = inputs       # a peer failure in the output's exchange finishes the forward alone from them
+        mask = inputs.get("attention_mask") if alone else ctx.mask
+        return Forward(rt=self._rt, out=out, hidden=got.get("hidden", out.get("last_hidden_state")),
+                       token_logits=got.get("token_logits"), input_ids=inputs.get("input_ids"),
+                       T=seq_geometry(self._rt.fam, inputs)[1] if alone else ctx.T, local=local,
+                       chunks=[] if alone else ctx.chunks, mask=None if mask is None else mask.bool(), alone=alone,
+                       dst=dst, stats=OutputStats(kind_name))
 
     def _output(self, kind, fw: Forward):
         self.output_stats = fw.stats
@@ -573,8 +578,19 @@ class ParallelModel:
             res = kind.compute(fw)
         except PeerError as e:
             self._rt.broken = str(e)
-            raise
+            if self._rt.on_peer_failure == "raise" or fw.alone:
+                raise
+            return self._output_alone(kind, fw.dst)
         return None if fw.dst is not None and fw.dst != self.rank else res
+
+    def _output_alone(self, kind, dst: Optional[int]):
+        """on_peer_failure="local" and a peer failed in the output's exchange: the forward again, on this rank
+        alone over the whole sequence (warned), and its output."""
+        rt = self._rt
+        with captured(rt.fam) as got:
+            out, _, _ = rt._after_peer_failure(self._inputs, None)
+        self._last = self._record(self._inputs, out, None, None, got, kind.name, dst)
+        return self._output(kind, self._last)
 
     def local_indices(self, seq_len: int) -> torch.Tensor:
         return local_indices(seq_len, self.world_size, self.rank, self.class_token, self._rt.split_costs)
