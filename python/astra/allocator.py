@@ -20,6 +20,8 @@ import ctypes.util
 import os
 import sys
 
+from astra_kernels.checks import is_count
+
 #: blocks at least this large are still mmapped per allocation (and returned at once when freed); 32 MiB is
 #: the largest value every glibc accepts (older ones refuse more than half their 64 MiB arena heap)
 MMAP_THRESHOLD_BYTES = 32 << 20
@@ -38,7 +40,7 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES, trim_threshold: i
     the environment). Raises ValueError for a threshold that is not a positive int (no sense in a partial
     change: nothing is set then)."""
     for name, v in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        if not is_count(v, 1):
             raise ValueError(f"tune_allocator: {name} must be a positive int (bytes), got {v!r}")
     user = [k for k in USER_SETTINGS if k in os.environ and (k != "GLIBC_TUNABLES" or "malloc" in os.environ[k])]
     if user:
