@@ -609,7 +609,9 @@ def _ws_view(ws: dict, name: str, shape, dtype) -> torch.Tensor:
     for d in shape:
         n *= d
     buf = ws.get(name)
-    if buf is None or buf.numel() < n or buf.dtype != dtype:
+    # a buffer made under inference_mode can not be written outside it ("Inplace update to inference tensor")
+    if buf is None or buf.numel() < n or buf.dtype != dtype or (buf.is_inference()
+                                                                 and not torch.is_inference_mode_enabled()):
         buf = ws[name] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 

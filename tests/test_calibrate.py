@@ -148,6 +148,8 @@ def test_calibrate_names_each_bad_argument_before_any_forward(monkeypatch):
         astra.calibrate(model, [dict(x, attention_mask=torch.zeros_like(x["input_ids"]))], **ok)
     with pytest.warns(UserWarning, match=r"k-means of \d+ vectors into K=1024 codewords"):
         astra.calibrate(model, [x], groups=4, codebook_size=1024, iters=1)
+    with pytest.raises(ValueError, match="class_token must be 'auto', 'distributed' or 'none'"):
+        astra.calibrate(model, [x], **ok, class_token="bogus")          # read only with world_size before
 
 
 def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):

@@ -189,3 +189,20 @@ def test_calibrated_codebooks_refuse_another_checkpoint_of_the_same_shape(tmp_pa
     with pytest.raises(ValueError, match="weights_sample must be a sample of weights"):
         back.weights_sample = "not a sample"
     assert astra.Codebooks.random(gpt2, groups=2, codebook_size=4).weights_sample is None   # fit to nothing
+
+
+def test_a_base_model_and_its_heads_share_codebooks_whatever_their_pooler():
+    """HF builds the base of masked-LM / token-classification heads without a pooler: the sample, taken over the
+    sorted parameters, then picked other ones and refused the same checkpoint ("27% ... match")."""
+    import transformers as tf
+
+    base = tiny_model("bert", head=False)
+    mlm = tf.BertForMaskedLM(base.config).eval()
+    mlm.bert.load_state_dict(base.state_dict(), strict=False)       # the same encoder, no pooler
+    assert not hasattr(mlm.bert, "pooler") or mlm.bert.pooler is None
+    cb = astra.calibrate(base, [tiny_inputs("bert", seq=16)], groups=4, codebook_size=8, iters=2)
+    cb.check_model(mlm)
+    cb2 = astra.calibrate(mlm, [tiny_inputs("bert", seq=16)], groups=4, codebook_size=8, iters=2)
+    cb2.check_model(base)
+    with pytest.raises(ValueError, match="other weights"):
+        cb.check_model(tiny_model("bert", head=False, seed=4))

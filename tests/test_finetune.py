@@ -309,3 +309,22 @@ def test_single_vit_class_token_ablation_differs_from_distributed():
     assert (main_output(single) - main_output(dct)).abs().max() > 1e-4
     with pytest.raises(Exception, match="distributed class tokens"):
         astra.simulate(model, x, world_size=4, codebooks=cb, class_token="none")   # inference refuses it
+    # finetune itself refused it (its batch check applied the inference rule)
+    res = astra.finetune(model, cb, [x], world_size=4, steps=1, class_token="none", progress=False)
+    assert len(res.losses) == 1 and res.losses[0] > 0
+
+
+def test_codebooks_calibrated_under_inference_mode_fine_tune(tmp_path):
+    """Their transforms and predictors stayed inference tensors ("cannot be saved for backward"), and the encoder's
+    workspace, made under inference_mode, refused every later write outside it; PCA bases could not be saved
+    (their inverses are transposed views), so finetune(output_dir=) lost the finished training at the save."""
+    model = tiny_model("bert")
+    xs = [tiny_inputs("bert", seed=s) for s in (1, 2)]
+    for kw in ({"basis": "pca"}, {"predict": True}, {"basis": "none", "backend": "torch"}):
+        with torch.inference_mode():
+            cb = astra.calibrate(model, xs, groups=16, codebook_size=8, iters=2, **kw)
+        res = astra.finetune(model, cb, xs, world_size=2, steps=1, progress=False, output_dir=str(tmp_path / "o"))
+        back = astra.Codebooks.load(tmp_path / "o" / "codebooks.safetensors", model)
+        assert all(torch.equal(a, b) for a, b in zip(back, res.codebooks)), kw
+        if res.codebooks.transformed:
+            assert all(torch.equal(a, b) for a, b in zip(back.inverses, res.codebooks.inverses))

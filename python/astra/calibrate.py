@@ -226,11 +226,12 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
     samples = list(samples)
     if not samples:
         raise ValueError("calibrate needs at least one sample")
+    cls = resolve_class_token(fam, class_token)         # checked without world_size too (it was not read then)
     for i, s in enumerate(samples):
         if not isinstance(s, dict):
             raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
         # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
-        validate_inputs(fam, s, world_size or 1, bool(world_size) and resolve_class_token(fam, class_token))
+        validate_inputs(fam, s, world_size or 1, bool(world_size) and cls)
     if not is_count(seed, 0):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if backend not in BACKENDS:

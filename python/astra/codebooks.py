@@ -249,12 +249,14 @@ class Codebooks:
             raise IsADirectoryError(f"{path} is a directory; give the codebook file's path")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"cannot save codebooks to {path}: no directory {folder}")
-        # copies: safetensors refuses tensors that share memory (a placeholder layer's transform and inverse are one
-        # identity; float64 codebooks keep it without a copy)
-        tensors = {f"layer.{i}": t.detach().cpu().clone() for i, t in enumerate(self.tensors)}
+        # contiguous copies: safetensors refuses tensors that share memory (a placeholder layer's transform and
+        # inverse are one identity; float64 codebooks keep it without a copy) and non-contiguous ones (a PCA basis's
+        # inverse is its transform's transposed view)
+        own = lambda t: t.detach().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
+        tensors = {f"layer.{i}": own(t) for i, t in enumerate(self.tensors)}
         for kind, ts in self._extra().items():
             for i, t in enumerate(ts):
-                tensors[f"{kind}.{i}"] = t.detach().cpu().clone()
+                tensors[f"{kind}.{i}"] = own(t)
         meta = self._metadata()
         meta["checksum"] = metadata_checksum(meta)
         save_file(tensors, path, metadata=meta)
@@ -390,7 +392,7 @@ def _checked_tensor(what: str, t, shape: tuple) -> torch.Tensor:
     if tuple(t.shape) != shape:
         raise ValueError(f"{what} has shape {tuple(t.shape)}; expected {list(shape)}")
     check_finite(what, t)
-    return t
+    return as_normal_tensor(t)      # calibrated under inference_mode: fine-tuning saves them for backward
 
 
 def _inverse(what: str, t: torch.Tensor) -> torch.Tensor:
@@ -417,9 +419,9 @@ def _checked_transforms(transforms, inverses, layers: int, hidden_size: int):
     inverses = list(inverses)
     if len(inverses) != layers:
         raise ValueError(f"{len(inverses)} inverses for {layers} transforms; give one per layer")
+    inverses = [_checked_tensor(f"inverse transform of layer {i}", inv, square) for i, inv in enumerate(inverses)]
     eye = torch.eye(hidden_size, dtype=torch.float64)
     for i, (t, inv) in enumerate(zip(transforms, inverses)):
-        _checked_tensor(f"inverse transform of layer {i}", inv, square)
         off = float((t.detach().double().cpu() @ inv.detach().double().cpu() - eye).abs().max())
         sixteen = torch.float16 in (t.dtype, inv.dtype) or torch.bfloat16 in (t.dtype, inv.dtype)
         if not off <= (INVERSE_TOL_16BIT if sixteen else INVERSE_TOL):
@@ -439,8 +441,7 @@ def _checked_predictors(weights, biases, layers: int, hidden_size: int):
                                    ("predictor bias", "predictor biases", biases, (hidden_size,))):
         if len(ts) != layers:
             raise ValueError(f"{len(ts)} {whats} for {layers} codebook layers; give one per layer")
-        for i, t in enumerate(ts):
-            _checked_tensor(f"{what} of layer {i}", t, shape)
+        ts[:] = [_checked_tensor(f"{what} of layer {i}", t, shape) for i, t in enumerate(ts)]
     return weights, biases
 
 

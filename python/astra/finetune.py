@@ -22,8 +22,7 @@ from .codebooks import Codebooks, as_codebooks
 from .errors import InvalidInputError, UnsupportedModelError
 from .inputs import validate_inputs
 from .models import family_of
-from .split import resolve_class_token
-from .training import TrainSimRuntime
+from .training import TrainSimRuntime, training_class_token
 from .weights_sample import weights_sample
 
 CODEBOOKS_FILE = "codebooks.safetensors"
@@ -209,7 +208,7 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
     sizes = _world_sizes(world_size)
     fam = family_of(model)
-    data = _check_data(data, fam, max(sizes), resolve_class_token(fam, class_token))
+    data = _check_data(data, fam, max(sizes), training_class_token(fam, class_token))
     cb = as_codebooks(codebooks, model)
     if cb is None:
         raise ValueError("finetune needs codebooks (e.g. from astra.calibrate)")

@@ -27,6 +27,7 @@ import astra_kernels as ak
 from astra_kernels.checks import is_finite_real
 from .models import family_of
 from .simulation import SimRuntime
+from .split import resolve_class_token
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
@@ -45,6 +46,18 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: 
     return torch.matmul(p, v.to(q.dtype))
 
 
+def single_required_class_token(fam, class_token) -> bool:
+    """Whether ``class_token`` asks a family whose class token inference always distributes (ViT) for a single one
+    owned by rank 0: the training simulation's ablation, which the inference runtimes refuse."""
+    return class_token in (False, "none", "single") and fam.class_token_required
+
+
+def training_class_token(fam, class_token) -> bool:
+    """Whether the training simulation distributes the class token for ``class_token`` (as inference does, and the
+    single-class-token ablation above)."""
+    return False if single_required_class_token(fam, class_token) else resolve_class_token(fam, class_token)
+
+
 class TrainSimRuntime(SimRuntime):
     """Differentiable all-ranks simulation (see the module docstring). ``naq`` is lambda of noise-augmented
     quantization (0 = off); ``generator`` seeds its noise."""
@@ -54,7 +67,7 @@ class TrainSimRuntime(SimRuntime):
     def __init__(self, model, codebooks, world_size: int, class_token="auto", *, naq: float = 0.0,
                  generator: Optional[torch.Generator] = None, quantize_layers: Optional[int] = None,
                  record_layer: Optional[int] = None):
-        single_vit = class_token in (False, "none", "single") and family_of(model).class_token_required
+        single_vit = single_required_class_token(family_of(model), class_token)
         super().__init__(model, codebooks, world_size, "auto" if single_vit else class_token)
         if single_vit:
             self.cls = False            # ablation: the class token is rank 0's token like any other
