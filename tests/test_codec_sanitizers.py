@@ -30,3 +30,28 @@ def test_codec_under_asan_ubsan(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "codec_selftest: OK" in r.stdout
     assert "ERROR: AddressSanitizer" not in r.stderr and "runtime error" not in r.stderr
+
+
+def _cmakes():
+    """Every distinct cmake here: the environment's (pip's, recent) and the system's (often older)."""
+    found = {}
+    for path in (str(Path(sys.executable).parent / "cmake"), _tool("cmake"), "/usr/bin/cmake", "/usr/local/bin/cmake"):
+        if path and os.path.exists(path):
+            version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+            found.setdefault(version, path)
+    return sorted(found.items())
+
+
+@pytest.mark.parametrize("version,cmake", _cmakes() or [("none", None)])
+def test_the_extensions_configure_with_every_cmake_here(tmp_path, version, cmake):
+    """setup.py's per-extension configure (ASTRA_EXT_OUTPUT_NAME) failed on CMake 3.25 ("regex "^[^.]*" matched an
+    empty string"): a `pip install --no-build-isolation` with the system's cmake could not build."""
+    pybind11 = pytest.importorskip("pybind11", reason="pybind11 is not installed (pip install -e '.[test]')")
+    if cmake is None:
+        pytest.skip("no cmake here")
+    out = tmp_path / "out"
+    r = subprocess.run([cmake, "-S", str(ROOT), "-B", str(tmp_path / "build"), f"-DPython_EXECUTABLE={sys.executable}",
+                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DASTRA_EXT_OUTPUT_DIR={out}",
+                        "-DASTRA_EXT_OUTPUT_NAME=_codec.cpython-311-x86_64-linux-gnu.so", "-DASTRA_EXT_TARGET=_codec"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{version}: {r.stdout[-1500:]}{r.stderr[-1500:]}"
