@@ -206,3 +206,22 @@ def test_a_base_model_and_its_heads_share_codebooks_whatever_their_pooler():
     cb2.check_model(base)
     with pytest.raises(ValueError, match="other weights"):
         cb.check_model(tiny_model("bert", head=False, seed=4))
+
+
+def test_the_weights_sample_reaches_the_last_element_of_large_parameters():
+    """The positions came from a float32 linspace, which rounds past the end beyond 2^24 elements: calibrating GPT-2
+    (its 38.6 M-entry embedding) raised IndexError."""
+    from astra.weights_sample import _values
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2 ** 24 + 3))
+            self.small = torch.nn.Parameter(torch.arange(5.0))
+
+    big = Big()
+    with torch.no_grad():
+        big.w[-1] = 7.0
+    vals = _values(big)
+    assert vals["w"].numel() == 16 and float(vals["w"][-1]) == 7.0 and float(vals["w"][0]) == 0.0
+    assert vals["small"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]

@@ -31,7 +31,8 @@ def _values(base) -> Dict[str, torch.Tensor]:
     for name, p in sorted(base.named_parameters()):
         flat = p.detach().reshape(-1)
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(SAMPLE_ELEMENTS, flat.numel())).round().long()
+            m = min(SAMPLE_ELEMENTS, flat.numel())       # integer positions (a float32 linspace rounded the last
+            idx = torch.arange(m) * (flat.numel() - 1) // max(m - 1, 1)    # one past the end beyond 2^24)
             out[name] = flat[idx.to(flat.device)].float().cpu()
     return out
 
