@@ -3,7 +3,10 @@ the result writers, and (root only) the real shaped namespace."""
 import csv
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -294,6 +297,51 @@ def test_shaped_namespace_has_tbf_on_an_mtu_1500_loopback():
         destroy_namespace(ns)
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert ns not in names
+
+
+def _ours(tmp_path) -> list:
+    """Processes started with ``TMPDIR=tmp_path`` (the benchmark, its worker, the worker's ranks)."""
+    mine = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"TMPDIR={tmp_path}".encode() in f.read().split(b"\0"):
+                    mine.append(int(pid))
+        except OSError:
+            pass
+    return mine
+
+
+@pytest.mark.parametrize("shaped", [False, pytest.param(True, marks=pytest.mark.root)])
+def test_sigterm_leaves_no_namespace_directory_or_process_behind(tmp_path, shaped):
+    """SIGTERM (kill, timeout) skipped every clean-up: the shaped namespace, the temporary directories and the
+    worker with its ranks outlived the benchmark."""
+    if shaped and real_link_available():
+        pytest.skip(f"no real link here: {real_link_available()}")
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "astra", "bench", "--models", "gpt2", "--systems", "fp-sp", "--layers", "2",
+            "--tokens", "64", "--repeats", "500", "--rates", "0.5", "--out-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ns_prefix = f"astra-link-{proc.pid}-"
+
+    def started() -> bool:
+        if shaped:
+            return ns_prefix in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return any(p.startswith("astra-launch-") for p in os.listdir(tmp_path))
+
+    deadline = time.monotonic() + 120
+    while not started() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "astra bench: interrupted" in err, err[-2000:]
+    deadline = time.monotonic() + 15
+    while _ours(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ours(tmp_path) == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith("astra-")] == []
+    assert ns_prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
 def test_predict_report_fits_at_n2_and_scores_only_held_out_points(tmp_path):

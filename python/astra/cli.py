@@ -7,10 +7,13 @@ English text shipped with CPython (``pydoc_data.topics``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -591,13 +594,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, ``timeout``) interrupts a command as Ctrl-C does, so that what it made is removed (a
+    benchmark's shaped namespaces and temporary directories, its worker and ranks: they outlived SIGTERM before)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import astra
 
     args = build_parser().parse_args(argv)
     try:
-        validate(args)
-        return int(args.fn(args) or 0)
+        with _sigterm_as_interrupt():
+            validate(args)
+            return int(args.fn(args) or 0)
     except UsageError as e:
         print(f"astra {args.cmd}: error: {e}", file=sys.stderr)
         return 2
