@@ -219,6 +219,22 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+def _fail_or_stall(rank):
+    if rank == 0:
+        raise ValueError("rank zero gives up")
+    time.sleep(600)                         # a stalled rank: no collective of its own to time out
+
+
+def test_a_stalled_rank_does_not_hold_the_launch_after_another_failed():
+    """The launch waited for every rank until join_timeout (astra bench: 4 hours) although one had failed."""
+    t0 = time.monotonic()
+    with pytest.raises(astra.LaunchError, match=r"rank\(s\) still running 10s after a rank failed were killed; "
+                                                r"rank\(s\) \[1\] exited without a result .*rank 0 raised ValueError: "
+                                                "rank zero gives up"):
+        astra.launch(_fail_or_stall, 2, timeout=2, join_timeout=300)
+    assert time.monotonic() - t0 < 40
+
+
 def test_launch_reports_rank_errors():
     with pytest.raises(astra.LaunchError, match="rank 1 raised ValueError: boom from rank one") as ei:
         astra.launch(_fail_on_one, 2, join_timeout=120)

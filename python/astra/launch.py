@@ -133,10 +133,19 @@ def _start(procs) -> None:
                          "must be picklable") from e
 
 
-def _collect(procs, q, world_size: int, deadline: Optional[float]):
-    """``(results, errors, timed_out)``: every rank's message until all have reported, all have exited, or the
-    deadline."""
+def _failed_at(procs, errors: dict, since: Optional[float]) -> Optional[float]:
+    """When a rank first failed (raised, or exited with a non-zero code), or None while none has."""
+    if since is None and (errors or any(p.exitcode not in (None, 0) for p in procs)):
+        return time.monotonic()
+    return since
+
+
+def _collect(procs, q, world_size: int, deadline: Optional[float], after_failure_s: float):
+    """``(results, errors, cut)``: every rank's message until all have reported, all have exited (``cut`` None),
+    the deadline (``"join"``), or ``after_failure_s`` seconds after a rank failed (``"failure"``: a stalled rank held
+    the launch until the deadline, 4 hours in ``astra bench``)."""
     results, errors = {}, {}
+    failed = None
 
     def drain(block_s: float) -> bool:
         try:
@@ -160,9 +169,13 @@ def _collect(procs, q, world_size: int, deadline: Optional[float]):
             while drain(0.5):               # the last messages may still be in the pipe
                 pass
             break
-        if deadline is not None and time.monotonic() > deadline:
-            return results, errors, True
-    return results, errors, False
+        failed = _failed_at(procs, errors, failed)
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            return results, errors, "join"
+        if failed is not None and now > failed + after_failure_s:
+            return results, errors, "failure"
+    return results, errors, None
 
 
 def _reap(procs, grace_s: float) -> None:
@@ -177,6 +190,12 @@ def _reap(procs, grace_s: float) -> None:
             p.join(timeout=5)
 
 
+def after_failure_s(timeout: float) -> float:
+    """How long :func:`launch` waits for the other ranks once one failed: their collectives fail within the
+    process group's ``timeout``; twice that (at least 10 s) leaves them time to report."""
+    return max(2.0 * timeout, 10.0)
+
+
 def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout: float = 60.0,
            join_timeout: Optional[float] = None, threads: int = 1, start_method: str = "spawn",
            tune_allocator: bool = True, **kwargs) -> List[Any]:
@@ -185,7 +204,9 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
 
     ``fn`` must be importable (module-level) and its result picklable. ``timeout`` is the process group's
     collective timeout (seconds); ``join_timeout`` bounds the whole run (ranks still running then are
-    killed). ``tune_allocator``: every rank first calls :func:`astra.tune_allocator` (glibc keeps freed memory
+    killed); once a rank failed, the others are killed if they still run :func:`after_failure_s` later (so a
+    stalled rank can not hold the launch; survivors of ``on_peer_failure="local"`` get that long to finish).
+    ``tune_allocator``: every rank first calls :func:`astra.tune_allocator` (glibc keeps freed memory
     instead of faulting it in again every layer; see :mod:`astra.allocator`). Raises :class:`astra.LaunchError`
     if a rank raised, died, or was killed; the error carries the results of the ranks that did return. No rank
     outlives the launching process, however it ends (an exception, an interrupt, SIGTERM or SIGKILL: the ranks poll
@@ -209,16 +230,18 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
         procs = [ctx.Process(target=_worker, args=(r, *common), daemon=True) for r in range(world_size)]
         deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
         _start(procs)
-        results, errors, timed_out = _collect(procs, q, world_size, deadline)
-        grace_s = 0.1 if timed_out else 5.0
+        results, errors, cut = _collect(procs, q, world_size, deadline, after_failure_s(timeout))
+        grace_s = 0.1 if cut else 5.0
     finally:        # also on an exception or an interrupt in this process: no rank outlives it, no directory leaks
         _reap(procs, grace_s)
         shutil.rmtree(rdv_dir, ignore_errors=True)
     dead = [r for r in range(world_size) if r not in results and r not in errors]
     if errors or dead:
         parts = []
-        if timed_out:
+        if cut == "join":
             parts.append(f"launch timed out after {join_timeout}s")
+        if cut == "failure":
+            parts.append(f"rank(s) still running {after_failure_s(timeout):g}s after a rank failed were killed")
         if dead:
             parts.append(f"rank(s) {dead} exited without a result (exit codes "
                          f"{[procs[r].exitcode for r in dead]})")
