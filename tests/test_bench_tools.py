@@ -77,6 +77,10 @@ def test_rows_mark_single_runs_slow_and_tp_counts_allreduce_bytes():
     row = make_row("llama", "hf-tp", _res([100.0], frame=4000, coll=24), cfg, 10.0, "real")
     assert row["slow"] and row["runs"] == 1 and row["link_bytes"] == 8000
     assert row["link"] == "real tbf 10 Mbit/s"
+    # --repeats 1: a row the plan ran once without warm-up as slow said slow=False (its one run looked planned)
+    one = BenchConfig(repeats=1)
+    assert make_row("gpt2", "fp-sp", _res([9.0]), one, 10.0, "real", slow=True)["slow"]
+    assert not make_row("gpt2", "fp-sp", _res([9.0]), one, 10.0, "real", slow=False)["slow"]
 
 
 # ---------------------------------------------------------------------------------------------- cost model
@@ -434,3 +438,34 @@ def test_hf_tp_runs_only_where_the_heads_split():
     assert tp_splits("llama", 2) and tp_splits("llama", 4) and not tp_splits("llama", 8)
     cfg = BenchConfig(models=("llama",), systems=("ceiling", "hf-tp", "astra-g1"))
     assert "hf-tp" in plan_systems("llama", cfg, None, {}, 4) and "hf-tp" not in plan_systems("llama", cfg, None, {}, 8)
+
+
+def test_the_worker_measures_over_the_loopback_whatever_the_environment_says(tmp_path, monkeypatch):
+    """An inherited GLOO_SOCKET_IFNAME=eth0 was kept: the "unshaped loopback" row ran over eth0, and the shaped run
+    then failed in its namespace, which has no eth0."""
+    from astra.bench import worker
+
+    seen = {}
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    monkeypatch.setattr(worker, "tune_allocator", lambda: "tuned")
+    monkeypatch.setattr(worker, "run_job", lambda job: seen.update(ifname=os.environ["GLOO_SOCKET_IFNAME"]) or {})
+    (tmp_path / "job.json").write_text(json.dumps({"link": "loopback (unshaped)"}))
+    worker.main([str(tmp_path / "job.json"), str(tmp_path / "out.json")])
+    assert seen == {"ifname": "lo"}
+
+
+def test_rates_a_real_link_can_not_shape_are_refused_before_any_measurement(tmp_path, monkeypatch, capsys):
+    """tc refused 1e-7 Mbit/s (written "1e-07mbit") and shrank the bucket below 0.01 Mbit/s; both surfaced after the
+    unshaped run, as a traceback that lost its measurements."""
+    from astra.cli import main
+    from astra.netlink import MIN_RATE_MBIT, _tbf, check_rate
+
+    for bad in (0.001, 1e-7, float("inf")):
+        with pytest.raises(ValueError, match=f"rate must be a finite number >= {MIN_RATE_MBIT:g} Mbit/s"):
+            check_rate(bad)
+    check_rate(MIN_RATE_MBIT)
+    assert _tbf(0.5)[:3] == ["tbf", "rate", "500000bit"] and _tbf(1e-2)[2] == "10000bit"
+    if real_link_available() is None:
+        monkeypatch.setattr(astra, "launch", lambda *a, **k: pytest.fail("work started"))
+        assert main(["bench", "--link", "real", "--rates", "10,0.001", "--out-dir", str(tmp_path)]) == 2
+        assert "--rates: a real link's rate must be" in capsys.readouterr().err

@@ -196,6 +196,7 @@ BAD = [
     (["demo", "--model", "gpt2-random", "--codebooks", "/nonexistent.safetensors"], "--codebooks: no such file"),
     (["demo", "--model", "gpt2-random", "--world-size", "1"], "--world-size must be in 2..64"),   # ZeroDivisionError
     (["bench", "--systems", "single,astra-g1", "--out-dir", "FILESUB"], "cannot make that directory (Not a directory)"),
+    (["bench", "--systems", "single,fp-sp", "--out-dir", "CSVDIR"], "bench.csv (a directory, or not writable)"),
     (["bench", "--link", "emulated", "--loss", "1", "--out-dir", "NEWDIR"], "the emulated link does not model loss"),
     (["calibrate", "--model", "gpt2-random", "--max-length", "1000", "--out", "X"],
      "--max-length 1000 is more tokens than the model's position embeddings hold (512)"),
@@ -257,10 +258,11 @@ def test_bad_arguments_fail_before_any_work_with_one_line(argv, msg, capsys, mon
     monkeypatch.setattr(astra, "finetune", no_work)
     (tmp_path / "bin").write_bytes(b"\xa8\xff\x00 text")
     (tmp_path / "short.txt").write_text("hi\n")
+    (tmp_path / "res" / "bench.csv").mkdir(parents=True)      # found after every measurement before
     subst = {"X": str(tmp_path / "cb.safetensors"), "FILE": __file__, "D": str(tmp_path / "out"),
              "FILESUB": os.path.join(__file__, "sub"), "NEWDIR": str(tmp_path / "new"), "TMPDIR": str(tmp_path),
              "LONGNAME": str(tmp_path / ("a" * 300 + ".safetensors")), "BINARY": str(tmp_path / "bin"),
-             "SHORT": str(tmp_path / "short.txt")}
+             "SHORT": str(tmp_path / "short.txt"), "CSVDIR": str(tmp_path / "res")}
     argv = [subst.get(a, a) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

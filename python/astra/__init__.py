@@ -7,7 +7,7 @@ Public API: :class:`Codebooks`, :func:`simulate`, :func:`parallelize` (a :class:
 (:class:`FamilyAdapter`, :func:`register_family`, :func:`unregister_family`, :func:`family_of`), and the errors
 (:class:`AstraError` and its kinds :class:`PeerError`, :class:`UnsupportedModelError`, :class:`LaunchError`,
 :class:`InputMismatchError`, :class:`InvalidInputError`, :class:`RankFailedError`, :class:`FrameMismatchError`,
-:class:`NonFiniteError`).
+:class:`NonFiniteError`, :class:`LinkError`).
 Semantics: docs/runtime.md.
 """
 from astra_kernels import __version__
@@ -21,6 +21,7 @@ from .errors import (
     InputMismatchError,
     InvalidInputError,
     LaunchError,
+    LinkError,
     NonFiniteError,
     PeerError,
     RankFailedError,
@@ -39,7 +40,7 @@ from .transport import DEFAULT_TIMEOUT_S
 
 __all__ = [
     "AstraError", "Codebooks", "FrameMismatchError", "InputMismatchError", "InvalidInputError", "LaunchError",
-    "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
+    "LinkError", "NonFiniteError", "PeerError", "RankFailedError", "UnsupportedModelError",
     "DEFAULT_TIMEOUT_S", "FinetuneResult", "LayerStats", "OutputStats", "calibrate", "finetune", "ParallelModel",
     "launch",
     "local_indices", "parallelize", "simulate", "simulate_generate", "split_indices", "tune_allocator", "unpatch",

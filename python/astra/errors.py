@@ -14,6 +14,11 @@ class PeerError(AstraError):
     """A peer rank died, stalled past the timeout, or the collective failed."""
 
 
+class LinkError(AstraError):
+    """A shaped link (:mod:`astra.netlink`: network namespaces, tc, nftables, the jitter relay) could not be built or
+    run: the failed step and its message."""
+
+
 class LaunchError(AstraError):
     """One or more ranks started by :func:`astra.launch` failed.
 

@@ -38,11 +38,19 @@ import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+try:
+    from .errors import LinkError
+except ImportError:         # run as a script: the jitter relay process (this file, no package around it)
+    LinkError = RuntimeError
+
 #: bytes of the tbf bucket (a few frames of MTU 1500 plus room for TCP bursts): after an idle moment this
 #: many bytes pass at the loopback's own speed (astra.costmodel charges the link only beyond it)
 TBF_BURST_BYTES = 64 * 1024
 #: loopback MTU inside the namespace (larger MTUs with tbf stall gloo until it times out)
 NETNS_MTU = 1500
+#: the slowest real link: below it tc's tbf silently shrinks the bucket below TBF_BURST_BYTES (0.001 Mbit/s: 31 KB)
+#: and, below 1e-6 Mbit/s, refuses the rate
+MIN_RATE_MBIT = 0.01
 
 
 def real_link_available() -> Optional[str]:
@@ -67,11 +75,18 @@ def link_name(kind: str, rate_mbit: Optional[float], loss: float = 0.0, delay_ms
 def _sh(*cmd: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
+        raise LinkError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
+
+
+def check_rate(rate_mbit: float) -> None:
+    """ValueError unless ``rate_mbit`` is a rate a real link can be shaped to."""
+    if not MIN_RATE_MBIT <= rate_mbit < float("inf"):
+        raise ValueError(f"a real link's rate must be a finite number >= {MIN_RATE_MBIT:g} Mbit/s, got {rate_mbit}")
 
 
 def _tbf(rate_mbit: float) -> List[str]:
-    return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", f"{TBF_BURST_BYTES}b", "latency", "2s"]
+    # whole bits per second: "%g" wrote 1e-07mbit, which tc does not parse
+    return ["tbf", "rate", f"{round(rate_mbit * 1e6)}bit", "burst", f"{TBF_BURST_BYTES}b", "latency", "2s"]
 
 
 def _check_loss_delay(loss: float, delay_ms: float, jitter_ms: float) -> None:
@@ -112,9 +127,8 @@ def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, d
     if why:
         raise PermissionError(f"cannot build a real shaped link: {why}")
     if loss and shutil.which("nft") is None:
-        raise RuntimeError("--loss on the real link needs the nft command (apt-get install nftables)")
-    if not rate_mbit > 0:
-        raise ValueError(f"rate must be > 0 Mbit/s, got {rate_mbit}")
+        raise LinkError("--loss on the real link needs the nft command (apt-get install nftables)")
+    check_rate(rate_mbit)
     _check_loss_delay(loss, delay_ms, jitter_ms)
     _sh("ip", "netns", "add", name)
     try:
@@ -125,7 +139,7 @@ def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, d
                 _sh(*cmd)
             except RuntimeError as e:
                 if "netem" in cmd and "unknown" in str(e).lower():
-                    raise RuntimeError("delay and jitter need the netem qdisc, which this kernel lacks "
+                    raise LinkError("delay and jitter need the netem qdisc, which this kernel lacks "
                                        "(sch_netem module)") from e
                 raise
     except BaseException:
@@ -158,7 +172,8 @@ def destroy_namespace(name: str) -> None:
 def shaped_namespace(rate_mbit: float, *, loss: float = 0.0, delay_ms: float = 0.0, jitter_ms: float = 0.0,
                      prefix: str = "astra-link") -> Iterator[str]:
     """``with shaped_namespace(10) as ns:`` a shaped namespace for the block's lifetime (removed after)."""
-    name = f"{prefix}-{os.getpid()}-{rate_mbit:g}".replace(".", "_")
+    # a random tail: a namespace leaked by an earlier process of the same pid made `ip netns add` fail late
+    name = f"{prefix}-{os.getpid()}-{rate_mbit:g}-{random.getrandbits(24):06x}".replace(".", "_")
     create_shaped_namespace(name, rate_mbit, loss=loss, delay_ms=delay_ms, jitter_ms=jitter_ms)
     try:
         yield name
@@ -307,9 +322,9 @@ def _jitter_check(rate_mbit: Optional[float], loss: float) -> None:
         raise PermissionError("a jitter link needs root (network namespaces and TUN devices)")
     for tool in ("ip",) + (("tc",) if rate_mbit is not None else ()) + (("nft",) if loss else ()):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"a jitter link needs the {tool!r} command (iproute2 / nftables)")
+            raise LinkError(f"a jitter link needs the {tool!r} command (iproute2 / nftables)")
     if not os.path.exists("/dev/net/tun"):
-        raise RuntimeError("a jitter link needs /dev/net/tun (kernel CONFIG_TUN)")
+        raise LinkError("a jitter link needs /dev/net/tun (kernel CONFIG_TUN)")
 
 
 def _jitter_namespace(ns: str, tun: str, rank: int, rate_mbit: Optional[float], loss: float) -> None:
@@ -337,7 +352,7 @@ def _start_relay(fds: List[int], spec: dict) -> subprocess.Popen:
                             pass_fds=fds, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
-        raise RuntimeError(f"the jitter relay did not start: {proc.communicate()[1].strip()[-2000:]}")
+        raise LinkError(f"the jitter relay did not start: {proc.communicate()[1].strip()[-2000:]}")
     return proc
 
 
@@ -347,9 +362,9 @@ def _stop_relay(proc: subprocess.Popen) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise RuntimeError("the jitter relay did not stop within 10 s (killed)") from None
+        raise LinkError("the jitter relay did not stop within 10 s (killed)") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"the jitter relay failed (exit {proc.returncode}): {err.strip()[-2000:]}")
+        raise LinkError(f"the jitter relay failed (exit {proc.returncode}): {err.strip()[-2000:]}")
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -373,10 +388,10 @@ def jitter_link(rate_mbit: Optional[float] = None, *, delay_ms: float = 20.0, ji
     then holds the relay's counts and lateness (see :class:`JitterLink`). If this process is killed (SIGKILL),
     the relay still stops (its stdin closes) but the namespaces stay: ``ip netns del {prefix}-{pid}-0`` (and
     ``-1``). Raises ``PermissionError`` when not
-    root, ``RuntimeError`` naming a missing tool or a failed set-up step, ``ValueError`` for bad arguments."""
+    root, ``astra.LinkError`` naming a missing tool or a failed set-up step, ``ValueError`` for bad arguments."""
     # the arguments first, then what the machine has (a bad argument is refused on any machine)
-    if rate_mbit is not None and not rate_mbit > 0:
-        raise ValueError(f"rate must be > 0 Mbit/s or None (unshaped), got {rate_mbit}")
+    if rate_mbit is not None:
+        check_rate(rate_mbit)
     _check_loss_delay(loss, delay_ms, jitter_ms)
     delay_sampler(delay_ms, jitter_ms, distribution, seed)             # validates the distribution
     _jitter_check(rate_mbit, loss)
@@ -419,7 +434,7 @@ def link_rtt_ms(link: JitterLink, count: int = 50, interval_s: float = 0.01,
                               text=True)
     try:
         if server.stdout.readline().strip() != "ready":
-            raise RuntimeError("the UDP echo server did not start in rank 1's namespace")
+            raise LinkError("the UDP echo server did not start in rank 1's namespace")
         argv = here + ["rtt", link.addresses[1], port, str(count), str(interval_s), str(timeout_s)]
         r = subprocess.run(link.command(0, argv), capture_output=True, text=True,
                            timeout=30 + count * (interval_s + timeout_s))
@@ -427,7 +442,7 @@ def link_rtt_ms(link: JitterLink, count: int = 50, interval_s: float = 0.01,
         server.kill()
         server.wait()
     if r.returncode != 0:
-        raise RuntimeError(f"the RTT probe failed: {r.stderr.strip()[-2000:]}")
+        raise LinkError(f"the RTT probe failed: {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout)
 
 

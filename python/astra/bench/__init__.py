@@ -8,7 +8,7 @@ import shutil
 import time
 from typing import List, Optional
 
-from ..netlink import netem_available, real_link_available
+from ..netlink import check_rate, netem_available, real_link_available
 from ..transport import checked_timeout
 from .models import BENCH_MODELS, check_tokens, has_tp_plan, tp_splits
 from .ranks import SYSTEMS
@@ -133,6 +133,7 @@ def check_bench_args(args) -> None:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out-dir {args.out_dir}: cannot make that directory ({e.strerror})") from e
+    _check_outputs(args.out_dir, stem_of(args), args.predict)
     args.bench = BenchConfig(models=tuple(models), systems=tuple(systems), rates=tuple(rates), tokens=args.tokens,
                              layers=args.layers, world=args.world_size, repeats=args.repeats,
                              slow_after_s=args.slow_after, link=args.link, loss=args.loss, delay_ms=args.delay,
@@ -162,12 +163,32 @@ def _predict_args(args, rates: List[float]):
     return [int(w) for w in worlds], fit
 
 
+def stem_of(args) -> str:
+    """The result files' name: ``bench`` (``bench-quick`` with --quick)."""
+    return "bench-quick" if args.quick else "bench"
+
+
+def _check_outputs(out_dir: str, stem: str, predict: bool) -> None:
+    """The result files can be written (found only after every measurement before: a directory named bench.csv)."""
+    names = [stem + ext for ext in (".csv", ".json", ".md", ".png")]
+    names += [stem + "-predict" + ext for ext in (".csv", ".json", ".md")] if predict else []
+    for path in [out_dir] + [os.path.join(out_dir, n) for n in names]:
+        if (os.path.isdir(path) and path != out_dir) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise ValueError(f"--out-dir: cannot write {path} (a directory, or not writable)")
+
+
 def _check_link(args) -> None:
-    """--link (auto resolved), --loss and --delay against what this machine can do."""
+    """--link (auto resolved), --rates, --loss and --delay against what this machine can do."""
     why = real_link_available()
     if args.link == "real" and why:
         raise ValueError(f"--link real: {why}")
     args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
+    if args.link == "real":
+        for rate in _floats("--rates", args.rates):
+            try:
+                check_rate(rate)
+            except ValueError as e:         # tc refused it after the unshaped run, losing its measurements
+                raise ValueError(f"--rates: {e}") from None
     if args.link == "emulated" and args.loss:
         raise ValueError("--loss needs the real link (root): the emulated link does not model loss")
     no_netem = netem_available() if args.link == "real" and args.delay else None     # a throw-away namespace
@@ -205,7 +226,7 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     print(f"astra bench: {title_of(cfg)}", flush=True)
     rows = run_sweep(cfg, cfg.extra["worlds"] if args.predict else ())
-    stem = "bench-quick" if args.quick else "bench"
+    stem = stem_of(args)
     if args.predict:
         from .predict import report
 

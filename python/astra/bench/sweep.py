@@ -105,8 +105,9 @@ def _run_worker(job: Dict, ns: Optional[str], tmp: str) -> Dict:
 
 
 def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[float], kind: str,
-             world: Optional[int] = None) -> Dict:
-    """One result row (a system on a model over one link) from a worker's measurements."""
+             world: Optional[int] = None, slow: Optional[bool] = None) -> Dict:
+    """One result row (a system on a model over one link) from a worker's measurements. ``slow``: the plan ran it
+    once without warm-up (:func:`plan_systems`; None: read from the number of runs, which --repeats 1 hid)."""
     world = world or cfg.world
     times = res["times"]
     if key == "hf-tp":
@@ -117,7 +118,7 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
     return {"model": name, "system": key, "label": SYSTEMS[key], "world": world, "tokens": cfg.tokens,
             "layers": cfg.layers, "link": link_name(kind, rate, cfg.loss, cfg.delay_ms), "link_kind": kind,
             "rate_mbit": rate, "runs": len(times), "median_s": med, "min_s": min(times), "max_s": max(times),
-            "slow": len(times) < cfg.repeats, "bytes_sent_per_rank": int(res["bytes_sent"]),
+            "slow": len(times) < cfg.repeats if slow is None else slow, "bytes_sent_per_rank": int(res["bytes_sent"]),
             "frame_bytes": int(res["frame_bytes"]), "link_bytes": int(link_b),
             "collectives": int(res["collectives"]), "syncs": int(res.get("syncs", res["collectives"])),
             "compute_s": max(0.0, med - res["wait_s"]), "times": times,
@@ -168,7 +169,7 @@ def run_links(cfg: BenchConfig, prepared: Dict, tmp: str, world: int, rates, kin
                 res = _run_worker(job, ns, tmp)
         for model, systems in res.items():
             for key, r in systems.items():
-                row = make_row(model, key, r, cfg, rate, kind, world)
+                row = make_row(model, key, r, cfg, rate, kind, world, slow=not job["models"][model]["plan"][key][1])
                 rows.append(row)
                 if rate is None:
                     unshaped_rows[(model, key)] = row

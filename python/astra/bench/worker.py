@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         job = json.load(f)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # the measured link is the loopback (shaped in its namespace or not): an inherited GLOO_SOCKET_IFNAME=eth0
+    # measured the "unshaped loopback" row over eth0 and then failed inside the namespace, which has no eth0
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     tune_allocator()        # the one-device run here gets the allocator of the ranks astra.launch starts
     result = run_job(job)
     with open(argv[1], "w") as f:
