@@ -95,8 +95,9 @@ def _run_loopback(args, loss) -> dict:
     from astra.netlink import netns_command, shaped_namespace
 
     with shaped_namespace(args.rate, loss=loss) as ns:
-        out = subprocess.run(netns_command(ns, _rank_argv(args, "--inner")), check=True, capture_output=True,
-                             text=True)
+        out = subprocess.run(netns_command(ns, _rank_argv(args, "--inner")), capture_output=True, text=True)
+    if out.returncode != 0:         # the ranks' error, not only CalledProcessError's exit status
+        raise SystemExit(f"lossy_link: the ranks failed (exit {out.returncode}):\n{out.stderr.strip()[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -175,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.forwards < 1 or args.tokens < 2 or args.layers < 2:
+        ap.error("--forwards must be >= 1, --tokens >= 2 and --layers >= 2 (layer 0 exchanges nothing)")
     if args.inner or args.rank is not None:
         print(json.dumps(inner(args) if args.inner else rank_main(args)))
         return 0
