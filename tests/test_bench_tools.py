@@ -325,25 +325,28 @@ def test_sigterm_leaves_no_namespace_directory_or_process_behind(tmp_path, shape
     env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
     argv = [sys.executable, "-m", "astra", "bench", "--models", "gpt2", "--systems", "fp-sp", "--layers", "2",
             "--tokens", "64", "--repeats", "500", "--rates", "0.5", "--out-dir", str(tmp_path / "out")]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:       # a file, not a pipe: no wait on the descendants' copies of it
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     ns_prefix = f"astra-link-{proc.pid}-"
 
     def started() -> bool:
         if shaped:
             return ns_prefix in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        return any(p.startswith("astra-launch-") for p in os.listdir(tmp_path))
+        return any(tmp_path.glob("**/astra-launch-*"))     # the ranks' rendezvous, in the sweep's directory
 
     deadline = time.monotonic() + 120
     while not started() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    assert proc.poll() is None, err_path.read_text()[-2000:]
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    err = err_path.read_text()
     assert proc.returncode == 130 and "astra bench: interrupted" in err, err[-2000:]
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while _ours(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _ours(tmp_path) == []
+    assert _ours(tmp_path) == [], [open(f"/proc/{p}/cmdline").read() for p in _ours(tmp_path)]
     assert [p for p in os.listdir(tmp_path) if p.startswith("astra-")] == []
     assert ns_prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
@@ -458,13 +461,13 @@ def test_rates_a_real_link_can_not_shape_are_refused_before_any_measurement(tmp_
     """tc refused 1e-7 Mbit/s (written "1e-07mbit") and shrank the bucket below 0.01 Mbit/s; both surfaced after the
     unshaped run, as a traceback that lost its measurements."""
     from astra.cli import main
-    from astra.netlink import MIN_RATE_MBIT, _tbf, check_rate
+    from astra.netlink import MIN_RATE_MBIT, check_rate, tbf_qdisc
 
     for bad in (0.001, 1e-7, float("inf")):
         with pytest.raises(ValueError, match=f"rate must be a finite number >= {MIN_RATE_MBIT:g} Mbit/s"):
             check_rate(bad)
     check_rate(MIN_RATE_MBIT)
-    assert _tbf(0.5)[:3] == ["tbf", "rate", "500000bit"] and _tbf(1e-2)[2] == "10000bit"
+    assert tbf_qdisc(0.5)[:3] == ["tbf", "rate", "500000bit"] and tbf_qdisc(1e-2)[2] == "10000bit"
     if real_link_available() is None:
         monkeypatch.setattr(astra, "launch", lambda *a, **k: pytest.fail("work started"))
         assert main(["bench", "--link", "real", "--rates", "10,0.001", "--out-dir", str(tmp_path)]) == 2

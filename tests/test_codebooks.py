@@ -211,7 +211,7 @@ def test_a_base_model_and_its_heads_share_codebooks_whatever_their_pooler():
 def test_the_weights_sample_reaches_the_last_element_of_large_parameters():
     """The positions came from a float32 linspace, which rounds past the end beyond 2^24 elements: calibrating GPT-2
     (its 38.6 M-entry embedding) raised IndexError."""
-    from astra.weights_sample import _values
+    from astra.weights_sample import sample_values
 
     class Big(torch.nn.Module):
         def __init__(self):
@@ -222,6 +222,6 @@ def test_the_weights_sample_reaches_the_last_element_of_large_parameters():
     big = Big()
     with torch.no_grad():
         big.w[-1] = 7.0
-    vals = _values(big)
+    vals = sample_values(big)
     assert vals["w"].numel() == 16 and float(vals["w"][-1]) == 7.0 and float(vals["w"][0]) == 0.0
     assert vals["small"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]

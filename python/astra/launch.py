@@ -1,15 +1,19 @@
 """``astra.launch``: spawn local gloo ranks on one machine (torchrun works too: see docs/runtime.md)."""
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing as mp
 import os
 import pickle
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
 import traceback
+import types
 from datetime import timedelta
 from typing import Any, Callable, List, Optional
 
@@ -20,8 +24,9 @@ from .transport import checked_timeout
 
 
 class _CompactPickler(pickle.Pickler):
-    """Pickles a tensor that views part of a larger storage as a copy of its own elements (plain pickling, like
-    ``torch.save``, sends the whole storage: a rank returning ``hidden[:, :1]`` sent every token)."""
+    """``torch.save``'s pickler, except that a tensor viewing part of a larger storage travels as a copy of its own
+    elements (``torch.save`` writes the whole storage: a rank returning ``hidden[:, :1]`` sent every token). Tensors
+    that share a storage whole still share it (``torch.save`` writes each storage once)."""
 
     def reducer_override(self, obj):
         import torch
@@ -36,39 +41,63 @@ def _rebuilt(t):
     return t
 
 
+_COMPACT = types.ModuleType("astra_launch_pickle")     # what torch.save reads of its pickle_module
+_COMPACT.Pickler = _CompactPickler
+
+
 def _dump(obj) -> bytes:
+    import torch
+
     buf = io.BytesIO()
-    _CompactPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    torch.save(obj, buf, pickle_module=_COMPACT)
     return buf.getvalue()
 
 
 def _load(b: bytes):
-    return pickle.loads(b)
+    import torch
+
+    return torch.load(io.BytesIO(b), weights_only=False)
 
 
-def _pickled_fn(fn: Callable) -> bytes:
-    """``fn`` pickled by reference here, so that a rank that can not find it again says so (spawn's own unpickling
-    failed before any astra code ran: the rank "exited without a result")."""
+class _Fn:
+    """``fn`` as a rank gets it. Under spawn it is pickled while the ranks start (so it may bind multiprocessing
+    objects, as before) and unpickled in the rank, where a failure is reported with its likely cause (spawn's own
+    unpickling failed before any astra code ran: the rank "exited without a result")."""
+
+    def __init__(self, fn: Optional[Callable] = None, error: Optional[BaseException] = None):
+        self.fn, self.error = fn, error
+
+    def __reduce__(self):
+        from multiprocessing.reduction import ForkingPickler
+
+        return _unpickled_fn, (bytes(ForkingPickler.dumps(self.fn)),)
+
+    def get(self) -> Callable:
+        if self.error is not None:
+            raise ValueError(f"the rank could not load fn ({type(self.error).__name__}: {self.error}): spawn "
+                             "re-imports the launching script as a module, so fn must be defined at its top level, "
+                             "not under `if __name__ == '__main__':`, or in an importable module")
+        return self.fn
+
+
+def _unpickled_fn(data: bytes) -> _Fn:
     try:
-        return pickle.dumps(fn)
-    except (AttributeError, TypeError, pickle.PicklingError) as e:
-        raise ValueError(f"launch could not hand fn to the ranks ({type(e).__name__}: {e}): fn must be importable at "
-                         "module level") from e
-
-
-def _unpickled_fn(fn_bytes: bytes) -> Callable:
-    try:
-        return pickle.loads(fn_bytes)
+        return _Fn(pickle.loads(data))
     except Exception as e:
-        raise ValueError(f"the rank could not load fn ({type(e).__name__}: {e}): spawn re-imports the launching "
-                         "script as a module, so fn must be defined at its top level, not under `if __name__ == "
-                         "'__main__':`, or in an importable module") from e
+        return _Fn(error=e)
 
 
-def _exit_with_launcher(launcher: int, rdv_dir: str) -> None:
-    """A rank outlives no launching process: one killed by a signal that skips its ``finally`` (SIGTERM) left every
-    rank running, parented to init, and the rendezvous directory behind. A thread polls twice a second."""
+def _exit_with_launcher(launcher: int) -> None:
+    """A rank outlives no launching process: one killed by a signal that skips its ``finally`` (SIGTERM, SIGKILL)
+    left every rank running, parented to init. On Linux the kernel kills the rank when its parent dies
+    (``PR_SET_PDEATHSIG``: a thread could wait for the GIL forever, e.g. behind torch's FileStore constructor); a
+    thread also polls twice a second (forkserver's ranks are not the launcher's children; other systems)."""
     parent = os.getppid()       # the launcher under spawn; forkserver's server otherwise
+    if sys.platform.startswith("linux") and parent == launcher:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
     def gone() -> bool:
         if os.getppid() != parent:
@@ -84,9 +113,10 @@ def _exit_with_launcher(launcher: int, rdv_dir: str) -> None:
     def watch():
         while not gone():
             time.sleep(0.5)
-        shutil.rmtree(rdv_dir, ignore_errors=True)
         os._exit(1)
 
+    if gone():                  # died before the prctl
+        os._exit(1)
     threading.Thread(target=watch, name="astra-launch-watch", daemon=True).start()
 
 
@@ -97,12 +127,12 @@ def _described(e: BaseException) -> str:
         return f"{type(e).__name__}: <its str() failed>"
 
 
-def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn_bytes, args, kwargs, q, launcher):
+def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn: _Fn, args, kwargs, q, launcher):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
-    _exit_with_launcher(launcher, os.path.dirname(init_method[len("file://"):]))
+    _exit_with_launcher(launcher)
     try:
-        fn = _unpickled_fn(fn_bytes)
+        call = fn.get()
         if tune:
             allocator.tune_allocator()
         import torch
@@ -113,7 +143,7 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
         dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         try:
-            result = fn(rank, *args, **kwargs)
+            result = call(rank, *args, **kwargs)
         finally:
             try:
                 dist.destroy_process_group()
@@ -129,18 +159,17 @@ def _start(procs) -> None:
         for p in procs:
             p.start()
     except (AttributeError, TypeError, pickle.PicklingError) as e:      # spawn pickles fn, its args and kwargs
-        raise ValueError(f"launch could not hand the arguments of fn to the ranks ({type(e).__name__}: {e}): they "
-                         "must be picklable") from e
+        raise ValueError(f"launch could not hand fn and its arguments to the ranks ({type(e).__name__}: {e}): fn "
+                         "must be importable at module level and its arguments picklable") from e
 
 
-def _failed_at(procs, errors: dict, since: Optional[float]) -> Optional[float]:
-    """When a rank first failed (raised, or exited with a non-zero code), or None while none has."""
-    if since is None and (errors or any(p.exitcode not in (None, 0) for p in procs)):
-        return time.monotonic()
-    return since
+def _failed_at(procs, results: dict, errors: dict, since: Optional[float]) -> Optional[float]:
+    """When a rank first failed (raised, or exited with a non-zero code before reporting), or None while none has."""
+    died = any(p.exitcode not in (None, 0) and r not in results for r, p in enumerate(procs))
+    return time.monotonic() if since is None and (errors or died) else since
 
 
-def _collect(procs, q, world_size: int, deadline: Optional[float], after_failure_s: float):
+def _collect(procs, q, world_size: int, deadline: Optional[float], after_failure_s: Optional[float]):
     """``(results, errors, cut)``: every rank's message until all have reported, all have exited (``cut`` None),
     the deadline (``"join"``), or ``after_failure_s`` seconds after a rank failed (``"failure"``: a stalled rank held
     the launch until the deadline, 4 hours in ``astra bench``)."""
@@ -169,11 +198,11 @@ def _collect(procs, q, world_size: int, deadline: Optional[float], after_failure
             while drain(0.5):               # the last messages may still be in the pipe
                 pass
             break
-        failed = _failed_at(procs, errors, failed)
+        failed = _failed_at(procs, results, errors, failed)
         now = time.monotonic()
         if deadline is not None and now > deadline:
             return results, errors, "join"
-        if failed is not None and now > failed + after_failure_s:
+        if failed is not None and after_failure_s is not None and now > failed + after_failure_s:
             return results, errors, "failure"
     return results, errors, None
 
@@ -190,34 +219,38 @@ def _reap(procs, grace_s: float) -> None:
             p.join(timeout=5)
 
 
-def after_failure_s(timeout: float) -> float:
-    """How long :func:`launch` waits for the other ranks once one failed: their collectives fail within the
-    process group's ``timeout``; twice that (at least 10 s) leaves them time to report."""
-    return max(2.0 * timeout, 10.0)
+def _after_failure(after_failure_s, timeout: float) -> Optional[float]:
+    """:func:`launch`'s ``after_failure_s`` in seconds (None: no limit). "auto": the others' collectives fail
+    within the process group's ``timeout``; twice that (at least 10 s) leaves them time to report."""
+    if after_failure_s == "auto":
+        return max(2.0 * timeout, 10.0)
+    return None if after_failure_s is None else checked_timeout(after_failure_s)
 
 
 def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout: float = 60.0,
-           join_timeout: Optional[float] = None, threads: int = 1, start_method: str = "spawn",
-           tune_allocator: bool = True, **kwargs) -> List[Any]:
+           join_timeout: Optional[float] = None, after_failure_s="auto", threads: int = 1,
+           start_method: str = "spawn", tune_allocator: bool = True, **kwargs) -> List[Any]:
     """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` local processes joined in a ``backend`` process
     group (gloo over loopback by default; file rendezvous) and return the per-rank results, in rank order.
 
     ``fn`` must be importable (module-level) and its result picklable. ``timeout`` is the process group's
     collective timeout (seconds); ``join_timeout`` bounds the whole run (ranks still running then are
-    killed); once a rank failed, the others are killed if they still run :func:`after_failure_s` later (so a
-    stalled rank can not hold the launch; survivors of ``on_peer_failure="local"`` get that long to finish).
+    killed); ``after_failure_s``: once a rank failed, the others are killed if they still run that many seconds
+    later ("auto": twice ``timeout``, at least 10 s; so a stalled rank can not hold the launch until
+    ``join_timeout``), None: no limit (survivors of ``on_peer_failure="local"`` that go on working alone).
     ``tune_allocator``: every rank first calls :func:`astra.tune_allocator` (glibc keeps freed memory
     instead of faulting it in again every layer; see :mod:`astra.allocator`). Raises :class:`astra.LaunchError`
     if a rank raised, died, or was killed; the error carries the results of the ranks that did return. No rank
-    outlives the launching process, however it ends (an exception, an interrupt, SIGTERM or SIGKILL: the ranks poll
-    for it twice a second), and the rendezvous directory goes with them.
+    outlives the launching process, however it ends (an exception, an interrupt, SIGTERM or SIGKILL: the kernel or
+    a thread of each rank ends it). The rendezvous directory (one file under ``tempfile.gettempdir()``) is removed
+    by the launching process, so one killed by a signal leaves it.
     """
     if not is_count(world_size, 1):
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     timeout = checked_timeout(timeout)                      # 0 was accepted (parallelize refused it)
     if join_timeout is not None:
         join_timeout = checked_timeout(join_timeout)
-    fn_bytes = _pickled_fn(fn)
+    after_failure = _after_failure(after_failure_s, timeout)
     ctx = mp.get_context(start_method)
     q = ctx.Queue()
     # rendezvous through a fresh file (no port to race for with other processes on the machine)
@@ -225,12 +258,12 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     init_method = "file://" + os.path.join(rdv_dir, "rendezvous")
     procs, grace_s = [], 0.0         # an exception or interrupt here: kill the ranks at once
     try:
-        common = (world_size, init_method, backend, float(timeout), threads, tune_allocator, fn_bytes, args, kwargs,
+        common = (world_size, init_method, backend, float(timeout), threads, tune_allocator, _Fn(fn), args, kwargs,
                   q, os.getpid())
         procs = [ctx.Process(target=_worker, args=(r, *common), daemon=True) for r in range(world_size)]
         deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
         _start(procs)
-        results, errors, cut = _collect(procs, q, world_size, deadline, after_failure_s(timeout))
+        results, errors, cut = _collect(procs, q, world_size, deadline, after_failure)
         grace_s = 0.1 if cut else 5.0
     finally:        # also on an exception or an interrupt in this process: no rank outlives it, no directory leaks
         _reap(procs, grace_s)
@@ -241,7 +274,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
         if cut == "join":
             parts.append(f"launch timed out after {join_timeout}s")
         if cut == "failure":
-            parts.append(f"rank(s) still running {after_failure_s(timeout):g}s after a rank failed were killed")
+            parts.append(f"rank(s) still running {after_failure:g}s after a rank failed were killed")
         if dead:
             parts.append(f"rank(s) {dead} exited without a result (exit codes "
                          f"{[procs[r].exitcode for r in dead]})")

@@ -84,8 +84,9 @@ def check_rate(rate_mbit: float) -> None:
         raise ValueError(f"a real link's rate must be a finite number >= {MIN_RATE_MBIT:g} Mbit/s, got {rate_mbit}")
 
 
-def _tbf(rate_mbit: float) -> List[str]:
-    # whole bits per second: "%g" wrote 1e-07mbit, which tc does not parse
+def tbf_qdisc(rate_mbit: float) -> List[str]:
+    """The tbf qdisc of a link of ``rate_mbit`` (tc's words after ``root``): its rate in whole bits per second
+    ("%g" wrote 1e-07mbit, which tc does not parse), the bucket ``TBF_BURST_BYTES``."""
     return ["tbf", "rate", f"{round(rate_mbit * 1e6)}bit", "burst", f"{TBF_BURST_BYTES}b", "latency", "2s"]
 
 
@@ -98,7 +99,7 @@ def _check_loss_delay(loss: float, delay_ms: float, jitter_ms: float) -> None:
 
 def _qdisc_commands(ns: str, rate_mbit: float, delay_ms: float, jitter_ms: float) -> List[List[str]]:
     tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo"]
-    tbf = _tbf(rate_mbit)
+    tbf = tbf_qdisc(rate_mbit)
     if not (delay_ms or jitter_ms):
         return [tc + ["root"] + tbf]
     netem = ["netem", "delay", f"{delay_ms:g}ms"] + ([f"{jitter_ms:g}ms"] if jitter_ms else [])
@@ -130,7 +131,13 @@ def create_shaped_namespace(name: str, rate_mbit: float, *, loss: float = 0.0, d
         raise LinkError("--loss on the real link needs the nft command (apt-get install nftables)")
     check_rate(rate_mbit)
     _check_loss_delay(loss, delay_ms, jitter_ms)
-    _sh("ip", "netns", "add", name)
+    try:
+        _sh("ip", "netns", "add", name)
+    except LinkError:
+        raise                       # not made (the name is taken: someone else's, left as it is)
+    except BaseException:
+        destroy_namespace(name)     # interrupted while `ip netns add` made it
+        raise
     try:
         _sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", str(NETNS_MTU))
         _sh("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
@@ -174,8 +181,8 @@ def shaped_namespace(rate_mbit: float, *, loss: float = 0.0, delay_ms: float = 0
     """``with shaped_namespace(10) as ns:`` a shaped namespace for the block's lifetime (removed after)."""
     # a random tail: a namespace leaked by an earlier process of the same pid made `ip netns add` fail late
     name = f"{prefix}-{os.getpid()}-{rate_mbit:g}-{random.getrandbits(24):06x}".replace(".", "_")
-    create_shaped_namespace(name, rate_mbit, loss=loss, delay_ms=delay_ms, jitter_ms=jitter_ms)
-    try:
+    try:        # made inside: an interrupt between its creation and this block leaked it
+        create_shaped_namespace(name, rate_mbit, loss=loss, delay_ms=delay_ms, jitter_ms=jitter_ms)
         yield name
     finally:
         destroy_namespace(name)
@@ -339,7 +346,7 @@ def _jitter_namespace(ns: str, tun: str, rank: int, rate_mbit: Optional[float], 
     _sh(*ipn, "addr", "add", JITTER_ADDRESSES[rank], "peer", JITTER_ADDRESSES[1 - rank], "dev", JITTER_IFNAME)
     _sh(*ipn, "link", "set", "dev", JITTER_IFNAME, "mtu", str(NETNS_MTU), "up")
     if rate_mbit is not None:
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", JITTER_IFNAME, "root", *_tbf(rate_mbit))
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", JITTER_IFNAME, "root", *tbf_qdisc(rate_mbit))
     for cmd in _loss_commands(ns, loss, JITTER_IFNAME):
         _sh(*cmd)
 

@@ -25,8 +25,9 @@ MATCH = 0.98
 
 
 @torch.no_grad()
-def _values(base) -> Dict[str, torch.Tensor]:
-    """The sampled values of ``base``'s parameters by name (float32, CPU)."""
+def sample_values(base) -> Dict[str, torch.Tensor]:
+    """The sampled values of ``base``'s parameters (any module) by name: ``SAMPLE_ELEMENTS`` of each at evenly spaced
+    positions (float32, CPU)."""
     out = {}
     for name, p in sorted(base.named_parameters()):
         flat = p.detach().reshape(-1)
@@ -42,7 +43,7 @@ def weights_sample(model) -> str:
     values' float32 bytes in base64."""
     from .models import family_of
 
-    vals = _values(family_of(model).base)
+    vals = sample_values(family_of(model).base)
     names = ",".join(f"{n}={v.numel()}" for n, v in vals.items())
     raw = torch.cat(list(vals.values())).numpy().tobytes() if vals else b""
     return names + "|" + base64.b64encode(raw).decode("ascii")
@@ -72,7 +73,7 @@ def mismatch(text: str, model) -> Optional[str]:
     """None if ``model``'s weights are those ``text`` sampled (within the tolerances above); else what differs."""
     from .models import family_of
 
-    saved, now = _decoded(text), _values(family_of(model).base)
+    saved, now = _decoded(text), sample_values(family_of(model).base)
     common = [n for n in saved if n in now and now[n].numel() == saved[n].numel()]
     if len(common) < SHARED * max(len(saved), len(now)) or not common:
         return (f"its parameters are laid out otherwise ({len(common)} of the {len(saved)} sampled found, the model "

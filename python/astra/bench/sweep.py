@@ -94,8 +94,10 @@ def _run_worker(job: Dict, ns: Optional[str], tmp: str) -> Dict:
     with open(jpath, "w") as f:
         json.dump(job, f)
     argv = netns_command(ns, [sys.executable, "-m", "astra.bench.worker", jpath, opath])
+    # TMPDIR: the ranks' rendezvous directories go into the sweep's own, which is removed however the sweep ends
+    # (a worker killed with the sweep leaves its launch's behind otherwise)
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
-               PYTHONWARNINGS="ignore::FutureWarning")
+               PYTHONWARNINGS="ignore::FutureWarning", TMPDIR=tmp)
     r = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise AstraError(f"the benchmark worker for {job['link']} failed (exit code {r.returncode}); "
