@@ -155,6 +155,11 @@ def test_length_dependent_rope_is_exact_within_its_original_length_and_refused_b
                                                           f"'{rope_type}' rotary embedding changes its frequencies"):
         astra.simulate(model, tiny_inputs("llama", seq=11), world_size=3)
     assert family_of(tiny_model("llama")).rope_scaled_beyond() is None
+    if rope_type == "dynamic":      # its length is max_position_embeddings, whatever else the parameters name
+        rope = dict(rope, original_max_position_embeddings=10)
+        longer = tiny_model("llama", max_position_embeddings=32, rope_parameters=rope, hidden_size=64,
+                            num_attention_heads=4)
+        assert family_of(longer).rope_scaled_beyond() == ("dynamic", 32)
 
 
 @pytest.mark.parametrize("flag,value", [("output_hidden_states", True), ("output_attentions", True),

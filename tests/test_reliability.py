@@ -229,7 +229,8 @@ def test_non_finite_inputs_and_embeddings_name_their_token_on_every_rank():
 
 def _killed_peer(rank, victim, world_timeout, where="layer"):
     """The victim is SIGKILLed inside layer 1's attention, or (``where="output"``) after the forward, in its
-    output's exchange (which on_peer_failure="local" did not cover: the survivors raised PeerError)."""
+    output's exchange, or (``"gather"``) between a forward and its gather (which on_peer_failure="local" did not
+    cover: the survivors raised PeerError)."""
     import warnings
 
     model = tiny_model("llama")
@@ -244,6 +245,9 @@ def _killed_peer(rank, victim, world_timeout, where="layer"):
             lambda m, a, k: os.kill(os.getpid(), signal.SIGKILL), with_kwargs=True, prepend=True)
     if rank == victim and where == "output":
         pm._output = lambda kind, fw: os.kill(os.getpid(), signal.SIGKILL)
+    if rank == victim and where == "gather":        # dies between a forward and its gather
+        pm(**inputs)
+        os.kill(os.getpid(), signal.SIGKILL)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         full = pm(**inputs, output="hidden_states").logits if where == "output" else pm.gather(pm(**inputs)).logits
@@ -254,7 +258,7 @@ def _killed_peer(rank, victim, world_timeout, where="layer"):
             "warned": any("computing the whole forward on this rank" in str(w.message) for w in caught)}
 
 
-@pytest.mark.parametrize("world,where", [(2, "layer"), (3, "layer"), (2, "output")])
+@pytest.mark.parametrize("world,where", [(2, "layer"), (3, "layer"), (2, "output"), (2, "gather")])
 def test_on_peer_failure_local_survives_a_sigkill(world, where):
     with pytest.raises(astra.LaunchError) as ei:
         astra.launch(_killed_peer, world, world - 1, 3.0, where, join_timeout=120)

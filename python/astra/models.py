@@ -297,9 +297,16 @@ class Family:
         scaled = sorted(t for t in types if isinstance(t, str) and ("dynamic" in t or t == "longrope"))
         if not scaled:
             return None
+        # the length each type compares with (HF's dynamic_rope_update): dynamic the module's original_max_seq_len
+        # (max_position_embeddings), longrope its parameters' original_max_position_embeddings
         params = getattr(self.base.config, "rope_parameters", None) or {}
-        limits = [getattr(rot, "original_max_seq_len", None), params.get("original_max_position_embeddings")]
-        return scaled[0], min(int(x) for x in limits if isinstance(x, int))
+        limits = {"longrope": params.get("original_max_position_embeddings")}
+        lengths = [limits.get(t) or getattr(rot, "original_max_seq_len", None) for t in scaled]
+        lengths = [int(x) for x in lengths if isinstance(x, int)]
+        if not lengths:
+            raise UnsupportedModelError(f"{self.name}'s {scaled[0]!r} rotary embedding names no original length: "
+                                        "astra can not tell where its frequencies start to change")
+        return scaled[0], min(lengths)
 
     def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[B or 1, T, Dh]`` at ``position_ids`` from the model's own rotary module."""

@@ -434,7 +434,7 @@ class DistRuntime(RuntimeBase):
             err = e
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
                          model=self._model_digest, codebooks=self._cb_digest,
-                         values=b"\0" * 16 if err else digest(inputs_digest(inputs), request),
+                         values=b"\0" * 16 if err else digest(inputs_digest(inputs), request, self.split, self.cls),
                          text=f"{type(err).__name__}: {err}" if err
                          else f"{request}{describe_inputs(inputs)}; split {self.split}; class_token="
                          f"{'distributed' if self.cls else 'none'}")
@@ -609,7 +609,12 @@ class ParallelModel:
         # the local outputs themselves differ between ranks (their tokens; fields only some ranks hold, such as
         # BERT's pooler output on rank 0): the call, its dst and the per-token fields' layout are what every rank
         # must share (other dtypes or widths would pair frames of other sizes, which gloo answers with an abort)
-        self._rt.agree(f"gather(dst={dst!r}); {token_signature(self._rt.fam, out)}; ", {}, err)
+        try:
+            self._rt.agree(f"gather(dst={dst!r}); {token_signature(self._rt.fam, out)}; ", {}, err)
+        except PeerError:                   # a peer died since the forward: on_peer_failure="local" finishes alone
+            if self._rt.on_peer_failure == "raise" or err is not None:
+                raise
+            return self._output_alone(OUTPUTS["hidden_states"], dst)
         fw = replace(self._last, out=out, dst=dst, stats=OutputStats("hidden_states"))
         return self._output(OUTPUTS["hidden_states"], fw)
 
