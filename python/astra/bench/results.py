@@ -6,7 +6,9 @@ import json
 import os
 from typing import Dict, List, Optional
 
-#: CSV columns, in order
+#: CSV columns, in order. ``bytes_sent_per_rank``: the payload a rank contributes to a forward's exchanges (its own
+#: frames; HF TP's partial sums), whatever the collective's algorithm; ``link_bytes``: what the collectives put on the
+#: one shared link (all-gather N (N - 1) frames, ring all-reduce 2 (N - 1) tensors)
 COLUMNS = ("model", "system", "label", "link", "link_kind", "rate_mbit", "world", "tokens", "layers", "runs",
            "median_s", "min_s", "max_s", "slow", "speedup_vs_single", "bytes_sent_per_rank", "link_bytes",
            "collectives")
