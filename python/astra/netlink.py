@@ -392,9 +392,10 @@ def jitter_link(rate_mbit: Optional[float] = None, *, delay_ms: float = 20.0, ji
 
     Run rank ``r`` with ``link.command(r, argv)`` and ``link.env()`` (``GLOO_SOCKET_IFNAME`` and
     ``MASTER_ADDR``). On exit, also on error, the relay is stopped and both namespaces removed; ``link.stats``
-    then holds the relay's counts and lateness (see :class:`JitterLink`). If this process is killed (SIGKILL),
-    the relay still stops (its stdin closes) but the namespaces stay: ``ip netns del {prefix}-{pid}-0`` (and
-    ``-1``). Raises ``PermissionError`` when not
+    then holds the relay's counts and lateness (see :class:`JitterLink`). If this process is killed by a signal
+    that skips ``finally`` (SIGKILL; SIGTERM unless the caller handles it, as the ``astra`` CLI and
+    ``bench/lossy_link.py`` do), the relay still stops (its stdin closes) but the namespaces stay: ``ip netns del
+    {prefix}-{pid}-0`` (and ``-1``). :func:`shaped_namespace` is the same. Raises ``PermissionError`` when not
     root, ``astra.LinkError`` naming a missing tool or a failed set-up step, ``ValueError`` for bad arguments."""
     # the arguments first, then what the machine has (a bad argument is refused on any machine)
     if rate_mbit is not None:
