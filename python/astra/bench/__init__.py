@@ -124,7 +124,7 @@ def check_bench_args(args) -> None:
     except ValueError as e:
         raise ValueError(f"--timeout: {e}") from None
     worlds, fit = _predict_args(args, rates)
-    _check_link(args)
+    _check_link(args, rates)
     # the packages last: every argument error is reported first
     for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
         if (mod != "accelerate" or "hf-tp" in systems) and importlib.util.find_spec(mod) is None:
@@ -177,14 +177,14 @@ def _check_outputs(out_dir: str, stem: str, predict: bool) -> None:
             raise ValueError(f"--out-dir: cannot write {path} (a directory, or not writable)")
 
 
-def _check_link(args) -> None:
-    """--link (auto resolved), --rates, --loss and --delay against what this machine can do."""
+def _check_link(args, rates: List[float]) -> None:
+    """--link (auto resolved), the --rates given as ``rates``, --loss and --delay against what this machine can do."""
     why = real_link_available()
     if args.link == "real" and why:
         raise ValueError(f"--link real: {why}")
     args.link = ("emulated" if why else "real") if args.link == "auto" else args.link
     if args.link == "real":
-        for rate in _floats("--rates", args.rates):
+        for rate in rates:
             try:
                 check_rate(rate)
             except ValueError as e:         # tc refused it after the unshaped run, losing its measurements
