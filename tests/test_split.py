@@ -1,5 +1,7 @@
 """The balanced causal split (split="balanced"): contiguous, every rank non-empty, the largest rank cost minimal;
 parallelize equals simulate with it; ranks given different splits are stopped by the input agreement."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -63,6 +65,20 @@ def test_split_costs_are_checked():
         split_indices(10, 2, False, (0.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="local >= pair"):
         split_indices(10, 2, False, (0.2, 0.0, 0.0, 0.1))
+    for bad in [(math.inf, 0.0), (0.1,), (0.1, 0.0, 0.0, 0.1, 0.0), (0.1, math.nan), (True, 0.0)]:
+        with pytest.raises(ValueError, match="2 to 4 finite numbers"):
+            split_indices(10, 2, False, bad)
+
+
+def test_split_arguments_are_checked():
+    for args, what in [((10.0, 2, False), "seq_len"), ((-1, 2, False), "seq_len"), ((10, 2.0, False), "world_size"),
+                       ((10, 0, False), "world_size"), ((10, 2, "yes"), "class_token")]:
+        with pytest.raises(ValueError, match=what):
+            split_indices(*args)
+    for rank in (2, -1, 1.0):
+        with pytest.raises(ValueError, match="rank must be an int in 0..world_size - 1"):
+            astra.local_indices(10, 2, rank, False)
+    assert astra.local_indices(10, 2, 1, False).tolist() == [5, 6, 7, 8, 9]
 
 
 def test_causal_costs_put_fewer_tokens_on_later_ranks():

@@ -27,6 +27,8 @@ from astra_kernels.checks import is_count
 MMAP_THRESHOLD_BYTES = 32 << 20
 #: free memory at the heap's top kept in the process, up to this much
 TRIM_THRESHOLD_BYTES = 512 << 20
+#: the largest threshold mallopt takes (its value is a C int)
+MAX_THRESHOLD_BYTES = 2**31 - 1
 #: glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: environment variables through which a user already configures glibc's malloc
@@ -40,8 +42,9 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES, trim_threshold: i
     the environment). Raises ValueError for a threshold that is not a positive int (no sense in a partial
     change: nothing is set then)."""
     for name, v in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
-        if not is_count(v, 1):
-            raise ValueError(f"tune_allocator: {name} must be a positive int (bytes), got {v!r}")
+        if not is_count(v, 1) or v > MAX_THRESHOLD_BYTES:
+            raise ValueError(f"tune_allocator: {name} must be an int in 1..{MAX_THRESHOLD_BYTES} (bytes; mallopt "
+                             f"takes a C int), got {v!r}")
     user = [k for k in USER_SETTINGS if k in os.environ and (k != "GLIBC_TUNABLES" or "malloc" in os.environ[k])]
     if user:
         return f"left as configured by {', '.join(user)}"
@@ -65,4 +68,4 @@ def _glibc_mallopt():
         return None
     fn = libc.mallopt
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return lambda param, value: fn(param, min(value, 2**31 - 1)) == 1
+    return lambda param, value: fn(param, value) == 1

@@ -1,10 +1,13 @@
 """The token split: which tokens each rank holds (docs/runtime.md, "Split")."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
 
+from astra_kernels.checks import is_count
 from .errors import UnsupportedModelError
 from .models import Family
 
@@ -49,8 +52,12 @@ def split_indices(seq_len: int, world_size: int, class_token: bool,
     for a rank holding ``n`` tokens after ``p`` earlier ones (per-token work, attention pairs with non-local and
     local keys, non-local keys; the last rank does not encode its tokens, which no query attends to;
     :func:`causal_costs`)."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not is_count(seq_len):
+        raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
+    if not is_count(world_size, 1):
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(class_token, bool):
+        raise ValueError(f"class_token must be a bool here (True: token 0 is replicated), got {class_token!r}")
     start = 1 if class_token else 0
     n = seq_len - start
     if n < world_size:
@@ -71,8 +78,13 @@ def chunk_cost(m: int, p: int, costs: Tuple[float, ...], last: bool = False) -> 
 
 
 def _full(costs: Tuple[float, ...]) -> Tuple[float, float, float, float]:
-    """``(pair, key, encode, local)`` from a 2- to 4-tuple of split costs (encode 0, local = pair by default)."""
-    c = tuple(costs) + (0.0,) * (3 - len(costs))
+    """``(pair, key, encode, local)`` from a 2- to 4-tuple of finite split costs (encode 0, local = pair by
+    default); ValueError for any other."""
+    c = tuple(costs)
+    finite = all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in c)
+    if not 2 <= len(c) <= 4 or not finite:
+        raise ValueError(f"split costs must be 2 to 4 finite numbers (pair, key[, encode[, local]]), got {costs!r}")
+    c = c + (0.0,) * (3 - len(c))
     return (c[0], c[1], c[2], c[3] if len(c) > 3 else c[0])
 
 
@@ -172,6 +184,8 @@ def resolve_split(fam: Family, codebooks, split: str) -> Optional[Tuple[float, .
 def local_indices(seq_len: int, world_size: int, rank: int, class_token: bool,
                   costs: Optional[Tuple[float, ...]] = None) -> torch.Tensor:
     """Global indices of the tokens rank ``rank`` holds (its outputs), class token first if replicated."""
+    if not is_count(rank) or (is_count(world_size, 1) and rank >= world_size):
+        raise ValueError(f"rank must be an int in 0..world_size - 1, got {rank!r} (world_size={world_size!r})")
     return with_class_token(split_indices(seq_len, world_size, class_token, costs)[rank], class_token)
 
 
