@@ -117,6 +117,46 @@ def test_simulate_generate_beams_dict_output_and_inferred_mask():
     assert torch.equal(astra.simulate_generate(model, ids, world_size=2, max_new_tokens=5), ref)
 
 
+def test_a_callers_generation_config_is_filled_from_the_models_as_hf_fills_it():
+    """The caller's GenerationConfig leaves fields unset, which HF fills from model.generation_config: astra read
+    them from the caller's alone (the inferred mask, the beams' cache expansion and the refusals went wrong)."""
+    from transformers import GenerationConfig
+
+    model = gen_model("llama")
+    ids = tiny_inputs("llama", seq=10)["input_ids"].clone()
+    ids[1, :3] = 5
+    model.generation_config.pad_token_id = 5          # the mask is inferred from the model's pad token
+    mine = GenerationConfig(max_new_tokens=5)
+    ref = model.generate(ids, generation_config=mine)
+    assert not torch.equal(ref, model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=mine))
+    assert torch.equal(astra.simulate_generate(model, ids, world_size=2, generation_config=mine), ref)
+    model.generation_config.num_beams = 3             # was: a size mismatch in the cache (not expanded)
+    ref = model.generate(ids, generation_config=mine)
+    assert torch.equal(astra.simulate_generate(model, ids, world_size=2, generation_config=mine), ref)
+    model.generation_config.num_beams = 1
+    for field, value, match in [("use_cache", False, "use_cache"), ("cache_implementation", "static",
+                                                                     "cache_implementation='static'"),
+                                ("output_hidden_states", True, "output_hidden_states")]:
+        setattr(model.generation_config, field, value)
+        with pytest.raises(astra.UnsupportedModelError, match=match):
+            astra.simulate_generate(model, ids, world_size=2, generation_config=mine)
+        setattr(model.generation_config, field, None)
+
+
+def test_simulate_generate_takes_the_split_and_checks_world_size():
+    model = gen_model("gpt2")
+    ids = tiny_inputs("gpt2", seq=12)["input_ids"]
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3)
+    for split in ("even", "balanced"):
+        got = astra.simulate_generate(model, ids, world_size=3, split=split, max_new_tokens=3,
+                                      codebooks=tiny_codebooks(model, "gpt2", 1))
+        assert got.shape == ref.shape and torch.equal(got[:, :12], ids)
+    assert torch.equal(astra.simulate_generate(model, ids, world_size=3, split="balanced", max_new_tokens=3), ref)
+    for bad in (2.5, "3", None, 0):      # a short prompt skipped the check before
+        with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+            astra.simulate_generate(model, ids[:, :1], world_size=bad, max_new_tokens=2)
+
+
 class _Collect(BaseStreamer):
     def __init__(self):
         self.tokens, self.ended = [], False
@@ -164,6 +204,10 @@ def test_generation_rejects_bad_prompts_and_models():
         astra.simulate_generate(model, ids, world_size=2, inputs_embeds=torch.zeros(1, 4, 64))
     with pytest.raises(astra.UnsupportedModelError, match="use_cache"):
         astra.simulate_generate(model, ids, world_size=2, use_cache=False)
+    from transformers import DynamicCache
+    for kw in ("past_key_values", "cache"):      # was: silently replaced by astra's cache
+        with pytest.raises(astra.UnsupportedModelError, match=rf"builds the KV cache.*\['{kw}'\]"):
+            astra.simulate_generate(model, ids, world_size=2, max_new_tokens=2, **{kw: DynamicCache()})
     # assisted decoding from the prefill's cache returned other tokens than greedy decoding (HF's assisted path)
     with pytest.raises(astra.UnsupportedModelError, match="assisted decoding.*prompt_lookup_num_tokens"):
         astra.simulate_generate(model, ids, world_size=2, max_new_tokens=3, prompt_lookup_num_tokens=2)
