@@ -98,8 +98,9 @@ def test_roberta_padding_offset_positions_stay_global():
 def test_position_ids_that_transformers_reads_as_packed_sequences(family):
     """With no attention_mask, transformers masks a bidirectional model block-diagonally where positions do not step
     by 1 (packed sequences); astra's attention has no such mask and differed by 1.7e-2 without a word: refused. A
-    causal model's mask ignores packing, and astra equals it; with an attention_mask, or positions that step by 1
-    from any offset, BERT runs and equals HF."""
+    causal model packs too when its forward has no KV cache (use_cache=False in the call or on the config: GPT-2
+    differed by 0.27), and ignores packing with one, where astra equals it; with an attention_mask, or positions that
+    step by 1 from any offset, both run and equal HF."""
     model = tiny_model(family)
     inputs = tiny_inputs(family, seq=10)
     inputs.pop("attention_mask", None)
@@ -115,11 +116,34 @@ def test_position_ids_that_transformers_reads_as_packed_sequences(family):
         assert float((ref.last_hidden_state[:, 5:] - unpacked.last_hidden_state).abs().max()) < TOL   # HF packed them
     else:
         assert _worst(ref, astra.simulate(model, packed, world_size=2), packed) < TOL
+        with torch.no_grad():
+            assert float((model(**packed, use_cache=False).logits - ref.logits).abs().max()) > 0.01  # HF packed them
+        with pytest.raises(astra.InvalidInputError, match="packed sequences.*or use_cache=True"):
+            astra.simulate(model, dict(packed, use_cache=False), world_size=2)
+        model.config.use_cache = False
+        with pytest.raises(astra.InvalidInputError, match="packed sequences"):
+            astra.simulate(model, packed, world_size=2)
+        assert _worst(ref, astra.simulate(model, dict(packed, use_cache=True), world_size=2), packed) < TOL
     for ok in (dict(inputs, position_ids=torch.arange(3, 13)[None]),
                dict(packed, attention_mask=torch.ones_like(inputs["input_ids"]))):
         with torch.no_grad():
             ref = model(**ok)
         assert _worst(ref, astra.simulate(model, ok, world_size=2), ok) < TOL
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_feed_forward_chunking_runs_on_any_chunk_length(family):
+    """HF's chunk_size_feed_forward needs each forward's length to be a multiple of the chunk: a rank's chunk (or T +
+    N - 1 tokens with distributed class tokens) failed where the model runs. astra turns chunking off while
+    installed (the result is the same) and restores it."""
+    model = tiny_model(family, chunk_size_feed_forward=4)
+    inputs = tiny_inputs(family, seq=12)
+    with torch.no_grad():
+        ref = model(**inputs)
+    for n, cls in ((2, "auto"), (3, "auto"), (2, "distributed")):
+        assert _worst(ref, astra.simulate(model, inputs, world_size=n, class_token=cls), inputs) < TOL
+    chunks = {m.chunk_size_feed_forward for m in model.modules() if hasattr(m, "chunk_size_feed_forward")}
+    assert chunks == {4}
 
 
 def test_sliding_window_is_refused_beyond_the_window():
@@ -160,6 +184,17 @@ def test_length_dependent_rope_is_exact_within_its_original_length_and_refused_b
         longer = tiny_model("llama", max_position_embeddings=32, rope_parameters=rope, hidden_size=64,
                             num_attention_heads=4)
         assert family_of(longer).rope_scaled_beyond() == ("dynamic", 32)
+        # after a longer sequence the module keeps scaled frequencies for a span of exactly its length (HF resets them
+        # below it): a rank's chunk reset them, and simulate was 4e-4 off the model; refused, shorter spans exact
+        with torch.no_grad():
+            model(**tiny_inputs("llama", seq=14))
+        assert family_of(model).rope_scaled_beyond() == ("dynamic", 9)
+        with pytest.raises(astra.UnsupportedModelError, match="spans 10 positions, more than the 9"):
+            astra.simulate(model, ok, world_size=3)
+        short = tiny_inputs("llama", seq=9)
+        with torch.no_grad():
+            ref = model(**short).logits
+        assert float((astra.simulate(model, short, world_size=3).logits - ref).abs().max()) < TOL
 
 
 @pytest.mark.parametrize("flag,value", [("output_hidden_states", True), ("output_attentions", True),

@@ -202,6 +202,30 @@ def test_simulate_refuses_a_fractional_world_size_and_an_empty_batch():
         astra.Codebooks.random(model, groups=4, codebook_size=0)
 
 
+def test_ids_of_a_dtype_no_embedding_takes_and_token_types_out_of_range_are_refused():
+    """bool / uint8 ids and GPT-2 token types past its token table (it embeds them with the token embeddings) were
+    accepted, then failed inside torch with a bare RuntimeError / IndexError; [T] position ids failed inside
+    Llama's rotary embedding (now read as [1, T], as GPT-2 reads them)."""
+    gpt2 = tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2", seq=8)
+    for dt in (torch.uint8, torch.bool, torch.int16):
+        with pytest.raises(astra.InvalidInputError, match=f"input_ids must have an int64 or int32 dtype, got {dt}"):
+            astra.simulate(gpt2, dict(inputs, input_ids=inputs["input_ids"].to(dt)), world_size=2)
+    n = gpt2.get_input_embeddings().num_embeddings
+    for bad in (n, -1):
+        types = torch.zeros_like(inputs["input_ids"])
+        types[0, 3] = bad
+        with pytest.raises(astra.InvalidInputError, match=rf"token_type_ids holds {bad} .*valid ids are 0..{n - 1}"):
+            astra.simulate(gpt2, dict(inputs, token_type_ids=types), world_size=2)
+    llama = tiny_model("llama")
+    inputs = tiny_inputs("llama", seq=8)
+    pos = torch.arange(3, 11)
+    with torch.no_grad():
+        ref = llama(**inputs, position_ids=pos[None]).logits
+    got = astra.simulate(llama, dict(inputs, position_ids=pos), world_size=2).logits
+    assert float((got - ref).abs().max()) < 1e-4
+
+
 @pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), 1e300, "soon", None])
 def test_parallelize_refuses_a_timeout_no_wait_can_take(bad):
     """Checked before anything else (before the process group): an infinite timeout was accepted and then failed

@@ -79,10 +79,14 @@ def _tensor(inputs: Dict[str, Any], key: str, kinds: str, ndims: Tuple[int, ...]
         return None
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{key} must be a torch.Tensor, got {type(x).__name__}")
-    ok = x.is_floating_point() if kinds == "float" else (not x.is_floating_point() and not x.is_complex())
+    if kinds == "float":
+        ok, want = x.is_floating_point(), "a floating"
+    elif kinds == "index":          # what an embedding lookup takes
+        ok, want = x.dtype in (torch.int32, torch.int64), "an int64 or int32"
+    else:
+        ok, want = not x.is_floating_point() and not x.is_complex(), "an integer or bool"
     if not ok:
-        raise InvalidInputError(f"{key} must have a{' floating' if kinds == 'float' else 'n integer or bool'} dtype, "
-                                f"got {x.dtype}")
+        raise InvalidInputError(f"{key} must have {want} dtype, got {x.dtype}")
     if x.ndim not in ndims:
         hint = " (add a batch dimension: x[None])" if x.ndim == min(ndims) - 1 else ""
         raise InvalidInputError(f"{key} must have {' or '.join(map(str, ndims))} dimensions, got shape "
@@ -107,8 +111,8 @@ def _in_range(key: str, x: torch.Tensor, n: Optional[int]) -> None:
         raise InvalidInputError(f"{key} holds {hi if hi >= n else lo} at position {bad}; valid ids are 0..{n - 1}")
 
 
-def _check_sequence(fam: Family, inputs: Dict[str, Any]) -> None:
-    ids = _tensor(inputs, "input_ids", "int", (2,))
+def _check_sequence(fam: Family, inputs: Dict[str, Any], use_cache: Optional[bool]) -> None:
+    ids = _tensor(inputs, "input_ids", "index", (2,))
     emb = _tensor(inputs, "inputs_embeds", "float", (3,))
     if (ids is None) == (emb is None):
         raise InvalidInputError("give exactly one of input_ids and inputs_embeds")
@@ -119,27 +123,34 @@ def _check_sequence(fam: Family, inputs: Dict[str, Any]) -> None:
     if emb is not None and emb.shape[2] != fam.hidden_size:
         raise InvalidInputError(f"inputs_embeds must be [B, T, {fam.hidden_size}], got {list(emb.shape)}")
     _finite("inputs_embeds", emb)
-    for key in ("attention_mask", "token_type_ids"):
-        x = _tensor(inputs, key, "int", (2,))
+    for key, kind in (("attention_mask", "int"), ("token_type_ids", "index")):
+        x = _tensor(inputs, key, kind, (2,))
         if x is not None and tuple(x.shape) != (B, T):
             raise InvalidInputError(f"{key} must be [B, T] = [{B}, {T}], got {list(x.shape)}")
-    _in_range("token_type_ids", inputs.get("token_type_ids", torch.zeros(0)), getattr(cfg, "type_vocab_size", None))
-    pos = _tensor(inputs, "position_ids", "int", (1, 2))
+    # models without a token-type table (GPT-2) embed token types with the token embeddings
+    types = getattr(cfg, "type_vocab_size", None) or fam.model.get_input_embeddings().num_embeddings
+    _in_range("token_type_ids", inputs.get("token_type_ids", torch.zeros(0)), types)
+    pos = _tensor(inputs, "position_ids", "int" if fam.rope else "index", (1, 2))
     if pos is not None:
         if pos.shape[-1] != T or (pos.ndim == 2 and pos.shape[0] not in (1, B)):
             raise InvalidInputError(f"position_ids must be [T], [1, T] or [B, T] with B={B}, T={T}; got "
                                     f"{list(pos.shape)}")
         limit = None if fam.rope else getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None))
         _in_range("position_ids", pos, limit)
-        _not_packed(fam, pos.reshape(-1, T), inputs.get("attention_mask"))
+        _not_packed(fam, pos.reshape(-1, T), inputs.get("attention_mask"), use_cache)
+        if pos.ndim == 1:           # [T]: every row's (HF's rotary embeddings take [B, T] only)
+            inputs["position_ids"] = pos[None]
 
 
-def _not_packed(fam: Family, pos: torch.Tensor, mask) -> None:
-    """Refuse position ids that transformers reads as packed sequences: with no attention_mask, a bidirectional model
-    masks attention block-diagonally wherever consecutive positions do not step by 1
-    (``masking_utils.find_packed_sequence_indices``); astra's attention has no such mask, and its result differed
-    silently. (Causal models' masks ignore it, and astra matches them.)"""
-    if fam.causal or mask is not None or pos.shape[-1] < 2:
+def _not_packed(fam: Family, pos: torch.Tensor, mask, use_cache: Optional[bool]) -> None:
+    """Refuse position ids that transformers reads as packed sequences: with no attention_mask and no KV cache in the
+    forward (``masking_utils._preprocess_mask_arguments``), the model masks attention block-diagonally wherever
+    consecutive positions do not step by 1 (``find_packed_sequence_indices``); astra's attention has no such mask,
+    and its result differed silently. A decoder's forward has a cache unless ``use_cache`` is False (in the call,
+    else on its config); bidirectional models never have one."""
+    if fam.decoder:
+        use_cache = getattr(fam.model.config, "use_cache", True) if use_cache is None else use_cache
+    if (fam.decoder and use_cache) or mask is not None or pos.shape[-1] < 2:
         return
     steps = pos.diff(dim=-1) != 1
     if bool(steps.any()):
@@ -147,13 +158,15 @@ def _not_packed(fam: Family, pos: torch.Tensor, mask) -> None:
         raise InvalidInputError(
             f"position_ids step from {int(pos[row, col])} to {int(pos[row, col + 1])} at token {col + 1} (row {row}): "
             f"with no attention_mask, transformers reads that as packed sequences and masks {fam.name}'s attention "
-            f"block-diagonally, which astra does not; pass one sequence per row (or an attention_mask)")
+            f"block-diagonally, which astra does not; pass one sequence per row (or an attention_mask"
+            f"{', or use_cache=True' if fam.decoder else ''})")
 
 
 def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool) -> Dict[str, Any]:
     """Everything a forward can check before it starts: accepted inputs, tensor kinds, ranks and shapes, ids in
     range, float inputs finite, a chunk for every rank. Raises :class:`InvalidInputError` (or
     ``UnsupportedModelError``)."""
+    use_cache = inputs.get("use_cache")         # the reference forward's cache changes its masks (_not_packed)
     inputs = check_inputs(fam, inputs)
     if fam.image:
         pv = _tensor(inputs, "pixel_values", "float", (4,))
@@ -168,7 +181,7 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
                                     f"interpolate_pos_encoding=True), got {list(pv.shape[2:])}")
         _finite("pixel_values", pv)
     else:
-        _check_sequence(fam, inputs)
+        _check_sequence(fam, inputs, use_cache)
     try:
         B, T = seq_geometry(fam, inputs)
         if B < 1:

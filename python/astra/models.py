@@ -303,6 +303,10 @@ class Family:
         limits = {"longrope": params.get("original_max_position_embeddings")}
         lengths = [limits.get(t) or getattr(rot, "original_max_seq_len", None) for t in scaled]
         lengths = [int(x) for x in lengths if isinstance(x, int)]
+        if any("dynamic" in t for t in scaled) and lengths and getattr(rot, "max_seq_len_cached", 0) > min(lengths):
+            # an earlier longer sequence left scaled frequencies, which HF keeps for a span of exactly the original
+            # length and resets below it: a rank's chunk would reset them, the whole sequence not
+            lengths = [min(lengths) - 1]
         if not lengths:
             raise UnsupportedModelError(f"{self.name}'s {scaled[0]!r} rotary embedding names no original length: "
                                         "astra can not tell where its frequencies start to change")

@@ -75,6 +75,7 @@ class RuntimeBase:
         self.ctx: Optional[Ctx] = None
         self.layer: Optional[int] = None          # the layer the current forward is in (for error messages)
         self._handles = []
+        self._chunked = []                      # (module, its chunk_size_feed_forward) while installed
         self._orig_impl = None
         self._cb: List[torch.Tensor] = []
         self._tf: Optional[List[torch.Tensor]] = None      # the codebooks' transforms on the model's device / dtype
@@ -121,6 +122,12 @@ class RuntimeBase:
             self._handles.append(self.fam.embeddings.register_forward_hook(self._emb_hook))
         if self.fam.final is not None and self.cls:
             self._handles.append(self.fam.final.register_forward_hook(self._final_hook))
+        self._chunked = [(m, m.chunk_size_feed_forward) for m in self.model.modules()
+                         if getattr(m, "chunk_size_feed_forward", 0)]
+        for m, _ in self._chunked:
+            # HF's feed-forward chunking (a memory saving; the result is the same) needs every forward's length to
+            # be a multiple of the chunk, and a rank's forward holds its own chunk of the sequence, not the whole
+            m.chunk_size_feed_forward = 0
         self.model._astra_runtime_obj = self
         self._installed = True
 
@@ -130,6 +137,9 @@ class RuntimeBase:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m, chunk in self._chunked:
+            m.chunk_size_feed_forward = chunk
+        self._chunked = []
         for m in self.fam.attn_modules:
             for a in ("_astra_runtime", "_astra_layer"):
                 if hasattr(m, a):
