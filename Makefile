@@ -27,4 +27,4 @@ aot: $(STAMP)
 	$(VPY) -m astra_kernels.aot
 
 clean:
-	rm -rf $(VENV) build *.egg-info astra_kernels/_codec*.so astra_kernels/_vq_screen*.so
+	rm -rf $(VENV) build *.egg-info astra_kernels/_*.so

@@ -288,6 +288,15 @@ def test_bench_names_a_missing_package_before_any_work(capsys, monkeypatch):
     assert "hf-tp (HF tensor parallelism) needs accelerate" in capsys.readouterr().err
 
 
+def test_a_missing_optional_package_is_named_in_one_line(capsys, monkeypatch):
+    """After a plain `pip install astra-kernels` (no [hf] extra) `astra demo` ended in a ModuleNotFoundError
+    traceback."""
+    monkeypatch.setitem(sys.modules, "transformers", None)      # import transformers raises ModuleNotFoundError
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err.strip() == ("astra demo: error: this command needs transformers, which is not "
+                                               "installed (pip install 'astra-kernels[hf]')")
+
+
 def test_bad_argument_in_a_real_process_exits_2_without_traceback():
     r = subprocess.run([sys.executable, "-m", "astra", "calibrate", "--groups", "0", "--out", "cb.safetensors"],
                        capture_output=True, text=True, timeout=120, env=_env(), cwd=str(ROOT))

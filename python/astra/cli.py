@@ -612,6 +612,11 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+#: the optional packages a command may need, and the extra of astra-kernels that installs each
+OPTIONAL_PACKAGES = {"transformers": "hf", "matplotlib": "bench", "accelerate": "bench", "faiss": "bench",
+                     "triton": "triton"}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import astra
 
@@ -625,6 +630,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except (ValueError, FileNotFoundError, PermissionError, astra.AstraError) as e:
         print(f"astra {args.cmd}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_PACKAGES.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"astra {args.cmd}: error: this command needs {e.name}, which is not installed (pip install "
+              f"'astra-kernels[{extra}]')", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"astra {args.cmd}: interrupted", file=sys.stderr)

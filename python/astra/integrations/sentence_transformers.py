@@ -29,8 +29,16 @@ ATTR = "_astra_integration"
 DISTRIBUTED_MODES = {"mean": "mean_pooled", "cls": "class_token"}
 
 
+#: the first sentence-transformers with ``sentence_transformer.modules`` (Transformer, Pooling with ``pooling_mode``)
+MIN_SENTENCE_TRANSFORMERS = "5.4"
+
+
 def _modules(st_model):
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError as e:
+        raise UnsupportedModelError(f"apply_sentence_transformers needs sentence-transformers >= "
+                                    f"{MIN_SENTENCE_TRANSFORMERS} ({e})") from e
 
     mods = list(st_model.children())
     for i, m in enumerate(mods[:-1]):
