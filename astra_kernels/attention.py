@@ -106,8 +106,8 @@ def attention_segments(q: torch.Tensor, segments: Sequence[Segment], *, q_pos: O
     (count keys are seen by every query). ``scale`` defaults to ``1/sqrt(Dh)``. ``validate``: value
     checks that need a device sync (finiteness, code and RoPE ranges).
 
-    Returns ``out [B, Hq, Tl, Dh]`` in q's dtype, or ``(out, lse [B, Hq, Tl] float32)`` with
-    ``return_lse``. A query with no visible key gets ``out = 0``, ``lse = -inf``.
+    Returns ``out [B, Hq, Tl, Dh]`` in q's dtype, or ``(out, lse [B, Hq, Tl] float32)`` (float64 for a float64
+    q) with ``return_lse``. A query with no visible key gets ``out = 0``, ``lse = -inf``.
     """
     check_float("q", q, 4)
     qp = positions("q_pos", q_pos, q.shape[0], q.shape[2], 0, q.device)
@@ -127,16 +127,22 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
     segs = _visible(qs, segments)
     if qs.Tl == 0 or qs.B == 0 or qs.Hq == 0:
         out = q.new_zeros(q.shape)
-        lse = torch.full((qs.B, qs.Hq, qs.Tl), _NEG_INF, dtype=torch.float32, device=q.device)
+        lse = torch.full((qs.B, qs.Hq, qs.Tl), _NEG_INF, dtype=_lse_dtype(q), device=q.device)
     elif be == "triton":
         from .triton.attention_kernels import attention_triton
 
         out, lse = attention_triton(qs.q, qs.q_pos, segs, causal=qs.causal, scale=qs.scale)
+        lse = lse.to(_lse_dtype(q))         # the kernel's is float32
     else:
         out, lse = _attention_torch(qs, segs)
     if check is not None or lse.device.type == "cpu":     # a sync on a device: only with validate
         _check_lse(lse)
     return (out, lse) if return_lse else out
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """The log-sum-exp's dtype: float32, float64 for float64 queries."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _check_lse(lse: torch.Tensor) -> None:
@@ -221,7 +227,8 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos:
 
     ``q [B, Hq, Tl, Dh]``, ``k, v [B, Hkv, Tl, Dh]`` in q's dtype (RoPE applied), ``Hq % Hkv == 0``;
     ``q_pos [Tl]`` / ``[B, Tl]`` (default ``arange(Tl)``); ``local_mask [B, Tl]`` bool, True = attend.
-    Returns ``out [B, Hq, Tl, Dh]`` or ``(out, lse [B, Hq, Tl] float32)``; no visible key: 0 / -inf.
+    Returns ``out [B, Hq, Tl, Dh]`` or ``(out, lse [B, Hq, Tl] float32)`` (float64 for a float64 q); no visible
+    key: 0 / -inf.
     """
     qp, _, local = _common(q, k, v, q_pos, local_mask, 0, None, None)
     return _attend(q, qp, local, causal, scale, return_lse, backend, local if validate else None)
@@ -491,7 +498,7 @@ def _attention_torch(qs: Queries, segments: Sequence[Segment]) -> Tuple[torch.Te
     (which returns the log-sum-exp), merged by lse. No concatenation of keys, and the local segment
     usually runs with no mask at all."""
     q = qs.q
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ct = _lse_dtype(q)
     acc_o, acc_l = None, None
     for seg in segments:
         K, V, kpos, kbias = _DENSE[type(seg)](seg, ct)
@@ -504,9 +511,8 @@ def _attention_torch(qs: Queries, segments: Sequence[Segment]) -> Tuple[torch.Te
             acc_o, acc_l = merge_attention(acc_o, acc_l, o, l)
     if acc_o is None:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.full(q.shape[:3], _NEG_INF, dtype=torch.float32, device=q.device)
-        return out, lse
-    return acc_o.to(q.dtype), acc_l.to(torch.float32)
+        return out, torch.full(q.shape[:3], _NEG_INF, dtype=ct, device=q.device)
+    return acc_o.to(q.dtype), acc_l.to(ct)       # a float64 lse keeps a later merge of float64 outputs exact
 
 
 _FLASH_FAILED: set = set()  # dtypes for which this torch build's CPU flash kernel raised
@@ -571,7 +577,7 @@ def _attention_kernel(kernel, qs: Queries, K, V, kpos, kbias):
     place when their head dim is contiguous."""
     q = _rows_contiguous(qs.q.to(torch.float32))
     if q.stride(2) > kernel.MAX_QUERY_STRIDE:          # its int32 gather offsets would overflow
-        q = q.contiguous()
+        q = torch.empty(q.shape, dtype=q.dtype).copy_(q)    # not .contiguous(): a [.., 1, Dh] q counts as contiguous
     K, V = _rows_contiguous(K), _rows_contiguous(V)
     B, Hq, Tl, Dh = q.shape
     Hkv, N = K.shape[1], K.shape[2]
