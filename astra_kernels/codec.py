@@ -202,7 +202,12 @@ def _empty_codes(shape, device=None) -> torch.Tensor:
     try:
         return torch.empty(shape, dtype=CODES_DTYPE, device=device)
     except RuntimeError:
+        pass
+    try:
         return torch.empty_strided(shape, (0,) * len(shape), dtype=CODES_DTYPE, device=device)
+    except RuntimeError as e:       # the dims before the 0 multiply past int64: torch counts them in order
+        raise ValueError(f"the frame's shape {tuple(shape)} holds no codes, but no torch tensor can take it (its "
+                         f"dims multiply past int64 before the 0: {e})") from None
 
 
 def _unpack_triton(frame: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ int64_t small_group_topk(const float* x, int64_t rows, int64_t ldx, const float*
 namespace astra {
 
 // The vector instruction set the scans use on this CPU: "avx512" (AVX-512 F/BW/VL, ASTRA_NO_AVX512 unset),
-// "avx2" (AVX2 and FMA, ASTRA_NO_AVX2 unset) or "scalar". Every level gives the same values.
+// "avx2" (AVX2 and FMA, ASTRA_NO_AVX2 unset) or "scalar". Every level gives the same values for finite scores
+// (a NaN score: AVX-512's max|S| is NaN, the others' drop it; the callers refuse non-finite inputs first).
 const char* cpu_isa();
 
 // Whether small_group_bf16_top2 runs here (x86 with AVX-512 and AVX512-BF16, ASTRA_NO_AVX512 unset).

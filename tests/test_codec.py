@@ -250,6 +250,10 @@ def test_empty_frame_with_huge_other_dims_round_trips(backend, kernel_device):
     bad = torch.frombuffer(bytearray(crafted[:-1] + bytes([crafted[-1] ^ 1])), dtype=torch.uint8)
     with pytest.raises(ValueError, match="CRC mismatch"):
         unpack_codes(bad.to(dev), backend=backend)
+    head = b"ASTQ" + bytes([1, 3, 8, 0]) + struct.pack("<8I", *shape[1:], 0)    # the 0 last: torch overflows first
+    last = torch.frombuffer(bytearray(head + struct.pack("<I", T.crc32c_reference(head))), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="holds no codes, but no torch tensor can take it"):
+        unpack_codes(last.to(dev), backend=backend)
 
 
 def test_sizes_and_crcs_beyond_the_bindings_types_are_value_errors():
@@ -352,3 +356,24 @@ def test_triton_unpacker_matches_cpp_and_rejects_corruption(kernel_device):
     for f, message in cases:
         with pytest.raises(ValueError, match=message):
             unpack_codes(torch.frombuffer(bytearray(f), dtype=torch.uint8).to(kernel_device), backend="triton")
+
+
+def test_the_benchmarks_numpy_peer_checks_range_and_header():
+    """bench/codec_reference.py (the codec benchmarks' peer) cast int64 codes to uint32 before its range check, so
+    2**32 + 1 packed as 1, and it decoded frames of any version."""
+    import numpy as np
+
+    from bench.codec_reference import np_pack, np_unpack
+
+    for bad in ([2 ** 32 + 1, 2], [-(2 ** 32) + 3]):
+        with pytest.raises(ValueError, match="code out of range"):
+            np_pack(np.array(bad, dtype=np.int64), 4)
+    codes = np.arange(6, dtype=np.int64).reshape(2, 3)
+    frame = np_pack(codes, 4)
+    assert np.array_equal(np_unpack(frame), codes)
+    assert np.array_equal(frame[:-4 - 3], np.asarray(pack_codes(torch.from_numpy(codes), 4))[:-4 - 3])  # header
+    for i, v in ((4, 9), (7, 3), (0, ord("X"))):
+        f = frame.copy()
+        f[i] = v
+        with pytest.raises(ValueError, match="not a version-1 frame"):
+            np_unpack(f)
