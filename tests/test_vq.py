@@ -603,3 +603,21 @@ def test_the_interpreter_refuses_bfloat16():
         with pytest.raises(ValueError, match="interpreter has no bfloat16"):
             call()
     assert torch.equal(ak.vq_encode(x, cb), ak.vq_encode_reference(x, cb))      # the CPU path takes bf16
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_exact_midpoint_ties_go_to_the_lowest_index(batched, monkeypatch):
+    """A point exactly halfway between two distinct codewords is an exact float64 tie: the lowest index wins on every
+    refinement path (the tiered per-group one took the candidates unsorted, and 4 of 200 such ties went to the higher
+    index)."""
+    if not batched:
+        monkeypatch.setattr(vq, "BATCHED_EXACT_ELEMS", 0)    # uncertified pairs through the per-group tiers
+    g = T.seeded_generator(13)
+    wrong = 0
+    for _ in range(200):
+        cb = (torch.randn(1, 16, 1, generator=g) * 3).float()
+        i, j = sorted(torch.randperm(16, generator=g)[:2].tolist())
+        x = ((cb[0, i] + cb[0, j]) / 2).reshape(1, 1)
+        ref = vq.vq_encode_reference(x, cb)
+        wrong += int(not torch.equal(ak.vq_encode(x, cb, backend="torch"), ref))
+    assert wrong == 0
