@@ -378,3 +378,20 @@ def test_half_precision_models_keep_the_attention_basis(family):
     with pytest.raises(ValueError, match="not affine"):                 # a key norm is still found in half precision
         bases.kv_maps(family_of(tiny_model("qwen3").to(torch.bfloat16)), family_of(
             tiny_model("qwen3").to(torch.bfloat16)).attn_modules[0], torch.randn(8, 64))
+
+
+def test_a_rotated_basis_that_overflows_fp16_is_named():
+    """fp16 GPT-2 whose attention inputs reach ~6e4 (finite; the model runs): the PCA basis' coordinates reach the
+    hidden states' norm, whose float32 codebooks overflowed fp16 in the cast and were refused as "non-finite"."""
+    model = tiny_model("gpt2")
+    with torch.no_grad():       # the same function: ln_1's output scaled up, c_attn's weight scaled down
+        for blk in model.transformer.h:
+            blk.ln_1.weight.mul_(15000.0)
+            blk.ln_1.bias.mul_(15000.0)
+            blk.attn.c_attn.weight.div_(15000.0)
+    model = model.half()
+    samples = [tiny_inputs("gpt2", seq=16, batch=4, seed=s) for s in (11, 12)]
+    with pytest.raises(ValueError, match=r"overflow the model's torch.float16: calibrate in float32 .* basis='none'"):
+        astra.calibrate(model, samples, groups=8, codebook_size=16, iters=3, basis="pca")
+    cb = astra.calibrate(model, samples, groups=8, codebook_size=16, iters=3, basis="none")
+    assert all(bool(torch.isfinite(t).all()) for t in cb.tensors)
