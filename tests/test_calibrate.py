@@ -45,6 +45,21 @@ def test_more_codewords_than_points_and_large_k():
     assert c.shape == (4, 16, 2) and torch.isfinite(c).all()
 
 
+def test_empty_clusters_are_reseeded_with_data_points():
+    """K > 256 codewords for 10 points start as the points and jittered copies of them; after a Lloyd step every
+    jittered copy is an empty cluster. Keeping the empty clusters' old codewords (the jittered copies) passed: now
+    every codeword of every group is one of the data points, exactly, and every point is a codeword."""
+    import pytest
+
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(5))
+    with pytest.warns(UserWarning, match="K=300"):
+        c = kmeans(x, 2, 300, iters=1, seed=0, backend="torch")
+    assert c.shape == (2, 300, 4)
+    for g in range(2):
+        points = x[:, 4 * g: 4 * g + 4]
+        same = (c[g][:, None, :] == points[None]).all(-1)          # [K, N]: codeword k is point n
+        assert same.any(1).all() and same.any(0).all()
+
 def test_calibrated_codebooks_beat_random_ones():
     for family in ("gpt2", "vit"):
         model = tiny_model(family)

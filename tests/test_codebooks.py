@@ -191,6 +191,31 @@ def test_calibrated_codebooks_refuse_another_checkpoint_of_the_same_shape(tmp_pa
     assert astra.Codebooks.random(gpt2, groups=2, codebook_size=4).weights_sample is None   # fit to nothing
 
 
+def test_the_weights_sample_refuses_a_checkpoint_one_percent_away():
+    """Only weights moved by 5 % were tried: a tolerance six times too loose (every value within 3 % of its magnitude
+    plus its parameter's rms) accepted the model with every weight scaled by 1.01. The tolerance is 0.5 %: 1 % away
+    is another checkpoint, 0.2 % away (a rounding of it) the same one."""
+    from astra.weights_sample import weights_sample
+
+    model = tiny_model("gpt2")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=8, seed=0)
+    cb.weights_sample = weights_sample(model)
+    cb.check_model(model)
+    cb.check_model(tiny_model("gpt2"))
+
+    def scaled(factor):
+        m = tiny_model("gpt2")
+        with torch.no_grad():
+            for w in m.parameters():
+                w.mul_(factor)
+        return m
+
+    cb.check_model(scaled(1.002))
+    for factor in (1.01, 0.99):
+        with pytest.raises(ValueError, match=r"made for other weights than this model's: \d+% of the sampled weights "
+                                             r"match \(the same checkpoint: >= 98%\)"):
+            cb.check_model(scaled(factor))
+
 def test_a_base_model_and_its_heads_share_codebooks_whatever_their_pooler():
     """HF builds the base of masked-LM / token-classification heads without a pooler: the sample, taken over the
     sorted parameters, then picked other ones and refused the same checkpoint ("27% ... match")."""

@@ -112,6 +112,118 @@ def test_codebook_gradients_are_bitwise_reproducible_with_threads():
     assert all(torch.equal(grads[0], x) for x in grads[1:])
 
 
+def _padded_quantizer_case(naq=0.0, seed=0):
+    """A TrainSimRuntime on layer 0's codebook C [4, 16, 16] and hidden states ``h [4, 500, 64]`` that are codewords
+    plus a small residual of a per-dimension scale (0.02 .. 0.2), with the last 100 tokens of every row padding
+    holding garbage (+-50); returns (runtime, h, valid, the clean quantization of h, h's residual)."""
+    import astra_kernels as ak
+
+    model = tiny_model("bert")
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(4, 16, 16, generator=g)
+    rt = TrainSimRuntime(model, astra.Codebooks([C, C], model_type="bert", hidden_size=64), 2, naq=naq,
+                         generator=torch.Generator().manual_seed(seed + 1))
+    codes = torch.randint(0, 16, (4, 500, 4), generator=g, dtype=torch.int32)
+    scale = torch.linspace(0.02, 0.2, 64)
+    h = ak.vq_decode(codes, C) + torch.randn(4, 500, 64, generator=g) * scale
+    valid = torch.ones(4, 500, dtype=torch.bool)
+    valid[:, 400:] = False
+    h[:, 400:] = 50 * torch.sign(torch.randn(4, 100, 64, generator=g))
+    clean = ak.vq_decode(ak.vq_encode(h, C), C)
+    return rt, h, valid, clean, h - clean
+
+
+def test_commitment_counts_only_valid_tokens():
+    """The commitment term was not checked on a padded batch: the mean over every token, padding included, passed.
+    It is the mean squared residual over the valid tokens only."""
+    rt, h, valid, clean, resid = _padded_quantizer_case()
+    rt.install()
+    try:
+        out = rt.quantize(0, h, valid)
+    finally:
+        rt.uninstall()
+    assert torch.equal(out, clean)
+    assert len(rt.commitment) == 1
+    expect = resid[valid].pow(2).mean()
+    torch.testing.assert_close(rt.commitment[0], expect, rtol=1e-6, atol=0)
+    assert float(resid.pow(2).mean()) > 100 * float(expect)          # the padding's residual is far larger
+
+
+def test_naq_noise_std_per_dimension_is_naq_times_the_residual_std():
+    """NAQ noise scaled by the hidden state's std (instead of the quantization residual's) passed: the earlier test
+    only compared noise sizes between two lambdas. The noise of every dimension has std ~ naq x that dimension's
+    residual std over the valid tokens, and it is the generator's Gaussian draw times exactly that."""
+    naq = 0.5
+    rt, h, valid, clean, resid = _padded_quantizer_case(naq=naq, seed=3)
+    rt.install()
+    try:
+        out = rt.quantize(0, h, valid)
+    finally:
+        rt.uninstall()
+    noise = (out - clean)[valid]                                      # [1600, 64]
+    target = naq * resid[valid].std(dim=0)                            # 0.01 .. 0.1 by dimension
+    assert target.max() > 5 * target.min()
+    torch.testing.assert_close(noise.std(dim=0), target, rtol=0.1, atol=0)
+    assert (noise.mean(dim=0).abs() < 0.15 * target).all()                # zero mean (6 standard errors)
+    draw = torch.randn(h.shape, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out, clean + draw * target, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_attention_gives_zero_to_a_query_that_sees_no_key():
+    """A query with no visible key got the uniform average of the values (the softmax of an all-zero row) instead
+    of 0, the astra_kernels convention; the other queries are plain masked softmax attention (grouped K/V)."""
+    from astra.training import dense_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, 4, generator=g)
+    k, v = torch.randn(1, 1, 5, 4, generator=g), torch.randn(1, 1, 5, 4, generator=g) + 3.0
+    visible = torch.tensor([[True, True, False, True, False], [False] * 5, [True] * 5])[None, None]
+    out = dense_attention(q, k, v, visible, None)
+    assert out.shape == (1, 2, 3, 4)
+    assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 4))
+    for hq in range(2):
+        for t in (0, 2):
+            m = visible[0, 0, t]
+            w = torch.softmax((k[0, 0, m] @ q[0, hq, t]) / 2.0, dim=0)
+            torch.testing.assert_close(out[0, hq, t], w @ v[0, 0, m])
+
+
+def test_distill_loss_is_kl_teacher_to_student_over_valid_tokens():
+    """Neither the direction of the KL nor the padding was checked: KL(student || teacher), and a mean over every
+    token (padding included), passed. It is KL(teacher || student) averaged over the valid tokens; whatever the
+    padded positions hold does not change it, nor does a constant added to a token's logits."""
+    import math
+    from types import SimpleNamespace
+
+    from astra.finetune import distill_loss
+
+    P = [[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.05, 0.05, 0.6, 0.3], [0.4, 0.3, 0.2, 0.1]]   # teacher
+    Q = [[0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4], [0.3, 0.3, 0.2, 0.2], [0.1, 0.1, 0.1, 0.7]]   # student
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    valid = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    def logits(rows):
+        x = torch.full((2, 3, 4), 0.0)
+        for i, (b, t) in enumerate(valid):
+            x[b, t] = torch.tensor(rows[i]).log() + 2.0 * i - 1.0                   # any shift per token
+        return x
+
+    def kl(a, b):
+        return sum(pa * math.log(pa / pb) for pa, pb in zip(a, b))
+
+    s, t = logits(Q), logits(P)
+    expect = sum(kl(p, q) for p, q in zip(P, Q)) / 4
+    reverse = sum(kl(q, p) for p, q in zip(P, Q)) / 4
+    assert abs(expect - reverse) > 0.05
+    batch = {"attention_mask": mask}
+    got = distill_loss(SimpleNamespace(logits=s), SimpleNamespace(logits=t), batch)
+    assert got.dim() == 0 and float(got) == pytest.approx(expect, rel=1e-5)
+    g = torch.Generator().manual_seed(1)
+    s2, t2 = s.clone(), t.clone()
+    s2[:, 2], t2[:, 2] = 30 * torch.randn(2, 4, generator=g), 30 * torch.randn(2, 4, generator=g)
+    assert float(distill_loss(SimpleNamespace(logits=s2), SimpleNamespace(logits=t2), batch)) == \
+        pytest.approx(expect, rel=1e-5)
+
 def test_naq_noise_only_in_training_and_scaled_by_residual():
     model = tiny_model("vit")
     inputs = tiny_inputs("vit")
