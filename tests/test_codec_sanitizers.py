@@ -55,3 +55,32 @@ def test_the_extensions_configure_with_every_cmake_here(tmp_path, version, cmake
                         "-DASTRA_EXT_OUTPUT_NAME=_codec.cpython-311-x86_64-linux-gnu.so", "-DASTRA_EXT_TARGET=_codec"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{version}: {r.stdout[-1500:]}{r.stderr[-1500:]}"
+
+
+def test_setup_reconfigures_a_cache_whose_tools_are_gone(tmp_path, monkeypatch):
+    """A second non-editable `pip install .` failed: build/temp.* kept the first configure's CMakeCache.txt, which
+    names the ninja of pip's isolated build environment, deleted after that build. setup.py now starts such a build
+    directory afresh (and one configured with another generator)."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    ns = runpy.run_path(str(ROOT / "setup.py"))
+    stale = ns["_stale"]
+    assert not stale(tmp_path, "Ninja")                                   # no cache yet
+    ninja = shutil.which("ninja") or sys.executable                        # any file that exists
+    cache = tmp_path / "CMakeCache.txt"
+    cache.write_text(f"CMAKE_COMMAND:INTERNAL={sys.executable}\nCMAKE_GENERATOR:INTERNAL=Ninja\n"
+                     f"CMAKE_MAKE_PROGRAM:FILEPATH={ninja}\n")
+    assert not stale(tmp_path, "Ninja")
+    assert stale(tmp_path, "Unix Makefiles")
+    cache.write_text(cache.read_text().replace(ninja, "/tmp/pip-build-env-gone/overlay/bin/ninja"))
+    assert stale(tmp_path, "Ninja")
+    cmake = ns["_tool"]("cmake", "CMAKE_BIN_DIR", "cmake")                 # the environment's own, if installed
+    try:
+        import cmake as cmake_pkg
+    except ImportError:
+        assert cmake == "cmake"
+    else:
+        assert cmake == str(Path(cmake_pkg.CMAKE_BIN_DIR) / "cmake")
