@@ -250,3 +250,59 @@ def test_the_weights_sample_reaches_the_last_element_of_large_parameters():
     vals = sample_values(big)
     assert vals["w"].numel() == 16 and float(vals["w"][-1]) == 7.0 and float(vals["w"][0]) == 0.0
     assert vals["small"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_casts_keep_transform_pairs_and_name_an_overflow(tmp_path):
+    """Codebooks.to re-ran the transforms' identity check at the new dtype's tolerance: bf16 pairs cast to float32
+    (their bf16 rounding kept) were refused. And float32 codebooks beyond fp16's range on an fp16 copy of their
+    model (accepted: the weights sample matches) failed at the first forward as "non-finite values"."""
+    bf = tiny_model("gpt2").to(torch.bfloat16)
+    cb = astra.calibrate(bf, [tiny_inputs("gpt2", seq=16, batch=4, seed=s) for s in (11, 12)], groups=4,
+                         codebook_size=16, iters=4, basis="attention")
+    for dt in (torch.float32, torch.float64, torch.float16):
+        up = cb.to(dt)
+        assert up.dtype == dt and all(t.dtype == dt for t in up.transforms + up.inverses)
+        if dt != torch.float16:
+            assert torch.equal(up.transforms[1].to(torch.bfloat16), cb.transforms[1])      # exact widening
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.transformer.h[1].ln_1.weight.mul_(15000.0)    # layer 1's attention input: entries < 65504, norm not
+        model.transformer.h[1].ln_1.bias.zero_()
+    big = astra.calibrate(model, [tiny_inputs("gpt2", seq=16, batch=4, seed=s) for s in (11, 12)], groups=4,
+                          codebook_size=16, iters=4, basis="pca")
+    half = model.half()
+    with pytest.raises(ValueError, match=r"codebook of layer 1: entries up to .* overflow torch.float16"):
+        astra.simulate(half, tiny_inputs("gpt2", seq=16, batch=2, seed=3), world_size=2, codebooks=big)
+    with pytest.raises(ValueError, match=r"overflow torch.float16"):
+        big.to(torch.float16)
+
+
+def test_a_model_without_weights_and_loose_arguments_are_named(tmp_path):
+    """A meta-device model crashed inside the weights-sample check (NotImplementedError from torch); hidden_size 64.9,
+    placeholder_layers [True, False] and [1.7] were silently truncated; load(device=None / "meta") and a directory
+    gave errors from deep inside."""
+    import transformers as tf
+    from test_runtime_support import tiny_codebooks, tiny_config
+
+    real = tiny_model("gpt2")
+    cb = tiny_codebooks(real, "gpt2", 4)
+    path = tmp_path / "cb.safetensors"
+    cb.save(path)
+    with torch.device("meta"):
+        meta = tf.GPT2LMHeadModel(tiny_config("gpt2")).eval()
+    for fn in (lambda: astra.simulate(meta, tiny_inputs("gpt2"), world_size=2, codebooks=cb),
+               lambda: astra.Codebooks.load(path, meta)):
+        with pytest.raises(astra.UnsupportedModelError, match="meta device"):
+            fn()
+    t = cb.tensors
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got 64.9"):
+        astra.Codebooks(t, model_type="gpt2", hidden_size=64.9)
+    for bad in ([True, False], [1.7]):
+        with pytest.raises(ValueError, match="placeholder layers must be layer numbers"):
+            astra.Codebooks(t, model_type="gpt2", hidden_size=64, placeholder_layers=bad)
+    for device in (None, "meta", 0.5):
+        with pytest.raises(ValueError, match="device must be 'cpu' or a CUDA device"):
+            astra.Codebooks.load(path, device=device)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        astra.Codebooks.load(tmp_path)
+    assert astra.Codebooks.load(str(path).encode()).checksum() == cb.checksum()

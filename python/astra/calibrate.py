@@ -20,7 +20,7 @@ import torch
 import astra_kernels as ak
 from astra_kernels.checks import is_count
 from . import bases
-from .codebooks import Codebooks, apply_predictor
+from .codebooks import Codebooks, apply_predictor, cast_checked
 from .context import position_ids
 from .inputs import seq_geometry, validate_inputs
 from .models import family_of
@@ -317,23 +317,13 @@ def _codebooks(fam, dtype: torch.dtype, tensors: List[torch.Tensor], pairs: Opti
                predictors: Optional[List[tuple]] = None) -> Codebooks:
     """Codebooks of ``tensors`` in ``dtype``, with the per-layer ``(T, T^-1)`` ``pairs`` (None: untransformed) and
     ``(W, b)`` ``predictors`` (None: not predictive)."""
-    cast = lambda ts: [_cast(t, dtype) for t in ts]  # noqa: E731
+    cast = lambda ts: [cast_checked(t, "the calibrated codebooks", dtype) for t in ts]  # noqa: E731
     part = lambda ps, i: None if ps is None else cast(p[i] for p in ps)  # noqa: E731
     return Codebooks(cast(tensors), model_type=fam.name, hidden_size=fam.hidden_size,
                      transforms=part(pairs, 0), inverses=part(pairs, 1),
                      predictors=part(predictors, 0), predictor_biases=part(predictors, 1),
                      placeholder_layers=[l for l in range(len(tensors)) if not fam.exchanged(l)],
                      weights_sample=weights_sample(fam.model))
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in the model's ``dtype``; ValueError where a finite entry overflows it (fp16's 65504: a rotated basis'
-    coordinates reach the hidden states' norm)."""
-    out = t.to(dtype)
-    if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"the codebooks' entries (up to {float(t.abs().max()):.4g}) overflow the model's {dtype}: "
-                         "calibrate in float32 (model.float()) or with basis='none'")
-    return out
 
 
 #: the ridge of the predictors' least squares, relative to the mean variance of their inputs

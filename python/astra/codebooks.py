@@ -65,6 +65,8 @@ class Codebooks:
             raise ValueError("Codebooks needs at least one layer")
         if not isinstance(model_type, str) or not model_type:
             raise ValueError(f"model_type must be a non-empty string, got {model_type!r}")
+        if not is_count(hidden_size, 1):
+            raise ValueError(f"hidden_size must be an int >= 1, got {hidden_size!r}")
         hidden_size = int(hidden_size)
         first = tensors[0]
         for i, t in enumerate(tensors):
@@ -173,12 +175,17 @@ class Codebooks:
         return self.predictors is not None
 
     def to(self, *args, **kwargs) -> "Codebooks":
-        def moved(ts):
-            return None if ts is None else [t.to(*args, **kwargs) for t in ts]
-        return Codebooks(moved(self.tensors), model_type=self.model_type, hidden_size=self.hidden_size,
-                         transforms=moved(self.transforms), inverses=moved(self.inverses),
-                         predictors=moved(self.predictors), predictor_biases=moved(self.predictor_biases),
-                         placeholder_layers=self.placeholder_layers, weights_sample=self.weights_sample)
+        """These codebooks with every tensor moved / cast by ``Tensor.to(*args, **kwargs)``. ValueError where a cast
+        overflows the new dtype. The transforms keep the check they passed (a cast only rounds them: a bf16 pair
+        cast to float32 keeps its bf16 product's error)."""
+        def moved(what, ts):
+            return None if ts is None else [cast_checked(t, f"{what} of layer {i}", *args, **kwargs)
+                                            for i, t in enumerate(ts)]
+        out = self.with_tensors(moved("codebook", self.tensors))
+        out.transforms, out.inverses = moved("transform", self.transforms), moved("inverse", self.inverses)
+        out.predictors = moved("predictor", self.predictors)
+        out.predictor_biases = moved("predictor bias", self.predictor_biases)
+        return out
 
     def bits_per_token(self) -> int:
         return self.groups * self.bits
@@ -187,9 +194,10 @@ class Codebooks:
     def check_model(self, model) -> None:
         """Raise ValueError unless these codebooks fit ``model`` (family, hidden size, layer count, and the weights they
         were made for where they keep a sample of them)."""
-        from .models import family_of
+        from .models import check_has_weights, family_of
 
         fam = family_of(model)
+        check_has_weights(model)
         if fam.name != self.model_type:
             raise ValueError(f"codebooks were built for model_type {self.model_type!r}, model is {fam.name!r}")
         if fam.hidden_size != self.hidden_size:
@@ -268,10 +276,17 @@ class Codebooks:
         (orthogonal rotations) load with each rotation's transpose as its inverse."""
         from safetensors import safe_open
 
-        path = os.fspath(path)
-        device = torch.device(device)
+        path = os.fsdecode(os.fspath(path))
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}") from e
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {str(device)!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r}: this torch has no CUDA device (torch {torch.__version__})")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory: give the codebooks file in it")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no codebook file at {path}")
         try:
@@ -370,8 +385,22 @@ def _weights_sample(path: str, meta: dict) -> Optional[str]:
     return text
 
 
+def cast_checked(t: torch.Tensor, what: str, *args, **kwargs) -> torch.Tensor:
+    """``t.to(*args, **kwargs)``; ValueError naming ``what`` where the cast turns a finite entry into an infinite one
+    (a half-precision model: fp16 holds 65504, and a rotated basis' coordinates reach the hidden states' norm)."""
+    out = t.to(*args, **kwargs)
+    if out.dtype != t.dtype and out.is_floating_point() and not bool(torch.isfinite(out).all()) \
+            and bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what}: entries up to {float(t.abs().max()):.4g} overflow {out.dtype}: run the model in "
+                         "float32 (model.float()), or calibrate with basis='none'")
+    return out
+
+
 def _checked_layers(layers: Sequence[int], count: int) -> tuple:
     """``layers`` as a sorted tuple of distinct layer numbers in ``[0, count)``, not all of them, else ValueError."""
+    layers = list(layers)
+    if not all(is_count(l) for l in layers):
+        raise ValueError(f"placeholder layers must be layer numbers (ints), got {layers!r}")
     out = tuple(sorted({int(l) for l in layers}))
     if out and not (0 <= out[0] and out[-1] < count):
         raise ValueError(f"placeholder layers {list(out)} are not all in 0..{count - 1}")

@@ -349,6 +349,12 @@ def _forward_params(model: Module) -> FrozenSet[str]:
     return frozenset(p.name for p in ps if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self")
 
 
+def check_has_weights(model) -> None:
+    """UnsupportedModelError for a model with parameters on the meta device (built without its weights)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights first")
+
+
 def family_of(model) -> Family:
     """Resolve a supported HF model (a registered family's base model or a head on it); raise
     :class:`UnsupportedModelError` naming what is supported otherwise."""

@@ -21,7 +21,7 @@ from . import bases
 from .codebooks import Codebooks, apply_predictor, as_normal_tensor
 from .context import Ctx, make_ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
-from .models import family_of
+from .models import check_has_weights, family_of
 from .split import resolve_class_token, resolve_split
 
 ATTN_NAME = "astra"
@@ -61,9 +61,7 @@ class RuntimeBase:
 
     def __init__(self, model, codebooks: Optional[Codebooks], class_token="auto", split="even"):
         self.fam = family_of(model)
-        if any(p.is_meta for p in model.parameters()):
-            raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights "
-                                        "first")
+        check_has_weights(model)
         self.model = model
         if self.in_training():
             raise AstraError("astra runs inference only: call model.eval() first (the model or one of its modules "
@@ -99,15 +97,14 @@ class RuntimeBase:
         p = next(self.model.parameters())
         self._param_state = (p.dtype, p.device)
         if self.codebooks is not None:
-            self._cb = [as_normal_tensor(c.to(device=p.device, dtype=p.dtype)) for c in self.codebooks.tensors]
-            if self.codebooks.transformed:
-                self._tf = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.transforms]
-                self._inv = [t.to(device=p.device, dtype=p.dtype) for t in self.codebooks.inverses]
+            cb = self.codebooks.to(device=p.device, dtype=p.dtype)     # ValueError where the cast overflows
+            self._cb = [as_normal_tensor(c) for c in cb.tensors]
+            if cb.transformed:
+                self._tf, self._inv = list(cb.transforms), list(cb.inverses)
                 self._folds = self._fold_kv(p)
-            if self.codebooks.predictive:
-                self._pred = [(as_normal_tensor(w.to(device=p.device, dtype=p.dtype)),
-                               as_normal_tensor(b.to(device=p.device, dtype=p.dtype)))
-                              for w, b in zip(self.codebooks.predictors, self.codebooks.predictor_biases)]
+            if cb.predictive:
+                self._pred = [(as_normal_tensor(w), as_normal_tensor(b)) for w, b in zip(cb.predictors,
+                                                                                          cb.predictor_biases)]
         self._orig_impl = self.model.config._attn_implementation
         self.model.set_attn_implementation(ATTN_NAME)
         if self.model.config._attn_implementation != ATTN_NAME:
