@@ -81,6 +81,13 @@ def _st_cases(rank):
     res["astra"] = (float((got - want).abs().max()), float((got - ref).abs().max()))
     revert_sentence_transformers(st)
 
+    user = st.encode                   # a user's own wrapper (an instance attribute): revert deleted it
+    st.encode = user
+    for gather in (False, True):
+        apply_sentence_transformers(st, timeout=30, pooling_gather=gather)
+        revert_sentence_transformers(st)
+    res["user_encode_kept"] = st.__dict__.get("encode") is user
+
     for mode in ("cls", "max"):
         st2 = load_st(mode)
         ref2 = st2.encode(TEXTS, convert_to_tensor=True)
@@ -105,6 +112,7 @@ def _pipeline_cases(rank):
     fe = tf.pipeline("feature-extraction", model=tf.BertModel.from_pretrained(path, local_files_only=True).eval(),
                      tokenizer=tok, device="cpu")
     ref = [torch.tensor(fe(t)) for t in TEXTS[:2] + [""]]
+    ref_fe0 = ref[0]
     apply_pipeline(fe, timeout=30, class_token="distributed")
     got = [torch.tensor(fe(t)) for t in TEXTS[:2] + [""]]     # "": [CLS] [SEP], padded for the ranks
     res["fe"] = [(tuple(g.shape) == tuple(r.shape), float((g - r).abs().max())) for g, r in zip(got, ref)]
@@ -121,6 +129,15 @@ def _pipeline_cases(rank):
     res["tc_labels"] = [[a["label"] for a in g] for g in got] == [[b["label"] for b in g] for g in ref]
     res["tc_bytes"] = (pm.output_stats.bytes_sent, pm.output_stats.bytes_received)
     revert_pipeline(tc)
+    # HF's alias of text-classification, and a pipeline built from its class (task ""), were refused by task name
+    sa = tf.pipeline("sentiment-analysis", model=clf, tokenizer=tok, device="cpu", top_k=None)
+    apply_pipeline(sa, timeout=30)
+    res["sa"] = max(abs(a["score"] - b["score"]) for ga, gb in zip(sa(TEXTS[:2]), ref) for a, b in zip(ga, gb))
+    revert_pipeline(sa)
+    direct = tf.FeatureExtractionPipeline(model=fe.model, tokenizer=tok, device="cpu")
+    apply_pipeline(direct, timeout=30)
+    res["direct"] = float((torch.tensor(direct(TEXTS[0])) - ref_fe0).abs().max())
+    revert_pipeline(direct)
     return res
 
 
@@ -147,6 +164,7 @@ def test_sentence_transformers_two_ranks(ranks):
         assert res["astra"][0] < 1e-4 and res["astra"][1] > 1e-3      # equals simulate; the codes were used
         assert res["cls_refused"] is None and res["cls"] > 0.99999
         assert "pooling_gather=True" in res["max_refused"] and res["max"] > 0.99999
+        assert res["user_encode_kept"]
 
 
 def test_pipelines_two_ranks(ranks):
@@ -156,6 +174,35 @@ def test_pipelines_two_ranks(ranks):
         assert res["fe_reverted"] == 0.0
         assert res["tc"] < 1e-5 and res["tc_labels"]
         assert res["tc_bytes"] == ((3 * 4, 0) if rank == 0 else (0, 3 * 4))   # batch of 1: 3 logits from rank 0
+        assert res["sa"] < 1e-5 and res["direct"] < 1e-4
+
+
+def test_refusals_come_before_any_patch(tmp_path):
+    """A bad output kind for a pipeline, and CLS pooling on a decoder (no class token), were accepted at apply time
+    and failed at every call; now refused before the model is patched (no process group needed to see it)."""
+    import transformers as tf
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from test_runtime_support import tiny_config
+
+    path = str(pkg.get_model_path())
+    tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    bert = tf.BertModel.from_pretrained(path, local_files_only=True).eval()
+    fe = tf.pipeline("feature-extraction", model=bert, tokenizer=tok, device="cpu")
+    with pytest.raises(ValueError, match="output must be None or one of"):
+        apply_pipeline(fe, output="nonsense")
+    with pytest.raises(astra.UnsupportedModelError, match="supports the pipelines"):
+        apply_pipeline(tf.pipeline("fill-mask", model=tf.BertForMaskedLM.from_pretrained(path, local_files_only=True),
+                                   tokenizer=tok, device="cpu"))
+    assert "_forward" not in fe.__dict__ and bert.config._attn_implementation != "astra"
+    llama = tf.LlamaModel(tiny_config("llama", vocab_size=tok.vocab_size)).eval()
+    llama.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    st = SentenceTransformer(modules=[Transformer(str(tmp_path)), Pooling(llama.config.hidden_size, "cls")],
+                             device="cpu")
+    with pytest.raises(astra.UnsupportedModelError, match="no class token: apply with pooling_gather=True"):
+        apply_sentence_transformers(st)
+    assert "forward" not in st[0].__dict__
 
 
 def test_padding_for_the_ranks_is_refused_where_the_pooled_token_would_be_a_pad():

@@ -3,7 +3,7 @@ keys, such as sentence-transformers' ``modality``, need no filtering: the runtim
 ``forward`` does not take.)"""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -42,3 +42,22 @@ def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any], *, pooled: bool = Fa
         tt = inputs["token_type_ids"]
         out["token_type_ids"] = torch.cat([tt, tt.new_zeros(tt.shape[0], n)], dim=1)
     return out, T
+
+
+_MISSING = object()
+
+
+def patch(saved: List[tuple], obj, name: str, value) -> None:
+    """Set ``obj.<name> = value`` as an instance attribute, recording in ``saved`` what :func:`restore` puts back (the
+    instance's own earlier attribute, such as a user's wrapper, or none)."""
+    saved.append((obj, name, obj.__dict__.get(name, _MISSING)))
+    setattr(obj, name, value)
+
+
+def restore(saved: List[tuple]) -> None:
+    """Undo :func:`patch` calls, last first."""
+    for obj, name, old in reversed(saved):
+        if old is _MISSING:
+            obj.__dict__.pop(name, None)
+        else:
+            obj.__dict__[name] = old

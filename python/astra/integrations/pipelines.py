@@ -7,40 +7,55 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from ..errors import AstraError, UnsupportedModelError
+from ..models import family_of
+from ..outputs import resolve_output
 from ..parallel import ParallelModel, parallelize
-from .common import pad_to_ranks
+from .common import pad_to_ranks, patch, restore
 
 ATTR = "_astra_integration"
 # what each task's post-processing reads: feature extraction the whole sequence's hidden states, text
-# classification the head's logits (its natural output)
-TASK_OUTPUTS = {"feature-extraction": "hidden_states", "text-classification": None}
+# classification the head's logits (its natural output); by pipeline class, as the task string is what the user typed
+# ("sentiment-analysis" is text classification; a pipeline built from its class has none)
+TASK_OUTPUTS = {"FeatureExtractionPipeline": "hidden_states", "TextClassificationPipeline": None}
+
+
+def _task_output(pipe) -> Optional[str]:
+    import transformers
+
+    for name, kind in TASK_OUTPUTS.items():
+        if isinstance(pipe, getattr(transformers, name)):
+            return kind
+    raise UnsupportedModelError(f"apply_pipeline supports the pipelines {sorted(TASK_OUTPUTS)} (feature-extraction, "
+                                f"text-classification), got {type(pipe).__name__} (task "
+                                f"{getattr(pipe, 'task', None)!r})")
 
 
 def apply_pipeline(pipe, codebooks=None, *, output: Optional[str] = None, **parallelize_kwargs) -> ParallelModel:
     """Run ``pipe.model`` as one ASTRA rank inside ``pipe``. ``output`` overrides the task's output kind
     (:mod:`astra.outputs`); ``codebooks`` and ``parallelize_kwargs`` go to :func:`astra.parallelize`."""
-    task = getattr(pipe, "task", None)
-    if task not in TASK_OUTPUTS:
-        raise UnsupportedModelError(f"apply_pipeline supports the tasks {sorted(TASK_OUTPUTS)}, got {task!r}")
+    task_kind = _task_output(pipe)
     if getattr(pipe, ATTR, None) is not None:
         raise AstraError("this pipeline is already parallelized by astra (astra.integrations.revert_pipeline first)")
-    kind = output if output is not None else TASK_OUTPUTS[task]
+    kind = output if output is not None else task_kind
+    resolve_output(family_of(pipe.model), kind)          # a bad or unavailable kind, before the model is patched
     pm = parallelize(pipe.model, codebooks, **parallelize_kwargs)
 
     def forward(inputs: Dict[str, Any], **kwargs):
         return _forward(pm, kind, inputs)
 
-    pipe._forward = forward
-    setattr(pipe, ATTR, pm)
+    saved = []
+    patch(saved, pipe, "_forward", forward)
+    setattr(pipe, ATTR, (pm, saved))
     return pm
 
 
 def revert_pipeline(pipe) -> None:
-    """Undo :func:`apply_pipeline`: the pipeline's own ``_forward`` again, the model unpatched."""
-    pm = getattr(pipe, ATTR, None)
-    if pm is None:
+    """Undo :func:`apply_pipeline`: the pipeline's ``_forward`` as it was, the model unpatched."""
+    state = getattr(pipe, ATTR, None)
+    if state is None:
         return
-    pipe.__dict__.pop("_forward", None)
+    pm, saved = state
+    restore(saved)
     pm.unpatch()
     delattr(pipe, ATTR)
 

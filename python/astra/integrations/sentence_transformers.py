@@ -22,8 +22,10 @@ import inspect
 from typing import Any, Dict
 
 from ..errors import AstraError, UnsupportedModelError
+from ..models import family_of
+from ..outputs import resolve_output
 from ..parallel import ParallelModel, parallelize
-from .common import pad_to_ranks
+from .common import pad_to_ranks, patch, restore
 
 ATTR = "_astra_integration"
 DISTRIBUTED_MODES = {"mean": "mean_pooled", "cls": "class_token"}
@@ -75,16 +77,21 @@ def apply_sentence_transformers(st_model, codebooks=None, *, pooling_gather: boo
                          "(astra.integrations.revert_sentence_transformers first)")
     trans, pool = _modules(st_model)
     plan = _plan(pool, pooling_gather)
+    try:                                 # e.g. CLS pooling on a decoder: refused before any patch
+        resolve_output(family_of(trans.model), plan)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{e}: apply with pooling_gather=True to run the model's own pooling") from None
     pm = parallelize(trans.model, codebooks, **parallelize_kwargs)
 
     def transformer_forward(features: Dict[str, Any], **kwargs) -> Dict[str, Any]:
         return _encode(pm, pool, plan, features)
 
-    trans.forward = transformer_forward
+    saved = []
+    patch(saved, trans, "forward", transformer_forward)
     if plan != "hidden_states":
-        pool.forward = _pooled
-        st_model.encode = _pooled_only(st_model.encode)
-    setattr(st_model, ATTR, (pm, trans, pool))
+        patch(saved, pool, "forward", _pooled)
+        patch(saved, st_model, "encode", _pooled_only(st_model.encode))
+    setattr(st_model, ATTR, (pm, saved))
     return pm
 
 
@@ -105,14 +112,13 @@ def _pooled_only(encode):
 
 
 def revert_sentence_transformers(st_model) -> None:
-    """Undo :func:`apply_sentence_transformers`: the modules' own ``forward`` again, the transformer unpatched."""
+    """Undo :func:`apply_sentence_transformers`: the modules' ``forward`` and the model's ``encode`` as they were, the
+    transformer unpatched."""
     state = getattr(st_model, ATTR, None)
     if state is None:
         return
-    pm, trans, pool = state
-    for m in (trans, pool):
-        m.__dict__.pop("forward", None)
-    st_model.__dict__.pop("encode", None)
+    pm, saved = state
+    restore(saved)
     pm.unpatch()
     delattr(st_model, ATTR)
 
