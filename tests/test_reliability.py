@@ -428,6 +428,20 @@ def _lifecycle(rank):
     out["dtype changed"] = _any_outcome(lambda: pm(**x))
     model.float()
     out["restored"] = float((pm.gather(pm(**x)).logits - ref).abs().max())
+    # on one rank only: that rank raised alone, its next call paired with the other's layer exchange, gloo aborted
+    for what, change, undo in (("one rank in train mode", model.train, model.eval),
+                               ("one rank moved", model.double, model.float),
+                               ("one rank under autocast", None, None)):
+        if rank == 1 and change is not None:
+            change()
+        if rank == 1 and change is None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out[what] = _any_outcome(lambda: pm(**x))
+        else:
+            out[what] = _any_outcome(lambda: pm(**x))
+        if rank == 1 and undo is not None:
+            undo()
+        out[what + " next"] = float((pm.gather(pm(**x)).logits - ref).abs().max())
     pm.unpatch()
     cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97)
     m1, m2 = tf.GPT2Model(cfg).eval(), tf.GPT2Model(cfg).eval()     # transformers does not copy the config
@@ -440,13 +454,23 @@ def _lifecycle(rank):
 
 
 def test_patches_sharing_state_and_models_changed_after_patching_are_refused():
-    for out in astra.launch(_lifecycle, 2, join_timeout=120):
+    results = astra.launch(_lifecycle, 2, join_timeout=120)
+    for rank, out in enumerate(results):
+        here = f"AstraError: astra rank {rank}/2: "      # checked in the input agreement: every rank, this call
         assert out["base while head patched"].startswith("AstraError: the model shares its config"), out
         assert out["shared config"].startswith("AstraError: the model shares its config"), out
-        assert out["train mode"].startswith("AstraError: astra runs inference only"), out
-        assert out["a module in train mode"].startswith("AstraError: astra runs inference only"), out
-        assert out["dtype changed"].startswith("AstraError: the model moved to torch.float64"), out
+        assert out["train mode"].startswith(here + "astra runs inference only"), out
+        assert out["a module in train mode"].startswith(here + "astra runs inference only"), out
+        assert out["dtype changed"].startswith(here + "the model moved to torch.float64"), out
         assert out["after"] < TOL and out["restored"] < TOL and out["m2 intact"] == 0.0, out
+    for rank, out in enumerate(results):
+        for what, why in (("one rank in train mode", "AstraError: astra runs inference only"),
+                          ("one rank moved", "AstraError: the model moved to torch.float64"),
+                          ("one rank under autocast", "UnsupportedModelError: astra does not run under "
+                                                      "torch.autocast")):
+            assert out[what].startswith(f"InputMismatchError: astra rank {rank}/2: rank 1 rejected its inputs "
+                                        f"({why}"), (rank, what, out[what])
+            assert out[what + " next"] < TOL, (rank, what)
 
 
 def test_meta_models_and_seeds_are_refused_and_float64_codebooks_save(tmp_path):

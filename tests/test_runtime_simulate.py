@@ -226,6 +226,15 @@ def test_ids_of_a_dtype_no_embedding_takes_and_token_types_out_of_range_are_refu
     assert float((got - ref).abs().max()) < 1e-4
 
 
+def test_autocast_is_refused_by_name():
+    """Under torch.autocast, Llama's q / k came fp32 and v bf16 (a bare dtype error in the kernels), BERT's class-token
+    outputs failed their layout check, and autocast on one rank only aborted gloo: refused up front."""
+    model = tiny_model("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(astra.UnsupportedModelError, match=r"does not run under torch.autocast \(cpu\)"):
+            astra.simulate(model, tiny_inputs("llama"), world_size=2)
+
+
 @pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), 1e300, "soon", None])
 def test_parallelize_refuses_a_timeout_no_wait_can_take(bad):
     """Checked before anything else (before the process group): an infinite timeout was accepted and then failed

@@ -12,9 +12,9 @@ DESCRIPTION = """\
 Fine-tune codebooks saved by `astra calibrate` with astra.finetune: every step runs the ASTRA simulation at
 the world size (or one sampled from the list), with a straight-through estimator, and distils the unmodified
 model's output. --train codebooks leaves every model weight untouched; --train all trains the model too (the
-paper's way; needs a model directory, whose tokenizer is saved with it). The text is the first --samples
-paragraphs of CPython's pydoc topics, or the non-empty lines of --input; the last --held-out of them are not
-trained on, and the distillation loss on them is reported before and after at every world size. Writes
+paper's way; needs a model directory, whose tokenizer is saved with it). The texts are the paragraphs of CPython's
+pydoc topics, or the non-empty lines of --input: the last --held-out of them are held out (the distillation loss on
+them is reported before and after at every world size), and training uses the first --samples of the rest. Writes
 OUT/codebooks.safetensors (and with --train all the HF model and tokenizer into OUT)."""
 
 

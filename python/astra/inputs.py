@@ -167,6 +167,7 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
     range, float inputs finite, a chunk for every rank. Raises :class:`InvalidInputError` (or
     ``UnsupportedModelError``)."""
     use_cache = inputs.get("use_cache")         # the reference forward's cache changes its masks (_not_packed)
+    _not_autocast(fam)
     inputs = check_inputs(fam, inputs)
     if fam.image:
         pv = _tensor(inputs, "pixel_values", "float", (4,))
@@ -192,6 +193,19 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
     pos = inputs.get("position_ids")
     _check_length(fam, T, pos is not None, T if pos is None or not pos.numel() else int(pos.max()) + 1)
     return inputs
+
+
+def _not_autocast(fam: Family) -> None:
+    """Refuse a forward under ``torch.autocast`` on the model's device: the kernels take one dtype per call (q, k, v
+    came in mixed), and a rank's outputs would carry dtypes the others can not know without running the head."""
+    device = next(fam.model.parameters()).device.type
+    try:
+        on = torch.is_autocast_enabled(device)
+    except TypeError:       # torch < 2.4: no device argument (CUDA's state; CPU's has its own function)
+        on = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+    if on:
+        raise UnsupportedModelError(f"astra does not run under torch.autocast ({device}): run the model in the "
+                                    "precision you want instead (e.g. model.to(torch.bfloat16))")
 
 
 def _check_length(fam: Family, T: int, given_positions: bool, span: int) -> None:
