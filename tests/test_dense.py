@@ -110,3 +110,21 @@ def test_bad_shapes(x, w, b, msg):
 def test_mixed_dtypes():
     with pytest.raises(ValueError, match="share a dtype"):
         gemm(torch.ones(2, 3), torch.ones(3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("which", ["x", "w", "bias"])
+def test_one_operand_asking_for_a_gradient_takes_torch(which):
+    """Any one operand that requires grad sends the product through torch (oneDNN's linear has no backward): with
+    only ``x`` (or only ``w``, only the bias) requiring grad the result is differentiable and its gradient right.
+    The existing test made all three require grad, so ``all(...)`` in place of ``any(...)`` went unnoticed (it
+    returned a result with no grad_fn)."""
+    g = seeded_generator(8)
+    ops = {"x": random_inputs(9, 16, generator=g), "w": random_inputs(16, 8, generator=g),
+           "bias": random_inputs(8, generator=g)}
+    ops[which].requires_grad_()
+    out = gemm(ops["x"], ops["w"], ops["bias"])
+    assert out.requires_grad and out.grad_fn is not None
+    out.square().sum().backward()
+    ref = {k: t.detach().double().requires_grad_(k == which) for k, t in ops.items()}
+    (ref["x"] @ ref["w"] + ref["bias"]).square().sum().backward()
+    assert_matches_reference(ops[which].grad, ref[which].grad, rtol=1e-5, atol=1e-4, name="grad")

@@ -148,6 +148,38 @@ def _head_cases(rank, bert_inputs):
         res[f"gpt_natural_{pad}"] = pm(**ids).logits.shape[1]      # local: this rank's tokens
         pm.unpatch()
     res.update(_decoder_classifier_cases())
+    res.update(_boundary_cases())
+    return res
+
+
+def _boundary_cases():
+    """Rows whose last attended position is the first token of a rank, and a ViT base model's gathered outputs
+    (distributed class tokens: the class row is replicated, not gathered)."""
+    gpt = tiny_model("gpt2")
+    ids = tiny_inputs("gpt2")["input_ids"]          # T = 11: rank 0 holds 0..5, rank 1 holds 6..10
+    res = {}
+    for name, ends in (("both_at_6", (6, 6)), ("at_6_and_0", (6, 0))):
+        mask = torch.zeros_like(ids)
+        for row, end in enumerate(ends):
+            mask[row, :end + 1] = 1
+        with torch.no_grad():
+            want = gpt(input_ids=ids, attention_mask=mask).logits[torch.arange(2), torch.tensor(ends)]
+        pm = astra.parallelize(gpt, timeout=30)
+        try:
+            res[f"last_{name}"] = _d(pm(input_ids=ids, attention_mask=mask, output="last_logits"), want)
+        finally:
+            pm.unpatch()
+    vit = tiny_model("vit", head=False)
+    px = tiny_inputs("vit")
+    with torch.no_grad():
+        ref = vit(**px)
+    pm = astra.parallelize(vit, timeout=30)
+    try:
+        full = pm(**px, output="hidden_states")
+        res["vit_hidden"] = (tuple(full.last_hidden_state.shape), _d(full.last_hidden_state, ref.last_hidden_state),
+                             _d(full.pooler_output, ref.pooler_output))
+    finally:
+        pm.unpatch()
     return res
 
 
@@ -251,3 +283,22 @@ def test_task_heads_two_ranks(ranks):
         name, d, sent = res["gclf"]
         assert name == "SequenceClassifierOutputWithPast" and d < TOL and sent == LABELS * 4   # its one row
         assert res["gclf_local"] is False and res["gclf_full"] < TOL
+
+
+def test_last_logits_at_the_first_token_of_a_rank(ranks):
+    """A row whose last attended position is the first token of a rank's chunk (position 6 of 11 on 2 ranks, or
+    position 0) belongs to that rank: the owner search must take the chunk that starts there (``searchsorted(...,
+    right=True) - 1``); with ``right=False`` it named the rank before (or rank -1), which indexed past its tokens.
+    The existing cases put every row's last position strictly inside a chunk, so they missed it."""
+    for _, res in ranks:
+        assert res["last_both_at_6"] < TOL and res["last_at_6_and_0"] < TOL
+
+
+def test_hidden_states_with_distributed_class_tokens(ranks):
+    """output='hidden_states' of a ViT base model (distributed class tokens, class token replicated on every rank)
+    equals the model: each rank sends only its non-replicated tokens and the class row is put back once. Only
+    BERT (single class token) was gathered before, so sending the replicated class row too went unnoticed."""
+    for _, res in ranks:
+        shape, d_hidden, d_pooler = res["vit_hidden"]
+        assert shape == (2, 17, 64) and d_hidden < TOL and d_pooler < TOL
+

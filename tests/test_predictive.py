@@ -208,3 +208,41 @@ def test_with_tensors_keeps_one_codebook_per_predictor(bert):
     with pytest.raises(ValueError, match="codebook layers for 2 predictors"):
         cb.with_tensors(cb.tensors[:1])
     assert cb.with_tensors(list(cb.tensors)).num_layers == cb.num_layers
+
+
+def _exact_predictive_codebooks(model, inputs, seed=5):
+    """Predictive codebooks whose layer-l codebook holds exactly the residuals ``h_l - ([e, h_(l-1)] @ W_l + b_l)``
+    of every token of ``inputs`` (random predictors; G = 1, untransformed; layer 0 a placeholder)."""
+    from astra.models import family_of
+
+    fam = family_of(model)
+    g = torch.Generator().manual_seed(seed)
+    D, L = fam.hidden_size, fam.num_layers
+    hs, emb = collect_hidden_states(model, [inputs], embeddings=True)     # [N, D] per layer, and the embeddings
+    W = [torch.zeros(2 * D, D)] + [0.3 * torch.randn(2 * D, D, generator=g) / D ** 0.5 for _ in range(1, L)]
+    b = [torch.zeros(D)] + [torch.randn(D, generator=g) for _ in range(1, L)]
+    tensors = [torch.zeros(1, hs[0].shape[0], D)]
+    for l in range(1, L):
+        pred = emb @ W[l][:D] + hs[l - 1] @ W[l][D:] + b[l]
+        tensors.append((hs[l] - pred).unsqueeze(0))
+    return astra.Codebooks(tensors, model_type=fam.name, hidden_size=D, predictors=W, predictor_biases=b,
+                           placeholder_layers=(0,))
+
+
+def test_codebooks_holding_every_residual_reproduce_the_model():
+    """With predictive codebooks that hold each token's residual of the prediction exactly, every reconstruction is
+    exact, so simulate equals the model (3 ranks). It pins down what a rank sends: the code of ``h - pred`` (not
+    ``h + pred``), where ``pred`` reads the token's embedding output and the previous layer's reconstruction (the
+    sender's own, ``SimRuntime.predicted``), and ``decode + pred``. The other predictive tests compare the runtimes
+    with each other, which share those steps, so dropping either prediction input, or the sign, went unnoticed."""
+    bert = tiny_model("bert", num_hidden_layers=3)
+    inputs = tiny_inputs("bert", batch=2, seq=9, seed=4)
+    cb = _exact_predictive_codebooks(bert, inputs)
+    with torch.no_grad():
+        want = bert(**inputs).last_hidden_state
+    got = astra.simulate(bert, inputs, world_size=3, codebooks=cb).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the codebooks do matter: residuals off by 0.1 move the output
+    shifted = cb.with_tensors([cb.tensors[0]] + [t + 0.1 for t in cb.tensors[1:]])
+    off = astra.simulate(bert, inputs, world_size=3, codebooks=shifted).last_hidden_state
+    assert float((off - want).abs().max()) > 2e-3

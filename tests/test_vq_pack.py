@@ -115,3 +115,34 @@ def test_default_bits_refuses_what_is_no_codebook_size(K):
     """K is an int in 1..MAX_K: -5 gave 3, 0 and 2.5 gave 1, 2**20 gave 20 (wider than the 16-bit codes)."""
     with pytest.raises(ValueError, match=f"K \\(codebook entries\\) must be an int in 1..{vq.MAX_K}"):
         vq.default_bits(K)
+
+
+def test_encode_and_pack_refuses_nine_dim_codes_before_encoding(monkeypatch):
+    """``x`` with 8 leading dims gives codes of 9 dims, one more than a frame holds: encode_and_pack says so
+    before encoding (``len(shape) > 8``); with ``> 9`` it encoded every token and pack_codes refused afterwards."""
+    cb = T.random_inputs(2, 4, 2, generator=T.seeded_generator(4))
+    x = T.random_inputs(*(1,) * 8, 4, generator=T.seeded_generator(5))
+
+    def no_encode(*a, **k):
+        raise AssertionError("encoded codes that no frame can hold")
+
+    monkeypatch.setattr(vq, "vq_encode", no_encode)
+    with pytest.raises(ValueError, match="codes would have 9 dims; a frame holds at most 8"):
+        ak.encode_and_pack(x, cb)
+    monkeypatch.undo()
+    f = ak.encode_and_pack(x[0], cb)                       # 8 dims: packed
+    assert ak.frame_header(f) == (2, (1,) * 7 + (2,))
+
+
+def test_pack_into_out_that_ends_where_the_codes_begin():
+    """``out`` may end exactly where the codes' memory begins (adjacent, not overlapping): packed and unpacked
+    intact. ``<=`` in place of ``<`` in the overlap test refused this legal call as an overlap."""
+    codes = torch.randint(0, 16, (10,), dtype=torch.int32, generator=torch.Generator().manual_seed(9))
+    n = (ak.frame_nbytes((10,), 4) + 3) // 4 * 4
+    buf = torch.zeros(n + 40, dtype=torch.uint8)
+    inside = buf[n:].view(torch.int32)
+    inside.copy_(codes)
+    frame = ak.pack_codes(inside, 4, out=buf[:n])
+    assert torch.equal(ak.unpack_codes(frame), codes) and torch.equal(inside, codes)
+    with pytest.raises(ValueError, match="out overlaps the memory of codes"):
+        ak.pack_codes(inside, 4, out=buf[1:n + 1])          # one byte into the codes: refused
