@@ -143,6 +143,30 @@ def test_a_callers_generation_config_is_filled_from_the_models_as_hf_fills_it():
         setattr(model.generation_config, field, None)
 
 
+def test_beams_of_several_prompts_continue_from_their_own_rows():
+    """The prefill's cache is expanded row by row (repeat_interleave, as HF expands the prompt): with 3 prompts and
+    2 beams a tiled cache gave beams other prompts' K/V; the batch-2 beam case above could not see it."""
+    model = gen_model("llama")
+    ids = tiny_inputs("llama", seq=10, batch=3)["input_ids"]
+    kw = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, attention_mask=torch.ones_like(ids))
+    assert torch.equal(astra.simulate_generate(model, ids, world_size=2, **kw), model.generate(ids, **kw))
+
+
+def test_a_prompt_one_token_longer_than_the_ranks_is_prefilled_in_parallel():
+    """A prompt of world_size + 1 tokens leaves one prefill token per rank: it runs the parallel prefill (its
+    first-step scores are the codes', not the model's alone)."""
+    model = gen_model("gpt2")
+    ids = tiny_inputs("gpt2", seq=3)["input_ids"][:1]
+    kw = dict(max_new_tokens=1, output_scores=True, return_dict_in_generate=True)
+    cb = tiny_codebooks(model, "gpt2", 1)
+    alone = model.generate(ids, attention_mask=torch.ones_like(ids), **kw).scores[0]
+    got = astra.simulate_generate(model, ids, world_size=2, codebooks=cb, **kw).scores[0]
+    assert float((got - alone).abs().max()) > 1e-4        # the model alone gives them bit for bit (below)
+    got = astra.simulate_generate(model, ids[:, :2], world_size=2, codebooks=cb, **kw).scores[0]   # the model's
+    alone = model.generate(ids[:, :2], attention_mask=torch.ones_like(ids[:, :2]), **kw).scores[0]
+    assert torch.equal(got, alone)
+
+
 def test_simulate_generate_takes_the_split_and_checks_world_size():
     model = gen_model("gpt2")
     ids = tiny_inputs("gpt2", seq=12)["input_ids"]
