@@ -168,37 +168,36 @@ def test_calibrate_names_each_bad_argument_before_any_forward(monkeypatch):
 
 
 def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):
-    model = tiny_model("bert")
+    """Layer l's codebook is fitted on what layer l quantizes in a world_size-rank simulation with layers < l
+    quantized. (The 2-layer version of this test could not fail: layer 0 exchanges nothing, so layer 1's inputs are
+    the same either way; a mutant that never quantized earlier layers passed it.)"""
+    from astra.training import TrainSimRuntime
+
+    model = tiny_model("bert", num_hidden_layers=3)
     samples = [tiny_inputs("bert", batch=4, seq=16, seed=s, padded=True) for s in range(3)]
-    plain = astra.calibrate(model, samples, groups=4, codebook_size=16, iters=4, backend="torch")
     seq = astra.calibrate(model, samples, groups=4, codebook_size=16, iters=4, backend="torch", world_size=2,
                           progress=True)
     assert "astra.calibrate" in capsys.readouterr().err                     # the progress bar
-    # layer 0 is fitted on the same vectors either way (the embeddings of the non-padding tokens; only their
-    # order differs, rank by rank), layer 1 on different ones once layer 0's non-local tokens are quantized
-    from astra.calibrate import _quantized_inputs
 
-    h0 = _quantized_inputs(model, samples, [], None, 0, 2, "auto", None)
-    ref0 = collect_hidden_states(model, samples)[0]
-    torch.testing.assert_close(h0.norm(dim=1).sort().values, ref0.norm(dim=1).sort().values)
-    # layer 1's inputs differ once layer 0's non-local tokens are quantized
-    assert not torch.allclose(seq[1], plain[1])
-    # and layer 1's codebook is exactly k-means of what layer 1 quantizes in a 2-rank simulation whose layer 0
-    # uses its calibrated codebook
-    from astra.training import TrainSimRuntime
+    def recorded(quantized_below):      # layer 2's quantized vectors, 2 ranks, layers < quantized_below quantized
+        rt = TrainSimRuntime(model, seq, 2, quantize_layers=quantized_below, record_layer=2)
+        rt.install()
+        try:
+            with torch.no_grad():
+                for s in samples:
+                    rt.run(s)
+        finally:
+            rt.uninstall()
+        return torch.cat(rt.recorded)
 
-    rt = TrainSimRuntime(model, seq, 2, quantize_layers=1, record_layer=1)
-    rt.install()
-    try:
-        with torch.no_grad():
-            for s in samples:
-                rt.run(s)
-    finally:
-        rt.uninstall()
-    h1 = torch.cat(rt.recorded)
-    assert h1.shape[0] == sum(int(s["attention_mask"].sum()) for s in samples)
-    # G > 1: in the attention basis of those vectors
+    exact, h2 = recorded(0), recorded(2)
+    assert h2.shape == exact.shape and h2.shape[0] == sum(int(s["attention_mask"].sum()) for s in samples)
+    ref = collect_hidden_states(model, samples)[2]          # full precision: the model's own layer-2 inputs
+    torch.testing.assert_close(exact.norm(dim=1).sort().values, ref.norm(dim=1).sort().values)
+    moved = (h2 - exact).norm(dim=1) > 1e-3 * exact.norm(dim=1)
+    assert float(moved.float().mean()) > 0.5                # layer 1's codes moved most tokens' layer-2 inputs
+    # layer 2's codebook is exactly k-means of those vectors, in their attention basis (G > 1)
     fam = family_of(model)
-    T1 = attention_basis(attention_metric(fam, fam.attn_modules[1], h1), h1, 4)[0].to(h1.dtype)
-    assert torch.equal(seq.transforms[1], T1)
-    assert torch.equal(seq[1], kmeans(h1 @ T1, 4, 16, iters=4, seed=1, backend="torch"))
+    T2 = attention_basis(attention_metric(fam, fam.attn_modules[2], h2), h2, 4)[0].to(h2.dtype)
+    assert torch.equal(seq.transforms[2], T2)
+    assert torch.equal(seq[2], kmeans(h2 @ T2, 4, 16, iters=4, seed=2, backend="torch"))

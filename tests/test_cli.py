@@ -41,6 +41,37 @@ def test_calibrate_then_info(tmp_path, capsys):
     assert "predictive" in capsys.readouterr().out
 
 
+class _Captured(Exception):
+    pass
+
+
+def test_calibrate_and_finetune_pass_their_options_on(tmp_path, monkeypatch):
+    """Issue 8's options were in the API only: the layer-wise world size and the k-means backend of calibrate, and
+    finetune's class-token mode and step count."""
+    seen = {}
+
+    def capture(name):
+        def fn(*args, **kwargs):
+            seen[name] = kwargs
+            raise _Captured()
+        return fn
+
+    monkeypatch.setattr(astra, "calibrate", capture("calibrate"))
+    with pytest.raises(_Captured):
+        main(["calibrate", "--model", "gpt2-random", "--groups", "8", "--codebook-size", "16", "--samples", "8",
+              "--world-size", "3", "--backend", "torch", "--out", str(tmp_path / "cb.safetensors")])
+    assert seen["calibrate"]["world_size"] == 3 and seen["calibrate"]["backend"] == "torch"
+    monkeypatch.undo()
+    cb = tmp_path / "cb.safetensors"
+    assert main(["calibrate", "--model", "gpt2-random", "--groups", "1", "--codebook-size", "16", "--samples", "8",
+                 "--max-length", "32", "--iters", "1", "--out", str(cb)]) == 0
+    monkeypatch.setattr(astra, "finetune", capture("finetune"))
+    with pytest.raises(_Captured):
+        main(["finetune", "--model", "gpt2-random", "--codebooks", str(cb), "--out", str(tmp_path / "t"),
+              "--samples", "8", "--held-out", "4", "--max-length", "32", "--steps", "3", "--class-token", "none"])
+    assert seen["finetune"]["steps"] == 3 and seen["finetune"]["class_token"] == "none"
+
+
 def test_bad_codebook_file_is_a_clean_error(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
@@ -234,6 +265,7 @@ BAD = [
     (["run", "--model", "gpt2-random", "--input", "/nonexistent.txt"], "--input: no such file"),
     (["info", "--codebooks", "/nonexistent.safetensors"], "--codebooks: no such file"),
     (["finetune", "--codebooks", "X", "--out", "D"], "--codebooks: no such file"),
+    (["calibrate", "--model", "gpt2-random", "--world-size", "1", "--out", "X"], "--world-size must be in 2..64"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--world-size", "1"], "--world-size must be in 2..64"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--world-size", "2,x"], "comma list of ints"),
     (["finetune", "--model", "gpt2-random", "--codebooks", "FILE", "--out", "D", "--train", "all"],

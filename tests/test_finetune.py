@@ -37,6 +37,25 @@ def test_training_path_equals_simulate_in_value(family, padded, n, cls):
     assert len(rt.commitment) == (n if n > 1 else 0)           # layer 1 of 2: every rank computes layer 0
 
 
+def test_simulate_is_differentiable_when_asked():
+    """The issue's contract: finetune trains through astra.simulate's semantics, which must be differentiable when
+    asked (the training runtime was reachable only through astra.training)."""
+    model = tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2", padded=True)
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16, seed=0, scale=0.5)
+    params = [torch.nn.Parameter(t.clone()) for t in cb.tensors]
+    plain = astra.simulate(model, inputs, world_size=2, codebooks=cb).logits
+    out = astra.simulate(model, inputs, world_size=2, codebooks=cb.with_tensors(params), differentiable=True).logits
+    assert out.requires_grad and not plain.requires_grad
+    rows = inputs["attention_mask"].bool()
+    torch.testing.assert_close(out.detach()[rows], plain[rows], rtol=1e-4, atol=1e-5)
+    out[:, -1].pow(2).sum().backward()              # the last token: its rank reads the earlier ranks' codes
+    assert params[1].grad is not None and params[1].grad.abs().sum() > 0
+    assert model.transformer.h[0].mlp.c_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="differentiable must be a bool"):
+        astra.simulate(model, inputs, world_size=2, differentiable="yes")
+
+
 def test_ste_gradients_reach_codebooks_and_sender_weights():
     model = tiny_model("bert")
     inputs = tiny_inputs("bert", padded=True)
@@ -358,6 +377,9 @@ def test_finetune_bad_inputs():
                        loss=lambda out, ref, b: out.last_hidden_state.sum() * float("nan"))
     with pytest.raises(TypeError, match=r"data\[1\] must be a non-empty dict"):
         astra.finetune(model, cb, [data[0], {}], world_size=2)
+    for bad in (lambda out, ref, b: out.last_hidden_state.pow(2).mean(-1), lambda out, ref, b: 0.5):
+        with pytest.raises(TypeError, match="loss.out, ref, batch. must return a scalar float tensor"):
+            astra.finetune(model, cb, data, world_size=2, progress=False, loss=bad)   # was: a bare RuntimeError
 
 
 

@@ -18,6 +18,7 @@ import time
 from typing import Dict, List, Optional
 
 from .bases import BASES
+from .calibrate import BACKENDS as CALIBRATE_BACKENDS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -204,12 +205,14 @@ def cmd_info(args) -> int:
 
 
 def _calibrate(model, tokenize, paras: List[str], *, groups: int, K: int, max_length: int, max_tokens: int,
-               iters: int, seed: int, basis: str = "auto", predict: bool = False):
+               iters: int, seed: int, basis: str = "auto", predict: bool = False, world_size=None,
+               backend: str = "auto"):
     import astra
 
     samples = [tokenize(paras[i: i + 8], max_length) for i in range(0, len(paras), 8)]
     return astra.calibrate(model, samples, groups=groups, codebook_size=K, iters=iters, seed=seed,
-                           max_tokens=max_tokens, basis=basis, predict=predict, progress=True)
+                           max_tokens=max_tokens, basis=basis, predict=predict, progress=True,
+                           world_size=world_size, backend=backend)
 
 
 def _demo_rank(rank, model_name, cb_path, texts, max_length, class_token):
@@ -262,7 +265,8 @@ def codebooks_for(args, model, tokenize, desc: str):
     t0 = time.perf_counter()
     cb = _calibrate(model, tokenize, calib, groups=args.groups, K=args.codebook_size, max_length=args.max_length,
                     max_tokens=args.max_tokens, iters=args.iters, seed=getattr(args, "seed", 0),
-                    basis=args.basis, predict=args.predict)
+                    basis=args.basis, predict=args.predict, world_size=getattr(args, "world_size_layerwise", None),
+                    backend=getattr(args, "backend", "auto"))
     print(f"  {cb} in {time.perf_counter() - t0:.1f}s", flush=True)
     return cb
 
@@ -489,6 +493,8 @@ def validate(args) -> None:
         check_codebook_args(args)
     if args.cmd == "calibrate":
         check_out_file("--out", args.out)
+        if args.world_size_layerwise is not None:
+            int_range("--world-size", args.world_size_layerwise, 2, 64)
     if args.cmd == "bench":
         from .bench import check_bench_args
 
@@ -581,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "saved as a safetensors file (`astra demo/run --codebooks FILE` reuse it).")
     _codebook_options(c, samples=400, max_tokens=20000, iters=10, reuse=False)
     c.add_argument("--seed", type=int, default=0, help="k-means seed")
+    c.add_argument("--world-size", dest="world_size_layerwise", type=int, default=None, metavar="N",
+                   help="layer-wise: fit layer l on what it quantizes in an N-rank simulation with layers < l already "
+                   "quantized (the distribution inference sees); default: the full-precision hidden states")
+    c.add_argument("--backend", choices=CALIBRATE_BACKENDS, default="auto",
+                   help="k-means: faiss, torch, or auto (faiss where installed, torch for groups under 8 dims)")
     c.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file (its directory must exist)")
     c.set_defaults(fn=cmd_calibrate)
 

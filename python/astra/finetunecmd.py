@@ -42,6 +42,10 @@ def add_finetune_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="texts per step (batched by length)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per input at most")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order, world sizes and NAQ noise")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: --epochs passes)")
+    p.add_argument("--class-token", choices=("auto", "distributed", "none"), default="auto",
+                   help="distributed: every rank holds a copy of the class token ([CLS]; ViT always), none: rank 0 "
+                   "holds it; auto: the model's default")
 
 
 def parse_world_sizes(text: str) -> List[int]:
@@ -76,7 +80,7 @@ def check_finetune_args(args) -> None:
     if args.train == "all" and local_model_dir(resolve_model_name(args.model)) is None:
         raise ValueError(f"--train all needs a model directory (with its tokenizer); {args.model} is random-init")
     for opt, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--held-out", args.held_out),
-                   ("--samples", args.samples)):
+                   ("--samples", args.samples)) + ((("--steps", args.steps),) if args.steps is not None else ()):
         int_range(opt, v, 1)
     for opt, v, zero_ok in (("--lr", args.lr, False), ("--model-lr", args.model_lr, False),
                             ("--beta", args.beta, True), ("--naq", args.naq, True)):
@@ -97,7 +101,7 @@ def batches(tokenize, texts: Sequence[str], size: int, max_length: int) -> List[
     return [tokenize(texts[i: i + size], max_length) for i in range(0, len(texts), size)]
 
 
-def held_out_loss(model, cb, data: List[Dict], refs: List, world_size: int) -> float:
+def held_out_loss(model, cb, data: List[Dict], refs: List, world_size: int, class_token="auto") -> float:
     """Mean distillation loss (:func:`astra.finetune.distill_loss`) of ``astra.simulate`` against ``refs``."""
     import torch
 
@@ -105,7 +109,8 @@ def held_out_loss(model, cb, data: List[Dict], refs: List, world_size: int) -> f
     from .finetune import distill_loss
 
     with torch.no_grad():
-        losses = [float(distill_loss(astra.simulate(model, b, world_size=world_size, codebooks=cb), r, b))
+        losses = [float(distill_loss(astra.simulate(model, b, world_size=world_size, codebooks=cb,
+                                                     class_token=class_token), r, b))
                   for b, r in zip(data, refs)]
     return sum(losses) / len(losses)
 
@@ -137,7 +142,7 @@ def cmd_finetune(args) -> int:
           f"({len(train)} batches), {len(args.held_out_texts)} held out", flush=True)
     with torch.no_grad():
         refs = [model(**b) for b in test]
-    before = {n: held_out_loss(model, cb, test, refs, n) for n in args.world_sizes}
+    before = {n: held_out_loss(model, cb, test, refs, n, args.class_token) for n in args.world_sizes}
     opts = {k: v for k, v in (("lr", args.lr), ("model_lr", args.model_lr), ("beta", args.beta), ("naq", args.naq))
             if v is not None}
     ws = args.world_sizes[0] if len(args.world_sizes) == 1 else args.world_sizes
@@ -145,13 +150,13 @@ def cmd_finetune(args) -> int:
           + "".join(f", {k}={v:g}" for k, v in opts.items()) + ") ...", flush=True)
     t0 = time.perf_counter()
     res = astra.finetune(model, cb, train, world_size=ws, train=args.train, epochs=args.epochs, seed=args.seed,
-                         output_dir=args.out, **opts)
+                         steps=args.steps, class_token=args.class_token, output_dir=args.out, **opts)
     print(f"  {len(res.losses)} steps in {time.perf_counter() - t0:.1f}s")
     if args.train == "all":
         save_tokenizer(args.model, args.out)
     print("held-out distillation loss (astra.simulate vs the unmodified model), before -> after:")
     for n in args.world_sizes:
-        after = held_out_loss(model, res.codebooks, test, refs, n)      # refs: the model before training
+        after = held_out_loss(model, res.codebooks, test, refs, n, args.class_token)   # refs: the model before training
         print(f"  world size {n}: {before[n]:.5g} -> {after:.5g} ({100 * (after / before[n] - 1):+.1f} %)")
     path = os.path.join(args.out, CODEBOOKS_FILE)
     model_opt = f"--model {args.out}" if args.train == "all" else f"--model {args.model}"

@@ -142,6 +142,10 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
             torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            # every rank's mesh connected before any fn runs: a rank whose fn failed at once closed its connections
+            # while a slower rank was still connecting, and that rank failed in gloo's connectFullMesh
+            dist.barrier()
         try:
             result = call(rank, *args, **kwargs)
         finally:

@@ -135,25 +135,35 @@ class SimRuntime(RuntimeBase):
 
 
 def simulate(model, inputs: Dict[str, Any], *, world_size: int, codebooks=None, class_token="auto",
-             split: str = DEFAULT_SPLIT):
+             split: str = DEFAULT_SPLIT, differentiable: bool = False):
     """Compute, in one process, exactly what ``world_size`` ASTRA ranks compute; return ``model(**inputs)``'s
     output type for the whole sequence.
 
     ``codebooks=None`` is full-precision sequence parallelism (equals the unmodified model).
     ``class_token``: ``"auto"`` (distributed for ViT, single for BERT), ``"distributed"`` or ``"none"``.
     ``split``: the token split (:data:`astra.split.SPLITS`); must be :func:`astra.parallelize`'s to match it.
+    ``differentiable``: run with autograd (:func:`astra.finetune`'s runtime, the same values): gradients reach the
+    model's weights and codebook tensors that require grad, through a straight-through estimator where non-local
+    tokens are quantized (to the sender's hidden state) and the codeword lookup (to the codebooks).
     """
     out, _ = simulate_with_context(model, inputs, world_size=world_size, codebooks=codebooks,
-                                   class_token=class_token, split=split)
+                                   class_token=class_token, split=split, differentiable=differentiable)
     return out
 
 
 def simulate_with_context(model, inputs, *, world_size, codebooks=None, class_token="auto", capture=False,
-                          split=DEFAULT_SPLIT):
+                          split=DEFAULT_SPLIT, differentiable: bool = False):
     """``simulate``'s output and the forward's :class:`~astra.context.Ctx` (with ``capture``: every layer's K/V
     as the last rank sees them, for generation)."""
     cb = as_codebooks(codebooks, model)
-    rt = SimRuntime(model, cb, world_size, class_token, split)
+    if not isinstance(differentiable, bool):
+        raise ValueError(f"differentiable must be a bool, got {differentiable!r}")
+    if differentiable:
+        from .training import TrainSimRuntime  # it builds on this module's SimRuntime
+
+        rt = TrainSimRuntime(model, cb, world_size, class_token, split=split)
+    else:
+        rt = SimRuntime(model, cb, world_size, class_token, split)
     rt.install()
     try:
         return rt.run(inputs, capture=capture)

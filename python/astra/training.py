@@ -27,7 +27,7 @@ import astra_kernels as ak
 from astra_kernels.checks import is_finite_real
 from .models import family_of
 from .simulation import SimRuntime
-from .split import resolve_class_token
+from .split import DEFAULT_SPLIT, resolve_class_token
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
@@ -66,9 +66,9 @@ class TrainSimRuntime(SimRuntime):
 
     def __init__(self, model, codebooks, world_size: int, class_token="auto", *, naq: float = 0.0,
                  generator: Optional[torch.Generator] = None, quantize_layers: Optional[int] = None,
-                 record_layer: Optional[int] = None):
+                 record_layer: Optional[int] = None, split: str = DEFAULT_SPLIT):
         single_vit = single_required_class_token(family_of(model), class_token)
-        super().__init__(model, codebooks, world_size, "auto" if single_vit else class_token)
+        super().__init__(model, codebooks, world_size, "auto" if single_vit else class_token, split)
         if single_vit:
             self.cls = False            # ablation: the class token is rank 0's token like any other
         if not is_finite_real(naq, positive=False):
