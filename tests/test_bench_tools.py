@@ -60,11 +60,13 @@ def _res(times, frame=10_000, sent=9_000, wait=0.01, coll=12):
 
 
 def test_emulated_row_charges_every_run_the_transfer_time():
+    """Every byte and collective of the forward: the layers' frames and the input agreement's and end-of-forward
+    status all-gathers (sync_bytes per rank; syncs collectives), which the link charged nothing for before."""
     cfg = BenchConfig(repeats=3, delay_ms=2.0, link="emulated")
-    base = make_row("gpt2", "astra-g1", _res([1.0, 1.2, 1.1]), cfg, None, "emulated")
-    assert base["link_bytes"] == 20_000 and base["median_s"] == pytest.approx(1.1)
+    base = make_row("gpt2", "astra-g1", dict(_res([1.0, 1.2, 1.1]), sync_bytes=532, syncs=14), cfg, None, "emulated")
+    assert base["link_bytes"] == 2 * (10_000 + 532) and base["median_s"] == pytest.approx(1.1)
     row = emulated_row(base, 10.0, cfg)
-    extra = 20_000 * 8 / 10e6 + 12 * 0.002
+    extra = 2 * (10_000 + 532) * 8 / 10e6 + 14 * 0.002
     assert row["times"] == pytest.approx([1.0 + extra, 1.2 + extra, 1.1 + extra])
     assert (row["median_s"], row["min_s"], row["max_s"]) == pytest.approx((1.1 + extra, 1.0 + extra, 1.2 + extra))
     assert row["link"] == "emulated 10 Mbit/s (delay 2 ms)" and row["link_kind"] == "emulated"
@@ -269,6 +271,29 @@ def test_writers_produce_csv_json_markdown_and_png(tmp_path):
     assert "(slow: ran once)" in md and "| gpt2 | real tbf 10 Mbit/s | ASTRA G=1 | 1.600 [1.440, 1.760] |" in md
 
 
+def test_the_plot_title_fits_a_single_panel(tmp_path, monkeypatch):
+    """With one model the figure is one 5.5-inch panel wide, and its one-line title was clipped at both ends (the
+    link's name, which every plot title must carry, was cut off)."""
+    from matplotlib.figure import Figure
+
+    seen = {}
+    real = Figure.savefig
+
+    def check(self, *args, **kwargs):
+        box = self._suptitle.get_window_extent(self.canvas.get_renderer())
+        seen.update(inside=box.x0 >= 0 and box.x1 <= self.bbox.x1, text=self._suptitle.get_text())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", check)
+    cfg = BenchConfig(repeats=3)
+    rows = [make_row("gpt2", "astra-g1", _res([t, t, t]), cfg, rate, "emulated") for rate, t in ((None, 1.0),
+                                                                                                 (10.0, 1.5))]
+    title = ("emulated link (bytes x 8 / rate charged on the unshaped runs); random-init gpt2; 2 ranks x 1 thread; "
+             "T = 1024 tokens; 12 layers; median of 5 runs")
+    write_all(rows, {"title": title, "link": "emulated"}, str(tmp_path), "bench")
+    assert seen["inside"] and seen["text"].startswith("emulated link"), seen
+
+
 def test_speedups_are_relative_to_the_same_model_single_device():
     rows = add_speedups([{"model": "a", "system": "single", "median_s": 2.0},
                          {"model": "a", "system": "x", "median_s": 0.5},
@@ -370,6 +395,17 @@ def test_predict_report_fits_at_n2_and_scores_only_held_out_points(tmp_path):
     assert len(held) == 45 and not any(r["world"] == 2 and r["rate_mbit"] in (None, 10.0, 100.0) for r in held)
     assert data["meta"]["worst_abs_error_pct"] < 4.0 and data["meta"]["fit_rates"] == [10.0, 100.0]
     assert "worst |error|" in open(paths["predict_md"]).read()
+    # the emulated link charges bytes * 8 / rate exactly: the model has no token bucket there (it kept tc's)
+    import astra.bench.predict as predict
+
+    buckets = []
+    real_fit = predict.fit
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predict, "fit", lambda *a, **k: buckets.append(k.get("burst_bytes")) or real_fit(*a, **k))
+        for link in ("real", "emulated"):
+            report(BenchConfig(world=2, link=link, extra={"fit": [10.0, 100.0]}), n2,
+                   [r for r in rows if r["world"] != 2], str(tmp_path), "p-" + link)
+    assert buckets == [None, 0.0]
 
 
 def test_the_ceiling_times_its_probe_on_every_rank():

@@ -249,7 +249,10 @@ BAD = [
     (["bench", "--models", "gpt2,gpt2", "--out-dir", "."], "--models lists gpt2 more than once"),
     (["bench", "--delay", "nan", "--link", "emulated", "--out-dir", "."], "--delay finite and >= 0"),
     (["bench", "--timeout", "inf", "--out-dir", "."], "--timeout: timeout must be a finite number"),
-    (["bench", "--predict", "--world-size", "4", "--out-dir", "."], "other than --world-size 4 (measured anyway)"),
+    (["bench", "--predict", "--world-size", "2", "--predict-worlds", "2,4", "--out-dir", "."],
+     "other than --world-size 2 (measured anyway)"),
+    (["bench", "--predict", "--world-size", "4", "--predict-worlds", "2", "--out-dir", "."],   # was read as N = 2
+     "--predict fits the cost model at --world-size 2, got --world-size 4"),
     (["bench", "--predict", "--predict-worlds", "2.5", "--out-dir", "."], "got 2.5"),
     (["bench", "--predict", "--predict-worlds", "", "--out-dir", "."], "--predict-worlds is empty"),
     (["bench", "--predict", "--fit-rates", "10,20", "--rates", "10,100", "--out-dir", "."],

@@ -22,14 +22,19 @@ def _profiled_rank(rank):
     out = pm(**inputs)["last_hidden_state"]
     wall = time.perf_counter() - t0
     b = pm.breakdown
+    try:                            # a forward that does not finish leaves no breakdown (it kept the last one's)
+        pm(**dict(inputs, input_ids=inputs["input_ids"] + 10_000))
+    except astra.InvalidInputError:
+        pass
+    stale = pm.breakdown
     pm.unpatch()
-    return {"same": torch.equal(out, ref), "none": none, "b": b.to_dict(), "wall": wall}
+    return {"same": torch.equal(out, ref), "none": none, "b": b.to_dict(), "wall": wall, "stale": stale}
 
 
 def test_breakdown_tiles_the_forward_and_changes_nothing():
     res = astra.launch(_profiled_rank, 2, timeout=60.0)
     for r in res:
-        assert r["same"] and r["none"] is None
+        assert r["same"] and r["none"] is None and r["stale"] is None
         b = Breakdown.from_dict(r["b"])
         assert len(b.layers) == 2 and all(set(row) == set(PHASES) for row in b.layers)
         assert set(b.outside) == set(OUTSIDE)

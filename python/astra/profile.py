@@ -79,6 +79,7 @@ class Profiler:
         return time.perf_counter()
 
     def start(self) -> None:
+        self.last = None            # a forward that does not finish (a fallback, an error) leaves no breakdown
         self._rows = [[0.0] * len(PHASES) for _ in range(self.num_layers)]
         self._outside = [0.0] * len(OUTSIDE)
         self._t0 = self._t = self._now()

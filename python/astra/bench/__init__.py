@@ -153,6 +153,9 @@ def _predict_args(args, rates: List[float]):
     worlds, fit = _floats("--predict-worlds", args.predict_worlds), _floats("--fit-rates", args.fit_rates)
     if not args.predict:
         return [int(w) for w in worlds if w == int(w)], fit
+    if args.world_size != 2:
+        # the cost model's per-N formulas are fitted on N = 2 measurements (astra.costmodel)
+        raise ValueError(f"--predict fits the cost model at --world-size 2, got --world-size {args.world_size}")
     bad = [w for w in worlds if w != int(w) or w < 2 or args.tokens % int(w) or w == args.world_size]
     if bad:
         raise ValueError(f"--predict-worlds must be whole numbers >= 2 that divide --tokens {args.tokens}, other "

@@ -6,7 +6,9 @@ import sys
 import time
 from typing import Callable, Dict, List
 
+from ..agreement import FINGERPRINT_NBYTES
 from ..cli import quiet_transformers
+from ..transport import ENVELOPE_NBYTES
 
 #: the systems, in the order they are run and shown (key -> label)
 SYSTEMS = {
@@ -59,6 +61,11 @@ def timed(fn: Callable[[], object], runs: int, warmup: bool, barrier: Callable[[
     return times
 
 
+#: what a rank sends per forward besides its layers' frames: the input agreement's fingerprint and the
+#: end-of-forward status envelope (one all-gather each)
+SYNC_BYTES_PER_RANK = FINGERPRINT_NBYTES + ENVELOPE_NBYTES
+
+
 def _forward_stats(stats) -> Dict[str, float]:
     return {"bytes_sent": sum(s.bytes_sent for s in stats), "frame_bytes": sum(s.bytes_on_wire for s in stats),
             "wait_s": sum(s.wait_s for s in stats), "collectives": sum(1 for s in stats if s.bytes_on_wire)}
@@ -73,7 +80,8 @@ def _run_sp(rank, job, key, model, inputs, barrier) -> Dict:
     try:
         runs, warm = job["plan"][key]
         times = timed(lambda: pm(**inputs), runs, warm, barrier, job["label"] + SYSTEMS[key] if rank == 0 else "")
-        res = {"times": times, **_forward_stats(pm.stats), "split_costs": pm.split_costs, "syncs": pm.exchanges}
+        res = {"times": times, **_forward_stats(pm.stats), "split_costs": pm.split_costs, "syncs": pm.exchanges,
+               "sync_bytes": SYNC_BYTES_PER_RANK}
         n = probe_tokens(job["tokens"], job["world"])
         if job.get("probe") and n and job["model"] != "vit":   # ViT's smaller image needs other position embeddings
             # the same system on 1/PROBE_SHARE of the tokens (astra.costmodel.own_unit_costs)

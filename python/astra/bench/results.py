@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import textwrap
 from typing import Dict, List, Optional
 
 #: CSV columns, in order. ``bytes_sent_per_rank``: the payload a rank contributes to a forward's exchanges (its own
@@ -68,7 +69,7 @@ def plot(rows: List[Dict], path: str, title: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     rates = sorted({r["rate_mbit"] for r in rows if r["rate_mbit"] is not None})
@@ -97,12 +98,15 @@ def plot(rows: List[Dict], path: str, title: str) -> str:
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.set_xticks(rates + [x_unshaped], [f"{r:g}" for r in rates] + ["unshaped"])
+        ax.xaxis.set_minor_formatter(NullFormatter())      # log-axis minor labels ("2x10^1") beside the rates
         ax.set_xlabel("link bandwidth (Mbit/s)")
         ax.set_ylabel("prefill latency (s), median [min, max]")
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title + "; ringed points: slow, ran once", fontsize=9)
+    # wrapped to the figure's width: one model's panel clipped the title, and with it the link's name
+    fig.suptitle(textwrap.fill(title + "; ringed points: slow, ran once", width=int(15 * 5.5 * len(models))),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -75,7 +75,7 @@ def _systems_for(name: str, cfg: BenchConfig, unshaped: bool, world: int) -> Lis
 def estimate_s(row_unshaped: Dict, rate: Optional[float], delay_ms: float = 0.0) -> float:
     """A forward's latency over a link of ``rate`` from its unshaped median and the bytes it puts on the link."""
     return row_unshaped["median_s"] + transfer_time(row_unshaped["link_bytes"], rate,
-                                                    collectives=row_unshaped["collectives"], delay_ms=delay_ms)
+                                                    collectives=row_unshaped["syncs"], delay_ms=delay_ms)
 
 
 def plan_systems(name: str, cfg: BenchConfig, rate, unshaped_rows: Dict, world: int) -> Dict[str, list]:
@@ -114,8 +114,8 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
     times = res["times"]
     if key == "hf-tp":
         link_b = link_bytes_allreduce(res["frame_bytes"], world)
-    else:
-        link_b = link_bytes_allgather(res["frame_bytes"], world)
+    else:       # the layers' frames and the forward's agreement and status all-gathers
+        link_b = link_bytes_allgather(res["frame_bytes"] + res.get("sync_bytes", 0), world)
     med = statistics.median(times)
     return {"model": name, "system": key, "label": SYSTEMS[key], "world": world, "tokens": cfg.tokens,
             "layers": cfg.layers, "link": link_name(kind, rate, cfg.loss, cfg.delay_ms), "link_kind": kind,
@@ -136,7 +136,8 @@ def make_row(name: str, key: str, res: Dict, cfg: BenchConfig, rate: Optional[fl
 def emulated_row(base: Dict, rate: float, cfg: BenchConfig) -> Dict:
     """The row of ``base`` (measured unshaped) over the emulated link of ``rate``: every run is charged the
     transfer time of the forward's link bytes (:func:`astra.netlink.transfer_time`)."""
-    extra = transfer_time(base["link_bytes"], rate, collectives=base["collectives"], delay_ms=cfg.delay_ms)
+    # every collective of the forward waits the link's delay (the agreement and status all-gathers too: syncs)
+    extra = transfer_time(base["link_bytes"], rate, collectives=base["syncs"], delay_ms=cfg.delay_ms)
     times = [t + extra for t in base["times"]]
     return dict(base, link=link_name("emulated", rate, cfg.loss, cfg.delay_ms), link_kind="emulated",
                 rate_mbit=rate, times=times, median_s=statistics.median(times), min_s=min(times), max_s=max(times))
