@@ -114,9 +114,12 @@ def _profiled(job, key, cb, model, inputs, barrier) -> Dict:
 
 
 def tp_allreduces_per_forward(model) -> int:
-    """All-reduces in one TP forward: one per row-wise sharded linear of every layer (HF ``tp_plan``)."""
-    plan = getattr(model.config, "base_model_tp_plan", None) or {}
-    return sum(1 for v in plan.values() if str(v).startswith("rowwise")) * model.config.num_hidden_layers
+    """All-reduces in one TP forward: one per row-wise sharded module of the plan the model was loaded with (HF's
+    ``model.tp_plan``, else its config's): every layer's row-wise linears, and a row-wise (vocab-parallel) embedding
+    once, which the config's plan does not list (transformers 5 adds it)."""
+    plan = getattr(model, "tp_plan", None) or getattr(model.config, "base_model_tp_plan", None) or {}
+    layers = model.config.num_hidden_layers
+    return sum(layers if "*" in key else 1 for key, v in plan.items() if "rowwise" in str(v))
 
 
 def _run_tp(rank, job, inputs, barrier) -> Dict:
