@@ -146,15 +146,19 @@ def test_feed_forward_chunking_runs_on_any_chunk_length(family):
     assert chunks == {4}
 
 
+def _logits_off(model, inputs, world_size) -> float:
+    """Largest |simulate - model| of the logits (full precision)."""
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    return float((astra.simulate(model, inputs, world_size=world_size).logits - ref).abs().max())
+
+
 def test_sliding_window_is_refused_beyond_the_window():
     mistral = tiny_model("mistral", sliding_window=8)
     inputs = tiny_inputs("mistral", seq=11)
     with pytest.raises(astra.UnsupportedModelError, match="sliding window of 8"):
         astra.simulate(mistral, inputs, world_size=2)
-    short = tiny_inputs("mistral", seq=8)
-    with torch.no_grad():
-        ref = mistral(**short).logits
-    assert float((astra.simulate(mistral, short, world_size=2).logits - ref).abs().max()) < TOL
+    assert _logits_off(mistral, tiny_inputs("mistral", seq=8), 2) < TOL
     qwen = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
     with pytest.raises(astra.UnsupportedModelError, match="sliding-window attention"):
         astra.simulate(qwen, tiny_inputs("qwen2", seq=11), world_size=2)
@@ -172,9 +176,7 @@ def test_length_dependent_rope_is_exact_within_its_original_length_and_refused_b
                        hidden_size=64, num_attention_heads=4)
     assert family_of(model).rope_scaled_beyond() == (rope_type, 10)
     ok = tiny_inputs("llama", seq=10)
-    with torch.no_grad():
-        ref = model(**ok).logits
-    assert float((astra.simulate(model, ok, world_size=3).logits - ref).abs().max()) < TOL
+    assert _logits_off(model, ok, 3) < TOL
     with pytest.raises(astra.UnsupportedModelError, match=f"spans 11 positions, more than the 10 beyond which llama's "
                                                           f"'{rope_type}' rotary embedding changes its frequencies"):
         astra.simulate(model, tiny_inputs("llama", seq=11), world_size=3)
@@ -191,10 +193,7 @@ def test_length_dependent_rope_is_exact_within_its_original_length_and_refused_b
         assert family_of(model).rope_scaled_beyond() == ("dynamic", 9)
         with pytest.raises(astra.UnsupportedModelError, match="spans 10 positions, more than the 9"):
             astra.simulate(model, ok, world_size=3)
-        short = tiny_inputs("llama", seq=9)
-        with torch.no_grad():
-            ref = model(**short).logits
-        assert float((astra.simulate(model, short, world_size=3).logits - ref).abs().max()) < TOL
+        assert _logits_off(model, tiny_inputs("llama", seq=9), 3) < TOL
 
 
 @pytest.mark.parametrize("flag,value", [("output_hidden_states", True), ("output_attentions", True),
