@@ -106,8 +106,10 @@ def attention_segments(q: torch.Tensor, segments: Sequence[Segment], *, q_pos: O
     (count keys are seen by every query). ``scale`` defaults to ``1/sqrt(Dh)``. ``validate``: value
     checks that need a device sync (finiteness, code and RoPE ranges).
 
-    Returns ``out [B, Hq, Tl, Dh]`` in q's dtype, or ``(out, lse [B, Hq, Tl] float32)`` (float64 for a float64
-    q) with ``return_lse``. A query with no visible key gets ``out = 0``, ``lse = -inf``.
+    Returns ``out [B, Hq, Tl, Dh]`` in q's dtype, or with ``return_lse`` a partial result for
+    :func:`merge_attention`: ``(out, lse [B, Hq, Tl])``, both float32 (float64 for a float64 q; a half-precision
+    q's ``out`` too, so that the merged output is rounded to q's dtype once, as one pass over all keys is). A query
+    with no visible key gets ``out = 0``, ``lse = -inf``.
     """
     check_float("q", q, 4)
     qp = positions("q_pos", q_pos, q.shape[0], q.shape[2], 0, q.device)
@@ -125,16 +127,18 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
         for seg in check:
             seg.check_values()
     segs = _visible(qs, segments)
+    out_dtype = _lse_dtype(q) if return_lse else q.dtype     # a partial result is rounded once, after its merge
     if qs.Tl == 0 or qs.B == 0 or qs.Hq == 0:
-        out = q.new_zeros(q.shape)
+        out = q.new_zeros(q.shape, dtype=out_dtype)
         lse = torch.full((qs.B, qs.Hq, qs.Tl), _NEG_INF, dtype=_lse_dtype(q), device=q.device)
     elif be == "triton":
         from .triton.attention_kernels import attention_triton
 
-        out, lse = attention_triton(qs.q, qs.q_pos, segs, causal=qs.causal, scale=qs.scale)
-        lse = lse.to(_lse_dtype(q))         # the kernel's is float32
+        out = torch.empty(q.shape, dtype=out_dtype if out_dtype != torch.float64 else q.dtype, device=q.device)
+        out, lse = attention_triton(qs.q, qs.q_pos, segs, causal=qs.causal, scale=qs.scale, out=out)
+        out, lse = out.to(out_dtype), lse.to(_lse_dtype(q))         # the kernel's lse is float32
     else:
-        out, lse = _attention_torch(qs, segs)
+        out, lse = _attention_torch(qs, segs, out_dtype)
     if check is not None or lse.device.type == "cpu":     # a sync on a device: only with validate
         _check_lse(lse)
     return (out, lse) if return_lse else out
@@ -227,8 +231,7 @@ def attention_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pos:
 
     ``q [B, Hq, Tl, Dh]``, ``k, v [B, Hkv, Tl, Dh]`` in q's dtype (RoPE applied), ``Hq % Hkv == 0``;
     ``q_pos [Tl]`` / ``[B, Tl]`` (default ``arange(Tl)``); ``local_mask [B, Tl]`` bool, True = attend.
-    Returns ``out [B, Hq, Tl, Dh]`` or ``(out, lse [B, Hq, Tl] float32)`` (float64 for a float64 q); no visible
-    key: 0 / -inf.
+    Returns ``out [B, Hq, Tl, Dh]`` or ``(out, lse)`` (:func:`attention_segments`' dtypes); no visible key: 0 / -inf.
     """
     qp, _, local = _common(q, k, v, q_pos, local_mask, 0, None, None)
     return _attend(q, qp, local, causal, scale, return_lse, backend, local if validate else None)
@@ -493,7 +496,8 @@ def _valid_bias(valid: torch.Tensor, ct) -> torch.Tensor:
     return torch.zeros(valid.shape, dtype=ct, device=valid.device).masked_fill_(~valid, _NEG_INF)
 
 
-def _attention_torch(qs: Queries, segments: Sequence[Segment]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_torch(qs: Queries, segments: Sequence[Segment], out_dtype: torch.dtype
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """CPU path: one attention per key segment, each through torch's fused CPU flash-attention kernel
     (which returns the log-sum-exp), merged by lse. No concatenation of keys, and the local segment
     usually runs with no mask at all."""
@@ -510,9 +514,9 @@ def _attention_torch(qs: Queries, segments: Sequence[Segment]) -> Tuple[torch.Te
         else:
             acc_o, acc_l = merge_attention(acc_o, acc_l, o, l)
     if acc_o is None:
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.zeros(q.shape, dtype=out_dtype, device=q.device)
         return out, torch.full(q.shape[:3], _NEG_INF, dtype=ct, device=q.device)
-    return acc_o.to(q.dtype), acc_l.to(ct)       # a float64 lse keeps a later merge of float64 outputs exact
+    return acc_o.to(out_dtype), acc_l.to(ct)       # a float64 lse keeps a later merge of float64 outputs exact
 
 
 _FLASH_FAILED: set = set()  # dtypes for which this torch build's CPU flash kernel raised

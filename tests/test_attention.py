@@ -84,8 +84,8 @@ def check(out, lse, ref_out, ref_lse, dtype=torch.float32):
         rtol, atol = 1e-10, 1e-10 * scale
     else:
         rtol, atol = 2e-2, 1e-2 * scale
-    assert out.dtype == dtype
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    partial = torch.float64 if dtype == torch.float64 else torch.float32    # with return_lse: rounded after merging
+    assert out.dtype == partial and lse.dtype == partial
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "all-masked rows differ"
     fin = torch.isfinite(ref_lse)
     assert_matches_reference(out, ref_out, rtol=rtol, atol=atol, name="out")
@@ -132,6 +132,8 @@ def test_cpu_dtypes(dtype):
         out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
         ro, rl = reference(q, k, v, **kw)
         check(out, lse, ro, rl, dtype=dtype)
+        alone = mixed_attention(q, k, v, **kw)                 # no lse: the output in q's dtype, rounded once
+        assert alone.dtype == dtype and torch.equal(alone, out.to(dtype))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -226,8 +226,8 @@ def attention_triton(q: torch.Tensor, q_pos: torch.Tensor, segments: Sequence[Se
     a common kv head count (see ``astra_kernels.segments``). One launch takes at most one segment per
     slot (local tokens at the query positions; one per-token or table segment; one count segment that
     shares the table segment's tables); more segments mean more launches, merged by log-sum-exp.
-    ``out`` ([B, Hq, Tl, Dh], q's dtype) / ``lse`` ([B, Hq, Tl] float32, contiguous) may be given
-    (tests pass poisoned buffers)."""
+    ``out`` ([B, Hq, Tl, Dh], q's dtype or float32: a partial result rounded once after its merge) / ``lse``
+    ([B, Hq, Tl] float32, contiguous) may be given (tests pass poisoned buffers)."""
     B, Hq, Tl, Dh = q.shape
     if triton.next_power_of_2(Dh) > 256:
         raise ValueError(f"backend='triton' supports head_dim up to 256, got {Dh}")
@@ -237,8 +237,8 @@ def attention_triton(q: torch.Tensor, q_pos: torch.Tensor, segments: Sequence[Se
         out = torch.empty(B, Hq, Tl, Dh, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(B, Hq, Tl, dtype=torch.float32, device=q.device)
-    if tuple(out.shape) != (B, Hq, Tl, Dh) or out.dtype != q.dtype:
-        raise ValueError(f"out must be [{B}, {Hq}, {Tl}, {Dh}] {q.dtype}")
+    if tuple(out.shape) != (B, Hq, Tl, Dh) or out.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"out must be [{B}, {Hq}, {Tl}, {Dh}] {q.dtype} or float32")
     if tuple(lse.shape) != (B, Hq, Tl) or lse.dtype != torch.float32 or not lse.is_contiguous():
         raise ValueError(f"lse must be a contiguous float32 [{B}, {Hq}, {Tl}] tensor")
     for name, pos in [("q_pos", q_pos)] + [("kv_pos", s.pos) for s in segments if hasattr(s, "pos")]:

@@ -228,12 +228,10 @@ class DistRuntime(RuntimeBase):
                 ctx.capture[layer] = (k, v)
             return o, None
         local_part = None
-        # the two passes of an overlap return their partial outputs in q's dtype: a half-precision q runs them in
-        # float32 (what the kernels compute in anyway), so the merged output is rounded once, as the single pass's
-        wq = q.float() if self.overlap and q.dtype in (torch.float16, torch.bfloat16) else q
         if self.overlap:
-            # local attention while the codes are in flight; merged with the non-local part by log-sum-exp
-            local_part = ak.attention_local(wq, k.to(wq.dtype), v.to(wq.dtype), return_lse=True, **common)
+            # local attention while the codes are in flight; merged with the non-local part by log-sum-exp (both
+            # partial outputs float32: the merged one is rounded to q's dtype once, as the single pass's is)
+            local_part = ak.attention_local(q, k, v, return_lse=True, **common)
             if prof is not None:
                 prof.mark(layer, prof_.LOCAL_ATTN)
         parts = None if pend is None else pend.wait()
@@ -244,11 +242,11 @@ class DistRuntime(RuntimeBase):
         k_hat, v_hat, table_codes = self._nonlocal_kv(layer, module, parts, q)
         if table_codes is not None:
             kt, vt = self.tables[layer]
-            cos, sin = self._rope_table(wq.dtype) if fam.rope else (None, None)
-            res = ak.attention_table(wq, lk, lv, table_codes[..., 0], kt.to(wq.dtype), vt.to(wq.dtype),
-                                     rope_cos=cos, rope_sin=sin, **nonlocal_kw)
+            cos, sin = self._rope_table(q.dtype) if fam.rope else (None, None)
+            res = ak.attention_table(q, lk, lv, table_codes[..., 0], kt, vt, rope_cos=cos, rope_sin=sin,
+                                     **nonlocal_kw)
         else:
-            res = ak.attention_per_token(wq, lk, lv, k_hat.to(wq.dtype), v_hat.to(wq.dtype), **nonlocal_kw)
+            res = ak.attention_per_token(q, lk, lv, k_hat, v_hat, **nonlocal_kw)
         o = res if local_part is None else ak.merge_attention(local_part[0], local_part[1], *res)[0]
         if ctx.capture is not None:
             K = k.new_empty(k.shape[0], k.shape[1], ctx.T, k.shape[3])
