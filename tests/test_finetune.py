@@ -1,5 +1,6 @@
 """astra.finetune and the differentiable simulation behind it (astra.training)."""
 import copy
+import math
 import sys
 
 import pytest
@@ -54,6 +55,22 @@ def test_simulate_is_differentiable_when_asked():
     assert model.transformer.h[0].mlp.c_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="differentiable must be a bool"):
         astra.simulate(model, inputs, world_size=2, differentiable="yes")
+    vit = tiny_model("vit")         # refused as without autograd (finetune's single-class-token ablation is not)
+    with pytest.raises(astra.UnsupportedModelError, match="always uses distributed class tokens"):
+        astra.simulate(vit, tiny_inputs("vit"), world_size=2, class_token="none", differentiable=True)
+
+
+def test_training_runs_under_autocast_where_inference_is_refused():
+    """The autocast refusal sat in the input checks, so finetune (whose attention is torch's, and which trained under
+    autocast before) was refused too; it belongs to the inference runtimes only."""
+    model = tiny_model("llama")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16, seed=0, scale=0.5)
+    data = [tiny_inputs("llama", padded=True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = astra.finetune(model, cb, data, world_size=2, progress=False, steps=1)
+        with pytest.raises(astra.UnsupportedModelError, match="torch.autocast"):
+            astra.simulate(model, data[0], world_size=2, codebooks=cb)
+    assert len(res.losses) == 1 and math.isfinite(res.losses[0])
 
 
 def test_ste_gradients_reach_codebooks_and_sender_weights():
@@ -378,8 +395,11 @@ def test_finetune_bad_inputs():
     with pytest.raises(TypeError, match=r"data\[1\] must be a non-empty dict"):
         astra.finetune(model, cb, [data[0], {}], world_size=2)
     for bad in (lambda out, ref, b: out.last_hidden_state.pow(2).mean(-1), lambda out, ref, b: 0.5):
-        with pytest.raises(TypeError, match="loss.out, ref, batch. must return a scalar float tensor"):
+        with pytest.raises(ValueError, match="loss.out, ref, batch. must return a scalar float tensor"):
             astra.finetune(model, cb, data, world_size=2, progress=False, loss=bad)   # was: a bare RuntimeError
+    one = astra.finetune(model, cb, data, world_size=2, progress=False, steps=1,       # [1]: backward takes it
+                         loss=lambda out, ref, b: out.last_hidden_state.pow(2).mean().reshape(1))
+    assert len(one.losses) == 1
 
 
 

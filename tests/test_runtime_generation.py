@@ -143,6 +143,23 @@ def test_a_callers_generation_config_is_filled_from_the_models_as_hf_fills_it():
         setattr(model.generation_config, field, None)
 
 
+def test_hf_gets_the_callers_config_not_the_resolved_one():
+    """astra resolves the config for its checks; handing the resolved one (max_length=20 filled in) back to HF's
+    generate made it warn on every call that both max_new_tokens and max_length were set."""
+    model = gen_model("gpt2")
+    ids = tiny_inputs("gpt2", seq=10)["input_ids"]
+    ref = model.generate(ids, max_new_tokens=4, attention_mask=torch.ones_like(ids))
+    seen, real = {}, model.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    model.generate = spy
+    got = astra.simulate_generate(model, ids, world_size=2, max_new_tokens=4, attention_mask=torch.ones_like(ids))
+    assert seen["generation_config"] is None and seen["max_new_tokens"] == 4 and torch.equal(got, ref)
+
+
 def test_beams_of_several_prompts_continue_from_their_own_rows():
     """The prefill's cache is expanded row by row (repeat_interleave, as HF expands the prompt): with 3 prompts and
     2 beams a tiled cache gave beams other prompts' K/V; the batch-2 beam case above could not see it."""

@@ -105,3 +105,24 @@ def test_ruff_clean():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _extras():
+    """pyproject.toml's optional dependencies: extra -> {distribution name: its requirement}."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {name: {re.split(r"[<>=!~ ]", r, maxsplit=1)[0].lower(): r for r in reqs} for name, reqs in extras.items()}
+
+
+def test_optional_package_facts_agree_with_pyproject():
+    """The CLI names the extra that installs a missing package, and the sentence-transformers integration checks a
+    minimum version: each repeats a fact of pyproject.toml, so they are tied to it here."""
+    from astra.cli import OPTIONAL_PACKAGES
+    from astra.integrations.sentence_transformers import MIN_SENTENCE_TRANSFORMERS
+
+    extras = _extras()
+    for module, extra in OPTIONAL_PACKAGES.items():
+        assert any(d == module or d.startswith(module + "-") for d in extras[extra]), (module, extra)
+    assert extras["test"]["sentence-transformers"] == f"sentence-transformers>={MIN_SENTENCE_TRANSFORMERS}"

@@ -169,9 +169,10 @@ def _step(model, st: _Setup, cb: Codebooks, batch, n: int, opts: Dict[str, Any],
         ref = _reference(rt, st.teacher, batch)
         out, _ = rt.run(batch)
         task = opts["loss"](out, ref, batch)
-        if not isinstance(task, torch.Tensor) or task.dim() != 0 or not task.is_floating_point():
-            raise TypeError(f"astra.finetune: loss(out, ref, batch) must return a scalar float tensor, got "
-                            f"{type(task).__name__} {tuple(getattr(task, 'shape', ()))}")
+        if not isinstance(task, torch.Tensor) or task.numel() != 1 or not task.is_floating_point():
+            raise ValueError(f"astra.finetune: loss(out, ref, batch) must return a scalar float tensor, got "
+                             f"{type(task).__name__} {tuple(getattr(task, 'shape', ()))}")
+        task = task.reshape(())
         commit = torch.stack(rt.commitment).mean() if rt.commitment else task.new_zeros(())
     finally:
         rt.uninstall()

@@ -52,9 +52,11 @@ class Prompt:
     input_ids: torch.Tensor                 # [B, T]
     attention_mask: torch.Tensor            # [B, T], HF's (given, or inferred as HF infers it)
     position_ids: Optional[torch.Tensor]    # the caller's [B, T], passed on to HF (None: HF's from the mask)
-    config: Any                             # the resolved GenerationConfig (a copy; kwargs applied)
+    config: Any                             # the resolved GenerationConfig (a copy; kwargs applied): astra's checks
     model_kwargs: Dict[str, Any]            # generate kwargs that are not GenerationConfig fields
     expand: int                             # rows per prompt row (max(num_beams, num_return_sequences))
+    given: Tuple[Any, Dict[str, Any]] = (None, {})   # the caller's generation_config and kwargs, for HF's generate
+                                                       # (the resolved config back in HF warned of max_length)
 
     @property
     def prefill_len(self) -> int:
@@ -139,7 +141,7 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
     if position_ids is not None:        # [T] or [1, T] -> [B, T]: HF extends and expands them per row
         position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(input_ids.shape[0], -1)
     expand = max(int(gc.num_beams or 1), int(gc.num_return_sequences or 1))
-    return Prompt(input_ids, mask, position_ids, gc, model_kwargs, expand)
+    return Prompt(input_ids, mask, position_ids, gc, model_kwargs, expand, (generation_config, kwargs))
 
 
 def generation_request(prompt: Optional[Prompt]) -> Tuple[str, Dict[str, Any]]:
@@ -177,7 +179,7 @@ def hf_generate(model, prompt: Prompt, kv: Optional[List[Tuple[torch.Tensor, tor
     None: no prefill, HF computes the whole prompt). ``extra_criteria`` are appended to the stopping criteria."""
     from transformers import StoppingCriteriaList
 
-    kwargs = dict(prompt.model_kwargs)
+    given_config, kwargs = prompt.given[0], dict(prompt.given[1])
     if extra_criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(list(kwargs.get("stopping_criteria") or [])
                                                            + list(extra_criteria))
@@ -186,7 +188,7 @@ def hf_generate(model, prompt: Prompt, kv: Optional[List[Tuple[torch.Tensor, tor
     if prompt.position_ids is not None:
         kwargs["position_ids"] = prompt.position_ids
     return model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
-                          generation_config=prompt.config, **kwargs)
+                          generation_config=given_config, **kwargs)
 
 
 def sequences_of(result) -> torch.Tensor:

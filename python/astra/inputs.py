@@ -167,7 +167,6 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
     range, float inputs finite, a chunk for every rank. Raises :class:`InvalidInputError` (or
     ``UnsupportedModelError``)."""
     use_cache = inputs.get("use_cache")         # the reference forward's cache changes its masks (_not_packed)
-    _not_autocast(fam)
     inputs = check_inputs(fam, inputs)
     if fam.image:
         pv = _tensor(inputs, "pixel_values", "float", (4,))
@@ -195,9 +194,10 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
     return inputs
 
 
-def _not_autocast(fam: Family) -> None:
-    """Refuse a forward under ``torch.autocast`` on the model's device: the kernels take one dtype per call (q, k, v
-    came in mixed), and a rank's outputs would carry dtypes the others can not know without running the head."""
+def check_not_autocast(fam: Family) -> None:
+    """Refuse an inference forward under ``torch.autocast`` on the model's device: the kernels take one dtype per call
+    (q, k, v came in mixed), and a rank's outputs would carry dtypes the others can not know without running the head.
+    (Training, astra.finetune's differentiable runtime, computes its attention in torch and takes it.)"""
     device = next(fam.model.parameters()).device.type
     try:
         on = torch.is_autocast_enabled(device)

@@ -21,6 +21,7 @@ from . import bases
 from .codebooks import Codebooks, apply_predictor, as_normal_tensor
 from .context import Ctx, make_ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
+from .inputs import check_not_autocast
 from .models import check_has_weights, family_of
 from .split import resolve_class_token, resolve_split
 
@@ -188,7 +189,9 @@ class RuntimeBase:
     def check_model_state(self) -> None:
         """Raise :class:`AstraError` if the model changed since it was patched in what the runtime relies on: eval
         mode (a module put back in training mode ran dropout silently) and its parameters' dtype and device (cached
-        with the codebooks and the frame sizes)."""
+        with the codebooks and the frame sizes); UnsupportedModelError under ``torch.autocast`` (inference runtimes)."""
+        if not self.differentiable:
+            check_not_autocast(self.fam)
         if self.in_training():
             raise AstraError("astra runs inference only: the model (or one of its modules) was put in training mode "
                              "after astra patched it; call model.eval()")

@@ -11,8 +11,9 @@ from astra_kernels.checks import is_count
 from .codebooks import as_codebooks
 from .context import key_masks
 from .inputs import validate_inputs
+from .models import family_of
 from .runtime import RuntimeBase
-from .split import DEFAULT_SPLIT, with_class_token
+from .split import DEFAULT_SPLIT, resolve_class_token, with_class_token
 
 
 class SimRuntime(RuntimeBase):
@@ -161,6 +162,7 @@ def simulate_with_context(model, inputs, *, world_size, codebooks=None, class_to
     if differentiable:
         from .training import TrainSimRuntime  # it builds on this module's SimRuntime
 
+        resolve_class_token(family_of(model), class_token)   # refused as here (finetune's ViT ablation is not)
         rt = TrainSimRuntime(model, cb, world_size, class_token, split=split)
     else:
         rt = SimRuntime(model, cb, world_size, class_token, split)
