@@ -19,8 +19,23 @@ from test_attention import (  # noqa: E402
 )
 
 from astra_kernels.attention import attention_segments, mixed_attention, mixed_attention_reference  # noqa: E402
-from astra_kernels.segments import GroupTableKeys, TokenKeys, positions, split_counts  # noqa: E402
-from astra_kernels.testing import assert_no_poison, kernel_device, poisoned_empty, triton_runnable  # noqa: E402
+from astra_kernels.segments import (  # noqa: E402
+    CountKeys,
+    GroupTableKeys,
+    TableKeys,
+    TokenKeys,
+    positions,
+    split_counts,
+)
+from astra_kernels.testing import (  # noqa: E402
+    assert_no_poison,
+    kernel_device,
+    poisoned_empty,
+    random_inputs,
+    random_ints,
+    seeded_generator,
+    triton_runnable,
+)
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason="needs a GPU or TRITON_INTERPRET=1")
 
@@ -50,7 +65,8 @@ def run_kernel(q, k, v, kw):
     q, k, v = _to(dev, q), _to(dev, k), _to(dev, v)
     qp, segs = segments(q, k, v, {n: _to(dev, x) for n, x in kw.items()})
     B, Hq, Tl, Dh = q.shape
-    out = poisoned_empty(B, Hq, Tl, Dh, dtype=q.dtype, device=dev)
+    # float32 out: the partial result the public functions ask for with return_lse (a half q's too)
+    out = poisoned_empty(B, Hq, Tl, Dh, dtype=torch.float32, device=dev)
     lse = torch.full((B, Hq, Tl), 12345.0, dtype=torch.float32, device=dev)  # sentinel: -inf is legal
     o, l = ak.attention_triton(q, qp, segs, causal=kw.get("causal", False), scale=Dh ** -0.5, out=out, lse=lse)
     assert o is out and l is lse
@@ -95,6 +111,14 @@ def test_kernel_fp16(mode):
     out, lse = run_kernel(q, k, v, kw)
     ro, rl = reference(q, k, v, **kw)
     check(out, lse, ro, rl, dtype=torch.float16)
+    # the public call: a partial result in float32 with return_lse, else q's dtype (that output rounded once)
+    dev = kernel_device()
+    args, kw_d = (_to(dev, t) for t in (q, k, v)), {n: _to(dev, x) for n, x in kw.items()}
+    part, _ = mixed_attention(*args, backend="triton", return_lse=True, **kw_d)
+    args = (_to(dev, t) for t in (q, k, v))
+    whole = mixed_attention(*args, backend="triton", **kw_d)
+    assert part.dtype == torch.float32 and whole.dtype == torch.float16
+    assert torch.equal(whole.cpu(), part.cpu().to(torch.float16))
 
 
 def test_kernel_no_masks_and_all_masked_rows():
@@ -194,7 +218,7 @@ def test_kernel_group_table(dtype, table_dtype, rope, Dh):
     segs = [TokenKeys(k, v, qp, kw["local_mask"]),
             GroupTableKeys(kw["codes"], kw["k_table"], kw["v_table"], kp, kw["remote_mask"], kw.get("rope_cos"),
                            kw.get("rope_sin"))]
-    out = poisoned_empty(B, Hq, Tl, Dh, dtype=dtype, device=dev)
+    out = poisoned_empty(B, Hq, Tl, Dh, dtype=torch.float32, device=dev)     # the partial result's dtype
     lse = torch.full((B, Hq, Tl), 12345.0, dtype=torch.float32, device=dev)
     ak.attention_triton(q, qp, segs, causal=True, scale=Dh ** -0.5, out=out, lse=lse)
     assert_no_poison(out, "out")
@@ -215,3 +239,89 @@ def test_kernel_scores_that_overflow_raise(case):
         q, k = q * 1e20, k * 1e20
     with pytest.raises(ValueError, match="attention scores overflow"):
         mixed_attention(q, k, v, scale=1e38 if case == "scale" else None, backend="triton")
+
+
+def test_kernel_causal_skip_needs_strictly_increasing_positions():
+    """Mutation audit: LOCAL_SORTED (the causal block skip) was only exercised with strictly increasing or shuffled
+    positions, so a host check weakened to non-decreasing (``>=``) went unnoticed. Equal positions that straddle a
+    query block (BLOCK_M = 16 in the interpreter) make a key past the block visible to a query inside it: the
+    skip must stay off, and every query must see its equal-position key past the block boundary."""
+    q, k, v, kw = make_case(71, mode="local", Tl=37, causal=True, positions="default", masks=False)
+    qp = torch.arange(37)
+    qp[16:] -= 1                                   # positions 15 at indices 15 and 16 (blocks 0 and 1)
+    qp[33:] -= 1                                   # and 31 at indices 31 and 32 (blocks 1 and 2)
+    kw["q_pos"] = torch.stack([qp, qp + 5])
+    out, lse = run_kernel(q, k, v, kw)
+    check(out, lse, *reference(q, k, v, **kw))
+
+
+def test_kernel_count_keys_with_their_own_value_table_get_their_own_launch():
+    """Mutation audit: ``_fits`` lets count keys share a launch with table keys only when both K and V tables are
+    the same objects (the count slot reads the remote slot's table pointers). Every existing case shares both
+    tables, so dropping the V-table condition went unnoticed. Here the count keys share the K table but not the V
+    table: two launches, and the count keys' values come from their own table (float64 reference of the same keys
+    given per token, each count key repeated ``count`` times; not causal, so positions do not matter)."""
+    from astra_kernels.triton import attention_kernels as ak
+
+    g = seeded_generator(73)
+    B, Hq, Hkv, Tl, Dh, K = 2, 4, 2, 17, 32, 7
+    q, k, v = (random_inputs(B, h, Tl, Dh, generator=g) for h in (Hq, Hkv, Hkv))
+    kt, vt, vt_counts = (random_inputs(K, Hkv, Dh, generator=g) for _ in range(3))
+    codes = random_ints(B, 9, low=0, high=K, generator=g)
+    ucodes = torch.stack([torch.randperm(K, generator=g)[:3] for _ in range(B)])
+    counts = random_ints(B, 3, low=1, high=5, generator=g)
+    qp = positions("q_pos", None, B, Tl)
+    kp = positions("kv_pos", None, B, 9, Tl)
+    segs = [TokenKeys(k, v, qp), TableKeys(codes, kt, vt, kp),
+            CountKeys(ucodes, counts.to(torch.float32).log(), kt, vt_counts)]
+    assert len(ak._launches(qp, segs)) == 2
+    rep = [torch.repeat_interleave(ucodes[b], counts[b]) for b in range(B)]
+    width = max(len(r) for r in rep)               # rows may differ in their total count: pad, masked
+    cc = torch.stack([torch.cat([r, r[:1].repeat(width - len(r))]) for r in rep])
+    cmask = torch.arange(width)[None, :] < torch.tensor([len(r) for r in rep])[:, None]
+    k_hat = torch.cat([kt[codes], kt[cc]], dim=1).permute(0, 2, 1, 3)
+    v_hat = torch.cat([vt[codes], vt_counts[cc]], dim=1).permute(0, 2, 1, 3)
+    dev = kernel_device()
+    segs_d = [replace(s, **{f: _to(dev, t) for f, t in vars(s).items() if isinstance(t, torch.Tensor)}) for s in segs]
+    out = poisoned_empty(B, Hq, Tl, Dh, dtype=q.dtype, device=dev)
+    lse = torch.full((B, Hq, Tl), 12345.0, dtype=torch.float32, device=dev)
+    ak.attention_triton(_to(dev, q), segs_d[0].pos, segs_d, causal=False, scale=Dh ** -0.5, out=out, lse=lse)
+    assert_no_poison(out, "out")
+    assert not bool((lse == 12345.0).any()), "lse not written"
+    remote_mask = torch.cat([torch.ones(B, 9, dtype=torch.bool), cmask], dim=1)
+    ref = mixed_attention_reference(q, k, v, k_hat=k_hat, v_hat=v_hat, causal=False, remote_mask=remote_mask)
+    check(out.cpu(), lse.cpu(), *ref)
+
+
+def test_count_split_keeps_keys_at_the_last_query_position():
+    """Mutation audit (split_counts, astra_kernels/segments.py; here because both backends go through it): with
+    permutation positions no non-local key ever sits at a query's position, so the "visible to some queries" test
+    ``kp <= max(q_pos)`` could become ``<`` unnoticed (dropping keys only the last query sees). Here several table
+    keys share the position of each row's last query (and of other queries): count-weighted attention must still
+    equal the float64 per-token reference, in the kernel and on the CPU path."""
+    q, k, v, kw = make_case(79, mode="count", Tl=17, Tr=40, K=5, causal=True, positions="interleaved")
+    qmax = kw["q_pos"].max(dim=1).values
+    kw["kv_pos"] = kw["kv_pos"].clone()
+    kw["kv_pos"][:, :4] = qmax[:, None]                    # at the last query's position
+    kw["kv_pos"][:, 4:8] = kw["q_pos"][:, 3:7]             # at other queries' positions
+    kw["remote_mask"][:, :8] = True
+    ref = reference(q, k, v, **kw)
+    check(*run_kernel(q, k, v, kw), *ref)
+    check(*mixed_attention(q, k, v, return_lse=True, backend="torch", **kw), *ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_causal_keys_in_descending_position_order(backend):
+    """Mutation audit (the CPU path's C++ kernel call, astra_kernels/attention.py ``_attention_kernel``; here with
+    the kernel's case): causal keys were only ever ascending or shuffled, so the "keys sorted" flag that lets the
+    C++ kernel cut the key range by binary search could be computed wrongly for descending positions unnoticed.
+    Local and non-local keys in strictly descending position order (a reversed chunk) must match the float64
+    reference on both backends."""
+    q, k, v, kw = make_case(89, mode="per_token", B=2, Tl=40, Tr=70, causal=True, positions="default", masks=False)
+    kw["q_pos"] = 200 - 3 * torch.arange(40)
+    kw["kv_pos"] = 150 - 2 * torch.arange(70)              # before, among and after the queries
+    ref = reference(q, k, v, **kw)
+    if backend == "torch":
+        check(*mixed_attention(q, k, v, return_lse=True, backend="torch", **kw), *ref)
+    else:
+        check(*run_kernel(q, k, v, kw), *ref)

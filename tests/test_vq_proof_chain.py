@@ -106,3 +106,65 @@ def test_aot_table_formatting():
     t = format_table(r)
     assert "sm_80" in t and "mma.sync (req)" in t and "FAIL: spills: 8 B" in t and "12" in t
     assert r[1].spills == 12 and not math.isnan(r[0].spills)
+
+
+def test_triton_encode_ties_across_codebook_tiles_go_to_the_lowest_index():
+    """Mutation audit (vq_kernels.vq_encode_kernel; here as the proof-chain file of the VQ kernels): ties were only
+    tested on the CPU path, so the kernel's "a later BLOCK_K tile replaces the running best only if strictly
+    smaller" (``tmin < best``) could become ``<=`` unnoticed. Duplicate codewords in three different 64-wide tiles
+    (K = 150); odd-integer data, so every distance is exact in fp32 (any summation order, tf32x3 too) and the ties
+    are exact. The kernel (poisoned output) and its fused pack must pick the lowest index, as the float64
+    reference does."""
+    pytest.importorskip("triton")
+    if not T.triton_runnable():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    import astra_kernels as ak
+    from astra_kernels.triton import vq_kernels as K
+    from astra_kernels.vq import vq_distances_reference
+
+    dev = T.kernel_device()
+    g = T.seeded_generator(83)
+    G, Kc, DG, N = 2, 150, 16, 40
+
+    def odd(*shape, high):                                 # odd integers in (-high, high): never zero
+        return (2 * T.random_ints(*shape, low=0, high=high, generator=g) + 1 - high).to(torch.float32)
+
+    cb = odd(G, Kc, DG, high=8)
+    for a, b, c in ((5, 70, 140), (63, 64, 149)):          # the same codeword in tiles 0, 1 and 2
+        cb[:, b] = cb[:, a]
+        cb[:, c] = cb[:, a]
+    pick = T.random_ints(N, G, low=0, high=4, generator=g)
+    src = torch.tensor([5, 70, 63, 64])[pick]              # rows next to a duplicated codeword (either copy)
+    x = (cb[torch.arange(G)[None, :], src] + odd(N, G, DG, high=2)).reshape(N, G * DG)
+    ref = ak.vq_encode_reference(x, cb)
+    d = vq_distances_reference(x, cb)
+    assert bool((d[..., 149] == d.gather(-1, ref.long()[..., None]).squeeze(-1)).any()), "no tie across tiles"
+    cn = (cb.double() ** 2).sum(-1).float()
+    out = T.poisoned_empty(N, G, dtype=torch.int32, device=dev)
+    K.vq_encode_triton(x.to(dev), cb.to(dev), cn.to(dev), out=out)
+    T.assert_equal_ints(out.cpu(), ref, "codes")
+    frame = K.encode_and_pack_triton(x.to(dev), cb.to(dev), cn.to(dev), 8, (N, G)).cpu()
+    T.assert_equal_ints(frame, ak.pack_codes(ref, 8), "frame")
+
+
+def test_triton_decode_clamps_codes_outside_the_codebook_to_row_zero():
+    """Mutation audit (vq_kernels.vq_decode_kernel): the public decode range-checks codes first, so the kernel's
+    own guard (a code outside ``[0, K)`` reads row 0, never another group's rows or memory past the codebook) was
+    never exercised and could become ``code <= K`` unnoticed. Codes ``K`` and ``-1`` in group 0 (where row ``K``
+    is group 1's row 0, inside the tensor) must decode to group 0's row 0; valid codes as the reference."""
+    pytest.importorskip("triton")
+    if not T.triton_runnable():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from astra_kernels.triton import vq_kernels as K
+    from astra_kernels.vq import vq_decode_reference
+
+    dev = T.kernel_device()
+    g = T.seeded_generator(97)
+    G, Kc, DG, N = 2, 9, 24, 37
+    cb = T.random_inputs(G, Kc, DG, generator=g)
+    codes = T.random_ints(N, G, low=0, high=Kc, generator=g, dtype=torch.int32)
+    codes[3, 0], codes[30, 0] = Kc, -1
+    expect = vq_decode_reference(codes.masked_fill((codes < 0) | (codes >= Kc), 0), cb)
+    out = T.poisoned_empty(N, G * DG, device=dev)
+    K.vq_decode_triton(codes.to(dev), cb.to(dev), out=out)
+    T.assert_matches_reference(out.cpu(), expect.double(), rtol=0, atol=0)
