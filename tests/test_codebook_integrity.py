@@ -130,3 +130,86 @@ def test_version_1_files_load_with_a_warning(saved, tmp_path):
         got = astra.Codebooks.load(p)
     assert all(torch.equal(a, b) for a, b in zip(got.tensors, ref.tensors))
     assert got.checksum() == ref.checksum()
+
+
+def _sample_text(vals):
+    """A weights sample in :func:`astra.weights_sample.weights_sample`'s form, of the sampled ``vals`` by name."""
+    import base64
+
+    names = ",".join(f"{n}={v.numel()}" for n, v in vals.items())
+    raw = torch.cat(list(vals.values())).numpy().tobytes() if vals else b""
+    return names + "|" + base64.b64encode(raw).decode("ascii")
+
+
+def _base_sample(model):
+    from astra.models import family_of
+    from astra.weights_sample import sample_values
+
+    return sample_values(family_of(model).base)
+
+
+def test_the_weights_sample_needs_most_of_the_models_parameters_and_ignores_resized_ones():
+    """Mutation testing (astra.weights_sample): the shared-names rule was checked only against the larger side being
+    the sample; with ``min`` in place of ``max`` a sample of a third of a model's parameters (another, smaller
+    architecture's) matched it. A parameter whose sampled count differs was ignored, not compared (broadcasting
+    16 values against 3 raised RuntimeError)."""
+    from astra.weights_sample import SHARED, mismatch, weights_sample
+
+    model = tiny_model("gpt2")
+    full = _base_sample(model)
+    assert mismatch(weights_sample(model), model) is None and mismatch(_sample_text(full), model) is None
+    names = list(full)
+    third = {n: full[n] for n in names[: len(names) // 3]}
+    assert len(third) < SHARED * len(names)
+    assert mismatch(_sample_text(third), model).startswith(f"its parameters are laid out otherwise ({len(third)} of "
+                                                             f"the {len(third)} sampled found, the model has "
+                                                             f"{len(names)})")
+    resized = dict(full)
+    resized[names[0]] = full[names[0]][:3]                    # one of many parameters sampled otherwise: skipped
+    assert mismatch(_sample_text(resized), model) is None
+
+
+def test_the_weights_sample_tolerance_scales_with_each_parameters_rms():
+    """Mutation testing (astra.weights_sample): the tolerance's rms term was never needed; with a tolerance of 0.5 %
+    of each value's own magnitude only, noise of 0.1 % of a parameter's rms (well under a bf16 rounding of its
+    larger values) failed every value near zero, and the same checkpoint was refused. Noise of 2 % of the rms is
+    another checkpoint either way."""
+    from astra.weights_sample import mismatch
+
+    def noisy(scale):
+        m = tiny_model("gpt2")
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(scale * p.pow(2).mean().sqrt() * torch.randn(p.shape, generator=g))
+        return m
+
+    text = _sample_text(_base_sample(tiny_model("gpt2")))
+    assert mismatch(text, noisy(1e-3)) is None
+    assert "of the sampled weights match" in mismatch(text, noisy(2e-2))
+
+
+def test_the_weights_sample_refuses_a_checkpoint_with_one_value_in_twenty_changed():
+    """Mutation testing (astra.weights_sample): the share of matching values needed (98 %) was only tried far from
+    it; a threshold of 90 % passed every test. Here 95 % of the sampled values match: another checkpoint."""
+    from astra.weights_sample import MATCH, mismatch
+
+    model = tiny_model("gpt2")
+    vals = _base_sample(model)
+    flat = torch.cat(list(vals.values()))
+    flat[::20] = flat[::20] * 1.5 + 1.0                  # every 20th value: well outside the tolerance
+    changed = dict(zip(vals, torch.split(flat, [v.numel() for v in vals.values()])))
+    assert MATCH == 0.98 and mismatch(_sample_text(vals), model) is None
+    assert mismatch(_sample_text(changed), model) == "95% of the sampled weights match (the same checkpoint: >= 98%)"
+
+
+def test_a_weights_sample_naming_a_parameter_with_no_values_is_refused():
+    """Mutation testing (astra.weights_sample): a sample listing a parameter with 0 values was not tried; without the
+    count check it was accepted as codebooks' ``weights_sample``."""
+    cb = astra.Codebooks.random(tiny_model("gpt2"), groups=2, codebook_size=4, seed=3)
+    good = _sample_text({"w": torch.arange(3.0)})
+    cb.weights_sample = good
+    assert cb.weights_sample == good
+    for bad in ("w=0|", "w=0,v=3|" + good.split("|")[1], "w=3,w=0|" + good.split("|")[1]):
+        with pytest.raises(ValueError, match="weights_sample must be a sample of weights"):
+            cb.weights_sample = bad

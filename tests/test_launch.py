@@ -377,3 +377,34 @@ def test_torchrun(tmp_path):
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("TORCHRUN_OK") == 2
+
+
+def _late_rank_zero(rank, fail):
+    if rank == 0:
+        time.sleep(1.0)           # rank 1 reports first
+    if fail:
+        raise ValueError(f"rank {rank} fails")
+    return rank * 10
+
+
+def test_results_and_the_first_traceback_follow_rank_order_not_arrival():
+    """Mutation testing: every rank of the order test reported about together, and one rank failed in the error
+    tests; returning the results in arrival order, or the traceback of the highest failing rank as the "first",
+    passed. Here rank 1 reports a second before rank 0."""
+    assert astra.launch(_late_rank_zero, 2, False, join_timeout=60, tune_allocator=False) == [0, 10]
+    with pytest.raises(astra.LaunchError) as ei:
+        astra.launch(_late_rank_zero, 2, True, join_timeout=60, tune_allocator=False)
+    msg = str(ei.value)
+    assert msg.startswith("rank 0 raised ValueError: rank 0 fails; rank 1 raised ValueError: rank 1 fails"), msg
+    first = msg.split("first traceback:\n", 1)[1]
+    assert first.startswith("ValueError: rank 0 fails") and "rank 1 fails" not in first, first
+
+
+def test_after_failure_s_auto_is_twice_the_timeout_and_at_least_ten_seconds():
+    """Mutation testing: "auto" was only ever used with the default 60 s timeout, where no test waited for it; a
+    cut at the timeout itself (before the others' collectives have failed and reported) passed."""
+    from astra.launch import _after_failure
+
+    assert _after_failure("auto", 60.0) == 120.0
+    assert _after_failure("auto", 3.0) == 10.0
+    assert _after_failure(None, 3.0) is None and _after_failure(2, 3.0) == 2.0

@@ -28,6 +28,18 @@ def test_fit_predictor_recovers_an_affine_map_and_leaves_missing_inputs_zero():
     torch.testing.assert_close(b, h.double().mean(0))
 
 
+
+def test_collect_hidden_states_keeps_at_most_max_tokens():
+    """Mutation testing: no test gave ``max_tokens`` fewer tokens than a sample holds; without the final cut every
+    layer (and the embedding outputs) kept the whole sample that crossed the cap (64 tokens for a cap of 10), and
+    calibration fitted and paid for more tokens than asked."""
+    model = tiny_model("bert")
+    samples = [tiny_inputs("bert", seq=16, batch=4, seed=s) for s in (1, 2)]
+    hs, emb = collect_hidden_states(model, samples, max_tokens=10, embeddings=True)
+    full, full_emb = collect_hidden_states(model, samples[:1], embeddings=True)
+    assert [h.shape[0] for h in hs] == [10] * len(full) and emb.shape[0] == 10
+    assert all(torch.equal(h, f[:10]) for h, f in zip(hs, full)) and torch.equal(emb, full_emb[:10])
+
 @pytest.fixture(scope="module")
 def bert():
     return tiny_model("bert")

@@ -1,11 +1,24 @@
 """astra.transport: the envelope in front of every per-layer payload, and its check (a payload of another call,
 another exchange of the same call, or no envelope at all is a FrameMismatchError, never data)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import astra
-from astra.transport import ENVELOPE_MAGIC, ENVELOPE_NBYTES, STATUS_OK, Transport, envelope, read_envelopes
+from astra.transport import (
+    ENVELOPE_MAGIC,
+    ENVELOPE_NBYTES,
+    ERROR_TEXT_NBYTES,
+    STATUS_FAILED,
+    STATUS_OK,
+    Pending,
+    Transport,
+    checked_timeout,
+    envelope,
+    read_envelopes,
+)
 
 
 @pytest.fixture
@@ -54,3 +67,90 @@ def test_exchange_returns_the_payload_behind_its_envelope(transport):
     pending = transport.exchange(payload, [13], call=4, slot=1, what="layer 1")
     (got,) = pending.wait()
     assert torch.equal(got, payload)
+
+
+class _Work:
+    """A finished (or, with ``ok=False``, timed-out) collective as ``work.wait`` reports it."""
+
+    def __init__(self, ok=True):
+        self.ok = ok
+
+    def wait(self, timeout=None):
+        return self.ok
+
+
+def test_uneven_frames_are_cut_back_to_each_ranks_own_size(transport):
+    """Mutation testing: no test of this file gave ranks frames of different sizes; every rank's payload returned
+    padded to the largest (what the receiver then unpacks) went unnoticed. Rank 0 sent 5 bytes, rank 1 3, padded
+    to 5 on the wire."""
+    frames = [torch.cat([envelope(6, 2), torch.arange(1, 6, dtype=torch.uint8)]),
+              torch.cat([envelope(6, 2), torch.tensor([9, 8, 7, 0, 0], dtype=torch.uint8)])]
+    got = Pending(transport, _Work(), frames, [5, 3], call=6, slot=2, what="layer 2", stats=None).wait()
+    assert [g.tolist() for g in got] == [[1, 2, 3, 4, 5], [9, 8, 7]]
+
+
+def test_a_wait_that_returns_false_is_a_peer_error(transport):
+    """Mutation testing: a ``work.wait`` that timed out by returning False (not raising) was never simulated; taken
+    as success, the rank went on with buffers the collective never filled."""
+    with pytest.raises(astra.PeerError, match=r"^astra rank 0/1: layer 3 failed - a peer rank died, stalled past the "
+                                              r"timeout \(10s"):
+        transport.wait(_Work(ok=False), "layer 3")
+    transport.wait(_Work(ok=True), "layer 3")
+
+
+def test_checked_timeout_refuses_what_a_wait_could_not_be_given():
+    """Mutation testing: without the ``timedelta`` check a finite 1e300 s passed and overflowed inside every wait
+    (reported as a dead peer); no test gave a value that large."""
+    assert checked_timeout(2) == 2.0 and checked_timeout("1.5") == 1.5
+    for bad in (1e300, 0, -1, float("nan"), float("inf"), None, "soon"):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+            checked_timeout(bad)
+
+
+def _two_rank_gather(monkeypatch, transport, sent):
+    """Rank 0 of two: the collective records what it was handed and gives rank 1 this rank's frame."""
+    def all_gather(outs, buf, group=None, async_op=False):
+        sent.append(buf.numel())
+        for o in outs:
+            o.copy_(buf)
+        return _Work()
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(transport, "world", 2)
+
+
+def test_every_rank_hands_the_collective_the_largest_frame_and_counts_its_own(monkeypatch, transport):
+    """Mutation testing: the statistics (frame bytes sent and received, padded bytes on the wire) and the cut of a
+    failed rank's longer error payload to the agreed size were never checked; a sender that failed handed the
+    collective a larger buffer than its peers (gloo aborts), and the counts could include this rank's own frame."""
+    sent = []
+    _two_rank_gather(monkeypatch, transport, sent)
+    stats = SimpleNamespace(bytes_sent=0, bytes_received=0, bytes_on_wire=0, wait_s=0.0)
+    got = transport.exchange(torch.arange(13, dtype=torch.uint8), [13, 20], call=1, slot=1, stats=stats).wait()
+    assert [g.numel() for g in got] == [13, 20] and got[0].tolist() == list(range(13))
+    assert sent == [ENVELOPE_NBYTES + 20]
+    assert (stats.bytes_sent, stats.bytes_received, stats.bytes_on_wire) == (13, 20, ENVELOPE_NBYTES + 20)
+    transport.error_text = "a long error report " * 10
+    pending = transport.exchange(torch.zeros(300, dtype=torch.uint8), [13, 20], call=1, slot=2,
+                                 status=STATUS_FAILED, layer=0)
+    assert sent[1] == ENVELOPE_NBYTES + 20
+    with pytest.raises(astra.RankFailedError, match=r"rank 0 failed in layer 0 \(call 1\): a long error") as e:
+        pending.wait()
+    assert (e.value.rank, e.value.layer) == (0, 0)
+
+
+def test_a_failed_ranks_error_text_is_cut_to_its_fixed_size_and_sent_once(transport):
+    """Mutation testing: the error text was never longer than its fixed size (a longer one was handed to the
+    collective whole: a size the other ranks did not post), nor was a second failure reported; with the text not
+    cleared after it was sent, the next failure carried the previous one's error."""
+    transport.error_text = "x" * 5000
+    with pytest.raises(astra.RankFailedError) as first:
+        transport.exchange(torch.zeros(4, dtype=torch.uint8), [4], call=2, slot=1, status=STATUS_FAILED,
+                           layer=-1).wait()
+    msg = str(first.value)
+    assert "outside the layers" in msg and first.value.layer is None
+    assert msg.endswith("x" * ERROR_TEXT_NBYTES) and "x" * (ERROR_TEXT_NBYTES + 1) not in msg
+    assert transport.error_text is None
+    with pytest.raises(astra.RankFailedError, match=r"rank 0 failed in layer 1 \(call 3\): $"):
+        transport.exchange(torch.zeros(4, dtype=torch.uint8), [4], call=3, slot=1, status=STATUS_FAILED,
+                           layer=1).wait()

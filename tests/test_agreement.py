@@ -1,0 +1,103 @@
+"""astra.agreement: the fixed-size input fingerprint every rank exchanges before a distributed forward, what its
+digests see, and the verdict :func:`disagreement` gives for a set of fingerprints. The distributed cases (ranks given
+different inputs, models, codebooks) are in test_reliability.py; these check the pieces without a process group."""
+import torch
+
+import astra
+from astra.agreement import (
+    FINGERPRINT_NBYTES,
+    INVALID,
+    MAGIC,
+    TEXT_NBYTES,
+    VALID,
+    Fingerprint,
+    describe_inputs,
+    digest,
+    disagreement,
+    inputs_digest,
+)
+
+
+def _fp(call=3, world=2, status=VALID, model=b"M" * 16, codebooks=b"C" * 16, values=b"V" * 16, text="ids: int64[1, 4]",
+        magic=MAGIC):
+    return Fingerprint(call, world, status, model, codebooks, values, text, magic)
+
+
+def test_a_fingerprint_has_one_size_whatever_its_call_counter_or_text():
+    """Mutation testing: neither the 32-bit wrap of the call counter nor the cut of a long text was tested; without
+    them a rank past 2**32 calls, or one whose inputs' description is longer than 448 bytes, failed to pack or sent a
+    larger buffer than its peers (the exchange must never fail on mismatched sizes)."""
+    long_text = "input_ids: int64[1, 4], " + "é" * 400           # 824 bytes of UTF-8
+    for fp in (_fp(call=2**32 + 5), _fp(text=long_text), _fp(text="")):
+        buf = fp.pack()
+        assert buf.dtype == torch.uint8 and buf.numel() == FINGERPRINT_NBYTES
+    back = Fingerprint.unpack(_fp(call=2**32 + 5, text=long_text).pack())
+    assert back.call == 5 and back.magic == MAGIC and back.values == b"V" * 16
+    assert len(back.text.encode("utf-8")) <= TEXT_NBYTES and long_text.startswith(back.text.rstrip("\ufffd"))
+    assert Fingerprint.unpack(_fp().pack()) == _fp()
+
+
+def test_digest_sees_the_parts_boundaries_and_each_tensors_dtype_and_shape():
+    """Mutation testing: dropping the part separator, or the dtype and shape a tensor is hashed with, left every test
+    passing; then (1, 23) and (12, 3), or the same bytes as [2, 3] and [3, 2] or as int32 and float32, agreed."""
+    assert digest(1, 23) != digest(12, 3) and digest("ab", 1) != digest("a", "b1")
+    t = torch.arange(6, dtype=torch.int32)
+    assert digest(t.reshape(2, 3)) != digest(t.reshape(3, 2)) != digest(t)
+    assert digest(t) != digest(t.view(torch.float32))
+    assert digest(t.reshape(2, 3)) == digest(t.reshape(2, 3).clone()) and len(digest(t)) == 16
+
+
+def test_inputs_digest_sees_values_their_order_and_names():
+    """Two same-shaped inputs given in swapped roles (ids and token types) digest differently, whatever the dict's
+    order; and so does one tensor under another name (the fingerprint's text also names the inputs, so dropping the
+    names from this digest alone changes no verdict: mutation testing found no test of it)."""
+    a, b = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 0, 1]])
+    assert inputs_digest({"input_ids": a, "token_type_ids": b}) != inputs_digest({"input_ids": b, "token_type_ids": a})
+    assert inputs_digest({"input_ids": a, "token_type_ids": b}) == inputs_digest({"token_type_ids": b, "input_ids": a})
+    assert inputs_digest({"input_ids": a}) != inputs_digest({"position_ids": a})
+
+
+def test_describe_inputs_names_tensors_and_options():
+    """Mutation testing: an option's value (``use_cache=True``) was not checked to appear; without it ranks given
+    different options were reported as given different input values, not different options."""
+    text = describe_inputs({"use_cache": True, "input_ids": torch.zeros(2, 3, dtype=torch.long)})
+    assert text == "input_ids: int64[2, 3], use_cache=True"
+
+
+def _verdict(fps, rank=0):
+    exc = disagreement(fps, rank)
+    return None if exc is None else (type(exc), str(exc))
+
+
+def test_disagreement_gives_each_verdict_the_same_on_every_rank():
+    """Mutation testing: a frame without the fingerprint's magic (another collective interleaved), and ranks all
+    rejecting their inputs for different reasons, were never given to :func:`disagreement`; removing either check,
+    or calling one rank's rejection an invalid input on every rank, left every test passing."""
+    ok = _fp()
+    assert _verdict([ok, ok, ok]) is None
+    cases = [
+        ([ok, _fp(magic=0)], astra.InputMismatchError, "rank(s) [1] sent no astra input fingerprint"),
+        ([ok, _fp(world=3)], astra.InputMismatchError, "world sizes differ between ranks: rank 0: 2; rank 1: 3"),
+        ([ok, _fp(model=b"M" * 8 + b"W" * 8)], astra.InputMismatchError,
+         "model weights differ between ranks: rank 0: " + (b"M" * 8).hex()),
+        ([ok, _fp(model=b"X" * 8 + b"M" * 8)], astra.InputMismatchError, "models (class, configuration, size, dtype)"),
+        ([ok, _fp(codebooks=b"D" * 16)], astra.InputMismatchError, "codebooks differ between ranks"),
+        ([_fp(status=INVALID, text="bad ids"), _fp(status=INVALID, text="bad ids")], astra.InvalidInputError,
+         "invalid inputs on every rank: bad ids"),
+        ([_fp(status=INVALID, text="bad ids"), _fp(status=INVALID, text="bad mask")], astra.InputMismatchError,
+         "reasons to reject the inputs differ between ranks: rank 0: bad ids; rank 1: bad mask"),
+        ([ok, _fp(status=INVALID, text="bad ids")], astra.InputMismatchError,
+         "rank 1 rejected its inputs (bad ids); ranks [0] accepted theirs"),
+        ([ok, _fp(call=4)], astra.InputMismatchError, "call counters differ between ranks: rank 0: 3; rank 1: 4"),
+        ([ok, _fp(text="ids: int64[1, 5]")], astra.InputMismatchError, "input names, dtypes or shapes, or options"),
+        ([ok, _fp(values=b"U" * 16)], astra.InputMismatchError, "input values (digests) differ between ranks"),
+    ]
+    for fps, kind, text in cases:
+        for rank in range(len(fps)):
+            got = _verdict(fps, rank)
+            assert got is not None and got[0] is kind and got[1].startswith(f"astra rank {rank}/{len(fps)}: "), got
+            assert text in got[1], (text, got)
+            assert got[1].split(": ", 1)[1] == _verdict(fps, 0)[1].split(": ", 1)[1]     # the same on every rank
+    # a weights-only difference names the checkpoint; the earlier checks win over the later ones
+    assert "every rank must load the same checkpoint" in _verdict([ok, _fp(model=b"M" * 8 + b"W" * 8)])[1]
+    assert "world sizes" in _verdict([ok, _fp(world=3, status=INVALID, call=9, values=b"U" * 16)])[1]
