@@ -297,6 +297,48 @@ def test_register_a_family():
         family_of(model)
 
 
+def test_adapters_are_checked_and_a_failed_patch_leaves_nothing():
+    """A bad adapter field (an int model_type, a str of inputs, rope on an encoder) was accepted and failed later with
+    a bare TypeError / AttributeError; an adapter whose `final` picked a Parameter left the model half-patched (every
+    plain call refused, unpatch found nothing); a partial rotary factor failed inside the forward."""
+    import transformers as tf
+
+    base = dict(decoder=False, attention=lambda b: [x.attention for x in b.transformer.layer],
+                kv=linear_kv("k_lin", "v_lin"), embeddings=lambda b: b.embeddings, final=lambda b: b.transformer,
+                class_token="optional")
+    for bad, what in ((dict(base, model_type=5), "model_type must be a non-empty string"),
+                      (dict(base, model_type="x", inputs="input_ids"), "inputs must be a set"),
+                      (dict(base, model_type="x", decoder="no"), "decoder must be a bool"),
+                      (dict(base, model_type="x", kv="k_lin"), "kv must be callable"),
+                      (dict(base, model_type="x", rope=True), "rope=True is for decoders")):
+        with pytest.raises(ValueError, match=what):
+            FamilyAdapter(**bad)
+    torch.manual_seed(0)
+    model = tf.DistilBertModel(tf.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128,
+                                                   vocab_size=97)).eval()
+    inputs = tiny_inputs("bert", padded=True)
+    with torch.no_grad():
+        ref = model(**inputs)
+    register_family(FamilyAdapter("distilbert", **dict(base, final=lambda b: b.transformer.layer[-1].sa_layer_norm
+                                                       .weight)))
+    try:
+        with pytest.raises(astra.UnsupportedModelError, match="adapter's final picks Parameter"):
+            astra.simulate(model, inputs, world_size=2, class_token="distributed")
+        with torch.no_grad():           # nothing was patched
+            assert torch.equal(model(**inputs).last_hidden_state, ref.last_hidden_state)
+    finally:
+        unregister_family("distilbert")
+    phi = tf.PhiForCausalLM(tf.PhiConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+                                         intermediate_size=128, vocab_size=97, partial_rotary_factor=0.5)).eval()
+    register_family(FamilyAdapter("phi", True, lambda b: [x.self_attn for x in b.layers],
+                                  linear_kv("k_proj", "v_proj"), rope=True))
+    try:
+        with pytest.raises(astra.UnsupportedModelError, match="rotates 8 of each head's 16 dims"):
+            astra.simulate(phi, tiny_inputs("llama"), world_size=2)
+    finally:
+        unregister_family("phi")
+
+
 def test_pooled_outputs_and_their_owners():
     """Which output fields come from one token, and which token (who holds it under ``parallelize`` is the output
     kinds' business: tests/test_outputs.py)."""

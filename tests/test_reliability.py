@@ -473,6 +473,35 @@ def test_patches_sharing_state_and_models_changed_after_patching_are_refused():
             assert out[what + " next"] < TOL, (rank, what)
 
 
+def _adapters_differ(rank):
+    import transformers as tf
+
+    from astra.models import FamilyAdapter, linear_kv, register_family, unregister_family
+
+    torch.manual_seed(0)
+    model = tf.DistilBertModel(tf.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128,
+                                                   vocab_size=97)).eval()
+    first = {"first_input": (lambda b, e: e)} if rank == 0 else {}      # layer 0 computed on rank 0 only
+    register_family(FamilyAdapter("distilbert", decoder=False, attention=lambda b: [x.attention for x in
+                                                                                    b.transformer.layer],
+                                  kv=linear_kv("k_lin", "v_lin"), embeddings=lambda b: b.embeddings,
+                                  final=lambda b: b.transformer, class_token="optional", **first))
+    try:
+        pm = astra.parallelize(model, None, timeout=10)
+        return _any_outcome(lambda: pm(**tiny_inputs("bert", seq=12)))
+    finally:
+        unregister_family("distilbert")
+
+
+def test_ranks_resolving_a_model_to_different_adapters_are_refused():
+    """The agreement compared the model's class, configuration and weights, not the family adapter: one rank
+    computing layer 0 itself and the other exchanging it aborted a rank inside gloo (or, with another field, gave
+    silently different answers)."""
+    for rank, out in enumerate(astra.launch(_adapters_differ, 2, join_timeout=120)):
+        assert out.startswith(f"InputMismatchError: astra rank {rank}/2: models (class, configuration, size, dtype, "
+                              "family adapter) differ"), out
+
+
 def test_meta_models_and_seeds_are_refused_and_float64_codebooks_save(tmp_path):
     with torch.device("meta"):
         meta = tiny_model("gpt2")

@@ -142,7 +142,7 @@ def disagreement(fps: List[Fingerprint], rank: int) -> Optional[Exception]:
         return InputMismatchError(pre + f"rank(s) {strange} sent no astra input fingerprint: they are not running "
                                         "the same astra forward (another collective or program is interleaved)")
     checks = [("world sizes", [str(f.world) for f in fps], ""),
-              ("models (class, configuration, size, dtype)", [f.model[:8].hex() for f in fps], ""),
+              ("models (class, configuration, size, dtype, family adapter)", [f.model[:8].hex() for f in fps], ""),
               ("model weights", [f.model[8:].hex() for f in fps], ": every rank must load the same checkpoint"),
               ("codebooks", [f.codebooks.hex()[:12] for f in fps], "")]
     for name, vals, hint in checks:

@@ -139,6 +139,10 @@ class FamilyAdapter:
     first_input: Optional[Callable[[Module, torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self):
+        self._check_types()
+        if self.rope and not self.decoder:
+            raise ValueError("rope=True is for decoders (astra rotates a decoder's non-local keys by their global "
+                             "positions); an encoder's position embeddings are added in its embeddings module")
         if self.class_token not in CLASS_TOKEN_MODES:
             raise ValueError(f"class_token must be one of {CLASS_TOKEN_MODES}, got {self.class_token!r}")
         if not self.decoder and self.embed is not None:
@@ -147,6 +151,33 @@ class FamilyAdapter:
             raise ValueError("an encoder family needs `embeddings` (the module whose output is sliced per rank)")
         if self.class_token != "none" and self.final is None:
             raise ValueError("a family with a class token needs `final` (where the replicated copies are merged)")
+
+
+    def _check_types(self) -> None:
+        if not isinstance(self.model_type, str) or not self.model_type:
+            raise ValueError(f"model_type must be a non-empty string, got {self.model_type!r}")
+        for name in ("decoder", "rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.inputs, (set, frozenset)) or not all(isinstance(x, str) for x in self.inputs):
+            raise ValueError(f"inputs must be a set of input names, got {self.inputs!r}")
+        object.__setattr__(self, "inputs", frozenset(self.inputs))     # a frozen dataclass
+        for name in ("attention", "kv"):
+            if not callable(getattr(self, name)):
+                raise ValueError(f"{name} must be callable, got {getattr(self, name)!r}")
+        for name in ("q", "embeddings", "final", "image_tokens", "check", "max_len", "window", "embed",
+                     "first_input"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ValueError(f"{name} must be callable or None, got {value!r}")
+
+    def describe(self) -> str:
+        """What the runtime does differently by this adapter, as text every rank compares (the input agreement): two
+        ranks resolving one model to different adapters computed different things without a word."""
+        fns = {n: getattr(getattr(self, n), "__qualname__", repr(getattr(self, n))) for n in (
+            "attention", "kv", "q", "embeddings", "final", "embed", "first_input")}
+        return (f"{self.model_type} decoder={self.decoder} rope={self.rope} class_token={self.class_token} "
+                f"inputs={sorted(self.inputs)} {fns}")
 
 
 _REGISTRY: Dict[str, FamilyAdapter] = {}
@@ -288,6 +319,21 @@ class Family:
         return self.adapter.q(module, h, self.head_dim).transpose(1, 2)
 
     # -- rotary embedding ------------------------------------------------------------------------
+    def check_rope(self) -> None:
+        """UnsupportedModelError where a RoPE family's model has no ``rotary_emb`` or rotates only part of each head
+        (a partial rotary factor: Phi, GPT-NeoX), which astra's rotation of non-local keys does not do (a bare size
+        mismatch inside the forward before)."""
+        if not self.rope:
+            return
+        rot = getattr(self.base, "rotary_emb", None)
+        inv = getattr(rot, "inv_freq", None)
+        if not isinstance(inv, torch.Tensor):
+            raise UnsupportedModelError(f"the {self.name} adapter sets rope=True, but {type(self.base).__name__} has "
+                                        "no rotary_emb module with inv_freq")
+        if 2 * inv.numel() != self.head_dim:
+            raise UnsupportedModelError(f"{self.name}'s rotary embedding rotates {2 * inv.numel()} of each head's "
+                                        f"{self.head_dim} dims (a partial rotary factor): astra rotates whole heads")
+
     def rope_scaled_beyond(self) -> Optional[Tuple[str, int]]:
         """``(rope_type, length)`` if the model's rotary frequencies depend on the largest position it is given once
         the positions pass ``length`` (HF's "dynamic" and "longrope" types), else None."""
@@ -373,16 +419,31 @@ def family_of(model) -> Family:
         adapter.check(base.config)
     bcfg = base.config
     heads = bcfg.num_attention_heads
-    try:
-        modules = list(adapter.attention(base))
-    except AttributeError as e:
-        raise UnsupportedModelError(f"astra does not support {cls}: its base {type(base).__name__} does not have "
-                                    f"the layout of a {adapter.model_type} model ({e})") from e
+    modules = _modules_of(cls, base, adapter, "attention", many=True)
     return Family(adapter, model, base, head, modules, bcfg.hidden_size,
                   getattr(bcfg, "num_key_value_heads", None) or heads,
                   getattr(bcfg, "head_dim", None) or bcfg.hidden_size // heads,
-                  embeddings=None if adapter.embeddings is None else adapter.embeddings(base),
-                  final=None if adapter.final is None else adapter.final(base), forward_params=_forward_params(model))
+                  embeddings=_modules_of(cls, base, adapter, "embeddings"),
+                  final=_modules_of(cls, base, adapter, "final"), forward_params=_forward_params(model))
+
+
+def _modules_of(cls: str, base: Module, adapter: FamilyAdapter, field: str, many: bool = False):
+    """The module(s) ``adapter.<field>`` picks from ``base`` (None where the field is None); UnsupportedModelError
+    where the base lacks the layout or the field picks something that is not a module (it was hooked later)."""
+    pick = getattr(adapter, field)
+    if pick is None:
+        return None
+    try:
+        got = list(pick(base)) if many else pick(base)
+    except (AttributeError, TypeError, IndexError) as e:
+        raise UnsupportedModelError(f"astra does not support {cls}: its base {type(base).__name__} does not have "
+                                    f"the layout of a {adapter.model_type} model ({field}: {e})") from e
+    bad = [m for m in (got if many else [got]) if not isinstance(m, Module)]
+    if bad or (many and not got):
+        raise UnsupportedModelError(f"the {adapter.model_type} adapter's {field} picks "
+                                    f"{type(bad[0]).__name__ if bad else 'no modules'} from {type(base).__name__}, "
+                                    "not torch modules")
+    return got
 
 
 # ------------------------------------------------------------------------------------------------

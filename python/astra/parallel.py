@@ -72,7 +72,8 @@ class DistRuntime(RuntimeBase):
         self._slot = 0                       # the next exchange of the current forward
         self._dtype, self._elt = p.dtype, p.element_size()
         self._model_digest = digest(type(model).__name__, config_text(model.config),
-                                    sum(q.numel() for q in model.parameters()), p.dtype)[:8] + weights_digest(model)
+                                    sum(q.numel() for q in model.parameters()), p.dtype,
+                                    self.fam.adapter.describe())[:8] + weights_digest(model)
         self._cb_digest = b"\0" * 16 if codebooks is None else digest(codebooks.checksum())
 
     def place(self) -> str:

@@ -62,6 +62,7 @@ class RuntimeBase:
 
     def __init__(self, model, codebooks: Optional[Codebooks], class_token="auto", split="even"):
         self.fam = family_of(model)
+        self.fam.check_rope()
         check_has_weights(model)
         self.model = model
         if self.in_training():
@@ -107,6 +108,14 @@ class RuntimeBase:
                 self._pred = [(as_normal_tensor(w), as_normal_tensor(b)) for w, b in zip(cb.predictors,
                                                                                           cb.predictor_biases)]
         self._orig_impl = self.model.config._attn_implementation
+        try:
+            self._patch()
+        except BaseException:
+            self._installed = True      # undo whatever was patched: the model stayed half-patched, unpatch found none
+            self.uninstall()
+            raise
+
+    def _patch(self) -> None:
         self.model.set_attn_implementation(ATTN_NAME)
         if self.model.config._attn_implementation != ATTN_NAME:
             raise UnsupportedModelError(
