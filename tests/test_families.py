@@ -313,6 +313,11 @@ def test_adapters_are_checked_and_a_failed_patch_leaves_nothing():
                       (dict(base, model_type="x", rope=True), "rope=True is for decoders")):
         with pytest.raises(ValueError, match=what):
             FamilyAdapter(**bad)
+    # what the ranks compare: swapped projections or a first_input on one rank only tell adapters apart
+    one = FamilyAdapter("x", **base).describe()
+    assert one == FamilyAdapter("x", **base).describe()
+    assert one != FamilyAdapter("x", **dict(base, kv=linear_kv("v_lin", "k_lin"))).describe()
+    assert one != FamilyAdapter("x", **dict(base, first_input=lambda b, e: e)).describe()
     torch.manual_seed(0)
     model = tf.DistilBertModel(tf.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128,
                                                    vocab_size=97)).eval()

@@ -152,7 +152,6 @@ class FamilyAdapter:
         if self.class_token != "none" and self.final is None:
             raise ValueError("a family with a class token needs `final` (where the replicated copies are merged)")
 
-
     def _check_types(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type:
             raise ValueError(f"model_type must be a non-empty string, got {self.model_type!r}")
@@ -174,10 +173,24 @@ class FamilyAdapter:
     def describe(self) -> str:
         """What the runtime does differently by this adapter, as text every rank compares (the input agreement): two
         ranks resolving one model to different adapters computed different things without a word."""
-        fns = {n: getattr(getattr(self, n), "__qualname__", repr(getattr(self, n))) for n in (
+        fns = {n: _callable_text(getattr(self, n)) for n in (
             "attention", "kv", "q", "embeddings", "final", "embed", "first_input")}
         return (f"{self.model_type} decoder={self.decoder} rope={self.rope} class_token={self.class_token} "
                 f"inputs={sorted(self.inputs)} {fns}")
+
+
+def _callable_text(fn) -> str:
+    """A callable as the ranks compare it: its qualified name and the plain values it closes over (so that
+    ``linear_kv("k_proj", "v_proj")`` and ``linear_kv("v_proj", "k_proj")`` differ)."""
+    values = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:          # an empty cell
+            continue
+        if isinstance(v, (str, int, float, bool, type(None))):
+            values.append(v)
+    return f"{getattr(fn, '__qualname__', repr(fn))}{values if values else ''}"
 
 
 _REGISTRY: Dict[str, FamilyAdapter] = {}
