@@ -108,6 +108,17 @@ def test_aot_table_formatting():
     assert r[1].spills == 12 and not math.isnan(r[0].spills)
 
 
+def _vq_kernels(seed: int):
+    """(the VQ Triton kernels' module, the device they run on, a seeded generator); skipped, with the reason, where
+    Triton can not run (no GPU and no TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton")
+    if not T.triton_runnable():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from astra_kernels.triton import vq_kernels
+
+    return vq_kernels, T.kernel_device(), T.seeded_generator(seed)
+
+
 def test_triton_encode_ties_across_codebook_tiles_go_to_the_lowest_index():
     """Mutation audit (vq_kernels.vq_encode_kernel; here as the proof-chain file of the VQ kernels): ties were only
     tested on the CPU path, so the kernel's "a later BLOCK_K tile replaces the running best only if strictly
@@ -115,15 +126,10 @@ def test_triton_encode_ties_across_codebook_tiles_go_to_the_lowest_index():
     (K = 150); odd-integer data, so every distance is exact in fp32 (any summation order, tf32x3 too) and the ties
     are exact. The kernel (poisoned output) and its fused pack must pick the lowest index, as the float64
     reference does."""
-    pytest.importorskip("triton")
-    if not T.triton_runnable():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     import astra_kernels as ak
-    from astra_kernels.triton import vq_kernels as K
     from astra_kernels.vq import vq_distances_reference
 
-    dev = T.kernel_device()
-    g = T.seeded_generator(83)
+    K, dev, g = _vq_kernels(83)
     G, Kc, DG, N = 2, 150, 16, 40
 
     def odd(*shape, high):                                 # odd integers in (-high, high): never zero
@@ -152,14 +158,9 @@ def test_triton_decode_clamps_codes_outside_the_codebook_to_row_zero():
     own guard (a code outside ``[0, K)`` reads row 0, never another group's rows or memory past the codebook) was
     never exercised and could become ``code <= K`` unnoticed. Codes ``K`` and ``-1`` in group 0 (where row ``K``
     is group 1's row 0, inside the tensor) must decode to group 0's row 0; valid codes as the reference."""
-    pytest.importorskip("triton")
-    if not T.triton_runnable():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    from astra_kernels.triton import vq_kernels as K
     from astra_kernels.vq import vq_decode_reference
 
-    dev = T.kernel_device()
-    g = T.seeded_generator(97)
+    K, dev, g = _vq_kernels(97)
     G, Kc, DG, N = 2, 9, 24, 37
     cb = T.random_inputs(G, Kc, DG, generator=g)
     codes = T.random_ints(N, G, low=0, high=Kc, generator=g, dtype=torch.int32)
