@@ -18,7 +18,7 @@ import torch
 import astra_kernels as ak
 from astra_kernels.checks import check_finite as finite_or_raise
 from . import bases
-from .codebooks import Codebooks, apply_predictor, as_normal_tensor
+from .codebooks import Codebooks, apply_predictor, as_normal_tensor, cast_checked
 from .context import Ctx, make_ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .inputs import check_not_autocast
@@ -98,15 +98,17 @@ class RuntimeBase:
         _register()
         p = next(self.model.parameters())
         self._param_state = (p.dtype, p.device)
-        if self.codebooks is not None:
-            cb = self.codebooks.to(device=p.device, dtype=p.dtype)     # ValueError where the cast overflows
-            self._cb = [as_normal_tensor(c) for c in cb.tensors]
+        cb = self.codebooks
+        if cb is not None:
+            def cast(what, ts):         # to the model's device and dtype; ValueError where the cast overflows
+                return [as_normal_tensor(cast_checked(t, f"{what} of layer {i}", device=p.device, dtype=p.dtype))
+                        for i, t in enumerate(ts)]
+            self._cb = cast("codebook", cb.tensors)
             if cb.transformed:
-                self._tf, self._inv = list(cb.transforms), list(cb.inverses)
+                self._tf, self._inv = cast("transform", cb.transforms), cast("inverse", cb.inverses)
                 self._folds = self._fold_kv(p)
             if cb.predictive:
-                self._pred = [(as_normal_tensor(w), as_normal_tensor(b)) for w, b in zip(cb.predictors,
-                                                                                          cb.predictor_biases)]
+                self._pred = list(zip(cast("predictor", cb.predictors), cast("predictor bias", cb.predictor_biases)))
         self._orig_impl = self.model.config._attn_implementation
         try:
             self._patch()
