@@ -16,7 +16,6 @@ position ids, when not given, are ``cumsum(mask) - 1`` with padded positions set
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -87,11 +86,7 @@ def generation_positions(mask: torch.Tensor) -> torch.Tensor:
 def _resolve_config(model, generation_config, kwargs: Dict[str, Any]):
     """The generation config ``generate`` will use, resolved as HF resolves it (the caller's, its unset fields filled
     from ``model.generation_config``, then ``kwargs`` applied; a copy), and the kwargs that are model inputs."""
-    prepare = getattr(model, "_prepare_generation_config", None)
-    if prepare is None:                 # not a GenerationMixin (a bare module registered as a family)
-        gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-        return gc, gc.update(**kwargs)
-    gc, model_kwargs = prepare(generation_config, **kwargs)
+    gc, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)    # a copy
     for k in ("output_attentions", "output_hidden_states"):     # HF copies them into the model kwargs
         model_kwargs.pop(k, None)
     return gc, model_kwargs
