@@ -333,6 +333,12 @@ def test_adapters_are_checked_and_a_failed_patch_leaves_nothing():
             assert torch.equal(model(**inputs).last_hidden_state, ref.last_hidden_state)
     finally:
         unregister_family("distilbert")
+    register_family(FamilyAdapter("distilbert", **dict(base, attention=lambda b: [b.transformer.layer[0].attention])))
+    try:                # one layer's attention named of two: the other called astra's attention unregistered
+        with pytest.raises(astra.AstraError, match="this DistilBertSelfAttention is not among the attention modules"):
+            astra.simulate(model, inputs, world_size=2)
+    finally:
+        unregister_family("distilbert")
     phi = tf.PhiForCausalLM(tf.PhiConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
                                          intermediate_size=128, vocab_size=97, partial_rotary_factor=0.5)).eval()
     register_family(FamilyAdapter("phi", True, lambda b: [x.self_attn for x in b.layers],

@@ -36,10 +36,13 @@ def _astra_attention(module, query, key, value, attention_mask, scaling=None, dr
     rt = getattr(module, "_astra_runtime", None)
     rt = rt() if rt is not None else None
     if rt is None or rt.ctx is None:
+        hint = "" if rt is not None else (
+            f"; inside astra.simulate or a ParallelModel: this {type(module).__name__} is not among the attention "
+            "modules the model's family adapter names (FamilyAdapter.attention must give every layer's)")
         raise AstraError(
             "this model is patched by astra: call it through astra.simulate / the object returned by "
             "astra.parallelize, or restore it with astra.unpatch(model) (a model that shares its config with a "
-            "patched one, e.g. built from the same config object, reads the patch too)"
+            f"patched one, e.g. built from the same config object, reads the patch too){hint}"
         )
     return rt.attention(module, query, key, value, scaling)
 
