@@ -8,6 +8,7 @@ import shutil
 import time
 from typing import List, Optional
 
+from ..cli import OPTIONAL_PACKAGES
 from ..netlink import check_rate, netem_available, real_link_available
 from ..transport import checked_timeout
 from .models import BENCH_MODELS, check_tokens, has_tp_plan, tp_splits
@@ -128,7 +129,7 @@ def check_bench_args(args) -> None:
     # the packages last: every argument error is reported first
     for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
         if (mod != "accelerate" or "hf-tp" in systems) and importlib.util.find_spec(mod) is None:
-            raise ValueError(f"{what} needs {mod}: pip install 'astra-kernels[bench]'")
+            raise ValueError(f"{what} needs {mod}: pip install 'astra-kernels[{OPTIONAL_PACKAGES[mod]}]'")
     try:                                   # last: nothing is made for a command line that fails its checks
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
