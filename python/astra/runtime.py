@@ -186,8 +186,8 @@ class RuntimeBase:
 
     def new_ctx(self, inputs, world_size: int) -> Ctx:
         """A forward's context (:func:`make_ctx`); where :attr:`needs_embeddings`, a decoder's ranks also embed the
-        whole sequence there (:meth:`Family.embed`; encoders keep theirs from the embeddings hook)."""
-        self.check_model_state()
+        whole sequence there (:meth:`Family.embed`; encoders keep theirs from the embeddings hook). The caller has
+        checked the model's state (:meth:`check_model_state`: the distributed runtime in its input agreement)."""
         ctx = make_ctx(self.fam, inputs, world_size, self.cls, self.split_costs)
         if self.needs_embeddings and self.fam.decoder:
             with contextlib.nullcontext() if self.differentiable else torch.no_grad():

@@ -120,6 +120,7 @@ class SimRuntime(RuntimeBase):
         return out.transpose(1, 2).contiguous(), None
 
     def run(self, inputs: Dict[str, Any], capture: bool = False):
+        self.check_model_state()
         inputs = validate_inputs(self.fam, inputs, self.N, self.cls)
         self.layer = None
         self.ctx = self.new_ctx(inputs, self.N)
