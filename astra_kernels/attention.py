@@ -134,9 +134,9 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
     elif be == "triton":
         from .triton.attention_kernels import attention_triton
 
-        out = torch.empty(q.shape, dtype=out_dtype if out_dtype != torch.float64 else q.dtype, device=q.device)
+        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)       # q's dtype, or float32 / float64 (q's)
         out, lse = attention_triton(qs.q, qs.q_pos, segs, causal=qs.causal, scale=qs.scale, out=out)
-        out, lse = out.to(out_dtype), lse.to(_lse_dtype(q))         # the kernel's lse is float32
+        lse = lse.to(_lse_dtype(q))         # the kernel's is float32
     else:
         out, lse = _attention_torch(qs, segs, out_dtype)
     if check is not None or lse.device.type == "cpu":     # a sync on a device: only with validate
