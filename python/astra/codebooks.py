@@ -179,8 +179,7 @@ class Codebooks:
         overflows the new dtype. The transforms keep the check they passed (a cast only rounds them: a bf16 pair
         cast to float32 keeps its bf16 product's error)."""
         def moved(what, ts):
-            return None if ts is None else [cast_checked(t, f"{what} of layer {i}", *args, **kwargs)
-                                            for i, t in enumerate(ts)]
+            return None if ts is None else cast_layers(what, ts, *args, **kwargs)
         out = self.with_tensors(moved("codebook", self.tensors))
         out.transforms, out.inverses = moved("transform", self.transforms), moved("inverse", self.inverses)
         out.predictors = moved("predictor", self.predictors)
@@ -394,6 +393,11 @@ def cast_checked(t: torch.Tensor, what: str, *args, **kwargs) -> torch.Tensor:
         raise ValueError(f"{what}: entries up to {float(t.abs().max()):.4g} overflow {out.dtype}: run the model in "
                          "float32 (model.float()), or calibrate with basis='none'")
     return out
+
+
+def cast_layers(what: str, tensors: Sequence[torch.Tensor], *args, **kwargs) -> List[torch.Tensor]:
+    """Each layer's tensor through :func:`cast_checked` (named ``"<what> of layer <i>"``)."""
+    return [cast_checked(t, f"{what} of layer {i}", *args, **kwargs) for i, t in enumerate(tensors)]
 
 
 def _checked_layers(layers: Sequence[int], count: int) -> tuple:

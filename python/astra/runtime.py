@@ -18,7 +18,7 @@ import torch
 import astra_kernels as ak
 from astra_kernels.checks import check_finite as finite_or_raise
 from . import bases
-from .codebooks import Codebooks, apply_predictor, as_normal_tensor, cast_checked
+from .codebooks import Codebooks, apply_predictor, as_normal_tensor, cast_layers
 from .context import Ctx, make_ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .inputs import check_not_autocast
@@ -104,8 +104,7 @@ class RuntimeBase:
         cb = self.codebooks
         if cb is not None:
             def cast(what, ts):         # to the model's device and dtype; ValueError where the cast overflows
-                return [as_normal_tensor(cast_checked(t, f"{what} of layer {i}", device=p.device, dtype=p.dtype))
-                        for i, t in enumerate(ts)]
+                return [as_normal_tensor(t) for t in cast_layers(what, ts, device=p.device, dtype=p.dtype)]
             self._cb = cast("codebook", cb.tensors)
             if cb.transformed:
                 self._tf, self._inv = cast("transform", cb.transforms), cast("inverse", cb.inverses)
