@@ -132,6 +132,9 @@ def _more_disagreements(rank, inputs, sim):
     loaded.config._name_or_path = f"/models/copy-{rank}/gpt2"
     pm = astra.parallelize(loaded, astra.Codebooks.random(loaded, groups=1, codebook_size=8), timeout=5)
     out["1i_two_directories"] = ("ok", float((pm.gather(pm(**inputs)).logits - sim).abs().max()))
+    mask = torch.ones_like(inputs["input_ids"])
+    mask = mask.to_sparse() if rank == 1 else mask
+    out["1j_sparse_mask"] = (_outcome(lambda: pm(**dict(inputs, attention_mask=mask))), 0.0)
     return out
 
 
@@ -176,6 +179,9 @@ def test_every_rank_raises_in_the_same_call_and_recovers(world):
                                   "ranks") and "every rank must load the same checkpoint" in weights, weights
         swapped = out["1g_swapped_rows"][0]
         assert swapped.split(": rank 0:")[0] == weights.split(": rank 0:")[0] and "same checkpoint" in swapped, swapped
+        sparse = out["1j_sparse_mask"][0]       # was: rank 1 raised alone in its digest, its peers waited 5 s
+        assert sparse.startswith(f"InputMismatchError: astra rank {rank}/{world}: rank 1 rejected its inputs "
+                                 "(InvalidInputError: attention_mask must be a dense tensor"), sparse
         cls = out["1h_other_class_token"][0]
         assert cls.startswith(f"InputMismatchError: astra rank {rank}/{world}: input names, dtypes or shapes, or "
                               "options (split, class_token) differ") and "class_token=distributed" in cls, cls

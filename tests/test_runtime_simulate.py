@@ -226,6 +226,20 @@ def test_ids_of_a_dtype_no_embedding_takes_and_token_types_out_of_range_are_refu
     assert float((got - ref).abs().max()) < 1e-4
 
 
+def test_inputs_without_dense_values_are_refused_by_name():
+    """A sparse mask got past the checks and failed in the fingerprint's digest, on its rank alone, outside the
+    agreement (its peers then waited for an exchange that never came); meta and nested ids failed inside torch."""
+    gpt2 = tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2", seq=8)
+    ids, mask = inputs["input_ids"], torch.ones_like(inputs["input_ids"])
+    cases = [("attention_mask", mask.to_sparse(), "sparse_coo"), ("input_ids", ids.to("meta"), "meta"),
+             ("input_ids", torch.nested.nested_tensor([ids[0], ids[0, :5]]), "nested")]
+    for key, bad, kind in cases:
+        with pytest.raises(astra.InvalidInputError, match=f"{key} must be a dense tensor holding its values, got a "
+                                                          f"{kind} tensor"):
+            astra.simulate(gpt2, {**inputs, "attention_mask": mask, key: bad}, world_size=2)
+
+
 def test_autocast_is_refused_by_name():
     """Under torch.autocast, Llama's q / k came fp32 and v bf16 (a bare dtype error in the kernels), BERT's class-token
     outputs failed their layout check, and autocast on one rank only aborted gloo: refused up front."""

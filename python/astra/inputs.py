@@ -79,6 +79,9 @@ def _tensor(inputs: Dict[str, Any], key: str, kinds: str, ndims: Tuple[int, ...]
         return None
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{key} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta or x.is_nested or x.layout != torch.strided:
+        kind = "meta" if x.is_meta else "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+        raise InvalidInputError(f"{key} must be a dense tensor holding its values, got a {kind} tensor")
     if kinds == "float":
         ok, want = x.is_floating_point(), "a floating"
     elif kinds == "index":          # what an embedding lookup takes

@@ -433,14 +433,13 @@ class DistRuntime(RuntimeBase):
             self.check_model_state()        # one rank's model put in training mode or moved: every rank raises
             if validate:
                 inputs = validate_inputs(self.fam, inputs, self.world, self.cls)
+            values = digest(inputs_digest(inputs), request, self.split, self.cls)
+            text = (f"{request}{describe_inputs(inputs)}; split {self.split}; class_token="
+                    f"{'distributed' if self.cls else 'none'}")
         except Exception as e:  # any verdict on the inputs travels in the fingerprint, so every rank raises
-            err = e
+            err, values, text = e, b"\0" * 16, f"{type(e).__name__}: {e}"
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
-                         model=self._model_digest, codebooks=self._cb_digest,
-                         values=b"\0" * 16 if err else digest(inputs_digest(inputs), request, self.split, self.cls),
-                         text=f"{type(err).__name__}: {err}" if err
-                         else f"{request}{describe_inputs(inputs)}; split {self.split}; class_token="
-                         f"{'distributed' if self.cls else 'none'}")
+                         model=self._model_digest, codebooks=self._cb_digest, values=values, text=text)
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
