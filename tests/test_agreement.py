@@ -102,3 +102,21 @@ def test_disagreement_gives_each_verdict_the_same_on_every_rank():
     # a weights-only difference names the checkpoint; the earlier checks win over the later ones
     assert "every rank must load the same checkpoint" in _verdict([ok, _fp(model=b"M" * 8 + b"W" * 8)])[1]
     assert "world sizes" in _verdict([ok, _fp(world=3, status=INVALID, call=9, values=b"U" * 16)])[1]
+
+
+def test_texts_for_other_ranks_never_fail_to_encode():
+    """A lone surrogate (os.fsdecode of a name that is not UTF-8) in a rejection reason made the fingerprint's
+    encode raise on that rank alone, before the exchange; an exception whose str() raised escaped the same way."""
+    from astra.errors import described, utf8_field
+
+    name = b"caf\xe9.bin".decode("utf-8", "surrogateescape")
+    fp = _fp(status=INVALID, text=f"OSError: could not read {name}")
+    assert Fingerprint.unpack(fp.pack()).text == "OSError: could not read caf\\udce9.bin"
+
+    class Unprintable(ValueError):
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    assert described(Unprintable()) == "Unprintable: <its str() failed>"
+    assert described(OSError(name)) == "OSError: caf\\udce9.bin"
+    assert utf8_field("é" * 3, 5) == "éé".encode() + b"\xc3" and utf8_field("ab", 4) == b"ab\0\0"

@@ -344,6 +344,10 @@ def _mixed_calls(rank):
     last[0, -1] = (last[0, -1] + rank) % 97
     after("last prompt token", lambda: pm.generate(last, max_new_tokens=3))
     after("generate arguments", lambda: pm.generate(ids, max_new_tokens=2 + rank))
+    # a config field JSON can not hold: the fallback compared the fields' names only, and the ranks ran different
+    # generations silently
+    after("generate arguments, tensor eos", lambda: pm.generate(ids, max_new_tokens=2 + rank,
+                                                                 eos_token_id=torch.tensor([96])))
     after("refused on one rank", lambda: pm.generate(ids, max_new_tokens=2, **({"use_cache": False} if rank == 0
                                                                                  else {})))
     after("forward vs generate", lambda: pm(**x) if rank == 0 else pm.generate(ids, max_new_tokens=2))
@@ -384,7 +388,7 @@ def test_ranks_calling_different_things_all_raise_and_stay_usable():
             if name.endswith(" next"):
                 assert v < TOL, (rank, name, v)
         for name in ("gather vs forward", "gather dst", "gather of other dtypes", "gather of other widths",
-                     "short prompts", "last prompt token", "generate arguments",
+                     "short prompts", "last prompt token", "generate arguments", "generate arguments, tensor eos",
                      "forward vs generate"):
             assert out[name].startswith(f"InputMismatchError: astra rank {rank}/2: "), (rank, name, out[name])
         assert "gather(dst=0)" in out["gather dst"] and "gather(dst=1)" in out["gather dst"]
@@ -408,6 +412,114 @@ def test_ranks_calling_different_things_all_raise_and_stay_usable():
             "RankFailedError: astra rank 0/2: rank 1 failed") and "KeyboardInterrupt" in interrupted, interrupted
         assert out["generate"] == want
         assert out["seconds"] < 60           # every case is told at once, none waits for the 5 s timeout
+
+
+class _Unprintable(RuntimeError):
+    def __str__(self):
+        raise ValueError("no text")
+
+
+def _failing_alone(rank):
+    """Failures on one rank that left it out of step with its peers: a gather right after a failed forward (the
+    failing rank's exchange counter lagged by one), a payload refused by the transport before its collective (the
+    failure report went out at the next exchange: gloo aborted a rank), an error text UTF-8 can not encode or whose
+    str() fails (raised alone, outside the failure machinery), gather before any forward on one rank only (raised
+    alone: the ranks fell one call apart) and a sparse output given to gather (it failed after the agreement)."""
+    model = tiny_model("gpt2", head=False)
+    x = tiny_inputs("gpt2", seq=12)
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    pm = astra.parallelize(model, None, timeout=5)
+    out = {}
+
+    def after(name, fn):                        # the case, then a good forward and gather on every rank
+        out[name] = _any_outcome(fn)
+        out[name + " next"] = float((pm.gather(pm(**x)).last_hidden_state - ref).abs().max())
+
+    def failing(exc, victim=1, module=model.h[1].attn):
+        def fault(m, a):
+            raise exc
+        hook = module.register_forward_pre_hook(fault) if rank == victim else None
+        try:
+            return pm(**x)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    kept = pm(**x)
+    out["failed forward"] = _any_outcome(lambda: failing(RuntimeError("injected")))
+    after("gather after a failed forward", lambda: pm.gather(kept))
+    def cast_on_rank_0():
+        hook = model.h[1].ln_1.register_forward_hook(lambda m, a, o: o.double()) if rank == 0 else None
+        try:
+            return pm(**x)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    after("payload of another size", cast_on_rank_0)
+    name = b"caf\xe9.bin".decode("utf-8", "surrogateescape")        # os.fsdecode of a name that is not UTF-8
+    after("unencodable error text", lambda: failing(OSError(f"could not read /data/{name}")))
+    after("error whose str() fails", lambda: failing(_Unprintable()))
+    kept = pm(**x)
+    sparse = type(kept)(last_hidden_state=kept.last_hidden_state.to_sparse()) if rank == 1 else kept
+    after("gather of a sparse output", lambda: pm.gather(sparse))
+    fresh_model = tiny_model("gpt2", head=False)
+    fresh = astra.parallelize(fresh_model, None, timeout=5)
+    out["gather before any forward"] = _any_outcome(lambda: fresh.gather(kept) if rank == 0 else fresh(**x))
+    out["gather before any forward next"] = float((fresh.gather(fresh(**x)).last_hidden_state - ref).abs().max())
+    return out
+
+
+def test_a_rank_failing_alone_leaves_every_rank_in_step():
+    results = astra.launch(_failing_alone, 2, join_timeout=240)
+    for rank, out in enumerate(results):
+        for name, v in out.items():
+            if name.endswith(" next"):
+                assert v < TOL, (rank, name, v)
+        assert out["failed forward"].startswith(f"RankFailedError: astra rank {rank}/2: rank 1 failed in layer 1")
+        assert out["gather after a failed forward"] == "ok", out["gather after a failed forward"]
+        size = out["payload of another size"]
+        assert size.startswith(f"RankFailedError: astra rank {rank}/2: rank 0 failed in layer 1") and \
+            "payload has" in size and "could not be told" not in size, size
+        text = out["unencodable error text"]
+        assert text.startswith(f"RankFailedError: astra rank {rank}/2: rank 1 failed in layer 1"), text
+        assert "could not read /data/caf\\udce9.bin" in text, text
+        assert out["error whose str() fails"].startswith(f"RankFailedError: astra rank {rank}/2: rank 1 failed in "
+                                                         "layer 1") and "_Unprintable: <its str() failed>" in \
+            out["error whose str() fails"], out["error whose str() fails"]
+        sparse = out["gather of a sparse output"]
+        assert sparse.startswith(f"InputMismatchError: astra rank {rank}/2: rank 1 rejected its inputs "
+                                 "(InvalidInputError: gather: out['last_hidden_state'] must be a dense tensor"), sparse
+        before = out["gather before any forward"]
+        assert before.startswith(f"InputMismatchError: astra rank {rank}/2: rank 0 rejected its inputs (AstraError: "
+                                 "gather() needs a forward first)"), before
+
+
+def _broken_then_gather(rank):
+    """Rank 1 stalls past the timeout; rank 0's forward breaks the group. Its gather then ran an exchange on the
+    broken group and waited out the timeout again, where every other call raises at once."""
+    import time
+
+    model = tiny_model("gpt2", head=False)
+    x = tiny_inputs("gpt2", seq=12)
+    pm = astra.parallelize(model, None, timeout=3)
+    local = pm(**x)
+    if rank == 1:
+        time.sleep(8)
+        return {}
+    out = {"forward": _any_outcome(lambda: pm(**x))}
+    t0 = time.perf_counter()
+    out["gather"] = _any_outcome(lambda: pm.gather(local))
+    out["gather seconds"] = time.perf_counter() - t0
+    return out
+
+
+def test_gather_on_a_broken_group_raises_at_once():
+    out = astra.launch(_broken_then_gather, 2, join_timeout=120)[0]
+    assert out["forward"].startswith("PeerError: astra rank 0/2: input agreement failed"), out["forward"]
+    assert out["gather"].startswith("PeerError: astra rank 0/2: a peer failed in an earlier call"), out["gather"]
+    assert out["gather seconds"] < 1.5, out         # the timeout is 3 s
 
 
 def _lifecycle(rank):

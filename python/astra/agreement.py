@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from astra_kernels.checks import INT_OF_SIZE
-from .errors import InputMismatchError, InvalidInputError
+from .errors import InputMismatchError, InvalidInputError, utf8_field
 
 # magic, call, world, status, model (8 bytes of its description's digest, 8 of its weights'), codebooks and input
 # values digests
@@ -40,7 +40,7 @@ class Fingerprint:
     magic: int = MAGIC
 
     def pack(self) -> torch.Tensor:
-        text = self.text.encode("utf-8")[:TEXT_NBYTES].ljust(TEXT_NBYTES, b"\0")
+        text = utf8_field(self.text, TEXT_NBYTES)
         raw = HEAD.pack(self.magic, self.call & 0xFFFFFFFF, self.world, self.status, self.model, self.codebooks,
                         self.values) + text
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8)

@@ -53,6 +53,25 @@ class RankFailedError(AstraError):
         self.layer = layer
 
 
+def described(e: BaseException) -> str:
+    """``"Type: message"`` of ``e``, as it travels to other ranks and processes, never raising: an exception whose
+    ``__str__`` fails still gets its type named, and characters UTF-8 can not encode (a lone surrogate, as
+    ``os.fsdecode`` gives for a file name that is not UTF-8) are backslash-escaped."""
+    try:
+        text = f"{type(e).__name__}: {e}"
+    except Exception:           # a third-party exception with a broken __str__
+        text = f"{type(e).__name__}: <its str() failed>"
+    return utf8_field(text).decode("utf-8")
+
+
+def utf8_field(text: str, nbytes: int = -1) -> bytes:
+    """``text`` as UTF-8 bytes, characters it can not encode backslash-escaped; with ``nbytes`` >= 0, cut and
+    NUL-padded to exactly that many (the fixed-size text fields every rank exchanges: a cut character decodes as
+    U+FFFD)."""
+    raw = text.encode("utf-8", "backslashreplace")
+    return raw if nbytes < 0 else raw[:nbytes].ljust(nbytes, b"\0")
+
+
 class FrameMismatchError(PeerError):
     """A frame belongs to another call or layer than the one being exchanged: the ranks are out of step."""
 

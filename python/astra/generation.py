@@ -146,13 +146,16 @@ def generation_request(prompt: Optional[Prompt]) -> Tuple[str, Dict[str, Any]]:
     given there alone). ``prompt`` None: refused locally."""
     if prompt is None:
         return "generate: refused; ", {}
+    tensors = {}
     try:
         config = prompt.config.to_json_string(use_diff=True).replace("\n", "").replace(" ", "")
-    except (TypeError, ValueError):
-        config = repr(sorted(prompt.config.to_dict()))
+    except (TypeError, ValueError):     # a field JSON can not hold (a tensor eos_token_id): tensors go with the values
+        fields = prompt.config.to_dict()
+        tensors = {f"config.{k}": v for k, v in fields.items() if isinstance(v, torch.Tensor)}
+        config = repr(sorted((k, v) for k, v in fields.items() if not isinstance(v, torch.Tensor)))
     extra = {k: v for k, v in prompt.model_kwargs.items() if isinstance(v, torch.Tensor)}    # model inputs
     values = {"input_ids": prompt.input_ids, "attention_mask": prompt.attention_mask,
-              **({} if prompt.position_ids is None else {"position_ids": prompt.position_ids}), **extra}
+              **({} if prompt.position_ids is None else {"position_ids": prompt.position_ids}), **extra, **tensors}
     return f"generate {config}; ", values
 
 

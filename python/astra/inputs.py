@@ -73,15 +73,20 @@ def seq_geometry(fam: Family, inputs: Dict[str, Any]) -> Tuple[int, int]:
     return x.shape[0], x.shape[1]
 
 
+def check_dense(key: str, x: torch.Tensor) -> None:
+    """Refuse a tensor whose bytes astra can not read or send: sparse, nested or on the meta device."""
+    if x.is_meta or x.is_nested or x.layout != torch.strided:
+        kind = "meta" if x.is_meta else "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+        raise InvalidInputError(f"{key} must be a dense tensor holding its values, got a {kind} tensor")
+
+
 def _tensor(inputs: Dict[str, Any], key: str, kinds: str, ndims: Tuple[int, ...]):
     x = inputs.get(key)
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{key} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_meta or x.is_nested or x.layout != torch.strided:
-        kind = "meta" if x.is_meta else "nested" if x.is_nested else str(x.layout).replace("torch.", "")
-        raise InvalidInputError(f"{key} must be a dense tensor holding its values, got a {kind} tensor")
+    check_dense(key, x)
     if kinds == "float":
         ok, want = x.is_floating_point(), "a floating"
     elif kinds == "index":          # what an embedding lookup takes

@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional
 
 from astra_kernels.checks import is_count
 from . import allocator
-from .errors import LaunchError
+from .errors import LaunchError, described
 from .transport import checked_timeout
 
 
@@ -120,13 +120,6 @@ def _exit_with_launcher(launcher: int) -> None:
     threading.Thread(target=watch, name="astra-launch-watch", daemon=True).start()
 
 
-def _described(e: BaseException) -> str:
-    try:
-        return f"{type(e).__name__}: {e}"
-    except Exception:           # an exception whose __str__ fails still gets reported
-        return f"{type(e).__name__}: <its str() failed>"
-
-
 def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn: _Fn, args, kwargs, q, launcher):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
@@ -155,7 +148,7 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
                 pass
         q.put((rank, "ok", _dump(result)))
     except BaseException as e:  # report everything, including SystemExit from fn
-        q.put((rank, "err", f"{_described(e)}\n{traceback.format_exc()}"))
+        q.put((rank, "err", f"{described(e)}\n{traceback.format_exc()}"))
 
 
 def _start(procs) -> None:

@@ -22,7 +22,15 @@ from .agreement import (
 )
 from .codebooks import as_codebooks
 from .context import LayerStats, key_masks
-from .errors import AstraError, InvalidInputError, PeerError, RankFailedError, UnsupportedModelError
+from .errors import (
+    AstraError,
+    InvalidInputError,
+    PeerError,
+    RankFailedError,
+    UnsupportedModelError,
+    described,
+    utf8_field,
+)
 from .generation import (
     Heartbeat,
     check_generation,
@@ -32,7 +40,7 @@ from .generation import (
     result_like,
     sequences_of,
 )
-from .inputs import seq_geometry, validate_inputs
+from .inputs import check_dense, seq_geometry, validate_inputs
 from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_signature, token_tensors
 from .runtime import RuntimeBase
 from .split import DEFAULT_SPLIT, key_ranks, local_indices, with_class_token
@@ -137,8 +145,14 @@ class DistRuntime(RuntimeBase):
         return slot
 
     def _exchange(self, payload: torch.Tensor, sizes, stats, what: str, status: int = STATUS_OK) -> Pending:
-        return self.transport.exchange(payload, sizes, self.calls, self._next_slot(), stats=stats, what=what,
-                                       status=status)
+        slot = self._next_slot()
+        try:
+            return self.transport.exchange(payload, sizes, self.calls, slot, stats=stats, what=what, status=status)
+        except PeerError:
+            raise
+        except Exception:       # refused before its collective (a payload of the wrong size): the peers are still in
+            self._slot = slot   # this exchange, so this rank's failure report takes its place
+            raise
 
     def _layer_sizes(self) -> List[int]:
         """Every rank's payload size of a layer's exchange (codec frames, or raw hidden states; nothing from a rank
@@ -363,7 +377,7 @@ class DistRuntime(RuntimeBase):
         try:
             return build(), STATUS_OK, None
         except BaseException as e:
-            self.transport.error_text = f"{type(e).__name__}: {e}"
+            self.transport.error_text = described(e)
             empty = torch.zeros(0, dtype=torch.uint8, device=self.transport.device)
             return empty, STATUS_FAILED, None if isinstance(e, Exception) else e
 
@@ -409,6 +423,7 @@ class DistRuntime(RuntimeBase):
         whatever the other ranks' first exchange is, so ranks calling different things, or the same with other
         arguments, raise the same error instead of pairing exchanges of different sizes (gloo aborts the process)."""
         self.calls += 1
+        self._slot = 0                      # a new call numbers its exchanges from 0 (as a forward does)
         if self.broken is not None:         # a broken group: the caller goes on alone or raises its PeerError
             if request_error is not None:
                 raise request_error
@@ -437,7 +452,7 @@ class DistRuntime(RuntimeBase):
             text = (f"{request}{describe_inputs(inputs)}; split {self.split}; class_token="
                     f"{'distributed' if self.cls else 'none'}")
         except Exception as e:  # any verdict on the inputs travels in the fingerprint, so every rank raises
-            err, values, text = e, b"\0" * 16, f"{type(e).__name__}: {e}"
+            err, values, text = e, b"\0" * 16, described(e)
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
                          model=self._model_digest, codebooks=self._cb_digest, values=values, text=text)
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
@@ -455,14 +470,14 @@ class DistRuntime(RuntimeBase):
     def _fail_together(self, e: BaseException):
         """This rank failed mid-forward: finish the exchanges in flight, then send an error frame in place of
         the next exchange, so every rank raises :class:`RankFailedError` in this same call."""
-        text = (f"{type(e).__name__}: {e}").encode("utf-8")
+        text = described(e)
         layer = -1 if self.layer is None else self.layer
         try:
             for pend in [p for p in self.ctx.state.values() if isinstance(p, Pending)]:
                 pend.wait()
             self.ctx.state.clear()
-            slot = self._slot
-            self.transport.error_text = text.decode("utf-8", "replace")
+            slot = self._next_slot()        # the exchange the peers are in (they numbered it alike)
+            self.transport.error_text = text
             empty = torch.zeros(0, dtype=torch.uint8, device=self.transport.device)
             self.transport.exchange(empty, self._slot_sizes(slot), self.calls, slot, status=STATUS_FAILED,
                                     layer=layer, what="failure report").wait()
@@ -470,7 +485,7 @@ class DistRuntime(RuntimeBase):
             raise r from e
         except PeerError as p:
             self.broken = str(p)
-            raise RankFailedError(f"{self.place()} failed in layer {self.layer} (call {self.calls}): {text.decode()}"
+            raise RankFailedError(f"{self.place()} failed in layer {self.layer} (call {self.calls}): {text}"
                                   f"; the other ranks could not be told ({p})", self.rank, self.layer) from e
         raise AssertionError("unreachable: an error frame always raises")  # pragma: no cover
 
@@ -600,22 +615,27 @@ class ParallelModel:
     def gather(self, out, dst: Optional[int] = None):
         """Full outputs (same type as ``model(**inputs)``) from this rank's local outputs ``out`` of the last
         forward (collective): the explicit form of ``output="hidden_states"``."""
-        if self._last is None:
-            raise AstraError("gather() needs a forward first")
-        err = None
-        try:
+        err, request = None, "gather: refused; "
+        try:            # any refusal travels in the agreement: raised alone, it left the ranks one call apart
+            if self._last is None:
+                raise AstraError("gather() needs a forward first")
             dst = check_dst(dst, self.world_size)
             self._check_local(out)
-        except ValueError as e:
+            # the local outputs themselves differ between ranks (their tokens; fields only some ranks hold, such as
+            # BERT's pooler output on rank 0): the call, its dst and the per-token fields' layout are what every
+            # rank must share (other dtypes or widths would pair frames of other sizes: gloo aborts)
+            request = f"gather(dst={dst!r}); {token_signature(self._rt.fam, out)}; "
+        except Exception as e:
             err = e
-        # the local outputs themselves differ between ranks (their tokens; fields only some ranks hold, such as
-        # BERT's pooler output on rank 0): the call, its dst and the per-token fields' layout are what every rank
-        # must share (other dtypes or widths would pair frames of other sizes, which gloo answers with an abort)
         try:
-            self._rt.agree(f"gather(dst={dst!r}); {token_signature(self._rt.fam, out)}; ", {}, err)
+            self._rt.agree(request, {}, err)
         except PeerError:                   # a peer died since the forward: on_peer_failure="local" finishes alone
             if self._rt.on_peer_failure == "raise" or err is not None:
                 raise
+            return self._output_alone(OUTPUTS["hidden_states"], dst)
+        if self._rt.broken is not None:     # broken before this call: no exchange (it would wait out the timeout)
+            if self._rt.on_peer_failure == "raise":
+                self._rt._after_peer_failure({}, None)
             return self._output_alone(OUTPUTS["hidden_states"], dst)
         fw = replace(self._last, out=out, dst=dst, stats=OutputStats("hidden_states"))
         return self._output(OUTPUTS["hidden_states"], fw)
@@ -627,6 +647,7 @@ class ParallelModel:
             return
         want = len(self._last.chunks[self.rank]) + (1 if self._rt.cls else 0)
         for k, t in token_tensors(self._rt.fam, out).items():
+            check_dense(f"gather: out[{k!r}]", t)
             if t.dim() < 2 or t.shape[1] != want:
                 raise InvalidInputError(f"gather: out[{k!r}] has shape {tuple(t.shape)}, but the last forward gave "
                                         f"this rank {want} tokens: out must be this rank's local output of the "
@@ -685,7 +706,7 @@ class ParallelModel:
             raise
         except BaseException as e:          # an interrupt too: the waiting ranks are told at once, not at the timeout
             self._send_header(GEN_FAILED)
-            text = f"{type(e).__name__}: {e}".encode("utf-8")[:ERROR_TEXT_NBYTES].ljust(ERROR_TEXT_NBYTES, b"\0")
+            text = utf8_field(described(e), ERROR_TEXT_NBYTES)
             rt.transport.broadcast(torch.frombuffer(bytearray(text), dtype=torch.uint8).to(rt.transport.device),
                                    last, what="generate: error report")
             raise

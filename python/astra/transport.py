@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import astra_kernels as ak
-from .errors import FrameMismatchError, PeerError, RankFailedError
+from .errors import FrameMismatchError, PeerError, RankFailedError, utf8_field
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -139,7 +139,7 @@ class Transport:
 
     def _error_texts(self, what: str) -> List[str]:
         """After a failed status: every rank sends its error text (empty if it did not fail), fixed size."""
-        mine = (self.error_text or "").encode("utf-8")[:ERROR_TEXT_NBYTES].ljust(ERROR_TEXT_NBYTES, b"\0")
+        mine = utf8_field(self.error_text or "", ERROR_TEXT_NBYTES)
         self.error_text = None
         buf = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(self.device)
         outs = self.exchange_fixed(buf, f"{what}: error report")
