@@ -425,3 +425,128 @@ def test_a_family_without_first_input_exchanges_layer_0():
         a, b = (main_output(astra.simulate(model, inputs, world_size=3, codebooks=c)) for c in (cb, other))
         assert not torch.allclose(a, b, atol=1e-3)
     assert family_of(model).computes_first_layer
+
+
+# -- a user-registered decoder whose forward derives its positions from the attention mask (OPT) -----------------
+def _opt_embed(base, inputs, pos):
+    d = base.decoder
+    x = d.embed_tokens(inputs["input_ids"])
+    return x + d.embed_positions(None, 0, position_ids=pos.expand(x.shape[0], -1))
+
+
+def _opt_positions(base, inputs):
+    """OPTDecoder.forward's position ids without position_ids: cumsum(mask) * mask - 1 (padding at -1)."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.long()
+    return torch.cumsum(mask, dim=1) * mask - 1
+
+
+def _opt_adapter(embed=_opt_embed, first_input=lambda b, e: b.decoder.layers[0].self_attn_layer_norm(e),
+                 positions=_opt_positions):
+    return FamilyAdapter("opt", decoder=True, attention=lambda b: [x.self_attn for x in b.decoder.layers],
+                         kv=linear_kv("k_proj", "v_proj"), final=lambda b: b.decoder.final_layer_norm,
+                         embed=embed, first_input=first_input, positions=positions)
+
+
+def _opt_model_and_inputs(padding, head=False):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.OPTConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=64, pad_token_id=1)
+    inputs = tiny_inputs("roberta", padded=padding is not None)        # pad id 1, row 1 right-padded (3 tokens)
+    if padding == "left":
+        inputs = {k: v.roll(3, dims=1) for k, v in inputs.items()}
+    return (tf.OPTForCausalLM if head else tf.OPTModel)(cfg).eval(), inputs
+
+
+def _simulate_off(model, inputs, world_size, **kw) -> float:
+    with torch.no_grad():
+        ref = model(**inputs).last_hidden_state
+    return max_diff(astra.simulate(model, inputs, world_size=world_size, **kw).last_hidden_state, ref, inputs)
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_a_decoder_that_derives_its_positions_from_the_mask(padding):
+    """OPT's forward derives its position ids from the attention mask; every rank is given the global ones astra
+    derives (arange(T) before), so a left-padded batch was wrong under parallelize (3.7 off) while simulate, which let
+    the model derive its own, equalled the model. simulate now gives the model the ranks' position ids, and the
+    adapter's ``positions`` says how the forward derives them; given position_ids still win."""
+    from astra.context import make_ctx
+
+    model, inputs = _opt_model_and_inputs(padding)
+    register_family(_opt_adapter(), replace=True)
+    try:
+        ctx = make_ctx(family_of(model), inputs, 2, False)
+        mask = inputs.get("attention_mask", torch.ones(2, 11, dtype=torch.long))
+        assert torch.equal(ctx.pos_ids, torch.cumsum(mask, 1) * mask - 1)
+        assert ctx.default_pos == (padding is None)        # padding at -1
+        for n in (2, 3):
+            assert _simulate_off(model, inputs, n) < TOL, (padding, n)
+        given = dict(inputs, position_ids=torch.arange(11) + 5)             # the caller's, not the mask's
+        assert torch.equal(make_ctx(family_of(model), given, 2, False).pos_ids[0], torch.arange(11) + 5)
+        assert _simulate_off(model, given, 2) < TOL
+        register_family(_opt_adapter(positions=None), replace=True)      # arange(T): wrong under left padding
+        off = _simulate_off(model, inputs, 2)
+        assert off > 0.1 if padding == "left" else off < TOL, (padding, off)
+    finally:
+        unregister_family("opt")
+
+
+def test_an_adapters_positions_are_checked():
+    """An adapter's ``positions`` must give integer [B or 1, T] ids (UnsupportedModelError naming what it gave), only
+    for decoders; the ranks' input agreement tells adapters with and without it apart."""
+    model, inputs = _opt_model_and_inputs("left")
+    assert _opt_adapter().describe() != _opt_adapter(positions=None).describe()
+    with pytest.raises(ValueError, match="`positions` is for decoders"):
+        FamilyAdapter("x", decoder=False, attention=lambda b: [], kv=linear_kv("k", "v"),
+                      embeddings=lambda b: b.embeddings, positions=_opt_positions)
+    for bad, got in ((lambda b, i: _opt_positions(b, i).float(), "torch.float32 \\[2, 11\\]"),
+                     (lambda b, i: _opt_positions(b, i)[:, 1:], "torch.int64 \\[2, 10\\]"),
+                     (lambda b, i: None, "got NoneType")):
+        register_family(_opt_adapter(positions=bad), replace=True)
+        try:
+            with pytest.raises(astra.UnsupportedModelError, match="opt adapter's positions must return .*" + got):
+                astra.simulate(model, inputs, world_size=2)
+        finally:
+            unregister_family("opt")
+
+
+@pytest.mark.parametrize("wrong", ["embed", "first_input"])
+def test_simulate_runs_the_adapters_layer_0_hooks(wrong):
+    """Every rank computes the other ranks' layer-0 input from the adapter's ``embed`` / ``first_input``; simulate
+    gave the other ranks the true layer-0 input instead, so an adapter with a wrong hook equalled the model there
+    (the documented check of an adapter) and was wrong under parallelize. simulate now computes what they compute."""
+    model, inputs = _opt_model_and_inputs("left")
+    hooks = {"embed": dict(embed=lambda b, i, p: b.decoder.embed_tokens(i["input_ids"])),   # no position embeddings
+             "first_input": dict(first_input=lambda b, e: e)}[wrong]                           # no pre-attention norm
+    register_family(_opt_adapter(**hooks), replace=True)
+    try:
+        for n in (2, 3):
+            assert _simulate_off(model, inputs, n) > 0.1, n
+    finally:
+        unregister_family("opt")
+
+
+def _opt_head_outputs(rank):
+    register_family(_opt_adapter(), replace=True)
+    model, inputs = _opt_model_and_inputs("right", head=True)
+    pm = astra.parallelize(model, None, timeout=10)
+    return {"gather": pm.gather(pm(**inputs)).logits, "hidden_states": pm(**inputs, output="hidden_states").logits,
+            "mean_pooled": pm(**inputs, output="mean_pooled")}
+
+
+def test_outputs_of_a_head_that_calls_inside_its_base():
+    """OPTForCausalLM calls its base's ``decoder`` instead of the base itself, so the hook on the base never ran and
+    gather, output="hidden_states" and output="mean_pooled" failed with an AttributeError on None: the last hidden
+    state is now also taken from the base's children."""
+    model, inputs = _opt_model_and_inputs("right", head=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        h = model.model.decoder(**inputs).last_hidden_state
+    m = inputs["attention_mask"].unsqueeze(-1).float()
+    mean = (h * m).sum(1) / m.sum(1)
+    for out in astra.launch(_opt_head_outputs, 2, join_timeout=120):
+        assert max_diff(out["gather"], logits, inputs) < TOL and max_diff(out["hidden_states"], logits, inputs) < TOL
+        assert float((out["mean_pooled"] - mean).abs().max()) < TOL

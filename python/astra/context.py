@@ -57,12 +57,16 @@ def make_ctx(fam: Family, inputs: Dict[str, Any], world_size: int, cls: bool, co
 
 def position_ids(fam: Family, inputs: Dict[str, Any], T: int, device) -> Tuple[Optional[torch.Tensor], bool]:
     """A decoder's global position ids ``[B or 1, T]`` and whether they are ``arange(T)`` (encoders: ``(None,
-    True)``; their embeddings compute their own over the whole sequence)."""
+    True)``; their embeddings compute their own over the whole sequence): the given ``position_ids``, else what the
+    model's forward derives from the inputs (:meth:`Family.positions`: the adapter's, else ``arange(T)``)."""
     if not fam.decoder:
         return None, True
-    # HF's forward: arange(T) unless position_ids are given (generate gives them from the attention mask)
+    # HF's forward: arange(T) unless position_ids are given (generate gives them from the attention mask), or, in
+    # a model that derives them from the inputs (OPT: from the attention mask), the adapter's `positions`
     arange = torch.arange(T, device=device).unsqueeze(0)
     pos = inputs.get("position_ids")
+    if pos is None:
+        pos = fam.positions(inputs, seq_geometry(fam, inputs)[0], T)
     if pos is None:
         return arange, True
     pos = pos.to(device).unsqueeze(0) if pos.ndim == 1 else pos.to(device)

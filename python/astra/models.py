@@ -120,6 +120,9 @@ class FamilyAdapter:
     holds the whole sequence's embedding output (an encoder's ``embeddings``; a decoder's ``embed``), so with it
     every rank computes every token's layer-0 K/V and layer 0 exchanges nothing (None: layer 0 is exchanged like
     the others).
+    ``positions(base, inputs)``: decoders: the position ids ``[B or 1, T]`` (integers) the model's forward derives
+    from an input dict given without ``position_ids`` (OPT: from the attention mask, ``cumsum(mask) * mask - 1``);
+    every rank is given its tokens' slice of them (None: ``arange(T)``, HF's default; given ``position_ids`` win).
     """
     model_type: str
     decoder: bool
@@ -137,6 +140,7 @@ class FamilyAdapter:
     window: Optional[Callable[[object], Optional[int]]] = None
     embed: Optional[Callable[[Module, dict, torch.Tensor], torch.Tensor]] = None
     first_input: Optional[Callable[[Module, torch.Tensor], torch.Tensor]] = None
+    positions: Optional[Callable[[Module, dict], torch.Tensor]] = None
 
     def __post_init__(self):
         self._check_types()
@@ -147,6 +151,9 @@ class FamilyAdapter:
             raise ValueError(f"class_token must be one of {CLASS_TOKEN_MODES}, got {self.class_token!r}")
         if not self.decoder and self.embed is not None:
             raise ValueError("`embed` is for decoders (an encoder's `embeddings` module embeds the whole sequence)")
+        if not self.decoder and self.positions is not None:
+            raise ValueError("`positions` is for decoders (an encoder's `embeddings` module computes its positions "
+                             "over the whole sequence)")
         if not self.decoder and self.embeddings is None:
             raise ValueError("an encoder family needs `embeddings` (the module whose output is sliced per rank)")
         if self.class_token != "none" and self.final is None:
@@ -165,7 +172,7 @@ class FamilyAdapter:
             if not callable(getattr(self, name)):
                 raise ValueError(f"{name} must be callable, got {getattr(self, name)!r}")
         for name in ("q", "embeddings", "final", "image_tokens", "check", "max_len", "window", "embed",
-                     "first_input"):
+                     "first_input", "positions"):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ValueError(f"{name} must be callable or None, got {value!r}")
@@ -174,7 +181,7 @@ class FamilyAdapter:
         """What the runtime does differently by this adapter, as text every rank compares (the input agreement): two
         ranks resolving one model to different adapters computed different things without a word."""
         fns = {n: _callable_text(getattr(self, n)) for n in (
-            "attention", "kv", "q", "embeddings", "final", "embed", "first_input")}
+            "attention", "kv", "q", "embeddings", "final", "embed", "first_input", "positions")}
         return (f"{self.model_type} decoder={self.decoder} rope={self.rope} class_token={self.class_token} "
                 f"inputs={sorted(self.inputs)} {fns}")
 
@@ -257,6 +264,20 @@ class Family:
         if self.adapter.embed is None:
             return None
         return self.adapter.embed(self.base, inputs, pos)
+
+    def positions(self, inputs: dict, B: int, T: int) -> Optional[torch.Tensor]:
+        """A decoder's position ids ``[B or 1, T]`` (long) of an input dict given without ``position_ids``, as its
+        forward derives them (:attr:`FamilyAdapter.positions`); None where the adapter gives none (``arange(T)``).
+        UnsupportedModelError where the adapter returns something else."""
+        if self.adapter.positions is None:
+            return None
+        pos = self.adapter.positions(self.base, inputs)
+        if (not isinstance(pos, torch.Tensor) or pos.is_floating_point() or pos.is_complex()
+                or pos.dtype == torch.bool or pos.ndim != 2 or pos.shape[0] not in (1, B) or pos.shape[1] != T):
+            got = f"{pos.dtype} {list(pos.shape)}" if isinstance(pos, torch.Tensor) else type(pos).__name__
+            raise UnsupportedModelError(f"the {self.name} adapter's positions must return integer position ids "
+                                        f"[B, T] or [1, T] = [{B} or 1, {T}], got {got}")
+        return pos.long()
 
     @property
     def computes_first_layer(self) -> bool:

@@ -163,14 +163,33 @@ def as_head_output(fw: Forward, logits: Optional[torch.Tensor]):
     return None if logits is None else type(fw.out)(logits=logits)
 
 
+def _hidden_of(out) -> Optional[torch.Tensor]:
+    """The last hidden state in a module's output: a model output's ``last_hidden_state`` or a tuple's first tensor
+    (None for anything else, such as an embedding's or a pooler's plain tensor)."""
+    h = getattr(out, "last_hidden_state", None)
+    if h is None and isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        h = out[0]
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def _keep_hidden(got: Dict[str, torch.Tensor]):
+    def hook(module, args, out):
+        h = _hidden_of(out)
+        if h is not None:
+            got["hidden"] = h
+    return hook
+
+
 @contextlib.contextmanager
 def captured(fam: Family) -> Iterator[Dict[str, torch.Tensor]]:
     """Within the block, the forward's base-model last hidden state (``"hidden"``, for heads) and a decoder
-    classifier's per-token logits (``"token_logits"``, the output of its ``score``)."""
+    classifier's per-token logits (``"token_logits"``, the output of its ``score``). A head that calls a module
+    inside its base instead of the base itself (OPT's ``model.decoder``) leaves it that module's output: the base's
+    direct children are watched too, and the base's own output, which comes last, wins where it runs."""
     got: Dict[str, torch.Tensor] = {}
     hooks = []
     if fam.base is not fam.model:
-        hooks.append(fam.base.register_forward_hook(lambda m, a, o: got.__setitem__("hidden", o[0])))
+        hooks += [m.register_forward_hook(_keep_hidden(got)) for m in (*fam.base.children(), fam.base)]
     if decoder_classifier(fam):
         hooks.append(fam.model.score.register_forward_hook(lambda m, a, o: got.__setitem__("token_logits", o)))
     try:
@@ -287,8 +306,8 @@ def hidden_states(fw: Forward):
     if decoder_classifier(fam):
         fields["logits"] = last_logits(fw)
     holder = fw.class_holder()
-    like = {k: v for k, v in class_like(fw).items() if k != "last_hidden_state"}
-    if holder is not None and fam.class_token_allowed and like:
+    like = {k: v for k, v in class_like(fw).items() if k != "last_hidden_state"} if fam.class_token_allowed else {}
+    if holder is not None and like:
         fields.update(fw.from_rank(holder, lambda: class_fields(out, like), like, "class-token outputs"))
     return type(out)(**fields)
 

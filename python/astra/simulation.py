@@ -61,9 +61,12 @@ class SimRuntime(RuntimeBase):
 
     def sent(self, layer: int, s: int, hs: torch.Tensor) -> torch.Tensor:
         """What the other ranks hold of rank ``s``'s tokens ``hs [B, n, D]`` in layer ``layer``: ``hs`` itself (full
-        precision, or a layer they compute themselves, :meth:`astra.models.Family.exchanged`), their codes
-        ``[B, n, G]``, or, with predictive codebooks, their reconstruction ``[B, n, D]`` (which is also what layer
-        ``layer + 1`` predicts from)."""
+        precision), their codes ``[B, n, G]``, or, with predictive codebooks, their reconstruction ``[B, n, D]``
+        (which is also what layer ``layer + 1`` predicts from). In a layer the ranks compute themselves
+        (:meth:`astra.models.Family.exchanged`) it is what they compute, :meth:`computed_input` (the adapter's
+        ``embed`` / ``first_input``), not ``hs``: a wrong hook shows here as under ``parallelize``."""
+        if not self.fam.exchanged(layer):
+            hs = self.computed_input(self.ctx.chunks[s])
         if self.codebooks is None:
             return hs
         if not self.predictive:
@@ -128,8 +131,8 @@ class SimRuntime(RuntimeBase):
             self.ctx.capture = {}
         try:
             with contextlib.nullcontext() if self.differentiable else torch.no_grad():
-                if self.fam.decoder:
-                    inputs = dict(inputs, use_cache=False)
+                if self.fam.decoder:        # the position ids every rank is given (a slice of), as parallelize
+                    inputs = dict(inputs, use_cache=False, position_ids=self.ctx.pos_ids)
                 out = self.model(**inputs)
             return out, self.ctx
         finally:
