@@ -65,7 +65,7 @@ def position_ids(fam: Family, inputs: Dict[str, Any], T: int, device) -> Tuple[O
     # a model that derives them from the inputs (OPT: from the attention mask), the adapter's `positions`
     arange = torch.arange(T, device=device).unsqueeze(0)
     pos = inputs.get("position_ids")
-    if pos is None:
+    if pos is None and fam.derives_positions:
         pos = fam.positions(inputs, seq_geometry(fam, inputs)[0], T)
     if pos is None:
         return arange, True

@@ -265,6 +265,11 @@ class Family:
             return None
         return self.adapter.embed(self.base, inputs, pos)
 
+    @property
+    def derives_positions(self) -> bool:
+        """The adapter says how the model's forward derives its position ids (:attr:`FamilyAdapter.positions`)."""
+        return self.adapter.positions is not None
+
     def positions(self, inputs: dict, B: int, T: int) -> Optional[torch.Tensor]:
         """A decoder's position ids ``[B or 1, T]`` (long) of an input dict given without ``position_ids``, as its
         forward derives them (:attr:`FamilyAdapter.positions`); None where the adapter gives none (``arange(T)``).
