@@ -81,6 +81,18 @@ def test_simulate_generate_full_precision_equals_model_generate(family):
             assert torch.equal(got, ref), (family, name, n, got.tolist(), ref.tolist())
 
 
+def test_the_prompt_may_be_given_under_hfs_name_inputs():
+    """HF's generate names its prompt ``inputs``; astra refused it ("generate needs input_ids"; simulate_generate: a
+    TypeError)."""
+    model = gen_model("gpt2")
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    ref = model.generate(inputs=ids, max_new_tokens=4, do_sample=False)
+    got = astra.simulate_generate(model, inputs=ids, world_size=2, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, ref) and torch.equal(ref, model.generate(ids, max_new_tokens=4, do_sample=False))
+    with pytest.raises(astra.InvalidInputError, match="give the prompt once: input_ids or inputs"):
+        astra.simulate_generate(model, ids, inputs=ids, world_size=2, max_new_tokens=4)
+
+
 def test_the_cache_goes_to_generate_under_the_installed_transformers_name(monkeypatch):
     import sys
     import warnings
