@@ -7,7 +7,7 @@ import torch
 from test_runtime_support import tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
-from astra.outputs import OUTPUTS, last_positions, register_output
+from astra.outputs import OUTPUTS, last_positions, pack, register_output, unpack
 from astra.transport import ENVELOPE_NBYTES
 
 TOL = 1e-4
@@ -213,6 +213,17 @@ def _rank(rank):
 @pytest.fixture(scope="module")
 def ranks():
     return astra.launch(_rank, 2, join_timeout=300)
+
+
+def test_pack_reads_one_element_tensors_of_any_stride():
+    """HF's QA heads give [1, 1] start / end logits of strides (2, 2) for a rank holding one token of a one-row batch
+    (contiguous to torch, so kept as they are): pack's byte view refused them, and gather / output="hidden_states"
+    failed on every rank."""
+    start = torch.randn(1, 1, 2).split(1, -1)[0].squeeze(-1).contiguous()
+    assert start.stride() == (2, 2)
+    rows = torch.randn(3, 4)
+    back = unpack(pack([start, rows, rows[:0]]), [start, rows, rows[:0]])
+    assert torch.equal(back[0], start) and torch.equal(back[1], rows) and back[2].shape == (0, 4)
 
 
 def test_registry_has_the_kinds():

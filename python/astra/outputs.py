@@ -104,7 +104,14 @@ class Forward:
 
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Tensors as one 1-D uint8 payload."""
-    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+    return torch.cat([_flat(t).view(torch.uint8) for t in tensors])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 1-D tensor of stride 1. A one-element tensor counts as contiguous whatever its strides (HF's QA
+    heads give ``[1, 1]`` start / end logits of strides (2, 2)), and reshape keeps them: a byte view refuses that."""
+    flat = t.detach().contiguous().reshape(-1)
+    return flat if flat.numel() == 0 or flat.stride(0) == 1 else flat.clone(memory_format=torch.contiguous_format)
 
 
 def unpack(buf: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
