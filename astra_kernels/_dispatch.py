@@ -34,6 +34,8 @@ def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(devs)}")
     dev = devs.pop() if devs else "cpu"
+    if dev == "meta":
+        raise ValueError("the kernels need tensors holding data, got a meta tensor")
     if backend == "torch":
         return "torch"
     if backend == "triton":

@@ -7,7 +7,10 @@ squared L2, ties to the lowest index.
 
 Backends (``astra_kernels._dispatch.resolve_backend``): ``"auto"`` = Triton on CUDA tensors, the fast
 CPU path on CPU tensors; ``"triton"`` forces the Triton kernels (CPU tensors under
-``TRITON_INTERPRET=1``); ``"torch"`` forces the torch path (any device).
+``TRITON_INTERPRET=1``); ``"torch"`` forces the torch path (any device). The torch path is exact (below); the
+Triton encode computes its distances once, in fp32 (tf32x3 dots on a GPU), in the same centred frame scaled by a
+power of two: a token whose two nearest codewords are within fp32 rounding of each other (~1e-7 of the distances)
+may get either of them there (not built: a second-best distance per token and a float64 re-rank of such tokens).
 
 The fast CPU path (:func:`_encode_torch`), exact by certificate
 ------------------------------------------------------------------
@@ -212,6 +215,7 @@ def vq_encode_reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     """float64 brute-force argmin (ties to the lowest index), ``torch.int32`` codes ``[..., G]``."""
     G, K, DG = _check_codebook(codebook)
     _check_x(x, G, DG)
+    _check_encodable(x, codebook)
     x64 = x.detach().to(torch.float64).reshape(-1, G, DG)
     c64 = codebook.detach().to(torch.float64)
     out = torch.empty(x64.shape[0], G, dtype=torch.int32, device=x.device)
@@ -774,8 +778,33 @@ def _triton_inputs(x2: torch.Tensor, codebook: torch.Tensor):
     common offset (+3000 in one dim: ~20 % of the codes not the nearest). fp16 / bf16 inputs too: ``x - mu`` is
     not exact in their own dtype, so the kernel takes the fp32 values (tf32x3 dots on a GPU)."""
     mu, cc = _centred_codebook(codebook)
-    xc = _center(x2, mu.reshape(-1)).to(torch.float32).contiguous()
-    return xc, cc.to(torch.float32).contiguous(), (cc * cc).sum(-1).to(torch.float32).contiguous()
+    xc = _center(x2, mu.reshape(-1)).to(torch.float64)
+    # one power-of-two scale (exact; the argmin does not move) brings the largest centred value to [0.5, 1): the
+    # kernel's ||c||^2 and x.c then neither overflow nor underflow in fp32 (unscaled, every token of inputs near
+    # 1e19 or 1e-30 got code 0: the running minimum stayed inf or the distances all 0). No host sync.
+    m = cc.abs().amax() if cc.numel() else cc.new_zeros(())
+    if xc.numel():
+        m = torch.maximum(m, xc.abs().amax())
+    s = torch.where(m > 0, torch.exp2(-torch.floor(torch.log2(m)) - 1), torch.ones_like(m))
+    xc, cc = xc * s, cc * s
+    return (xc.to(torch.float32).contiguous(), cc.to(torch.float32).contiguous(),
+            (cc * cc).sum(-1).to(torch.float32).contiguous())
+
+
+#: the largest magnitude of float64 values the encoders take: the centred frame's mean is fp32
+#: (:func:`_centred_codebook`), and a float64 squared distance must not overflow (beyond ~1e154 it did, on every path)
+F64_ENCODE_LIMIT = 2.0 ** 120
+
+
+def _check_encodable(x: torch.Tensor, codebook: torch.Tensor) -> None:
+    """NaN / inf refused in both; float64 values beyond :data:`F64_ENCODE_LIMIT` refused (other dtypes are within
+    it by their range)."""
+    check_finite("codebook", codebook)
+    check_finite("x", x)
+    for name, t in (("codebook", codebook), ("x", x)):
+        if t.dtype == torch.float64 and t.numel() and float(t.detach().abs().amax()) > F64_ENCODE_LIMIT:
+            raise ValueError(f"{name} holds float64 values beyond 2**120 (~1.3e36), which the encoders do not take "
+                             "(their centred frame's mean is fp32): scale the inputs and the codebook alike")
 
 
 def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -786,8 +815,7 @@ def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto")
     G, K, DG = _check_codebook(codebook)
     _check_x(x, G, DG)
     be = resolve_backend(backend, x, codebook)
-    check_finite("codebook", codebook)
-    check_finite("x", x)
+    _check_encodable(x, codebook)
     lead = tuple(x.shape[:-1])
     x2 = x.detach().reshape(-1, G * DG)
     with torch.no_grad():
@@ -806,8 +834,8 @@ def vq_decode(codes: torch.Tensor, codebook: torch.Tensor, *, backend: str = "au
 
     Raises ValueError for bad shapes / dtypes, out-of-range codes, or a selected codeword holding NaN / inf."""
     G, K, DG = _check_codebook(codebook)
-    _check_codes(codes, G, K)
     be = resolve_backend(backend, codes, codebook)
+    _check_codes(codes, G, K)
     lead = tuple(codes.shape[:-1])
     c2 = codes.reshape(-1, G)
     if be == "triton":
@@ -829,7 +857,8 @@ def encode_and_pack(x: torch.Tensor, codebook: torch.Tensor, bits: Optional[int]
     ``bits`` defaults to ``ceil(log2 K)`` (at least 1) and must be in ``1..16`` with ``K <= 2**bits``.
     On the Triton backend the encode kernel ORs the codes straight into the frame on the device and
     the CRC32C is computed there too; on the torch backend this is :func:`vq_encode` followed by the
-    C++ :func:`astra_kernels.pack_codes`. Both produce byte-identical frames.
+    C++ :func:`astra_kernels.pack_codes`. The frames are byte-identical where the codes are (the Triton encode
+    may pick either of two codewords within fp32 rounding of each other: module docstring).
     """
     G, K, DG = _check_codebook(codebook)
     _check_x(x, G, DG)
@@ -841,15 +870,15 @@ def encode_and_pack(x: torch.Tensor, codebook: torch.Tensor, bits: Optional[int]
     shape = tuple(x.shape[:-1]) + (G,)
     if len(shape) > 8:
         raise ValueError(f"codes would have {len(shape)} dims; a frame holds at most 8")
+    from .codec import frame_layout, pack_codes
+
+    frame_layout(shape, bits)       # a shape the frame can not hold is refused before any encoding
     be = resolve_backend(backend, x, codebook)
     if be == "triton":
-        check_finite("codebook", codebook)
-        check_finite("x", x)
+        _check_encodable(x, codebook)
         from .triton import vq_kernels as _k
 
         xk, cb, cn = _triton_inputs(x.detach().reshape(-1, G * DG), codebook)
         return _k.encode_and_pack_triton(xk, cb, cn, bits, shape)
     codes = vq_encode(x, codebook, backend="torch")
-    from .codec import pack_codes
-
     return pack_codes(codes, bits)

@@ -515,6 +515,40 @@ def test_triton_encode_centres_offset_data(dtype, offset):
     T.assert_equal_ints(frame, ak.pack_codes(ref, vq.default_bits(K)), "frame")
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e19), (torch.float32, 1e-30), (torch.float64, 1e25),
+                                         (torch.float64, 1e-30)])
+def test_triton_encode_scales_extreme_magnitudes(dtype, scale):
+    """Inputs near 1e19 / 1e25 (fp32 / float64) or 1e-30: the kernel's fp32 ||c||^2 and x.c overflowed or
+    underflowed and every token got code 0 (the CPU path was exact). The host now scales both by one power of two.
+    Tokens within 5 % of a codeword, so the nearest is unambiguous."""
+    _need("triton")
+    g = T.seeded_generator(97)
+    dev = T.kernel_device()
+    G, K, DG, n = 2, 32, 8, 60
+    cb = T.random_inputs(G, K, DG, generator=g).to(torch.float64)
+    pick = torch.randint(0, K, (n, G), generator=g)
+    x = cb[torch.arange(G), pick] * (1 + 0.05 * T.random_inputs(n, G, DG, generator=g).to(torch.float64))
+    x, cb = (x.reshape(n, G * DG) * scale).to(dtype), (cb * scale).to(dtype)
+    ref = vq.vq_encode_reference(x, cb)
+    assert len(set(ref.flatten().tolist())) > 10            # not all one code
+    T.assert_equal_ints(ak.vq_encode(x.to(dev), cb.to(dev), backend="triton").cpu(), ref, "codes")
+    T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), ref, "codes (CPU path)")
+    frame = ak.encode_and_pack(x.to(dev), cb.to(dev), backend="triton").cpu()
+    T.assert_equal_ints(frame, ak.pack_codes(ref, vq.default_bits(K)), "frame")
+
+
+def test_float64_beyond_the_encoders_range_is_refused():
+    """float64 inputs beyond ~1e154 got code 0 on every path, the reference too (squared distances overflowed);
+    beyond fp32's range the centred frame's fp32 mean did. Refused by name beyond 2**120."""
+    cb = torch.randn(1, 33, 10, dtype=torch.float64, generator=T.seeded_generator(3)) * 1e200
+    for backend in ("torch", "auto"):
+        with pytest.raises(ValueError, match="codebook holds float64 values beyond 2\\*\\*120"):
+            ak.vq_encode(cb[0, :4], cb, backend=backend)
+    with pytest.raises(ValueError, match="x holds float64 values beyond"):
+        vq.vq_encode_reference(cb[0, :4], cb / 1e180)
+    assert vq.F64_ENCODE_LIMIT == 2.0 ** 120
+
+
 def test_few_uncertified_pairs_are_decided_in_one_batched_exact_pass(monkeypatch):
     """2-dim groups with near-tied codewords: the uncertified (token, group) pairs, spread over many groups,
     are decided by one batched float64 pass (no per-group tiers), and the codes are the reference's."""
@@ -621,3 +655,15 @@ def test_exact_midpoint_ties_go_to_the_lowest_index(batched, monkeypatch):
         ref = vq.vq_encode_reference(x, cb)
         wrong += int(not torch.equal(ak.vq_encode(x, cb, backend="torch"), ref))
     assert wrong == 0
+
+
+def test_meta_tensors_and_shapes_no_frame_holds_are_refused_before_any_work():
+    """Meta tensors failed inside torch (``item() cannot be called on meta tensors``); a shape no frame can hold
+    was encoded first, and failed allocating ~400 GB before the frame's own check named it."""
+    cb = T.random_inputs(1, 8, 24, generator=T.seeded_generator(5))
+    for call in (lambda: ak.vq_encode(torch.ones(2, 24, device="meta"), cb.to("meta")),
+                 lambda: ak.vq_decode(torch.zeros(2, 1, dtype=torch.int32, device="meta"), cb.to("meta"))):
+        with pytest.raises(ValueError, match="tensors holding data, got a meta tensor"):
+            call()
+    with pytest.raises(ValueError, match="dimension 0 of size 4294967296 does not fit the frame format"):
+        ak.encode_and_pack(torch.ones(1, 24).expand(2 ** 32, 24), cb)
