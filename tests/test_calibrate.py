@@ -201,3 +201,27 @@ def test_layerwise_calibration_sees_quantized_earlier_layers(capsys):
     T2 = attention_basis(attention_metric(fam, fam.attn_modules[2], h2), h2, 4)[0].to(h2.dtype)
     assert torch.equal(seq.transforms[2], T2)
     assert torch.equal(seq[2], kmeans(h2 @ T2, 4, 16, iters=4, seed=2, backend="torch"))
+
+
+def test_layerwise_calibration_of_a_causal_model_leaves_out_the_tokens_nobody_receives():
+    """A causal model's last rank sends nothing (nobody attends to its tokens), yet its tokens were half of what layer
+    l was calibrated on at world size 2 (and got commitment and NAQ in fine-tuning): codebooks fitted on vectors no
+    rank ever encodes. Only the sending ranks' tokens are recorded, quantized and trained now."""
+    from astra.split import local_indices
+    from astra.training import TrainSimRuntime
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16)
+    x = tiny_inputs("llama", batch=2, seq=12)
+    for world in (2, 3):
+        rt = TrainSimRuntime(model, cb, world, quantize_layers=2, record_layer=2)
+        rt.install()
+        try:
+            with torch.no_grad():
+                rt.run(x)
+        finally:
+            rt.uninstall()
+        kept = torch.cat([local_indices(12, world, r, False, rt.split_costs) for r in range(world - 1)])
+        got = torch.cat(rt.recorded)
+        assert got.shape[0] == 2 * kept.numel()             # every token of the ranks 0..N-2, none of the last
+        assert len(rt.commitment) == world - 1              # layer 1 quantized (0 exchanges nothing), senders only

@@ -43,7 +43,7 @@ from .generation import (
 from .inputs import check_dense, seq_geometry, validate_inputs
 from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_signature, token_tensors
 from .runtime import RuntimeBase
-from .split import DEFAULT_SPLIT, key_ranks, local_indices, with_class_token
+from .split import DEFAULT_SPLIT, key_ranks, local_indices, senders, with_class_token
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
 
 PEER_FAILURE_MODES = ("raise", "local")
@@ -395,9 +395,8 @@ class DistRuntime(RuntimeBase):
         fam = self.fam
         ctx = self.new_ctx(inputs, self.world)
         local = with_class_token(ctx.chunks[self.rank], ctx.cls)      # the split of make_ctx, not a second one
-        attends = [key_ranks(fam, ctx.chunks, r) for r in range(self.world)]
-        others = attends[self.rank]
-        self._senders = [any(s in attends[r] for r in range(self.world)) for s in range(self.world)]
+        others = key_ranks(fam, ctx.chunks, self.rank)
+        self._senders = senders(fam, ctx.chunks)
         self._kv_ranks = others
         self._rg = torch.cat([ctx.chunks[s] for s in others]) if others else local[:0]
         call = dict(inputs)

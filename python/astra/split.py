@@ -170,6 +170,13 @@ def key_ranks(fam: Family, chunks: List[torch.Tensor], rank: int) -> List[int]:
     return others
 
 
+def senders(fam: Family, chunks: List[torch.Tensor]) -> List[bool]:
+    """Per rank: some other rank attends to its tokens, so it encodes and sends them (a causal model's last rank does
+    not: nobody attends to its tokens)."""
+    attends = [key_ranks(fam, chunks, r) for r in range(len(chunks))]
+    return [any(s in a for a in attends) for s in range(len(chunks))]
+
+
 def resolve_split(fam: Family, codebooks, split: str) -> Optional[Tuple[float, ...]]:
     """The ``costs`` argument of :func:`split_indices` for split mode ``split`` (None: the even split)."""
     if split not in SPLITS:

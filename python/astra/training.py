@@ -27,7 +27,7 @@ import astra_kernels as ak
 from astra_kernels.checks import is_finite_real
 from .models import family_of
 from .simulation import SimRuntime
-from .split import DEFAULT_SPLIT, resolve_class_token
+from .split import DEFAULT_SPLIT, resolve_class_token, senders
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
@@ -120,12 +120,13 @@ class TrainSimRuntime(SimRuntime):
         quant = (self.codebooks is not None and self.N > 1 and self.fam.exchanged(layer)
                  and (self.quantize_layers is None or layer < self.quantize_layers))
         hats = []
+        sends = senders(self.fam, ctx.chunks)     # a causal model's last rank sends nothing: nothing to fit or train
         for s in range(self.N):
             hs = h[:, self._ext(ctx.chunks[s])]
             valid = None if ctx.mask is None else ctx.mask[:, ctx.chunks[s]]
-            if layer == self.record_layer:
+            if layer == self.record_layer and sends[s]:
                 self.recorded.append((hs if valid is None else hs[valid]).reshape(-1, hs.shape[-1]).detach())
-            if quant:
+            if quant and sends[s]:
                 hats.append(self.quantize(layer, hs, valid, self.predicted(layer, s) if self.predictive else None))
             else:
                 hats.append(hs)
