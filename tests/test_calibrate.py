@@ -225,3 +225,37 @@ def test_layerwise_calibration_of_a_causal_model_leaves_out_the_tokens_nobody_re
         got = torch.cat(rt.recorded)
         assert got.shape[0] == 2 * kept.numel()             # every token of the ranks 0..N-2, none of the last
         assert len(rt.commitment) == world - 1              # layer 1 quantized (0 exchanges nothing), senders only
+
+
+def test_calibrate_gives_every_submodule_back_its_train_or_eval_mode():
+    """Only the top-level mode was kept: ``model.train(was_training)`` put a layer the user had left in eval mode back
+    in train mode (its dropout on again), after a calibration and after one that failed."""
+    import pytest
+
+    model = tiny_model("bert", num_hidden_layers=3)
+    model.train()
+    model.encoder.layer[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert modes["encoder.layer.0.attention.self"] is False and modes["encoder.layer.1"] is True
+    seen = []
+    model.encoder.layer[1].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    astra.calibrate(model, [tiny_inputs("bert")], groups=4, codebook_size=8, iters=2)
+    assert seen and not any(seen)                                   # calibrated in eval mode
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    with pytest.raises(ValueError, match="no attended token"):
+        x = tiny_inputs("bert")
+        astra.calibrate(model, [dict(x, attention_mask=torch.zeros_like(x["input_ids"]))], groups=4, codebook_size=8)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_calibrate_takes_a_tokenizers_batch_encoding():
+    """A tokenizer's output (``BatchEncoding``: a Mapping, no dict) was iterated as its keys ("samples[0] must be an
+    input dict ..., got str") or refused inside a list, while astra.simulate takes it."""
+    from transformers import BatchEncoding
+
+    model = tiny_model("bert")
+    x = tiny_inputs("bert", batch=2, seq=10, padded=True)
+    ref = astra.calibrate(model, [x], groups=4, codebook_size=8, iters=2)
+    for samples in (BatchEncoding(x), [BatchEncoding(x)]):
+        cb = astra.calibrate(model, samples, groups=4, codebook_size=8, iters=2)
+        assert all(torch.equal(a, b) for a, b in zip(cb.tensors, ref.tensors))

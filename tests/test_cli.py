@@ -269,6 +269,10 @@ BAD = [
     (["info", "--codebooks", "/nonexistent.safetensors"], "--codebooks: no such file"),
     (["finetune", "--codebooks", "X", "--out", "D"], "--codebooks: no such file"),
     (["calibrate", "--model", "gpt2-random", "--world-size", "1", "--out", "X"], "--world-size must be in 2..64"),
+    # both were refused by astra.calibrate only after the model had loaded (and, for --seed, k-means had started)
+    (["calibrate", "--model", "gpt2-random", "--predict", "--world-size", "2", "--out", "X"],
+     "--predict fits on the model's own hidden states; it does not take --world-size"),
+    (["calibrate", "--model", "gpt2-random", "--seed", "-1", "--out", "X"], "--seed must be >= 0, got -1"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--world-size", "1"], "--world-size must be in 2..64"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--world-size", "2,x"], "comma list of ints"),
     (["finetune", "--model", "gpt2-random", "--codebooks", "FILE", "--out", "D", "--train", "all"],
@@ -303,6 +307,40 @@ def test_bad_arguments_fail_before_any_work_with_one_line(argv, msg, capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"astra {argv[0]}: error: ") and msg in err, err
     assert not (tmp_path / "new").exists()                  # a failed command line makes no directory
+
+
+def test_a_model_directory_without_its_tokenizer_is_refused(tmp_path, capsys, monkeypatch):
+    """transformers 5 made a tokenizer of 5 special tokens for a directory without tokenizer files, and every word
+    became [UNK]: `astra calibrate --model DIR` calibrated on [UNK]s and exited 0. Every command that loads the
+    directory refuses it before any work; so does load_model, and a tokenizer far smaller than the vocabulary."""
+    import transformers as tf
+
+    from astra.cli import load_model
+
+    d = tmp_path / "bert"
+    tf.BertModel(tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=120, max_position_embeddings=64)).save_pretrained(d)
+    monkeypatch.setattr(astra, "calibrate", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(astra, "finetune", lambda *a, **k: pytest.fail("work started"))
+    cb, inp = tmp_path / "cb.safetensors", tmp_path / "in.txt"
+    cb.write_bytes(b"")
+    inp.write_text("some text\n")
+    for argv in (["calibrate", "--out", str(tmp_path / "out.safetensors")], ["demo"], ["run", "--input", str(inp)],
+                 ["finetune", "--codebooks", str(cb), "--out", str(tmp_path / "ft")],
+                 ["demo", "--codebooks", str(cb)]):
+        assert main([argv[0], "--model", str(d)] + argv[1:]) == 2, argv
+        err = capsys.readouterr().err
+        assert err == f"astra {argv[0]}: error: --model {d} holds no tokenizer files (tokenizer.json, " \
+                      f"tokenizer_config.json, vocab.txt, vocab.json, merges.txt or *.model): save the model's " \
+                      f"tokenizer there (tokenizer.save_pretrained)\n", err
+    with pytest.raises(astra.cli.UsageError, match="holds no tokenizer files"):
+        load_model(str(d))
+    special = tf.AutoTokenizer.from_pretrained(str(d), local_files_only=True)     # the 5 special tokens alone
+    special.save_pretrained(d)
+    assert len(special) == 5 and (d / "tokenizer_config.json").exists()
+    with pytest.raises(astra.cli.UsageError, match=re.escape(f"--model {d}: its tokenizer has 5 tokens, far fewer "
+                                                             "than the model's vocabulary of 120")):
+        load_model(str(d))
 
 
 def test_run_under_torchrun_refuses_stdin(capsys, monkeypatch):

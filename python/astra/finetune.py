@@ -12,12 +12,14 @@ from __future__ import annotations
 import copy
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from astra_kernels.checks import is_count, is_finite_real
+from .calibrate import eval_mode
 from .codebooks import Codebooks, as_codebooks
 from .errors import InvalidInputError, UnsupportedModelError
 from .inputs import validate_inputs
@@ -91,14 +93,15 @@ def _world_sizes(world_size) -> List[int]:
 def _check_data(data, fam, world_size: int, cls: bool) -> List[Dict[str, Any]]:
     """``data`` as a list of batches, each checked as a forward at ``world_size`` ranks checks its inputs (before any
     training: a bad batch found at step k lost the k steps before it)."""
-    if isinstance(data, dict):
+    if isinstance(data, Mapping):          # one batch: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
         data = [data]
     data = list(data)
     if not data:
         raise ValueError("finetune needs data: got an empty collection of batches")
     for i, b in enumerate(data):
-        if not isinstance(b, dict) or not b:
+        if not isinstance(b, Mapping) or not b:
             raise TypeError(f"data[{i}] must be a non-empty dict of model inputs, got {type(b).__name__}")
+        data[i] = b = dict(b)
         try:
             validate_inputs(fam, b, world_size, cls)
         except (InvalidInputError, UnsupportedModelError) as e:
@@ -124,7 +127,6 @@ def _to(batch: Dict[str, Any], device) -> Dict[str, Any]:
 class _Setup:
     params: List[torch.nn.Parameter]           # codebook parameters, one per layer
     teacher: Optional[torch.nn.Module]         # frozen copy (train="all"), None = the model itself
-    frozen: Dict[str, bool]                    # requires_grad of every model parameter before training
     optimizer: torch.optim.Optimizer
 
 
@@ -141,7 +143,6 @@ def codebook_lrs(cb: Codebooks, lr: Optional[float]) -> List[float]:
 def _setup(model, cb: Codebooks, train: str, lr: Optional[float], model_lr: float) -> _Setup:
     dev = next(model.parameters()).device
     params = [torch.nn.Parameter(t.detach().to(device=dev, dtype=torch.float32).clone()) for t in cb.tensors]
-    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     groups = [{"params": [p], "lr": r} for p, r in zip(params, codebook_lrs(cb, lr))]
     teacher = None
     if train == "all":
@@ -150,7 +151,7 @@ def _setup(model, cb: Codebooks, train: str, lr: Optional[float], model_lr: floa
         groups.append({"params": [p for p in model.parameters()], "lr": model_lr})
     else:
         model.requires_grad_(False)
-    return _Setup(params, teacher, frozen, torch.optim.Adam(groups))
+    return _Setup(params, teacher, torch.optim.Adam(groups))
 
 
 def _reference(rt: TrainSimRuntime, teacher, batch):
@@ -230,22 +231,39 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
         _writable_dir(output_dir)
     opts = dict(class_token=class_token, naq=float(naq), loss=loss or distill_loss, beta=float(beta),
                 clip=float(clip))
-    was_training = model.training
-    model.eval()
     if train == "all":      # the weights move: the codebooks' sample of them would refuse the model after a step
         cb = cb.with_tensors(cb.tensors)
         cb.weights_sample = None
-    st = _setup(model, cb, train, lr, model_lr)
+    res = FinetuneResult(codebooks=cb, model=model)
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    try:                    # the setup too: a model that cannot be copied failed with its mode and flags changed
+        with eval_mode(model):
+            st = _setup(model, cb, train, lr, model_lr)
+            _train(model, st, cb, data, sizes, total, opts, seed, desc=f"astra.finetune[{fam.name}, {train}]",
+                   progress=progress, res=res)
+    finally:
+        for p, requires_grad in frozen.items():
+            p.requires_grad_(requires_grad)
+    res.codebooks = cb.with_tensors([p.detach().to(cb.dtype) for p in st.params])
+    if train == "all":
+        res.codebooks.weights_sample = weights_sample(model)
+    if output_dir is not None:
+        res.output_dir = save_finetuned(res, output_dir, save_model=(train == "all"))
+    return res
+
+
+def _train(model, st: _Setup, cb: Codebooks, data: List[Dict[str, Any]], sizes: List[int], total: int,
+           opts: Dict[str, Any], seed: int, *, desc: str, progress: bool, res: FinetuneResult) -> None:
+    """``total`` steps over ``data`` in a seeded shuffled order, each at a world size picked (seeded) from ``sizes``;
+    appends every step's loss and world size to ``res``."""
+    from tqdm.auto import tqdm
+
     dev = st.params[0].device
     gen = torch.Generator(device=dev).manual_seed(seed)
     order_gen = torch.Generator().manual_seed(seed)
     pick = random.Random(seed)
-    res = FinetuneResult(codebooks=cb, model=model)
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"astra.finetune[{fam.name}, {train}]", disable=not progress)
-        order: List[int] = []
+    order: List[int] = []
+    with tqdm(total=total, desc=desc, disable=not progress) as bar:
         for _ in range(total):
             if not order:
                 order = torch.randperm(len(data), generator=order_gen).tolist()
@@ -254,17 +272,6 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
             res.world_sizes.append(n)
             bar.update(1)
             bar.set_postfix(loss=f"{sum(res.losses[-20:]) / len(res.losses[-20:]):.4g}", ws=n)
-        bar.close()
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(st.frozen[name])
-        model.train(was_training)
-    res.codebooks = cb.with_tensors([p.detach().to(cb.dtype) for p in st.params])
-    if train == "all":
-        res.codebooks.weights_sample = weights_sample(model)
-    if output_dir is not None:
-        res.output_dir = save_finetuned(res, output_dir, save_model=(train == "all"))
-    return res
 
 
 def _writable_dir(path: str) -> None:
