@@ -74,14 +74,14 @@ def frame_nbytes(shape: Sequence[int], bits: int) -> int:
     return frame_layout(shape, bits)[2]
 
 
-def _as_cpu_tensor(x, what: str) -> torch.Tensor:
+def _as_cpu_tensor(x, what: str, raw_bytes: bool = False) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x
     elif isinstance(x, np.ndarray):
         if not x.flags.writeable or any(st < 0 for st in x.strides):
             x = x.copy()  # torch.from_numpy warns on read-only arrays and refuses negative strides
         t = torch.from_numpy(x)
-    elif isinstance(x, (bytes, bytearray, memoryview)) and what == "frame":
+    elif isinstance(x, (bytes, bytearray, memoryview)) and raw_bytes:
         # torch.frombuffer refuses an empty buffer
         t = torch.frombuffer(bytearray(x), dtype=torch.uint8) if len(x) else torch.empty(0, dtype=torch.uint8)
     else:
@@ -165,10 +165,10 @@ def frame_header(frame) -> Tuple[int, Tuple[int, ...]]:
     return _codec.parse_header(f.data_ptr(), f.numel())
 
 
-def _frame_tensor(frame) -> torch.Tensor:
-    f = _as_cpu_tensor(frame, "frame")
+def _frame_tensor(frame, what: str = "frame") -> torch.Tensor:
+    f = _as_cpu_tensor(frame, what, raw_bytes=True)
     if f.dtype != torch.uint8 or f.dim() != 1:
-        raise ValueError(f"frame must be a 1-D torch.uint8 tensor, got dtype={f.dtype} with {f.dim()} dims")
+        raise ValueError(f"{what} must be a 1-D torch.uint8 tensor, got dtype={f.dtype} with {f.dim()} dims")
     return f
 
 
@@ -232,5 +232,5 @@ def crc32c(data, crc: int = 0) -> int:
     ``0..2**32 - 1``, a previous result)."""
     if not (is_count(crc) and crc <= _CRC_MAX):
         raise ValueError(f"crc must be an int in 0..{_CRC_MAX} (a CRC32C to continue from), got {crc!r}")
-    t = _frame_tensor(data)
+    t = _frame_tensor(data, "data")
     return _codec.crc32c(t.data_ptr(), t.numel(), int(crc))

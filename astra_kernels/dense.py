@@ -45,6 +45,11 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) 
     fp32 CPU tensors without autograd go through oneDNN's linear (``w`` is read as the transposed view it is,
     no copy); anything else, or a torch build without it, through ``torch.matmul`` (+ bias).
     """
+    for name, t in (("x", x), ("w", w), ("bias", bias)):
+        require(isinstance(t, torch.Tensor) or (name == "bias" and t is None),
+                f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    require(len({t.device for t in (x, w, bias) if t is not None}) == 1,
+            f"x, w and bias must be on one device, got {x.device}, {w.device}, {None if bias is None else bias.device}")
     require(x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == w.shape[0],
             f"gemm needs x [..., K] and w [K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
     require(bias is None or tuple(bias.shape) == (w.shape[1],),

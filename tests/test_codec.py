@@ -36,6 +36,12 @@ def test_crc32c_check_value():
     assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283
 
 
+def test_crc32c_names_its_own_argument():
+    """A tensor of another dtype was refused as "frame must be ...", an argument crc32c does not have."""
+    with pytest.raises(ValueError, match="data must be a 1-D torch.uint8 tensor, got dtype=torch.int64"):
+        crc32c(torch.ones(3, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_round_trip_every_width_and_shape(bits):
     for i, shape in enumerate(SHAPES):

@@ -107,6 +107,16 @@ def test_bad_shapes(x, w, b, msg):
         gemm(torch.ones(x), torch.ones(w), None if b is None else torch.ones(b))
 
 
+def test_operands_that_are_not_tensors_or_not_on_one_device():
+    """A list raised AttributeError inside the checks; a meta x with a CPU w returned a meta tensor silently."""
+    with pytest.raises(ValueError, match="x must be a torch.Tensor, got list"):
+        gemm([1.0, 2.0], torch.ones(2, 3))
+    with pytest.raises(ValueError, match="bias must be a torch.Tensor, got float"):
+        gemm(torch.ones(2, 3), torch.ones(3, 4), 1.0)
+    with pytest.raises(ValueError, match="x, w and bias must be on one device, got meta, cpu, None"):
+        gemm(torch.ones(2, 3, device="meta"), torch.ones(3, 4))
+
+
 def test_mixed_dtypes():
     with pytest.raises(ValueError, match="share a dtype"):
         gemm(torch.ones(2, 3), torch.ones(3, 4, dtype=torch.float64))
