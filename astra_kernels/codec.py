@@ -80,7 +80,10 @@ def _as_cpu_tensor(x, what: str, raw_bytes: bool = False) -> torch.Tensor:
     elif isinstance(x, np.ndarray):
         if not x.flags.writeable or any(st < 0 for st in x.strides):
             x = x.copy()  # torch.from_numpy warns on read-only arrays and refuses negative strides
-        t = torch.from_numpy(x)
+        try:
+            t = torch.from_numpy(x)
+        except TypeError as e:      # object / string arrays
+            raise ValueError(f"{what} must be a numeric numpy array, got dtype {x.dtype}") from e
     elif isinstance(x, (bytes, bytearray, memoryview)) and raw_bytes:
         # torch.frombuffer refuses an empty buffer
         t = torch.frombuffer(bytearray(x), dtype=torch.uint8) if len(x) else torch.empty(0, dtype=torch.uint8)

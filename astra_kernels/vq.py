@@ -169,7 +169,8 @@ def _check_codes(codes, G: int, K: int, check_range: bool = True) -> None:
     if not isinstance(codes, torch.Tensor):
         raise ValueError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype not in _INT_DTYPES:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        names = ", ".join(str(d).replace("torch.", "") for d in _INT_DTYPES)
+        raise ValueError(f"codes must be an integer tensor of one of the dtypes {names}, got {codes.dtype}")
     if codes.dim() < 1 or codes.shape[-1] != G:
         raise ValueError(f"codes must have shape [..., G={G}], got {tuple(codes.shape)}")
     if check_range and codes.numel():

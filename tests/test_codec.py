@@ -383,3 +383,9 @@ def test_the_benchmarks_numpy_peer_checks_range_and_header():
         f[i] = v
         with pytest.raises(ValueError, match="not a version-1 frame"):
             np_unpack(f)
+
+
+def test_a_numpy_array_of_objects_is_a_value_error():
+    """torch.from_numpy's TypeError escaped, where the codec promises ValueError for any malformed input."""
+    with pytest.raises(ValueError, match="codes must be a numeric numpy array, got dtype object"):
+        pack_codes(np.array([1, None]), 3)

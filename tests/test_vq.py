@@ -667,3 +667,11 @@ def test_meta_tensors_and_shapes_no_frame_holds_are_refused_before_any_work():
             call()
     with pytest.raises(ValueError, match="dimension 0 of size 4294967296 does not fit the frame format"):
         ak.encode_and_pack(torch.ones(1, 24).expand(2 ** 32, 24), cb)
+
+
+def test_codes_of_a_dtype_decode_does_not_take_name_the_ones_it_does():
+    """uint64 codes were refused as "must be an integer tensor", which they are."""
+    cb = T.random_inputs(1, 4, 8, generator=T.seeded_generator(6))
+    with pytest.raises(ValueError, match="codes must be an integer tensor of one of the dtypes uint8, .*int64.*, "
+                                         "got torch.uint64"):
+        ak.vq_decode(torch.zeros(2, 1, dtype=torch.uint64), cb)
