@@ -245,6 +245,27 @@ def test_inputs_without_dense_values_are_refused_by_name():
             astra.simulate(gpt2, {**inputs, "attention_mask": mask, key: bad}, world_size=2)
 
 
+def test_a_float_padding_mask_is_taken_and_an_additive_one_refused():
+    """HF takes a float 0 / 1 attention_mask (it reads ``mask.bool()``); astra refused it by dtype. Now it computes what
+    the integer mask gives; a float mask with any other value (an additive 0 / -inf mask, a soft 0.5) is refused by
+    position, since HF would read every nonzero as "attend"."""
+    bert = tiny_model("bert")
+    inputs = tiny_inputs("bert", seq=10)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[-1, 6:] = 0
+    with torch.no_grad():
+        ref = astra.simulate(bert, {**inputs, "attention_mask": mask}, world_size=2).last_hidden_state
+        for dt in (torch.float32, torch.float16, torch.float64):
+            got = astra.simulate(bert, {**inputs, "attention_mask": mask.to(dt)}, world_size=2).last_hidden_state
+            assert torch.equal(got, ref), dt
+    for bad in (0.5, float("-inf"), float("nan")):
+        soft = mask.float()
+        soft[0, 2] = bad
+        with pytest.raises(astra.InvalidInputError, match=rf"attention_mask holds {bad} at position \[0, 2\]; a "
+                                                          "padding mask holds 1 \\(attend\\) and 0"):
+            astra.simulate(bert, {**inputs, "attention_mask": soft}, world_size=2)
+
+
 def test_autocast_is_refused_by_name():
     """Under torch.autocast, Llama's q / k came fp32 and v bf16 (a bare dtype error in the kernels), BERT's class-token
     outputs failed their layout check, and autocast on one rank only aborted gloo: refused up front."""

@@ -102,6 +102,21 @@ def _tensor(inputs: Dict[str, Any], key: str, kinds: str, ndims: Tuple[int, ...]
     return x
 
 
+def _float_mask(inputs: Dict[str, Any]) -> None:
+    """A floating ``attention_mask`` of 0s and 1s (which HF takes, as ``padding_mask.bool()``) becomes int64; any other
+    float value (an additive mask's -inf, a soft 0.5) is refused, since HF would read it as attend."""
+    x = inputs.get("attention_mask")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return
+    check_dense("attention_mask", x)
+    bad = (x != 0) & (x != 1)
+    if bool(bad.any()):
+        at = bad.nonzero()[0].tolist()
+        raise InvalidInputError(f"attention_mask holds {float(x[tuple(at)])} at position {at}; a padding mask holds "
+                                "1 (attend) and 0 (padding) only (an additive mask of 0 / -inf is not one)")
+    inputs["attention_mask"] = x.to(torch.long)
+
+
 def _finite(key: str, x: Optional[torch.Tensor]) -> None:
     """A float input holding NaN or Inf is refused before any work, naming its first such position."""
     if x is None or x.numel() == 0 or bool(torch.isfinite(x).all()):
@@ -131,6 +146,7 @@ def _check_sequence(fam: Family, inputs: Dict[str, Any], use_cache: Optional[boo
     if emb is not None and emb.shape[2] != fam.hidden_size:
         raise InvalidInputError(f"inputs_embeds must be [B, T, {fam.hidden_size}], got {list(emb.shape)}")
     _finite("inputs_embeds", emb)
+    _float_mask(inputs)
     for key, kind in (("attention_mask", "int"), ("token_type_ids", "index")):
         x = _tensor(inputs, key, kind, (2,))
         if x is not None and tuple(x.shape) != (B, T):
