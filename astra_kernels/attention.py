@@ -161,15 +161,16 @@ def _queries(q, qp, causal, scale, segments) -> Queries:
     B, Hq, Tl, Dh = q.shape
     require(Dh >= 1, "head_dim must be >= 1")
     require(len(segments) > 0, "no keys at all: give at least one key segment")
-    heads = set()
+    heads = {}
     for seg in segments:
         require(type(seg) in _DENSE,
                 f"segments must be TokenKeys / TableKeys / GroupTableKeys / CountKeys, got {type(seg).__name__}")
         b, h, d = seg.heads()
-        require(b == B and d == Dh, f"{type(seg).__name__} has batch {b}, head_dim {d}; q has batch {B}, head_dim {Dh}")
-        heads.add(h)
-    require(len(heads) == 1, f"key segments disagree on the number of kv heads: {sorted(heads)}")
-    Hkv = heads.pop()
+        require(b == B and d == Dh, f"{seg.label} has batch {b}, head_dim {d}; q has batch {B}, head_dim {Dh}")
+        heads.setdefault(h, seg.label)
+    require(len(heads) == 1, "key segments disagree on the number of kv heads: "
+                             + ", ".join(f"{label} {h}" for h, label in heads.items()))
+    Hkv = next(iter(heads))
     require(Hkv >= 1 and Hq % Hkv == 0, f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     real = isinstance(scale, numbers.Real) or (isinstance(scale, torch.Tensor) and scale.numel() == 1
                                                and not scale.is_complex())

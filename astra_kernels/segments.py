@@ -109,6 +109,11 @@ class TokenKeys:
         check_finite(self.name.split("/")[-1], self.v)
 
     @property
+    def label(self) -> str:
+        """What error messages call these keys (the caller's argument names)."""
+        return self.name
+
+    @property
     def num_keys(self) -> int:
         return self.k.shape[2]
 
@@ -141,6 +146,11 @@ class _CodeIndexed:
     @property
     def rope(self) -> bool:
         return self.rope_cos is not None
+
+    @property
+    def label(self) -> str:
+        """What error messages call these keys (the caller's argument names)."""
+        return "codes/k_table"
 
     @property
     def num_keys(self) -> int:
@@ -237,6 +247,11 @@ class CountKeys:
         if self.log_counts.numel():
             require(bool(self.log_counts.amax() < float("inf")), "log_counts contains NaN or +inf "
                     "(each entry is log(count), or -inf for padding)")
+
+    @property
+    def label(self) -> str:
+        """What error messages call these keys (the caller's argument names; count weighting is internal)."""
+        return "codes/k_table"
 
     @property
     def num_keys(self) -> int:

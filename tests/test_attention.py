@@ -4,6 +4,7 @@ reference. The Triton kernel's interpreter tests are in test_attention_triton.py
 import pytest
 import torch
 
+from astra_kernels import attention_table
 from astra_kernels.attention import merge_attention, mixed_attention, mixed_attention_reference
 from astra_kernels.segments import CountKeys, TableKeys, TokenKeys, positions, prune_causal, split_counts
 from astra_kernels.testing import assert_matches_reference, random_inputs, random_ints, seeded_generator
@@ -501,8 +502,25 @@ def test_segment_validation():
         attention_segments(q, [k])
     with pytest.raises(ValueError, match="no keys at all"):
         attention_segments(q, [])
-    with pytest.raises(ValueError, match="disagree on the number of kv heads"):
+    with pytest.raises(ValueError, match=f"disagree on the number of kv heads: {segs[0].label} {k.shape[1]}, "
+                                         "k_hat/v_hat 1"):
         attention_segments(q, [segs[0], TokenKeys(k[:, :1], v[:, :1], qp)])
+
+
+@pytest.mark.parametrize("count_weighted", [False, True])
+def test_table_shape_errors_name_the_callers_arguments(count_weighted):
+    """A k_table of the wrong head dim or head count was reported by the internal segment class ("TableKeys has
+    batch 1, head_dim 17", "CountKeys ..." with count weighting) or as a bare list of head counts."""
+    g = torch.Generator().manual_seed(3)
+    B, H, Tl, Tr, Dh, K = 1, 2, 5, 7, 16, 32
+    q, k, v = (torch.randn(B, H, Tl, Dh, generator=g) for _ in range(3))
+    codes = torch.randint(0, K, (B, Tr), generator=g)
+    wide = torch.randn(K, H, Dh + 1, generator=g)
+    with pytest.raises(ValueError, match=f"codes/k_table has batch 1, head_dim {Dh + 1}; q has batch 1, head_dim {Dh}"):
+        attention_table(q, k, v, codes, wide, wide, count_weighted=count_weighted)
+    more = torch.randn(K, H + 1, Dh, generator=g)
+    with pytest.raises(ValueError, match=f"disagree on the number of kv heads: k/v {H}, codes/k_table {H + 1}"):
+        attention_table(q, k, v, codes, more, more, count_weighted=count_weighted)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
