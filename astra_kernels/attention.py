@@ -123,25 +123,34 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
     qs = _queries(q, qp, causal, scale, segments)
     be = resolve_backend(backend, q, qp, *_tensors(segments))
     if check is not None:
-        check_finite("q", q)
-        for seg in check:
-            seg.check_values()
+        _check_values(q, check)
     segs = _visible(qs, segments)
     out_dtype = _lse_dtype(q) if return_lse else q.dtype     # a partial result is rounded once, after its merge
-    if qs.Tl == 0 or qs.B == 0 or qs.Hq == 0:
-        out = q.new_zeros(q.shape, dtype=out_dtype)
-        lse = torch.full((qs.B, qs.Hq, qs.Tl), _NEG_INF, dtype=_lse_dtype(q), device=q.device)
-    elif be == "triton":
-        from .triton.attention_kernels import attention_triton
+    try:
+        if qs.Tl == 0 or qs.B == 0 or qs.Hq == 0:
+            out = q.new_zeros(q.shape, dtype=out_dtype)
+            lse = torch.full((qs.B, qs.Hq, qs.Tl), _NEG_INF, dtype=_lse_dtype(q), device=q.device)
+        elif be == "triton":
+            from .triton.attention_kernels import attention_triton
 
-        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)       # q's dtype, or float32 / float64 (q's)
-        out, lse = attention_triton(qs.q, qs.q_pos, segs, causal=qs.causal, scale=qs.scale, out=out)
-        lse = lse.to(_lse_dtype(q))         # the kernel's is float32
-    else:
-        out, lse = _attention_torch(qs, segs, out_dtype)
-    if check is not None or lse.device.type == "cpu":     # a sync on a device: only with validate
-        _check_lse(lse)
+            out = torch.empty(q.shape, dtype=out_dtype, device=q.device)   # q's dtype, or float32 / float64 (q's)
+            out, lse = attention_triton(qs.q, qs.q_pos, segs, causal=qs.causal, scale=qs.scale, out=out)
+            lse = lse.to(_lse_dtype(q))         # the kernel's is float32
+        else:
+            out, lse = _attention_torch(qs, segs, out_dtype)
+        if check is not None or lse.device.type == "cpu":     # a sync on a device: only with validate
+            _check_lse(lse)
+    except ValueError:
+        if check is None:       # validate=False: a NaN / Inf input reads as an overflow; name it instead (error path)
+            _check_values(q, segments)
+        raise
     return (out, lse) if return_lse else out
+
+
+def _check_values(q: torch.Tensor, segments) -> None:
+    check_finite("q", q)
+    for seg in segments:
+        seg.check_values()
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

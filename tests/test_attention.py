@@ -755,6 +755,27 @@ def test_scores_that_overflow_raise_instead_of_reading_as_no_key(case, validate,
     assert bool((out[:, :, :3] == 0).all())
 
 
+@pytest.mark.parametrize("where", ["q", "k", "k_hat", "k_table"])
+def test_validate_false_names_a_non_finite_input_rather_than_an_overflow(where, cpu_route):
+    """validate=False skips the finiteness checks before the work; a NaN input then surfaced as "attention scores
+    overflow" (its NaN log-sum-exp). The error path now checks the inputs and names the one that holds it. (A NaN in a
+    value alone leaves the scores finite: it reaches the output as NaN, which validate=False accepts.)"""
+    g = seeded_generator(1703)
+    q, k, v = (random_inputs(1, 2, 9, 8, generator=g) for _ in range(3))
+    kw = dict(validate=False)
+    if where == "k_hat":
+        kw.update(k_hat=random_inputs(1, 2, 5, 8, generator=g), v_hat=random_inputs(1, 2, 5, 8, generator=g))
+        kw["k_hat"][0, 1, 3, 2] = float("nan")
+    elif where == "k_table":
+        table = random_inputs(16, 2, 8, generator=g)
+        kw.update(codes=random_ints(1, 5, low=0, high=16, generator=g), k_table=table.clone(), v_table=table)
+        kw["k_table"][:, 0, 5] = float("nan")
+    else:
+        {"q": q, "k": k}[where][0, 1, 4, 3] = float("nan")
+    with pytest.raises(ValueError, match=rf"^{where} contains non-finite values \(NaN or inf\)"):
+        mixed_attention(q, k, v, **kw)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_count_keys_refuse_nan_and_positive_infinite_log_counts(bad):
     """log_counts: log(count), or -inf for padding. NaN gave a finite wrong output, +inf the empty-row marker."""
