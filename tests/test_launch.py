@@ -176,7 +176,7 @@ def test_an_exception_whose_str_fails_is_still_reported():
 
 def test_ranks_do_not_outlive_a_launcher_killed_by_sigterm(tmp_path):
     """SIGTERM skips the launcher's finally: its ranks kept running, parented to init, and the rendezvous directory
-    stayed."""
+    stayed (it still does; the next launch removes it, and never a running launcher's)."""
     script = tmp_path / "victim.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -201,8 +201,21 @@ def test_ranks_do_not_outlive_a_launcher_killed_by_sigterm(tmp_path):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids)
-    for d in made:                                       # a launcher killed by a signal leaves its rendezvous file
-        shutil.rmtree(os.path.join(tempfile.gettempdir(), d), ignore_errors=True)
+    tmp = tempfile.gettempdir()
+    assert all(os.path.isdir(os.path.join(tmp, d)) for d in made)    # a launcher killed by a signal leaves it ...
+    live = tempfile.mkdtemp(prefix=f"astra-launch-{os.getpid()}-", dir=tmp)     # a running launcher's
+    other = tempfile.mkdtemp(prefix="astra-launch-x", dir=tmp)                   # not a launcher's name
+    try:
+        assert astra.launch(_rank_itself, 1, join_timeout=60) == [0]
+        assert not any(os.path.exists(os.path.join(tmp, d)) for d in made)      # ... and the next launch removes it
+        assert os.path.isdir(live) and os.path.isdir(other)
+    finally:
+        for d in [*made, live, other]:
+            shutil.rmtree(os.path.join(tmp, d), ignore_errors=True)
+
+
+def _rank_itself(rank):
+    return rank
 
 
 def _sleep_and_say(rank, folder):

@@ -224,6 +224,36 @@ def _after_failure(after_failure_s, timeout: float) -> Optional[float]:
     return None if after_failure_s is None else checked_timeout(after_failure_s)
 
 
+_RDV_PREFIX = "astra-launch-"
+
+
+def _rendezvous_dir() -> str:
+    """A fresh directory for this launch's rendezvous file, named after this process (``astra-launch-<pid>-*``), after
+    removing those this user's launchers that no longer run left (killed by a signal before their cleanup)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(_RDV_PREFIX):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        if not (name.startswith(_RDV_PREFIX) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        try:
+            if os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass            # gone meanwhile
+    return tempfile.mkdtemp(prefix=f"{_RDV_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True         # another user's process (or a name that is no pid): leave its directory alone
+    return True
+
+
 def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout: float = 60.0,
            join_timeout: Optional[float] = None, after_failure_s="auto", threads: int = 1,
            start_method: str = "spawn", tune_allocator: bool = True, **kwargs) -> List[Any]:
@@ -240,7 +270,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     if a rank raised, died, or was killed; the error carries the results of the ranks that did return. No rank
     outlives the launching process, however it ends (an exception, an interrupt, SIGTERM or SIGKILL: the kernel or
     a thread of each rank ends it). The rendezvous directory (one file under ``tempfile.gettempdir()``) is removed
-    by the launching process, so one killed by a signal leaves it.
+    by the launching process; one that a launcher killed by a signal left is removed by the next launch.
     """
     if not is_count(world_size, 1):
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -251,7 +281,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     ctx = mp.get_context(start_method)
     q = ctx.Queue()
     # rendezvous through a fresh file (no port to race for with other processes on the machine)
-    rdv_dir = tempfile.mkdtemp(prefix="astra-launch-")
+    rdv_dir = _rendezvous_dir()
     init_method = "file://" + os.path.join(rdv_dir, "rendezvous")
     procs, grace_s = [], 0.0         # an exception or interrupt here: kill the ranks at once
     try:
