@@ -524,7 +524,9 @@ def test_gather_on_a_broken_group_raises_at_once():
 
 def _lifecycle(rank):
     """Patches that share state with another, and a model changed after it was patched: each used to compute a
-    silently wrong answer (another model's patch read through a shared config; dropout) or fail obscurely."""
+    silently wrong answer (another model's patch read through a shared config; dropout; HF's own attention after
+    set_attn_implementation; weights changed in place, which the K/V tables and fingerprint were built from) or fail
+    obscurely."""
     import copy
 
     import transformers as tf
@@ -560,6 +562,15 @@ def _lifecycle(rank):
         if rank == 1 and undo is not None:
             undo()
         out[what + " next"] = float((pm.gather(pm(**x)).logits - ref).abs().max())
+    patched = model.config._attn_implementation
+    model.set_attn_implementation("eager")           # HF's attention then ignored the other ranks' tokens: 0.39 off
+    out["attention implementation changed"] = _any_outcome(lambda: pm(**x))
+    model.set_attn_implementation(patched)
+    out["implementation restored"] = float((pm.gather(pm(**x)).logits - ref).abs().max())
+    if rank == 1:                   # weights changed in place (one rank): each rank's output was off its own model's
+        with torch.no_grad():
+            model.transformer.h[1].attn.c_attn.weight.add_(0.01)
+    out["one rank's weights changed"] = _any_outcome(lambda: pm(**x))
     pm.unpatch()
     cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97)
     m1, m2 = tf.GPT2Model(cfg).eval(), tf.GPT2Model(cfg).eval()     # transformers does not copy the config
@@ -581,6 +592,12 @@ def test_patches_sharing_state_and_models_changed_after_patching_are_refused():
         assert out["a module in train mode"].startswith(here + "astra runs inference only"), out
         assert out["dtype changed"].startswith(here + "the model moved to torch.float64"), out
         assert out["after"] < TOL and out["restored"] < TOL and out["m2 intact"] == 0.0, out
+        assert out["attention implementation changed"].startswith(
+            here + "the model's attention implementation was set to 'eager' after astra patched it"), out
+        assert out["implementation restored"] < TOL, out
+        assert out["one rank's weights changed"].startswith(
+            f"InputMismatchError: astra rank {rank}/2: rank 1 rejected its inputs (AstraError: the model's weights "
+            "changed after astra patched it"), out
     for rank, out in enumerate(results):
         for what, why in (("one rank in train mode", "AstraError: astra runs inference only"),
                           ("one rank moved", "AstraError: the model moved to torch.float64"),

@@ -266,6 +266,17 @@ def test_a_float_padding_mask_is_taken_and_an_additive_one_refused():
             astra.simulate(bert, {**inputs, "attention_mask": soft}, world_size=2)
 
 
+def test_use_cache_on_an_encoder_is_ignored_as_hf_ignores_it():
+    """BERT / ViT run use_cache=True (transformers ignores it for a model that is not a decoder); astra refused it."""
+    for family in ("bert", "vit"):
+        model = tiny_model(family, head=False)
+        inputs = tiny_inputs(family)
+        with torch.no_grad():
+            ref = astra.simulate(model, inputs, world_size=2).last_hidden_state
+            got = astra.simulate(model, {**inputs, "use_cache": True}, world_size=2).last_hidden_state
+        assert torch.equal(got, ref), family
+
+
 def test_autocast_is_refused_by_name():
     """Under torch.autocast, Llama's q / k came fp32 and v bf16 (a bare dtype error in the kernels), BERT's class-token
     outputs failed their layout check, and autocast on one rank only aborted gloo: refused up front."""

@@ -20,17 +20,17 @@ REFUSED_INPUTS = ("past_key_values", "cache", "cache_position", "labels", "head_
 
 
 def check_inputs(fam: Family, inputs: Dict[str, Any]) -> Dict[str, Any]:
-    """The inputs astra passes on. Dropped: None values, the flags above when False, ``use_cache`` (decoders)
-    and keys the model's ``forward`` does not name (e.g. sentence-transformers' ``modality``), which the
-    unmodified model ignores too. Refused: the flags above when True, ``return_dict=False``, :data:`REFUSED_INPUTS`
-    by name, and inputs the model's ``forward`` names but astra does not take (they change what is computed)."""
+    """The inputs astra passes on. Dropped: None values, the flags above when False, ``use_cache`` (decoders: no
+    cache in a parallel forward; encoders ignore it, as the unmodified model does) and keys the model's ``forward``
+    does not name (e.g. sentence-transformers' ``modality``), which the unmodified model ignores too. Refused: the
+    flags above when True, ``return_dict=False``, :data:`REFUSED_INPUTS` by name, and inputs the model's ``forward``
+    names but astra does not take (they change what is computed)."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
     _check_config_flags(fam)
     for flag in REFUSED_FLAGS:
         if inputs.pop(flag, False):
             raise UnsupportedModelError(f"astra does not support {flag}=True")
-    if inputs.pop("use_cache", False) and not fam.decoder:
-        raise UnsupportedModelError("use_cache=True is not supported here")
+    inputs.pop("use_cache", None)       # decoders: no cache in a parallel forward; encoders ignore it, as HF's do
     if inputs.pop("return_dict", True) is False:
         raise UnsupportedModelError("astra needs return_dict=True outputs")
     refused = sorted(k for k in inputs if k in REFUSED_INPUTS and k not in fam.inputs)

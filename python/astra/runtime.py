@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -57,6 +57,24 @@ def _register() -> None:
     _REGISTERED = True
 
 
+def weight_marks(model) -> List[Tuple[weakref.ref, int]]:
+    """Per parameter, the parameter itself (weakly) and its in-place version counter: ``load_state_dict`` and in-place
+    updates under ``torch.no_grad`` bump the counter, ``load_state_dict(assign=True)`` replaces the parameter, a
+    dtype / device round trip changes neither. Writes through ``p.data`` are not seen. Inference tensors have no
+    counter (-1)."""
+    return [(weakref.ref(p), _version(p)) for p in model.parameters()]
+
+
+def weights_changed(model, marks: List[Tuple[weakref.ref, int]]) -> bool:
+    """Whether ``model``'s parameters are others than, or were changed in place since, :func:`weight_marks`."""
+    params = list(model.parameters())
+    return len(params) != len(marks) or any(ref() is not p or v != _version(p) for p, (ref, v) in zip(params, marks))
+
+
+def _version(p: torch.Tensor) -> int:
+    return -1 if p.is_inference() else p._version
+
+
 class RuntimeBase:
     """Installs hooks + the attention implementation on a model; subclasses fill in the per-layer work."""
 
@@ -87,6 +105,7 @@ class RuntimeBase:
         self._pred: Optional[List] = None      # per layer the predictor (W [2D, D], b [D]) of predictive codebooks
         self._installed = False
         self._param_state = None                # (dtype, device) of the model's parameters when installed
+        self._weight_marks = None               # weight_marks(model) when installed
 
     # -- install / uninstall ---------------------------------------------------------------------
     def install(self) -> None:
@@ -101,6 +120,7 @@ class RuntimeBase:
         _register()
         p = next(self.model.parameters())
         self._param_state = (p.dtype, p.device)
+        self._weight_marks = weight_marks(self.model)
         cb = self.codebooks
         if cb is not None:
             def cast(what, ts):         # to the model's device and dtype; ValueError where the cast overflows
@@ -201,8 +221,10 @@ class RuntimeBase:
 
     def check_model_state(self) -> None:
         """Raise :class:`AstraError` if the model changed since it was patched in what the runtime relies on: eval
-        mode (a module put back in training mode ran dropout silently) and its parameters' dtype and device (cached
-        with the codebooks and the frame sizes); UnsupportedModelError under ``torch.autocast`` (inference runtimes)."""
+        mode (a module put back in training mode ran dropout silently), its parameters' dtype and device (cached
+        with the codebooks and the frame sizes), its attention implementation, and (inference runtimes) its weights,
+        which the K/V tables, folded projections and the weights fingerprint were built from; UnsupportedModelError
+        under ``torch.autocast`` (inference runtimes)."""
         if not self.differentiable:
             check_not_autocast(self.fam)
         if self.in_training():
@@ -212,6 +234,15 @@ class RuntimeBase:
         if self._param_state is not None and (p.dtype, p.device) != self._param_state:
             raise AstraError(f"the model moved to {p.dtype} on {p.device} after astra patched it on "
                              f"{self._param_state[0]} on {self._param_state[1]}: unpatch it and patch it again")
+        impl = self.model.config._attn_implementation
+        if self._installed and impl != ATTN_NAME:
+            raise AstraError(f"the model's attention implementation was set to {impl!r} after astra patched it (its "
+                             "attention then ignores the other ranks' tokens): unpatch it and patch it again")
+        if not self.differentiable and self._weight_marks is not None and weights_changed(self.model,
+                                                                                         self._weight_marks):
+            raise AstraError("the model's weights changed after astra patched it (load_state_dict, an in-place "
+                             "update, a merged adapter): what astra built from them (K/V tables, folded projections, "
+                             "the weights fingerprint) is stale; unpatch it and patch it again")
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):
