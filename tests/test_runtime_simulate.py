@@ -331,3 +331,16 @@ def test_bf16_models_run(family):
     cb = astra.Codebooks.random(model, groups=8, codebook_size=16)
     q = main_output(astra.simulate(model, inputs, world_size=3, codebooks=cb))
     assert q.dtype == torch.bfloat16 and bool(torch.isfinite(q).all())
+
+
+def test_a_heads_kwargs_that_reach_its_base_are_refused_by_name():
+    """ViTForImageClassification passes **kwargs to its ViTModel, which masks the patches given ``bool_masked_pos``;
+    the head's signature does not name it, so astra dropped it as a key "the model ignores" and returned unmasked
+    logits (the base model was refused as it should be)."""
+    for head in (True, False):
+        model = tiny_model("vit", head=head)
+        cfg = model.config
+        mask = torch.zeros(1, (cfg.image_size // cfg.patch_size) ** 2, dtype=torch.bool)
+        mask[0, 3] = True
+        with pytest.raises(astra.UnsupportedModelError, match=r"does not support the input\(s\) \['bool_masked_pos'\]"):
+            astra.simulate(model, {**tiny_inputs("vit", batch=1), "bool_masked_pos": mask}, world_size=2)

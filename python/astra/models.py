@@ -429,9 +429,14 @@ def head_of(model: Module, base: Module) -> Optional[str]:
                                 f"kinds: {kinds}")
 
 
-def _forward_params(model: Module) -> FrozenSet[str]:
-    ps = inspect.signature(type(model).forward).parameters.values()
-    return frozenset(p.name for p in ps if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self")
+def _forward_params(model: Module, base: Module) -> FrozenSet[str]:
+    """The inputs ``model``'s forward names; a head whose forward passes ``**kwargs`` on to its base (ViT's
+    classifier: ``bool_masked_pos``) names its base's too, since those reach the base and change what it computes."""
+    ps = list(inspect.signature(type(model).forward).parameters.values())
+    names = {p.name for p in ps if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    if base is not model and any(p.kind == p.VAR_KEYWORD for p in ps):
+        names |= _forward_params(base, base)
+    return frozenset(names)
 
 
 def check_has_weights(model) -> None:
@@ -463,7 +468,7 @@ def family_of(model) -> Family:
                   getattr(bcfg, "num_key_value_heads", None) or heads,
                   getattr(bcfg, "head_dim", None) or bcfg.hidden_size // heads,
                   embeddings=_modules_of(cls, base, adapter, "embeddings"),
-                  final=_modules_of(cls, base, adapter, "final"), forward_params=_forward_params(model))
+                  final=_modules_of(cls, base, adapter, "final"), forward_params=_forward_params(model, base))
 
 
 def _modules_of(cls: str, base: Module, adapter: FamilyAdapter, field: str, many: bool = False):

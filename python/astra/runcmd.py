@@ -14,8 +14,8 @@ Run a real model with ASTRA over N local gloo ranks (astra.launch), or as one ra
 (`torchrun --nproc-per-node 2 -m astra run ...`). The model is the packaged all-MiniLM-L6-v2 or an HF model
 directory; the codebooks are --codebooks FILE or calibrated now on CPython's pydoc text. Inputs are the
 non-empty lines of --input (a file, or - for stdin). Prints each input's output (sentence embedding for
-encoders, next-token id for decoders), the latency, the bytes each rank sent, and the distance to the
-unmodified model."""
+encoders, next-token id for decoders, predicted class for image classifiers), the latency, the bytes each
+rank sent, and the distance to the unmodified model."""
 
 
 def read_texts(path: str) -> List[str]:
