@@ -405,3 +405,54 @@ def test_run_names_the_inputs_it_cuts_to_max_length():
     assert truncated(tokenize, texts, 64) == []
     _, tokenize, _ = load_model("vit-random")
     assert truncated(tokenize, texts, 16) == []
+
+
+def test_leftover_torchrun_variables_are_refused_before_any_work(capsys, monkeypatch, tmp_path):
+    """RANK and MASTER_ADDR left in a shell switched `astra run` to torchrun mode after the model had loaded; it then
+    ignored --world-size and waited out the rendezvous for peers that never came (a 30-line DistStoreError)."""
+    text = tmp_path / "in.txt"
+    text.write_text("one line\n")
+    monkeypatch.setattr(astra, "calibrate", lambda *a, **k: pytest.fail("work started"))
+    for k in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    cases = [({}, [], "RANK and MASTER_ADDR set in the environment read as running under torchrun, but WORLD_SIZE, "
+                      "MASTER_PORT is not set"),
+             ({"WORLD_SIZE": "2", "MASTER_PORT": "29500"}, ["--world-size", "3"],
+              "--world-size 3, but the environment says WORLD_SIZE=2"),
+             ({"WORLD_SIZE": "2", "MASTER_PORT": "29500", "RANK": "2"}, [], "RANK=2 is not in 0..WORLD_SIZE-1"),
+             ({"WORLD_SIZE": "two", "MASTER_PORT": "29500", "RANK": "0"}, [], "WORLD_SIZE='two' in the environment")]
+    for env, extra, message in cases:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert main(["run", "--model", "gpt2-random", "--input", str(text), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("astra run: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_run_sets_no_cap_on_the_whole_run_and_only_rank_0_keeps_the_outputs(monkeypatch, tmp_path):
+    """`astra run --timeout T` also killed every rank after 10 T (an undocumented cap on the whole run: a 20-minute
+    run on a CPU at the default timeout), and every rank sent its whole gathered output (logits of every token) to
+    the launcher, where only rank 0's is read."""
+    from astra.cli import load_model
+    from astra.runcmd import run_rank
+
+    model, _, _ = load_model("gpt2-random")
+    path = str(tmp_path / "cb.safetensors")
+    astra.Codebooks.random(model, groups=8, codebook_size=16).save(path)
+    ranks = astra.launch(run_rank, 2, "gpt2-random", path, ["a first line", "and a second"], 16, 30.0,
+                         join_timeout=240)
+    assert ranks[0]["out"]["logits"].shape[0] == 2 and ranks[0]["bytes_sent"] > 0
+    assert ranks[1]["out"] is None          # (a causal model's last rank sends nothing either)
+    seen = {}
+
+    def fake_launch(fn, world, *args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(astra, "launch", fake_launch)
+    text = tmp_path / "in.txt"
+    text.write_text("one line\n")
+    assert main(["run", "--model", "gpt2-random", "--input", str(text), "--codebooks", path, "--timeout", "1"]) == 2
+    assert seen.get("timeout") == 1 and seen.get("join_timeout") is None, seen

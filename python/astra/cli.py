@@ -502,7 +502,7 @@ def validate(args) -> None:
         check_in_file("--codebooks", args.codebooks)
     if args.cmd == "demo":
         int_range("--world-size", args.world_size, 2, 64)     # its report compares what ranks send each other
-    if args.cmd == "run":
+    if args.cmd == "run" and args.world_size is not None:
         int_range("--world-size", args.world_size, 1, 64)
     if args.cmd == "demo":
         int_range("--batch", args.batch, 1, len(stdlib_paragraphs()))
@@ -573,7 +573,8 @@ def _run_parser(sub) -> None:
     r = sub.add_parser("run", formatter_class=_Fmt, description=DESCRIPTION,
                        help="run a real model over N local ranks (or under torchrun) on text from a file or stdin")
     _codebook_options(r, samples=64, max_tokens=4096, iters=4, reuse=True)
-    r.add_argument("--world-size", type=int, default=2, help="local ranks to start (ignored under torchrun)")
+    r.add_argument("--world-size", type=int, default=None,
+                   help="local ranks to start (default 2; under torchrun: WORLD_SIZE, which it must equal if given)")
     r.add_argument("--input", default="-", metavar="FILE", help="text file, one input per non-empty line; - is stdin")
     r.add_argument("--timeout", type=float, default=120.0, help="seconds to wait on a peer before failing")
     r.set_defaults(fn=lambda a: __import__("astra.runcmd", fromlist=["cmd_run"]).cmd_run(a))
@@ -648,6 +649,13 @@ OPTIONAL_PACKAGES = {"transformers": "hf", "matplotlib": "bench", "accelerate": 
                      "triton": "triton"}
 
 
+def torch_dist_error() -> type:
+    """torch.distributed's own error class (rendezvous, store, network)."""
+    import torch.distributed as dist
+
+    return getattr(dist, "DistError", RuntimeError) if dist.is_available() else ()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import astra
 
@@ -672,3 +680,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"astra {args.cmd}: interrupted", file=sys.stderr)
         return 130
+    except torch_dist_error() as e:     # torchrun's rendezvous: a peer that never came, a port in use
+        print(f"astra {args.cmd}: error: torch.distributed: {str(e).splitlines()[0]} (RANK / WORLD_SIZE / MASTER_ADDR"
+              " / MASTER_PORT in the environment)", file=sys.stderr)
+        return 2

@@ -48,7 +48,37 @@ def check_run_args(args) -> None:
         args.timeout = checked_timeout(args.timeout)
     except ValueError as e:
         raise ValueError(f"--timeout: {e}") from None
+    args.world_size = torchrun_world(args.world_size) if under_torchrun() else (args.world_size or DEFAULT_WORLD)
     args.texts = read_texts(args.input)
+
+
+#: ``astra run``'s local ranks when --world-size is not given
+DEFAULT_WORLD = 2
+#: what torchrun (or a launcher like it) sets for every rank; RANK with MASTER_ADDR is read as running under one
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_world(given) -> int:
+    """The world size under torchrun, from the environment: ValueError (before any work) where its variables are
+    incomplete or out of range (left over in a shell, say), or where ``--world-size`` says another."""
+    env = {k: os.environ.get(k) for k in TORCHRUN_VARIABLES}
+    missing = [k for k, v in env.items() if not v]
+    if missing:
+        raise ValueError(f"{' and '.join(k for k in ('RANK', 'MASTER_ADDR') if env[k])} set in the environment read "
+                         f"as running under torchrun, but {', '.join(missing)} is not set (unset the leftover "
+                         "variables to start local ranks)")
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise ValueError(f"RANK={env['RANK']!r} and WORLD_SIZE={env['WORLD_SIZE']!r} in the environment must be "
+                         "integers") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}) in the environment")
+    if given is not None and given != world:
+        raise ValueError(f"--world-size {given}, but the environment says WORLD_SIZE={world} (under torchrun the "
+                         "ranks come from it: drop --world-size, or unset RANK / MASTER_ADDR to start local ranks)")
+    print(f"under torchrun: rank {rank} of {world} (RANK / WORLD_SIZE from the environment)", flush=True)
+    return world
 
 
 def under_torchrun() -> bool:
@@ -78,13 +108,13 @@ def rank_body(model, cb, inputs: Dict, timeout: float) -> Dict:
             t0 = time.perf_counter()
             out = pm(**inputs)
             dt = time.perf_counter() - t0
-            full = pm.gather(out)
+            full = pm.gather(out, dst=0)                   # rank 0 reports; the others send, and hold nothing
     finally:
         pm.unpatch()
     # layer 0 sends nothing (docs/runtime.md); one rank exchanges nothing at all
     exchanged = 0 if pm.world_size == 1 else sum(1 for s in pm.stats if s.bytes_on_wire > 0)
     return {"time_s": dt, "bytes_sent": sum(s.bytes_sent for s in pm.stats), "layers": exchanged,
-            "out": {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}}
+            "out": None if full is None else {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}}
 
 
 def _report(ranks: List[Dict], model, tokenize, texts, max_length) -> None:
@@ -151,8 +181,7 @@ def cmd_run(args) -> int:
     print(f"[1/3] loading {args.model} ...", flush=True)
     model, tokenize, desc = load_model(args.model, args.max_length)
     print(f"model: {desc}; {len(args.texts)} input(s)")
-    world = int(os.environ.get("WORLD_SIZE", args.world_size)) if under_torchrun() else args.world_size
-    check_world_fits(model, tokenize(args.texts, args.max_length), world)
+    check_world_fits(model, tokenize(args.texts, args.max_length), args.world_size)
     cut = truncated(tokenize, args.texts, args.max_length)
     if cut:
         lines = ", ".join(str(i + 1) for i in cut)
@@ -179,7 +208,7 @@ def cmd_run(args) -> int:
                 return 0
         else:
             print(f"[3/3] running {args.world_size} local gloo ranks ...", flush=True)
-            ranks = astra.launch(run_rank, args.world_size, *call, timeout=args.timeout,
-                                 join_timeout=args.timeout * 10)
+            # no cap on the whole run: --timeout bounds every wait on a peer, and a failed rank ends the others
+            ranks = astra.launch(run_rank, args.world_size, *call, timeout=args.timeout)
     _report(ranks, model, tokenize, args.texts, args.max_length)
     return 0
