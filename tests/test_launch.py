@@ -409,8 +409,25 @@ def test_results_and_the_first_traceback_follow_rank_order_not_arrival():
         astra.launch(_late_rank_zero, 2, True, join_timeout=60, tune_allocator=False)
     msg = str(ei.value)
     assert msg.startswith("rank 0 raised ValueError: rank 0 fails; rank 1 raised ValueError: rank 1 fails"), msg
-    first = msg.split("first traceback:\n", 1)[1]
+    first = msg.split("traceback of rank 0:\n", 1)[1]
     assert first.startswith("ValueError: rank 0 fails") and "rank 1 fails" not in first, first
+
+
+def _cause_on_rank_1(rank):
+    if rank == 0:
+        raise astra.PeerError("astra rank 0/2: layer 1 exchange failed - a peer rank died")
+    raise FileNotFoundError("rank 1 lost its file")
+
+
+def test_the_root_cause_leads_the_launch_error_and_its_traceback_is_shown():
+    """Rank 1 failed (the cause); rank 0 reported the consequence (PeerError). The message led with rank 0's gloo
+    text and showed only its traceback: the cause's was not in the error at all."""
+    with pytest.raises(astra.LaunchError) as ei:
+        astra.launch(_cause_on_rank_1, 2, join_timeout=60, tune_allocator=False)
+    msg = str(ei.value)
+    assert msg.startswith("rank 1 raised FileNotFoundError: rank 1 lost its file; rank 0 raised PeerError"), msg
+    shown = msg.split("traceback of rank 1:\n", 1)[1]
+    assert shown.startswith("FileNotFoundError: rank 1 lost its file") and "PeerError" not in shown, shown
 
 
 def test_after_failure_s_auto_is_twice_the_timeout_and_at_least_ten_seconds():

@@ -225,6 +225,13 @@ def _after_failure(after_failure_s, timeout: float) -> Optional[float]:
 
 
 _RDV_PREFIX = "astra-launch-"
+#: errors a rank raises because another failed (astra's own reports of a peer's failure)
+_CONSEQUENCES = ("PeerError", "RankFailedError")
+
+
+def _consequence(traceback_text: str) -> bool:
+    """Whether a rank's error (its traceback's first line, ``Name: message``) reports another rank's failure."""
+    return traceback_text.split(":", 1)[0].strip().rsplit(".", 1)[-1] in _CONSEQUENCES
 
 
 def _rendezvous_dir() -> str:
@@ -305,10 +312,11 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
         if dead:
             parts.append(f"rank(s) {dead} exited without a result (exit codes "
                          f"{[procs[r].exitcode for r in dead]})")
-        for r, tb in sorted(errors.items()):
-            parts.append(f"rank {r} raised {tb.splitlines()[0]}")
+        order = sorted(errors, key=lambda r: (_consequence(errors[r]), r))     # the cause first, then its echoes
+        for r in order:
+            parts.append(f"rank {r} raised {errors[r].splitlines()[0]}")
         msg = "; ".join(parts)
         if errors:
-            msg += "\n\nfirst traceback:\n" + errors[min(errors)]
+            msg += f"\n\ntraceback of rank {order[0]}:\n" + errors[order[0]]
         raise LaunchError(msg, results=results, errors=errors, dead=dead)
     return [results[r] for r in range(world_size)]

@@ -96,6 +96,9 @@ class Transport:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        if self.rank < 0:           # torch's answer for a process outside the group; its first call failed in struct
+            raise ValueError(f"global rank {dist.get_rank()} is not a member of the process group given to "
+                             "astra.parallelize (call it only on the group's ranks)")
         self.error_text: Optional[str] = None   # this rank's error, sent after the failed status is seen
         self.device = torch.device("cpu")        # where fixed-size buffers live (the model's device, for NCCL)
 
