@@ -120,3 +120,35 @@ def test_texts_for_other_ranks_never_fail_to_encode():
     assert described(Unprintable()) == "Unprintable: <its str() failed>"
     assert described(OSError(name)) == "OSError: caf\\udce9.bin"
     assert utf8_field("é" * 3, 5) == "éé".encode() + b"\xc3" and utf8_field("ab", 4) == b"ab\0\0"
+
+
+def test_setup_differences_name_what_differs_between_the_ranks_models_and_codebooks():
+    """Ranks given a bf16 model, more layers, another dropout or codebooks of another G were all told "models (class,
+    configuration, size, dtype, family adapter) differ: rank 0: 5eca243ebb15ae3a; rank 1: 70f510ab7432a7a1"."""
+    from test_runtime_support import tiny_model
+
+    from astra.agreement import describe_setup, setup_differences
+
+    base = tiny_model("gpt2")
+    cb = astra.Codebooks.random(base, groups=1, codebook_size=8)
+    ref = describe_setup(base, "adapter", cb)
+    assert setup_differences([ref, ref]) is None
+    bf16 = describe_setup(tiny_model("gpt2").to(torch.bfloat16), "adapter", cb)
+    assert setup_differences([ref, bf16]) == ("models differ between ranks: rank 0: GPT2LMHeadModel, float32, "
+                                              f"{sum(p.numel() for p in base.parameters()):,} parameters; rank 1: "
+                                              "GPT2LMHeadModel, bfloat16, " + ref.split("float32, ")[1].split(" ")[0]
+                                              + " parameters")
+    assert setup_differences([ref, describe_setup(tiny_model("gpt2", attn_pdrop=0.3), "adapter", cb)]) == (
+        "model configurations differ between ranks in: attn_pdrop")
+    deeper = setup_differences([ref, describe_setup(tiny_model("gpt2", n_layer=3), "adapter", None)])
+    assert deeper.startswith("models differ between ranks: rank 0: GPT2LMHeadModel, float32, ") and (
+        "codebooks differ between ranks: rank 0: Codebooks(model_type='gpt2', layers=2" in deeper and
+        "rank 1: none" in deeper and deeper.endswith("model configurations differ between ranks in: n_layer")), deeper
+    g4 = describe_setup(base, "adapter", astra.Codebooks.random(base, groups=4, codebook_size=8))
+    assert "G=1, K=8" in setup_differences([ref, g4]) and "G=4, K=8" in setup_differences([ref, g4])
+    assert setup_differences([ref, describe_setup(base, "other", cb)]) == (
+        "family adapters differ between ranks (register the same FamilyAdapter on every rank)")
+    assert setup_differences([ref, ref[:100]]) is None          # a cut description: the digests' message stands
+    fps = [_fp(), _fp(model=b"X" * 8 + b"M" * 8)]
+    assert str(disagreement(fps, 1, [ref, bf16])).startswith("astra rank 1/2: models differ between ranks: rank 0: "
+                                                             "GPT2LMHeadModel, float32")

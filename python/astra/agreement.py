@@ -129,24 +129,71 @@ def inputs_digest(inputs: Dict[str, Any]) -> bytes:
     return digest(*[x for k in sorted(inputs) for x in (k, inputs[k])])
 
 
+#: the size of a rank's setup description (:func:`describe_setup`), exchanged only once models or codebooks differ
+SETUP_NBYTES = 4096
+
+
+def describe_setup(model, adapter_text: str, codebooks) -> str:
+    """What a rank runs, for naming a difference once the digests disagree: the model's class, parameter dtype and
+    count, family adapter, a short digest of each configuration entry, and the codebooks' summary."""
+    p = next(model.parameters())
+    config = json.loads(config_text(model.config))
+    return json.dumps({"model": f"{type(model).__name__}, {str(p.dtype).replace('torch.', '')}, "
+                                f"{sum(q.numel() for q in model.parameters()):,} parameters",
+                       "adapter": digest(adapter_text)[:4].hex(),
+                       "config": {k: digest(json.dumps(v, sort_keys=True))[:3].hex() for k, v in config.items()},
+                       "codebooks": "none" if codebooks is None else repr(codebooks)}, separators=(",", ":"))
+
+
+def setup_differences(texts: List[str]) -> Optional[str]:
+    """What differs between the ranks' :func:`describe_setup` texts (None: nothing they show)."""
+    try:
+        setups = [json.loads(t) for t in texts]
+    except ValueError:
+        return None             # cut at SETUP_NBYTES: the digests' message stands
+    parts = []
+    for key, name in (("model", "models"), ("codebooks", "codebooks")):
+        if len({json.dumps(s[key]) for s in setups}) > 1:
+            parts.append(_differ(name, [s[key] for s in setups]))
+    if len({s["adapter"] for s in setups}) > 1:
+        parts.append("family adapters differ between ranks (register the same FamilyAdapter on every rank)")
+    keys = sorted(set().union(*(s["config"] for s in setups)))
+    differ = [k for k in keys if len({s["config"].get(k) for s in setups}) > 1]
+    if differ:
+        shown = ", ".join(differ[:12]) + (f" and {len(differ) - 12} more" if len(differ) > 12 else "")
+        parts.append(f"model configurations differ between ranks in: {shown}")
+    return "; ".join(parts) or None
+
+
 def _differ(name: str, values: List[str]) -> str:
     return f"{name} differ between ranks: " + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
 
 
-def disagreement(fps: List[Fingerprint], rank: int) -> Optional[Exception]:
-    """The error every rank raises for these fingerprints (the same on every rank), or None if they agree."""
+def setups_differ(fps: List[Fingerprint]) -> bool:
+    """The ranks run one world size but their models or codebooks differ (every rank sees it alike): the case in which
+    they exchange :func:`describe_setup` texts to name the difference."""
+    return (all(f.magic == MAGIC for f in fps) and len({f.world for f in fps}) == 1
+            and (len({f.model[:8] for f in fps}) > 1 or len({f.codebooks for f in fps}) > 1))
+
+
+def disagreement(fps: List[Fingerprint], rank: int, setups: Optional[List[str]] = None) -> Optional[Exception]:
+    """The error every rank raises for these fingerprints (the same on every rank), or None if they agree.
+    ``setups``: every rank's :func:`describe_setup`, where :func:`setups_differ` had them exchanged."""
     world = len(fps)
     pre = f"astra rank {rank}/{world}: "
     strange = [r for r, f in enumerate(fps) if f.magic != MAGIC]
     if strange:
         return InputMismatchError(pre + f"rank(s) {strange} sent no astra input fingerprint: they are not running "
                                         "the same astra forward (another collective or program is interleaved)")
+    named = None if setups is None else setup_differences(setups)
     checks = [("world sizes", [str(f.world) for f in fps], ""),
               ("models (class, configuration, size, dtype, family adapter)", [f.model[:8].hex() for f in fps], ""),
               ("model weights", [f.model[8:].hex() for f in fps], ": every rank must load the same checkpoint"),
-              ("codebooks", [f.codebooks.hex()[:12] for f in fps], "")]
+              ("codebooks", [f.codebooks.hex()[:12] for f in fps], ": every rank must load the same codebooks")]
     for name, vals, hint in checks:
         if len(set(vals)) > 1:
+            if named is not None and name != "model weights":
+                return InputMismatchError(pre + named)
             return InputMismatchError(pre + _differ(name, vals) + hint)
     bad = [r for r, f in enumerate(fps) if f.status != VALID]
     if bad:

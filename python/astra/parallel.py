@@ -11,13 +11,16 @@ import astra_kernels as ak
 from . import profile as prof_
 from .agreement import (
     INVALID,
+    SETUP_NBYTES,
     VALID,
     Fingerprint,
     config_text,
     describe_inputs,
+    describe_setup,
     digest,
     disagreement,
     inputs_digest,
+    setups_differ,
     weights_digest,
 )
 from .codebooks import as_codebooks
@@ -457,7 +460,7 @@ class DistRuntime(RuntimeBase):
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
-        exc = disagreement(fps, self.rank)
+        exc = disagreement(fps, self.rank, self._setups() if setups_differ(fps) else None)
         if exc is None:
             return inputs
         if err is not None and isinstance(exc, InvalidInputError):     # every rank: same inputs, same reason
@@ -465,6 +468,14 @@ class DistRuntime(RuntimeBase):
                 raise type(err)(f"{self.place()}: {err}") from None
             raise err
         raise exc
+
+    def _setups(self) -> List[str]:
+        """Every rank's :func:`describe_setup` (one more fixed-size exchange, made only when models or codebooks
+        differ, which every rank sees alike)."""
+        mine = utf8_field(describe_setup(self.model, self.fam.adapter.describe(), self.codebooks), SETUP_NBYTES)
+        outs = self.transport.exchange_fixed(torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+                                             .to(self.transport.device), "input agreement: setups")
+        return [bytes(o.tolist()).rstrip(b"\0").decode("utf-8", "replace") for o in outs]
 
     def _fail_together(self, e: BaseException):
         """This rank failed mid-forward: finish the exchanges in flight, then send an error frame in place of
