@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -16,6 +17,31 @@ import torch
 from .interpreter import interpreting
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+def is_compiling() -> bool:
+    """Whether Dynamo is tracing the caller (``torch.compiler.is_compiling``; torch < 2.3 has none: False)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check is not None and check())
+
+
+def compile_opaque(fn):
+    """``fn`` as one opaque call under ``torch.compile`` (Dynamo does not trace into it): for functions that hand raw
+    data pointers to C++. Traced, a tensor used only through its ``data_ptr()`` could be freed at the graph break
+    before the C++ call read it (``vq_encode`` then returned wrong codes). ``torch.compiler.disable`` is applied on
+    the first call made while compiling, so importing the package does not import Dynamo (~1 s); eager calls pay
+    one ``is_compiling()`` check."""
+    opaque = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not is_compiling():
+            return fn(*args, **kwargs)
+        if not opaque:
+            opaque.append(torch.compiler.disable(fn))
+        return opaque[0](*args, **kwargs)
+
+    return call
 
 
 def triton_available() -> bool:

@@ -53,7 +53,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._dispatch import resolve_backend
+from ._dispatch import compile_opaque, resolve_backend
 from .checks import FLOAT_DTYPES, check_finite, check_float, check_int, check_mask, is_count, require
 from .segments import CountKeys, GroupTableKeys, Segment, TableKeys, TokenKeys, positions, prune_causal, split_counts
 
@@ -104,7 +104,9 @@ def attention_segments(q: torch.Tensor, segments: Sequence[Segment], *, q_pos: O
     keys at the query positions (the causal triangle skip). ``q_pos``: ``[Tl]`` / ``[B, Tl]`` global
     positions (default ``arange(Tl)``); ``causal``: a query sees a key only if ``key_pos <= query_pos``
     (count keys are seen by every query). ``scale`` defaults to ``1/sqrt(Dh)``. ``validate``: value
-    checks that need a device sync (finiteness, code and RoPE ranges).
+    checks that need a device sync (finiteness, code and RoPE ranges). Autograd: with an input that requires grad
+    (under grad mode) every backend takes one differentiable torch route (``out`` and ``lse`` carry gradients;
+    memory ``[B, Hq, Tl, N]``).
 
     Returns ``out [B, Hq, Tl, Dh]`` in q's dtype, or with ``return_lse`` a partial result for
     :func:`merge_attention`: ``(out, lse [B, Hq, Tl])``, both float32 (float64 for a float64 q; a half-precision
@@ -130,6 +132,8 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
         if qs.Tl == 0 or qs.B == 0 or qs.Hq == 0:
             out = q.new_zeros(q.shape, dtype=out_dtype)
             lse = torch.full((qs.B, qs.Hq, qs.Tl), _NEG_INF, dtype=_lse_dtype(q), device=q.device)
+        elif _needs_grad(q, *_tensors(segs)):       # autograd: one differentiable route, on any backend
+            out, lse = _attention_differentiable(qs, segs, out_dtype)
         elif be == "triton":
             from .triton.attention_kernels import attention_triton
 
@@ -418,7 +422,8 @@ def build_group_tables(codebook: torch.Tensor, w_k: torch.Tensor, b_k: Optional[
     ``k = sum_g c_g @ w_k[:, g].T + b_k``: table ``[g, j] = codebook[g, j] @ w_k[:, g * DG:(g + 1) * DG].T``
     (computed in float64), the bias added to group 0. Returns ``(k_table, v_table) [G, K, Hkv, Dh]`` in
     ``dtype`` (default: the weights' dtype; bf16 / fp16 halve the memory). Memory per layer:
-    ``G * K * 2 * Hkv * Dh`` elements (G = 32, K = 1024, D = 768: 201 MB fp32, 101 MB bf16).
+    ``G * K * 2 * Hkv * Dh`` elements (G = 32, K = 1024, D = 768: 201 MB fp32, 101 MB bf16). Differentiable in
+    every tensor argument (build under ``torch.no_grad()`` for inference: a model's weights require grad).
     """
     check_float("codebook", codebook, 3)
     check_finite("codebook", codebook)
@@ -440,10 +445,10 @@ def build_group_tables(codebook: torch.Tensor, w_k: torch.Tensor, b_k: Optional[
             f"w_k and w_v must have the same rows (Hkv * Dh), got {tuple(w_k.shape)} and {tuple(w_v.shape)}")
     out = []
     for w, b in ((w_k, b_k), (w_v, b_v)):
-        w64 = w.detach().to(torch.float64).reshape(w.shape[0], G, DG)
-        t = torch.einsum("gkd,ogd->gko", codebook.detach().to(torch.float64), w64)        # [G, K, Hkv * Dh]
-        if b is not None:
-            t[0] += b.detach().to(torch.float64)
+        w64 = w.to(torch.float64).reshape(w.shape[0], G, DG)
+        t = torch.einsum("gkd,ogd->gko", codebook.to(torch.float64), w64)        # [G, K, Hkv * Dh]
+        if b is not None:                   # (out of place: differentiable in every argument)
+            t = torch.cat([t[:1] + b.to(torch.float64), t[1:]])
         out.append(t.reshape(G, K, kv_heads, -1).to(dtype or w.dtype).contiguous())
     return out[0], out[1]
 
@@ -529,6 +534,34 @@ def _attention_torch(qs: Queries, segments: Sequence[Segment], out_dtype: torch.
     return acc_o.to(out_dtype), acc_l.to(ct)       # a float64 lse keeps a later merge of float64 outputs exact
 
 
+def _attention_differentiable(qs: Queries, segments: Sequence[Segment], out_dtype: torch.dtype
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The autograd route (an input requires grad under grad mode): every segment's dense keys concatenated and one
+    out-of-place softmax, so both ``out`` and ``lse`` carry gradients. The fused routes' log-sum-exp carries none
+    (torch's CPU flash op), so their merge of several segments dropped the gradient through the softmax weights, and
+    the Triton kernels have no backward. Memory ``[B, Hq, Tl, N]`` in the compute dtype."""
+    q, ct = qs.q, _lse_dtype(qs.q)
+    Ks, Vs, masks = [], [], []
+    for seg in segments:
+        K, V, kpos, kbias = _DENSE[type(seg)](seg, ct)
+        mask = torch.zeros(qs.B, qs.Tl, K.shape[2], dtype=ct, device=q.device)
+        if kbias is not None:
+            mask = mask + kbias.unsqueeze(1)
+        if qs.causal and kpos is not None:
+            mask = mask.masked_fill(kpos.unsqueeze(1) > qs.q_pos.unsqueeze(2), _NEG_INF)
+        Ks, Vs, masks = Ks + [K], Vs + [V], masks + [mask]
+    K, V, mask = torch.cat(Ks, dim=2), torch.cat(Vs, dim=2), torch.cat(masks, dim=2).unsqueeze(1)
+    G = qs.Hq // K.shape[1]
+    if G > 1:
+        K, V = K.repeat_interleave(G, dim=1), V.repeat_interleave(G, dim=1)
+    empty = torch.isneginf(mask).all(dim=-1, keepdim=True)                 # [B, 1, Tl, 1]: no visible key
+    s = (torch.matmul(q.to(ct), K.transpose(-1, -2)) * qs.scale + mask).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)     # (finite on empty rows: no NaN in their gradient)
+    out = torch.matmul(torch.exp(s - lse), V).masked_fill(empty, 0.0)
+    lse = lse.masked_fill(empty, _NEG_INF).squeeze(-1)
+    return out.to(out_dtype), lse
+
+
 _FLASH_FAILED: set = set()  # dtypes for which this torch build's CPU flash kernel raised
 _MASK_ELEMS = 1 << 22  # mask elements per query chunk on the causal route (16 MiB fp32)
 _CAUSAL_CHUNK = 64     # queries per call where causal keys are sorted (bench/RESULTS.md, issue 10 on Zen 5)
@@ -547,7 +580,9 @@ def _one_segment(qs: Queries, K, V, kpos, kbias, ct):
     if flash is not None and qs.q.device.type == "cpu" and ct not in _FLASH_FAILED:
         try:
             return _attention_flash_cpu(flash, qs, K, V, kpos, kbias, ct)
-        except RuntimeError:  # op missing a dtype on this torch build: use the matmul route
+        except RuntimeError as e:   # op missing a dtype on this torch build: the matmul route from now on
+            if not (isinstance(e, NotImplementedError) or "not implemented" in str(e)):
+                raise               # out of memory, say: raised as itself, the route stays
             _FLASH_FAILED.add(ct)
     return _attention_matmul(qs, K, V, kpos, kbias, ct)
 
@@ -585,6 +620,7 @@ def _int32_positions(qs: Queries, kpos) -> bool:
     return all(int(t.max()) <= lim and int(t.min()) >= -lim for t in (qs.q_pos, kpos) if t.numel())
 
 
+@compile_opaque
 def _attention_kernel(kernel, qs: Queries, K, V, kpos, kbias):
     """fp32 attention through the C++ kernel (csrc/attention_cpu.h): GQA, the key bias and the causal mask by
     position inside it (blocks of keys past a block of queries skipped when the keys are sorted), q/K/V read in

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import _codec
-from ._dispatch import resolve_backend
+from ._dispatch import compile_opaque, resolve_backend
 from .checks import MAX_BITS, check_bits, is_count
 
 __all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "header_nbytes", "crc32c",
@@ -98,6 +98,7 @@ def _as_cpu_tensor(x, what: str, raw_bytes: bool = False) -> torch.Tensor:
     return t
 
 
+@compile_opaque
 def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Pack ``codes`` (integer tensor, values in ``[0, 2**bits)``) into a 1-D ``torch.uint8`` frame.
 
@@ -162,6 +163,7 @@ def _pack_triton(codes, bits: int, out) -> torch.Tensor:
     return pack_frame_triton(codes, bits)
 
 
+@compile_opaque
 def frame_header(frame) -> Tuple[int, Tuple[int, ...]]:
     """Validate a frame's header and size and return ``(bits, shape)`` (the CRC is checked by unpack)."""
     f = _frame_tensor(frame)
@@ -175,6 +177,7 @@ def _frame_tensor(frame, what: str = "frame") -> torch.Tensor:
     return f
 
 
+@compile_opaque
 def unpack_codes(frame, *, backend: str = "auto") -> torch.Tensor:
     """Decode a frame made by :func:`pack_codes`; returns ``torch.int32`` codes with the packed shape.
 
@@ -230,6 +233,7 @@ def _unpack_triton(frame: torch.Tensor) -> torch.Tensor:
     return unpack_frame_triton(frame.contiguous(), bits, shape, header)
 
 
+@compile_opaque
 def crc32c(data, crc: int = 0) -> int:
     """CRC32C (Castagnoli) of a uint8 tensor / bytes, continuing from ``crc`` (0 starts afresh; an int in
     ``0..2**32 - 1``, a previous result)."""

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ._dispatch import is_compiling
 from .checks import require
 
 __all__ = ["gemm", "onednn_available"]
@@ -42,8 +43,9 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) 
     """``x @ w (+ bias)``.
 
     ``x [..., K]``, ``w [K, N]``, ``bias [N]`` or None, all of one dtype and device; returns ``[..., N]``.
-    fp32 CPU tensors without autograd go through oneDNN's linear (``w`` is read as the transposed view it is,
-    no copy); anything else, or a torch build without it, through ``torch.matmul`` (+ bias).
+    fp32 CPU tensors without autograd (and not under ``torch.compile``, whose Inductor can not lower that op) go
+    through oneDNN's linear (``w`` is read as the transposed view it is, no copy); anything else, or a torch build
+    without it, through ``torch.matmul`` (+ bias).
     """
     for name, t in (("x", x), ("w", w), ("bias", bias)):
         require(isinstance(t, torch.Tensor) or (name == "bias" and t is None),
@@ -58,7 +60,7 @@ def gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) 
             f"x, w and bias must share a dtype, got {x.dtype}, {w.dtype}, {None if bias is None else bias.dtype}")
     op = None if _FAILED else _onednn_op()
     if (op is not None and x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() and not _wants_grad(x, w, bias)):
+            and x.numel() and not _wants_grad(x, w, bias) and not is_compiling()):    # Inductor can not lower it
         try:       # the op reads the bias as dense memory whatever its strides: a view ([::2], expand) needs a copy
             return op(x, w.t(), None if bias is None else bias.contiguous(), "none", [None], "")
         except RuntimeError:        # not built for this input on this torch: torch's default from now on

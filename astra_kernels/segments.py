@@ -83,6 +83,15 @@ def _check_rope_values(seg) -> None:
         require(lo >= 0 and hi < P, f"kv_pos out of RoPE table range [0, {P}): min {lo}, max {hi}")
 
 
+def check_codes_dtype(codes: torch.Tensor) -> None:
+    """Code-indexed segments gather with their codes as indices: int64 or int32 (the public ops convert any integer
+    dtype; uint8 indices read as a boolean mask, int16 ones fail inside torch)."""
+    check_int("codes", codes)
+    require(codes.dtype in (torch.int64, torch.int32), f"codes must be int64 or int32 in a key segment, got "
+                                                       f"{codes.dtype} (attention_table / attention_group_table "
+                                                       "take any integer dtype)")
+
+
 @dataclass(frozen=True)
 class TokenKeys:
     """Per-token keys: ``k, v [B, Hkv, N, Dh]`` (one float dtype), ``pos [B, N]`` int64,
@@ -184,7 +193,7 @@ class TableKeys(_CodeIndexed):
 
     def __post_init__(self):
         _check_tables(self.k_table, self.v_table)
-        check_int("codes", self.codes)
+        check_codes_dtype(self.codes)
         require(self.codes.dim() == 2, f"codes must have shape [B, Tr], got {tuple(self.codes.shape)}")
         self.check_keys(self.k_table.shape[0], self.k_table.shape[2])
 
@@ -210,7 +219,7 @@ class GroupTableKeys(_CodeIndexed):
                 f"k_table and v_table differ: {tuple(self.k_table.shape)} {self.k_table.dtype} vs "
                 f"{tuple(self.v_table.shape)} {self.v_table.dtype}")
         G, K = self.k_table.shape[:2]
-        check_int("codes", self.codes)
+        check_codes_dtype(self.codes)
         require(self.codes.dim() == 3 and self.codes.shape[2] == G,
                 f"codes must have shape [B, Tr, G={G}], got {tuple(self.codes.shape)}")
         self.check_keys(K, self.k_table.shape[3])
@@ -233,7 +242,7 @@ class CountKeys:
 
     def __post_init__(self):
         _check_tables(self.k_table, self.v_table)
-        check_int("codes", self.codes)
+        check_codes_dtype(self.codes)
         require(self.codes.dim() == 2, f"codes must have shape [B, U], got {tuple(self.codes.shape)}")
         require(self.log_counts.dtype == torch.float32 and self.log_counts.shape == self.codes.shape,
                 f"log_counts must be float32 {tuple(self.codes.shape)}, got {self.log_counts.dtype} "

@@ -68,7 +68,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import _vq_screen
-from ._dispatch import resolve_backend
+from ._dispatch import compile_opaque, resolve_backend
 from .checks import FLOAT_DTYPES, INT_OF_SIZE, MAX_BITS, check_bits, check_finite, is_count, require
 
 __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "vq_distances_reference",
@@ -621,6 +621,7 @@ def _ws_view(ws: dict, name: str, shape, dtype) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
+@compile_opaque
 def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Exact nearest-codeword codes ``[N, G]`` int32 for ``x2 [N, D]`` (see the module docstring)."""
     G, K, DG = codebook.shape
@@ -832,6 +833,7 @@ def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto")
 
 def vq_decode(codes: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Codewords for ``codes [..., G]``: ``[..., D]`` in the codebook's dtype. Codes must be in ``[0, K)``.
+    Differentiable in ``codebook`` (a gather; with autograd every backend runs the torch route).
 
     Raises ValueError for bad shapes / dtypes, out-of-range codes, or a selected codeword holding NaN / inf."""
     G, K, DG = _check_codebook(codebook)
@@ -839,13 +841,13 @@ def vq_decode(codes: torch.Tensor, codebook: torch.Tensor, *, backend: str = "au
     _check_codes(codes, G, K)
     lead = tuple(codes.shape[:-1])
     c2 = codes.reshape(-1, G)
-    if be == "triton":
+    if be == "triton" and not (torch.is_grad_enabled() and codebook.requires_grad):
         from .triton import vq_kernels as _k
 
         out = _k.vq_decode_triton(c2.to(torch.int32).contiguous(), codebook.detach().contiguous())
     else:
         c = c2.to(torch.int64)
-        out = codebook.detach()[torch.arange(G, device=codebook.device)[None, :], c].reshape(-1, G * DG)
+        out = codebook[torch.arange(G, device=codebook.device)[None, :], c].reshape(-1, G * DG)
     # the codewords these codes select (a pass over the output, not the whole codebook; unused rows do not matter)
     check_finite("codebook (in the codewords these codes select)", out)
     return out.reshape(*lead, G * DG)

@@ -4,7 +4,7 @@ reference. The Triton kernel's interpreter tests are in test_attention_triton.py
 import pytest
 import torch
 
-from astra_kernels import attention_table
+from astra_kernels import attention_table, build_group_tables
 from astra_kernels.attention import merge_attention, mixed_attention, mixed_attention_reference
 from astra_kernels.segments import CountKeys, TableKeys, TokenKeys, positions, prune_causal, split_counts
 from astra_kernels.testing import assert_matches_reference, random_inputs, random_ints, seeded_generator
@@ -371,13 +371,29 @@ def test_cpu_matmul_fallback_route(mode, monkeypatch):
     import astra_kernels.attention as A
 
     monkeypatch.setattr(A, "_cpu_kernel", lambda: None)
-    monkeypatch.setattr(A, "_attention_flash_cpu", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("off")))
+    missing = RuntimeError("\"_scaled_dot_product_flash_attention_for_cpu\" not implemented for 'Float'")
+    monkeypatch.setattr(A, "_attention_flash_cpu", lambda *a, **k: (_ for _ in ()).throw(missing))
     monkeypatch.setattr(A, "_FLASH_FAILED", set())
     for causal in (False, True):
         q, k, v, kw = make_case(77, mode=mode, causal=causal, positions="interleaved", Tl=40, Tr=50)
         out, lse = mixed_attention(q, k, v, return_lse=True, **kw)
         check(out, lse, *reference(q, k, v, **kw))
     assert torch.float32 in A._FLASH_FAILED
+
+
+def test_an_out_of_memory_in_the_flash_route_is_raised_and_does_not_retire_it(monkeypatch):
+    """Every RuntimeError of torch's CPU flash op, an out-of-memory included, was read as "this build lacks the op":
+    the call went on through the matmul route and float32 stayed off the flash route for the rest of the process."""
+    import astra_kernels.attention as A
+
+    monkeypatch.setattr(A, "_cpu_kernel", lambda: None)
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(A, "_attention_flash_cpu", lambda *a, **k: (_ for _ in ()).throw(oom))
+    monkeypatch.setattr(A, "_FLASH_FAILED", set())
+    q, k, v, kw = make_case(78, mode="per_token", Tl=8, Tr=9)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        mixed_attention(q, k, v, **kw)
+    assert A._FLASH_FAILED == set()
 
 
 @pytest.mark.parametrize("mode", ["per_token", "rope"])
@@ -507,6 +523,24 @@ def test_segment_validation():
         attention_segments(q, [segs[0], TokenKeys(k[:, :1], v[:, :1], qp)])
 
 
+def test_key_segments_take_int64_or_int32_codes_only():
+    """TableKeys / GroupTableKeys / CountKeys accepted any integer codes and then failed inside torch (int16: an
+    IndexError; uint8 indices read as a boolean mask); the public ops convert, the segments now say so."""
+    from astra_kernels import GroupTableKeys
+
+    g = seeded_generator(47)
+    codes = random_ints(1, 5, low=0, high=8, generator=g)
+    table, pos = random_inputs(8, 2, 16, generator=g), torch.arange(5)[None]
+    for dt in (torch.int16, torch.uint8, torch.int8):
+        for make in (lambda c: TableKeys(c, table, table, pos),
+                     lambda c: GroupTableKeys(c[..., None], table[None], table[None], pos),
+                     lambda c: CountKeys(c, torch.zeros(c.shape), table, table)):
+            with pytest.raises(ValueError, match=f"codes must be int64 or int32 in a key segment, got {dt}"):
+                make(codes.to(dt))
+    for dt in (torch.int64, torch.int32):
+        TableKeys(codes.to(dt), table, table, pos)
+
+
 @pytest.mark.parametrize("count_weighted", [False, True])
 def test_table_shape_errors_name_the_callers_arguments(count_weighted):
     """A k_table of the wrong head dim or head count was reported by the internal segment class ("TableKeys has
@@ -618,21 +652,45 @@ def test_build_group_tables_equals_decode_then_project():
             build_group_tables(*args, kv_heads=Hkv)
 
 
-def test_gradients_flow_on_every_cpu_route(cpu_route):
-    """The C++ kernel has no backward: with inputs that require grad the host takes torch's route, so the output
-    carries the graph (on the kernel route it silently had none), and the gradients are the float64 reference's."""
-    q, k, v, kw = make_case(44, mode="local", causal=True, positions="contiguous")
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = mixed_attention(q, k, v, backend="torch", **kw)
-    assert out.requires_grad
-    w = random_inputs(*out.shape, generator=seeded_generator(45))
-    (out * w).sum().backward()
-    (reference(q64, k64, v64, **kw)[0] * w.double()).sum().backward()
-    for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
-        assert_matches_reference(got, ref.float(), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
-    with torch.no_grad():                                   # no graph wanted: the kernel's route again
-        assert not mixed_attention(q, k, v, backend="torch", **kw).requires_grad
+@pytest.mark.parametrize("mode,causal", [("local", True), ("local", False), ("per_token", False),
+                                         ("per_token", True), ("table", False), ("count", False), ("rope", True)])
+def test_gradients_are_the_references_on_every_form(mode, causal, cpu_route):
+    """The C++ kernel has no backward: with inputs that require grad the host takes a differentiable route, so the
+    output carries the graph (on the kernel route it silently had none). Every form's gradients, the log-sum-exp's
+    included, are the float64 reference's: with local and non-local keys the per-segment routes merged by a
+    log-sum-exp that carried no gradient (torch's CPU flash op), and q / k got 0.48 wrong against |grad| <= 0.59."""
+    q, k, v, kw = make_case(44, mode=mode, causal=causal, positions="contiguous", Tl=9, Tr=11, Dh=16)
+    names = [n for n in ("k_hat", "v_hat", "k_table", "v_table") if n in kw]
+    leaves = [q, k, v] + [kw[n] for n in names]
+    f64 = [t.double().requires_grad_() for t in leaves]
+    f32 = [t.clone().requires_grad_() for t in leaves]
+    out, lse = mixed_attention(*f32[:3], backend="torch", return_lse=True, **dict(kw, **dict(zip(names, f32[3:]))))
+    assert out.requires_grad and lse.requires_grad
+    g = seeded_generator(45)
+    w, wl = random_inputs(*out.shape, generator=g), random_inputs(*lse.shape, generator=g)
+    live = torch.isfinite(lse)                              # rows that see no key: lse = -inf, no gradient
+    ((out * w).sum() + (lse[live] * wl[live]).sum()).backward()
+    r_out, r_lse = reference(*f64[:3], **dict(kw, **dict(zip(names, f64[3:]))))
+    ((r_out * w.double()).sum() + (r_lse[live] * wl.double()[live]).sum()).backward()
+    for name, got, ref in zip(["q", "k", "v"] + names, f32, f64):
+        assert got.grad is not None, name
+        assert_matches_reference(got.grad, ref.grad.float(), rtol=1e-4, atol=1e-4 * float(ref.grad.abs().max()),
+                                 name=name)
+    with torch.no_grad():                                   # no graph wanted: the fused routes again
+        assert not mixed_attention(*f32[:3], backend="torch", **kw).requires_grad
+
+
+def test_decode_and_group_tables_are_differentiable():
+    """vq_decode and build_group_tables detached their inputs: outputs without a graph, gradients silently lost."""
+    from astra_kernels import vq_decode
+
+    g = seeded_generator(46)
+    cb = random_inputs(3, 7, 4, dtype=torch.float64, generator=g).requires_grad_()
+    codes = random_ints(5, 3, low=0, high=7, generator=g)
+    assert torch.autograd.gradcheck(lambda c: vq_decode(codes, c), (cb,))
+    wk, wv = (random_inputs(8, 12, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    bk, bv = (random_inputs(8, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(lambda *a: build_group_tables(*a, kv_heads=2), (cb, wk, bk, wv, bv))
 
 
 def test_group_table_validation_and_pruning():
