@@ -565,6 +565,24 @@ def test_few_uncertified_pairs_are_decided_in_one_batched_exact_pass(monkeypatch
     assert len(batched) == 1 and batched[0] > G and not tiered, (batched, tiered)
 
 
+def test_a_codebooks_preparation_dies_with_it():
+    """Entries of dropped codebooks stayed until 128 had piled up (~1 GiB at D = 768: every simulate of a bf16 model
+    casts its codebooks anew, so each call left one dead entry per layer)."""
+    import gc
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(40, 48, generator=g)
+    cbs = [torch.randn(4, 64, 12, generator=g) for _ in range(3)]
+    for cb in cbs:
+        ak.vq_encode(x, cb, backend="torch")
+    assert all(vq._prep_cache.get(cb) is not None for cb in cbs)
+    dropped = [id(cb) for cb in cbs[1:]]
+    del cb, cbs[1:]
+    gc.collect()
+    assert vq._prep_cache.get(cbs[0]) is not None and not set(dropped) & set(vq._prep_cache.d)
+    assert all(e[0]() is not None for e in vq._prep_cache.d.values())
+
+
 def test_inference_mode_tensors_are_encoded_and_cached_by_content():
     """Tensors made under torch.inference_mode have no version counter: the cache checks their contents,
     so an in-place edit never hits a stale entry (and encoding them does not crash)."""
