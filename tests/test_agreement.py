@@ -152,3 +152,21 @@ def test_setup_differences_name_what_differs_between_the_ranks_models_and_codebo
     fps = [_fp(), _fp(model=b"X" * 8 + b"M" * 8)]
     assert str(disagreement(fps, 1, [ref, bf16])).startswith("astra rank 1/2: models differ between ranks: rank 0: "
                                                              "GPT2LMHeadModel, float32")
+
+
+def test_greetings_name_the_ranks_astra_versions():
+    """Ranks of astra versions whose fingerprints differ in size paired them in one all-gather: gloo aborted the
+    process ("op.preamble.length <= op.nbytes"). Every rank first exchanges a greeting whose layout never changes."""
+    from astra.agreement import GREETING, PROTOCOL, greeting, greetings_disagree
+
+    mine = greeting("0.1.0")
+    assert mine.numel() == GREETING.size == 64
+    assert greetings_disagree([mine, mine.clone()], 1) is None
+    other = greeting("0.2.0")
+    err = greetings_disagree([mine, other], 0)
+    assert isinstance(err, astra.InputMismatchError) and str(err) == (
+        f"astra rank 0/2: the ranks run different astra versions: rank 0: astra 0.1.0 (agreement protocol {PROTOCOL}, "
+        f"fingerprint {FINGERPRINT_NBYTES} B); rank 1: astra 0.2.0 (agreement protocol {PROTOCOL}, fingerprint "
+        f"{FINGERPRINT_NBYTES} B); install one version on every node")
+    stranger = torch.zeros(64, dtype=torch.uint8)
+    assert "rank 1: no astra greeting (another program's collective)" in str(greetings_disagree([mine, stranger], 0))

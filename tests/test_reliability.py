@@ -682,3 +682,20 @@ def test_weights_digest_sees_every_element_of_a_parameter_over_one_block():
         flat[:block], flat[block: 2 * block] = src[block: 2 * block], src[:block]     # blocks 0 and 1 swapped
         swapped = weights_digest(twin)
     assert len({ref, one_element, swapped}) == 3
+
+
+def _other_version(rank):
+    import astra_kernels as ak
+
+    if rank == 1:
+        ak.__version__ = "9.9.9"            # this spawned process only
+    pm = astra.parallelize(tiny_model("gpt2"), None, timeout=10)
+    return [_any_outcome(lambda: pm(**tiny_inputs("gpt2", seq=8))) for _ in range(2)]
+
+
+def test_ranks_of_other_astra_versions_are_told_so_on_every_call():
+    for rank, outs in enumerate(astra.launch(_other_version, 2, join_timeout=120)):
+        for out in outs:
+            assert out.startswith(f"InputMismatchError: astra rank {rank}/2: the ranks run different astra versions: "
+                                  f"rank 0: astra {astra.__version__} (agreement protocol"), out
+            assert "rank 1: astra 9.9.9" in out, out

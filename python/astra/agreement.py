@@ -28,6 +28,36 @@ MAGIC = 0x46505341                         # "ASPF"
 VALID, INVALID = 0, 1
 
 
+#: the agreement's protocol: the fingerprint's layout and what it holds. A change to either takes the next number
+PROTOCOL = 1
+#: the greeting every rank sends once, before its first fingerprint: a layout no astra version may change (magic,
+#: protocol, fingerprint size, then the astra version as text), so ranks of different versions are told so instead
+#: of pairing fingerprints of different sizes in one all-gather (gloo aborts the process)
+GREETING = struct.Struct("<III52s")
+GREETING_MAGIC = 0x49485341                 # "ASHI"
+
+
+def greeting(version: str) -> torch.Tensor:
+    raw = GREETING.pack(GREETING_MAGIC, PROTOCOL, FINGERPRINT_NBYTES, utf8_field(version, 52))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def greetings_disagree(outs: List[torch.Tensor], rank: int) -> Optional[Exception]:
+    """The error every rank raises for these greetings (None: one protocol everywhere)."""
+    seen = []
+    for o in outs:
+        magic, protocol, size, version = GREETING.unpack(bytes(o.tolist()))
+        known = magic == GREETING_MAGIC
+        seen.append((protocol, size, version.rstrip(b"\0").decode("utf-8", "replace")) if known else None)
+    if len(set(seen)) == 1 and seen[0] is not None:
+        return None
+    parts = [f"rank {r}: " + ("no astra greeting (another program's collective)" if s is None else
+                              f"astra {s[2]} (agreement protocol {s[0]}, fingerprint {s[1]} B)")
+             for r, s in enumerate(seen)]
+    return InputMismatchError(f"astra rank {rank}/{len(outs)}: the ranks run different astra versions: "
+                              + "; ".join(parts) + "; install one version on every node")
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     call: int
