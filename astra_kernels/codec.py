@@ -91,6 +91,8 @@ def _as_cpu_tensor(x, what: str, raw_bytes: bool = False) -> torch.Tensor:
         raise ValueError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if t.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor: it has no data to pack or unpack")
+    if t.is_nested or t.layout != torch.strided:
+        raise ValueError(f"{what} must be a dense tensor, got a {'nested' if t.is_nested else t.layout} tensor")
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
@@ -111,9 +113,13 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
     if backend != "auto" or (isinstance(codes, torch.Tensor) and not codes.is_cpu):
         if resolve_backend(backend, codes if isinstance(codes, torch.Tensor) else None) == "triton":
             return _pack_triton(codes, bits, out)
-    if type(codes) is torch.Tensor and codes.is_cpu and codes.is_contiguous():  # noqa: E721
+    if type(codes) is torch.Tensor and codes.layout == torch.strided and not codes.is_nested and codes.is_cpu \
+            and codes.is_contiguous():  # noqa: E721
         t = codes
     else:
+        if isinstance(codes, (torch.Tensor, np.ndarray)) and not getattr(codes, "is_nested", False) and \
+                getattr(codes, "layout", torch.strided) == torch.strided:
+            _check_shape(tuple(codes.shape), bits)      # before a dense copy of an expanded view (2**40 codes)
         t = _as_cpu_tensor(codes, "codes")
     code = _DTYPES.get(t.dtype)
     if code is None:
@@ -132,6 +138,13 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
         raise ValueError("out overlaps the memory of codes: the frame would overwrite the codes it is packing")
     n = _codec.pack(t.data_ptr(), code, shape, bits, out.data_ptr(), out.numel())
     return out if n == out.numel() else out[:n]
+
+
+def _check_shape(shape: Tuple[int, ...], bits: int) -> None:
+    """ValueError unless a frame holds codes of ``shape`` (checked before any copy of them)."""
+    if len(shape) > _codec.MAX_NDIM:
+        raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {len(shape)}")
+    frame_layout(shape, bits)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

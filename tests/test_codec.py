@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import astra_kernels as ak
 from astra_kernels import crc32c, frame_header, frame_layout, frame_nbytes, header_nbytes, pack_codes, unpack_codes
 from astra_kernels import testing as T
 
@@ -389,3 +390,28 @@ def test_a_numpy_array_of_objects_is_a_value_error():
     """torch.from_numpy's TypeError escaped, where the codec promises ValueError for any malformed input."""
     with pytest.raises(ValueError, match="codes must be a numeric numpy array, got dtype object"):
         pack_codes(np.array([1, None]), 3)
+
+
+def test_a_shape_no_frame_holds_is_refused_before_any_copy():
+    """An expanded view of 2**40 codes was made dense first (+8 TB: a RuntimeError from the allocator; 2**32 + 1
+    uint8 codes took 10 s and 4 GB before the shape was refused); sparse and nested tensors failed inside torch."""
+    import time
+    import warnings
+
+    for x, bits in ((torch.zeros(1, dtype=torch.int64).expand(2**40), 4),
+                    (torch.zeros(1, dtype=torch.uint8).expand(2**32 + 1), 1),
+                    (np.broadcast_to(np.zeros(1, np.int64), (2**40,)), 4)):
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match="does not fit the frame format"):
+            ak.pack_codes(x, bits)
+        assert time.perf_counter() - t0 < 1.0
+    frame = ak.pack_codes(torch.arange(5), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)        # torch: sparse CSR / nested tensors are beta
+        bad = {"sparse_coo": frame.to_sparse(), "sparse_csr": frame[None].to_sparse_csr(),
+               "nested": torch.nested.nested_tensor([frame, frame[:3]])}
+        for kind, t in bad.items():
+            for name, fn in (("frame", ak.unpack_codes), ("frame", ak.frame_header), ("data", ak.crc32c),
+                             ("codes", lambda c: ak.pack_codes(c, 4))):
+                with pytest.raises(ValueError, match=f"{name} must be a dense tensor, got a (torch.)?{kind} tensor"):
+                    fn(t)

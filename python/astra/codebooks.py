@@ -288,6 +288,7 @@ class Codebooks:
             raise IsADirectoryError(f"{path} is a directory: give the codebooks file in it")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no codebook file at {path}")
+        _check_header_size(path)
         try:
             f = safe_open(path, framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types for malformed files
@@ -521,6 +522,20 @@ def tensor_checksum(t: torch.Tensor) -> str:
 def metadata_checksum(meta: dict) -> str:
     body = "\n".join(f"{k}={meta[k]}" for k in sorted(meta) if k != "checksum")
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+#: the largest safetensors header a codebook file may have (real ones: KB to tens of KB): safetensors itself parses
+#: headers up to 100 MB, ~10x that in memory, before astra could read its metadata
+MAX_HEADER_NBYTES = 16 << 20
+
+
+def _check_header_size(path: str) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if n > MAX_HEADER_NBYTES:
+        raise ValueError(f"{path}: a header of {n} bytes is too large for a codebook file (at most "
+                         f"{MAX_HEADER_NBYTES}): corrupt, or not a codebook file")
 
 
 def _check_metadata(path: str, meta: dict):
