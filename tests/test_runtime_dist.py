@@ -145,18 +145,21 @@ def _half_precision_rank(rank):
         model = tiny_model(family).to(torch.bfloat16)
         inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                   for k, v in tiny_inputs(family, seq=11, padded=family != "vit").items()}
-        cb = tiny_codebooks(model, family, 32)
-        sim = astra.simulate(model, inputs, world_size=2, codebooks=cb)
-        pm = astra.parallelize(model, cb, timeout=30)           # overlap=True: local and non-local passes merged
-        full = pm.gather(pm(**inputs, output="local"))
-        out[family] = max(max_diff(full[k].float(), sim[k].float(), inputs) for k, v in sim.items()
-                          if isinstance(v, torch.Tensor))
-        pm.unpatch()
+        for G, basis in ((32, "auto"), (1, "pca"), (1, "attention")):      # G = 1: the K/V tables
+            cb = tiny_codebooks(model, family, G, basis=basis)
+            sim = astra.simulate(model, inputs, world_size=2, codebooks=cb)
+            pm = astra.parallelize(model, cb, timeout=30)           # overlap=True: local and non-local passes merged
+            full = pm.gather(pm(**inputs, output="local"))
+            out[family, G, basis] = max(max_diff(full[k].float(), sim[k].float(), inputs) for k, v in sim.items()
+                                        if isinstance(v, torch.Tensor))
+            pm.unpatch()
     return out
 
 
 def test_half_precision_overlap_equals_simulate_exactly():
     """A bf16 model's overlapped passes returned their partial outputs in bf16 and the merge rounded again: up to
-    0.008 off simulate (which rounds once), and slightly less accurate."""
+    0.008 off simulate (which rounds once), and slightly less accurate. G = 1 transformed codebooks' K/V tables were
+    built through the inverse transform and the projection, per-token decoding through the folded projection:
+    0.004-0.008 apart in bf16 (one home now, ``RuntimeBase.folded_kv``)."""
     for out in astra.launch(_half_precision_rank, 2, join_timeout=240):
-        assert out == {"gpt2": 0.0, "bert": 0.0, "vit": 0.0}, out
+        assert len(out) == 9 and set(out.values()) == {0.0}, out

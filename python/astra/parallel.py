@@ -127,6 +127,10 @@ class DistRuntime(RuntimeBase):
                 if not self.fam.exchanged(l):                 # no codes arrive there: no table
                     tables.append(None)
                     continue
+                if self._folds is not None:                   # as per-token decoding computes them (bf16: bit-equal)
+                    kv = self.folded_kv(l, self._cb[l][0])    # [K, 2, Hkv, Dh]
+                    tables.append((kv[:, 0].contiguous(), kv[:, 1].contiguous()))
+                    continue
                 words = self.untransform(l, self._cb[l][0]).unsqueeze(0)   # [1, K, D], the model's basis
                 k, v = self.fam.kv(m, words)                  # [1, Hkv, K, Dh]
                 tables.append((k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous()))

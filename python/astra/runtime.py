@@ -312,16 +312,21 @@ class RuntimeBase:
             return None
         return [(w.to(device=p.device, dtype=p.dtype), b.to(device=p.device, dtype=p.dtype)) for w, b in folds]
 
+    def folded_kv(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """``[n, 2, Hkv, Dh]``: K and V (pre-RoPE) of rows ``y [n, D]`` in the codebooks' basis, through the layer's
+        folded projection (one home, so that the G = 1 K/V tables equal per-token decoding to the bit)."""
+        w, b = self._folds[layer]
+        return ak.gemm(y.to(w.dtype), w, b).view(y.shape[0], 2, self.fam.num_kv_heads, -1)
+
     def quantized_kv(self, layer: int, module, codes: torch.Tensor, pos: Optional[torch.Tensor], dtype):
         """K/V ``[B, Hkv, Tr, Dh]`` (RoPE applied) of non-local tokens from their codes ``[B, Tr, G]``: decoded,
         then the layer's own projection; with transformed codebooks and affine K/V, one GEMM through the folded
         projection ``T^-1 [W_K | W_V]`` instead of the inverse transform's and the projection's."""
         if self._folds is None:
             return self.remote_kv(module, self.decode(layer, codes, dtype), pos)
-        w, b = self._folds[layer]
-        y = ak.vq_decode(codes, self._cb[layer]).to(w.dtype)                       # [B, Tr, D], transformed
+        y = ak.vq_decode(codes, self._cb[layer])                                    # [B, Tr, D], transformed
         B, Tr = codes.shape[:2]
-        kv = ak.gemm(y.reshape(B * Tr, -1), w, b).view(B, Tr, 2, self.fam.num_kv_heads, -1)
+        kv = self.folded_kv(layer, y.reshape(B * Tr, -1)).view(B, Tr, 2, self.fam.num_kv_heads, -1)
         k, v = kv.permute(2, 0, 3, 1, 4).to(dtype).unbind(0)                        # [B, Hkv, Tr, Dh] each
         if self.fam.rope:
             cos, sin = self.fam.rope_cos_sin(pos, k.dtype)
