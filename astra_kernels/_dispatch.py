@@ -19,10 +19,13 @@ from .interpreter import interpreting
 BACKENDS = ("auto", "triton", "torch")
 
 
+#: ``torch.compiler.is_compiling`` (None before torch 2.3)
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def is_compiling() -> bool:
     """Whether Dynamo is tracing the caller (``torch.compiler.is_compiling``; torch < 2.3 has none: False)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(check is not None and check())
+    return _IS_COMPILING is not None and _IS_COMPILING()
 
 
 def compile_opaque(fn):
@@ -31,11 +34,13 @@ def compile_opaque(fn):
     before the C++ call read it (``vq_encode`` then returned wrong codes). ``torch.compiler.disable`` is applied on
     the first call made while compiling, so importing the package does not import Dynamo (~1 s); eager calls pay
     one ``is_compiling()`` check."""
-    opaque = []
+    compiling, opaque = _IS_COMPILING, []
+    if compiling is None:
+        return fn
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if not is_compiling():
+        if not compiling():
             return fn(*args, **kwargs)
         if not opaque:
             opaque.append(torch.compiler.disable(fn))
