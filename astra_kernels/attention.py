@@ -549,7 +549,9 @@ def _attention_differentiable(qs: Queries, segments: Sequence[Segment], out_dtyp
             mask = mask + kbias.unsqueeze(1)
         if qs.causal and kpos is not None:
             mask = mask.masked_fill(kpos.unsqueeze(1) > qs.q_pos.unsqueeze(2), _NEG_INF)
-        Ks, Vs, masks = Ks + [K], Vs + [V], masks + [mask]
+        Ks.append(K)
+        Vs.append(V)
+        masks.append(mask)
     K, V, mask = torch.cat(Ks, dim=2), torch.cat(Vs, dim=2), torch.cat(masks, dim=2).unsqueeze(1)
     G = qs.Hq // K.shape[1]
     if G > 1:

@@ -125,8 +125,7 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
     if code is None:
         raise ValueError(f"codes must have an integer dtype ({', '.join(str(d) for d in _DTYPES)}), got {t.dtype}")
     shape = t.shape
-    if len(shape) > _codec.MAX_NDIM:
-        raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {len(shape)}")
+    _check_ndim(len(shape))
     if out is None:
         # Size from the format (docs/wire-format.md); shape and bits are validated again in C++.
         nbytes = header_nbytes(len(shape)) + (t.numel() * bits + 7) // 8 if 1 <= bits <= MAX_BITS else 0
@@ -142,9 +141,13 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
 
 def _check_shape(shape: Tuple[int, ...], bits: int) -> None:
     """ValueError unless a frame holds codes of ``shape`` (checked before any copy of them)."""
-    if len(shape) > _codec.MAX_NDIM:
-        raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {len(shape)}")
+    _check_ndim(len(shape))
     frame_layout(shape, bits)
+
+
+def _check_ndim(ndim: int) -> None:
+    if ndim > _codec.MAX_NDIM:
+        raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {ndim}")
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -164,8 +167,7 @@ def _pack_triton(codes, bits: int, out) -> torch.Tensor:
         raise ValueError(f"codes must be a torch.Tensor for the Triton packer, got {type(codes).__name__}")
     if codes.dtype not in _DTYPES:
         raise ValueError(f"codes must have an integer dtype ({', '.join(str(d) for d in _DTYPES)}), got {codes.dtype}")
-    if codes.dim() > _codec.MAX_NDIM:
-        raise ValueError(f"codes may have at most {_codec.MAX_NDIM} dimensions, got {codes.dim()}")
+    _check_ndim(codes.dim())
     _codec.frame_layout(bits, list(codes.shape))  # validates the dims against the format
     flat = codes.reshape(-1).to(torch.int64)     # in the codes' own dtype 1 << bits wraps (uint8 at 8 bits)
     bad = ((flat < 0) | (flat >= (1 << bits))).nonzero()
