@@ -19,8 +19,8 @@ from astra.agreement import (
 
 
 def _fp(call=3, world=2, status=VALID, model=b"M" * 16, codebooks=b"C" * 16, values=b"V" * 16, text="ids: int64[1, 4]",
-        magic=MAGIC):
-    return Fingerprint(call, world, status, model, codebooks, values, text, magic)
+        magic=MAGIC, version="0.1.0"):
+    return Fingerprint(call, world, status, model, codebooks, values, text, magic, version)
 
 
 def test_a_fingerprint_has_one_size_whatever_its_call_counter_or_text():
@@ -154,19 +154,20 @@ def test_setup_differences_name_what_differs_between_the_ranks_models_and_codebo
                                                              "GPT2LMHeadModel, float32")
 
 
-def test_greetings_name_the_ranks_astra_versions():
-    """Ranks of astra versions whose fingerprints differ in size paired them in one all-gather: gloo aborted the
-    process ("op.preamble.length <= op.nbytes"). Every rank first exchanges a greeting whose layout never changes."""
-    from astra.agreement import GREETING, PROTOCOL, greeting, greetings_disagree
+def test_ranks_of_other_astra_versions_are_named():
+    """A version that changed the fingerprint's size paired fingerprints of two sizes in one all-gather: gloo aborted
+    the process. The size is fixed for every version now (FINGERPRINT_NBYTES); the version travels inside it, and the
+    layout before it (0.1.0's, magic "ASPF") is named as an older astra."""
+    from astra.agreement import MAGIC_V1
 
-    mine = greeting("0.1.0")
-    assert mine.numel() == GREETING.size == 64
-    assert greetings_disagree([mine, mine.clone()], 1) is None
-    other = greeting("0.2.0")
-    err = greetings_disagree([mine, other], 0)
-    assert isinstance(err, astra.InputMismatchError) and str(err) == (
-        f"astra rank 0/2: the ranks run different astra versions: rank 0: astra 0.1.0 (agreement protocol {PROTOCOL}, "
-        f"fingerprint {FINGERPRINT_NBYTES} B); rank 1: astra 0.2.0 (agreement protocol {PROTOCOL}, fingerprint "
-        f"{FINGERPRINT_NBYTES} B); install one version on every node")
-    stranger = torch.zeros(64, dtype=torch.uint8)
-    assert "rank 1: no astra greeting (another program's collective)" in str(greetings_disagree([mine, stranger], 0))
+    assert FINGERPRINT_NBYTES == 512 and _fp(version="0.1.0").pack().numel() == 512
+    assert Fingerprint.unpack(_fp(version="0.2.0").pack()).version == "0.2.0"
+    ours, theirs = _fp(version="0.2.0"), _fp(version="0.3.0")
+    assert _verdict([ours, ours]) is None
+    assert _verdict([ours, theirs], 1) == (astra.InputMismatchError, "astra rank 1/2: the ranks run different astra "
+                                           "versions: rank 0: astra 0.2.0; rank 1: astra 0.3.0; install one version "
+                                           "on every node")
+    old = _verdict([ours, _fp(magic=MAGIC_V1)])
+    assert old[1] == ("astra rank 0/2: the ranks run different astra versions: rank 0: astra 0.2.0; rank 1: astra "
+                      "0.1.0 or older; install one version on every node"), old
+    assert "the ranks run different astra versions" in _verdict([ours, _fp(version="0.3.0", world=3)])[1]

@@ -1,10 +1,10 @@
 """Ranks agree before they compute: a fixed-size fingerprint of what each rank was given, exchanged before the
 first layer of every distributed forward (docs/runtime.md, "Failures").
 
-The fingerprint has the same size on every rank whatever the inputs, so the exchange itself can never fail on
-mismatched sizes. It holds the call counter, the world size, digests of the model description and weights, the codebooks
-and the input values, a text description of the inputs (names, dtypes, shapes) and, when this rank rejected its
-inputs, the reason.
+The fingerprint has the same size on every rank whatever the inputs and in every astra version, so the exchange
+itself can never fail on mismatched sizes. It holds the astra version, the call counter, the world size, digests of
+the model description and weights, the codebooks and the input values, a text description of the inputs (names,
+dtypes, shapes) and, when this rank rejected its inputs, the reason.
 """
 from __future__ import annotations
 
@@ -19,43 +19,17 @@ import torch
 from astra_kernels.checks import INT_OF_SIZE
 from .errors import InputMismatchError, InvalidInputError, utf8_field
 
+#: the fingerprint's size, the same in every astra version (a version that pairs fingerprints of two sizes in one
+#: all-gather makes gloo abort the process): what a version changes is its layout, named by the magic
+FINGERPRINT_NBYTES = 512
 # magic, call, world, status, model (8 bytes of its description's digest, 8 of its weights'), codebooks and input
-# values digests
-HEAD = struct.Struct("<IIII16s16s16s")
-TEXT_NBYTES = 448
-FINGERPRINT_NBYTES = HEAD.size + TEXT_NBYTES
-MAGIC = 0x46505341                         # "ASPF"
+# values digests, then the astra version (text)
+HEAD = struct.Struct("<IIII16s16s16s16s")
+TEXT_NBYTES = FINGERPRINT_NBYTES - HEAD.size
+MAGIC = 0x32505341                         # "ASP2": this layout
+#: the layout astra 0.1.0 sent (no version field): named rather than read as another program's collective
+MAGIC_V1 = 0x46505341                      # "ASPF"
 VALID, INVALID = 0, 1
-
-
-#: the agreement's protocol: the fingerprint's layout and what it holds. A change to either takes the next number
-PROTOCOL = 1
-#: the greeting every rank sends once, before its first fingerprint: a layout no astra version may change (magic,
-#: protocol, fingerprint size, then the astra version as text), so ranks of different versions are told so instead
-#: of pairing fingerprints of different sizes in one all-gather (gloo aborts the process)
-GREETING = struct.Struct("<III52s")
-GREETING_MAGIC = 0x49485341                 # "ASHI"
-
-
-def greeting(version: str) -> torch.Tensor:
-    raw = GREETING.pack(GREETING_MAGIC, PROTOCOL, FINGERPRINT_NBYTES, utf8_field(version, 52))
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-
-
-def greetings_disagree(outs: List[torch.Tensor], rank: int) -> Optional[Exception]:
-    """The error every rank raises for these greetings (None: one protocol everywhere)."""
-    seen = []
-    for o in outs:
-        magic, protocol, size, version = GREETING.unpack(bytes(o.tolist()))
-        known = magic == GREETING_MAGIC
-        seen.append((protocol, size, version.rstrip(b"\0").decode("utf-8", "replace")) if known else None)
-    if len(set(seen)) == 1 and seen[0] is not None:
-        return None
-    parts = [f"rank {r}: " + ("no astra greeting (another program's collective)" if s is None else
-                              f"astra {s[2]} (agreement protocol {s[0]}, fingerprint {s[1]} B)")
-             for r, s in enumerate(seen)]
-    return InputMismatchError(f"astra rank {rank}/{len(outs)}: the ranks run different astra versions: "
-                              + "; ".join(parts) + "; install one version on every node")
 
 
 @dataclass(frozen=True)
@@ -68,19 +42,21 @@ class Fingerprint:
     values: bytes
     text: str            # the inputs' names, dtypes and shapes; or the reason they were rejected
     magic: int = MAGIC
+    version: str = ""    # the astra version the rank runs
 
     def pack(self) -> torch.Tensor:
         text = utf8_field(self.text, TEXT_NBYTES)
         raw = HEAD.pack(self.magic, self.call & 0xFFFFFFFF, self.world, self.status, self.model, self.codebooks,
-                        self.values) + text
+                        self.values, utf8_field(self.version, 16)) + text
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
     @classmethod
     def unpack(cls, buf: torch.Tensor) -> "Fingerprint":
         raw = bytes(buf.tolist())
-        magic, call, world, status, model, cbs, values = HEAD.unpack(raw[:HEAD.size])
+        magic, call, world, status, model, cbs, values, version = HEAD.unpack(raw[:HEAD.size])
         text = raw[HEAD.size:].rstrip(b"\0").decode("utf-8", "replace")
-        return cls(call, world, status, model, cbs, values, text, magic)
+        return cls(call, world, status, model, cbs, values, text, magic,
+                   version.rstrip(b"\0").decode("utf-8", "replace"))
 
 
 def digest(*parts: Any) -> bytes:
@@ -202,7 +178,8 @@ def _differ(name: str, values: List[str]) -> str:
 def setups_differ(fps: List[Fingerprint]) -> bool:
     """The ranks run one world size but their models or codebooks differ (every rank sees it alike): the case in which
     they exchange :func:`describe_setup` texts to name the difference."""
-    return (all(f.magic == MAGIC for f in fps) and len({f.world for f in fps}) == 1
+    return (all(f.magic == MAGIC for f in fps) and len({f.version for f in fps}) == 1
+            and len({f.world for f in fps}) == 1
             and (len({f.model[:8] for f in fps}) > 1 or len({f.codebooks for f in fps}) > 1))
 
 
@@ -211,10 +188,15 @@ def disagreement(fps: List[Fingerprint], rank: int, setups: Optional[List[str]] 
     ``setups``: every rank's :func:`describe_setup`, where :func:`setups_differ` had them exchanged."""
     world = len(fps)
     pre = f"astra rank {rank}/{world}: "
-    strange = [r for r, f in enumerate(fps) if f.magic != MAGIC]
+    older = [r for r, f in enumerate(fps) if f.magic == MAGIC_V1]
+    strange = [r for r, f in enumerate(fps) if f.magic not in (MAGIC, MAGIC_V1)]
     if strange:
         return InputMismatchError(pre + f"rank(s) {strange} sent no astra input fingerprint: they are not running "
                                         "the same astra forward (another collective or program is interleaved)")
+    versions = ["0.1.0 or older" if f.magic == MAGIC_V1 else f.version for f in fps]
+    if older or len(set(versions)) > 1:
+        return InputMismatchError(pre + "the ranks run different astra versions: " + "; ".join(
+            f"rank {r}: astra {v}" for r, v in enumerate(versions)) + "; install one version on every node")
     named = None if setups is None else setup_differences(setups)
     checks = [("world sizes", [str(f.world) for f in fps], ""),
               ("models (class, configuration, size, dtype, family adapter)", [f.model[:8].hex() for f in fps], ""),

@@ -19,8 +19,6 @@ from .agreement import (
     describe_setup,
     digest,
     disagreement,
-    greeting,
-    greetings_disagree,
     inputs_digest,
     setups_differ,
     weights_digest,
@@ -79,7 +77,6 @@ class DistRuntime(RuntimeBase):
         self._senders: List[bool] = []       # per rank: some other rank attends to its tokens (else it sends nothing)
         self._rg: Optional[torch.Tensor] = None     # their global indices
         self.calls = 0                       # forwards so far (every rank counts the same; agreed every call)
-        self._greeted = False                # the ranks exchanged their astra versions (agreement.greeting)
         self.exchanges = 0                   # collectives of the last complete forward (input agreement included)
         self.broken: Optional[str] = None    # why the process group can not be used again, after a PeerError
         self.local_fallback = False          # the last forward ran on this rank alone (on_peer_failure="local")
@@ -463,13 +460,8 @@ class DistRuntime(RuntimeBase):
         except Exception as e:  # any verdict on the inputs travels in the fingerprint, so every rank raises
             err, values, text = e, b"\0" * 16, described(e)
         fp = Fingerprint(call=self.calls, world=self.world, status=VALID if err is None else INVALID,
-                         model=self._model_digest, codebooks=self._cb_digest, values=values, text=text)
-        if not self._greeted:       # once: ranks of other astra versions would pair fingerprints of other sizes
-            outs = self.transport.exchange_fixed(greeting(ak.__version__).to(self.transport.device), "greeting")
-            exc = greetings_disagree(outs, self.rank)
-            if exc is not None:
-                raise exc
-            self._greeted = True
+                         model=self._model_digest, codebooks=self._cb_digest, values=values, text=text,
+                         version=ak.__version__)
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
@@ -485,10 +477,8 @@ class DistRuntime(RuntimeBase):
     def _setups(self) -> List[str]:
         """Every rank's :func:`describe_setup` (one more fixed-size exchange, made only when models or codebooks
         differ, which every rank sees alike)."""
-        mine = utf8_field(describe_setup(self.model, self.fam.adapter.describe(), self.codebooks), SETUP_NBYTES)
-        outs = self.transport.exchange_fixed(torch.frombuffer(bytearray(mine), dtype=torch.uint8)
-                                             .to(self.transport.device), "input agreement: setups")
-        return [bytes(o.tolist()).rstrip(b"\0").decode("utf-8", "replace") for o in outs]
+        mine = describe_setup(self.model, self.fam.adapter.describe(), self.codebooks)
+        return self.transport.exchange_texts(mine, SETUP_NBYTES, "input agreement: setups")
 
     def _fail_together(self, e: BaseException):
         """This rank failed mid-forward: finish the exchanges in flight, then send an error frame in place of

@@ -142,10 +142,13 @@ class Transport:
 
     def _error_texts(self, what: str) -> List[str]:
         """After a failed status: every rank sends its error text (empty if it did not fail), fixed size."""
-        mine = utf8_field(self.error_text or "", ERROR_TEXT_NBYTES)
-        self.error_text = None
-        buf = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(self.device)
-        outs = self.exchange_fixed(buf, f"{what}: error report")
+        text, self.error_text = self.error_text or "", None
+        return self.exchange_texts(text, ERROR_TEXT_NBYTES, f"{what}: error report")
+
+    def exchange_texts(self, text: str, nbytes: int, what: str) -> List[str]:
+        """Every rank's ``text``, each sent as a field of exactly ``nbytes`` UTF-8 bytes (cut, NUL-padded)."""
+        buf = torch.frombuffer(bytearray(utf8_field(text, nbytes)), dtype=torch.uint8).to(self.device)
+        outs = self.exchange_fixed(buf, what)
         return [bytes(o.tolist()).rstrip(b"\0").decode("utf-8", "replace") for o in outs]
 
     # -- collectives -----------------------------------------------------------------------------
