@@ -29,7 +29,7 @@ from .dense import gemm
 from .segments import CountKeys, GroupTableKeys, TableKeys, TokenKeys
 from .vq import MAX_K, SMALL_GROUP_MAX_DIM, default_bits, encode_and_pack, vq_decode, vq_encode, vq_encode_reference
 
-__version__ = "0.1.0"  # the package version (pyproject.toml and astra read it from here)
+__version__ = "0.2.0"  # the package version (pyproject.toml and astra read it from here)
 
 __all__ = [
     "CODES_DTYPE", "MAX_K", "SMALL_GROUP_MAX_DIM", "CountKeys", "GroupTableKeys", "TableKeys", "TokenKeys",
