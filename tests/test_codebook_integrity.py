@@ -111,7 +111,7 @@ def test_a_header_too_large_for_a_codebook_file_is_refused_before_it_is_parsed(t
     from astra.codebooks import MAX_HEADER_NBYTES
 
     p = tmp_path / "big.safetensors"
-    p.write_bytes(struct.pack("<Q", MAX_HEADER_NBYTES + 1) + b"{" + b" " * 100)
+    p.write_bytes(struct.pack("<Q", MAX_HEADER_NBYTES + 1) + b"{" + b" " * MAX_HEADER_NBYTES)
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=f"a header of {MAX_HEADER_NBYTES + 1} bytes is too large for a codebook "
                                          "file"):

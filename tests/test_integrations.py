@@ -54,6 +54,13 @@ def _st_cases(rank):
         except astra.UnsupportedModelError as e:
             refused.append("pooling_gather=True" in str(e))
     res["token_embeddings_refused"] = refused
+    st[1].pooling_mode = "cls"          # changed after apply: it went on mean-pooling (0.77 off the CLS embeddings)
+    try:
+        st.encode(TEXTS)
+        res["mode_changed"] = None
+    except astra.UnsupportedModelError as e:
+        res["mode_changed"] = str(e)
+    st[1].pooling_mode = "mean"
     revert_sentence_transformers(st)
     res["token_embeddings_reverted"] = len(st.encode(TEXTS[:1], output_value="token_embeddings")[0])
     # pooling_gather=True with mean pooling: it was ignored, and the refusals above asked for it
@@ -158,6 +165,8 @@ def test_sentence_transformers_two_ranks(ranks):
         assert res["mean_stats"] == ("mean_pooled", 4 * 385 * 4, 4 * 385 * 4)
         assert res["reverted"] == 0.0 and res["empty"] > 0.99999
         assert res["token_embeddings_refused"] == [True, True]                  # was a bare KeyError
+        assert res["mode_changed"] == ("the pooling mode is 'cls' now, not the one astra was applied with: "
+                                       "revert_sentence_transformers and apply again"), res["mode_changed"]
         assert res["token_embeddings_reverted"] > 0
         cos, kind, n = res["gathered"]
         assert cos > 0.99999 and kind == "hidden_states" and n == res["token_embeddings_reverted"], res["gathered"]
@@ -191,6 +200,17 @@ def test_refusals_come_before_any_patch(tmp_path):
     fe = tf.pipeline("feature-extraction", model=bert, tokenizer=tok, device="cpu")
     with pytest.raises(ValueError, match="output must be None or one of"):
         apply_pipeline(fe, output="nonsense")
+    # kinds the task's post-processing reads differently per rank or not at all: rank 1 of a text classification
+    # with output="local" raised KeyError alone while rank 0 waited out the timeout
+    with pytest.raises(astra.UnsupportedModelError, match=r"FeatureExtractionPipeline's post-processing can not read "
+                                                          r"output='local'; it takes \['hidden_states', "):
+        apply_pipeline(fe, output="local")
+    tc = tf.pipeline("text-classification", model=tf.BertForSequenceClassification.from_pretrained(
+        path, local_files_only=True, num_labels=2), tokenizer=tok, device="cpu")
+    for bad in ("local", "mean_pooled"):
+        with pytest.raises(astra.UnsupportedModelError, match=f"can not read output='{bad}'"):
+            apply_pipeline(tc, output=bad)
+    assert "_forward" not in tc.__dict__ and tc.model.config._attn_implementation != "astra"
     with pytest.raises(astra.UnsupportedModelError, match="supports the pipelines"):
         apply_pipeline(tf.pipeline("fill-mask", model=tf.BertForMaskedLM.from_pretrained(path, local_files_only=True),
                                    tokenizer=tok, device="cpu"))

@@ -178,7 +178,7 @@ def test_lossy_link_with_jitter_outputs_equal_simulate():
     if subprocess.run(["which", "nft"], capture_output=True).returncode != 0:
         pytest.skip("the nft command is not installed (apt-get install nftables)")
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "lossy_link.py"), "--rate", "10", "--forwards", "3",
-                        "--tokens", "32", "--layers", "1", "--loss", "5", "--delay-ms", "20", "--jitter-ms", "20"],
+                        "--tokens", "32", "--layers", "2", "--loss", "5", "--delay-ms", "20", "--jitter-ms", "20"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| 5.0 % | 3 |" in r.stdout and "TUN relay" in r.stdout and r.stdout.rstrip().endswith("OK")

@@ -17,14 +17,20 @@ ATTR = "_astra_integration"
 # classification the head's logits (its natural output); by pipeline class, as the task string is what the user typed
 # ("sentiment-analysis" is text classification; a pipeline built from its class has none)
 TASK_OUTPUTS = {"FeatureExtractionPipeline": "hidden_states", "TextClassificationPipeline": None}
+# the output kinds each task's post-processing can read the same on every rank (``output=``): "local" differs per rank
+# (feature extraction returned each rank its own tokens; text classification failed on the ranks that hold no
+# logits, the others waited out the timeout), and text classification reads no pooled mean
+TASK_ALLOWED = {"FeatureExtractionPipeline": ("hidden_states", "class_token", "mean_pooled"),
+                "TextClassificationPipeline": (None, "class_token", "hidden_states")}
 
 
-def _task_output(pipe) -> Optional[str]:
+def _task(pipe) -> str:
+    """The :data:`TASK_OUTPUTS` key of ``pipe``'s class (a subclass counts as its base)."""
     import transformers
 
-    for name, kind in TASK_OUTPUTS.items():
+    for name in TASK_OUTPUTS:
         if isinstance(pipe, getattr(transformers, name)):
-            return kind
+            return name
     raise UnsupportedModelError(f"apply_pipeline supports the pipelines {sorted(TASK_OUTPUTS)} (feature-extraction, "
                                 f"text-classification), got {type(pipe).__name__} (task "
                                 f"{getattr(pipe, 'task', None)!r})")
@@ -33,11 +39,15 @@ def _task_output(pipe) -> Optional[str]:
 def apply_pipeline(pipe, codebooks=None, *, output: Optional[str] = None, **parallelize_kwargs) -> ParallelModel:
     """Run ``pipe.model`` as one ASTRA rank inside ``pipe``. ``output`` overrides the task's output kind
     (:mod:`astra.outputs`); ``codebooks`` and ``parallelize_kwargs`` go to :func:`astra.parallelize`."""
-    task_kind = _task_output(pipe)
+    task = _task(pipe)
     if getattr(pipe, ATTR, None) is not None:
         raise AstraError("this pipeline is already parallelized by astra (astra.integrations.revert_pipeline first)")
-    kind = output if output is not None else task_kind
+    kind = output if output is not None else TASK_OUTPUTS[task]
     resolve_output(family_of(pipe.model), kind)          # a bad or unavailable kind, before the model is patched
+    allowed = TASK_ALLOWED[task]
+    if kind not in allowed:
+        raise UnsupportedModelError(f"apply_pipeline: {type(pipe).__name__}'s post-processing can not read "
+                                    f"output={kind!r}; it takes {list(allowed)}")
     pm = parallelize(pipe.model, codebooks, **parallelize_kwargs)
 
     def forward(inputs: Dict[str, Any], **kwargs):

@@ -128,7 +128,22 @@ def _pooled(features: Dict[str, Any], **kwargs) -> Dict[str, Any]:
     return features
 
 
+def _check_plan(pool, plan: str) -> None:
+    """The pooling module still pools as it did when applied (``pooling_mode`` is read at every call by the model's
+    own pooling; the distributed one was chosen once: a mode changed afterwards was silently ignored)."""
+    if plan == "hidden_states":
+        return                              # the model's own pooling runs: any mode
+    try:
+        now = _plan(pool, False)
+    except UnsupportedModelError:
+        now = None
+    if now != plan:
+        raise UnsupportedModelError(f"the pooling mode is {pool.pooling_mode!r} now, not the one astra was applied "
+                                    "with: revert_sentence_transformers and apply again")
+
+
 def _encode(pm: ParallelModel, pool, plan: str, features: Dict[str, Any]) -> Dict[str, Any]:
+    _check_plan(pool, plan)
     if plan != "hidden_states" and not pool.include_prompt and features.get("prompt_length"):
         raise UnsupportedModelError("include_prompt=False with a prompt has no distributed pooling here: apply with "
                                     "pooling_gather=True")
