@@ -79,6 +79,27 @@ class _Work:
         return self.ok
 
 
+class _Closed(_Work):
+    def wait(self, timeout=None):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4242")
+
+
+def test_a_failed_exchange_names_its_size_and_what_a_closed_connection_means(transport, monkeypatch):
+    """On a link that collapsed to 0.1 Mbit/s, live peers timed out and the message said only "a peer rank died,
+    stalled past the timeout, or the process group broke"; the peer that gave up first was reported as a crashed
+    worker (gloo's "Connection closed by peer"). The message now gives the exchange's bytes a rank and both readings."""
+    monkeypatch.setattr(transport, "_issue", lambda fn, what: _Closed())
+    pend = transport.exchange(torch.zeros(1000, dtype=torch.uint8), [1000], call=1, slot=3, what="layer 2 all-gather")
+    with pytest.raises(astra.PeerError) as e:
+        pend.wait()
+    msg = str(e.value)
+    assert msg.startswith(f"astra rank 0/1: layer 2 all-gather ({ENVELOPE_NBYTES + 1000:,} B a rank) failed - a peer "
+                          "rank died, stalled past the timeout (10s"), msg
+    assert "the link was too slow to move the exchange within it" in msg, msg
+    assert msg.endswith("Connection closed by peer [127.0.0.1]:4242); the peer that closed the connection ended, or "
+                        "gave up after its own timeout"), msg
+
+
 def test_uneven_frames_are_cut_back_to_each_ranks_own_size(transport):
     """Mutation testing: no test of this file gave ranks frames of different sizes; every rank's payload returned
     padded to the largest (what the receiver then unpacks) went unnoticed. Rank 0 sent 5 bytes, rank 1 3, padded

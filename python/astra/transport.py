@@ -105,9 +105,13 @@ class Transport:
     # -- error handling --------------------------------------------------------------------------
     def _peer_error(self, what: str, e: Optional[BaseException]) -> PeerError:
         msg = (f"astra rank {self.rank}/{self.world}: {what} failed - a peer rank died, stalled past the timeout "
-               f"({self.timeout_s:g}s, or the process group's own if that is shorter), or the process group broke")
+               f"({self.timeout_s:g}s, or the process group's own if that is shorter), the link was too slow to move "
+               "the exchange within it, or the process group broke")
         if e is not None:
-            msg += f" ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+            text = str(e).strip()
+            msg += f" ({type(e).__name__}: {text.splitlines()[0] if text else ''})"
+            if "closed by peer" in text or "reset by peer" in text:
+                msg += "; the peer that closed the connection ended, or gave up after its own timeout"
         return PeerError(msg)
 
     def wait(self, work, what: str) -> None:
@@ -169,7 +173,8 @@ class Transport:
             stats.bytes_sent += size
             stats.bytes_received += sum(int(s) for r, s in enumerate(sizes) if r != self.rank)
             stats.bytes_on_wire += ENVELOPE_NBYTES + mx
-        return Pending(self, work, outs, sizes, call, slot, what, stats, keep=buf)
+        return Pending(self, work, outs, sizes, call, slot, f"{what} ({ENVELOPE_NBYTES + mx:,} B a rank)", stats,
+                       keep=buf)
 
     def exchange_fixed(self, buf: torch.Tensor, what: str) -> List[torch.Tensor]:
         """Blocking all-gather of a buffer whose shape every rank knows in advance (the input fingerprint)."""
