@@ -119,7 +119,7 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
     else:
         if isinstance(codes, (torch.Tensor, np.ndarray)) and not getattr(codes, "is_nested", False) and \
                 getattr(codes, "layout", torch.strided) == torch.strided:
-            _check_shape(tuple(codes.shape), bits)      # before a dense copy of an expanded view (2**40 codes)
+            frame_layout(tuple(codes.shape), bits)      # before a dense copy of an expanded view (2**40 codes)
         t = _as_cpu_tensor(codes, "codes")
     code = _DTYPES.get(t.dtype)
     if code is None:
@@ -137,12 +137,6 @@ def pack_codes(codes, bits: int, *, out: Optional[torch.Tensor] = None, backend:
         raise ValueError("out overlaps the memory of codes: the frame would overwrite the codes it is packing")
     n = _codec.pack(t.data_ptr(), code, shape, bits, out.data_ptr(), out.numel())
     return out if n == out.numel() else out[:n]
-
-
-def _check_shape(shape: Tuple[int, ...], bits: int) -> None:
-    """ValueError unless a frame holds codes of ``shape`` (checked before any copy of them)."""
-    _check_ndim(len(shape))
-    frame_layout(shape, bits)
 
 
 def _check_ndim(ndim: int) -> None:
