@@ -47,8 +47,9 @@ def test_load_rejects_wrong_model(tmp_path, gpt2):
     cb = astra.Codebooks.random(gpt2, groups=2, codebook_size=16)
     p = tmp_path / "cb.safetensors"
     cb.save(p)
-    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+    with pytest.raises(ValueError, match="model_type 'gpt2'") as err:
         astra.Codebooks.load(p, tiny_model("bert"))
+    assert str(err.value).startswith(f"{p}: ")          # the file the refused codebooks came from
     import transformers as tf
 
     deeper = tf.GPT2Model(tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=97, n_positions=64))
@@ -57,6 +58,24 @@ def test_load_rejects_wrong_model(tmp_path, gpt2):
     wider = tf.GPT2Model(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64))
     with pytest.raises(ValueError, match="hidden_size 64, model has 32"):
         astra.Codebooks.load(p, wider)
+
+
+def test_load_names_the_file_when_the_constructor_refuses(tmp_path, gpt2):
+    """A file whose checksums hold but whose fields the constructor refuses (another tool wrote an empty model_type
+    and re-signed the metadata) is named in the message, as every other refused file is."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    p = tmp_path / "cb.safetensors"
+    astra.Codebooks.random(gpt2, groups=2, codebook_size=16).save(p)
+    with safe_open(str(p), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["model_type"] = ""
+    meta["checksum"] = astra.codebooks.metadata_checksum(meta)
+    save_file(load_file(str(p)), str(p), metadata=meta)
+    with pytest.raises(ValueError, match="model_type must be a non-empty string") as err:
+        astra.Codebooks.load(p)
+    assert str(err.value).startswith(f"{p}: ")
 
 
 @pytest.mark.parametrize("bad, msg", [

@@ -14,6 +14,7 @@ so the prediction costs no bits: the codes carry only what it misses (closed-loo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -309,14 +310,16 @@ class Codebooks:
         if "rotation" in read:
             read["transform"], read["inverse"] = read["rotation"], [r.t().contiguous() for r in read["rotation"]]
         tensors = read["layer"]
-        cb = cls(tensors, model_type=model_type, hidden_size=hidden, transforms=read.get("transform"),
-                 inverses=read.get("inverse"), predictors=read.get("predictor"),
-                 predictor_biases=read.get("predictor_bias"), placeholder_layers=_placeholder_layers(path, meta),
-                 weights_sample=_weights_sample(path, meta))
-        if cb.groups != G or cb.codebook_size != K:
-            raise ValueError(f"{path}: metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
-        if model is not None:
-            cb.check_model(model)
+        placeholders, sample = _placeholder_layers(path, meta), _weights_sample(path, meta)
+        with _named_file(path):     # what the constructor or the model check refuses, named with the file
+            cb = cls(tensors, model_type=model_type, hidden_size=hidden, transforms=read.get("transform"),
+                     inverses=read.get("inverse"), predictors=read.get("predictor"),
+                     predictor_biases=read.get("predictor_bias"), placeholder_layers=placeholders,
+                     weights_sample=sample)
+            if cb.groups != G or cb.codebook_size != K:
+                raise ValueError(f"metadata says G={G}, K={K} but tensors are {tuple(tensors[0].shape)}")
+            if model is not None:
+                cb.check_model(model)
         return cb
 
     @classmethod
@@ -527,6 +530,15 @@ def metadata_checksum(meta: dict) -> str:
 #: the largest safetensors header a codebook file may have (real ones: KB to tens of KB): safetensors itself parses
 #: headers up to 100 MB, ~10x that in memory, before astra could read its metadata
 MAX_HEADER_NBYTES = 16 << 20
+
+
+@contextlib.contextmanager
+def _named_file(path: str):
+    """Re-raise a ValueError / TypeError from the block with ``path`` in front of its message."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{path}: {e}") from e
 
 
 def _check_header_size(path: str) -> None:
