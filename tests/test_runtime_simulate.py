@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime_support import main_output, tiny_inputs, tiny_model
+from test_runtime_support import main_output, tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 from astra.models import family_of
@@ -344,3 +344,41 @@ def test_a_heads_kwargs_that_reach_its_base_are_refused_by_name():
         mask[0, 3] = True
         with pytest.raises(astra.UnsupportedModelError, match=r"does not support the input\(s\) \['bool_masked_pos'\]"):
             astra.simulate(model, {**tiny_inputs("vit", batch=1), "bool_masked_pos": mask}, world_size=2)
+
+
+def test_weights_loaded_into_inference_tensor_parameters_are_refused():
+    """Parameters made or converted under torch.inference_mode have no version counter: a checkpoint loaded into
+    them in place (an inference server swapping weights) ran on with stale K/V tables and fingerprint, silently.
+    Their sampled values are compared instead."""
+    from astra.simulation import SimRuntime
+
+    model = tiny_model("bert")
+    with torch.inference_mode():
+        model.to(torch.float64)
+    assert all(p.is_inference() for p in model.parameters())
+    rt = SimRuntime(model, None, 2)
+    rt.install()
+    try:
+        rt.check_model_state()                          # unchanged: accepted
+        with torch.inference_mode():
+            model.load_state_dict(tiny_model("bert", seed=1).to(torch.float64).state_dict())
+        with pytest.raises(astra.AstraError, match="the model's weights changed after astra patched it"):
+            rt.check_model_state()
+    finally:
+        rt.uninstall()
+
+
+def test_dynamically_quantized_models_are_refused_by_name():
+    """quantize_dynamic picks each call's activation scale from the rows it holds: a rank's chunk computed other
+    values than the whole sequence (2.5e-3 off with codebooks=None), and codebooks with a transform died in a bare
+    StopIteration (the attention module had no float parameter left)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # torch.ao.quantization's deprecation
+        q = torch.ao.quantization.quantize_dynamic(tiny_model("bert"), {torch.nn.Linear}, dtype=torch.qint8)
+    cb = tiny_codebooks(tiny_model("bert"), "bert", 4)
+    cb.weights_sample = None
+    for call in (lambda: astra.simulate(q, tiny_inputs("bert"), world_size=2),
+                 lambda: astra.simulate(q, tiny_inputs("bert"), world_size=2, codebooks=cb),
+                 lambda: astra.calibrate(q, tiny_inputs("bert"), groups=4, codebook_size=8)):
+        with pytest.raises(astra.UnsupportedModelError, match="does not run dynamically quantized modules"):
+            call()

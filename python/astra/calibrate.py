@@ -25,7 +25,7 @@ from . import bases
 from .codebooks import Codebooks, apply_predictor, cast_checked
 from .context import position_ids
 from .inputs import seq_geometry, validate_inputs
-from .models import family_of
+from .models import check_has_weights, family_of
 from .split import resolve_class_token
 from .weights_sample import weights_sample
 
@@ -287,6 +287,7 @@ def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *
     from tqdm.auto import tqdm
 
     fam = family_of(model)
+    check_has_weights(model)
     samples = _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict,
                             seed, class_token)
     basis = bases.resolve(basis, fam, groups)

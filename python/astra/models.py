@@ -440,9 +440,18 @@ def _forward_params(model: Module, base: Module) -> FrozenSet[str]:
 
 
 def check_has_weights(model) -> None:
-    """UnsupportedModelError for a model with parameters on the meta device (built without its weights)."""
+    """UnsupportedModelError for a model without the float weights astra computes with: parameters on the meta device
+    (built without its weights), or dynamically quantized modules (``torch.ao.quantization.quantize_dynamic``), whose
+    per-call activation scale depends on the rows a call holds, so a rank's chunk would compute other values than the
+    whole sequence does (2.5e-3 off on a tiny BERT, as large as the quantization error itself)."""
     if any(p.is_meta for p in model.parameters()):
         raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights first")
+    for name, m in model.named_modules():
+        if hasattr(m, "_packed_params") or type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+            raise UnsupportedModelError(
+                f"astra does not run dynamically quantized modules ({name}: {type(m).__module__}.{type(m).__name__}): "
+                "their activation scale is chosen per call from the rows it holds, so each rank's chunk would be "
+                "quantized unlike the whole sequence; give astra the float model")
 
 
 def family_of(model) -> Family:

@@ -57,22 +57,49 @@ def _register() -> None:
     _REGISTERED = True
 
 
-def weight_marks(model) -> List[Tuple[weakref.ref, int]]:
-    """Per parameter, the parameter itself (weakly) and its in-place version counter: ``load_state_dict`` and in-place
-    updates under ``torch.no_grad`` bump the counter, ``load_state_dict(assign=True)`` replaces the parameter, a
-    dtype / device round trip changes neither. Writes through ``p.data`` are not seen. Inference tensors have no
-    counter (-1)."""
-    return [(weakref.ref(p), _version(p)) for p in model.parameters()]
+#: values sampled from each inference-tensor parameter (evenly spaced, first and last included), which has no version
+#: counter: a new checkpoint loaded into it in place changes them
+INFERENCE_SAMPLE = 17
 
 
-def weights_changed(model, marks: List[Tuple[weakref.ref, int]]) -> bool:
-    """Whether ``model``'s parameters are others than, or were changed in place since, :func:`weight_marks`."""
-    params = list(model.parameters())
-    return len(params) != len(marks) or any(ref() is not p or v != _version(p) for p, (ref, v) in zip(params, marks))
+class WeightMarks:
+    """What a patched model's parameters were when astra built from them: per parameter the parameter itself (weakly)
+    and its in-place version counter (``load_state_dict`` and in-place updates under ``torch.no_grad`` bump it,
+    ``load_state_dict(assign=True)`` replaces the parameter, a dtype / device round trip changes neither), and for
+    inference tensors (parameters made or converted under ``torch.inference_mode``, which have no counter)
+    :data:`INFERENCE_SAMPLE` of their values. Writes through ``p.data``, and writes to an inference tensor that keep
+    its sampled values, are not seen."""
+
+    def __init__(self, model):
+        params = list(model.parameters())
+        self.refs = [weakref.ref(p) for p in params]
+        self.versions = [-1 if p.is_inference() else p._version for p in params]
+        self.sample = _inference_sample(params)
+
+    def changed(self, model) -> bool:
+        """Whether ``model``'s parameters are others than, or were changed in place since, these marks."""
+        params = list(model.parameters())
+        if len(params) != len(self.refs) or any(ref() is not p for p, ref in zip(params, self.refs)):
+            return True
+        if any(v != (-1 if p.is_inference() else p._version) for p, v in zip(params, self.versions)):
+            return True
+        now = _inference_sample(params)
+        return (now is None) != (self.sample is None) or (now is not None and not torch.equal(now, self.sample))
 
 
-def _version(p: torch.Tensor) -> int:
-    return -1 if p.is_inference() else p._version
+def _inference_sample(params: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sampled values of every inference-tensor parameter as one float64 tensor's bit patterns (int64; NaNs
+    compare equal), on the first one's device (one read for them all); None without inference tensors."""
+    parts = []
+    for p in params:
+        if p.is_inference() and p.numel():
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(INFERENCE_SAMPLE, flat.numel()), device=flat.device)
+            parts.append(flat[idx.round().long()].to(torch.float64))
+    if not parts:
+        return None
+    dev = parts[0].device
+    return torch.cat([t.to(dev) for t in parts]).view(torch.int64)
 
 
 class RuntimeBase:
@@ -105,7 +132,7 @@ class RuntimeBase:
         self._pred: Optional[List] = None      # per layer the predictor (W [2D, D], b [D]) of predictive codebooks
         self._installed = False
         self._param_state = None                # (dtype, device) of the model's parameters when installed
-        self._weight_marks = None               # weight_marks(model) when installed
+        self._weight_marks: Optional[WeightMarks] = None   # the parameters when installed
 
     # -- install / uninstall ---------------------------------------------------------------------
     def install(self) -> None:
@@ -120,7 +147,7 @@ class RuntimeBase:
         _register()
         p = next(self.model.parameters())
         self._param_state = (p.dtype, p.device)
-        self._weight_marks = weight_marks(self.model)
+        self._weight_marks = WeightMarks(self.model)
         cb = self.codebooks
         if cb is not None:
             def cast(what, ts):         # to the model's device and dtype; ValueError where the cast overflows
@@ -238,8 +265,7 @@ class RuntimeBase:
         if self._installed and impl != ATTN_NAME:
             raise AstraError(f"the model's attention implementation was set to {impl!r} after astra patched it (its "
                              "attention then ignores the other ranks' tokens): unpatch it and patch it again")
-        if not self.differentiable and self._weight_marks is not None and weights_changed(self.model,
-                                                                                         self._weight_marks):
+        if not self.differentiable and self._weight_marks is not None and self._weight_marks.changed(self.model):
             raise AstraError("the model's weights changed after astra patched it (load_state_dict, an in-place "
                              "update, a merged adapter): what astra built from them (K/V tables, folded projections, "
                              "the weights fingerprint) is stale; unpatch it and patch it again")
