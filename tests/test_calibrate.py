@@ -129,12 +129,51 @@ def test_kmeans_bad_inputs():
         kmeans(torch.randn(0, 8), 1, 4)
     with pytest.raises(ValueError, match="at least one sample"):
         astra.calibrate(tiny_model("bert"), [], groups=4, codebook_size=8)
-    with pytest.raises(ValueError, match="world_size"):
-        astra.calibrate(tiny_model("bert"), [tiny_inputs("bert")], groups=4, codebook_size=8, world_size=0)
+    for ws in (0, 1):             # 1 passed the check, then died in torch.cat (no rank sends at world size 1)
+        with pytest.raises(ValueError, match="world_size must be None or an int >= 2"):
+            astra.calibrate(tiny_model("bert"), [tiny_inputs("bert")], groups=4, codebook_size=8, world_size=ws)
     for G in (5, 0):              # refused before any forward, whichever path (layer 0 is not fitted to catch it)
         for kw in ({}, {"predict": True}, {"world_size": 2}):
             with pytest.raises(ValueError, match=f"hidden size 64 is not divisible by G={G}"):
                 astra.calibrate(tiny_model("bert"), [tiny_inputs("bert")], groups=G, codebook_size=8, **kw)
+
+
+def test_calibrate_reads_a_stream_of_samples_up_to_max_tokens():
+    """An endless iterator of samples was read whole (list()) before anything else: calibrate never returned. A
+    stream without len is read until its samples hold max_tokens tokens; a list is taken as given."""
+    import itertools
+
+    import pytest
+
+    model = tiny_model("bert")
+    x = tiny_inputs("bert")                           # [B, T], no mask: B * T tokens a sample
+    per = x["input_ids"].numel()
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield x
+
+    cb = astra.calibrate(model, endless(), groups=4, codebook_size=8, iters=2, max_tokens=3 * per)
+    assert len(pulled) == 3 and cb.num_layers == 2
+    same = astra.calibrate(model, [x] * 3, groups=4, codebook_size=8, iters=2, max_tokens=3 * per)
+    assert all(torch.equal(a, b) for a, b in zip(cb.tensors, same.tensors))
+    with pytest.raises(ValueError, match="at least one sample"):
+        astra.calibrate(model, iter([]), groups=4, codebook_size=8)
+
+
+def test_calibrate_names_the_layer_whose_input_is_not_finite():
+    """A NaN in the hidden states died in torch's multinomial ("probability tensor contains inf, nan") or read as
+    "the attention metric is zero"; layer-wise calibration and finetune already named the layer."""
+    import pytest
+
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    for kw in ({"groups": 4}, {"groups": 1}, {"groups": 4, "predict": True}):
+        with pytest.raises(astra.NonFiniteError, match="the hidden state entering layer 1 holds NaN or Inf"):
+            astra.calibrate(model, [tiny_inputs("bert")], codebook_size=8, iters=2, **kw)
 
 
 def test_calibrate_names_each_bad_argument_before_any_forward(monkeypatch):

@@ -130,6 +130,53 @@ def test_finetune_all_saves_a_model_directory_that_loads_with_its_tokenizer(tmp_
     assert tokenize(["a sentence"], 16)["input_ids"].shape[0] == 1
     w = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(tuned.state_dict()[w], orig.state_dict()[w])
+    # sentence-transformers' files came along (they were lost: OUT did not load as the sentence model it was)
+    assert (out_dir / "modules.json").is_file() and (out_dir / "1_Pooling" / "config.json").is_file()
+
+
+def test_finetune_all_keeps_the_checkpoints_task_head(tmp_path):
+    """A directory of BertForSequenceClassification was loaded as its base model, so --train all distilled hidden
+    states and saved a BertModel: the classifier was dropped, and the run said it succeeded."""
+    import json
+
+    import transformers as tf
+    from safetensors import safe_open
+
+    from astra.cli import local_model_dir, resolve_model_name
+
+    src = local_model_dir(resolve_model_name("minilm"))
+    cls_dir, cb_in, out_dir = tmp_path / "cls", tmp_path / "cb.safetensors", tmp_path / "tuned"
+    tf.set_seed(0)
+    tf.BertForSequenceClassification.from_pretrained(src, num_labels=3).save_pretrained(cls_dir)
+    tf.AutoTokenizer.from_pretrained(src).save_pretrained(cls_dir)
+    small = ["--samples", "8", "--max-length", "32"]
+    assert main(["calibrate", "--model", str(cls_dir), "--groups", "1", "--codebook-size", "16", "--iters", "2",
+                 "--out", str(cb_in)] + small) == 0
+    assert main(["finetune", "--model", str(cls_dir), "--codebooks", str(cb_in), "--out", str(out_dir), "--train",
+                 "all", "--world-size", "2", "--held-out", "4", "--batch-size", "4", "--model-lr", "1e-4",
+                 "--steps", "2"] + small) == 0
+    assert json.loads((out_dir / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+    with safe_open(str(out_dir / "model.safetensors"), framework="pt") as f:
+        assert {"classifier.weight", "classifier.bias"} <= set(f.keys())
+
+
+def test_a_model_directory_whose_weights_do_not_load_is_one_line(tmp_path, capsys):
+    """No weights file, or a corrupt one: a 30-line traceback and exit 1, where every other bad --model is one line
+    and exit 2."""
+    import transformers as tf
+
+    d = tmp_path / "m"
+    tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64).save_pretrained(d)
+    from astra.cli import local_model_dir, resolve_model_name
+
+    tf.AutoTokenizer.from_pretrained(local_model_dir(resolve_model_name("minilm"))).save_pretrained(d)
+    for weights in (None, b"\x10\x00\x00\x00\x00\x00\x00\x00{junk"):
+        if weights is not None:
+            (d / "model.safetensors").write_bytes(weights)
+        assert main(["calibrate", "--model", str(d), "--out", str(tmp_path / "cb.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"astra calibrate: error: --model {d}: its weights do not load (") and \
+            err.count("\n") == 1, err
 
 
 def _env():
@@ -275,6 +322,7 @@ BAD = [
     (["calibrate", "--model", "gpt2-random", "--seed", "-1", "--out", "X"], "--seed must be >= 0, got -1"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--world-size", "1"], "--world-size must be in 2..64"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--world-size", "2,x"], "comma list of ints"),
+    (["finetune", "--codebooks", "FILE", "--out", "D", "--seed", "-1"], "--seed must be >= 0, got -1"),
     (["finetune", "--model", "gpt2-random", "--codebooks", "FILE", "--out", "D", "--train", "all"],
      "--train all needs a model directory"),
     (["finetune", "--codebooks", "FILE", "--out", "D", "--held-out", "5000"], "leaves nothing to train on"),

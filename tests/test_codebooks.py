@@ -40,6 +40,8 @@ def test_save_names_a_missing_directory_or_a_directory_given_as_the_file(tmp_pat
         cb.save(tmp_path / "missing" / "cb.safetensors")
     with pytest.raises(IsADirectoryError, match="is a directory; give the codebook file's path"):
         cb.save(tmp_path)
+    with pytest.raises(ValueError, match="cannot save codebooks to an empty path"):    # was a SafetensorError
+        cb.save("")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -262,6 +262,22 @@ def test_distill_loss_is_kl_teacher_to_student_over_valid_tokens():
     assert float(distill_loss(SimpleNamespace(logits=s2), SimpleNamespace(logits=t2), batch)) == \
         pytest.approx(expect, rel=1e-5)
 
+
+def test_distill_loss_of_one_logit_is_its_relative_squared_error():
+    """A regression head or a reranker (num_labels = 1): the softmax over one logit is 1, so the KL was 0 whatever
+    the student gave and fine-tuning learnt nothing from the task. One logit is distilled by its relative squared
+    error, as hidden states are."""
+    from types import SimpleNamespace
+
+    from astra.finetune import distill_loss
+
+    t = torch.tensor([[2.0], [-1.0], [0.5]])
+    s = torch.tensor([[1.5], [-1.0], [1.5]])
+    got = distill_loss(SimpleNamespace(logits=s), SimpleNamespace(logits=t), {})
+    assert float(got) == pytest.approx((0.25 + 0 + 1.0) / (4 + 1 + 0.25), rel=1e-6)
+    assert float(distill_loss(SimpleNamespace(logits=t), SimpleNamespace(logits=t), {})) == 0.0
+
+
 def test_naq_noise_only_in_training_and_scaled_by_residual():
     model = tiny_model("vit")
     inputs = tiny_inputs("vit")
@@ -373,6 +389,23 @@ def test_finetune_all_round_trips_through_save_and_load(tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_finetune_all_keeps_frozen_parameters_and_leaves_no_gradients():
+    """train='all' set requires_grad on every parameter and trained what the caller had frozen (then marked it
+    frozen again), and left a .grad on every parameter: a model-sized copy kept after the call."""
+    model = tiny_model("gpt2")
+    data = _data("gpt2")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=16)
+    model.transformer.wpe.weight.requires_grad_(False)
+    wpe, h0 = model.transformer.wpe.weight.clone(), model.transformer.h[0].attn.c_attn.weight.clone()
+    astra.finetune(model, cb, data, world_size=2, train="all", steps=2, model_lr=1e-3, progress=False)
+    assert torch.equal(wpe, model.transformer.wpe.weight) and not model.transformer.wpe.weight.requires_grad
+    assert not torch.equal(h0, model.transformer.h[0].attn.c_attn.weight)          # the rest trained
+    assert all(p.grad is None for p in model.parameters())
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="every one has requires_grad=False"):
+        astra.finetune(model, cb, data, world_size=2, train="all", steps=1, progress=False)
+
+
 def test_finetune_bad_inputs():
     model = tiny_model("bert")
     data = _data("bert")
@@ -399,6 +432,18 @@ def test_finetune_bad_inputs():
     for bad in (lambda out, ref, b: out.last_hidden_state.pow(2).mean(-1), lambda out, ref, b: 0.5):
         with pytest.raises(ValueError, match="loss.out, ref, batch. must return a scalar float tensor"):
             astra.finetune(model, cb, data, world_size=2, progress=False, loss=bad)   # was: a bare RuntimeError
+    for bad in (None, 3, data[0]["input_ids"]):                        # None: 'NoneType' object is not iterable
+        with pytest.raises(TypeError, match="data must be a batch .a dict of model inputs. or an iterable"):
+            astra.finetune(model, cb, bad, world_size=2, progress=False)
+    pulled = []
+
+    def endless():                                  # a stream: read for `steps` batches (list() never returned)
+        while True:
+            pulled.append(1)
+            yield data[len(pulled) % len(data)]
+
+    assert len(astra.finetune(model, cb, endless(), world_size=2, progress=False, steps=3).losses) == 3
+    assert len(pulled) == 3
     one = astra.finetune(model, cb, data, world_size=2, progress=False, steps=1,       # [1]: backward takes it
                          loss=lambda out, ref, b: out.last_hidden_state.pow(2).mean().reshape(1))
     assert len(one.losses) == 1

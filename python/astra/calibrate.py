@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
@@ -24,6 +25,7 @@ from astra_kernels.checks import is_count
 from . import bases
 from .codebooks import Codebooks, apply_predictor, cast_checked
 from .context import position_ids
+from .errors import NonFiniteError
 from .inputs import seq_geometry, validate_inputs
 from .models import check_has_weights, family_of
 from .split import resolve_class_token
@@ -87,6 +89,12 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
     out = [torch.cat(xs) for xs in per_layer]
     if out[0].shape[0] == 0:
         raise ValueError("the samples hold no attended token to calibrate on (every attention_mask entry is 0)")
+    for slot, x in enumerate(out):
+        bad = (~torch.isfinite(x)).any(dim=-1).nonzero()
+        if bad.numel():
+            where = "the embedding output" if slot == fam.num_layers else f"the hidden state entering layer {slot}"
+            raise NonFiniteError(f"calibrate: {where} holds NaN or Inf (attended token {int(bad[0])} of the samples, "
+                                 "in order): the model's weights or the samples are not finite")
     if max_tokens is not None:
         out = [x[:max_tokens] for x in out]
     if not embeddings:
@@ -234,20 +242,12 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
                   seed=0, class_token="auto") -> list:
     """:func:`calibrate`'s arguments checked before any forward (ValueError / TypeError naming the argument; each
     sample as :func:`astra.inputs.validate_inputs` checks a forward's inputs); returns the samples as a list."""
-    if isinstance(samples, Mapping):       # one sample: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
-        samples = [samples]
-    if isinstance(samples, (torch.Tensor, str, bytes)) or not isinstance(samples, Iterable):
-        raise TypeError(f"samples must be an input dict or an iterable of them, got {type(samples).__name__}")
-    samples = list(samples)
-    if not samples:
-        raise ValueError("calibrate needs at least one sample")
-    cls = resolve_class_token(fam, class_token)         # checked without world_size too (it was not read then)
-    for i, s in enumerate(samples):
-        if not isinstance(s, Mapping):
-            raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
-        samples[i] = s = dict(s)
-        # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
-        validate_inputs(fam, s, world_size or 1, bool(world_size) and cls)
+    if max_tokens is not None and not is_count(max_tokens, 1):
+        raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
+    if world_size is not None and not is_count(world_size, 2):
+        raise ValueError(f"world_size must be None or an int >= 2 (at 1 no rank sends: nothing is quantized), got "
+                         f"{world_size!r}")
+    samples = _read_samples(fam, samples, max_tokens, world_size, resolve_class_token(fam, class_token))
     if not is_count(seed, 0):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if backend not in BACKENDS:
@@ -258,13 +258,35 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
         raise ValueError(f"codebook_size must be an int in 1..{ak.MAX_K}, got {codebook_size!r}")
     if not is_count(iters, 1):
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    if max_tokens is not None and not is_count(max_tokens, 1):
-        raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
-    if world_size is not None and not is_count(world_size, 1):
-        raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
     if predict and world_size is not None:
         raise ValueError("predict=True fits on the model's own hidden states; it does not take world_size")
     return samples
+
+
+def _read_samples(fam, samples, max_tokens: Optional[int], world_size: Optional[int], cls: bool) -> list:
+    """The samples as a list of checked input dicts. An iterator or generator (no ``len``) is read only until its
+    samples hold ``max_tokens`` tokens, so a stream (or an endless one) can be given; with ``max_tokens=None`` it is
+    read to its end."""
+    if isinstance(samples, Mapping):       # one sample: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
+        samples = [samples]
+    if isinstance(samples, (torch.Tensor, str, bytes)) or not isinstance(samples, Iterable):
+        raise TypeError(f"samples must be an input dict or an iterable of them, got {type(samples).__name__}")
+    out, tokens = [], 0
+    for i, s in enumerate(samples):
+        if not isinstance(s, Mapping):
+            raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
+        s = dict(s)
+        # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
+        validate_inputs(fam, s, world_size or 1, bool(world_size) and cls)
+        out.append(s)
+        if not isinstance(samples, Sized) and max_tokens is not None:
+            mask = s.get("attention_mask")
+            tokens += int(mask.count_nonzero()) if mask is not None else math.prod(seq_geometry(fam, s))
+            if tokens >= max_tokens:
+                break
+    if not out:
+        raise ValueError("calibrate needs at least one sample")
+    return out
 
 
 def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *, groups: int = 1,

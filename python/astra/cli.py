@@ -92,12 +92,13 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_model(name: str, max_length: Optional[int] = None):
+def load_model(name: str, max_length: Optional[int] = None, *, architecture: bool = False):
     """(model, tokenize(texts, max_length) -> inputs dict, description); with ``max_length``, UsageError unless the
-    model's positions hold that many tokens."""
+    model's positions hold that many tokens. ``architecture``: a model directory loads as the class its config names
+    (its task head kept: what a checkpoint trained and saved again must hold), else as :func:`_auto_class` says."""
     from .models import family_of
 
-    model, tokenize, desc = _load_model(name)
+    model, tokenize, desc = _load_model(name, architecture)
     limit = family_of(model).max_len()
     if max_length is not None and limit is not None and max_length > limit:
         raise UsageError(f"--max-length {max_length} is more tokens than the model's position embeddings hold "
@@ -105,17 +106,24 @@ def load_model(name: str, max_length: Optional[int] = None):
     return model, tokenize, desc
 
 
-def _auto_class(path: str):
-    """The transformers auto class of a model directory: with its LM head where the checkpoint is a causal LM
-    (so a decoder's outputs are next-token logits), else the base model."""
+def _auto_class(path: str, architecture: bool = False):
+    """The transformers class a model directory loads as: with ``architecture``, the one its config names (UsageError
+    if this transformers has none of that name); else the auto class with its LM head where the checkpoint is a
+    causal LM (so a decoder's outputs are next-token logits), and the base model for the rest."""
     import transformers as tf
 
     archs = getattr(tf.AutoConfig.from_pretrained(path, local_files_only=True), "architectures", None) or []
+    if architecture:
+        cls = getattr(tf, archs[0], None) if archs else tf.AutoModel
+        if cls is None:
+            raise UsageError(f"{path}: its config names the architecture {archs[0]!r}, which this transformers "
+                             f"({tf.__version__}) does not have")
+        return cls
     lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     return tf.AutoModelForCausalLM if lm else tf.AutoModel
 
 
-def _load_model(name: str):
+def _load_model(name: str, architecture: bool = False):
     import torch
     import transformers as tf
 
@@ -123,7 +131,13 @@ def _load_model(name: str):
     name = resolve_model_name(name)
     path = local_model_dir(name)
     if path is not None:
-        model = _auto_class(path).from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+        from safetensors import SafetensorError
+
+        cls = _auto_class(path, architecture)
+        try:    # missing or corrupt weights: one line, as for every other bad --model
+            model = cls.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+        except (OSError, ValueError, SafetensorError) as e:
+            raise UsageError(f"--model {path}: its weights do not load ({str(e).splitlines()[0]})") from e
         tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
         check_vocabulary(path, len(tok), getattr(model.config, "vocab_size", None))
 

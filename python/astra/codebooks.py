@@ -251,7 +251,9 @@ class Codebooks:
         """Write a safetensors file at ``path`` (its directory must exist; an existing file is replaced)."""
         from safetensors.torch import save_file
 
-        path = os.fspath(path)
+        path = os.fsdecode(os.fspath(path))         # bytes too, as load takes them
+        if not path:
+            raise ValueError("cannot save codebooks to an empty path")
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             raise IsADirectoryError(f"{path} is a directory; give the codebook file's path")

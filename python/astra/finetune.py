@@ -4,15 +4,17 @@ Every step runs the model exactly as :func:`astra.simulate` would at the step's 
 (:mod:`astra.training`): non-local tokens are quantized with a straight-through estimator, so gradients reach the
 codebooks and the senders' hidden states. Loss = task loss + ``beta`` * commitment loss, where the commitment
 loss is the mean squared quantization residual ``||h - C[code]||^2`` over every quantized token and layer. The
-default task loss distils the unmodified model: KL divergence to its logits when the output has logits, else
-the mean squared error of ``last_hidden_state`` relative to the reference's mean square (padding excluded).
+default task loss distils the unmodified model: KL divergence to its logits when the output has two or more
+logits, else the mean squared error of the logits (one: a regression head, a reranker) or of ``last_hidden_state``,
+relative to the reference's mean square (padding excluded).
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -63,7 +65,7 @@ def distill_loss(out, ref, batch: Dict[str, Any]) -> torch.Tensor:
     s, t = main_output(out), main_output(ref).detach()
     mask = batch.get("attention_mask")
     rows = mask.bool() if mask is not None and mask.shape == s.shape[:2] and s.ndim == 3 else None
-    if getattr(out, "logits", None) is not None:
+    if getattr(out, "logits", None) is not None and s.shape[-1] > 1:     # one logit (regression): its softmax is 1
         per = (torch.softmax(t.float(), -1) * (torch.log_softmax(t.float(), -1) - torch.log_softmax(s.float(), -1)))
         per = per.sum(-1)
         return per[rows].mean() if rows is not None else per.mean()
@@ -90,12 +92,16 @@ def _world_sizes(world_size) -> List[int]:
     return sizes
 
 
-def _check_data(data, fam, world_size: int, cls: bool) -> List[Dict[str, Any]]:
+def _check_data(data, fam, world_size: int, cls: bool, steps: Optional[int]) -> List[Dict[str, Any]]:
     """``data`` as a list of batches, each checked as a forward at ``world_size`` ranks checks its inputs (before any
-    training: a bad batch found at step k lost the k steps before it)."""
+    training: a bad batch found at step k lost the k steps before it). An iterator or generator (no ``len``) is read
+    for at most ``steps`` batches (a stream, or an endless one), else to its end."""
     if isinstance(data, Mapping):          # one batch: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
         data = [data]
-    data = list(data)
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"data must be a batch (a dict of model inputs) or an iterable of them, got "
+                        f"{type(data).__name__}")
+    data = list(data if isinstance(data, Sized) or steps is None else itertools.islice(data, steps))
     if not data:
         raise ValueError("finetune needs data: got an empty collection of batches")
     for i, b in enumerate(data):
@@ -145,10 +151,13 @@ def _setup(model, cb: Codebooks, train: str, lr: Optional[float], model_lr: floa
     params = [torch.nn.Parameter(t.detach().to(device=dev, dtype=torch.float32).clone()) for t in cb.tensors]
     groups = [{"params": [p], "lr": r} for p, r in zip(params, codebook_lrs(cb, lr))]
     teacher = None
-    if train == "all":
+    if train == "all":      # the parameters the caller left trainable (a frozen embedding or base stays as it is)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("train='all' trains the model's parameters, and every one has requires_grad=False: "
+                             "unfreeze those to train, or give train='codebooks'")
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        model.requires_grad_(True)
-        groups.append({"params": [p for p in model.parameters()], "lr": model_lr})
+        groups.append({"params": trainable, "lr": model_lr})
     else:
         model.requires_grad_(False)
     return _Setup(params, teacher, torch.optim.Adam(groups))
@@ -205,7 +214,9 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
     default :data:`NAQ_DEFAULT`: 0 for ``train="codebooks"``, 1 for ``train="all"``).
     ``lr``: the codebooks' learning rate; None: per layer :data:`LR_RELATIVE` times its mean absolute entry
     (:func:`codebook_lrs`). ``model_lr``: the model's, with ``train="all"``.
-    ``steps`` defaults to ``epochs * len(data)``; batches are visited in a seeded shuffled order.
+    ``steps`` defaults to ``epochs * len(data)``; batches are visited in a seeded shuffled order. ``data`` may
+    also be an iterator or generator: with ``steps`` its first ``steps`` batches are read (an endless stream
+    works), else all of them.
     ``output_dir``: writes ``codebooks.safetensors`` and, with ``train="all"``, the HF model (``save_pretrained``).
     The model runs in eval mode (no dropout). Deterministic on CPU for a given ``seed``.
     """
@@ -213,7 +224,10 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
     sizes = _world_sizes(world_size)
     fam = family_of(model)
-    data = _check_data(data, fam, max(sizes), training_class_token(fam, class_token))
+    for name, v in (("steps", steps), ("epochs", epochs)):
+        if v is not None and not is_count(v, 1):
+            raise ValueError(f"nothing to train: {name} must be an int >= 1, got {v!r}")
+    data = _check_data(data, fam, max(sizes), training_class_token(fam, class_token), steps)
     cb = as_codebooks(codebooks, model)
     if cb is None:
         raise ValueError("finetune needs codebooks (e.g. from astra.calibrate)")
@@ -223,9 +237,6 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if loss is not None and not callable(loss):
         raise TypeError(f"loss must be a callable loss(out, ref, batch) or None, got {type(loss).__name__}")
-    for name, v in (("steps", steps), ("epochs", epochs)):
-        if v is not None and not is_count(v, 1):
-            raise ValueError(f"nothing to train: {name} must be an int >= 1, got {v!r}")
     total = steps if steps is not None else epochs * len(data)
     if output_dir is not None:
         _writable_dir(output_dir)
@@ -235,15 +246,16 @@ def finetune(model, codebooks, data: Union[Dict[str, Any], Sequence[Dict[str, An
         cb = cb.with_tensors(cb.tensors)
         cb.weights_sample = None
     res = FinetuneResult(codebooks=cb, model=model)
-    frozen = {p: p.requires_grad for p in model.parameters()}
+    frozen = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     try:                    # the setup too: a model that cannot be copied failed with its mode and flags changed
         with eval_mode(model):
             st = _setup(model, cb, train, lr, model_lr)
             _train(model, st, cb, data, sizes, total, opts, seed, desc=f"astra.finetune[{fam.name}, {train}]",
                    progress=progress, res=res)
     finally:
-        for p, requires_grad in frozen.items():
-            p.requires_grad_(requires_grad)
+        for p, (requires_grad, grad) in frozen.items():   # gradients as they were: the steps' are a model-sized
+            p.requires_grad_(requires_grad)                   # copy the caller never asked for
+            p.grad = grad
     res.codebooks = cb.with_tensors([p.detach().to(cb.dtype) for p in st.params])
     if train == "all":
         res.codebooks.weights_sample = weights_sample(model)

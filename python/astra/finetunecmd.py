@@ -12,10 +12,11 @@ DESCRIPTION = """\
 Fine-tune codebooks saved by `astra calibrate` with astra.finetune: every step runs the ASTRA simulation at
 the world size (or one sampled from the list), with a straight-through estimator, and distils the unmodified
 model's output. --train codebooks leaves every model weight untouched; --train all trains the model too (the
-paper's way; needs a model directory, whose tokenizer is saved with it). The texts are the paragraphs of CPython's
-pydoc topics, or the non-empty lines of --input: the last --held-out of them are held out (the distillation loss on
-them is reported before and after at every world size), and training uses the first --samples of the rest. Writes
-OUT/codebooks.safetensors (and with --train all the HF model and tokenizer into OUT)."""
+paper's way; needs a model directory, loaded as the architecture its config names, task head included). The texts
+are the paragraphs of CPython's pydoc topics, or the non-empty lines of --input: the last --held-out of them are
+held out (the distillation loss on them is reported before and after at every world size), and training uses the
+first --samples of the rest. Writes OUT/codebooks.safetensors (and with --train all the HF model, its tokenizer
+and the directory's other files that are not weights, e.g. sentence-transformers' modules.json, into OUT)."""
 
 
 def add_finetune_arguments(p) -> None:
@@ -79,6 +80,7 @@ def check_finetune_args(args) -> None:
                          "give --train all, or leave --model-lr out")
     if args.train == "all" and local_model_dir(resolve_model_name(args.model)) is None:
         raise ValueError(f"--train all needs a model directory (with its tokenizer); {args.model} is random-init")
+    int_range("--seed", args.seed, 0)
     for opt, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--held-out", args.held_out),
                    ("--samples", args.samples)) + ((("--steps", args.steps),) if args.steps is not None else ()):
         int_range(opt, v, 1)
@@ -115,14 +117,33 @@ def held_out_loss(model, cb, data: List[Dict], refs: List, world_size: int, clas
     return sum(losses) / len(losses)
 
 
-def save_tokenizer(model_name: str, out: str) -> None:
-    """The model directory's tokenizer into ``out``, so that ``--model OUT`` loads as the original did."""
+#: files of a model directory that hold (or index) its weights: the trained model's own replace them in OUT
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf",
+                   ".index.json")
+
+
+def save_model_files(model_name: str, out: str) -> None:
+    """The model directory's tokenizer, and every other file it holds that is not weights (sentence-transformers'
+    ``modules.json`` and pooling folders, the generation config...), into ``out`` where ``save_pretrained`` did not
+    write one, so that ``--model OUT`` (and sentence-transformers) load it as they loaded the original. Folders that
+    hold weights (an ONNX export: the old model's) and the model card are not copied."""
+    import shutil
+
     import transformers as tf
 
     from .cli import local_model_dir, resolve_model_name
 
     path = local_model_dir(resolve_model_name(model_name))
     tf.AutoTokenizer.from_pretrained(path, local_files_only=True).save_pretrained(out)
+    for name in sorted(os.listdir(path)):
+        src, dst = os.path.join(path, name), os.path.join(out, name)
+        if os.path.exists(dst) or name.endswith(WEIGHT_SUFFIXES) or name.lower() == "readme.md":
+            continue
+        if os.path.isdir(src):
+            if not any(f.endswith(WEIGHT_SUFFIXES) for _, _, files in os.walk(src) for f in files):
+                shutil.copytree(src, dst)
+        elif os.path.isfile(src):
+            shutil.copy2(src, dst)
 
 
 def cmd_finetune(args) -> int:
@@ -133,7 +154,8 @@ def cmd_finetune(args) -> int:
     from .finetune import CODEBOOKS_FILE
 
     print(f"[1/3] loading {args.model} ...", flush=True)
-    model, tokenize, desc = load_model(args.model, args.max_length)
+    # --train all saves the model: loaded as its config's architecture, so its task head is trained and kept
+    model, tokenize, desc = load_model(args.model, args.max_length, architecture=args.train == "all")
     cb = astra.Codebooks.load(args.codebooks, model)
     train = batches(tokenize, args.train_texts, args.batch_size, args.max_length)
     test = batches(tokenize, args.held_out_texts, args.batch_size, args.max_length)
@@ -153,7 +175,7 @@ def cmd_finetune(args) -> int:
                          steps=args.steps, class_token=args.class_token, output_dir=args.out, **opts)
     print(f"  {len(res.losses)} steps in {time.perf_counter() - t0:.1f}s")
     if args.train == "all":
-        save_tokenizer(args.model, args.out)
+        save_model_files(args.model, args.out)
     print("held-out distillation loss (astra.simulate vs the unmodified model), before -> after:")
     for n in args.world_sizes:
         after = held_out_loss(model, res.codebooks, test, refs, n, args.class_token)   # refs: the model before training

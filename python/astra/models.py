@@ -446,8 +446,9 @@ def check_has_weights(model) -> None:
     whole sequence does (2.5e-3 off on a tiny BERT, as large as the quantization error itself)."""
     if any(p.is_meta for p in model.parameters()):
         raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights first")
+    quantized = ("torch.ao.nn.quantized", "torch.nn.quantized")
     for name, m in model.named_modules():
-        if hasattr(m, "_packed_params") or type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")):
+        if hasattr(m, "_packed_params") or type(m).__module__.startswith(quantized):
             raise UnsupportedModelError(
                 f"astra does not run dynamically quantized modules ({name}: {type(m).__module__}.{type(m).__name__}): "
                 "their activation scale is chosen per call from the rows it holds, so each rank's chunk would be "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
