@@ -146,8 +146,11 @@ def test_a_callers_generation_config_is_filled_from_the_models_as_hf_fills_it():
     ref = model.generate(ids, generation_config=mine)
     assert torch.equal(astra.simulate_generate(model, ids, world_size=2, generation_config=mine), ref)
     model.generation_config.num_beams = 1
-    for field, value, match in [("use_cache", False, "use_cache"), ("cache_implementation", "static",
-                                                                     "cache_implementation='static'"),
+    model.generation_config.use_cache = False           # many checkpoints' config: decoded from the prefill's cache
+    ref = model.generate(ids, generation_config=mine)
+    assert torch.equal(astra.simulate_generate(model, ids, world_size=2, generation_config=mine), ref)
+    model.generation_config.use_cache = None
+    for field, value, match in [("cache_implementation", "static", "cache_implementation='static'"),
                                 ("output_hidden_states", True, "output_hidden_states")]:
         setattr(model.generation_config, field, value)
         with pytest.raises(astra.UnsupportedModelError, match=match):
@@ -255,8 +258,8 @@ def test_generation_rejects_bad_prompts_and_models():
         astra.simulate_generate(model, ids[:, :0], world_size=2, max_new_tokens=2)
     with pytest.raises(astra.UnsupportedModelError, match="inputs_embeds"):
         astra.simulate_generate(model, ids, world_size=2, inputs_embeds=torch.zeros(1, 4, 64))
-    with pytest.raises(astra.UnsupportedModelError, match="use_cache"):
-        astra.simulate_generate(model, ids, world_size=2, use_cache=False)
+    uncached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, use_cache=False)
+    assert torch.equal(astra.simulate_generate(model, ids, world_size=2, max_new_tokens=3, use_cache=False), uncached)
     from transformers import DynamicCache
     for kw in ("past_key_values", "cache"):      # was: silently replaced by astra's cache
         with pytest.raises(astra.UnsupportedModelError, match=rf"builds the KV cache.*\['{kw}'\]"):
@@ -301,6 +304,13 @@ def _family_rank(rank, family):
     out = pm.generate(ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
     res.append(("dict", out, ref3))
     res.append(("scores", out.scores is not None, rank == last))
+    # a streamer on every rank: the waiting rank's was never fed nor ended (a TextIteratorStreamer consumer there
+    # waited forever); synced_gpus made HF all-reduce on the world group every step while the other rank waited in
+    # astra's broadcast (PeerError after the timeout); a use_cache=False (a checkpoint's config) was refused
+    streamer = _Collect()
+    got = pm.generate(ids[:1], max_new_tokens=3, streamer=streamer, synced_gpus=True, use_cache=False)
+    res.append(("streamer", (streamer.ended, streamer.tokens, torch.equal(got, ref3[:1])),
+                (True, ref3[0].tolist(), True)))
     try:
         pm.generate(ids[0], max_new_tokens=2)
     except astra.InvalidInputError as e:
@@ -366,5 +376,5 @@ def test_distributed_generation_equals_hf_generate():
                 else:
                     assert got == ref, (family, name, rank, got, ref)
         names = [r[0] for r in out[0][family]]
-        assert names[-9:] == ["scores", "1-D", "failure", "heartbeat", "broken raise", "broken local",
+        assert names[-10:] == ["scores", "streamer", "1-D", "failure", "heartbeat", "broken raise", "broken local",
                               "codebooks G=1", "codebooks G=32", "codebooks G=1 predictive"]

@@ -16,6 +16,7 @@ position ids, when not given, are ``cumsum(mask) - 1`` with padded positions set
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -113,6 +114,7 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
     if given:
         raise UnsupportedModelError(f"astra's generate builds the KV cache from its prefill: {given} can not be "
                                     "given")
+    kwargs.pop("synced_gpus", None)     # only the last rank decodes; astra keeps the ranks in step (hf_generate)
     given_as = kwargs.pop("inputs", None)          # HF's generate names the prompt `inputs`
     if input_ids is not None and given_as is not None:
         raise InvalidInputError("give the prompt once: input_ids or inputs (HF's name), not both")
@@ -125,9 +127,14 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
     if getattr(gc, "cache_implementation", None) is not None:
         raise UnsupportedModelError(f"astra's generate continues from the prefill's DynamicCache: cache_implementation="
                                     f"{gc.cache_implementation!r} (set on the generation config) is not supported")
-    if gc.use_cache is False:
-        raise UnsupportedModelError("astra's generate continues from the prefill's KV cache: use_cache=False is "
-                                    "not supported")
+    if gc.use_cache is False:   # given, or a checkpoint's config (often): the decode continues from the prefill's
+        gc.use_cache = True     # cache, which gives the tokens HF's uncached decode gives
+        if generation_config is not None:       # HF warns of a config given with generation kwargs: set it there
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.use_cache = True
+            kwargs.pop("use_cache", None)
+        else:
+            kwargs["use_cache"] = True
     assisted = [k for k in _ASSISTED if getattr(gc, k, None) is not None or model_kwargs.get(k) is not None]
     if assisted:
         raise UnsupportedModelError(f"astra's generate does not support assisted decoding ({assisted}): HF's "
@@ -189,8 +196,23 @@ def hf_generate(model, prompt: Prompt, kv: Optional[List[Tuple[torch.Tensor, tor
         kwargs[cache_kwarg()] = build_cache(model, kv, prompt.expand)
     if prompt.position_ids is not None:
         kwargs["position_ids"] = prompt.position_ids
+    # synced_gpus: HF's all-reduce per step on the world group would wait for ranks that do not decode
     return model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
-                          generation_config=given_config, **kwargs)
+                          generation_config=given_config, synced_gpus=False, **kwargs)
+
+
+def replay_to_streamer(prompt: Prompt, sequences: Optional[torch.Tensor]) -> None:
+    """Feed the caller's streamer, on a rank that does not decode, what HF's ``generate`` feeds it on the last rank:
+    the prompt, each new token column, then ``end()`` (so a consumer iterating it, e.g. a ``TextIteratorStreamer``,
+    finishes). ``sequences`` None (the decode failed): ``end()`` alone."""
+    streamer = prompt.given[1].get("streamer")
+    if streamer is None:
+        return
+    if sequences is not None:
+        streamer.put(prompt.input_ids.cpu())
+        for j in range(prompt.input_ids.shape[1], sequences.shape[1]):
+            streamer.put(sequences[:, j].cpu())
+    streamer.end()
 
 
 def sequences_of(result) -> torch.Tensor:

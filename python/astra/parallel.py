@@ -40,6 +40,7 @@ from .generation import (
     generation_request,
     hf_generate,
     prepare_prompt,
+    replay_to_streamer,
     result_like,
     sequences_of,
 )
@@ -758,7 +759,16 @@ class ParallelModel:
 
     def _receive_generated(self, prompt):
         """The last rank's ``generate`` result: headers (heartbeats, then the result's shape or a failure), then
-        the tokens."""
+        the tokens. A streamer given here is fed them (:func:`astra.generation.replay_to_streamer`), and ended
+        whatever happens, unless this rank is to generate alone (``on_peer_failure="local"``: HF feeds it then)."""
+        try:
+            return self._receive_result(prompt)
+        except PeerError:
+            if self._rt.on_peer_failure == "raise":
+                replay_to_streamer(prompt, None)
+            raise
+
+    def _receive_result(self, prompt):
         rt, last = self._rt, self.world_size - 1
         t = rt.transport
         status = GEN_ALIVE
@@ -769,8 +779,10 @@ class ParallelModel:
             raw = t.broadcast(torch.zeros(ERROR_TEXT_NBYTES, dtype=torch.uint8, device=t.device), last,
                               what="generate: error report")
             text = bytes(raw.tolist()).rstrip(b"\0").decode("utf-8", "replace")
+            replay_to_streamer(prompt, None)
             raise RankFailedError(f"{rt.place()}: rank {last} failed in generate: {text}", rank=last)
         seq = t.broadcast(torch.zeros(B, L, dtype=torch.long, device=t.device), last, what="generate: tokens")
+        replay_to_streamer(prompt, seq)
         return result_like(prompt, seq.to(self.module.device))
 
     def unpatch(self) -> None:
