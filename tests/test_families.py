@@ -550,3 +550,23 @@ def test_outputs_of_a_head_that_calls_inside_its_base():
     for out in astra.launch(_opt_head_outputs, 2, join_timeout=120):
         assert max_diff(out["gather"], logits, inputs) < TOL and max_diff(out["hidden_states"], logits, inputs) < TOL
         assert float((out["mean_pooled"] - mean).abs().max()) < TOL
+
+
+def test_a_decoder_classifier_without_pad_token_is_refused_before_the_forward():
+    """HF's GPT2ForSequenceClassification refuses batches > 1 without pad_token_id after the layers; distributed, that
+    ran the whole forward and read as the last rank's failure. It is an input error every rank raises first."""
+    import transformers as tf
+
+    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, num_labels=3, eos_token_id=0, bos_token_id=0)
+    model = tf.GPT2ForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(1, 97, (2, 8), generator=torch.Generator().manual_seed(0))}
+    with pytest.raises(astra.InvalidInputError, match="finds each row's last token by pad_token_id"):
+        astra.simulate(model, x, world_size=2)
+    one = {"input_ids": x["input_ids"][:1]}                     # a single row needs no pad token
+    with torch.no_grad():
+        ref = model(**one).logits
+    torch.testing.assert_close(astra.simulate(model, one, world_size=2).logits, ref, rtol=1e-5, atol=1e-5)
+    model.config.pad_token_id = 0
+    with torch.no_grad():
+        ref = model(**x).logits
+    torch.testing.assert_close(astra.simulate(model, x, world_size=2).logits, ref, rtol=1e-5, atol=1e-5)

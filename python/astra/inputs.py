@@ -213,6 +213,11 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
         split_indices(T, world_size, cls)
     except ValueError as e:
         raise InvalidInputError(str(e)) from e
+    if fam.decoder and fam.head == "sequence_classification" and B > 1 and fam.model.config.pad_token_id is None:
+        # HF's own refusal, raised after the layers (on the rank holding the last token: read as its failure)
+        raise InvalidInputError(f"{type(fam.model).__name__} finds each row's last token by pad_token_id, and the "
+                                "model's config has none: HF cannot handle batch sizes > 1 without it (set "
+                                "model.config.pad_token_id)")
     pos = inputs.get("position_ids")
     _check_length(fam, T, pos is not None, T if pos is None or not pos.numel() else int(pos.max()) + 1)
     return inputs
