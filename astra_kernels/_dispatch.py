@@ -1,4 +1,4 @@
-"""Backend selection shared by every op of the package.
+"""Backend selection shared by every op of the package, and the loader of its compiled (C++) extensions.
 
 ``backend`` is one of:
 
@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 from typing import Optional
 
 import torch
@@ -17,6 +19,19 @@ import torch
 from .interpreter import interpreting
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+def extension(name: str):
+    """The compiled extension ``astra_kernels.<name>``, or ImportError saying why it is missing. Run from a source
+    checkout after a non-editable install, the checkout's uncompiled ``astra_kernels`` comes first on ``sys.path``
+    and hides the installed one: Python then called it a circular import."""
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ImportError as e:
+        here = os.path.dirname(os.path.abspath(__file__))
+        raise ImportError(f"astra_kernels at {here} has no compiled extension {name} ({e}). If this is a source "
+                          "checkout, it hides the installed package: run from another directory, or build it in "
+                          "place with `pip install -e .`") from e
 
 
 #: ``torch.compiler.is_compiling`` (None before torch 2.3)

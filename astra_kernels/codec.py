@@ -21,9 +21,10 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import _codec
-from ._dispatch import compile_opaque, resolve_backend
+from ._dispatch import compile_opaque, extension, resolve_backend
 from .checks import MAX_BITS, check_bits, is_count
+
+_codec = extension("_codec")
 
 __all__ = ["pack_codes", "unpack_codes", "frame_nbytes", "frame_layout", "frame_header", "header_nbytes", "crc32c",
            "CODES_DTYPE"]

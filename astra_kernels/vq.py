@@ -67,9 +67,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import _vq_screen
-from ._dispatch import compile_opaque, resolve_backend
+from ._dispatch import compile_opaque, extension, resolve_backend
 from .checks import FLOAT_DTYPES, INT_OF_SIZE, MAX_BITS, check_bits, check_finite, is_count, require
+
+_vq_screen = extension("_vq_screen")
 
 __all__ = ["vq_encode", "vq_decode", "encode_and_pack", "vq_encode_reference", "vq_distances_reference",
            "vq_decode_reference", "default_bits", "MAX_K"]

@@ -298,3 +298,24 @@ def test_calibrate_takes_a_tokenizers_batch_encoding():
     for samples in (BatchEncoding(x), [BatchEncoding(x)]):
         cb = astra.calibrate(model, samples, groups=4, codebook_size=8, iters=2)
         assert all(torch.equal(a, b) for a, b in zip(cb.tensors, ref.tensors))
+
+
+def test_backend_faiss_without_faiss_is_refused_before_any_work(monkeypatch, capsys):
+    """A plain ImportError after every hidden state was collected (a traceback from the CLI, 25 s in); it is a
+    ModuleNotFoundError naming faiss before any forward, which the CLI reports in one line with its extra."""
+    import importlib
+
+    import pytest
+
+    from astra.cli import main
+
+    C = importlib.import_module("astra.calibrate")
+    monkeypatch.setattr(C, "faiss_available", lambda: False)
+    model = tiny_model("bert")
+    model.register_forward_pre_hook(lambda *a: pytest.fail("a forward ran"))
+    with pytest.raises(ModuleNotFoundError, match="backend='faiss' needs the faiss package") as err:
+        astra.calibrate(model, [tiny_inputs("bert")], groups=4, codebook_size=8, backend="faiss")
+    assert err.value.name == "faiss"
+    assert main(["calibrate", "--model", "gpt2-random", "--backend", "faiss", "--out", "cb.safetensors"]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("astra calibrate: error: this command needs faiss") and out.err.count("\n") == 1

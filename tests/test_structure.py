@@ -126,3 +126,30 @@ def test_optional_package_facts_agree_with_pyproject():
     for module, extra in OPTIONAL_PACKAGES.items():
         assert any(d == module or d.startswith(module + "-") for d in extras[extra]), (module, extra)
     assert extras["test"]["sentence-transformers"] == f"sentence-transformers>={MIN_SENTENCE_TRANSFORMERS}"
+
+
+def test_torch_is_installed_from_the_cpu_index_where_none_is_present():
+    """`pip install torch==2.13.0` from PyPI pulls the CUDA packages on Linux x86_64 (several GB): the Makefile and
+    the README's install block take PyTorch's CPU index."""
+    cpu = "--index-url https://download.pytorch.org/whl/cpu"
+    make = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    installs = [line for line in make.splitlines() if 'pip install "torch==' in line]
+    assert installs and all(" ".join(cpu.split()) in " ".join(line.split()) for line in installs), installs
+    readme = (ROOT / "README.md").read_text()
+    assert all(cpu in line for line in readme.splitlines() if line.startswith("pip install torch"))
+
+
+def test_a_source_checkout_shadowing_the_installed_package_says_so(tmp_path):
+    """After a non-editable install, Python run from the checkout imports its uncompiled astra_kernels first: the
+    missing extension read as "cannot import name '_codec' ... (most likely due to a circular import)"."""
+    import shutil
+
+    shutil.copytree(ROOT / "astra_kernels", tmp_path / "astra_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    # as after a non-editable install: no editable finder that would find the extension in the real checkout
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
+            "str(getattr(f, '__module__', ''))]; import astra_kernels")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "has no compiled extension" in r.stderr and "hides the installed package" in r.stderr, r.stderr[-2000:]
+    assert "circular import" not in r.stderr.splitlines()[-1]

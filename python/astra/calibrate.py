@@ -38,6 +38,15 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
+def check_backend(backend: str) -> None:
+    """ValueError for an unknown k-means ``backend``; ModuleNotFoundError (``name="faiss"``) for ``"faiss"`` without
+    faiss installed: before any work (it was found after every hidden state had been collected)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "faiss" and not faiss_available():
+        raise ModuleNotFoundError("backend='faiss' needs the faiss package (pip install faiss-cpu)", name="faiss")
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the body; afterwards (an error too) every submodule in the train/eval mode it had
@@ -137,8 +146,7 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
     when importable, except for groups below :data:`FAISS_MIN_GROUP_DIM` dims); both seeded, k-means++ seeding
     for K <= 256. With fewer vectors than codewords the torch path is used (faiss cannot seed more centroids
     than points)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if x.ndim != 2:
         raise ValueError(f"calibration vectors must be [N, D], got shape {tuple(x.shape)}")
     N, D = x.shape
@@ -146,8 +154,6 @@ def kmeans(x: torch.Tensor, groups: int, k: int, *, iters: int = 15, seed: int =
         raise ValueError(f"hidden size {D} is not divisible by G={groups}")
     if N == 0:
         raise ValueError("no calibration vectors")
-    if backend == "faiss" and not faiss_available():
-        raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
     if N < k:
         warnings.warn(f"k-means of {N} vectors into K={k} codewords: at most {N} of them differ, yet every code takes "
                       f"{ak.default_bits(k)} bits; calibrate on more tokens or choose a smaller codebook_size",
@@ -250,8 +256,7 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
     samples = _read_samples(fam, samples, max_tokens, world_size, resolve_class_token(fam, class_token))
     if not is_count(seed, 0):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if not is_count(groups, 1) or fam.hidden_size % groups:
         raise ValueError(f"hidden size {fam.hidden_size} is not divisible by G={groups}")
     if not is_count(codebook_size, 1) or codebook_size > ak.MAX_K:

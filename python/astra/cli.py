@@ -523,6 +523,9 @@ def validate(args) -> None:
     if args.cmd in ("demo", "calibrate", "run"):
         check_codebook_args(args)
     if args.cmd == "calibrate":
+        from .calibrate import check_backend
+
+        check_backend(args.backend)         # faiss missing: the one-line message naming its extra, before any work
         check_out_file("--out", args.out)
         int_range("--seed", args.seed, 0)
         if args.world_size_layerwise is not None:
