@@ -1,8 +1,10 @@
 """Accuracy study of ASTRA on real data: calibrated-only vs fine-tuned codebooks (``astra.finetune``).
 
-One command, CPU only, no downloads; writes its tables into bench/RESULTS.md (between the accuracy markers):
+One command, CPU only, no downloads; the full study (every task, not ``--quick``) writes its tables into
+bench/RESULTS.md (between the accuracy markers) when it ends; a quick or partial run writes only where ``--results``
+says (it replaced the published study's tables):
 
-    PYTHONPATH=.:python python bench/accuracy.py            # full study (29.6 min on 2 idle Zen 5 cores)
+    PYTHONPATH=.:python python bench/accuracy.py            # full study (26.4 min on 2 idle Zen 5 cores)
     PYTHONPATH=.:python python bench/accuracy.py --quick    # a few minutes, smaller data and fewer steps
 
 Models and data (held-out data is never used to calibrate or fine-tune):
@@ -427,9 +429,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared machine)")
     ap.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "astra-accuracy-cache"),
                     help="where the from-scratch ViT / GPT-2 are kept between runs")
-    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+    ap.add_argument("--results", default=None,
+                    help="the file whose accuracy block the tables replace (default: bench/RESULTS.md for the full "
+                    "study; a quick or partial run writes only where this says)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    results = results_path(args)
     torch.set_num_threads(args.threads)
     os.makedirs(args.cache, exist_ok=True)
     size = QUICK if args.quick else Size()
@@ -450,10 +455,24 @@ def main(argv=None) -> int:
         if task.ablations:
             blocks += table(task.name, ablation_rows(task, size.K, log), "ablations (G = 1, train=\"codebooks\")")
         print("\n".join(blocks[-40:]), flush=True)
-        if not args.no_write:
-            write_results(args.results, blocks, header)
         print(f"[{time.perf_counter() - t0:.0f}s] {task.name} done", flush=True)
+    if results is not None:
+        write_results(results, blocks, header)
     return 0
+
+
+def results_path(args) -> Optional[str]:
+    """Where the tables go: ``--results``; else bench/RESULTS.md for the full study only (every task, not quick);
+    None with ``--no-write`` or for a quick / partial run without ``--results`` (said on stdout)."""
+    if args.no_write:
+        return None
+    if args.results is not None:
+        return args.results
+    if args.quick or set(args.tasks.split(",")) != {"vit", "gpt2", "minilm"}:
+        print("a quick or partial run: its tables are printed, not written into bench/RESULTS.md (give --results "
+              "FILE to write them)", flush=True)
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 if __name__ == "__main__":

@@ -77,8 +77,18 @@ def test_bench_vq_encode(benchmark, impl, n, G, data):
     rounds = 5 if n * G <= 8192 else 3
     out = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
     codes = torch.as_tensor(np.asarray(out)).to(torch.int64).reshape(n, G)
-    ref = vq_encode(*_inputs(n, G, data)[:2], backend="torch").to(torch.int64)
-    agree = float((codes == ref).double().mean())
-    benchmark.extra_info["agreement_with_astra"] = agree
-    # fp32 peers may pick a different code only at near-ties
-    assert agree >= 0.999, agree
+    agree = float((codes == _argmin64(n, G, data)).double().mean())
+    benchmark.extra_info["agreement_with_float64_argmin"] = agree
+    # astra's encode is exact: every code is the float64 argmin; fp32 peers may differ only at near-ties
+    assert agree == 1.0 if impl == "astra" else agree >= 0.999, agree
+
+
+def _argmin64(n, G, data):
+    """The float64 nearest codeword per group ``[n, G]``, the reference every row is checked against (astra's own
+    codes were the reference before, so its row compared it with itself)."""
+    key = ("argmin64", n, G, data)
+    if key not in _cache:
+        x, cb = _inputs(n, G, data)[:2]
+        xg = x.double().reshape(n, G, D // G).transpose(0, 1)                 # [G, n, D/G]
+        _cache[key] = torch.cdist(xg, cb.double()).argmin(-1).t()              # [n, G]
+    return _cache[key]

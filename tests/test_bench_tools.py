@@ -523,3 +523,27 @@ def test_rates_a_real_link_can_not_shape_are_refused_before_any_measurement(tmp_
         monkeypatch.setattr(astra, "launch", lambda *a, **k: pytest.fail("work started"))
         assert main(["bench", "--link", "real", "--rates", "10,0.001", "--out-dir", str(tmp_path)]) == 2
         assert "--rates: a real link's rate must be" in capsys.readouterr().err
+
+
+def test_accuracy_study_writes_results_md_only_for_the_full_study(capsys):
+    """`bench/accuracy.py --quick` (its docstring's smoke command) replaced the published full study's tables in
+    bench/RESULTS.md with one quick-mode table; a partial --tasks run dropped the other tasks' tables."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("accuracy_study", os.path.join(root, "bench", "accuracy.py"))
+    acc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = acc            # its dataclasses look their module up there
+    spec.loader.exec_module(acc)
+    every = "vit,gpt2,minilm"
+
+    def where(quick=False, tasks=every, results=None, no_write=False):
+        return acc.results_path(SimpleNamespace(quick=quick, tasks=tasks, results=results, no_write=no_write))
+
+    assert where() == os.path.join(root, "bench", "RESULTS.md")
+    assert where(tasks="minilm,gpt2,vit") == os.path.join(root, "bench", "RESULTS.md")
+    for kw in ({"quick": True}, {"tasks": "minilm"}, {"no_write": True}, {"no_write": True, "results": "x.md"}):
+        assert where(**kw) is None, kw
+    assert "not written into bench/RESULTS.md" in capsys.readouterr().out
+    assert where(quick=True, results="x.md") == "x.md"

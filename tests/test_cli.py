@@ -289,6 +289,8 @@ BAD = [
     (["bench", "--models", "vit", "--tokens", "1000", "--out-dir", "."], "must be a square"),
     (["bench", "--rates", "10,0", "--out-dir", "."], "--rates must be finite and > 0"),
     (["bench", "--systems", "astra-g1,nope", "--out-dir", "."], "unknown --models/--systems ['nope']"),
+    (["bench", "--predict", "--systems", "single,ceiling", "--link", "emulated", "--out-dir", "."],
+     "--predict fits the cost model on the systems that communicate"),     # was: after the whole sweep
     # each of these ran the whole sweep and then crashed (a traceback in the plot), wrote nan rows or failed in a worker
     (["bench", "--rates", "10,inf", "--out-dir", "."], "--rates must be finite and > 0"),
     (["bench", "--rates", "", "--out-dir", "."], "--rates is empty"),

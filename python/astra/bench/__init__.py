@@ -12,7 +12,7 @@ from ..cli import OPTIONAL_PACKAGES
 from ..netlink import check_rate, netem_available, real_link_available
 from ..transport import checked_timeout
 from .models import BENCH_MODELS, check_tokens, has_tp_plan, tp_splits
-from .ranks import SYSTEMS
+from .ranks import DISTRIBUTED, SYSTEMS
 from .sweep import ASTRA_GROUPS, DEFAULT_RATES, BenchConfig, run_sweep
 
 DESCRIPTION = """\
@@ -124,7 +124,7 @@ def check_bench_args(args) -> None:
         args.timeout = checked_timeout(args.timeout)
     except ValueError as e:
         raise ValueError(f"--timeout: {e}") from None
-    worlds, fit = _predict_args(args, rates)
+    worlds, fit = _predict_args(args, rates, systems)
     _check_link(args, rates)
     # the packages last: every argument error is reported first
     for mod, what in (("accelerate", "hf-tp (HF tensor parallelism)"), ("matplotlib", "the plot")):
@@ -149,11 +149,15 @@ def _check_tp(models: List[str], systems: List[str], world: int) -> None:
                          "model with an HF tensor-parallel plan (llama) whose heads split that many ways")
 
 
-def _predict_args(args, rates: List[float]):
+def _predict_args(args, rates: List[float], systems: List[str]):
     """(--predict-worlds, --fit-rates), checked when --predict is given."""
     worlds, fit = _floats("--predict-worlds", args.predict_worlds), _floats("--fit-rates", args.fit_rates)
     if not args.predict:
         return [int(w) for w in worlds if w == int(w)], fit
+    if not any(s in DISTRIBUTED for s in systems):
+        # found by the fit after the whole sweep (~25 min): no measurement to fit the cost model on
+        raise ValueError(f"--predict fits the cost model on the systems that communicate: give one of "
+                         f"{', '.join(DISTRIBUTED)} in --systems (got {', '.join(systems)})")
     if args.world_size != 2:
         # the cost model's per-N formulas are fitted on N = 2 measurements (astra.costmodel)
         raise ValueError(f"--predict fits the cost model at --world-size 2, got --world-size {args.world_size}")
