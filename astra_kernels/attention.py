@@ -42,7 +42,9 @@ fallback), merged by log-sum-exp, so keys are never concatenated and unmasked se
 
 Precision: fp16/bf16 inputs are computed in fp32 on the CPU path (fp16-rounded output); the Triton
 kernel feeds fp16/bf16 to tensor cores with fp32 accumulation, and fp32 inputs use ``tf32x3`` dots on a
-GPU (about fp32 accuracy) and exact fp32 in the interpreter.
+GPU (about fp32 accuracy) and exact fp32 in the interpreter. float64 queries: the CPU path computes in float64
+throughout; the Triton kernel's running max, sum and log-sum-exp are fp32, so its returned float64 ``lse`` is
+fp32-accurate and a merge of two Triton passes (``return_lse``) agrees with one pass to ~1e-7, not to float64.
 """
 from __future__ import annotations
 
@@ -144,6 +146,8 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
             out, lse = _attention_torch(qs, segs, out_dtype)
         if check is not None or lse.device.type == "cpu":     # a sync on a device: only with validate
             _check_lse(lse)
+        if check is not None:       # validate=False takes non-finite outputs (a NaN value reaches them as NaN)
+            _check_out(out)
     except ValueError:
         if check is None:       # validate=False: a NaN / Inf input reads as an overflow; name it instead (error path)
             _check_values(q, segments)
@@ -168,6 +172,14 @@ def _check_lse(lse: torch.Tensor) -> None:
     if lse.numel() and not bool(lse.amax() < float("inf")):       # NaN fails the compare too
         raise ValueError(f"attention scores overflow {lse.dtype}: scale * q.k (or its log-sum-exp) is not finite; "
                          "q, k or scale are too large")
+
+
+def _check_out(out: torch.Tensor) -> None:
+    """Raise ValueError where the output is not finite though every input and log-sum-exp is: the values' weighted
+    sum overflowed (v near its dtype's largest: the average is, the accumulated sum is not)."""
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"attention output overflows {out.dtype}: the weighted sum of the values is not finite; v is "
+                         "too large (scale it down and the output up)")
 
 
 def _queries(q, qp, causal, scale, segments) -> Queries:
@@ -428,6 +440,7 @@ def build_group_tables(codebook: torch.Tensor, w_k: torch.Tensor, b_k: Optional[
     check_float("codebook", codebook, 3)
     check_finite("codebook", codebook)
     G, K, DG = codebook.shape
+    require(min(G, K, DG) >= 1, f"codebook dims must be >= 1, got shape {list(codebook.shape)} ([G, K, D/G])")
     require(is_count(kv_heads, 1),
             f"kv_heads must be an int >= 1, got {kv_heads!r}")
     require(dtype is None or dtype in FLOAT_DTYPES, f"dtype must be a floating dtype, got {dtype}")

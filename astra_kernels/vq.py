@@ -790,7 +790,9 @@ def _triton_inputs(x2: torch.Tensor, codebook: torch.Tensor):
     common offset (+3000 in one dim: ~20 % of the codes not the nearest). fp16 / bf16 inputs too: ``x - mu`` is
     not exact in their own dtype, so the kernel takes the fp32 values (tf32x3 dots on a GPU)."""
     mu, cc = _centred_codebook(codebook)
-    xc = _center(x2, mu.reshape(-1)).to(torch.float64)
+    # in float64: fp32 values near its largest overflowed to inf in x - mu, and the scale below made them NaN (every
+    # token got code 0); otherwise the same values as the CPU path's one fp32 rounding, scaled exactly
+    xc = x2.detach().to(torch.float64) - mu.reshape(-1).to(torch.float64)
     # one power-of-two scale (exact; the argmin does not move) brings the largest centred value to [0.5, 1): the
     # kernel's ||c||^2 and x.c then neither overflow nor underflow in fp32 (unscaled, every token of inputs near
     # 1e19 or 1e-30 got code 0: the running minimum stayed inf or the distances all 0). No host sync.
@@ -806,17 +808,27 @@ def _triton_inputs(x2: torch.Tensor, codebook: torch.Tensor):
 #: the largest magnitude of float64 values the encoders take: the centred frame's mean is fp32
 #: (:func:`_centred_codebook`), and a float64 squared distance must not overflow (beyond ~1e154 it did, on every path)
 F64_ENCODE_LIMIT = 2.0 ** 120
+#: the smallest largest-magnitude of float64 inputs (x and codebook together; all zeros aside) the encoders take:
+#: below ~2**-530 the squared distances underflowed to 0 and every token got code 0 on the CPU paths
+F64_ENCODE_FLOOR = 2.0 ** -480
 
 
 def _check_encodable(x: torch.Tensor, codebook: torch.Tensor) -> None:
-    """NaN / inf refused in both; float64 values beyond :data:`F64_ENCODE_LIMIT` refused (other dtypes are within
-    it by their range)."""
+    """NaN / inf refused in both; float64 values beyond :data:`F64_ENCODE_LIMIT`, or float64 inputs whose largest
+    magnitude is below :data:`F64_ENCODE_FLOOR` (but not 0), refused (other dtypes are within both by their
+    range)."""
     check_finite("codebook", codebook)
     check_finite("x", x)
+    top = 0.0
     for name, t in (("codebook", codebook), ("x", x)):
-        if t.dtype == torch.float64 and t.numel() and float(t.detach().abs().amax()) > F64_ENCODE_LIMIT:
+        m = float(t.detach().abs().amax()) if t.dtype == torch.float64 and t.numel() else 0.0
+        if m > F64_ENCODE_LIMIT:
             raise ValueError(f"{name} holds float64 values beyond 2**120 (~1.3e36), which the encoders do not take "
                              "(their centred frame's mean is fp32): scale the inputs and the codebook alike")
+        top = max(top, m)
+    if 0 < top < F64_ENCODE_FLOOR and x.dtype == codebook.dtype == torch.float64:
+        raise ValueError(f"x and the codebook hold float64 values of at most {top:.3g} in magnitude, below 2**-480 "
+                         "(~1e-144), whose squared distances underflow: scale the inputs and the codebook alike")
 
 
 def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:

@@ -847,3 +847,26 @@ def test_count_keys_refuse_nan_and_positive_infinite_log_counts(bad):
     lc[-1, 0] = bad
     with pytest.raises(ValueError, match="log_counts contains NaN or \\+inf"):
         attention_segments(q, [CountKeys(counts.codes, lc, counts.k_table, counts.v_table)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_values_whose_weighted_sum_overflows_raise(backend):
+    """v near fp32's largest with spread weights: the exact output (their average) is finite, the accumulated sum is
+    not, and the output came back inf with validate=True and no error."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = seeded_generator(1704)
+    q, k = (random_inputs(1, 2, 3, 8, generator=g) * 1e-3 for _ in range(2))
+    v = torch.full((1, 2, 3, 8), 3e38)
+    with pytest.raises(ValueError, match="attention output overflows torch.float32"):
+        mixed_attention(q, k, v, backend=backend)
+    out = mixed_attention(q, k, v / 4, backend=backend)           # the sum fits: no error, the average
+    assert_matches_reference(out.double(), torch.full((1, 2, 3, 8), 7.5e37, dtype=torch.float64), rtol=1e-5,
+                             atol=0, name="large values")
+
+
+def test_build_group_tables_refuses_an_empty_codebook():
+    g = seeded_generator(1705)
+    w = random_inputs(8, 6, generator=g)
+    with pytest.raises(ValueError, match=r"codebook dims must be >= 1, got shape \[3, 0, 2\]"):
+        build_group_tables(torch.zeros(3, 0, 2), w, None, w, None, kv_heads=2)

@@ -537,6 +537,41 @@ def test_triton_encode_scales_extreme_magnitudes(dtype, scale):
     T.assert_equal_ints(frame, ak.pack_codes(ref, vq.default_bits(K)), "frame")
 
 
+def test_triton_encode_of_fp32_values_near_their_largest():
+    """fp32 inputs within fp32's range whose centred values x - mu are not (|x| ~ 3e38 against a mean of the other
+    sign): x - mu overflowed to inf in fp32 and the scale made it NaN, so every token got code 0 on Triton (the CPU
+    path was exact). Centred in float64 now."""
+    _need("triton")
+    g = T.seeded_generator(98)
+    dev = T.kernel_device()
+    cb = (torch.rand(1, 16, 128, generator=g) * 2 - 1) * 3e38
+    x = (torch.rand(50, 128, generator=g) * 2 - 1) * 3e38
+    ref = vq.vq_encode_reference(x, cb)
+    assert len(set(ref.flatten().tolist())) > 5
+    T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), ref, "codes (CPU path)")
+    T.assert_equal_ints(ak.vq_encode(x.to(dev), cb.to(dev), backend="triton").cpu(), ref, "codes")
+    T.assert_equal_ints(ak.encode_and_pack(x.to(dev), cb.to(dev), backend="triton").cpu(),
+                        ak.pack_codes(ref, vq.default_bits(16)), "frame")
+
+
+def test_float64_inputs_too_small_to_square_are_refused():
+    """float64 x and codebook at ~1e-181: their squared distances underflowed to 0 and every token got code 0 on
+    the CPU path and in the reference (Triton scales, and was right). Refused by name below 2**-480; zeros, and
+    tiny values beside normal ones, are taken."""
+    g = T.seeded_generator(99)
+    s = 2.0 ** -600
+    cb = torch.randn(1, 16, 8, dtype=torch.float64, generator=g)
+    x = torch.randn(40, 8, dtype=torch.float64, generator=g)
+    for backend in ("torch", "auto"):
+        with pytest.raises(ValueError, match="below 2\\*\\*-480 .* whose squared distances underflow"):
+            ak.vq_encode(x * s, cb * s, backend=backend)
+    with pytest.raises(ValueError, match="whose squared distances underflow"):
+        vq.vq_encode_reference(x * s, cb * s)
+    assert torch.equal(ak.vq_encode(x * s, cb), vq.vq_encode_reference(x * s, cb))          # tiny x, normal codebook
+    assert not ak.vq_encode(torch.zeros_like(x), torch.zeros_like(cb)).any()
+    assert vq.F64_ENCODE_FLOOR == 2.0 ** -480
+
+
 def test_float64_beyond_the_encoders_range_is_refused():
     """float64 inputs beyond ~1e154 got code 0 on every path, the reference too (squared distances overflowed);
     beyond fp32's range the centred frame's fp32 mean did. Refused by name beyond 2**120."""
