@@ -64,12 +64,24 @@ def compile_opaque(fn):
     return call
 
 
-def triton_available() -> bool:
+#: the oldest Triton the kernels compile with (``tl.dot(input_precision=...)``, ``tl.argmin(tie_break_left=)``);
+#: pyproject's ``triton`` extra asks for it. torch 2.1-2.5 bring Triton 2.1-3.1: "auto" takes the torch path there
+MIN_TRITON = (3, 2)
+
+
+def triton_version() -> Optional[tuple]:
+    """The installed Triton's (major, minor), or None without a usable one."""
     try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+        import triton
+        return tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except Exception:           # not installed, broken, or a version string of another form
+        return None
+
+
+def triton_available() -> bool:
+    """Whether a Triton the kernels compile with (>= :data:`MIN_TRITON`) is installed."""
+    v = triton_version()
+    return v is not None and v >= MIN_TRITON
 
 
 def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:
@@ -86,7 +98,10 @@ def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:
         return "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' requested but triton is not installed (pip install triton)")
+            have = triton_version()
+            found = "is not installed" if have is None else f"is {'.'.join(map(str, have))}"
+            raise RuntimeError(f"backend='triton' needs triton >= {'.'.join(map(str, MIN_TRITON))}, which "
+                               f"{found} (pip install 'triton>={'.'.join(map(str, MIN_TRITON))}')")
         if dev != "cuda" and not interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {dev}); set TRITON_INTERPRET=1 to run the "

@@ -42,9 +42,9 @@ fallback), merged by log-sum-exp, so keys are never concatenated and unmasked se
 
 Precision: fp16/bf16 inputs are computed in fp32 on the CPU path (fp16-rounded output); the Triton
 kernel feeds fp16/bf16 to tensor cores with fp32 accumulation, and fp32 inputs use ``tf32x3`` dots on a
-GPU (about fp32 accuracy) and exact fp32 in the interpreter. float64 queries: the CPU path computes in float64
-throughout; the Triton kernel's running max, sum and log-sum-exp are fp32, so its returned float64 ``lse`` is
-fp32-accurate and a merge of two Triton passes (``return_lse``) agrees with one pass to ~1e-7, not to float64.
+GPU (about fp32 accuracy) and exact fp32 in the interpreter. float64 queries run the torch path on every backend
+and device, in float64 throughout: the Triton kernel's running max, sum and log-sum-exp are fp32 loop state,
+which a float64 ``tl.dot`` does not compile against for a GPU (the interpreter ran it, with an fp32-accurate lse).
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def _attend(q, qp, segments, causal, scale, return_lse, backend, check: Optional
             lse = torch.full((qs.B, qs.Hq, qs.Tl), _NEG_INF, dtype=_lse_dtype(q), device=q.device)
         elif _needs_grad(q, *_tensors(segs)):       # autograd: one differentiable route, on any backend
             out, lse = _attention_differentiable(qs, segs, out_dtype)
-        elif be == "triton":
+        elif be == "triton" and q.dtype != torch.float64:      # float64: the torch path below, on any device
             from .triton.attention_kernels import attention_triton
 
             out = torch.empty(q.shape, dtype=out_dtype, device=q.device)   # q's dtype, or float32 / float64 (q's)

@@ -870,3 +870,17 @@ def test_build_group_tables_refuses_an_empty_codebook():
     w = random_inputs(8, 6, generator=g)
     with pytest.raises(ValueError, match=r"codebook dims must be >= 1, got shape \[3, 0, 2\]"):
         build_group_tables(torch.zeros(3, 0, 2), w, None, w, None, kv_heads=2)
+
+
+def test_float64_runs_the_torch_path_on_every_backend():
+    """The Triton kernel keeps fp32 loop state: a float64 tl.dot does not compile against it for a GPU (the
+    interpreter ran it, its lse fp32-accurate: two merged passes 2e-7 off). float64 takes the torch path on every
+    backend, so backend="triton" gives the torch path's float64 result to the bit."""
+    pytest.importorskip("triton")
+    g = seeded_generator(1706)
+    q, k, v = (random_inputs(1, 2, 9, 16, dtype=torch.float64, generator=g) for _ in range(3))
+    kh, vh = (random_inputs(1, 2, 7, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    a = mixed_attention(q, k, v, k_hat=kh, v_hat=vh, return_lse=True, backend="triton")
+    b = mixed_attention(q, k, v, k_hat=kh, v_hat=vh, return_lse=True, backend="torch")
+    assert a[0].dtype == a[1].dtype == torch.float64
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -126,6 +126,9 @@ def test_optional_package_facts_agree_with_pyproject():
     for module, extra in OPTIONAL_PACKAGES.items():
         assert any(d == module or d.startswith(module + "-") for d in extras[extra]), (module, extra)
     assert extras["test"]["sentence-transformers"] == f"sentence-transformers>={MIN_SENTENCE_TRANSFORMERS}"
+    from astra_kernels._dispatch import MIN_TRITON
+
+    assert extras["triton"]["triton"] == f"triton>={'.'.join(map(str, MIN_TRITON))}"
 
 
 def test_torch_is_installed_from_the_cpu_index_where_none_is_present():
@@ -153,3 +156,18 @@ def test_a_source_checkout_shadowing_the_installed_package_says_so(tmp_path):
     assert r.returncode != 0
     assert "has no compiled extension" in r.stderr and "hides the installed package" in r.stderr, r.stderr[-2000:]
     assert "circular import" not in r.stderr.splitlines()[-1]
+
+
+def test_a_triton_older_than_the_kernels_need_is_not_used(monkeypatch):
+    """torch 2.1-2.5 bring Triton 2.1-3.1, whose tl.dot has no input_precision: "auto" picked it for CUDA tensors and
+    the first encode failed at JIT time. Older versions read as unavailable, and backend="triton" names the need."""
+    import types
+
+    import astra_kernels._dispatch as D
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.1.0"))
+    assert D.triton_version() == (3, 1) and not D.triton_available()
+    with pytest.raises(RuntimeError, match=r"needs triton >= 3\.2, which is 3\.1"):
+        D.resolve_backend("triton", __import__("torch").zeros(1))
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.2.0+git1234"))
+    assert D.triton_available()

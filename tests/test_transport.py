@@ -1,5 +1,6 @@
 """astra.transport: the envelope in front of every per-layer payload, and its check (a payload of another call,
 another exchange of the same call, or no envelope at all is a FrameMismatchError, never data)."""
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -175,3 +176,27 @@ def test_a_failed_ranks_error_text_is_cut_to_its_fixed_size_and_sent_once(transp
     with pytest.raises(astra.RankFailedError, match=r"rank 0 failed in layer 1 \(call 3\): $"):
         transport.exchange(torch.zeros(4, dtype=torch.uint8), [4], call=3, slot=1, status=STATUS_FAILED,
                            layer=1).wait()
+
+
+def test_an_nccl_group_without_blocking_wait_is_warned(monkeypatch):
+    """NCCL's work.wait(timeout) does not block the host unless TORCH_NCCL_BLOCKING_WAIT is set: astra's timeout
+    then bounds nothing and NCCL's watchdog ends the process instead of a PeerError. Warned (astra.launch sets it)."""
+    import torch.distributed as dist
+
+    from astra.transport import NCCL_BLOCKING_WAIT, Transport
+
+    for name, value in (("is_available", True), ("is_initialized", True), ("get_rank", 0), ("get_world_size", 2)):
+        monkeypatch.setattr(dist, name, lambda *a, v=value, **k: v)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.delenv(NCCL_BLOCKING_WAIT, raising=False)
+    with pytest.warns(RuntimeWarning, match="without TORCH_NCCL_BLOCKING_WAIT=1"):
+        Transport(None, 5)
+    monkeypatch.setenv(NCCL_BLOCKING_WAIT, "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Transport(None, 5)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.delenv(NCCL_BLOCKING_WAIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Transport(None, 5)

@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional
 from astra_kernels.checks import is_count
 from . import allocator
 from .errors import LaunchError, described
-from .transport import checked_timeout
+from .transport import NCCL_BLOCKING_WAIT, checked_timeout
 
 
 class _CompactPickler(pickle.Pickler):
@@ -133,6 +133,8 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
 
         if threads:
             torch.set_num_threads(threads)
+        if backend == "nccl":       # NCCL's wait then blocks and raises at astra's timeout (transport.check_nccl_wait)
+            os.environ.setdefault(NCCL_BLOCKING_WAIT, "1")
         dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         if backend == "gloo":

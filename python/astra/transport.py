@@ -15,8 +15,10 @@ collective.
 from __future__ import annotations
 
 import math
+import os
 import struct
 import time
+import warnings
 from datetime import timedelta
 from typing import List, Optional, Sequence
 
@@ -87,6 +89,21 @@ def checked_timeout(timeout_s) -> float:
     return t
 
 
+#: the environment variable that makes an NCCL ``work.wait(timeout)`` block the host and raise at the timeout
+NCCL_BLOCKING_WAIT = "TORCH_NCCL_BLOCKING_WAIT"
+
+
+def check_nccl_wait(group) -> None:
+    """Warn, for an NCCL group, unless :data:`NCCL_BLOCKING_WAIT` is set: without it NCCL's ``wait`` does not block
+    the host, so astra's timeout does not bound a dead peer (NCCL's watchdog ends the process at the group's own
+    timeout instead: no PeerError, no ``on_peer_failure="local"``). :func:`astra.launch` sets it for NCCL."""
+    if dist.get_backend(group) == "nccl" and os.environ.get(NCCL_BLOCKING_WAIT, "0").lower() not in ("1", "true"):
+        warnings.warn(f"astra over NCCL without {NCCL_BLOCKING_WAIT}=1: a dead or stalled peer is not bounded by "
+                      "astra's timeout (NCCL's wait does not block the host; its watchdog ends the process at the "
+                      f"process group's timeout). Set {NCCL_BLOCKING_WAIT}=1 before init_process_group (astra.launch "
+                      "does)", RuntimeWarning, stacklevel=4)
+
+
 class Transport:
     def __init__(self, group=None, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.timeout_s = checked_timeout(timeout_s)
@@ -101,6 +118,7 @@ class Transport:
                              "astra.parallelize (call it only on the group's ranks)")
         self.error_text: Optional[str] = None   # this rank's error, sent after the failed status is seen
         self.device = torch.device("cpu")        # where fixed-size buffers live (the model's device, for NCCL)
+        check_nccl_wait(group)
 
     # -- error handling --------------------------------------------------------------------------
     def _peer_error(self, what: str, e: Optional[BaseException]) -> PeerError:
@@ -164,7 +182,7 @@ class Transport:
         mx = max(int(s) for s in sizes)
         if status == STATUS_OK and payload.numel() != size:
             raise RuntimeError(f"payload has {payload.numel()} bytes, expected {size}")
-        payload = payload[:mx]
+        payload = payload[:mx].to(self.device)     # a frame packed on the CPU (CUDA without Triton) meets NCCL there
         buf = torch.cat([envelope(call, slot, status, layer).to(payload.device), payload,
                          payload.new_zeros(mx - payload.numel())])
         outs = [torch.empty_like(buf) for _ in range(self.world)]
@@ -192,7 +210,8 @@ class Transport:
         if self.rank == src:
             if status == STATUS_OK and (payload is None or payload.numel() != n):
                 raise RuntimeError(f"payload has {None if payload is None else payload.numel()} bytes, expected {n}")
-            body = payload if status == STATUS_OK else torch.zeros(n, dtype=torch.uint8, device=self.device)
+            body = payload.to(self.device) if status == STATUS_OK else torch.zeros(n, dtype=torch.uint8,
+                                                                                     device=self.device)
             buf = torch.cat([envelope(call, slot, status).to(body.device), body])
         else:
             buf = torch.empty(ENVELOPE_NBYTES + n, dtype=torch.uint8, device=self.device)
