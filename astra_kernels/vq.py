@@ -254,6 +254,10 @@ _U_BF16 = 2.0 ** -8   # unit roundoff of bfloat16 (8-bit significand incl. the i
 _U_F32 = 2.0 ** -24
 
 
+#: serializes the lazy builds of a codebook's packed forms (:attr:`_CodebookPrep.cbp` / ``cbb``) across threads
+_LAZY_BUILD = threading.Lock()
+
+
 class _CodebookPrep:
     """Per-codebook data for the screening path, in a **centered frame**: ``mu`` (fp32, per group) is
     the mean codeword, and everything is relative to ``cc = c - mu`` (exact in float64). Distances are
@@ -289,15 +293,16 @@ class _CodebookPrep:
         """The codebook packed for the fused small-group scan (``csrc/screen.h``, ``small_group_topk``):
         ``[G, Kp / 16, DG + 1, 16]`` fp32, ``Kp = K`` rounded up to 16; per block of 16 codewords the
         ``DG`` dims then ``-||c||^2 / 2`` (the values of :attr:`caug`; ``-inf`` in padding columns)."""
-        if self._cbp is None:
-            ca = self.caug                                                # [G, DG + 1, K]
-            G, R, K = ca.shape
-            Kp = (K + 15) // 16 * 16
-            pad = torch.zeros(G, R, Kp, dtype=torch.float32)
-            pad[:, R - 1, K:] = float("-inf")
-            pad[:, :, :K] = ca
-            self._cbp = pad.reshape(G, R, Kp // 16, 16).transpose(1, 2).contiguous()
-        return self._cbp
+        with _LAZY_BUILD:       # built once: a second thread's build freed the first while C++ read it (wrong codes)
+            if self._cbp is None:
+                ca = self.caug                                                # [G, DG + 1, K]
+                G, R, K = ca.shape
+                Kp = (K + 15) // 16 * 16
+                pad = torch.zeros(G, R, Kp, dtype=torch.float32)
+                pad[:, R - 1, K:] = float("-inf")
+                pad[:, :, :K] = ca
+                self._cbp = pad.reshape(G, R, Kp // 16, 16).transpose(1, 2).contiguous()
+            return self._cbp
 
     @property
     def cbb(self) -> torch.Tensor:
@@ -305,16 +310,17 @@ class _CodebookPrep:
         ``[G, Kp / 16, P + 1, 16]`` int32 words, ``P = ceil(DG / 2)``; word ``p`` of a codeword holds its bf16
         dims ``2p`` (low half) and ``2p + 1`` (high half, 0 past ``DG``), word ``P`` the fp32 bits of
         ``-||c||^2 / 2`` (``-inf`` in padding columns), as in :attr:`cbp`; built on first use."""
-        if self._cbb is None:
-            G, K, DG = self.cb32.shape
-            P, Kp = (DG + 1) // 2, (K + 15) // 16 * 16
-            pairs = torch.zeros(G, Kp, 2 * P, dtype=torch.bfloat16)
-            pairs[:, :K, :DG] = self.cbT.transpose(1, 2)
-            cnh = torch.full((G, Kp, 1), float("-inf"), dtype=torch.float32)
-            cnh[:, :K, 0] = (-self._cn64 / 2).to(torch.float32)
-            words = torch.cat([pairs.view(torch.int32), cnh.view(torch.int32)], dim=-1)     # [G, Kp, P + 1]
-            self._cbb = words.reshape(G, Kp // 16, 16, P + 1).transpose(2, 3).contiguous()
-        return self._cbb
+        with _LAZY_BUILD:
+            if self._cbb is None:
+                G, K, DG = self.cb32.shape
+                P, Kp = (DG + 1) // 2, (K + 15) // 16 * 16
+                pairs = torch.zeros(G, Kp, 2 * P, dtype=torch.bfloat16)
+                pairs[:, :K, :DG] = self.cbT.transpose(1, 2)
+                cnh = torch.full((G, Kp, 1), float("-inf"), dtype=torch.float32)
+                cnh[:, :K, 0] = (-self._cn64 / 2).to(torch.float32)
+                words = torch.cat([pairs.view(torch.int32), cnh.view(torch.int32)], dim=-1)     # [G, Kp, P + 1]
+                self._cbb = words.reshape(G, Kp // 16, 16, P + 1).transpose(2, 3).contiguous()
+            return self._cbb
 
     @property
     def bounds(self) -> torch.Tensor:
@@ -491,9 +497,10 @@ def _small_group_topk(x32: torch.Tensor, p: "_CodebookPrep", vals: torch.Tensor,
     G, N, t = vals.shape
     n = x32.shape[0]
     K = p.cn.shape[1]
-    assert x32.is_contiguous() and x32.dtype == torch.float32 and x32.shape[1] == p.cbp.shape[0] * (p.cbp.shape[2] - 1)
+    cbp = p.cbp             # held here while C++ reads it through its pointer (it releases the GIL)
+    assert x32.is_contiguous() and x32.dtype == torch.float32 and x32.shape[1] == cbp.shape[0] * (cbp.shape[2] - 1)
     assert vals.is_contiguous() and idx.is_contiguous() and idx.shape == vals.shape and start + n <= N
-    _vq_screen.small_group_topk(x32.data_ptr(), n, x32.shape[1], p.cbp.data_ptr(), G, K, p.cbp.shape[2] - 1, t, N,
+    _vq_screen.small_group_topk(x32.data_ptr(), n, x32.shape[1], cbp.data_ptr(), G, K, cbp.shape[2] - 1, t, N,
                                 vals[:, start].data_ptr(), idx[:, start].data_ptr())
 
 

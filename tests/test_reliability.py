@@ -348,8 +348,8 @@ def _mixed_calls(rank):
     # generations silently
     after("generate arguments, tensor eos", lambda: pm.generate(ids, max_new_tokens=2 + rank,
                                                                  eos_token_id=torch.tensor([96])))
-    after("refused on one rank", lambda: pm.generate(ids, max_new_tokens=2, **({"use_cache": False} if rank == 0
-                                                                                 else {})))
+    static = {"cache_implementation": "static"} if rank == 0 else {}
+    after("refused on one rank", lambda: pm.generate(ids, max_new_tokens=2, **static))
     after("forward vs generate", lambda: pm(**x) if rank == 0 else pm.generate(ids, max_new_tokens=2))
     bad_config = {"max_new_tokens": 3} if rank == 1 else None          # not a GenerationConfig: AttributeError in HF
     after("bad generation_config on one rank", lambda: pm.generate(ids, max_new_tokens=3,
@@ -403,7 +403,7 @@ def test_ranks_calling_different_things_all_raise_and_stay_usable():
             assert "KeyboardInterrupt" in out["interrupted"]
         refused = out["refused on one rank"]        # before: rank 0 alone raised; rank 1's next call paired with it
         assert refused.startswith(f"InputMismatchError: astra rank {rank}/2: rank 0 rejected its inputs "
-                                  "(UnsupportedModelError: ") and "use_cache=False" in refused, refused
+                                  "(UnsupportedModelError: ") and "cache_implementation='static'" in refused, refused
         bad = out["bad generation_config on one rank"]       # before: rank 1 alone raised, then the calls paired off
         assert bad.startswith(f"InputMismatchError: astra rank {rank}/2: rank 1 rejected its inputs "
                               "(AttributeError:"), bad

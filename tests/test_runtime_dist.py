@@ -163,3 +163,44 @@ def test_half_precision_overlap_equals_simulate_exactly():
     0.004-0.008 apart in bf16 (one home now, ``RuntimeBase.folded_kv``)."""
     for out in astra.launch(_half_precision_rank, 2, join_timeout=240):
         assert len(out) == 9 and set(out.values()) == {0.0}, out
+
+
+def _threads_rank(rank):
+    """Two threads per rank calling one ParallelModel (a server's request threads), then gather and generate."""
+    import threading
+
+    model = tiny_model("gpt2", head="causal_lm")
+    x = tiny_inputs("gpt2", seq=12)
+    with torch.no_grad():
+        ref = model(**x).logits
+    cb = tiny_codebooks(model, "gpt2", 1)
+    sim = astra.simulate(model, x, world_size=2, codebooks=cb).logits
+    pm = astra.parallelize(model, cb, timeout=30)
+    errors, diffs = [], []
+
+    def serve():
+        try:
+            for _ in range(6):
+                diffs.append(float((pm(**x, output="last_logits") - sim[:, -1]).abs().max()))   # one call
+        except Exception as e:      # noqa: BLE001 - reported to the test
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=serve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pm.unpatch()
+    full = astra.parallelize(model, None, timeout=30)
+    after = float((full.gather(full(**x)).logits - ref).abs().max())
+    full.unpatch()
+    return errors, diffs, after
+
+
+def test_a_parallel_model_called_from_two_threads_runs_the_calls_in_turn():
+    """Two threads' calls interleaved in one forward's state: KeyError, FrameMismatchError, "call counters differ",
+    and a PeerError that left the group unusable. Each call now waits for the other's (same inputs: any order; a
+    forward and its gather are two calls, which threads must not interleave)."""
+    for errors, diffs, after in astra.launch(_threads_rank, 2, join_timeout=240):
+        assert not errors and len(diffs) == 12 and max(diffs) < 1e-5, (errors, diffs)
+        assert after < 1e-5

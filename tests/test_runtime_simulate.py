@@ -382,3 +382,74 @@ def test_dynamically_quantized_models_are_refused_by_name():
                  lambda: astra.calibrate(q, tiny_inputs("bert"), groups=4, codebook_size=8)):
         with pytest.raises(astra.UnsupportedModelError, match="does not run dynamically quantized modules"):
             call()
+
+
+def test_one_model_simulated_from_two_threads_is_refused_never_mixed(monkeypatch):
+    """Two threads' astra.simulate of one model both passed install's "already patched" check: one returned the
+    other's result (its codebooks' or none), and the model was left patched for good. The check and the claim are
+    one step now: the second call is refused by name, the first is right, and the model comes back clean."""
+    import threading
+    import time
+
+    import astra.runtime as rtm
+
+    model = tiny_model("llama")
+    x = tiny_inputs("llama", seq=13)
+    cbs = [None, astra.Codebooks.random(model, groups=1, codebook_size=8, seed=3)]
+    refs = [main_output(astra.simulate(model, x, world_size=2, codebooks=c)) for c in cbs]
+    real = rtm.TensorMarks.__init__
+
+    def slow(self, m):              # widens install's window between the check and the patch (no logic changed)
+        time.sleep(0.05)
+        real(self, m)
+
+    monkeypatch.setattr(rtm.TensorMarks, "__init__", slow)
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *a: time.sleep(0.03))
+    out = {}
+
+    def run(j):
+        time.sleep(0.02 * j)
+        try:
+            got = main_output(astra.simulate(model, x, world_size=2, codebooks=cbs[j]))
+            out[j] = "right" if torch.equal(got, refs[j]) else "wrong"
+        except astra.AstraError as e:
+            out[j] = str(e)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out[0] == "right", out
+    assert "running in another thread: one astra runtime per model at a time" in out[1], out
+    assert model.config._attn_implementation != "astra" and getattr(model, "_astra_runtime_obj", None) is None
+    with torch.no_grad():
+        model(**x)
+
+
+def test_codebooks_changed_in_place_after_patching_are_refused():
+    """With G = 1 K/V tables, codebooks changed in place after parallelize were encoded with the new values and
+    decoded through tables of the old ones: 0.32 off simulate with the new codebooks, 0.28 off the old, no error.
+    Refused at the next forward, as changed weights are; a codebook tensor replaced in the list too."""
+    from astra.simulation import SimRuntime
+
+    model = tiny_model("llama")
+    x = tiny_inputs("llama", seq=12)
+    for change in ("copy_", "replace"):
+        cb = astra.Codebooks.random(model, groups=1, codebook_size=8, seed=3)
+        rt = SimRuntime(model, cb, 2)
+        rt.install()
+        try:
+            rt.check_model_state()
+            new = torch.randn_like(cb.tensors[1])
+            if change == "copy_":
+                with torch.no_grad():
+                    cb.tensors[1].copy_(new)
+            else:
+                cb.tensors[1] = new
+            with pytest.raises(astra.AstraError, match="the codebooks changed in place after astra patched"):
+                rt.check_model_state()
+        finally:
+            rt.uninstall()
+    assert torch.isfinite(main_output(astra.simulate(model, x, world_size=2, codebooks=cb))).all()

@@ -728,3 +728,53 @@ def test_codes_of_a_dtype_decode_does_not_take_name_the_ones_it_does():
     with pytest.raises(ValueError, match="codes must be an integer tensor of one of the dtypes uint8, .*int64.*, "
                                          "got torch.uint64"):
         ak.vq_decode(torch.zeros(2, 1, dtype=torch.uint64), cb)
+
+
+def test_threads_sharing_a_new_codebook_get_exact_codes(monkeypatch):
+    """The packed codebook of the fused small-group scan was built lazily without a lock and handed to C++ (which
+    releases the GIL) by pointer only: a second thread's build freed the first while the scan read it, and ~1 in 300
+    calls of 4 threads returned wrong codes. Built once under a lock, and held while the scan runs (checked here
+    by replacing the attribute during the call, as a concurrent build did)."""
+    import gc
+    import threading
+    import weakref
+
+    g = T.seeded_generator(100)
+    cb, x = torch.randn(4, 64, 8, generator=g), torch.randn(32, 32, generator=g)
+    p = vq._prep(cb)
+    real, seen = vq._vq_screen, {}
+
+    class Replacing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def small_group_topk(self, *args):
+            ref = weakref.ref(p._cbp)
+            p._cbp = None
+            gc.collect()
+            seen["alive"] = ref() is not None
+            if seen["alive"]:
+                real.small_group_topk(*args)
+
+    monkeypatch.setattr(vq, "_vq_screen", Replacing())
+    vq._small_group_topk(vq._center(x, p.mu_flat).contiguous(), p, torch.empty(4, 32, 2),
+                         torch.empty(4, 32, 2, dtype=torch.int64))
+    assert seen["alive"], "the packed codebook handed to C++ by pointer was freed during the scan"
+    monkeypatch.undo()
+    wrong = []
+
+    def encode(cb, x, ref):
+        got = ak.vq_encode(x, cb, backend="torch")
+        if not torch.equal(got, ref):
+            wrong.append(1)
+
+    for _ in range(20):          # a new codebook each round: its first encodes build the packed forms
+        cb = torch.randn(8, 1024, 4, generator=g)
+        x = torch.randn(64, 32, generator=g)
+        ref = vq.vq_encode_reference(x, cb)
+        threads = [threading.Thread(target=encode, args=(cb, x, ref)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not wrong

@@ -219,6 +219,10 @@ class Codebooks:
         """sha256 of each layer's dtype, shape and bytes."""
         return [tensor_checksum(t) for t in self.tensors]
 
+    def all_tensors(self) -> List[torch.Tensor]:
+        """Every tensor these codebooks hold: the codebooks, then the transforms, inverses and predictors."""
+        return [*self.tensors, *(t for ts in self._extra().values() for t in ts)]
+
     def _extra(self) -> dict:
         """The per-layer tensors besides the codebooks, by kind (the file's ``<kind>.<i>``)."""
         kinds = {"transform": self.transforms, "inverse": self.inverses, "predictor": self.predictors,

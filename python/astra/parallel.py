@@ -1,6 +1,8 @@
 """``astra.parallelize``: run a HF model as one rank of an ASTRA sequence-parallel group."""
 from __future__ import annotations
 
+import functools
+import threading
 import warnings
 from dataclasses import replace
 from typing import Any, Dict, List, Optional
@@ -528,14 +530,26 @@ class DistRuntime(RuntimeBase):
             return self.model(**inputs)
 
 
+def _one_call_at_a_time(method):
+    """A :class:`ParallelModel` method that waits for the call another thread is making (they share the forward's
+    state and the exchanges' order: two at once failed with KeyError / FrameMismatchError and broke the group)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return call
+
+
 class ParallelModel:
     """A HF model running as one ASTRA rank. Call it with the *full* inputs on every rank; ``output`` picks what
     it returns (:mod:`astra.outputs`: ``"local"``, ``"hidden_states"``, ``"mean_pooled"``, ``"class_token"``,
-    ``"last_logits"``; None: the model's natural output), ``dst`` on which rank (None: every rank)."""
+    ``"last_logits"``; None: the model's natural output), ``dst`` on which rank (None: every rank). It runs one
+    call at a time: calls from several threads wait their turn, and every rank must make its calls in one order."""
 
     def __init__(self, model, rt: DistRuntime):
         self.module = model
         self._rt = rt
+        self._lock = threading.RLock()
         self.last_local_indices: Optional[torch.Tensor] = None
         self._last: Optional[Forward] = None
         self._inputs: Dict[str, Any] = {}
@@ -570,6 +584,7 @@ class ParallelModel:
         its output is then the whole sequence's, and :meth:`gather` returns it unchanged."""
         return self._rt.local_fallback
 
+    @_one_call_at_a_time
     def __call__(self, output: Optional[str] = None, dst: Optional[int] = None, **inputs):
         """One forward (collective: every rank, same inputs, same ``output`` and ``dst``). Returns the ``output``
         kind's result on every rank, or on rank ``dst`` only (None elsewhere); ``pm.output_stats`` counts the
@@ -626,6 +641,7 @@ class ParallelModel:
     def local_indices(self, seq_len: int) -> torch.Tensor:
         return local_indices(seq_len, self.world_size, self.rank, self.class_token, self._rt.split_costs)
 
+    @_one_call_at_a_time
     def gather(self, out, dst: Optional[int] = None):
         """Full outputs (same type as ``model(**inputs)``) from this rank's local outputs ``out`` of the last
         forward (collective): the explicit form of ``output="hidden_states"``."""
@@ -667,6 +683,7 @@ class ParallelModel:
                                         f"this rank {want} tokens: out must be this rank's local output of the "
                                         "last forward")
 
+    @_one_call_at_a_time
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, position_ids=None, **kwargs):
         """The model's own ``generate`` (HF's arguments: ``generation_config``, ``max_new_tokens``, ``do_sample``,
         ``eos_token_id``, stopping criteria, streamers, ...) after a parallel prefill: every rank runs the prefill
@@ -785,6 +802,7 @@ class ParallelModel:
         replay_to_streamer(prompt, seq)
         return result_like(prompt, seq.to(self.module.device))
 
+    @_one_call_at_a_time
     def unpatch(self) -> None:
         self._rt.uninstall()
 

@@ -10,8 +10,9 @@ Both derive from :class:`RuntimeBase`. See docs/runtime.md for the normative sem
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -27,6 +28,8 @@ from .split import resolve_class_token, resolve_split
 
 ATTN_NAME = "astra"
 _REGISTERED = False
+#: guards the claim of a model (``model._astra_runtime_obj``) by one runtime at a time, across threads
+_CLAIMS = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,28 +65,26 @@ def _register() -> None:
 INFERENCE_SAMPLE = 17
 
 
-class WeightMarks:
-    """What a patched model's parameters were when astra built from them: per parameter the parameter itself (weakly)
-    and its in-place version counter (``load_state_dict`` and in-place updates under ``torch.no_grad`` bump it,
-    ``load_state_dict(assign=True)`` replaces the parameter, a dtype / device round trip changes neither), and for
-    inference tensors (parameters made or converted under ``torch.inference_mode``, which have no counter)
-    :data:`INFERENCE_SAMPLE` of their values. Writes through ``p.data``, and writes to an inference tensor that keep
-    its sampled values, are not seen."""
+class TensorMarks:
+    """What tensors were when astra built from them (a model's parameters, codebooks): per tensor the tensor itself
+    (weakly) and its in-place version counter (``load_state_dict``, ``copy_`` and in-place updates under
+    ``torch.no_grad`` bump it; ``load_state_dict(assign=True)`` replaces the parameter; a dtype / device round trip
+    changes neither), and for inference tensors (made or converted under ``torch.inference_mode``, which have no
+    counter) :data:`INFERENCE_SAMPLE` of their values. Writes through ``.data``, and writes to an inference tensor
+    that keep its sampled values, are not seen."""
 
-    def __init__(self, model):
-        params = list(model.parameters())
-        self.refs = [weakref.ref(p) for p in params]
-        self.versions = [-1 if p.is_inference() else p._version for p in params]
-        self.sample = _inference_sample(params)
+    def __init__(self, tensors: List[torch.Tensor]):
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.versions = [-1 if t.is_inference() else t._version for t in tensors]
+        self.sample = _inference_sample(tensors)
 
-    def changed(self, model) -> bool:
-        """Whether ``model``'s parameters are others than, or were changed in place since, these marks."""
-        params = list(model.parameters())
-        if len(params) != len(self.refs) or any(ref() is not p for p, ref in zip(params, self.refs)):
+    def changed(self, tensors: List[torch.Tensor]) -> bool:
+        """Whether ``tensors`` are others than, or were changed in place since, these marks."""
+        if len(tensors) != len(self.refs) or any(ref() is not t for t, ref in zip(tensors, self.refs)):
             return True
-        if any(v != (-1 if p.is_inference() else p._version) for p, v in zip(params, self.versions)):
+        if any(v != (-1 if t.is_inference() else t._version) for t, v in zip(tensors, self.versions)):
             return True
-        now = _inference_sample(params)
+        now = _inference_sample(tensors)
         return (now is None) != (self.sample is None) or (now is not None and not torch.equal(now, self.sample))
 
 
@@ -132,22 +133,38 @@ class RuntimeBase:
         self._pred: Optional[List] = None      # per layer the predictor (W [2D, D], b [D]) of predictive codebooks
         self._installed = False
         self._param_state = None                # (dtype, device) of the model's parameters when installed
-        self._weight_marks: Optional[WeightMarks] = None   # the parameters when installed
+        self._marks: Optional[Tuple[TensorMarks, TensorMarks]] = None   # the parameters and codebooks when installed
 
     # -- install / uninstall ---------------------------------------------------------------------
     def install(self) -> None:
+        with _CLAIMS:       # checked and claimed at once: two threads' simulate of one model both passed the check,
+            self._claim()   # and one returned the other's result and left the model patched
+        try:
+            self._install()
+        except BaseException:
+            with _CLAIMS:
+                if not self._installed and getattr(self.model, "_astra_runtime_obj", None) is self:
+                    del self.model._astra_runtime_obj
+            raise
+
+    def _claim(self) -> None:
         if getattr(self.model, "_astra_runtime_obj", None) is not None:
-            raise AstraError("model is already patched by astra (call astra.unpatch(model) first)")
+            raise AstraError("model is already patched by astra (call astra.unpatch(model) first; or an astra.simulate "
+                             "of it is running in another thread: one astra runtime per model at a time)")
         live = [m for m in self.fam.attn_modules if getattr(m, "_astra_runtime", None) is not None
                 and m._astra_runtime() is not None]
         if live or self.model.config._attn_implementation == ATTN_NAME:
             raise AstraError("the model shares its config or attention modules with a model astra has patched (a "
                              "head and its base_model, or models built from one config object): unpatch that one "
                              "first, or give each model its own config (copy.deepcopy(config))")
+        self.model._astra_runtime_obj = self
+
+    def _install(self) -> None:
         _register()
         p = next(self.model.parameters())
         self._param_state = (p.dtype, p.device)
-        self._weight_marks = WeightMarks(self.model)
+        self._marks = (TensorMarks(list(self.model.parameters())),
+                       TensorMarks([] if self.codebooks is None else self.codebooks.all_tensors()))
         cb = self.codebooks
         if cb is not None:
             def cast(what, ts):         # to the model's device and dtype; ValueError where the cast overflows
@@ -186,8 +203,7 @@ class RuntimeBase:
             # HF's feed-forward chunking (a memory saving; the result is the same) needs every forward's length to
             # be a multiple of the chunk, and a rank's forward holds its own chunk of the sequence, not the whole
             m.chunk_size_feed_forward = 0
-        self.model._astra_runtime_obj = self
-        self._installed = True
+        self._installed = True      # (the model was claimed, model._astra_runtime_obj, in install)
 
     def uninstall(self) -> None:
         if not self._installed:
@@ -203,9 +219,10 @@ class RuntimeBase:
                 if hasattr(m, a):
                     delattr(m, a)
         self.model.set_attn_implementation(self._orig_impl)
-        if getattr(self.model, "_astra_runtime_obj", None) is self:
-            del self.model._astra_runtime_obj
-        self._installed = False
+        with _CLAIMS:
+            if getattr(self.model, "_astra_runtime_obj", None) is self:
+                del self.model._astra_runtime_obj
+            self._installed = False
 
     @contextlib.contextmanager
     def original_attention(self):
@@ -249,9 +266,9 @@ class RuntimeBase:
     def check_model_state(self) -> None:
         """Raise :class:`AstraError` if the model changed since it was patched in what the runtime relies on: eval
         mode (a module put back in training mode ran dropout silently), its parameters' dtype and device (cached
-        with the codebooks and the frame sizes), its attention implementation, and (inference runtimes) its weights,
-        which the K/V tables, folded projections and the weights fingerprint were built from; UnsupportedModelError
-        under ``torch.autocast`` (inference runtimes)."""
+        with the codebooks and the frame sizes), its attention implementation, and (inference runtimes) its weights
+        and the codebooks, which the K/V tables, folded projections and the fingerprints were built from;
+        UnsupportedModelError under ``torch.autocast`` (inference runtimes)."""
         if not self.differentiable:
             check_not_autocast(self.fam)
         if self.in_training():
@@ -265,10 +282,19 @@ class RuntimeBase:
         if self._installed and impl != ATTN_NAME:
             raise AstraError(f"the model's attention implementation was set to {impl!r} after astra patched it (its "
                              "attention then ignores the other ranks' tokens): unpatch it and patch it again")
-        if not self.differentiable and self._weight_marks is not None and self._weight_marks.changed(self.model):
+        if not self.differentiable and self._marks is not None:     # (training updates its codebooks in place)
+            self._check_marks()
+
+    def _check_marks(self) -> None:
+        weights, codebooks = self._marks
+        if weights.changed(list(self.model.parameters())):
             raise AstraError("the model's weights changed after astra patched it (load_state_dict, an in-place "
                              "update, a merged adapter): what astra built from them (K/V tables, folded projections, "
                              "the weights fingerprint) is stale; unpatch it and patch it again")
+        if codebooks.changed([] if self.codebooks is None else self.codebooks.all_tensors()):
+            raise AstraError("the codebooks changed in place after astra patched the model with them: what astra "
+                             "built from them (K/V tables, the codebooks fingerprint) is stale, and the senders "
+                             "already encode with the new values; unpatch it and patch it again")
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):
