@@ -202,8 +202,10 @@ def mixed_attn_fwd_kernel(
 def _blocks(dtype: torch.dtype, block_d: int, interpret: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, DOT_PREC) for a config (from the AOT report).
 
-    16-bit: 128 x 32 (head_dim <= 64) / 128 x 16 (larger), 8 warps: 64x64 / 4-warp variants spill on
-    the RoPE gather path, and 128 x 32 at head_dim 128 sits at the 255-register edge.
+    16-bit: 128 x 32 (head_dim <= 64) / 128 x 16 (up to 128), 8 warps: 64x64 / 4-warp variants spill on
+    the RoPE gather path, and 128 x 32 at head_dim 128 sits at the 255-register edge. head_dim 256: 64 x 16, one
+    stage (128 x 16 in two stages needed 110,656 B of shared memory with RoPE tables, more than sm_86 / sm_89 give
+    a block, 101,376, and spilled 33 KB on sm_80; 64 x 16 x 1 stage: 43 KB, no spills on sm_80 / 86 / 90).
     fp32: ``tf32x3`` dots (three TF32 MMAs, ~fp32 accuracy, on tensor cores); plain ``ieee`` FMA dots
     spill at every block shape that was tried.
     """
@@ -215,7 +217,9 @@ def _blocks(dtype: torch.dtype, block_d: int, interpret: bool):
         return 16, 16, 4, 2, "tf32x3"
     if block_d <= 64:
         return 128, 32, 8, 2, "tf32"
-    return 128, 16, 8, 2, "tf32"
+    if block_d <= 128:
+        return 128, 16, 8, 2, "tf32"
+    return 64, 16, 8, 1, "tf32"
 
 
 def attention_triton(q: torch.Tensor, q_pos: torch.Tensor, segments: Sequence[Segment], *, causal: bool,
@@ -419,4 +423,6 @@ AOT_SPECS = [
           label="group-table+rope causal masks"),
     _spec("fp32", 64, remote="gtable", rope=True, count=False, causal=True, lbias=False, rbias=False,
           label="group-table+rope tf32x3"),
+    _spec("bf16", 256, remote="table", rope=True, count=False, causal=True, lbias=False, rbias=False,
+          label="table+rope causal, head_dim 256"),
 ]
