@@ -415,3 +415,12 @@ def test_a_shape_no_frame_holds_is_refused_before_any_copy():
                              ("codes", lambda c: ak.pack_codes(c, 4))):
                 with pytest.raises(ValueError, match=f"{name} must be a dense tensor, got a (torch.)?{kind} tensor"):
                     fn(t)
+
+
+def test_the_largest_shape_the_wire_format_takes_is_its_documented_cap():
+    """docs/wire-format.md: numel <= 2**56 (the C++ codec's kMaxPayloadBits / 16), whatever the bit width."""
+    import astra_kernels as ak
+
+    assert ak.frame_nbytes((2 ** 31, 2 ** 25), 1) == 12 + 8 + 2 ** 56 // 8
+    with pytest.raises(ValueError, match="shape too large"):
+        ak.frame_nbytes((2 ** 31, 2 ** 25 + 1), 1)
