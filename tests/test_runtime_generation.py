@@ -315,11 +315,13 @@ def _family_rank(rank, family):
         pm.generate(ids[0], max_new_tokens=2)
     except astra.InvalidInputError as e:
         res.append(("1-D", "add a batch dimension" in str(e), True))
+    failed = _Collect()                 # ended on every rank though the decode failed (a consumer would wait forever)
     try:
-        pm.generate(ids, max_new_tokens=2, stopping_criteria=[_Raise()] if rank == last else None)
+        pm.generate(ids[:1], max_new_tokens=2, stopping_criteria=[_Raise()] if rank == last else None,
+                    streamer=failed)
     except (RuntimeError, astra.RankFailedError) as e:
-        res.append(("failure", (type(e).__name__, "stopping criterion failed" in str(e)),
-                    ("RuntimeError" if rank == last else "RankFailedError", True)))
+        res.append(("failure", (type(e).__name__, "stopping criterion failed" in str(e), failed.ended),
+                    ("RuntimeError" if rank == last else "RankFailedError", True, True)))
     pm.unpatch()
     # a decode longer than the timeout: heartbeats keep the waiting rank's waits short
     pm = astra.parallelize(model, None, timeout=2)
@@ -332,9 +334,10 @@ def _family_rank(rank, family):
         pm = astra.parallelize(model, None, timeout=30, on_peer_failure=mode)
         pm._rt.broken = "peer lost (simulated)"
         if mode == "raise":
+            broken = _Collect()
             with pytest.raises(astra.PeerError, match=r"peer lost \(simulated\)"):
-                pm.generate(ids, max_new_tokens=3)
-            res.append((f"broken {mode}", ("PeerError", True), expected))
+                pm.generate(ids[:1], max_new_tokens=3, streamer=broken)
+            res.append((f"broken {mode}", ("PeerError", broken.ended), expected))
         else:
             with pytest.warns(RuntimeWarning, match="generating on this rank alone"):
                 got = pm.generate(ids, max_new_tokens=3)

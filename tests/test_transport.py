@@ -187,15 +187,16 @@ def test_an_nccl_group_without_blocking_wait_is_warned(monkeypatch):
 
     for name, value in (("is_available", True), ("is_initialized", True), ("get_rank", 0), ("get_world_size", 2)):
         monkeypatch.setattr(dist, name, lambda *a, v=value, **k: v)
-    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.delenv(NCCL_BLOCKING_WAIT, raising=False)
-    with pytest.warns(RuntimeWarning, match="without TORCH_NCCL_BLOCKING_WAIT=1"):
-        Transport(None, 5)
+    for backend in ("nccl", "cpu:gloo,cuda:nccl"):      # the second: init_process_group() without a backend
+        monkeypatch.setattr(dist, "get_backend_config", lambda group=None, b=backend: b)
+        with pytest.warns(RuntimeWarning, match="without TORCH_NCCL_BLOCKING_WAIT=1"):
+            Transport(None, 5)
     monkeypatch.setenv(NCCL_BLOCKING_WAIT, "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Transport(None, 5)
-    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "gloo")
     monkeypatch.delenv(NCCL_BLOCKING_WAIT)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

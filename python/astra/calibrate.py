@@ -270,13 +270,16 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
 
 def _read_samples(fam, samples, max_tokens: Optional[int], world_size: Optional[int], cls: bool) -> list:
     """The samples as a list of checked input dicts. An iterator or generator (no ``len``) is read only until its
-    samples hold ``max_tokens`` tokens, so a stream (or an endless one) can be given; with ``max_tokens=None`` it is
-    read to its end."""
+    samples hold ``max_tokens`` tokens (twice that with ``world_size``: layer-wise calibration counts the vectors
+    it quantizes, and a causal model's last rank, at most half its tokens, sends none), so a stream (or an endless
+    one) can be given and yields the codebooks the same samples as a list give; with ``max_tokens=None`` it is read
+    to its end."""
     if isinstance(samples, Mapping):       # one sample: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
         samples = [samples]
     if isinstance(samples, (torch.Tensor, str, bytes)) or not isinstance(samples, Iterable):
         raise TypeError(f"samples must be an input dict or an iterable of them, got {type(samples).__name__}")
     out, tokens = [], 0
+    enough = None if max_tokens is None else max_tokens * (2 if world_size else 1)
     for i, s in enumerate(samples):
         if not isinstance(s, Mapping):
             raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
@@ -284,10 +287,10 @@ def _read_samples(fam, samples, max_tokens: Optional[int], world_size: Optional[
         # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
         validate_inputs(fam, s, world_size or 1, bool(world_size) and cls)
         out.append(s)
-        if not isinstance(samples, Sized) and max_tokens is not None:
+        if not isinstance(samples, Sized) and enough is not None:
             mask = s.get("attention_mask")
             tokens += int(mask.count_nonzero()) if mask is not None else math.prod(seq_geometry(fam, s))
-            if tokens >= max_tokens:
+            if tokens >= enough:
                 break
     if not out:
         raise ValueError("calibrate needs at least one sample")

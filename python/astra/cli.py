@@ -96,10 +96,18 @@ def load_model(name: str, max_length: Optional[int] = None, *, architecture: boo
     """(model, tokenize(texts, max_length) -> inputs dict, description); with ``max_length``, UsageError unless the
     model's positions hold that many tokens. ``architecture``: a model directory loads as the class its config names
     (its task head kept: what a checkpoint trained and saved again must hold), else as :func:`_auto_class` says."""
+    from .errors import UnsupportedModelError
     from .models import family_of
 
     model, tokenize, desc = _load_model(name, architecture)
-    limit = family_of(model).max_len()
+    try:
+        limit = family_of(model).max_len()
+    except UnsupportedModelError as e:
+        if not architecture:
+            raise
+        raise UsageError(f"{e}: --train all loads the model as the architecture its config names ("
+                         f"{type(model).__name__}), to train and keep its head; --train codebooks runs its base "
+                         "model") from e
     if max_length is not None and limit is not None and max_length > limit:
         raise UsageError(f"--max-length {max_length} is more tokens than the model's position embeddings hold "
                          f"({limit})")

@@ -697,6 +697,15 @@ class ParallelModel:
             prompt = prepare_prompt(rt.fam, input_ids, attention_mask, position_ids, generation_config, kwargs)
         except Exception as e:              # raised on every rank by the agreement (any error: else the ranks' calls
             err = e                         # would pair off one call apart)
+        try:
+            return self._generate(prompt, err)
+        except BaseException:
+            if prompt is not None:          # the caller's streamer ended on any failure (HF ends it only on success):
+                replay_to_streamer(prompt, None)    # a consumer iterating it, here or on the last rank, finishes
+            raise
+
+    def _generate(self, prompt, err):
+        rt = self._rt
         if rt.broken is not None:
             if err is not None:
                 raise err
@@ -776,16 +785,8 @@ class ParallelModel:
 
     def _receive_generated(self, prompt):
         """The last rank's ``generate`` result: headers (heartbeats, then the result's shape or a failure), then
-        the tokens. A streamer given here is fed them (:func:`astra.generation.replay_to_streamer`), and ended
-        whatever happens, unless this rank is to generate alone (``on_peer_failure="local"``: HF feeds it then)."""
-        try:
-            return self._receive_result(prompt)
-        except PeerError:
-            if self._rt.on_peer_failure == "raise":
-                replay_to_streamer(prompt, None)
-            raise
-
-    def _receive_result(self, prompt):
+        the tokens. A streamer given here is fed them (:func:`astra.generation.replay_to_streamer`; :meth:`generate`
+        ends it on a failure)."""
         rt, last = self._rt, self.world_size - 1
         t = rt.transport
         status = GEN_ALIVE
@@ -796,7 +797,6 @@ class ParallelModel:
             raw = t.broadcast(torch.zeros(ERROR_TEXT_NBYTES, dtype=torch.uint8, device=t.device), last,
                               what="generate: error report")
             text = bytes(raw.tolist()).rstrip(b"\0").decode("utf-8", "replace")
-            replay_to_streamer(prompt, None)
             raise RankFailedError(f"{rt.place()}: rank {last} failed in generate: {text}", rank=last)
         seq = t.broadcast(torch.zeros(B, L, dtype=torch.long, device=t.device), last, what="generate: tokens")
         replay_to_streamer(prompt, seq)

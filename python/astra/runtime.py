@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,8 +28,12 @@ from .split import resolve_class_token, resolve_split
 
 ATTN_NAME = "astra"
 _REGISTERED = False
-#: guards the claim of a model (``model._astra_runtime_obj``) by one runtime at a time, across threads
+#: guards the claim of a model (``model._astra_runtime_obj``, and its config in :data:`_CLAIMED_CONFIGS`) by one
+#: runtime at a time, across threads
 _CLAIMS = threading.Lock()
+#: id(config) -> the runtime holding it: a head and its base_model, or models built from one config object, share the
+#: config (and the attention setting on it), so one claim covers them all
+_CLAIMED_CONFIGS: Dict[int, "weakref.ref"] = {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,13 +74,14 @@ class TensorMarks:
     (weakly) and its in-place version counter (``load_state_dict``, ``copy_`` and in-place updates under
     ``torch.no_grad`` bump it; ``load_state_dict(assign=True)`` replaces the parameter; a dtype / device round trip
     changes neither), and for inference tensors (made or converted under ``torch.inference_mode``, which have no
-    counter) :data:`INFERENCE_SAMPLE` of their values. Writes through ``.data``, and writes to an inference tensor
-    that keep its sampled values, are not seen."""
+    counter) :data:`INFERENCE_SAMPLE` of their values, at positions fixed here. Writes through ``.data``, and
+    writes to an inference tensor that keep its sampled values, are not seen."""
 
     def __init__(self, tensors: List[torch.Tensor]):
         self.refs = [weakref.ref(t) for t in tensors]
         self.versions = [-1 if t.is_inference() else t._version for t in tensors]
-        self.sample = _inference_sample(tensors)
+        self.where = [_sample_positions(t) if t.is_inference() and t.numel() else None for t in tensors]
+        self.sample = self._sample(tensors)
 
     def changed(self, tensors: List[torch.Tensor]) -> bool:
         """Whether ``tensors`` are others than, or were changed in place since, these marks."""
@@ -84,23 +89,25 @@ class TensorMarks:
             return True
         if any(v != (-1 if t.is_inference() else t._version) for t, v in zip(tensors, self.versions)):
             return True
-        now = _inference_sample(tensors)
-        return (now is None) != (self.sample is None) or (now is not None and not torch.equal(now, self.sample))
+        now = self._sample(tensors)
+        return now is not None and not torch.equal(now, self.sample)
+
+    def _sample(self, tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The sampled values of the inference tensors as one float64 tensor's bit patterns (int64: NaNs compare
+        equal), on the first one's device (one read for them all); None without inference tensors."""
+        parts = [t.detach().reshape(-1)[w].to(torch.float64) for t, w in zip(tensors, self.where) if w is not None]
+        if not parts:
+            return None
+        dev = parts[0].device
+        return torch.cat([p.to(dev) for p in parts]).view(torch.int64)
 
 
-def _inference_sample(params: List[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The sampled values of every inference-tensor parameter as one float64 tensor's bit patterns (int64; NaNs
-    compare equal), on the first one's device (one read for them all); None without inference tensors."""
-    parts = []
-    for p in params:
-        if p.is_inference() and p.numel():
-            flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(INFERENCE_SAMPLE, flat.numel()), device=flat.device)
-            parts.append(flat[idx.round().long()].to(torch.float64))
-    if not parts:
-        return None
-    dev = parts[0].device
-    return torch.cat([t.to(dev) for t in parts]).view(torch.int64)
+def _sample_positions(t: torch.Tensor) -> torch.Tensor:
+    """:data:`INFERENCE_SAMPLE` evenly spaced flat positions of ``t``, first and last included, in integers (a float32
+    linspace rounded ``numel - 1`` up to ``numel`` past 2**24 elements: an IndexError on a 50257 x 768 embedding)."""
+    n = t.numel()
+    m = min(INFERENCE_SAMPLE, n)
+    return torch.arange(m, device=t.device) * (n - 1) // max(m - 1, 1)
 
 
 class RuntimeBase:
@@ -143,8 +150,8 @@ class RuntimeBase:
             self._install()
         except BaseException:
             with _CLAIMS:
-                if not self._installed and getattr(self.model, "_astra_runtime_obj", None) is self:
-                    del self.model._astra_runtime_obj
+                if not self._installed:
+                    self._release()
             raise
 
     def _claim(self) -> None:
@@ -153,11 +160,21 @@ class RuntimeBase:
                              "of it is running in another thread: one astra runtime per model at a time)")
         live = [m for m in self.fam.attn_modules if getattr(m, "_astra_runtime", None) is not None
                 and m._astra_runtime() is not None]
-        if live or self.model.config._attn_implementation == ATTN_NAME:
+        holder = _CLAIMED_CONFIGS.get(id(self.model.config))
+        if live or self.model.config._attn_implementation == ATTN_NAME or (holder is not None and holder() is not None):
             raise AstraError("the model shares its config or attention modules with a model astra has patched (a "
                              "head and its base_model, or models built from one config object): unpatch that one "
                              "first, or give each model its own config (copy.deepcopy(config))")
         self.model._astra_runtime_obj = self
+        _CLAIMED_CONFIGS[id(self.model.config)] = weakref.ref(self)
+
+    def _release(self) -> None:
+        """Give the model and its config back (under :data:`_CLAIMS`)."""
+        if getattr(self.model, "_astra_runtime_obj", None) is self:
+            del self.model._astra_runtime_obj
+        holder = _CLAIMED_CONFIGS.get(id(self.model.config))
+        if holder is not None and holder() in (self, None):
+            del _CLAIMED_CONFIGS[id(self.model.config)]
 
     def _install(self) -> None:
         _register()
@@ -220,8 +237,7 @@ class RuntimeBase:
                     delattr(m, a)
         self.model.set_attn_implementation(self._orig_impl)
         with _CLAIMS:
-            if getattr(self.model, "_astra_runtime_obj", None) is self:
-                del self.model._astra_runtime_obj
+            self._release()
             self._installed = False
 
     @contextlib.contextmanager

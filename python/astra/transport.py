@@ -97,11 +97,18 @@ def check_nccl_wait(group) -> None:
     """Warn, for an NCCL group, unless :data:`NCCL_BLOCKING_WAIT` is set: without it NCCL's ``wait`` does not block
     the host, so astra's timeout does not bound a dead peer (NCCL's watchdog ends the process at the group's own
     timeout instead: no PeerError, no ``on_peer_failure="local"``). :func:`astra.launch` sets it for NCCL."""
-    if dist.get_backend(group) == "nccl" and os.environ.get(NCCL_BLOCKING_WAIT, "0").lower() not in ("1", "true"):
+    if "nccl" in backend_text(group) and os.environ.get(NCCL_BLOCKING_WAIT, "0").lower() not in ("1", "true"):
         warnings.warn(f"astra over NCCL without {NCCL_BLOCKING_WAIT}=1: a dead or stalled peer is not bounded by "
                       "astra's timeout (NCCL's wait does not block the host; its watchdog ends the process at the "
                       f"process group's timeout). Set {NCCL_BLOCKING_WAIT}=1 before init_process_group (astra.launch "
                       "does)", RuntimeWarning, stacklevel=4)
+
+
+def backend_text(group) -> str:
+    """The group's backends as text: ``"gloo"``, ``"nccl"``, or per device (``"cpu:gloo,cuda:nccl"``, what
+    ``init_process_group()`` without a backend makes, whose ``get_backend`` reads ``"undefined"``)."""
+    config = getattr(dist, "get_backend_config", None)      # torch >= 2.2
+    return str(config(group) if config is not None else dist.get_backend(group))
 
 
 class Transport:
