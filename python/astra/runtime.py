@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import astra_kernels as ak
+from astra_kernels.checks import INT_OF_SIZE
 from astra_kernels.checks import check_finite as finite_or_raise
 from . import bases
 from .codebooks import Codebooks, apply_predictor, as_normal_tensor, cast_layers
@@ -81,7 +82,7 @@ class TensorMarks:
         self.refs = [weakref.ref(t) for t in tensors]
         self.versions = [-1 if t.is_inference() else t._version for t in tensors]
         self.where = [_sample_positions(t) if t.is_inference() and t.numel() else None for t in tensors]
-        self.sample = self._sample(tensors)
+        self.sample = self._sample(tensors)         # per (dtype, device) of the inference tensors
 
     def changed(self, tensors: List[torch.Tensor]) -> bool:
         """Whether ``tensors`` are others than, or were changed in place since, these marks."""
@@ -90,16 +91,16 @@ class TensorMarks:
         if any(v != (-1 if t.is_inference() else t._version) for t, v in zip(tensors, self.versions)):
             return True
         now = self._sample(tensors)
-        return now is not None and not torch.equal(now, self.sample)
+        return len(now) != len(self.sample) or any(not torch.equal(a, b) for a, b in zip(now, self.sample))
 
-    def _sample(self, tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The sampled values of the inference tensors as one float64 tensor's bit patterns (int64: NaNs compare
-        equal), on the first one's device (one read for them all); None without inference tensors."""
-        parts = [t.detach().reshape(-1)[w].to(torch.float64) for t, w in zip(tensors, self.where) if w is not None]
-        if not parts:
-            return None
-        dev = parts[0].device
-        return torch.cat([p.to(dev) for p in parts]).view(torch.int64)
+    def _sample(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The sampled values of the inference tensors, concatenated per (dtype, device) and read as integers of
+        their size (bit patterns: NaNs compare equal), so one comparison covers each group."""
+        groups: Dict[tuple, List[torch.Tensor]] = {}
+        for t, w in zip(tensors, self.where):
+            if w is not None:
+                groups.setdefault((t.dtype, t.device), []).append(t.detach().reshape(-1)[w])
+        return [torch.cat(parts).view(INT_OF_SIZE[parts[0].element_size()]) for parts in groups.values()]
 
 
 def _sample_positions(t: torch.Tensor) -> torch.Tensor:
