@@ -398,45 +398,55 @@ def test_dynamically_quantized_models_are_refused_by_name():
             call()
 
 
-def test_one_model_simulated_from_two_threads_is_refused_never_mixed(monkeypatch):
-    """Two threads' astra.simulate of one model both passed install's "already patched" check: one returned the
-    other's result (its codebooks' or none), and the model was left patched for good. The check and the claim are
-    one step now: the second call is refused by name, the first is right, and the model comes back clean."""
+def _race(monkeypatch, layers, calls):
+    """Run ``calls`` (name -> (simulate arguments, expected output or None)) in threads started 20 ms apart, with
+    install's window between its check and its patch widened (TensorMarks slowed: no logic changed) and ``layers``
+    slowed; returns name -> "right" / "wrong" / the AstraError's text."""
     import threading
     import time
 
     import astra.runtime as rtm
 
-    model = tiny_model("llama")
-    x = tiny_inputs("llama", seq=13)
-    cbs = [None, astra.Codebooks.random(model, groups=1, codebook_size=8, seed=3)]
-    refs = [main_output(astra.simulate(model, x, world_size=2, codebooks=c)) for c in cbs]
     real = rtm.TensorMarks.__init__
 
-    def slow(self, m):              # widens install's window between the check and the patch (no logic changed)
+    def slow(self, tensors):
         time.sleep(0.05)
-        real(self, m)
+        real(self, tensors)
 
     monkeypatch.setattr(rtm.TensorMarks, "__init__", slow)
-    for layer in model.model.layers:
+    for layer in layers:
         layer.mlp.register_forward_pre_hook(lambda *a: time.sleep(0.03))
     out = {}
 
-    def run(j):
+    def run(j, name, args, ref):
         time.sleep(0.02 * j)
         try:
-            got = main_output(astra.simulate(model, x, world_size=2, codebooks=cbs[j]))
-            out[j] = "right" if torch.equal(got, refs[j]) else "wrong"
+            model, inputs, codebooks = args
+            got = main_output(astra.simulate(model, inputs, world_size=2, codebooks=codebooks))
+            out[name] = "right" if ref is None or torch.equal(got, ref) else "wrong"
         except astra.AstraError as e:
-            out[j] = str(e)
+            out[name] = str(e)
 
-    threads = [threading.Thread(target=run, args=(j,)) for j in (0, 1)]
+    threads = [threading.Thread(target=run, args=(j, name, *call)) for j, (name, call) in enumerate(calls.items())]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert out[0] == "right", out
-    assert "running in another thread: one astra runtime per model at a time" in out[1], out
+    return out
+
+
+def test_one_model_simulated_from_two_threads_is_refused_never_mixed(monkeypatch):
+    """Two threads' astra.simulate of one model both passed install's "already patched" check: one returned the
+    other's result (its codebooks' or none), and the model was left patched for good. The check and the claim are
+    one step now: the second call is refused by name, the first is right, and the model comes back clean."""
+    model = tiny_model("llama")
+    x = tiny_inputs("llama", seq=13)
+    cb = astra.Codebooks.random(model, groups=1, codebook_size=8, seed=3)
+    refs = [main_output(astra.simulate(model, x, world_size=2, codebooks=c)) for c in (None, cb)]
+    out = _race(monkeypatch, model.model.layers, {"first": ((model, x, None), refs[0]),
+                                                   "second": ((model, x, cb), refs[1])})
+    assert out["first"] == "right", out
+    assert "running in another thread: one astra runtime per model at a time" in out["second"], out
     assert model.config._attn_implementation != "astra" and getattr(model, "_astra_runtime_obj", None) is None
     with torch.no_grad():
         model(**x)
@@ -473,39 +483,12 @@ def test_a_head_and_its_base_model_simulated_from_two_threads_are_one_claim(monk
     """A head and its base_model share the config and attention modules: two threads' simulate of them both passed the
     checks (the shared state was written later, outside the claim), the head's result was 0.29 off and the config
     stayed patched. The config is claimed with the model now."""
-    import threading
-    import time
-
     import astra.runtime as rtm
 
     head = tiny_model("llama", head="causal_lm")
     x = tiny_inputs("llama", seq=13)
     cb = astra.Codebooks.random(head, groups=1, codebook_size=8, seed=3)
     ref = main_output(astra.simulate(head, x, world_size=2, codebooks=cb))
-    real = rtm.TensorMarks.__init__
-
-    def slow(self, tensors):
-        time.sleep(0.1)
-        real(self, tensors)
-
-    monkeypatch.setattr(rtm.TensorMarks, "__init__", slow)
-    for layer in head.model.layers:
-        layer.mlp.register_forward_pre_hook(lambda *a: time.sleep(0.02))
-    out = {}
-
-    def run(name, model, codebooks, delay):
-        time.sleep(delay)
-        try:
-            got = main_output(astra.simulate(model, x, world_size=2, codebooks=codebooks))
-            out[name] = "right" if name == "base" or torch.equal(got, ref) else "wrong"
-        except astra.AstraError as e:
-            out[name] = str(e)
-
-    threads = [threading.Thread(target=run, args=("head", head, cb, 0)),
-               threading.Thread(target=run, args=("base", head.model, None, 0.02))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = _race(monkeypatch, head.model.layers, {"head": ((head, x, cb), ref), "base": ((head.model, x, None), None)})
     assert out["head"] == "right" and out["base"].startswith("the model shares its config"), out
     assert head.config._attn_implementation != "astra" and not rtm._CLAIMED_CONFIGS
