@@ -181,8 +181,7 @@ class RuntimeBase:
         _register()
         p = next(self.model.parameters())
         self._param_state = (p.dtype, p.device)
-        self._marks = (TensorMarks(list(self.model.parameters())),
-                       TensorMarks([] if self.codebooks is None else self.codebooks.all_tensors()))
+        self._marks = (TensorMarks(list(self.model.parameters())), TensorMarks(self._codebook_tensors()))
         cb = self.codebooks
         if cb is not None:
             def cast(what, ts):         # to the model's device and dtype; ValueError where the cast overflows
@@ -308,10 +307,13 @@ class RuntimeBase:
             raise AstraError("the model's weights changed after astra patched it (load_state_dict, an in-place "
                              "update, a merged adapter): what astra built from them (K/V tables, folded projections, "
                              "the weights fingerprint) is stale; unpatch it and patch it again")
-        if codebooks.changed([] if self.codebooks is None else self.codebooks.all_tensors()):
+        if codebooks.changed(self._codebook_tensors()):
             raise AstraError("the codebooks changed in place after astra patched the model with them: what astra "
                              "built from them (K/V tables, the codebooks fingerprint) is stale, and the senders "
                              "already encode with the new values; unpatch it and patch it again")
+
+    def _codebook_tensors(self) -> List[torch.Tensor]:
+        return [] if self.codebooks is None else self.codebooks.all_tensors()
 
     # -- hooks -----------------------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):
