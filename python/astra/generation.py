@@ -126,7 +126,8 @@ def prepare_prompt(fam, input_ids, attention_mask=None, position_ids=None, gener
     gc, model_kwargs = _resolve_config(fam.model, generation_config, kwargs)
     if getattr(gc, "cache_implementation", None) is not None:
         raise UnsupportedModelError(f"astra's generate continues from the prefill's DynamicCache: cache_implementation="
-                                    f"{gc.cache_implementation!r} (set on the generation config) is not supported")
+                                    f"{gc.cache_implementation!r} (given, or set on the generation config) is not "
+                                    "supported")
     if gc.use_cache is False:   # given, or a checkpoint's config (often): the decode continues from the prefill's
         gc.use_cache = True     # cache, which gives the tokens HF's uncached decode gives
         if generation_config is not None:       # HF warns of a config given with generation kwargs: set it there
