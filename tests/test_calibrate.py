@@ -161,12 +161,23 @@ def test_calibrate_reads_a_stream_of_samples_up_to_max_tokens():
     assert all(torch.equal(a, b) for a, b in zip(cb.tensors, same.tensors))
     with pytest.raises(ValueError, match="at least one sample"):
         astra.calibrate(model, iter([]), groups=4, codebook_size=8)
-    # layer-wise calibration counts the vectors it quantizes (a causal model's last rank sends none): the stream is
-    # read far enough that it fits on what the same samples as a list give (it fitted on half as many)
+    # layer-wise calibration counts the vectors it quantizes (a causal model's last rank sends none; with left
+    # padding a row's real tokens may all be there): the stream is read as far as the passes over it go, so it fits
+    # on what the same samples as a list give (a token count fitted on half, then 60 %, as many)
     gpt2 = tiny_model("gpt2")
     samples = [tiny_inputs("gpt2", batch=2, seq=16, seed=s) for s in range(8)]
     kw = dict(groups=1, codebook_size=8, iters=2, max_tokens=96, world_size=2)
     a, b = astra.calibrate(gpt2, samples, **kw), astra.calibrate(gpt2, iter(samples), **kw)
+    assert all(torch.equal(u, v) for u, v in zip(a.tensors, b.tensors))
+    llama, padded = tiny_model("llama", head=False), []
+    for i in range(10):
+        s = tiny_inputs("llama", batch=4, seq=8, seed=100 + i)
+        s["attention_mask"] = torch.ones(4, 8, dtype=torch.long)
+        s["attention_mask"][1:, :6] = 0                            # rows 1-3: two real tokens, left-padded
+        s["input_ids"][1:, :6] = 0
+        padded.append(s)
+    kw = dict(groups=1, codebook_size=4, iters=2, max_tokens=20, world_size=2)
+    a, b = astra.calibrate(llama, padded, **kw), astra.calibrate(llama, iter(padded), **kw)
     assert all(torch.equal(u, v) for u, v in zip(a.tensors, b.tensors))
 
 

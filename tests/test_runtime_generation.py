@@ -315,6 +315,11 @@ def _family_rank(rank, family):
         pm.generate(ids[0], max_new_tokens=2)
     except astra.InvalidInputError as e:
         res.append(("1-D", "add a batch dimension" in str(e), True))
+    refused = _Collect()                # arguments refused on every rank: ended all the same
+    try:
+        pm.generate(ids[:1], max_new_tokens=2, cache_implementation="static", streamer=refused)
+    except astra.UnsupportedModelError:
+        res.append(("refused", refused.ended, True))
     failed = _Collect()                 # ended on every rank though the decode failed (a consumer would wait forever)
     try:
         pm.generate(ids[:1], max_new_tokens=2, stopping_criteria=[_Raise()] if rank == last else None,
@@ -379,5 +384,5 @@ def test_distributed_generation_equals_hf_generate():
                 else:
                     assert got == ref, (family, name, rank, got, ref)
         names = [r[0] for r in out[0][family]]
-        assert names[-10:] == ["scores", "streamer", "1-D", "failure", "heartbeat", "broken raise", "broken local",
-                              "codebooks G=1", "codebooks G=32", "codebooks G=1 predictive"]
+        assert names[-11:] == ["scores", "streamer", "1-D", "refused", "failure", "heartbeat", "broken raise",
+                               "broken local", "codebooks G=1", "codebooks G=32", "codebooks G=1 predictive"]

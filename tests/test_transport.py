@@ -192,10 +192,14 @@ def test_an_nccl_group_without_blocking_wait_is_warned(monkeypatch):
         monkeypatch.setattr(dist, "get_backend_config", lambda group=None, b=backend: b)
         with pytest.warns(RuntimeWarning, match="without TORCH_NCCL_BLOCKING_WAIT=1"):
             Transport(None, 5)
+    for name, value in ((NCCL_BLOCKING_WAIT, "1"), (NCCL_BLOCKING_WAIT, "yes"), (NCCL_BLOCKING_WAIT, "t"),
+                        ("NCCL_BLOCKING_WAIT", "1")):    # torch's true values, and its older name
+        monkeypatch.setenv(name, value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            Transport(None, 5)
+        monkeypatch.delenv(name)
     monkeypatch.setenv(NCCL_BLOCKING_WAIT, "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Transport(None, 5)
     monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "gloo")
     monkeypatch.delenv(NCCL_BLOCKING_WAIT)
     with warnings.catch_warnings():

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import warnings
 from collections.abc import Mapping, Sized
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 
@@ -245,9 +244,10 @@ def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int
 
 
 def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backend, world_size, predict,
-                  seed=0, class_token="auto") -> list:
+                  seed=0, class_token="auto"):
     """:func:`calibrate`'s arguments checked before any forward (ValueError / TypeError naming the argument; each
-    sample as :func:`astra.inputs.validate_inputs` checks a forward's inputs); returns the samples as a list."""
+    sample as :func:`astra.inputs.validate_inputs` checks a forward's inputs, a stream's as it is read); returns
+    the samples (:func:`_read_samples`)."""
     if max_tokens is not None and not is_count(max_tokens, 1):
         raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
     if world_size is not None and not is_count(world_size, 2):
@@ -268,33 +268,48 @@ def _checked_args(fam, samples, groups, codebook_size, iters, max_tokens, backen
     return samples
 
 
-def _read_samples(fam, samples, max_tokens: Optional[int], world_size: Optional[int], cls: bool) -> list:
-    """The samples as a list of checked input dicts. An iterator or generator (no ``len``) is read only until its
-    samples hold ``max_tokens`` tokens (twice that with ``world_size``: layer-wise calibration counts the vectors
-    it quantizes, and a causal model's last rank, at most half its tokens, sends none), so a stream (or an endless
-    one) can be given and yields the codebooks the same samples as a list give; with ``max_tokens=None`` it is read
-    to its end."""
+def _read_samples(fam, samples, max_tokens: Optional[int], world_size: Optional[int], cls: bool):
+    """The samples, each checked as a forward at ``world_size`` ranks checks its inputs: a list, or for an iterator or
+    generator (no ``len``) a :class:`_SampleStream` that reads it only as far as the forwards over it go (they stop
+    at ``max_tokens`` tokens, or at ``max_tokens`` quantized vectors layer-wise), so a stream, endless or not, gives
+    the codebooks the same samples as a list give."""
     if isinstance(samples, Mapping):       # one sample: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
         samples = [samples]
     if isinstance(samples, (torch.Tensor, str, bytes)) or not isinstance(samples, Iterable):
         raise TypeError(f"samples must be an input dict or an iterable of them, got {type(samples).__name__}")
-    out, tokens = [], 0
-    enough = None if max_tokens is None else max_tokens * (2 if world_size else 1)
-    for i, s in enumerate(samples):
+
+    def check(i: int, s) -> Dict[str, Any]:
         if not isinstance(s, Mapping):
             raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
         s = dict(s)
         # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
         validate_inputs(fam, s, world_size or 1, bool(world_size) and cls)
-        out.append(s)
-        if not isinstance(samples, Sized) and enough is not None:
-            mask = s.get("attention_mask")
-            tokens += int(mask.count_nonzero()) if mask is not None else math.prod(seq_geometry(fam, s))
-            if tokens >= enough:
-                break
-    if not out:
+        return s
+
+    out = [check(i, s) for i, s in enumerate(samples)] if isinstance(samples, Sized) else _SampleStream(samples, check)
+    if next(iter(out), None) is None:      # (a stream reads its first sample here, checked)
         raise ValueError("calibrate needs at least one sample")
     return out
+
+
+class _SampleStream:
+    """Samples read from an iterator as the passes over them need them (each checked as it arrives) and kept for the
+    next pass; a pass that stops early leaves the rest of the stream unread."""
+
+    def __init__(self, source: Iterable, check: Callable):
+        self._source, self._check, self._seen = iter(source), check, []
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        i = 0
+        while True:
+            if i == len(self._seen):
+                try:
+                    s = next(self._source)
+                except StopIteration:
+                    return
+                self._seen.append(self._check(i, s))
+            yield self._seen[i]
+            i += 1
 
 
 def calibrate(model, samples: Union[Dict[str, Any], Iterable[Dict[str, Any]]], *, groups: int = 1,

@@ -202,17 +202,16 @@ def hf_generate(model, prompt: Prompt, kv: Optional[List[Tuple[torch.Tensor, tor
                           generation_config=given_config, synced_gpus=False, **kwargs)
 
 
-def replay_to_streamer(prompt: Prompt, sequences: Optional[torch.Tensor]) -> None:
+def replay_to_streamer(prompt: Prompt, sequences: torch.Tensor) -> None:
     """Feed the caller's streamer, on a rank that does not decode, what HF's ``generate`` feeds it on the last rank:
     the prompt, each new token column, then ``end()`` (so a consumer iterating it, e.g. a ``TextIteratorStreamer``,
-    finishes). ``sequences`` None (the decode failed): ``end()`` alone."""
+    finishes)."""
     streamer = prompt.given[1].get("streamer")
     if streamer is None:
         return
-    if sequences is not None:
-        streamer.put(prompt.input_ids.cpu())
-        for j in range(prompt.input_ids.shape[1], sequences.shape[1]):
-            streamer.put(sequences[:, j].cpu())
+    streamer.put(prompt.input_ids.cpu())
+    for j in range(prompt.input_ids.shape[1], sequences.shape[1]):
+        streamer.put(sequences[:, j].cpu())
     streamer.end()
 
 

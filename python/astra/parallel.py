@@ -700,8 +700,9 @@ class ParallelModel:
         try:
             return self._generate(prompt, err)
         except BaseException:
-            if prompt is not None:          # the caller's streamer ended on any failure (HF ends it only on success):
-                replay_to_streamer(prompt, None)    # a consumer iterating it, here or on the last rank, finishes
+            streamer = kwargs.get("streamer")   # ended on any failure, refused arguments too (HF ends it only on
+            if streamer is not None:            # success): a consumer iterating it, on any rank, finishes
+                streamer.end()
             raise
 
     def _generate(self, prompt, err):
@@ -786,7 +787,7 @@ class ParallelModel:
     def _receive_generated(self, prompt):
         """The last rank's ``generate`` result: headers (heartbeats, then the result's shape or a failure), then
         the tokens. A streamer given here is fed them (:func:`astra.generation.replay_to_streamer`; :meth:`generate`
-        ends it on a failure)."""
+        ends it on any failure)."""
         rt, last = self._rt, self.world_size - 1
         t = rt.transport
         status = GEN_ALIVE

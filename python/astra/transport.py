@@ -97,11 +97,20 @@ def check_nccl_wait(group) -> None:
     """Warn, for an NCCL group, unless :data:`NCCL_BLOCKING_WAIT` is set: without it NCCL's ``wait`` does not block
     the host, so astra's timeout does not bound a dead peer (NCCL's watchdog ends the process at the group's own
     timeout instead: no PeerError, no ``on_peer_failure="local"``). :func:`astra.launch` sets it for NCCL."""
-    if "nccl" in backend_text(group) and os.environ.get(NCCL_BLOCKING_WAIT, "0").lower() not in ("1", "true"):
+    if "nccl" in backend_text(group) and not nccl_blocking_wait():
         warnings.warn(f"astra over NCCL without {NCCL_BLOCKING_WAIT}=1: a dead or stalled peer is not bounded by "
                       "astra's timeout (NCCL's wait does not block the host; its watchdog ends the process at the "
                       f"process group's timeout). Set {NCCL_BLOCKING_WAIT}=1 before init_process_group (astra.launch "
                       "does)", RuntimeWarning, stacklevel=4)
+
+
+def nccl_blocking_wait() -> bool:
+    """Whether torch's NCCL wait blocks: the first of :data:`NCCL_BLOCKING_WAIT` and its older name
+    ``NCCL_BLOCKING_WAIT`` that is set, read as torch reads it (1 / y / yes / t / true)."""
+    for name in (NCCL_BLOCKING_WAIT, "NCCL_BLOCKING_WAIT"):
+        if name in os.environ:
+            return os.environ[name].strip().lower() in ("1", "y", "yes", "t", "true")
+    return False
 
 
 def backend_text(group) -> str:
