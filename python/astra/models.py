@@ -445,7 +445,9 @@ def check_has_weights(model) -> None:
     per-call activation scale depends on the rows a call holds, so a rank's chunk would compute other values than the
     whole sequence does (2.5e-3 off on a tiny BERT, as large as the quantization error itself)."""
     if any(p.is_meta for p in model.parameters()):
-        raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights first")
+        raise UnsupportedModelError("the model has parameters on the meta device (no weights): load its weights first "
+                                    "(a device_map that offloads to disk or CPU leaves them there: astra needs every "
+                                    "weight in memory on the model's device)")
     quantized = ("torch.ao.nn.quantized", "torch.nn.quantized")
     for name, m in model.named_modules():
         if hasattr(m, "_packed_params") or type(m).__module__.startswith(quantized):
