@@ -98,10 +98,9 @@ def resolve_backend(backend: str, *tensors: Optional[torch.Tensor]) -> str:
         return "torch"
     if backend == "triton":
         if not triton_available():
-            have = triton_version()
+            have, need = triton_version(), ".".join(map(str, MIN_TRITON))
             found = "is not installed" if have is None else f"is {'.'.join(map(str, have))}"
-            raise RuntimeError(f"backend='triton' needs triton >= {'.'.join(map(str, MIN_TRITON))}, which "
-                               f"{found} (pip install 'triton>={'.'.join(map(str, MIN_TRITON))}')")
+            raise RuntimeError(f"backend='triton' needs triton >= {need}, which {found} (pip install 'triton>={need}')")
         if dev != "cuda" and not interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {dev}); set TRITON_INTERPRET=1 to run the "

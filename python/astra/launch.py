@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional
 from astra_kernels.checks import is_count
 from . import allocator
 from .errors import LaunchError, described
-from .transport import NCCL_BLOCKING_WAIT, checked_timeout
+from .transport import NCCL_BLOCKING_WAIT, checked_timeout, names_nccl
 
 
 class _CompactPickler(pickle.Pickler):
@@ -133,7 +133,7 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
 
         if threads:
             torch.set_num_threads(threads)
-        if "nccl" in str(backend):  # NCCL's wait then blocks and raises at astra's timeout (transport.check_nccl_wait)
+        if names_nccl(backend):     # NCCL's wait then blocks and raises at astra's timeout (transport.check_nccl_wait)
             os.environ.setdefault(NCCL_BLOCKING_WAIT, "1")
         dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))

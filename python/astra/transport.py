@@ -97,7 +97,7 @@ def check_nccl_wait(group) -> None:
     """Warn, for an NCCL group, unless :data:`NCCL_BLOCKING_WAIT` is set: without it NCCL's ``wait`` does not block
     the host, so astra's timeout does not bound a dead peer (NCCL's watchdog ends the process at the group's own
     timeout instead: no PeerError, no ``on_peer_failure="local"``). :func:`astra.launch` sets it for NCCL."""
-    if "nccl" in backend_text(group) and not nccl_blocking_wait():
+    if names_nccl(backend_text(group)) and not nccl_blocking_wait():
         warnings.warn(f"astra over NCCL without {NCCL_BLOCKING_WAIT}=1: a dead or stalled peer is not bounded by "
                       "astra's timeout (NCCL's wait does not block the host; its watchdog ends the process at the "
                       f"process group's timeout). Set {NCCL_BLOCKING_WAIT}=1 before init_process_group (astra.launch "
@@ -111,6 +111,11 @@ def nccl_blocking_wait() -> bool:
         if name in os.environ:
             return os.environ[name].strip().lower() in ("1", "y", "yes", "t", "true")
     return False
+
+
+def names_nccl(backend: str) -> bool:
+    """Whether a backend text sends anything over NCCL (``"nccl"``, or per device: ``"cpu:gloo,cuda:nccl"``)."""
+    return "nccl" in str(backend).lower()
 
 
 def backend_text(group) -> str:
