@@ -163,6 +163,11 @@ def test_sliding_window_is_refused_beyond_the_window():
     with pytest.raises(astra.UnsupportedModelError, match="sliding-window attention"):
         astra.simulate(qwen, tiny_inputs("qwen2", seq=11), world_size=2)
     assert family_of(tiny_model("qwen2")).window() is None          # use_sliding_window=False: full attention
+    # Mistral slides in every layer whatever layer_types says (transformers warns and reads sliding_window alone):
+    # astra read layer_types as Qwen2's and computed full attention, 0.31 off the model
+    listed = tiny_model("mistral", sliding_window=4, layer_types=["full_attention"] * 2)
+    with pytest.raises(astra.UnsupportedModelError, match="sliding window of 4"):
+        astra.simulate(listed, inputs, world_size=2)
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])

@@ -520,13 +520,20 @@ def _bidirectional_encoder(cfg) -> None:
 
 
 def _sliding_window(cfg) -> Optional[int]:
-    """The span of the sliding-window layers (Mistral: every layer when set; Qwen2/Qwen3: the layers whose
-    ``layer_types`` entry is "sliding_attention")."""
+    """The span of Qwen2 / Qwen3's sliding-window layers: those whose ``layer_types`` entry is "sliding_attention"
+    (every layer where the config has no ``layer_types``)."""
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
     if window is None or (types is not None and "sliding_attention" not in types):
         return None
     return int(window)
+
+
+def _mistral_window(cfg) -> Optional[int]:
+    """Mistral's window: every layer's when ``sliding_window`` is set, whatever ``layer_types`` says (its attention
+    and mask read ``config.sliding_window`` alone; a config with ``layer_types`` of full attention still slides)."""
+    window = getattr(cfg, "sliding_window", None)
+    return None if window is None else int(window)
 
 
 def _vit_tokens(base: Module, inputs: dict) -> int:
@@ -557,7 +564,7 @@ def _register_builtins() -> None:
                                   inputs=TEXT_INPUTS | {"token_type_ids"}, final=lambda b: b.ln_f,
                                   check=_no_cross_attention, max_len=lambda c: c.n_positions))
     register_family(FamilyAdapter("llama", **llama_like))
-    register_family(FamilyAdapter("mistral", **llama_like, window=_sliding_window))
+    register_family(FamilyAdapter("mistral", **llama_like, window=_mistral_window))
     register_family(FamilyAdapter("qwen2", **llama_like, window=_sliding_window))          # q/k/v biases
     register_family(FamilyAdapter("qwen3", **dict(llama_like, kv=linear_kv("k_proj", "v_proj", "k_norm"),
                                                   q=linear_q("q_proj", "q_norm")),
