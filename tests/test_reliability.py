@@ -84,24 +84,23 @@ def _cases(rank):
                 h.remove()
             full = pm.gather(pm(**inputs)).logits
             out[f"2b_fail_{where}_{kind}"] = (res, float((full - sim).abs().max()))
-    if rank == 1:                                  # a fresh ParallelModel on one rank: its call counter restarts
+    if rank == 1:           # a fresh ParallelModel on one rank (parallelize agrees too: it pairs with the forward)
         astra.unpatch(model)
-        pm = astra.parallelize(model, cb, timeout=5)
-    res = _outcome(lambda: pm(**inputs))
+        res = _outcome(lambda: astra.parallelize(model, cb, timeout=5))
+    else:
+        res = _outcome(lambda: pm(**inputs))
+    astra.unpatch(model)                           # then every rank parallelizes again, together
+    pm = astra.parallelize(model, cb, timeout=5)
     out["1d_out_of_step"] = (res, float((pm.gather(pm(**inputs)).logits - sim).abs().max()))
     astra.unpatch(model)
     out["3_stale"] = (_outcome(lambda: pm(**inputs)), 0.0)
     other_cb = astra.Codebooks.random(model, groups=1, codebook_size=8, seed=rank)
-    pm = astra.parallelize(model, other_cb, timeout=5)
-    out["1e_other_codebooks"] = (_outcome(lambda: pm(**inputs)), 0.0)
-    astra.unpatch(model)
+    out["1e_other_codebooks"] = (_outcome(lambda: astra.parallelize(model, other_cb, timeout=5)), 0.0)
     if rank == 1:                                  # one weight of one rank's checkpoint differs in its last bits
         with torch.no_grad():
             w = model.transformer.h[1].mlp.c_fc.weight
             w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(float("inf")))
-    pm = astra.parallelize(model, cb, timeout=5)
-    out["1f_other_weights"] = (_outcome(lambda: pm(**inputs)), 0.0)
-    astra.unpatch(model)
+    out["1f_other_weights"] = (_outcome(lambda: astra.parallelize(model, cb, timeout=5)), 0.0)
     out.update(_more_disagreements(rank, inputs, sim))
     return out
 
@@ -116,13 +115,10 @@ def _more_disagreements(rank, inputs, sim):
         with torch.no_grad():
             w = model.transformer.h[1].mlp.c_fc.weight
             w[[0, 3]] = w[[3, 0]].clone()
-    pm = astra.parallelize(model, None, timeout=5)
-    out["1g_swapped_rows"] = (_outcome(lambda: pm(**inputs)), 0.0)
-    astra.unpatch(model)
+    out["1g_swapped_rows"] = (_outcome(lambda: astra.parallelize(model, None, timeout=5)), 0.0)
     bert, bert_inputs = tiny_model("bert"), tiny_inputs("bert", seq=12)
-    pm = astra.parallelize(bert, None, timeout=5, class_token="distributed" if rank == 0 else "none")
-    out["1h_other_class_token"] = (_outcome(lambda: pm(**bert_inputs)), 0.0)
-    astra.unpatch(bert)
+    out["1h_other_class_token"] = (_outcome(lambda: astra.parallelize(
+        bert, None, timeout=5, class_token="distributed" if rank == 0 else "none")), 0.0)
     with torch.no_grad():
         ref = bert(**bert_inputs).last_hidden_state
     pm = astra.parallelize(bert, None, timeout=5, class_token="none")
@@ -622,8 +618,7 @@ def _adapters_differ(rank):
                                   kv=linear_kv("k_lin", "v_lin"), embeddings=lambda b: b.embeddings,
                                   final=lambda b: b.transformer, class_token="optional", **first))
     try:
-        pm = astra.parallelize(model, None, timeout=10)
-        return _any_outcome(lambda: pm(**tiny_inputs("bert", seq=12)))
+        return _any_outcome(lambda: astra.parallelize(model, None, timeout=10))      # told at parallelize
     finally:
         unregister_family("distilbert")
 
@@ -688,12 +683,85 @@ def _other_version(rank):
 
     if rank == 1:
         ak.__version__ = "9.9.9"            # this spawned process only
-    pm = astra.parallelize(tiny_model("gpt2"), None, timeout=10)
-    return [_any_outcome(lambda: pm(**tiny_inputs("gpt2", seq=8))) for _ in range(2)]
+    model = tiny_model("gpt2")
+    return [_any_outcome(lambda: astra.parallelize(model, None, timeout=10)) for _ in range(2)]
 
 
-def test_ranks_of_other_astra_versions_are_told_so_on_every_call():
+def test_ranks_of_other_astra_versions_are_told_so_at_every_parallelize():
     for rank, outs in enumerate(astra.launch(_other_version, 2, join_timeout=120)):
         for out in outs:
             assert out == (f"InputMismatchError: astra rank {rank}/2: the ranks run different astra versions: rank 0: "
                            f"astra {astra.__version__}; rank 1: astra 9.9.9; install one version on every node"), out
+
+
+def _setup_failures(rank):
+    """``parallelize`` failing on one rank (an argument it refuses, codebooks of another model) left the others
+    patched and waiting at their first forward for the timeout, then blaming a dead peer; ranks given different
+    weights learnt it only at that forward. Each case is followed by a good parallelize and forward."""
+    import time
+
+    model = tiny_model("gpt2", head=False)
+    x = tiny_inputs("gpt2", seq=12)
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    other = astra.Codebooks.random(tiny_model("llama"), groups=1, codebook_size=8)
+    cases = {"bad option": dict(on_peer_failure="bogus" if rank == 1 else "raise"),
+             "codebooks of another model": dict(codebooks=other if rank == 0 else None)}
+    out = {}
+    for name, kwargs in cases.items():
+        t0 = time.perf_counter()
+        out[name] = _any_outcome(lambda kw=kwargs: astra.parallelize(model, **dict(dict(codebooks=None), **kw),
+                                                                     timeout=60))
+        out[name + " seconds"] = time.perf_counter() - t0
+        pm = astra.parallelize(model, None, timeout=60)      # the model was left unpatched on every rank
+        out[name + " next"] = float((pm.gather(pm(**x)).last_hidden_state - ref).abs().max())
+        pm.unpatch()
+    if rank == 1:
+        with torch.no_grad():
+            model.h[0].attn.c_attn.weight[0, 0] += 1.0
+    out["other weights"] = _any_outcome(lambda: astra.parallelize(model, None, timeout=60))
+    out["patched after"] = getattr(model, "_astra_runtime_obj", None) is not None
+    return out
+
+
+def test_a_rank_whose_parallelize_fails_is_named_at_once_on_every_rank():
+    for rank, out in enumerate(astra.launch(_setup_failures, 2, join_timeout=240)):
+        bad = out["bad option"]
+        if rank == 1:
+            assert bad == "ValueError: on_peer_failure must be one of ('raise', 'local'), got 'bogus'", bad
+        else:
+            assert bad.startswith("RankFailedError: astra rank 0/2: rank 1 could not parallelize (ValueError: "
+                                  "on_peer_failure must be one of"), bad
+        cb = out["codebooks of another model"]
+        assert cb.startswith("RankFailedError: astra rank 1/2: rank 0 could not parallelize (" if rank == 1 else
+                             "ValueError: "), cb
+        for name in ("bad option", "codebooks of another model"):
+            assert out[name + " seconds"] < 30, (rank, name, out)       # not the 60 s timeout
+            assert out[name + " next"] < TOL, (rank, name, out)
+        assert out["other weights"].startswith(f"InputMismatchError: astra rank {rank}/2: model weights differ "
+                                               "between ranks: rank 0: "), out["other weights"]
+        assert not out["patched after"], out
+
+
+def _dead_before_parallelize(rank):
+    import warnings
+
+    if rank == 1:
+        os._exit(3)
+    model = tiny_model("gpt2", head=False)
+    x = tiny_inputs("gpt2", seq=12)
+    with torch.no_grad():
+        ref = model(**x).last_hidden_state
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = astra.parallelize(model, None, timeout=3, on_peer_failure="local")
+        out = pm(**x).last_hidden_state
+    return {"diff": float((out - ref).abs().max()), "degraded": pm.degraded,
+            "warned": any("peer failure in parallelize" in str(w.message) for w in caught)}
+
+
+def test_on_peer_failure_local_survives_a_peer_dead_before_parallelize():
+    with pytest.raises(astra.LaunchError) as ei:
+        astra.launch(_dead_before_parallelize, 2, join_timeout=120)
+    r = ei.value.results[0]
+    assert r["diff"] < TOL and r["degraded"] and r["warned"], r

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from astra_kernels.checks import INT_OF_SIZE
-from .errors import InputMismatchError, InvalidInputError, utf8_field
+from .errors import InputMismatchError, InvalidInputError, RankFailedError, utf8_field
 
 #: the fingerprint's size, the same in every astra version (a version that pairs fingerprints of two sizes in one
 #: all-gather makes gloo abort the process): what a version changes is its layout, named by the magic
@@ -30,6 +30,8 @@ MAGIC = 0x32505341                         # "ASP2": this layout
 #: the layout astra 0.1.0 sent (no version field): named rather than read as another program's collective
 MAGIC_V1 = 0x46505341                      # "ASPF"
 VALID, INVALID = 0, 1
+#: the status of a rank whose ``astra.parallelize`` failed: its fingerprint carries the reason and nothing else
+SETUP_FAILED = 2
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def _differ(name: str, values: List[str]) -> str:
 def setups_differ(fps: List[Fingerprint]) -> bool:
     """The ranks run one world size but their models or codebooks differ (every rank sees it alike): the case in which
     they exchange :func:`describe_setup` texts to name the difference."""
-    return (all(f.magic == MAGIC for f in fps) and len({f.version for f in fps}) == 1
+    return (all(f.magic == MAGIC and f.status != SETUP_FAILED for f in fps) and len({f.version for f in fps}) == 1
             and len({f.world for f in fps}) == 1
             and (len({f.model[:8] for f in fps}) > 1 or len({f.codebooks for f in fps}) > 1))
 
@@ -197,6 +199,10 @@ def disagreement(fps: List[Fingerprint], rank: int, setups: Optional[List[str]] 
     if older or len(set(versions)) > 1:
         return InputMismatchError(pre + "the ranks run different astra versions: " + "; ".join(
             f"rank {r}: astra {v}" for r, v in enumerate(versions)) + "; install one version on every node")
+    failed = [r for r, f in enumerate(fps) if f.status == SETUP_FAILED]
+    if failed:
+        return RankFailedError(pre + "; ".join(f"rank {r} could not parallelize ({fps[r].text})" for r in failed)
+                               + ": call astra.parallelize again on every rank once it can", rank=failed[0])
     named = None if setups is None else setup_differences(setups)
     checks = [("world sizes", [str(f.world) for f in fps], ""),
               ("models (class, configuration, size, dtype, family adapter)", [f.model[:8].hex() for f in fps], ""),

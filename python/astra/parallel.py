@@ -13,6 +13,7 @@ import astra_kernels as ak
 from . import profile as prof_
 from .agreement import (
     INVALID,
+    SETUP_FAILED,
     SETUP_NBYTES,
     VALID,
     Fingerprint,
@@ -825,8 +826,56 @@ def parallelize(model, codebooks=None, *, group=None, class_token="auto", timeou
     ``split``: the token split, the same on every rank and in :func:`astra.simulate` (:data:`astra.split.SPLITS`:
     ``"even"``, ``"balanced"``: causal attention work balanced (later ranks hold fewer tokens, the last, which
     encodes nothing, a few more), or ``"auto"``); the input agreement rejects ranks given different splits."""
-    cb = as_codebooks(codebooks, model)
-    rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
-                     overlap=overlap, on_peer_failure=on_peer_failure, profile=profile, split=split)
-    rt.install()
+    try:
+        cb = as_codebooks(codebooks, model)
+        rt = DistRuntime(model, cb, group=group, class_token=class_token, timeout=timeout, kv_tables=kv_tables,
+                         overlap=overlap, on_peer_failure=on_peer_failure, profile=profile, split=split)
+        rt.install()
+    except Exception as e:
+        _report_setup_failure(model, group, timeout, e)
+        raise
+    _agree_setup(rt)
     return ParallelModel(model, rt)
+
+
+def _agree_setup(rt: DistRuntime) -> None:
+    """``parallelize``'s own agreement (call 1): ranks whose versions, world sizes, models or codebooks differ, or
+    one whose ``parallelize`` failed (:func:`_report_setup_failure`), raise together here, not at the first
+    forward's timeout. A peer that died first: PeerError, or with ``on_peer_failure="local"`` a warning and a
+    model that computes alone."""
+    try:
+        rt.agree("parallelize", {})
+    except PeerError as e:
+        if rt.on_peer_failure == "local" and not isinstance(e, RankFailedError):
+            warnings.warn(f"{rt.place()}: peer failure in parallelize ({e}); every forward will run on this rank "
+                          "alone (on_peer_failure='local')", RuntimeWarning, stacklevel=3)
+            return
+        rt.uninstall()
+        raise
+    except Exception:
+        rt.uninstall()
+        raise
+
+
+def _report_setup_failure(model, group, timeout, e: BaseException) -> None:
+    """This rank's ``parallelize`` failed: send the peers, waiting in :func:`_agree_setup`, a fingerprint that
+    names it, so that they raise :class:`RankFailedError` with its reason. Nothing is sent without a usable
+    process group (the peers then raise PeerError at their timeout); the caller raises ``e`` either way."""
+    try:
+        t = Transport(group, timeout)
+    except Exception:
+        try:
+            t = Transport(group, DEFAULT_TIMEOUT_S)     # this rank's timeout itself was refused
+        except Exception:
+            return
+    try:
+        t.device = next(model.parameters()).device
+    except Exception:
+        pass
+    none = b"\0" * 16
+    fp = Fingerprint(call=1, world=t.world, status=SETUP_FAILED, model=none, codebooks=none, values=none,
+                     text=described(e), version=ak.__version__)
+    try:
+        t.exchange_fixed(fp.pack().to(t.device), "parallelize: failure report")
+    except Exception:
+        pass        # the peers died or left: this rank's own error is what its caller needs
