@@ -765,3 +765,29 @@ def test_on_peer_failure_local_survives_a_peer_dead_before_parallelize():
         astra.launch(_dead_before_parallelize, 2, join_timeout=120)
     r = ei.value.results[0]
     assert r["diff"] < TOL and r["degraded"] and r["warned"], r
+
+
+def _embedding_fails_once(rank, family):
+    model, inputs = tiny_model(family), tiny_inputs(family, seq=12)
+    pm = astra.parallelize(model, astra.Codebooks.random(model, groups=1, codebook_size=8), timeout=5)
+    emb = model.transformer.wte if family == "gpt2" else model.model.embed_tokens
+    if rank == 1:
+        calls = []
+
+        def once(module, args, out):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("one-off embedding failure")
+        emb.register_forward_hook(once)
+    return _outcome(lambda: pm(**inputs)), _outcome(lambda: pm(**inputs))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_failure_embedding_the_whole_sequence_fails_every_rank_together(family):
+    """A decoder's ranks embed the whole sequence before the layers; that ran outside the fail-together block: the
+    failing rank raised alone, its next call's fingerprint met its peer's layer-1 all-gather and gloo aborted the
+    peer (SIGABRT)."""
+    for rank, (first, second) in enumerate(astra.launch(_embedding_fails_once, 2, family, join_timeout=120)):
+        assert first.startswith(f"RankFailedError: astra rank {rank}/2: rank 1 failed"), first
+        assert "one-off embedding failure" in first, first
+        assert second == "ok", second

@@ -334,7 +334,8 @@ class DistRuntime(RuntimeBase):
             return self._after_peer_failure(inputs, e)
         ctx, local, call = self._prepare(checked, capture)
         prof = self.profiler
-        try:
+        try:           # from here on a failure reaches the peers, which wait in layer 1's exchange
+            self.embed_sequence(ctx, checked)
             with torch.no_grad():
                 out = self.model(**call)
             if prof is not None:
@@ -404,7 +405,7 @@ class DistRuntime(RuntimeBase):
 
     def _prepare(self, inputs: Dict[str, Any], capture: bool):
         fam = self.fam
-        ctx = self.new_ctx(inputs, self.world)
+        ctx = self.new_ctx(inputs, self.world, embed=False)      # run() embeds, inside its failure handling
         local = with_class_token(ctx.chunks[self.rank], ctx.cls)      # the split of make_ctx, not a second one
         others = key_ranks(fam, ctx.chunks, self.rank)
         self._senders = senders(fam, ctx.chunks)

@@ -263,17 +263,24 @@ class RuntimeBase:
         self.check_finite(0, h, idx)
         return h
 
-    def new_ctx(self, inputs, world_size: int) -> Ctx:
-        """A forward's context (:func:`make_ctx`); where :attr:`needs_embeddings`, a decoder's ranks also embed the
-        whole sequence there (:meth:`Family.embed`; encoders keep theirs from the embeddings hook). The caller has
-        checked the model's state (:meth:`check_model_state`: the distributed runtime in its input agreement)."""
+    def new_ctx(self, inputs, world_size: int, embed: bool = True) -> Ctx:
+        """A forward's context (:func:`make_ctx`), with the whole sequence's embedding (:meth:`embed_sequence`)
+        unless ``embed`` is False (the distributed runtime embeds where a failure can still be reported to its
+        peers). The caller has checked the model's state (:meth:`check_model_state`: the distributed runtime in its
+        input agreement)."""
         ctx = make_ctx(self.fam, inputs, world_size, self.cls, self.split_costs)
+        if embed:
+            self.embed_sequence(ctx, inputs)
+        return ctx
+
+    def embed_sequence(self, ctx: Ctx, inputs) -> None:
+        """Where :attr:`needs_embeddings`, a decoder's ranks embed the whole sequence into ``ctx.state["emb"]``
+        (:meth:`Family.embed`: the model's own embedding modules; encoders keep theirs from the embeddings hook)."""
         if self.needs_embeddings and self.fam.decoder:
             with contextlib.nullcontext() if self.differentiable else torch.no_grad():
                 emb = self.fam.embed(inputs, ctx.pos_ids)
             if emb is not None:
                 ctx.state["emb"] = emb
-        return ctx
 
     def in_training(self) -> bool:
         """A module of the model is in training mode (dropout on), where this runtime runs inference only."""
