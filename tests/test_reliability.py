@@ -791,3 +791,21 @@ def test_a_failure_embedding_the_whole_sequence_fails_every_rank_together(family
         assert first.startswith(f"RankFailedError: astra rank {rank}/2: rank 1 failed"), first
         assert "one-off embedding failure" in first, first
         assert second == "ok", second
+
+
+def _generate_other_sampling(rank):
+    model = tiny_model("llama")
+    ids = tiny_inputs("llama", seq=12)["input_ids"]
+    pm = astra.parallelize(model, astra.Codebooks.random(model, groups=1, codebook_size=8), timeout=5)
+    kw = dict(max_new_tokens=4, do_sample=True, top_k=5)
+    other = _any_outcome(lambda: pm.generate(ids, **kw, temperature=0.7 if rank else 1.0))
+    return other, _any_outcome(lambda: pm(input_ids=ids if rank else ids.flip(1)))
+
+
+def test_generate_arguments_that_differ_are_named():
+    """The generation config travels as JSON in the fingerprint's fixed-size text, which cut it after ~400 bytes:
+    ranks given other temperatures, top_k, num_beams ... were told that their 'input values (digests) differ'."""
+    for rank, (other, values) in enumerate(astra.launch(_generate_other_sampling, 2, join_timeout=120)):
+        assert other == (f"InputMismatchError: astra rank {rank}/2: generate arguments differ between ranks: "
+                         "temperature (rank 0: 1.0, rank 1: 0.7)"), other
+        assert values.startswith(f"InputMismatchError: astra rank {rank}/2: input values (digests) differ"), values

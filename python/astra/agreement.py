@@ -185,9 +185,43 @@ def setups_differ(fps: List[Fingerprint]) -> bool:
             and (len({f.model[:8] for f in fps}) > 1 or len({f.codebooks for f in fps}) > 1))
 
 
-def disagreement(fps: List[Fingerprint], rank: int, setups: Optional[List[str]] = None) -> Optional[Exception]:
+#: the size of a rank's whole request text (a call's arguments: a generation config), exchanged only where the
+#: fingerprints differ in their values alone (:func:`values_differ_only`): the fingerprint's text cuts it
+REQUEST_NBYTES = 4096
+
+
+def values_differ_only(fps: List[Fingerprint]) -> bool:
+    """The fingerprints agree in everything but the values' digest, which also covers the whole request text (every
+    rank sees it alike): the case in which the ranks exchange their requests to name a difference the text cut."""
+    def same(attr: str) -> bool:
+        return len({getattr(f, attr) for f in fps}) == 1
+    return (all(f.magic == MAGIC and f.status == VALID for f in fps) and not same("values")
+            and all(same(a) for a in ("version", "world", "model", "codebooks", "call", "text")))
+
+
+def request_differences(requests: List[str]) -> Optional[str]:
+    """What differs between the ranks' request texts (``"generate {json}; "``: the differing keys with each rank's
+    value), or None where they are equal (the inputs' values differ)."""
+    if len(set(requests)) == 1:
+        return None
+    try:
+        fields = [json.loads(r.split(" ", 1)[1].rstrip("; ")) for r in requests]
+    except (IndexError, ValueError):
+        fields = None
+    if not fields or not all(isinstance(f, dict) for f in fields):
+        return _differ("call arguments", requests)
+    keys = sorted(set().union(*fields))
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in fields}) > 1]
+    return f"{requests[0].split(' ', 1)[0]} arguments differ between ranks: " + "; ".join(
+        f"{k} (" + ", ".join(f"rank {r}: {json.dumps(f.get(k))}" for r, f in enumerate(fields)) + ")"
+        for k in differ[:8])
+
+
+def disagreement(fps: List[Fingerprint], rank: int, setups: Optional[List[str]] = None,
+                 requests: Optional[List[str]] = None) -> Optional[Exception]:
     """The error every rank raises for these fingerprints (the same on every rank), or None if they agree.
-    ``setups``: every rank's :func:`describe_setup`, where :func:`setups_differ` had them exchanged."""
+    ``setups``: every rank's :func:`describe_setup`, where :func:`setups_differ` had them exchanged; ``requests``:
+    every rank's whole request text, where :func:`values_differ_only` had them exchanged."""
     world = len(fps)
     pre = f"astra rank {rank}/{world}: "
     older = [r for r, f in enumerate(fps) if f.magic == MAGIC_V1]
@@ -232,6 +266,9 @@ def disagreement(fps: List[Fingerprint], rank: int, setups: Optional[List[str]] 
     if len(set(descr)) > 1:
         return InputMismatchError(pre + _differ("input names, dtypes or shapes, or options (split, class_token)",
                                                 descr))
+    named = None if requests is None else request_differences(requests)
+    if named is not None:
+        return InputMismatchError(pre + named)
     vals = [f.values.hex()[:12] for f in fps]
     if len(set(vals)) > 1:
         return InputMismatchError(pre + _differ("input values (digests)", vals) + "; every rank must be given the "

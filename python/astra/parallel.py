@@ -13,6 +13,7 @@ import astra_kernels as ak
 from . import profile as prof_
 from .agreement import (
     INVALID,
+    REQUEST_NBYTES,
     SETUP_FAILED,
     SETUP_NBYTES,
     VALID,
@@ -24,6 +25,7 @@ from .agreement import (
     disagreement,
     inputs_digest,
     setups_differ,
+    values_differ_only,
     weights_digest,
 )
 from .codebooks import as_codebooks
@@ -470,7 +472,9 @@ class DistRuntime(RuntimeBase):
         outs = self.transport.exchange_fixed(fp.pack().to(self.transport.device), "input agreement")
         fps = [Fingerprint.unpack(o) for o in outs]
         self.calls = max(f.call for f in fps)     # re-synchronised whatever the verdict
-        exc = disagreement(fps, self.rank, self._setups() if setups_differ(fps) else None)
+        exc = disagreement(fps, self.rank, self._setups() if setups_differ(fps) else None,
+                           self.transport.exchange_texts(request, REQUEST_NBYTES, "input agreement: requests")
+                           if values_differ_only(fps) else None)
         if exc is None:
             return inputs
         if err is not None and isinstance(exc, InvalidInputError):     # every rank: same inputs, same reason
