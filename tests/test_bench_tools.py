@@ -344,24 +344,23 @@ def test_shaped_namespace_has_tbf_on_an_mtu_1500_loopback():
 
 
 def _ours(tmp_path) -> list:
-    """Processes started with ``TMPDIR=tmp_path`` (the benchmark, its worker, the worker's ranks)."""
+    """Processes started with ``TMPDIR`` at or under ``tmp_path`` (the benchmark; its worker and the worker's ranks,
+    whose TMPDIR is the sweep's own directory in it)."""
     mine = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"TMPDIR={tmp_path}".encode() in f.read().split(b"\0"):
-                    mine.append(int(pid))
+                env = f.read().split(b"\0")
+            if any(v == f"TMPDIR={tmp_path}".encode() or v.startswith(f"TMPDIR={tmp_path}/".encode()) for v in env):
+                mine.append(int(pid))
         except OSError:
             pass
     return mine
 
 
-@pytest.mark.parametrize("shaped", [False, pytest.param(True, marks=pytest.mark.root)])
-def test_sigterm_leaves_no_namespace_directory_or_process_behind(tmp_path, shaped):
-    """SIGTERM (kill, timeout) skipped every clean-up: the shaped namespace, the temporary directories and the
-    worker with its ranks outlived the benchmark."""
-    if shaped and real_link_available():
-        pytest.skip(f"no real link here: {real_link_available()}")
+def _bench_running(tmp_path, shaped: bool):
+    """``astra bench`` started with ``TMPDIR=tmp_path``, returned once its ranks (or shaped namespace) exist:
+    ``(process, stderr path, namespace prefix)``."""
     env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
     argv = [sys.executable, "-m", "astra", "bench", "--models", "gpt2", "--systems", "fp-sp", "--layers", "2",
             "--tokens", "64", "--repeats", "500", "--rates", "0.5", "--out-dir", str(tmp_path / "out")]
@@ -379,16 +378,40 @@ def test_sigterm_leaves_no_namespace_directory_or_process_behind(tmp_path, shape
     while not started() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, err_path.read_text()[-2000:]
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    err = err_path.read_text()
-    assert proc.returncode == 130 and "astra bench: interrupted" in err, err[-2000:]
+    return proc, err_path, ns_prefix
+
+
+def _none_of_ours_left(tmp_path) -> None:
     deadline = time.monotonic() + 30
     while _ours(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ours(tmp_path) == [], [open(f"/proc/{p}/cmdline").read() for p in _ours(tmp_path)]
+
+
+@pytest.mark.parametrize("shaped,sig", [(False, signal.SIGTERM), (False, signal.SIGHUP),
+                                        pytest.param(True, signal.SIGTERM, marks=pytest.mark.root)])
+def test_termination_leaves_no_namespace_directory_or_process_behind(tmp_path, shaped, sig):
+    """SIGTERM (kill, timeout) and SIGHUP (a closed terminal) skipped every clean-up: the shaped namespace, the
+    temporary directories and the worker with its ranks outlived the benchmark."""
+    if shaped and real_link_available():
+        pytest.skip(f"no real link here: {real_link_available()}")
+    proc, err_path, ns_prefix = _bench_running(tmp_path, shaped)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    err = err_path.read_text()
+    assert proc.returncode == 130 and "astra bench: interrupted" in err, err[-2000:]
+    _none_of_ours_left(tmp_path)
     assert [p for p in os.listdir(tmp_path) if p.startswith("astra-")] == []
     assert ns_prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_no_process_outlives_a_benchmark_killed_by_sigkill(tmp_path):
+    """``kill -9`` (the OOM killer, a CI step's timeout) of the benchmark left its worker and the worker's ranks
+    running the whole job, parented to init."""
+    proc, _, _ = _bench_running(tmp_path, False)
+    proc.kill()
+    proc.wait(timeout=60)
+    _none_of_ours_left(tmp_path)
 
 
 def test_predict_report_fits_at_n2_and_scores_only_held_out_points(tmp_path):

@@ -438,3 +438,68 @@ def test_after_failure_s_auto_is_twice_the_timeout_and_at_least_ten_seconds():
     assert _after_failure("auto", 60.0) == 120.0
     assert _after_failure("auto", 3.0) == 10.0
     assert _after_failure(None, 3.0) is None and _after_failure(2, 3.0) == 2.0
+
+
+def _children(pid: int) -> list:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_ctrl_c_while_ranks_import_prints_no_rank_traceback(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group; a rank still in spawn's bootstrap (importing torch,
+    astra, the script), before its reporting, printed its own KeyboardInterrupt traceback. Here the ranks get it
+    first, during a slow import of the script, then the launcher."""
+    script = tmp_path / "slow_import.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'python')!r}]
+        import astra
+        if __name__ == "__mp_main__":
+            time.sleep(30)                      # a rank re-importing the script
+        def f(rank):
+            return rank
+        if __name__ == "__main__":
+            astra.launch(f, 2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)))
+    deadline = time.monotonic() + 60
+    while len(_children(proc.pid)) < 3 and time.monotonic() < deadline:     # 2 ranks + the resource tracker
+        time.sleep(0.2)
+    time.sleep(1)
+    ranks = _children(proc.pid)
+    for c in ranks:
+        os.kill(c, signal.SIGINT)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=30)[1]
+    assert "spawn_main" not in err and "KeyboardInterrupt" in err, err[-3000:]
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in ranks)
+
+
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_mains_that_spawned_ranks_can_not_import_are_refused_before_any_rank_starts(tmp_path, how):
+    """A script piped into python made every rank fail in spawn's FileNotFoundError '<stdin>', and a fn defined in
+    ``python -c`` (a REPL, a notebook) got advice about an ``if __name__ == '__main__'`` guard it did not have."""
+    body = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'python')!r}, {str(ROOT / 'tests')!r}]
+        import astra
+        from test_launch import _rank_itself
+        def f(rank):
+            return rank
+        astra.launch({'_rank_itself' if how == 'stdin' else 'f'}, 2)
+    """)
+    argv = [sys.executable, "-"] if how == "stdin" else [sys.executable, "-c", body]
+    t0 = time.monotonic()
+    r = subprocess.run(argv, input=body if how == "stdin" else None, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode != 0 and time.monotonic() - t0 < 60, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    want = ("ValueError: the main script was read from <stdin>" if how == "stdin" else
+            "ValueError: fn ('f') is defined in an interactive session, python -c or a notebook")
+    assert last.startswith(want), r.stderr[-2000:]
+    assert "spawn_main" not in r.stderr, r.stderr[-2000:]

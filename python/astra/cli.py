@@ -652,9 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (``kill``, ``timeout``) interrupts a command as Ctrl-C does, so that what it made is removed (a
-    benchmark's shaped namespaces and temporary directories, its worker and ranks: they outlived SIGTERM before)."""
+def _termination_as_interrupt():
+    """SIGTERM (``kill``, ``timeout``) and SIGHUP (a closed terminal, a dropped SSH session; unless ignored, as under
+    ``nohup``) interrupt a command as Ctrl-C does, so that what it made is removed (a benchmark's shaped namespaces
+    and temporary directories, its worker and ranks, a run's codebooks: they outlived both before)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -662,11 +663,16 @@ def _sigterm_as_interrupt():
     def interrupt(signum, frame):
         raise KeyboardInterrupt()
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    for n in names:
+        if previous[n] is not signal.SIG_IGN:
+            signal.signal(getattr(signal, n), interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for n in names:
+            signal.signal(getattr(signal, n), previous[n])
 
 
 #: the optional packages a command may need, and the extra of astra-kernels that installs each
@@ -686,7 +692,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        with _sigterm_as_interrupt():
+        with _termination_as_interrupt():
             validate(args)
             return int(args.fn(args) or 0)
     except UsageError as e:

@@ -87,11 +87,12 @@ def _unpickled_fn(data: bytes) -> _Fn:
         return _Fn(error=e)
 
 
-def _exit_with_launcher(launcher: int) -> None:
-    """A rank outlives no launching process: one killed by a signal that skips its ``finally`` (SIGTERM, SIGKILL)
-    left every rank running, parented to init. On Linux the kernel kills the rank when its parent dies
-    (``PR_SET_PDEATHSIG``: a thread could wait for the GIL forever, e.g. behind torch's FileStore constructor); a
-    thread also polls twice a second (forkserver's ranks are not the launcher's children; other systems)."""
+def exit_with_launcher(launcher: int) -> None:
+    """This process (a rank, the benchmark's worker) does not outlive the process ``launcher`` that started it: a
+    launcher killed by a signal that skips its ``finally`` (SIGTERM, SIGKILL) left every rank running, parented to
+    init. On Linux the kernel kills this process when its parent dies (``PR_SET_PDEATHSIG``: a thread could wait for
+    the GIL forever, e.g. behind torch's FileStore constructor); a thread also polls twice a second (forkserver's
+    ranks are not the launcher's children; other systems)."""
     parent = os.getppid()       # the launcher under spawn; forkserver's server otherwise
     if sys.platform.startswith("linux") and parent == launcher:
         try:
@@ -123,8 +124,9 @@ def _exit_with_launcher(launcher: int) -> None:
 def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn: _Fn, args, kwargs, q, launcher):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
-    _exit_with_launcher(launcher)
+    exit_with_launcher(launcher)
     try:
+        _sigint_mask(signal.SIG_UNBLOCK)        # blocked by the launcher while it started this rank (:func:`_start`)
         call = fn.get()
         if tune:
             allocator.tune_allocator()
@@ -153,13 +155,40 @@ def _worker(rank, world_size, init_method, backend, timeout_s, threads, tune, fn
         q.put((rank, "err", f"{described(e)}\n{traceback.format_exc()}"))
 
 
+def _check_spawnable(fn) -> None:
+    """Refuse, before any rank starts, what spawned ranks can not import: a main script read from stdin (spawn runs
+    its path again: every rank failed with FileNotFoundError '<stdin>') and a ``fn`` defined in a main module with no
+    file (``python -c``, a REPL, a notebook: the ranks' error blamed a ``__main__`` guard that was not there)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is None and path is not None and not os.path.exists(path):
+        raise ValueError(f"the main script was read from {path} and spawned ranks can not run it again: save it to a "
+                         "file and run that, or launch(..., start_method='fork')")
+    if getattr(fn, "__module__", None) == "__main__" and path is None:
+        raise ValueError(f"fn ({getattr(fn, '__qualname__', fn)!r}) is defined in an interactive session, python -c "
+                         "or a notebook, which spawned ranks can not import: define it in a .py module and import "
+                         "it, or launch(..., start_method='fork')")
+
+
+def _sigint_mask(how):
+    """Block or unblock SIGINT in this thread; the previous mask (None where the platform has no signal masks)."""
+    return signal.pthread_sigmask(how, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
+
+
 def _start(procs) -> None:
+    """Start the ranks with SIGINT blocked, a mask they inherit: a Ctrl-C reaching a rank while it still imports
+    (spawn's bootstrap, outside :func:`_worker`'s reporting) printed its traceback on every rank; it now waits
+    until :func:`_worker` unblocks it. The launcher gets its own Ctrl-C when its mask is restored."""
+    previous = _sigint_mask(signal.SIG_BLOCK)
     try:
         for p in procs:
             p.start()
     except (AttributeError, TypeError, pickle.PicklingError) as e:      # spawn pickles fn, its args and kwargs
         raise ValueError(f"launch could not hand fn and its arguments to the ranks ({type(e).__name__}: {e}): fn "
                          "must be importable at module level and its arguments picklable") from e
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _failed_at(procs, results: dict, errors: dict, since: Optional[float]) -> Optional[float]:
@@ -283,6 +312,8 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
     """
     if not is_count(world_size, 1):
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if start_method != "fork":
+        _check_spawnable(fn)
     timeout = checked_timeout(timeout)                      # 0 was accepted (parallelize refused it)
     if join_timeout is not None:
         join_timeout = checked_timeout(join_timeout)

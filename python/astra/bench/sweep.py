@@ -23,6 +23,7 @@ from ..netlink import (
 )
 from .models import has_tp_plan, tp_splits
 from .ranks import DISTRIBUTED, SYSTEMS, progress
+from .worker import PARENT_ENV
 
 #: the default bandwidths in Mbit/s (plus the unshaped loopback)
 DEFAULT_RATES = (10.0, 20.0, 50.0, 100.0, 500.0)
@@ -97,7 +98,7 @@ def _run_worker(job: Dict, ns: Optional[str], tmp: str) -> Dict:
     # TMPDIR: the ranks' rendezvous directories go into the sweep's own, which is removed however the sweep ends
     # (a worker killed with the sweep leaves its launch's behind otherwise)
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
-               PYTHONWARNINGS="ignore::FutureWarning", TMPDIR=tmp)
+               PYTHONWARNINGS="ignore::FutureWarning", TMPDIR=tmp, **{PARENT_ENV: str(os.getpid())})
     r = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise AstraError(f"the benchmark worker for {job['link']} failed (exit code {r.returncode}); "

@@ -12,6 +12,7 @@ import sys
 from typing import Dict
 
 from ..allocator import tune_allocator
+from ..launch import exit_with_launcher
 
 
 def _single(model_name: str, job: Dict, runs: int, label: str) -> Dict:
@@ -62,8 +63,14 @@ def run_job(job: Dict) -> Dict:
     return out
 
 
+#: the environment variable naming the benchmark process that started this worker (which ends with it)
+PARENT_ENV = "ASTRA_BENCH_PARENT"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get(PARENT_ENV, "").isdigit():     # a kill -9 of the benchmark left this worker and its ranks
+        exit_with_launcher(int(os.environ[PARENT_ENV]))
     with open(argv[0]) as f:
         job = json.load(f)
     # the measured link is the loopback (shaped in its namespace or not): an inherited GLOO_SOCKET_IFNAME=eth0
