@@ -38,6 +38,14 @@ def _cos(a, b):
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
 
 
+def _mismatch(fn) -> str:
+    try:
+        fn()
+        return "ok"
+    except astra.InputMismatchError as e:
+        return str(e)
+
+
 def _st_cases(rank):
     res = {}
     st = load_st()
@@ -47,6 +55,9 @@ def _st_cases(rank):
     res["mean"] = (_cos(emb, ref), float((emb - ref).abs().max()))
     s = pm.output_stats
     res["mean_stats"] = (s.output, s.bytes_sent, s.bytes_received)
+    # ranks given other sentences: one returned quietly, the other's error landed on the next (good) call
+    res["other_sentences"] = _mismatch(lambda: st.encode(TEXTS[:1] if rank == 0 else TEXTS[:2], batch_size=1))
+    res["after_other"] = _cos(st.encode(TEXTS, convert_to_tensor=True), ref)
     refused = []        # outputs the distributed pooling does not make: named, before any collective
     for kw in ({"output_value": "token_embeddings"}, {"output_value": None}):
         try:
@@ -135,7 +146,11 @@ def _pipeline_cases(rank):
     res["tc"] = max(abs(a["score"] - b["score"]) for ga, gb in zip(got, ref) for a, b in zip(ga, gb))
     res["tc_labels"] = [[a["label"] for a in g] for g in got] == [[b["label"] for b in g] for g in ref]
     res["tc_bytes"] = (pm.output_stats.bytes_sent, pm.output_stats.bytes_received)
+    res["tc_other"] = _mismatch(lambda: tc(TEXTS[:1] if rank == 0 else TEXTS[:2], batch_size=1))
+    res["tc_classes"] = isinstance(tc, tf.TextClassificationPipeline)
     revert_pipeline(tc)
+    res["tc_classes"] = (res["tc_classes"], type(tc) is tf.TextClassificationPipeline,
+                         max(abs(a["score"] - b["score"]) for ga, gb in zip(tc(TEXTS), ref) for a, b in zip(ga, gb)))
     # HF's alias of text-classification, and a pipeline built from its class (task ""), were refused by task name
     sa = tf.pipeline("sentiment-analysis", model=clf, tokenizer=tok, device="cpu", top_k=None)
     apply_pipeline(sa, timeout=30)
@@ -158,7 +173,7 @@ def ranks():
 
 
 def test_sentence_transformers_two_ranks(ranks):
-    for res, _ in ranks:
+    for rank, (res, _) in enumerate(ranks):
         cos, diff = res["mean"]
         assert cos > 0.99999 and diff < 1e-5, res["mean"]
         # one batch of 4 sentences: 4 sums of 384 floats and 4 counts, whatever the sentences' length
@@ -174,6 +189,9 @@ def test_sentence_transformers_two_ranks(ranks):
         assert res["cls_refused"] is None and res["cls"] > 0.99999
         assert "pooling_gather=True" in res["max_refused"] and res["max"] > 0.99999
         assert res["user_encode_kept"]
+        other = res["other_sentences"]
+        assert other.startswith(f"astra rank {rank}/2: ") and "differ between ranks" in other, other
+        assert res["after_other"] > 0.99999
 
 
 def test_pipelines_two_ranks(ranks):
@@ -184,6 +202,31 @@ def test_pipelines_two_ranks(ranks):
         assert res["tc"] < 1e-5 and res["tc_labels"]
         assert res["tc_bytes"] == ((3 * 4, 0) if rank == 0 else (0, 3 * 4))   # batch of 1: 3 logits from rank 0
         assert res["sa"] < 1e-5 and res["direct"] < 1e-4
+        other = res["tc_other"]
+        assert other.startswith(f"astra rank {rank}/2: ") and "differ between ranks" in other, other
+        assert res["tc_classes"] == (True, True, 0.0), res["tc_classes"]
+
+
+def _short_text_classification(rank):
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(pkg.get_model_path()), local_files_only=True)
+    torch.manual_seed(0)
+    clf = tf.GPT2ForSequenceClassification(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, num_labels=3,
+                                                          vocab_size=tok.vocab_size)).eval()
+    tc = tf.pipeline("text-classification", model=clf, tokenizer=tok, device="cpu", top_k=None)
+    apply_pipeline(tc, output="hidden_states", timeout=30)
+    try:
+        return tc("")
+    except astra.UnsupportedModelError as e:
+        return str(e)
+
+
+def test_text_classification_of_any_output_kind_refuses_a_pad_in_the_pooled_position():
+    """With output="hidden_states" the pooled-token guard did not run: a decoder classifier without pad_token_id,
+    given 2 tokens for 3 ranks, scored a pad token (other scores, another ranking, no error)."""
+    for out in astra.launch(_short_text_classification, 3, join_timeout=200):
+        assert isinstance(out, str) and "GPT2ForSequenceClassification pools its last position" in out, out
 
 
 def test_refusals_come_before_any_patch(tmp_path):

@@ -648,6 +648,14 @@ class ParallelModel:
         return local_indices(seq_len, self.world_size, self.rank, self.class_token, self._rt.split_costs)
 
     @_one_call_at_a_time
+    def agree(self, request: str, values: Optional[Dict[str, Any]] = None) -> None:
+        """Collective: check, before a call made of several forwards (an integration's ``encode``, a pipeline's
+        call over a list), that every rank makes it with the same ``request`` (text) and ``values`` (tensors,
+        numbers, strings: digested); otherwise every rank raises the same :class:`astra.InputMismatchError` now,
+        not at a later forward paired with another rank's. On a broken group it returns at once."""
+        self._rt.agree(str(request), dict(values or {}))
+
+    @_one_call_at_a_time
     def gather(self, out, dst: Optional[int] = None):
         """Full outputs (same type as ``model(**inputs)``) from this rank's local outputs ``out`` of the last
         forward (collective): the explicit form of ``output="hidden_states"``."""

@@ -44,6 +44,26 @@ def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any], *, pooled: bool = Fa
     return out, T
 
 
+def call_values(items) -> Dict[str, Any]:
+    """What ranks agree on before a call over ``items`` (:meth:`astra.ParallelModel.agree`): their number and each
+    one's text or tensor (other objects, such as images, by type only: their ``repr`` may hold an address)."""
+    one = isinstance(items, (str, dict, torch.Tensor)) or not isinstance(items, (list, tuple))
+    items = [items] if one else list(items)
+
+    def value(x):
+        if isinstance(x, (str, int, float, bool)) or x is None:
+            return x
+        if isinstance(x, dict):
+            return [(str(k), value(v)) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))]
+        if isinstance(x, (list, tuple)):
+            return [value(v) for v in x]
+        return type(x).__name__
+
+    tensors = {f"tensor {i}": x for i, x in enumerate(items) if isinstance(x, torch.Tensor)}
+    return {"n": -1 if one else len(items), "items": [None if isinstance(x, torch.Tensor) else value(x)
+                                                      for x in items], **tensors}
+
+
 _MISSING = object()
 
 

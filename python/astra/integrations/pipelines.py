@@ -10,7 +10,7 @@ from ..errors import AstraError, UnsupportedModelError
 from ..models import family_of
 from ..outputs import resolve_output
 from ..parallel import ParallelModel, parallelize
-from .common import pad_to_ranks, patch, restore
+from .common import call_values, pad_to_ranks, patch, restore
 
 ATTR = "_astra_integration"
 # what each task's post-processing reads: feature extraction the whole sequence's hidden states, text
@@ -49,29 +49,55 @@ def apply_pipeline(pipe, codebooks=None, *, output: Optional[str] = None, **para
         raise UnsupportedModelError(f"apply_pipeline: {type(pipe).__name__}'s post-processing can not read "
                                     f"output={kind!r}; it takes {list(allowed)}")
     pm = parallelize(pipe.model, codebooks, **parallelize_kwargs)
+    # text classification reads the head's pooled logits whatever the output kind (with "hidden_states" a decoder
+    # without pad_token_id scored a pad token silently)
+    pooled = task == "TextClassificationPipeline"
 
     def forward(inputs: Dict[str, Any], **kwargs):
-        return _forward(pm, kind, inputs)
+        return _forward(pm, kind, inputs, pooled)
 
     saved = []
     patch(saved, pipe, "_forward", forward)
-    setattr(pipe, ATTR, (pm, saved))
+    setattr(pipe, ATTR, (pm, saved, type(pipe)))
+    pipe.__class__ = _collective_class(type(pipe))
     return pm
 
 
 def revert_pipeline(pipe) -> None:
-    """Undo :func:`apply_pipeline`: the pipeline's ``_forward`` as it was, the model unpatched."""
+    """Undo :func:`apply_pipeline`: the pipeline's ``_forward`` and class as they were, the model unpatched."""
     state = getattr(pipe, ATTR, None)
     if state is None:
         return
-    pm, saved = state
+    pm, saved, cls = state
+    pipe.__class__ = cls
     restore(saved)
     pm.unpatch()
     delattr(pipe, ATTR)
 
 
-def _forward(pm: ParallelModel, kind: Optional[str], inputs: Dict[str, Any]):
-    inputs, T = pad_to_ranks(pm, inputs, pooled=kind is None)
+#: per pipeline class, its subclass whose calls are agreed first (:func:`_collective_class`)
+_COLLECTIVE: Dict[type, type] = {}
+
+
+def _collective_class(cls: type) -> type:
+    """``cls`` with a ``__call__`` that first agrees on the call (:meth:`astra.ParallelModel.agree`: the inputs and
+    the plain keyword arguments, which decide the forwards and their batches), so ranks given other texts raise
+    :class:`astra.InputMismatchError` together on it (one returned quietly and the other's error landed on a later
+    call). A generator or dataset streams: its forwards are agreed one by one, as before. (``pipe(...)`` looks
+    ``__call__`` up on the class, so an instance attribute would not be called.)"""
+    if cls not in _COLLECTIVE:
+        def __call__(self, inputs=None, *args, **kwargs):
+            if isinstance(inputs, (str, dict, list, tuple)):
+                plain = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+                getattr(self, ATTR)[0].agree("pipeline", {**call_values(inputs), **plain, "args": len(args)})
+            return cls.__call__(self, inputs, *args, **kwargs)
+
+        _COLLECTIVE[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return _COLLECTIVE[cls]
+
+
+def _forward(pm: ParallelModel, kind: Optional[str], inputs: Dict[str, Any], pooled: bool):
+    inputs, T = pad_to_ranks(pm, inputs, pooled=pooled)
     out = pm(**inputs, output=kind)
     if T < 0 or not hasattr(out, "items"):
         return out

@@ -25,7 +25,7 @@ from ..errors import AstraError, UnsupportedModelError
 from ..models import family_of
 from ..outputs import resolve_output
 from ..parallel import ParallelModel, parallelize
-from .common import pad_to_ranks, patch, restore
+from .common import call_values, pad_to_ranks, patch, restore
 
 ATTR = "_astra_integration"
 DISTRIBUTED_MODES = {"mean": "mean_pooled", "cls": "class_token"}
@@ -90,20 +90,29 @@ def apply_sentence_transformers(st_model, codebooks=None, *, pooling_gather: boo
     patch(saved, trans, "forward", transformer_forward)
     if plan != "hidden_states":
         patch(saved, pool, "forward", _pooled)
-        patch(saved, st_model, "encode", _pooled_only(st_model.encode))
+    patch(saved, st_model, "encode", _collective_encode(pm, st_model.encode, plan != "hidden_states"))
     setattr(st_model, ATTR, (pm, saved))
     return pm
 
 
-def _pooled_only(encode):
-    """``encode`` refusing the outputs a distributed pooling does not make (the token embeddings, which never leave
-    their ranks: sentence-transformers raised a bare KeyError for them)."""
+#: the arguments of ``encode`` that decide which forwards it runs (with the inputs themselves)
+ENCODE_AGREED = ("prompt_name", "prompt", "batch_size", "output_value", "chunk_size")
+
+
+def _collective_encode(pm: ParallelModel, encode, pooled: bool):
+    """``encode`` as a collective: the ranks first agree on the call (the inputs and :data:`ENCODE_AGREED`), so ranks
+    given other sentences raise :class:`astra.InputMismatchError` together on it (one returned quietly and the
+    other's error landed on a later call, or waited out the timeout); ``pooled`` (a distributed pooling): the token
+    embeddings, which never leave their ranks, are refused (sentence-transformers raised a bare KeyError)."""
     sig = inspect.signature(encode)
 
     @functools.wraps(encode)
     def wrapped(*args, **kwargs):
-        want = sig.bind_partial(*args, **kwargs).arguments.get("output_value", "sentence_embedding")
-        if want != "sentence_embedding":
+        call = sig.bind_partial(*args, **kwargs).arguments
+        items = call.get("inputs", call.get("sentences"))
+        pm.agree("sentence_transformers.encode", {**call_values(items), **{k: call.get(k) for k in ENCODE_AGREED}})
+        want = call.get("output_value", "sentence_embedding")
+        if pooled and want != "sentence_embedding":
             raise UnsupportedModelError(f"output_value={want!r} needs the token embeddings, which the distributed "
                                         "pooling never gathers: apply with pooling_gather=True")
         return encode(*args, **kwargs)
