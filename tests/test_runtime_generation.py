@@ -386,3 +386,44 @@ def test_distributed_generation_equals_hf_generate():
         names = [r[0] for r in out[0][family]]
         assert names[-11:] == ["scores", "streamer", "1-D", "refused", "failure", "heartbeat", "broken raise",
                                "broken local", "codebooks G=1", "codebooks G=32", "codebooks G=1 predictive"]
+
+
+def _lm_head_rows(model, fn):
+    """``fn()``'s result and the number of positions of every logits the LM head computed meanwhile."""
+    rows = []
+    head = model.lm_head.register_forward_hook(lambda m, a, o: rows.append(o.shape[1]))
+    try:
+        return fn(), rows
+    finally:
+        head.remove()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_prefill_computes_no_logits_of_the_prompt(family):
+    """The prefill's LM head computed [B, T, V] logits nobody read (each rank of a long prompt took 1.7-2x the
+    memory of HF's whole generate); as HF's own prefill, it now computes the last position's."""
+    model = gen_model(family)
+    inp = tiny_inputs(family, seq=11)
+    cb = tiny_codebooks(model, family, 1, sample_seeds=(21, 22), seed=3)
+    kw = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(inp["input_ids"], **kw)
+    for codebooks in (None, cb):
+        got, rows = _lm_head_rows(model, lambda cbs=codebooks: astra.simulate_generate(
+            model, inp["input_ids"], world_size=2, codebooks=cbs, **kw))
+        assert rows and all(r == 1 for r in rows), rows
+        if codebooks is None:
+            assert torch.equal(got, want)
+
+
+def _prefill_rows_rank(rank):
+    model = gen_model("gpt2")
+    ids = tiny_inputs("gpt2", seq=11)["input_ids"]
+    pm = astra.parallelize(model, tiny_codebooks(model, "gpt2", 1, sample_seeds=(21, 22), seed=3), timeout=30)
+    return _lm_head_rows(model, lambda: pm.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_the_distributed_prefill_computes_no_logits_of_the_prompt():
+    (got0, rows0), (got1, rows1) = astra.launch(_prefill_rows_rank, 2, join_timeout=120)
+    assert torch.equal(got0, got1)
+    assert rows0 == [1] and len(rows1) > 1 and all(r == 1 for r in rows1), (rows0, rows1)    # rank 1 decodes

@@ -44,6 +44,7 @@ from .generation import (
     check_generation,
     generation_request,
     hf_generate,
+    prefill_call,
     prepare_prompt,
     replay_to_streamer,
     result_like,
@@ -320,10 +321,11 @@ class DistRuntime(RuntimeBase):
 
     # -- one forward -----------------------------------------------------------------------------
     def run(self, inputs: Dict[str, Any], capture: bool = False, request: str = "",
-            request_error: Optional[Exception] = None):
+            request_error: Optional[Exception] = None, prefill: bool = False):
         """One forward on this rank: agree on the inputs (and on ``request``, what the caller asks of the forward,
         or ``request_error``, why it can not be given), run the model with one exchange per exchanged layer, agree on
-        the outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback."""
+        the outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback. ``prefill``: a generate
+        prefill (:func:`astra.generation.prefill_call`)."""
         self.calls += 1
         self.local_fallback = False
         if self.broken is not None:
@@ -335,6 +337,7 @@ class DistRuntime(RuntimeBase):
         except PeerError as e:
             return self._after_peer_failure(inputs, e)
         ctx, local, call = self._prepare(checked, capture)
+        call = prefill_call(self.model, call) if prefill else call
         prof = self.profiler
         try:           # from here on a failure reaches the peers, which wait in layer 1's exchange
             self.embed_sequence(ctx, checked)
@@ -736,7 +739,7 @@ class ParallelModel:
         last = self.world_size - 1
         kv = None
         if prompt.prefill_len >= self.world_size:   # else a short prompt: the last rank generates alone
-            _, ctx, _ = rt.run(prompt.prefill_inputs(), capture=(self.rank == last))
+            _, ctx, _ = rt.run(prompt.prefill_inputs(), capture=(self.rank == last), prefill=True)
             if ctx is None:                 # a peer failed (on_peer_failure="local", warned): generate alone
                 return self._generate_alone(prompt, warn=False)
             if self.rank == last:

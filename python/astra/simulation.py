@@ -10,6 +10,7 @@ import astra_kernels as ak
 from astra_kernels.checks import is_count
 from .codebooks import as_codebooks
 from .context import key_masks
+from .generation import prefill_call
 from .inputs import validate_inputs
 from .models import family_of
 from .runtime import RuntimeBase
@@ -122,7 +123,7 @@ class SimRuntime(RuntimeBase):
                 ctx.capture[layer] = (K, V)
         return out.transpose(1, 2).contiguous(), None
 
-    def run(self, inputs: Dict[str, Any], capture: bool = False):
+    def run(self, inputs: Dict[str, Any], capture: bool = False, prefill: bool = False):
         self.check_model_state()
         inputs = validate_inputs(self.fam, inputs, self.N, self.cls)
         self.layer = None
@@ -133,7 +134,7 @@ class SimRuntime(RuntimeBase):
             with contextlib.nullcontext() if self.differentiable else torch.no_grad():
                 if self.fam.decoder:        # the position ids every rank is given (a slice of), as parallelize
                     inputs = dict(inputs, use_cache=False, position_ids=self.ctx.pos_ids)
-                out = self.model(**inputs)
+                out = self.model(**(prefill_call(self.model, inputs) if prefill else inputs))
             return out, self.ctx
         finally:
             self.ctx = None
@@ -157,9 +158,10 @@ def simulate(model, inputs: Dict[str, Any], *, world_size: int, codebooks=None, 
 
 
 def simulate_with_context(model, inputs, *, world_size, codebooks=None, class_token="auto", capture=False,
-                          split=DEFAULT_SPLIT, differentiable: bool = False):
+                          split=DEFAULT_SPLIT, differentiable: bool = False, prefill: bool = False):
     """``simulate``'s output and the forward's :class:`~astra.context.Ctx` (with ``capture``: every layer's K/V
-    as the last rank sees them, for generation)."""
+    as the last rank sees them, for generation; ``prefill``: a generate prefill, whose LM head computes the last
+    position's logits only, :func:`astra.generation.prefill_call`)."""
     cb = as_codebooks(codebooks, model)
     if not isinstance(differentiable, bool):
         raise ValueError(f"differentiable must be a bool, got {differentiable!r}")
@@ -172,6 +174,6 @@ def simulate_with_context(model, inputs, *, world_size, codebooks=None, class_to
         rt = SimRuntime(model, cb, world_size, class_token, split)
     rt.install()
     try:
-        return rt.run(inputs, capture=capture)
+        return rt.run(inputs, capture=capture, prefill=prefill)
     finally:
         rt.uninstall()
