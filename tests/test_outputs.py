@@ -140,8 +140,12 @@ def _head_cases(rank, bert_inputs):
             gref = gpt(**ids).logits
         want = gref[torch.arange(2), last_positions(ids["attention_mask"].bool(), 2, 11)]
         pm = astra.parallelize(gpt, timeout=30)
+        rows = []
+        head = gpt.lm_head.register_forward_hook(lambda m, a, o, rows=rows: rows.append(o.shape[1]))
         last = pm(**ids, output="last_logits")
+        head.remove()
         res[f"gpt_last_{pad}"] = (_d(last, want), pm.output_stats.bytes_sent)
+        res[f"gpt_last_rows_{pad}"] = rows
         full = pm(**ids, output="hidden_states").logits
         m = ids["attention_mask"].bool()
         res[f"gpt_full_{pad}"] = _d(full[m], gref[m])
@@ -291,6 +295,8 @@ def test_task_heads_two_ranks(ranks):
         # each rank sends the row it holds
         assert res["gpt_last_left"][1] == (2 * 97 * 4 if rank == 1 else 0)
         assert res["gpt_last_right"][1] == 97 * 4
+        # the LM head computes the positions last_logits reads, not every local token's [B, n, V]
+        assert res["gpt_last_rows_left"] == [1 if rank == 1 else 0] and res["gpt_last_rows_right"] == [1], res
         name, d, sent = res["gclf"]
         assert name == "SequenceClassifierOutputWithPast" and d < TOL and sent == LABELS * 4   # its one row
         assert res["gclf_local"] is False and res["gclf_full"] < TOL

@@ -21,6 +21,7 @@ class Ctx:
     default_pos: bool                       # pos_ids == arange(T)
     mask: Optional[torch.Tensor]            # [B, T] bool key padding mask (True = attend)
     capture: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None   # layer -> (K, V) of last rank's view
+    logits_kept: Optional[torch.Tensor] = None   # the local positions whose LM-head logits the forward computed
     state: Dict[int, Any] = field(default_factory=dict)
 
 

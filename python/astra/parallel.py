@@ -51,7 +51,17 @@ from .generation import (
     sequences_of,
 )
 from .inputs import check_dense, seq_geometry, validate_inputs
-from .outputs import OUTPUTS, Forward, OutputStats, captured, check_dst, resolve_output, token_signature, token_tensors
+from .outputs import (
+    OUTPUTS,
+    Forward,
+    OutputStats,
+    captured,
+    check_dst,
+    last_logits_kept,
+    resolve_output,
+    token_signature,
+    token_tensors,
+)
 from .runtime import RuntimeBase
 from .split import DEFAULT_SPLIT, key_ranks, local_indices, senders, with_class_token
 from .transport import DEFAULT_TIMEOUT_S, ERROR_TEXT_NBYTES, STATUS_FAILED, STATUS_OK, Pending, Transport, frame_sizes
@@ -321,11 +331,12 @@ class DistRuntime(RuntimeBase):
 
     # -- one forward -----------------------------------------------------------------------------
     def run(self, inputs: Dict[str, Any], capture: bool = False, request: str = "",
-            request_error: Optional[Exception] = None, prefill: bool = False):
+            request_error: Optional[Exception] = None, prefill: bool = False, last_logits: bool = False):
         """One forward on this rank: agree on the inputs (and on ``request``, what the caller asks of the forward,
         or ``request_error``, why it can not be given), run the model with one exchange per exchanged layer, agree on
         the outcome. Returns ``(out, ctx, local)``; ``ctx`` is None after a local fallback. ``prefill``: a generate
-        prefill (:func:`astra.generation.prefill_call`)."""
+        prefill (:func:`astra.generation.prefill_call`); ``last_logits``: the LM head computes the positions that
+        output kind reads only (:func:`astra.outputs.last_logits_kept`, ``ctx.logits_kept``)."""
         self.calls += 1
         self.local_fallback = False
         if self.broken is not None:
@@ -338,6 +349,10 @@ class DistRuntime(RuntimeBase):
             return self._after_peer_failure(inputs, e)
         ctx, local, call = self._prepare(checked, capture)
         call = prefill_call(self.model, call) if prefill else call
+        if last_logits:
+            ctx.logits_kept = last_logits_kept(self.fam, self.model, ctx.mask, ctx.B, ctx.T, local)
+            if ctx.logits_kept is not None:
+                call["logits_to_keep"] = ctx.logits_kept
         prof = self.profiler
         try:           # from here on a failure reaches the peers, which wait in layer 1's exchange
             self.embed_sequence(ctx, checked)
@@ -607,7 +622,8 @@ class ParallelModel:
             err = e                 # raised on every rank by the input agreement
         request = f"output={output!r}, dst={dst!r}; "
         with captured(rt.fam) as got:
-            out, ctx, local = rt.run(inputs, request=request, request_error=err)
+            out, ctx, local = rt.run(inputs, request=request, request_error=err,
+                                     last_logits=kind is not None and kind.name == "last_logits")
         if err is not None:         # a local fallback skips the agreement
             raise err
         self._last = self._record(inputs, out, ctx, local, got, kind.name, dst)
@@ -625,7 +641,7 @@ class ParallelModel:
                        token_logits=got.get("token_logits"), input_ids=inputs.get("input_ids"),
                        T=seq_geometry(self._rt.fam, inputs)[1] if alone else ctx.T, local=local,
                        chunks=[] if alone else ctx.chunks, mask=None if mask is None else mask.bool(), alone=alone,
-                       dst=dst, stats=OutputStats(kind_name))
+                       dst=dst, stats=OutputStats(kind_name), logits_kept=None if alone else ctx.logits_kept)
 
     def _output(self, kind, fw: Forward):
         self.output_stats = fw.stats
