@@ -290,3 +290,19 @@ def test_padding_for_the_ranks_is_refused_where_the_pooled_token_would_be_a_pad(
     clf.config.pad_token_id = 5                                  # HF then reads the last non-pad token
     padded, T = pad_to_ranks(fake_pm, short, pooled=True)
     assert T == 2 and bool((padded["input_ids"][:, 2:] == 5).all())
+
+
+def test_an_encode_call_agrees_with_its_defaults_written_out():
+    """``encode(texts)`` on one rank and ``encode(texts, batch_size=32)`` on another are the same call; the
+    agreement compared the arguments as given (None against 32) and refused it."""
+    from types import SimpleNamespace
+
+    from astra.integrations.sentence_transformers import _collective_encode
+
+    seen = []
+    fake_pm = SimpleNamespace(agree=lambda request, values: seen.append(values))
+    wrapped = _collective_encode(fake_pm, load_st().encode, False)      # the unpatched model's encode, agreed first
+    wrapped(TEXTS)
+    wrapped(TEXTS, batch_size=32)
+    wrapped(TEXTS, batch_size=2)
+    assert seen[0] == seen[1] != seen[2] and seen[0]["batch_size"] == 32, seen

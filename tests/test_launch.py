@@ -503,3 +503,60 @@ def test_mains_that_spawned_ranks_can_not_import_are_refused_before_any_rank_sta
             "ValueError: fn ('f') is defined in an interactive session, python -c or a notebook")
     assert last.startswith(want), r.stderr[-2000:]
     assert "spawn_main" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_forkserver_started_by_launch_does_not_keep_sigint_blocked(tmp_path):
+    """launch blocks SIGINT while it starts the ranks; the forkserver its first start() started inherited the
+    mask for good and handed it to every process it forked later, the user's own too (Ctrl-C no longer stopped
+    them)."""
+    (tmp_path / "fsmod.py").write_text(textwrap.dedent("""
+        import signal
+
+        def rank_fn(rank):
+            return rank
+
+        def child_mask(q):
+            q.put(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    """))
+    script = tmp_path / "fsmain.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing as mp, sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'python')!r}, {str(tmp_path)!r}]
+        import astra
+        from fsmod import child_mask, rank_fn
+        if __name__ == "__main__":
+            assert astra.launch(rank_fn, 1, start_method="forkserver", tune_allocator=False) == [0]
+            ctx = mp.get_context("forkserver")
+            q = ctx.Queue()
+            p = ctx.Process(target=child_mask, args=(q,))
+            p.start()
+            print("MASK", q.get())
+            p.join()
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "MASK []" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+def test_a_relative_main_path_is_resolved_as_spawn_resolves_it(tmp_path, monkeypatch):
+    """IPython leaves ``__main__.__file__`` relative and spawn joins it with the directory the program started in;
+    the stdin check read it against the current directory and refused a script that had changed directory."""
+    import multiprocessing.process as mpp
+    import types
+
+    from astra.launch import launch
+
+    name = f"_astra_relative_main_{os.getpid()}.py"
+    script = os.path.join(mpp.ORIGINAL_DIR, name)
+    open(script, "w").close()
+    try:
+        main = types.ModuleType("__main__")
+        main.__file__, main.__spec__ = name, None
+        monkeypatch.setitem(sys.modules, "__main__", main)
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ValueError, match="timeout"):        # past the check, refused by the next one
+            launch(_rank_itself, 1, timeout=0)
+        main.__file__ = "<stdin>"
+        with pytest.raises(ValueError, match="read from <stdin>"):
+            launch(_rank_itself, 1)
+    finally:
+        os.remove(script)

@@ -161,7 +161,11 @@ def _check_spawnable(fn) -> None:
     file (``python -c``, a REPL, a notebook: the ranks' error blamed a ``__main__`` guard that was not there)."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if getattr(main, "__spec__", None) is None and path is not None and not os.path.exists(path):
+    # a relative path is resolved as spawn resolves it (against the directory the program started in); a frozen
+    # program's children do not run their main again
+    where = path if path is None or os.path.isabs(path) else os.path.join(mp.process.ORIGINAL_DIR or "", path)
+    if (getattr(main, "__spec__", None) is None and path is not None and not os.path.exists(where)
+            and not getattr(sys, "frozen", False)):
         raise ValueError(f"the main script was read from {path} and spawned ranks can not run it again: save it to a "
                          "file and run that, or launch(..., start_method='fork')")
     if getattr(fn, "__module__", None) == "__main__" and path is None:
@@ -175,10 +179,14 @@ def _sigint_mask(how):
     return signal.pthread_sigmask(how, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
 
 
-def _start(procs) -> None:
+def _start(procs, start_method: str) -> None:
     """Start the ranks with SIGINT blocked, a mask they inherit: a Ctrl-C reaching a rank while it still imports
     (spawn's bootstrap, outside :func:`_worker`'s reporting) printed its traceback on every rank; it now waits
     until :func:`_worker` unblocks it. The launcher gets its own Ctrl-C when its mask is restored."""
+    if start_method == "forkserver":
+        # the server would inherit the blocked mask, and hand it to every process it forks later, the user's too
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
     previous = _sigint_mask(signal.SIG_BLOCK)
     try:
         for p in procs:
@@ -329,7 +337,7 @@ def launch(fn: Callable, world_size: int, *args, backend: str = "gloo", timeout:
                   q, os.getpid())
         procs = [ctx.Process(target=_worker, args=(r, *common), daemon=True) for r in range(world_size)]
         deadline = None if join_timeout is None else time.monotonic() + float(join_timeout)
-        _start(procs)
+        _start(procs, start_method)
         results, errors, cut = _collect(procs, q, world_size, deadline, after_failure)
         grace_s = 0.1 if cut else 5.0
     finally:        # also on an exception or an interrupt in this process: no rank outlives it, no directory leaks

@@ -88,7 +88,7 @@ def _collective_class(cls: type) -> type:
     if cls not in _COLLECTIVE:
         def __call__(self, inputs=None, *args, **kwargs):
             if isinstance(inputs, (str, dict, list, tuple)):
-                plain = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+                plain = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}   # None: unset
                 getattr(self, ATTR)[0].agree("pipeline", {**call_values(inputs), **plain, "args": len(args)})
             return cls.__call__(self, inputs, *args, **kwargs)
 

@@ -108,7 +108,9 @@ def _collective_encode(pm: ParallelModel, encode, pooled: bool):
 
     @functools.wraps(encode)
     def wrapped(*args, **kwargs):
-        call = sig.bind_partial(*args, **kwargs).arguments
+        bound = sig.bind_partial(*args, **kwargs)
+        bound.apply_defaults()          # a default written out is the same call as one left out
+        call = bound.arguments
         items = call.get("inputs", call.get("sentences"))
         pm.agree("sentence_transformers.encode", {**call_values(items), **{k: call.get(k) for k in ENCODE_AGREED}})
         want = call.get("output_value", "sentence_embedding")
