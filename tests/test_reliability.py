@@ -809,3 +809,38 @@ def test_generate_arguments_that_differ_are_named():
         assert other == (f"InputMismatchError: astra rank {rank}/2: generate arguments differ between ranks: "
                          "temperature (rank 0: 1.0, rank 1: 0.7)"), other
         assert values.startswith(f"InputMismatchError: astra rank {rank}/2: input values (digests) differ"), values
+
+
+def _stalled_past_the_timeout(rank):
+    """Two ParallelModels on one group (timeout 3 s; the group's own, launch's, 600 s); rank 1 stalls 5 s, then
+    calls A late while rank 0 has gone on to B."""
+    import time
+
+
+    a, b = tiny_model("gpt2", head=False), tiny_model("bert")
+    xa, xb = tiny_inputs("gpt2", seq=12), tiny_inputs("bert", seq=12)
+    A, B = astra.parallelize(a, None, timeout=3), astra.parallelize(b, None, timeout=3)
+    A(**xa)
+    B(**xb)
+    if rank == 1:
+        time.sleep(5)
+    out = {"A": _any_outcome(lambda: A(**xa))}
+    t0 = time.perf_counter()
+    out["B"] = _any_outcome(lambda: B(**xb))
+    out["B seconds"] = time.perf_counter() - t0
+    return out
+
+
+def test_a_stall_past_the_timeout_aborts_no_healthy_rank_and_lets_the_survivors_end():
+    """astra's wait gave up at its timeout but gloo kept the all-gather queued until the group's own timeout (30 min
+    under torchrun): rank 1's late call and rank 0's next model's exchange paired with it and gloo aborted a healthy
+    rank (SIGABRT), and a survivor's process could not end before then. Every collective now carries astra's
+    timeout itself."""
+    import time
+
+    t0 = time.monotonic()
+    results = astra.launch(_stalled_past_the_timeout, 2, timeout=600, join_timeout=120)
+    for rank, out in enumerate(results):
+        assert out["A"].startswith(f"PeerError: astra rank {rank}/2: "), out
+        assert out["B"].startswith(f"PeerError: astra rank {rank}/2: ") and out["B seconds"] < 2, out
+    assert time.monotonic() - t0 < 60

@@ -156,8 +156,8 @@ class TrainSimRuntime(SimRuntime):
         out = torch.cat(outs, dim=2)[:, :, torch.argsort(torch.cat(rows))]
         return out.transpose(1, 2).contiguous(), None
 
-    def run(self, inputs, capture: bool = False):
-        if capture:
-            raise ValueError("TrainSimRuntime does not capture K/V (use astra.simulate)")
+    def run(self, inputs, capture: bool = False, prefill: bool = False):
+        if capture or prefill:
+            raise ValueError("TrainSimRuntime neither captures K/V nor prefills (use astra.simulate)")
         self.commitment = []
         return super().run(inputs)

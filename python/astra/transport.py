@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import AllgatherOptions, BroadcastOptions
 
 import astra_kernels as ak
 from .errors import FrameMismatchError, PeerError, RankFailedError, utf8_field
@@ -140,6 +141,11 @@ class Transport:
         self.error_text: Optional[str] = None   # this rank's error, sent after the failed status is seen
         self.device = torch.device("cpu")        # where fixed-size buffers live (the model's device, for NCCL)
         check_nccl_wait(group)
+        # gloo: every collective carries astra's timeout itself. A wait that gave up left the collective queued in
+        # gloo until the process group's own timeout (30 min by default under torchrun): the next collective on the
+        # group (another ParallelModel's, a late peer's) paired with it and gloo aborted a healthy rank, and a
+        # survivor could not exit before then (the group's destructor joined it). NCCL: TORCH_NCCL_BLOCKING_WAIT.
+        self.bounded = not names_nccl(backend_text(group))
 
     # -- error handling --------------------------------------------------------------------------
     def _peer_error(self, what: str, e: Optional[BaseException]) -> PeerError:
@@ -207,7 +213,7 @@ class Transport:
         buf = torch.cat([envelope(call, slot, status, layer).to(payload.device), payload,
                          payload.new_zeros(mx - payload.numel())])
         outs = [torch.empty_like(buf) for _ in range(self.world)]
-        work = self._issue(lambda: dist.all_gather(outs, buf, group=self.group, async_op=True), what)
+        work = self._issue(lambda: self._all_gather(outs, buf), what)
         if stats is not None:
             stats.bytes_sent += size
             stats.bytes_received += sum(int(s) for r, s in enumerate(sizes) if r != self.rank)
@@ -218,9 +224,20 @@ class Transport:
     def exchange_fixed(self, buf: torch.Tensor, what: str) -> List[torch.Tensor]:
         """Blocking all-gather of a buffer whose shape every rank knows in advance (the input fingerprint)."""
         outs = [torch.empty_like(buf) for _ in range(self.world)]
-        work = self._issue(lambda: dist.all_gather(outs, buf, group=self.group, async_op=True), what)
+        work = self._issue(lambda: self._all_gather(outs, buf), what)
         self.wait(work, what)
         return outs
+
+    # -- the collectives themselves ----------------------------------------------------------------
+    def _process_group(self):
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def _all_gather(self, outs: List[torch.Tensor], buf: torch.Tensor):
+        if not self.bounded:
+            return dist.all_gather(outs, buf, group=self.group, async_op=True)
+        opts = AllgatherOptions()
+        opts.timeout = timedelta(seconds=self.timeout_s)
+        return self._process_group().allgather([outs], [buf], opts)
 
     def broadcast_frame(self, payload: Optional[torch.Tensor], nbytes: int, src: int, call: int, slot: int,
                         stats=None, what="broadcast", status: int = STATUS_OK) -> torch.Tensor:
@@ -257,8 +274,13 @@ class Transport:
 
     def _broadcast_into(self, buf: torch.Tensor, src: int, what: str) -> torch.Tensor:
         """Blocking broadcast of rank ``src``'s ``buf`` into ``buf`` on every rank (group rank ``src``)."""
-        src_global = dist.get_global_rank(self.group, src) if self.group is not None else src
-        work = self._issue(lambda: dist.broadcast(buf, src=src_global, group=self.group, async_op=True), what)
+        if self.bounded:
+            opts = BroadcastOptions()
+            opts.rootRank, opts.rootTensor, opts.timeout = src, 0, timedelta(seconds=self.timeout_s)
+            work = self._issue(lambda: self._process_group().broadcast([buf], opts), what)
+        else:
+            src_global = dist.get_global_rank(self.group, src) if self.group is not None else src
+            work = self._issue(lambda: dist.broadcast(buf, src=src_global, group=self.group, async_op=True), what)
         self.wait(work, what)
         return buf
 
