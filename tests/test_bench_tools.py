@@ -366,7 +366,9 @@ def _bench_running(tmp_path, shaped: bool):
             "--tokens", "64", "--repeats", "500", "--rates", "0.5", "--out-dir", str(tmp_path / "out")]
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err_file:       # a file, not a pipe: no wait on the descendants' copies of it
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        # SIGHUP as a terminal's process has it (a test run under nohup inherits it ignored, which astra keeps)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     ns_prefix = f"astra-link-{proc.pid}-"
 
     def started() -> bool:

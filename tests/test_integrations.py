@@ -297,11 +297,11 @@ def test_an_encode_call_agrees_with_its_defaults_written_out():
     agreement compared the arguments as given (None against 32) and refused it."""
     from types import SimpleNamespace
 
-    from astra.integrations.sentence_transformers import _collective_encode
+    from astra.integrations.sentence_transformers import collective_encode
 
     seen = []
     fake_pm = SimpleNamespace(agree=lambda request, values: seen.append(values))
-    wrapped = _collective_encode(fake_pm, load_st().encode, False)      # the unpatched model's encode, agreed first
+    wrapped = collective_encode(fake_pm, load_st().encode, False)      # the unpatched model's encode, agreed first
     wrapped(TEXTS)
     wrapped(TEXTS, batch_size=32)
     wrapped(TEXTS, batch_size=2)

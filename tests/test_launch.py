@@ -445,6 +445,13 @@ def _children(pid: int) -> list:
     return [int(x) for x in out.split()]
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGHUP as a terminal's process has them (a test run in the background of a
+    non-interactive shell, or under nohup, inherits them ignored, and Python keeps an ignored SIGINT ignored)."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_ranks_import_prints_no_rank_traceback(tmp_path):
     """A terminal's Ctrl-C reaches every process of the group; a rank still in spawn's bootstrap (importing torch,
     astra, the script), before its reporting, printed its own KeyboardInterrupt traceback. Here the ranks get it
@@ -462,7 +469,7 @@ def test_ctrl_c_while_ranks_import_prints_no_rank_traceback(tmp_path):
             astra.launch(f, 2)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TMPDIR=str(tmp_path)))
+                            env=dict(os.environ, TMPDIR=str(tmp_path)), preexec_fn=_default_signals)
     deadline = time.monotonic() + 60
     while len(_children(proc.pid)) < 3 and time.monotonic() < deadline:     # 2 ranks + the resource tracker
         time.sleep(0.2)

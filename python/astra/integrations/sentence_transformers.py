@@ -90,7 +90,7 @@ def apply_sentence_transformers(st_model, codebooks=None, *, pooling_gather: boo
     patch(saved, trans, "forward", transformer_forward)
     if plan != "hidden_states":
         patch(saved, pool, "forward", _pooled)
-    patch(saved, st_model, "encode", _collective_encode(pm, st_model.encode, plan != "hidden_states"))
+    patch(saved, st_model, "encode", collective_encode(pm, st_model.encode, plan != "hidden_states"))
     setattr(st_model, ATTR, (pm, saved))
     return pm
 
@@ -99,7 +99,7 @@ def apply_sentence_transformers(st_model, codebooks=None, *, pooling_gather: boo
 ENCODE_AGREED = ("prompt_name", "prompt", "batch_size", "output_value", "chunk_size")
 
 
-def _collective_encode(pm: ParallelModel, encode, pooled: bool):
+def collective_encode(pm: ParallelModel, encode, pooled: bool):
     """``encode`` as a collective: the ranks first agree on the call (the inputs and :data:`ENCODE_AGREED`), so ranks
     given other sentences raise :class:`astra.InputMismatchError` together on it (one returned quietly and the
     other's error landed on a later call, or waited out the timeout); ``pooled`` (a distributed pooling): the token
