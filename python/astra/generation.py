@@ -17,7 +17,6 @@ position ids, when not given, are ``cumsum(mask) - 1`` with padded positions set
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,6 +26,7 @@ import torch
 from astra_kernels.checks import is_count
 from .errors import InvalidInputError, UnsupportedModelError
 from .inputs import validate_inputs
+from .models import keeps_logits
 from .split import DEFAULT_SPLIT
 
 _NOT_WITH_GENERATE = ("inputs_embeds", "token_type_ids", "prefill_chunk_size")
@@ -156,9 +156,7 @@ def prefill_call(model, call: Dict[str, Any]) -> Dict[str, Any]:
     """A generate prefill's forward arguments: only its K/V are read (the decode continues from the cache), so an LM
     head computes one position's logits (``logits_to_keep=1``, as HF's own prefill), not ``[B, T, V]`` (the prompt's
     logits took 1.7-2x the memory of HF's whole generate on each rank)."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return dict(call, logits_to_keep=1)
-    return call
+    return dict(call, logits_to_keep=1) if keeps_logits(model) else call
 
 
 def generation_request(prompt: Optional[Prompt]) -> Tuple[str, Dict[str, Any]]:

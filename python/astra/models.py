@@ -439,6 +439,11 @@ def _forward_params(model: Module, base: Module) -> FrozenSet[str]:
     return frozenset(names)
 
 
+def keeps_logits(model) -> bool:
+    """Whether ``model``'s forward takes HF's ``logits_to_keep`` (its LM head can compute chosen positions only)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def check_has_weights(model) -> None:
     """UnsupportedModelError for a model without the float weights astra computes with: parameters on the meta device
     (built without its weights), or dynamically quantized modules (``torch.ao.quantization.quantize_dynamic``), whose

@@ -24,7 +24,6 @@ base models and LM heads. Kinds are registered with :func:`register_output`; byt
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -33,7 +32,7 @@ import torch
 
 from astra_kernels.checks import is_count
 from .errors import UnsupportedModelError
-from .models import Family
+from .models import Family, keeps_logits
 
 
 @dataclass
@@ -391,7 +390,7 @@ def last_logits_kept(fam: Family, model, mask: Optional[torch.Tensor], batch: in
     last attended position, as the LM head's ``logits_to_keep``, so that it computes ``[B, k, V]``, not every local
     token's ``[B, n, V]`` (1.5-2.2x the memory of HF's own ``logits_to_keep=1`` forward at T = 4096). None for a
     decoder classifier (its score head pools) or a model that takes no ``logits_to_keep``."""
-    if decoder_classifier(fam) or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+    if decoder_classifier(fam) or not keeps_logits(model):
         return None
     last = last_positions(mask, batch, T).to(local.device)
     return torch.isin(local, last).nonzero()[:, 0]

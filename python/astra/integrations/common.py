@@ -47,7 +47,7 @@ def pad_to_ranks(pm: ParallelModel, inputs: Dict[str, Any], *, pooled: bool = Fa
 def call_values(items) -> Dict[str, Any]:
     """What ranks agree on before a call over ``items`` (:meth:`astra.ParallelModel.agree`): their number and each
     one's text or tensor (other objects, such as images, by type only: their ``repr`` may hold an address)."""
-    one = isinstance(items, (str, dict, torch.Tensor)) or not isinstance(items, (list, tuple))
+    one = not isinstance(items, (list, tuple))
     items = [items] if one else list(items)
 
     def value(x):
