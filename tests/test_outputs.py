@@ -24,7 +24,7 @@ def bert_classifier():
 
 
 def masked_mean(h, mask):
-    w = torch.ones(h.shape[:2]) if mask is None else mask.float()
+    w = torch.ones(h.shape[:2], dtype=h.dtype) if mask is None else mask.to(h.dtype)
     return (h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
 
 
@@ -153,6 +153,7 @@ def _head_cases(rank, bert_inputs):
         pm.unpatch()
     res.update(_decoder_classifier_cases())
     res.update(_boundary_cases())
+    res.update(_double_case())
     return res
 
 
@@ -185,6 +186,21 @@ def _boundary_cases():
     finally:
         pm.unpatch()
     return res
+
+
+def _double_case():
+    """A float64 model's mean-pooled output: its sums were taken in float32 (a float32 answer's error, ~1e-7, cast
+    back to float64); they are float64 now, as the model is."""
+    model = tiny_model("bert").double()
+    inputs = tiny_inputs("bert", padded=True)
+    with torch.no_grad():
+        want = masked_mean(model(**inputs).last_hidden_state, inputs["attention_mask"].double())
+    pm = astra.parallelize(model, timeout=30)
+    try:
+        out = pm(**inputs, output="mean_pooled")
+    finally:
+        pm.unpatch()
+    return {"mean_f64": (out.dtype, _d(out, want))}
 
 
 def _decoder_classifier_cases():
@@ -319,3 +335,9 @@ def test_hidden_states_with_distributed_class_tokens(ranks):
         shape, d_hidden, d_pooler = res["vit_hidden"]
         assert shape == (2, 17, 64) and d_hidden < TOL and d_pooler < TOL
 
+
+
+def test_mean_pooled_of_a_float64_model_sums_in_float64(ranks):
+    for _, res in ranks:
+        dtype, d = res["mean_f64"]
+        assert dtype == torch.float64 and d < 1e-12

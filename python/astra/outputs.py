@@ -19,7 +19,7 @@ kind               result                                                       
 
 ``output=None`` is the model's natural output: a classification head's logits (``class_token``); ``local`` for
 base models and LM heads. Kinds are registered with :func:`register_output`; bytes moved are counted in
-:class:`OutputStats` (``pm.output_stats``).
+:class:`OutputStats` (``pm.output_stats``). A float64 model's mean-pooled sums travel in float64.
 """
 from __future__ import annotations
 
@@ -330,10 +330,11 @@ def _nbytes(body: torch.Tensor, n: int) -> int:
 def mean_pooled(fw: Forward) -> torch.Tensor:
     h = fw.hidden
     idx = torch.arange(fw.T, device=h.device) if fw.alone else fw.local.to(h.device)
-    w = (torch.ones(h.shape[0], fw.T, device=h.device) if fw.mask is None else fw.mask.to(h.device).float())[:, idx]
+    acc = torch.promote_types(h.dtype, torch.float32)       # float32 sums, float64 for a float64 model
+    w = (torch.ones(h.shape[0], fw.T, device=h.device) if fw.mask is None else fw.mask.to(h.device))[:, idx].to(acc)
     if fw.cls and not fw.alone and fw.rank != 0:
         w[:, 0] = 0                 # the replicated class token counts once (rank 0's copy)
-    part = torch.cat([(h.float() * w.unsqueeze(-1)).sum(1), w.sum(1, keepdim=True)], dim=1)     # [B, D + 1]
+    part = torch.cat([(h.to(acc) * w.unsqueeze(-1)).sum(1), w.sum(1, keepdim=True)], dim=1)     # [B, D + 1]
     if not fw.alone:
         nbytes = part.numel() * part.element_size()
         parts = fw.exchange(lambda: pack([part]), [nbytes] * fw.rt.world, "mean-pooled sums")
