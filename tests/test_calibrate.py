@@ -208,13 +208,14 @@ def test_calibrate_names_each_bad_argument_before_any_forward(monkeypatch):
                     ({"iters": 0}, "iters must be an int >= 1"), ({"max_tokens": 0}, "max_tokens must be None")):
         with pytest.raises(ValueError, match=msg):
             astra.calibrate(model, [x], **{**ok, **kw})
-    with pytest.raises(TypeError, match="samples must be an input dict or an iterable of them, got Tensor"):
+    with pytest.raises(TypeError, match="samples must be a batch .a dict of model inputs. or an iterable of them, "
+                                        "got Tensor"):
         astra.calibrate(model, x["input_ids"], **ok)
-    with pytest.raises(TypeError, match=r"samples\[1\] must be an input dict"):
+    with pytest.raises(TypeError, match=r"samples\[1\] must be a non-empty dict"):
         astra.calibrate(model, [x, x["input_ids"]], **ok)
     emb = torch.randn(2, 8, 64)
     emb[1, 3, 5] = float("nan")
-    with pytest.raises(astra.InvalidInputError, match=r"inputs_embeds holds nan at position \[1, 3, 5\]"):
+    with pytest.raises(astra.InvalidInputError, match=r"samples\[0\]: inputs_embeds holds nan at position \[1, 3, 5\]"):
         astra.calibrate(model, [{"inputs_embeds": emb}], **ok)
     with pytest.raises(ValueError, match="no attended token to calibrate on"):
         astra.calibrate(model, [dict(x, attention_mask=torch.zeros_like(x["input_ids"]))], **ok)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import warnings
-from collections.abc import Mapping, Sized
+from collections.abc import Sized
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
@@ -25,7 +25,7 @@ from . import bases
 from .codebooks import Codebooks, apply_predictor, cast_checked
 from .context import position_ids
 from .errors import NonFiniteError
-from .inputs import seq_geometry, validate_inputs
+from .inputs import batches, checked_batch, seq_geometry
 from .models import check_has_weights, family_of
 from .split import resolve_class_token
 from .weights_sample import weights_sample
@@ -273,18 +273,11 @@ def _read_samples(fam, samples, max_tokens: Optional[int], world_size: Optional[
     generator (no ``len``) a :class:`_SampleStream` that reads it only as far as the forwards over it go (they stop
     at ``max_tokens`` tokens, or at ``max_tokens`` quantized vectors layer-wise), so a stream, endless or not, gives
     the codebooks the same samples as a list give."""
-    if isinstance(samples, Mapping):       # one sample: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
-        samples = [samples]
-    if isinstance(samples, (torch.Tensor, str, bytes)) or not isinstance(samples, Iterable):
-        raise TypeError(f"samples must be an input dict or an iterable of them, got {type(samples).__name__}")
+    samples = batches(samples, "samples")
 
     def check(i: int, s) -> Dict[str, Any]:
-        if not isinstance(s, Mapping):
-            raise TypeError(f"samples[{i}] must be an input dict (model(**sample)), got {type(s).__name__}")
-        s = dict(s)
         # with world_size (layer-wise), every sample runs split over that many ranks: a shorter one failed mid-way
-        validate_inputs(fam, s, world_size or 1, bool(world_size) and cls)
-        return s
+        return checked_batch(fam, s, "samples", i, world_size or 1, bool(world_size) and cls)
 
     out = [check(i, s) for i, s in enumerate(samples)] if isinstance(samples, Sized) else _SampleStream(samples, check)
     if next(iter(out), None) is None:      # (a stream reads its first sample here, checked)

@@ -14,7 +14,7 @@ import copy
 import itertools
 import os
 import random
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -23,8 +23,7 @@ import torch
 from astra_kernels.checks import is_count, is_finite_real
 from .calibrate import eval_mode
 from .codebooks import Codebooks, as_codebooks
-from .errors import InvalidInputError, UnsupportedModelError
-from .inputs import validate_inputs
+from .inputs import batches, checked_batch
 from .models import family_of
 from .training import TrainSimRuntime, training_class_token
 from .weights_sample import weights_sample
@@ -96,23 +95,11 @@ def _check_data(data, fam, world_size: int, cls: bool, steps: Optional[int]) -> 
     """``data`` as a list of batches, each checked as a forward at ``world_size`` ranks checks its inputs (before any
     training: a bad batch found at step k lost the k steps before it). An iterator or generator (no ``len``) is read
     for at most ``steps`` batches (a stream, or an endless one), else to its end."""
-    if isinstance(data, Mapping):          # one batch: a dict or a tokenizer's BatchEncoding (a Mapping, no dict)
-        data = [data]
-    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"data must be a batch (a dict of model inputs) or an iterable of them, got "
-                        f"{type(data).__name__}")
+    data = batches(data, "data")
     data = list(data if isinstance(data, Sized) or steps is None else itertools.islice(data, steps))
     if not data:
         raise ValueError("finetune needs data: got an empty collection of batches")
-    for i, b in enumerate(data):
-        if not isinstance(b, Mapping) or not b:
-            raise TypeError(f"data[{i}] must be a non-empty dict of model inputs, got {type(b).__name__}")
-        data[i] = b = dict(b)
-        try:
-            validate_inputs(fam, b, world_size, cls)
-        except (InvalidInputError, UnsupportedModelError) as e:
-            raise type(e)(f"data[{i}]: {e}") from None
-    return data
+    return [checked_batch(fam, b, "data", i, world_size, cls) for i, b in enumerate(data)]
 
 
 def _check_numbers(**values) -> None:

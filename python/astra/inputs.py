@@ -2,6 +2,7 @@
 sequence geometry. Every rank holds the full inputs, so every rank reaches the same verdict."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -221,6 +222,30 @@ def validate_inputs(fam: Family, inputs: Dict[str, Any], world_size: int, cls: b
     pos = inputs.get("position_ids")
     _check_length(fam, T, pos is not None, T if pos is None or not pos.numel() else int(pos.max()) + 1)
     return inputs
+
+
+def batches(data, name: str) -> Iterable:
+    """``data`` as an iterable of batches (calibration samples, fine-tuning data): one batch (a dict, or a
+    tokenizer's BatchEncoding, a Mapping) becomes a list of one; a tensor, a string or a non-iterable is refused."""
+    if isinstance(data, Mapping):
+        return [data]
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"{name} must be a batch (a dict of model inputs) or an iterable of them, got "
+                        f"{type(data).__name__}")
+    return data
+
+
+def checked_batch(fam: Family, batch, name: str, i: int, world_size: int, cls: bool) -> Dict[str, Any]:
+    """Batch ``i`` of ``name`` as a dict, checked as a forward at ``world_size`` ranks checks its inputs
+    (:func:`validate_inputs`); its errors name ``name[i]``."""
+    if not isinstance(batch, Mapping) or not batch:
+        raise TypeError(f"{name}[{i}] must be a non-empty dict of model inputs, got {type(batch).__name__}")
+    batch = dict(batch)
+    try:
+        validate_inputs(fam, batch, world_size, cls)
+    except (InvalidInputError, UnsupportedModelError) as e:
+        raise type(e)(f"{name}[{i}]: {e}") from None
+    return batch
 
 
 def check_not_autocast(fam: Family) -> None:
