@@ -821,19 +821,19 @@ F64_ENCODE_FLOOR = 2.0 ** -480
 
 
 def _check_encodable(x: torch.Tensor, codebook: torch.Tensor) -> None:
-    """NaN / inf refused in both; float64 values beyond :data:`F64_ENCODE_LIMIT`, or float64 inputs whose largest
-    magnitude is below :data:`F64_ENCODE_FLOOR` (but not 0), refused (other dtypes are within both by their
-    range)."""
+    """NaN / inf refused in both; float64 values beyond :data:`F64_ENCODE_LIMIT`, or inputs (one of them float64)
+    whose largest magnitude is below :data:`F64_ENCODE_FLOOR` (but not 0), refused (other dtypes are within both by
+    their range)."""
     check_finite("codebook", codebook)
     check_finite("x", x)
     top = 0.0
     for name, t in (("codebook", codebook), ("x", x)):
-        m = float(t.detach().abs().amax()) if t.dtype == torch.float64 and t.numel() else 0.0
-        if m > F64_ENCODE_LIMIT:
+        m = float(t.detach().abs().amax()) if t.numel() else 0.0
+        if t.dtype == torch.float64 and m > F64_ENCODE_LIMIT:
             raise ValueError(f"{name} holds float64 values beyond 2**120 (~1.3e36), which the encoders do not take "
                              "(their centred frame's mean is fp32): scale the inputs and the codebook alike")
         top = max(top, m)
-    if 0 < top < F64_ENCODE_FLOOR and x.dtype == codebook.dtype == torch.float64:
+    if 0 < top < F64_ENCODE_FLOOR and torch.float64 in (x.dtype, codebook.dtype):   # (an all-zero x of any dtype)
         raise ValueError(f"x and the codebook hold float64 values of at most {top:.3g} in magnitude, below 2**-480 "
                          "(~1e-144), whose squared distances underflow: scale the inputs and the codebook alike")
 

@@ -570,6 +570,11 @@ def test_float64_inputs_too_small_to_square_are_refused():
     assert torch.equal(ak.vq_encode(x * s, cb), vq.vq_encode_reference(x * s, cb))          # tiny x, normal codebook
     assert not ak.vq_encode(torch.zeros_like(x), torch.zeros_like(cb)).any()
     assert vq.F64_ENCODE_FLOOR == 2.0 ** -480
+    for dtype in (torch.float32, torch.float16):     # an all-zero x of another dtype beside such a codebook: was code 0
+        for backend in ("torch", "auto"):
+            with pytest.raises(ValueError, match="below 2\\*\\*-480"):
+                ak.vq_encode(torch.zeros(3, 8, dtype=dtype), cb * s, backend=backend)
+    assert torch.equal(ak.vq_encode(x.float(), cb * s), vq.vq_encode_reference(x.float(), cb * s))   # fp32 x: taken
 
 
 def test_float64_beyond_the_encoders_range_is_refused():
