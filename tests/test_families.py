@@ -522,14 +522,17 @@ def test_an_adapters_positions_are_checked():
 def test_simulate_runs_the_adapters_layer_0_hooks(wrong):
     """Every rank computes the other ranks' layer-0 input from the adapter's ``embed`` / ``first_input``; simulate
     gave the other ranks the true layer-0 input instead, so an adapter with a wrong hook equalled the model there
-    (the documented check of an adapter) and was wrong under parallelize. simulate now computes what they compute."""
+    (the documented check of an adapter) and was wrong under parallelize. simulate now computes what they compute,
+    and checks it against the layer-0 input of each rank's own tokens: the wrong hook is named."""
     model, inputs = _opt_model_and_inputs("left")
     hooks = {"embed": dict(embed=lambda b, i, p: b.decoder.embed_tokens(i["input_ids"])),   # no position embeddings
              "first_input": dict(first_input=lambda b, e: e)}[wrong]                           # no pre-attention norm
     register_family(_opt_adapter(**hooks), replace=True)
     try:
         for n in (2, 3):
-            assert _simulate_off(model, inputs, n) > 0.1, n
+            with pytest.raises(astra.AstraError, match="layer 0's attention input differs .* the family adapter's "
+                                                       "embed / first_input computes something else"):
+                _simulate_off(model, inputs, n)
     finally:
         unregister_family("opt")
 

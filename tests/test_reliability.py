@@ -39,9 +39,11 @@ def _inject(model, rank, victim, where, kind):
             return args, dict(kwargs, hidden_states=h)
 
         return blocks[1].register_forward_pre_hook(poison, with_kwargs=True)
-    mod = {"attn1": blocks[1].attn, "mlp0": blocks[0].mlp, "final": model.transformer.ln_f}[where]
+    # attn1: the attention's projection, after astra's pre-hook (which runs after every hook of the attention
+    # module itself): its exchange is in flight
+    mod = {"attn1": blocks[1].attn.c_attn, "mlp0": blocks[0].mlp, "final": model.transformer.ln_f}[where]
 
-    def fault(module, args):                       # attn1: after astra's pre-hook, its exchange is in flight
+    def fault(module, args):
         raise RuntimeError(f"injected fault at {where}")
 
     return mod.register_forward_pre_hook(fault)
@@ -432,7 +434,7 @@ def _failing_alone(rank):
         out[name] = _any_outcome(fn)
         out[name + " next"] = float((pm.gather(pm(**x)).last_hidden_state - ref).abs().max())
 
-    def failing(exc, victim=1, module=model.h[1].attn):
+    def failing(exc, victim=1, module=model.h[1].attn.c_attn):     # after astra's pre-hook: its exchange in flight
         def fault(m, a):
             raise exc
         hook = module.register_forward_pre_hook(fault) if rank == victim else None
@@ -844,3 +846,58 @@ def test_a_stall_past_the_timeout_aborts_no_healthy_rank_and_lets_the_survivors_
         assert out["A"].startswith(f"PeerError: astra rank {rank}/2: "), out
         assert out["B"].startswith(f"PeerError: astra rank {rank}/2: ") and out["B seconds"] < 2, out
     assert time.monotonic() - t0 < 60
+
+
+def _steer(module, args, kwargs):
+    h = args[0] if args else kwargs["hidden_states"]
+    h = h + 0.5 * torch.linspace(-1, 1, h.shape[-1])
+    return ((h,) + args[1:], kwargs) if args else (args, dict(kwargs, hidden_states=h))
+
+
+def _hooked_reference(model, x, register):
+    handle = register()
+    with torch.no_grad():
+        ref = model(**x)[0]
+    handle.remove()
+    return ref
+
+
+def _user_hooks_and_compile(rank):
+    """Hooks a user registers after parallelize, and a model compiled in place. astra's hooks ran before the later
+    ones: a pre-hook changing a layer's input ran after astra had sent it (llama 0.15 off the hooked model), an
+    embeddings hook saw this rank's tokens only (BERT 8e-3 off); a hook changing layer 0's input reached this rank's
+    tokens only; model.compile() failed every rank with a PeerError blaming a dead peer."""
+    out = {}
+    for family, where in (("llama", "layer 1"), ("bert", "embeddings")):
+        model = tiny_model(family)
+        x = tiny_inputs(family)
+        if where == "layer 1":
+            def register(model=model):
+                return model.model.layers[1].self_attn.register_forward_pre_hook(_steer, with_kwargs=True)
+        else:
+            def register(model=model):
+                return model.embeddings.register_forward_hook(lambda m, a, o: o * 1.5 + 0.1)
+        ref = _hooked_reference(model, x, register)
+        pm = astra.parallelize(model, None, timeout=10)
+        handle = register()
+        out[f"{family} {where}"] = float((pm(**x, output="hidden_states")[0] - ref).abs().max())
+        handle.remove()
+        pm.unpatch()
+    model = tiny_model("gpt2")
+    x = tiny_inputs("gpt2")
+    pm = astra.parallelize(model, None, timeout=10)
+    handle = model.transformer.h[0].register_forward_pre_hook(_steer, with_kwargs=True)
+    out["layer 0"] = _any_outcome(lambda: pm(**x))
+    handle.remove()
+    model.compile(backend="eager")
+    out["compiled"] = _any_outcome(lambda: pm(**x))
+    pm.unpatch()
+    return out
+
+
+def test_user_hooks_after_parallelize_are_seen_and_compile_is_refused():
+    for rank, out in enumerate(astra.launch(_user_hooks_and_compile, 2, join_timeout=180)):
+        assert out["llama layer 1"] < TOL and out["bert embeddings"] < TOL, out
+        assert "layer 0's attention input differs" in out["layer 0"], out
+        assert out["compiled"].startswith(f"UnsupportedModelError: astra rank {rank}/2: astra does not run a model "
+                                          "compiled in place (compile() on the model"), out

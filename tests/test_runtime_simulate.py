@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime_support import main_output, tiny_codebooks, tiny_inputs, tiny_model
+from test_runtime_support import main_output, max_diff, tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 from astra.models import family_of
@@ -492,3 +492,52 @@ def test_a_head_and_its_base_model_simulated_from_two_threads_are_one_claim(monk
     out = _race(monkeypatch, head.model.layers, {"head": ((head, x, cb), ref), "base": ((head.model, x, None), None)})
     assert out["head"] == "right" and out["base"].startswith("the model shares its config"), out
     assert head.config._attn_implementation != "astra" and not rtm._CLAIMED_CONFIGS
+
+
+def _steer(module, args, kwargs):
+    """A user's steering pre-hook: adds a fixed vector to a block's input."""
+    h = args[0] if args else kwargs["hidden_states"]
+    h = h + 0.5 * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)
+    return ((h,) + args[1:], kwargs) if args else (args, dict(kwargs, hidden_states=h))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "vit"])
+def test_a_hook_changing_layer_0s_input_is_refused_and_one_on_a_later_layer_is_exact(family):
+    """Every rank computes the other ranks' layer-0 inputs from the embedding output itself, so a pre-hook on the
+    first block reached only each rank's own tokens: simulate was 1e-2 - 3e-2 off the hooked model, silently. It is
+    refused by name; the same hook on block 1 is exact; an observing hook on block 0 is fine."""
+    model = tiny_model(family)
+    inputs = tiny_inputs(family)
+    for layer, steer in ((0, True), (0, False), (1, True)):
+        hook = _steer if steer else (lambda m, a, k: None)
+        handle = BLOCKS[family](model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ref = model(**inputs)[0]
+            if layer == 0 and steer:
+                with pytest.raises(astra.AstraError, match="layer 0's attention input differs by .* hook or a "
+                                                           "changed module between the embeddings"):
+                    astra.simulate(model, inputs, world_size=2)
+                continue
+            out = astra.simulate(model, inputs, world_size=2)[0]
+            assert max_diff(out, ref, inputs) < 1e-4, (layer, steer)
+        finally:
+            handle.remove()
+
+
+BLOCKS = {"gpt2": lambda m: m.transformer.h, "llama": lambda m: m.model.layers, "bert": lambda m: m.encoder.layer,
+          "vit": lambda m: m.vit.layers}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layer_0s_input_check_has_no_false_alarm_in_any_dtype(dtype):
+    """The check above compares what the forward computed with what astra computes from the embedding output: the
+    same operations, so no dtype's rounding may trip it (every family that computes layer 0 itself)."""
+    for family in ("gpt2", "llama", "bert", "vit"):
+        model = tiny_model(family).to(dtype)
+        inputs = tiny_inputs(family)
+        if family == "vit":
+            inputs = {"pixel_values": inputs["pixel_values"].to(dtype)}
+        assert family_of(model).computes_first_layer, family
+        out = astra.simulate(model, inputs, world_size=3)[0]
+        assert torch.isfinite(out).all(), (family, dtype)

@@ -462,6 +462,16 @@ def check_has_weights(model) -> None:
                 "quantized unlike the whole sequence; give astra the float model")
 
 
+def check_not_compiled(model) -> None:
+    """Raise :class:`UnsupportedModelError` for a model compiled in place (``model.compile()``, on it or on one of its
+    modules): Dynamo traced astra's hooks and collectives, and its error read as a dead peer's."""
+    for name, m in model.named_modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            where = f"on {name} ({type(m).__name__})" if name else f"on the model ({type(m).__name__})"
+            raise UnsupportedModelError(f"astra does not run a model compiled in place (compile() {where}): load "
+                                        "or build the model again without it")
+
+
 def family_of(model) -> Family:
     """Resolve a supported HF model (a registered family's base model or a head on it); raise
     :class:`UnsupportedModelError` naming what is supported otherwise."""
@@ -469,6 +479,8 @@ def family_of(model) -> Family:
     if isinstance(getattr(model, "_orig_mod", None), Module):           # what torch.compile returns
         raise UnsupportedModelError(f"astra does not support a torch.compile'd model ({cls} of "
                                     f"{type(model._orig_mod).__name__}): give the model itself (model._orig_mod)")
+    if isinstance(model, Module):
+        check_not_compiled(model)
     cfg = getattr(model, "config", None)
     adapter = _REGISTRY.get(getattr(cfg, "model_type", None))
     if adapter is None or not isinstance(getattr(model, "base_model", None), Module):

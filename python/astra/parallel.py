@@ -208,6 +208,7 @@ class DistRuntime(RuntimeBase):
         if prof is not None:
             prof.mark(layer - 1, prof_.REST) if layer else prof.mark_outside(prof_.BEFORE)
         if not self.fam.exchanged(layer):       # every rank computes these tokens' inputs itself: nothing to send
+            self.checked_first_input(send, ctx.chunks[self.rank])
             if self.predictive:
                 ctx.state["own"] = send
             ctx.state[layer] = None

@@ -24,7 +24,7 @@ from .codebooks import Codebooks, apply_predictor, as_normal_tensor, cast_layers
 from .context import Ctx, make_ctx
 from .errors import AstraError, NonFiniteError, UnsupportedModelError
 from .inputs import check_not_autocast
-from .models import check_has_weights, family_of
+from .models import check_has_weights, check_not_compiled, family_of
 from .split import resolve_class_token, resolve_split
 
 ATTN_NAME = "astra"
@@ -294,6 +294,8 @@ class RuntimeBase:
         UnsupportedModelError under ``torch.autocast`` (inference runtimes)."""
         if not self.differentiable:
             check_not_autocast(self.fam)
+        check_not_compiled(self.model)
+        self._hooks_last()
         if self.in_training():
             raise AstraError("astra runs inference only: the model (or one of its modules) was put in training mode "
                              "after astra patched it; call model.eval()")
@@ -318,6 +320,32 @@ class RuntimeBase:
             raise AstraError("the codebooks changed in place after astra patched the model with them: what astra "
                              "built from them (K/V tables, the codebooks fingerprint) is stale, and the senders "
                              "already encode with the new values; unpatch it and patch it again")
+
+    def _hooks_last(self) -> None:
+        """astra's hooks run after the user's on the same module, those registered after astra patched the model too
+        (a pre-hook changing a layer's input ran after astra had sent it; an embeddings hook saw this rank's tokens
+        only, and its change missed the whole sequence's embedding output astra keeps)."""
+        for h in self._handles:
+            hooks = h.hooks_dict_ref()
+            if hooks is not None and h.id in hooks:
+                hooks.move_to_end(h.id)
+
+    def checked_first_input(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """:meth:`computed_input` of the tokens of global indices ``idx``, checked against their layer-0 attention
+        input ``h [B, n, D]`` as this forward computed it. Every rank uses the computed input for the other ranks'
+        tokens of a layer it computes itself, so a hook or a module changed between the embedding output and layer
+        0's attention would reach this rank's tokens only: :class:`AstraError` naming it."""
+        want = self.computed_input(idx)
+        scale = float(want.detach().abs().amax()) if want.numel() else 0.0
+        d = float((h.detach() - want.detach()).abs().amax()) if h.numel() else 0.0
+        if d > 32 * torch.finfo(h.dtype).eps * max(scale, 1.0):
+            raise AstraError(f"{self.place()}: layer 0's attention input differs by {d:.3g} (largest |value| "
+                             f"{scale:.3g}) from what astra computes from the embedding output, which every rank uses "
+                             "for the other ranks' tokens (layer 0 exchanges nothing): a hook or a changed module "
+                             "between the embeddings and layer 0's attention would reach this rank's tokens only "
+                             "(hook the embeddings module or a later layer instead), or the family adapter's embed / "
+                             "first_input computes something else")
+        return want
 
     def _codebook_tensors(self) -> List[torch.Tensor]:
         return [] if self.codebooks is None else self.codebooks.all_tensors()

@@ -65,9 +65,9 @@ class SimRuntime(RuntimeBase):
         precision), their codes ``[B, n, G]``, or, with predictive codebooks, their reconstruction ``[B, n, D]``
         (which is also what layer ``layer + 1`` predicts from). In a layer the ranks compute themselves
         (:meth:`astra.models.Family.exchanged`) it is what they compute, :meth:`computed_input` (the adapter's
-        ``embed`` / ``first_input``), not ``hs``: a wrong hook shows here as under ``parallelize``."""
+        ``embed`` / ``first_input``), not ``hs``, which must equal it (:meth:`checked_first_input`)."""
         if not self.fam.exchanged(layer):
-            hs = self.computed_input(self.ctx.chunks[s])
+            hs = self.checked_first_input(hs, self.ctx.chunks[s])
         if self.codebooks is None:
             return hs
         if not self.predictive:
