@@ -203,6 +203,27 @@ def test_demo_small_gpt2_reuses_saved_codebooks(tmp_path):
     assert 0.5 * payload < less <= payload, out[-800:]
 
 
+def test_demo_verdict_fails_when_an_output_differs():
+    """The demo's pass / fail: ASTRA's distributed output off astra.simulate, or the full-precision run off the model,
+    fails it (mutation audit: `return True` there passed every test, the demo's only test being a passing run)."""
+    from astra.cli import demo_verdict
+
+    h = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0))
+    inputs = {"attention_mask": torch.ones(1, 4, dtype=torch.long)}
+
+    def ranks(fp, distributed):
+        return {"fp": {"out": {"last_hidden_state": fp}}, "astra": {"out": {"last_hidden_state": distributed}}}
+
+    ref = sim = {"last_hidden_state": h}
+    assert demo_verdict(ranks(h, h), ref, sim, inputs) is True
+    assert demo_verdict(ranks(h, h + 0.5), ref, sim, inputs) is False
+    assert demo_verdict(ranks(h + 1e-3, h), ref, sim, inputs) is False
+    inputs["attention_mask"][0, 3] = 0                       # a padded position's difference does not count
+    off = h.clone()
+    off[0, 3] += 1.0
+    assert demo_verdict(ranks(off, off), ref, sim, inputs) is True
+
+
 def test_a_decoder_directory_loads_with_its_lm_head(tmp_path):
     """A causal-LM checkpoint directory loads with its head, so `astra run --model DIR` prints next-token ids as its
     help says (AutoModel dropped the head: a GPT-2 printed an 'embedding'); an encoder directory loads as before."""

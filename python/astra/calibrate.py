@@ -110,7 +110,7 @@ def collect_hidden_states(model, samples: Iterable[Dict[str, Any]], *, max_token
     return (out[:-1], out[-1]) if use_emb else (out, None)
 
 
-def _assign(xs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+def lloyd_assign(xs: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Nearest codeword per group for the Lloyd step, ``[N, G]``.
 
     Groups of at most :data:`astra_kernels.SMALL_GROUP_MAX_DIM` dims: the exact encode (its fused small-group
@@ -188,7 +188,7 @@ def kmeans_error(x: torch.Tensor, codebook: torch.Tensor) -> float:
     G, K, d = codebook.shape
     xs = x.detach().float().reshape(x.shape[0], G, d).transpose(0, 1).contiguous()
     C = codebook.detach().float()
-    codes = _assign(xs, C)                                                # [N, G]
+    codes = lloyd_assign(xs, C)                                                # [N, G]
     q = C[torch.arange(G)[None, :], codes]                                # [N, G, d]
     return float((q.transpose(0, 1) - xs).pow(2).mean())
 
@@ -229,7 +229,7 @@ def _kmeans_torch(x: torch.Tensor, groups: int, k: int, *, iters: int, seed: int
     xs = x.reshape(N, groups, d).transpose(0, 1).contiguous()       # [G, N, d]
     C = _init_centroids(xs, k, g, init_samples)
     for _ in range(iters):
-        codes = _assign(xs, C)                                          # [N, G]
+        codes = lloyd_assign(xs, C)                                          # [N, G]
         flat = (codes.t() + torch.arange(groups).unsqueeze(1) * k).reshape(-1)   # [G*N] into [G*K]
         sums = torch.zeros(groups * k, d).index_add_(0, flat, xs.reshape(-1, d)).view(groups, k, d)
         counts = torch.zeros(groups * k).index_add_(0, flat, torch.ones(groups * N)).view(groups, k)

@@ -294,7 +294,7 @@ def codebooks_for(args, model, tokenize, desc: str):
     return cb
 
 
-def _agreement(r0, ref, sim, inputs) -> bool:
+def demo_verdict(r0, ref, sim, inputs) -> bool:
 
     key, ref_main = primary_output(ref)
     mask = inputs.get("attention_mask")
@@ -382,7 +382,7 @@ def cmd_demo(args) -> int:
         ranks = astra.launch(_demo_rank, args.world_size, name, path, held_out, args.max_length, "auto",
                              join_timeout=300)
         print(f"  done in {time.perf_counter() - t0:.1f}s")
-    ok = _agreement(ranks[0], ref, sim, inputs)
+    ok = demo_verdict(ranks[0], ref, sim, inputs)
     _bytes_report(ranks, cb)
     print(f"\ntotal {time.perf_counter() - t_start:.1f}s")
     if not ok:
