@@ -12,6 +12,12 @@ is at or below the Gaussian's: the ratio k-means / Gaussian is a lower bound on 
 these bits could gain over k-means.
 
     PYTHONPATH=.:python python bench/rate_distortion.py --predict [--groups 32] [--threads 2]
+
+``--classes 4,8,16`` adds, on the training tokens, the Gaussian limit *given side information both sides hold*: the
+tokens are classed by their prediction (k-means of the prediction, in the quantized basis, into C classes; the
+embedding output for layer 0) and each class gets its own covariance, as a quantizer with one codebook a class
+(chosen by the class, so it costs no bits) could use. Each class's limit is set against the pooled covariance's limit
+on a random sample of the class's size, so the estimation bias of a smaller sample is in both.
 """
 from __future__ import annotations
 
@@ -80,11 +86,45 @@ class Layer:
         return None if self.W is None else self.predict(emb, prev) + y_hat.double() @ self.T_inv
 
 
+def limit_and_variance(y: torch.Tensor, bits: float) -> tuple:
+    """(the Gaussian limit of ``y``'s covariance at ``bits`` bits a vector, ``y``'s variance), both totals."""
+    yc = (y - y.mean(0)).double()
+    return gaussian_distortion(torch.linalg.eigvalsh(yc.t() @ yc / len(yc)), bits), float(yc.pow(2).sum(1).mean())
+
+
+def conditional_limit(y: torch.Tensor, side: torch.Tensor, classes: int, bits: float, min_class: int = 400) -> tuple:
+    """(the limit given the class of ``side``, the pooled limit on samples of the same sizes), each as a fraction of
+    ``y``'s variance; classes under ``min_class`` tokens are left out of both."""
+    cent = kmeans(side.float(), 1, classes, iters=10, seed=0)
+    cls = ak.vq_encode(side.float(), cent).reshape(-1)
+    g = torch.Generator().manual_seed(0)
+    cond = pooled = 0.0
+    n_in = 0
+    for c in range(classes):
+        n = int((cls == c).sum())
+        if n >= min_class:
+            n_in += n
+            cond += limit_and_variance(y[cls == c], bits)[0] * n
+            pooled += limit_and_variance(y[torch.randperm(len(y), generator=g)[:n]], bits)[0] * n
+    total = limit_and_variance(y, bits)[1] * n_in
+    return cond / total, pooled / total
+
+
+def given_classes(layer: Layer, y: torch.Tensor, emb, prev, classes: int, bits: float) -> str:
+    """The table cell of :func:`conditional_limit`: the side information is the layer's prediction in the quantized
+    basis (layer 0, and plain codebooks: the embedding output)."""
+    side = emb if layer.W is None or prev is None else layer.predict(emb, prev) @ layer.T
+    cond, pooled = conditional_limit(y, side, classes, bits)
+    return f"{cond:.3f} ({pooled:.3f}, {cond / pooled:.2f}x)"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--groups", type=int, default=32, help="G (default: 32)")
     ap.add_argument("--predict", action="store_true", help="predictive codebooks (astra.calibrate(predict=True))")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--classes", default="", help="comma-separated C: the limit given the prediction's class "
+                                                  "(training tokens)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     task = A.minilm_task(A.Size())
@@ -96,19 +136,23 @@ def main(argv=None) -> int:
     bits = a.groups * 10.0
     print(f"G = {a.groups}, K = 1024 ({bits:g} bits a token), {'predictive' if a.predict else 'plain'}, attention "
           f"basis; distortion / variance (white Gaussian: {2.0 ** (-2.0 * bits / fam.hidden_size):.3f})\n")
+    classes = [int(c) for c in a.classes.split(",") if c]
     print("| layer | train: k-means | train: Gaussian limit | ratio | held-out: k-means | held-out: Gaussian limit "
-          "| ratio |\n|---|---|---|---|---|---|---|")
+          "| ratio |" + "".join(f" train: limit given {c} classes (pooled, same sizes) |" for c in classes)
+          + "\n|---|---|---|---|---|---|---|" + "---|" * len(classes))
     for l in range(fam.num_layers):
         hs, emb = sets["train"]
         layer = Layer(fam, l, hs[l], emb, prev["train"], a)
-        row = [str(l)]
+        row, given = [str(l)], []
         for name, (hs, emb) in sets.items():
             y = layer.vectors(hs[l], emb, prev[name])
             y_hat = layer.quantized(y)
             measured, limit, _ = fractions(y, y_hat, bits)
             row += [f"{measured:.3f}", f"{limit:.3f}", f"{measured / limit:.2f}x"]
+            if name == "train":
+                given = [given_classes(layer, y, emb, prev[name], c, bits) for c in classes]
             prev[name] = layer.reconstruction(y_hat, emb, prev[name])
-        print("| " + " | ".join(row) + " |", flush=True)
+        print("| " + " | ".join(row + given) + " |", flush=True)
     return 0
 
 
