@@ -465,6 +465,8 @@ def check_has_weights(model) -> None:
 def check_not_compiled(model) -> None:
     """Raise :class:`UnsupportedModelError` for a model compiled in place (``model.compile()``, on it or on one of its
     modules): Dynamo traced astra's hooks and collectives, and its error read as a dead peer's."""
+    if all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules()):     # (every forward: no names)
+        return
     for name, m in model.named_modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             where = f"on {name} ({type(m).__name__})" if name else f"on the model ({type(m).__name__})"
