@@ -267,6 +267,7 @@ class _CodebookPrep:
 
     def __init__(self, codebook: torch.Tensor):
         G, K, DG = codebook.shape
+        self.top = float(codebook.detach().abs().amax())                 # its largest magnitude (encode's checks)
         self.mu32, cc = _centred_codebook(codebook)                      # [G, DG], [G, K, DG] float64
         self.mu_flat = self.mu32.reshape(-1)                                                # [G*DG]
         self.cb32 = cc.to(torch.float32).contiguous()                    # [G, K, DG] fp32 (refinement)
@@ -639,8 +640,9 @@ def _ws_view(ws: dict, name: str, shape, dtype) -> torch.Tensor:
 
 
 @compile_opaque
-def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Exact nearest-codeword codes ``[N, G]`` int32 for ``x2 [N, D]`` (see the module docstring)."""
+def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor, prep: Optional["_CodebookPrep"] = None) -> torch.Tensor:
+    """Exact nearest-codeword codes ``[N, G]`` int32 for ``x2 [N, D]`` (see the module docstring); ``prep``: the
+    codebook's preparation where the caller has it."""
     G, K, DG = codebook.shape
     N = x2.shape[0]
     codes = torch.empty(N, G, dtype=torch.int32, device=x2.device)
@@ -655,7 +657,7 @@ def _encode_torch(x2: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         for g in range(G):
             codes[:, g] = _exact_rerank(x2[:, g * DG:(g + 1) * DG].to(torch.float64), codebook[g], None).to(torch.int32)
         return codes
-    p = _prep(codebook)
+    p = prep if prep is not None else _prep(codebook)
     ws = _workspace()
     if DG <= SMALL_GROUP_MAX_DIM:
         return _encode_small(x2, codebook, p, codes, ws)
@@ -820,22 +822,28 @@ F64_ENCODE_LIMIT = 2.0 ** 120
 F64_ENCODE_FLOOR = 2.0 ** -480
 
 
-def _check_encodable(x: torch.Tensor, codebook: torch.Tensor) -> None:
+def _check_encodable(x: torch.Tensor, codebook: torch.Tensor, codebook_top: Optional[float] = None) -> None:
     """NaN / inf refused in both; float64 values beyond :data:`F64_ENCODE_LIMIT`, or inputs (one of them float64)
     whose largest magnitude is below :data:`F64_ENCODE_FLOOR` (but not 0), refused (other dtypes are within both by
-    their range)."""
-    check_finite("codebook", codebook)
+    their range). ``codebook_top``: the codebook's largest magnitude where it is known to hold the bits of a codebook
+    that passed these checks (a preparation-cache hit): its two passes over the codebook are skipped."""
+    if codebook_top is None:
+        check_finite("codebook", codebook)
+        codebook_top = _encodable_magnitude("codebook", codebook)
     check_finite("x", x)
-    top = 0.0
-    for name, t in (("codebook", codebook), ("x", x)):
-        m = float(t.detach().abs().amax()) if t.numel() else 0.0
-        if t.dtype == torch.float64 and m > F64_ENCODE_LIMIT:
-            raise ValueError(f"{name} holds float64 values beyond 2**120 (~1.3e36), which the encoders do not take "
-                             "(their centred frame's mean is fp32): scale the inputs and the codebook alike")
-        top = max(top, m)
+    top = max(codebook_top, _encodable_magnitude("x", x))
     if 0 < top < F64_ENCODE_FLOOR and torch.float64 in (x.dtype, codebook.dtype):   # (an all-zero x of any dtype)
         raise ValueError(f"x and the codebook hold float64 values of at most {top:.3g} in magnitude, below 2**-480 "
                          "(~1e-144), whose squared distances underflow: scale the inputs and the codebook alike")
+
+
+def _encodable_magnitude(name: str, t: torch.Tensor) -> float:
+    """``t``'s largest magnitude; float64 values beyond :data:`F64_ENCODE_LIMIT` refused."""
+    m = float(t.detach().abs().amax()) if t.numel() else 0.0
+    if t.dtype == torch.float64 and m > F64_ENCODE_LIMIT:
+        raise ValueError(f"{name} holds float64 values beyond 2**120 (~1.3e36), which the encoders do not take "
+                         "(their centred frame's mean is fp32): scale the inputs and the codebook alike")
+    return m
 
 
 def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -846,7 +854,9 @@ def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto")
     G, K, DG = _check_codebook(codebook)
     _check_x(x, G, DG)
     be = resolve_backend(backend, x, codebook)
-    _check_encodable(x, codebook)
+    # the CPU path's preparation, looked up first: a hit holds the bits of a codebook checked when it was prepared
+    prep = _prep_cache.get(codebook) if be != "triton" and x.device.type == "cpu" else None
+    _check_encodable(x, codebook, None if prep is None else prep.top)
     lead = tuple(x.shape[:-1])
     x2 = x.detach().reshape(-1, G * DG)
     with torch.no_grad():
@@ -856,7 +866,7 @@ def vq_encode(x: torch.Tensor, codebook: torch.Tensor, *, backend: str = "auto")
             xk, cb, cn = _triton_inputs(x2, codebook)
             codes = _k.vq_encode_triton(xk, cb, cn)
         else:
-            codes = _encode_torch(x2, codebook)   # the caller's tensor: the per-codebook cache keys on it
+            codes = _encode_torch(x2, codebook, prep)   # the caller's tensor: the per-codebook cache keys on it
     return codes.reshape(*lead, G)
 
 
