@@ -308,6 +308,7 @@ class Codebooks:
             if not 1 <= n * len(kinds) == len(keys) or keys != {f"{kind}.{i}" for i in range(n) for kind in kinds}:
                 names = " and ".join(f"{k}.0..{k}.{n - 1}" for k in kinds)
                 raise ValueError(f"{path}: expected tensors {names}, found {sorted(keys)}")
+            _check_declared(path, f, kinds, n, (hidden, G, K))
             read = {kind: [f.get_tensor(f"{kind}.{i}") for i in range(n)] for kind in kinds}
         for kind in kinds:
             if meta["version"] != UNCHECKED_VERSION:
@@ -360,6 +361,31 @@ _TENSOR_KINDS = {ROTATED_VERSION: ("layer", "rotation"), TRANSFORMED_VERSION: ("
 _NAMED_KINDS = {PREDICTIVE_VERSION: (("layer", "predictor", "predictor_bias"),
                                      ("layer", "transform", "inverse", "predictor", "predictor_bias"))}
 _NAMED_KINDS[PLACEHOLDER_VERSION] = (("layer",), ("layer", "transform", "inverse"), *_NAMED_KINDS[PREDICTIVE_VERSION])
+
+
+#: the tensor dtypes a codebook file may hold (safetensors' names)
+_FILE_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_declared(path: str, f, kinds: tuple, n: int, sizes: tuple) -> None:
+    """Every tensor's dtype and shape as the file's header declares them, before any is read: a tensor of another
+    shape than the metadata's ``(hidden, G, K)`` give (a file declaring gigabytes), or of a dtype torch can not read,
+    is refused without reading it (ValueError naming the tensor)."""
+    hidden, G, K = sizes
+    want = {"layer": [G, K, hidden // G if G > 0 else -1], "predictor": [2 * hidden, hidden],
+            "predictor_bias": [hidden]}
+    for kind in kinds:
+        for i in range(n):
+            name = f"{kind}.{i}"
+            try:
+                sl = f.get_slice(name)
+                shape, dtype = list(sl.get_shape()), str(sl.get_dtype())
+            except Exception as e:  # safetensors' own error types (a dtype it does not know)
+                raise ValueError(f"{path}: tensor {name} can not be read ({e}): the file is corrupt") from None
+            expected = want.get(kind, [hidden, hidden])
+            if dtype not in _FILE_DTYPES or shape != expected:
+                raise ValueError(f"{path}: tensor {name} is declared {dtype} {shape}; expected one of "
+                                 f"{'/'.join(_FILE_DTYPES)} {expected} (the metadata's sizes): the file is corrupt")
 
 
 def _tensor_kinds(path: str, meta: dict) -> tuple:
@@ -524,7 +550,7 @@ def as_codebooks(codebooks, model) -> Optional[Codebooks]:
 def tensor_checksum(t: torch.Tensor) -> str:
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))     # (no second copy of the tensor)
     return h.hexdigest()
 
 
