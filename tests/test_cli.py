@@ -203,6 +203,24 @@ def test_demo_small_gpt2_reuses_saved_codebooks(tmp_path):
     assert 0.5 * payload < less <= payload, out[-800:]
 
 
+def test_an_out_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    """check_out_file's trial open of a FIFO blocked until a reader came (astra calibrate --out FIFO hung)."""
+    import signal
+
+    from astra.cli import UsageError, check_out_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("blocked on the FIFO")))
+    signal.alarm(5)
+    try:
+        with pytest.raises(UsageError, match="fifo is not a regular file"):
+            check_out_file("--out", str(fifo))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_demo_verdict_fails_when_an_output_differs():
     """The demo's pass / fail: ASTRA's distributed output off astra.simulate, or the full-precision run off the model,
     fails it (mutation audit: `return True` there passed every test, the demo's only test being a passing run)."""

@@ -45,6 +45,32 @@ def test_save_names_a_missing_directory_or_a_directory_given_as_the_file(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_refuses_what_is_not_a_regular_file_and_writes_through_links(tmp_path, gpt2):
+    """Untrusted-files audit: safetensors' save wrote a file beside the path and renamed it over whatever was there,
+    so saving to /dev/null as root replaced the device node, a FIFO became a file, a symbolic link was replaced
+    instead of its target, and every file got mode 0600 whatever the umask."""
+    import os
+    import stat
+
+    cb = astra.Codebooks.random(gpt2, groups=2, codebook_size=16, seed=1)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="fifo: it is not a regular file"):
+        cb.save(fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    target, link = tmp_path / "v1.safetensors", tmp_path / "current.safetensors"
+    astra.Codebooks.random(gpt2, groups=2, codebook_size=16, seed=2).save(target)
+    link.symlink_to(target.name)
+    old = os.umask(0o022)
+    try:
+        cb.save(link)
+    finally:
+        os.umask(old)
+    assert link.is_symlink() and torch.equal(astra.Codebooks.load(target)[1], cb[1])
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.safetensors", "fifo", "v1.safetensors"]
+
+
 def test_load_rejects_wrong_model(tmp_path, gpt2):
     cb = astra.Codebooks.random(gpt2, groups=2, codebook_size=16)
     p = tmp_path / "cb.safetensors"

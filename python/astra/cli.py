@@ -504,6 +504,8 @@ def check_out_file(opt: str, path: str) -> None:
         raise UsageError(f"{opt}: directory {parent} is not writable")
     if os.path.isdir(path):
         raise UsageError(f"{opt}: {path} is a directory; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):      # (the open below blocked on a FIFO)
+        raise UsageError(f"{opt}: {path} is not a regular file (a device, a FIFO or a socket); give a file name")
     existed = os.path.exists(path)
     try:
         with open(path, "ab"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import warnings
 from typing import List, Optional, Sequence
 
@@ -252,8 +253,10 @@ class Codebooks:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: "str | os.PathLike") -> None:
-        """Write a safetensors file at ``path`` (its directory must exist; an existing file is replaced)."""
-        from safetensors.torch import save_file
+        """Write a safetensors file at ``path`` (its directory must exist). An existing file is replaced whole (a new
+        file, with the permissions a new file gets, renamed over it: a reader never sees half of one); through a
+        symbolic link, the link's target is. Anything but a regular file there (a device, a FIFO) is refused."""
+        from safetensors.torch import save as serialized
 
         path = os.fsdecode(os.fspath(path))         # bytes too, as load takes them
         if not path:
@@ -263,6 +266,9 @@ class Codebooks:
             raise IsADirectoryError(f"{path} is a directory; give the codebook file's path")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"cannot save codebooks to {path}: no directory {folder}")
+        if os.path.exists(path) and not os.path.isfile(path):     # (safetensors' save_file replaced /dev/null)
+            raise ValueError(f"cannot save codebooks to {path}: it is not a regular file (a device, a FIFO or a "
+                             "socket); give a file's path")
         # contiguous copies: safetensors refuses tensors that share memory (a placeholder layer's transform and
         # inverse are one identity; float64 codebooks keep it without a copy) and non-contiguous ones (a PCA basis's
         # inverse is its transform's transposed view)
@@ -273,7 +279,7 @@ class Codebooks:
                 tensors[f"{kind}.{i}"] = own(t)
         meta = self._metadata()
         meta["checksum"] = metadata_checksum(meta)
-        save_file(tensors, path, metadata=meta)
+        replace_file(os.path.realpath(path), serialized(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: "str | os.PathLike", model=None, *, device="cpu") -> "Codebooks":
@@ -365,6 +371,21 @@ _NAMED_KINDS[PLACEHOLDER_VERSION] = (("layer",), ("layer", "transform", "inverse
 
 #: the tensor dtypes a codebook file may hold (safetensors' names)
 _FILE_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """``data`` as the file ``path``: written to a new file beside it (created as any new file is, under the umask)
+    and renamed over it."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _check_declared(path: str, f, kinds: tuple, n: int, sizes: tuple) -> None:
