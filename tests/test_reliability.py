@@ -2,6 +2,7 @@
 inputs, a one-sided failure mid-forward, a stale ParallelModel, non-finite values, a killed peer. Every case raises
 a clear exception on every rank in the same call, and the next call is exact again."""
 import os
+import re
 import signal
 
 import pytest
@@ -901,3 +902,33 @@ def test_user_hooks_after_parallelize_are_seen_and_compile_is_refused():
         assert "layer 0's attention input differs" in out["layer 0"], out
         assert out["compiled"].startswith(f"UnsupportedModelError: astra rank {rank}/2: astra does not run a model "
                                           "compiled in place (compile() on the model"), out
+
+
+def _generate_wrong_header(rank, announce):
+    """The last rank announces a result shape other than the tokens it sends (a bug, another version)."""
+    model = tiny_model("gpt2")
+    ids = tiny_inputs("gpt2", seq=12)["input_ids"][:1]
+    pm = astra.parallelize(model, None, timeout=5)
+    if rank == 1:
+        real = pm._send_header
+
+        def lying(status, shape=(0, 0)):
+            real(status, announce if status == 0 else shape)        # 0: GEN_RESULT, the tokens follow
+        pm._send_header = lying
+    first = _any_outcome(lambda: pm.generate(ids, max_new_tokens=3))
+    return first, _any_outcome(lambda: pm(input_ids=ids))
+
+
+@pytest.mark.parametrize("announce, why", [((1, 5), "5 tokens a row for a prompt of 12 and a limit of 15"),
+                                           ((15, 1), "15 rows for a prompt of 1 .at most 1 a prompt row."),
+                                           ((1, 1 << 27), "134217728 tokens a row")])
+def test_a_generate_result_header_that_can_not_be_the_prompts_is_refused(announce, why):
+    """Untrusted-peers audit: the last rank's result header was trusted. Announcing 5 tokens where 15 followed
+    aborted the receiving rank in gloo (SIGABRT); 2**27 allocated 1 GiB and returned the tokens padded with zeros;
+    [15, 1] returned the tokens transposed, silently. Refused before any allocation; the group counts as broken."""
+    (first0, next0), (first1, _) = astra.launch(_generate_wrong_header, 2, announce, join_timeout=120)
+    assert first0.startswith("FrameMismatchError: astra rank 0/2: generate: rank 1 announced a result of "), first0
+    assert re.search(why, first0), first0
+    assert next0.startswith("PeerError: astra rank 0/2: a peer failed in an earlier call (astra rank 0/2: generate: "
+                            "rank 1 announced"), next0
+    assert first1.startswith("PeerError: "), first1                     # its tokens' broadcast found no receiver

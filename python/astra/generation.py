@@ -228,6 +228,19 @@ def sequences_of(result) -> torch.Tensor:
     return result if isinstance(result, torch.Tensor) else result.sequences
 
 
+def implausible_result(prompt: Prompt, rows: int, length: int) -> Optional[str]:
+    """Why a ``generate`` result of ``[rows, length]`` tokens can not be this prompt's (None: it can): a multiple of the
+    prompt's rows, at most :attr:`Prompt.expand` a row; from the prompt's length to the resolved config's limit."""
+    B, T = prompt.input_ids.shape
+    gc = prompt.config
+    limit = T + int(gc.max_new_tokens) if gc.max_new_tokens is not None else max(int(gc.max_length or 0), T)
+    if rows < B or rows % B or rows // B > prompt.expand:
+        return f"{rows} rows for a prompt of {B} (at most {prompt.expand} a prompt row)"
+    if not T <= length <= limit:
+        return f"{length} tokens a row for a prompt of {T} and a limit of {limit}"
+    return None
+
+
 def result_like(prompt: Prompt, sequences: torch.Tensor):
     """``generate``'s result type for this prompt's config holding only ``sequences`` (the other ranks' copy)."""
     if not prompt.config.return_dict_in_generate:

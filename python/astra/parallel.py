@@ -32,6 +32,7 @@ from .codebooks import as_codebooks
 from .context import LayerStats, key_masks
 from .errors import (
     AstraError,
+    FrameMismatchError,
     InvalidInputError,
     PeerError,
     RankFailedError,
@@ -44,6 +45,7 @@ from .generation import (
     check_generation,
     generation_request,
     hf_generate,
+    implausible_result,
     prefill_call,
     prepare_prompt,
     replay_to_streamer,
@@ -833,6 +835,10 @@ class ParallelModel:
                               what="generate: error report")
             text = bytes(raw.tolist()).rstrip(b"\0").decode("utf-8", "replace")
             raise RankFailedError(f"{rt.place()}: rank {last} failed in generate: {text}", rank=last)
+        why = f"status {status}" if status != GEN_RESULT else implausible_result(prompt, B, L)
+        if why is not None:         # before any allocation: a wrong header aborted this rank in gloo, or filled GBs
+            raise FrameMismatchError(f"{rt.place()}: generate: rank {last} announced a result of {why}: the ranks "
+                                     "are out of step (another astra version, or another call)")
         seq = t.broadcast(torch.zeros(B, L, dtype=torch.long, device=t.device), last, what="generate: tokens")
         replay_to_streamer(prompt, seq)
         return result_like(prompt, seq.to(self.module.device))
