@@ -221,6 +221,14 @@ def test_an_out_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
         signal.signal(signal.SIGALRM, old)
 
 
+def test_run_input_is_bounded():
+    """astra run --input /dev/zero (or `yes |`) read until the OOM killer came: every line runs in one batch."""
+    from astra.runcmd import MAX_INPUT_CHARS, read_texts
+
+    with pytest.raises(ValueError, match=f"--input /dev/zero: more than {MAX_INPUT_CHARS >> 20} Mi characters"):
+        read_texts("/dev/zero")
+
+
 def test_demo_verdict_fails_when_an_output_differs():
     """The demo's pass / fail: ASTRA's distributed output off astra.simulate, or the full-precision run off the model,
     fails it (mutation audit: `return True` there passed every test, the demo's only test being a passing run)."""

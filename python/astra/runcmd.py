@@ -18,18 +18,26 @@ encoders, next-token id for decoders, predicted class for image classifiers), th
 rank sent, and the distance to the unmodified model."""
 
 
+#: the most text ``astra run --input`` reads (every line runs in one batch): /dev/zero or `yes |` grew until the OOM
+#: killer came
+MAX_INPUT_CHARS = 16 << 20
+
+
 def read_texts(path: str) -> List[str]:
-    """Non-empty lines of ``path`` (``-``: stdin)."""
+    """Non-empty lines of ``path`` (``-``: stdin), at most :data:`MAX_INPUT_CHARS` characters."""
     if path == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise ValueError("--input -: no text on stdin (pipe text in, or give --input FILE)")
-        text = sys.stdin.read()
+        text = sys.stdin.read(MAX_INPUT_CHARS + 1)
     else:
         try:
             with open(path, encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(MAX_INPUT_CHARS + 1)
         except UnicodeDecodeError as e:
             raise ValueError(f"--input {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if len(text) > MAX_INPUT_CHARS:
+        raise ValueError(f"--input {path}: more than {MAX_INPUT_CHARS >> 20} Mi characters of text (every line runs "
+                         "as one batch); give fewer lines")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"--input {path}: no non-empty lines")
