@@ -1,6 +1,7 @@
 """astra.agreement: the fixed-size input fingerprint every rank exchanges before a distributed forward, what its
 digests see, and the verdict :func:`disagreement` gives for a set of fingerprints. The distributed cases (ranks given
 different inputs, models, codebooks) are in test_reliability.py; these check the pieces without a process group."""
+
 import torch
 
 import astra
@@ -127,7 +128,7 @@ def test_setup_differences_name_what_differs_between_the_ranks_models_and_codebo
     configuration, size, dtype, family adapter) differ: rank 0: 5eca243ebb15ae3a; rank 1: 70f510ab7432a7a1"."""
     from test_runtime_support import tiny_model
 
-    from astra.agreement import describe_setup, setup_differences
+    from astra.agreement import describe_setup, request_differences, setup_differences
 
     base = tiny_model("gpt2")
     cb = astra.Codebooks.random(base, groups=1, codebook_size=8)
@@ -149,6 +150,14 @@ def test_setup_differences_name_what_differs_between_the_ranks_models_and_codebo
     assert setup_differences([ref, describe_setup(base, "other", cb)]) == (
         "family adapters differ between ranks (register the same FamilyAdapter on every rank)")
     assert setup_differences([ref, ref[:100]]) is None          # a cut description: the digests' message stands
+    # a peer's text that is JSON but not a description (untrusted-peers audit: bare RecursionError / TypeError /
+    # KeyError escaped the agreement): the digests' message stands too
+    for other in ("[" * 4000, "[1]", "{}", '{"model": 1, "codebooks": 2, "adapter": 3, "config": 5}'):
+        assert setup_differences([ref, other]) is None, other
+    odd = setup_differences([ref, '{"model": 1, "codebooks": 2, "adapter": [3], "config": {"a": [1]}}'])
+    assert odd.startswith("models differ between ranks: rank 0: GPT2LMHeadModel") and "rank 1: 1;" in odd, odd
+    assert "family adapters differ" in odd and "model configurations differ between ranks in: a, " in odd, odd
+    assert request_differences(["generate {}; ", "generate " + "[" * 4000]).startswith("call arguments differ")
     fps = [_fp(), _fp(model=b"X" * 8 + b"M" * 8)]
     assert str(disagreement(fps, 1, [ref, bf16])).startswith("astra rank 1/2: models differ between ranks: rank 0: "
                                                              "GPT2LMHeadModel, float32")

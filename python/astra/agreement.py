@@ -155,22 +155,30 @@ def describe_setup(model, adapter_text: str, codebooks) -> str:
 
 def setup_differences(texts: List[str]) -> Optional[str]:
     """What differs between the ranks' :func:`describe_setup` texts (None: nothing they show)."""
-    try:
-        setups = [json.loads(t) for t in texts]
-    except ValueError:
-        return None             # cut at SETUP_NBYTES: the digests' message stands
+    setups = [_parsed(t) for t in texts]
+    if not all(isinstance(s, dict) and {"model", "codebooks", "adapter"} <= s.keys()
+               and isinstance(s.get("config"), dict) for s in setups):
+        return None             # cut at SETUP_NBYTES (or not astra's): the digests' message stands
     parts = []
     for key, name in (("model", "models"), ("codebooks", "codebooks")):
         if len({json.dumps(s[key]) for s in setups}) > 1:
             parts.append(_differ(name, [s[key] for s in setups]))
-    if len({s["adapter"] for s in setups}) > 1:
+    if len({json.dumps(s["adapter"]) for s in setups}) > 1:
         parts.append("family adapters differ between ranks (register the same FamilyAdapter on every rank)")
     keys = sorted(set().union(*(s["config"] for s in setups)))
-    differ = [k for k in keys if len({s["config"].get(k) for s in setups}) > 1]
+    differ = [k for k in keys if len({json.dumps(s["config"].get(k)) for s in setups}) > 1]
     if differ:
         shown = ", ".join(differ[:12]) + (f" and {len(differ) - 12} more" if len(differ) > 12 else "")
         parts.append(f"model configurations differ between ranks in: {shown}")
     return "; ".join(parts) or None
+
+
+def _parsed(text: str) -> Any:
+    """``text`` as JSON, or None where it is not JSON (cut at its field's size) or nests past the parser's depth."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _differ(name: str, values: List[str]) -> str:
@@ -204,11 +212,8 @@ def request_differences(requests: List[str]) -> Optional[str]:
     value), or None where they are equal (the inputs' values differ)."""
     if len(set(requests)) == 1:
         return None
-    try:
-        fields = [json.loads(r.split(" ", 1)[1].rstrip("; ")) for r in requests]
-    except (IndexError, ValueError):
-        fields = None
-    if not fields or not all(isinstance(f, dict) for f in fields):
+    fields = [_parsed(r.split(" ", 1)[1].rstrip("; ")) if " " in r else None for r in requests]
+    if not all(isinstance(f, dict) for f in fields):
         return _differ("call arguments", requests)
     keys = sorted(set().union(*fields))
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in fields}) > 1]
