@@ -932,3 +932,33 @@ def test_a_generate_result_header_that_can_not_be_the_prompts_is_refused(announc
     assert next0.startswith("PeerError: astra rank 0/2: a peer failed in an earlier call (astra rank 0/2: generate: "
                             "rank 1 announced"), next0
     assert first1.startswith("PeerError: "), first1                     # its tokens' broadcast found no receiver
+
+
+def _frames_of_another_shape(rank):
+    """Rank 1 sends CRC-valid frames of the right size whose codes have another shape (transposed)."""
+    import astra_kernels as ak
+
+    model = tiny_model("bert")
+    cb = astra.Codebooks.random(model, groups=4, codebook_size=8, seed=1)
+    x = tiny_inputs("bert", seq=12)
+    sim = astra.simulate(model, x, world_size=2, codebooks=cb).last_hidden_state
+    pm = astra.parallelize(model, cb, timeout=10)
+    real = ak.encode_and_pack
+    if rank == 1:
+        def transposed(h, codebook, bits=None, **kw):
+            codes = ak.unpack_codes(real(h, codebook, bits, **kw))
+            return ak.pack_codes(codes.transpose(0, 1).contiguous(), bits)
+        ak.encode_and_pack = transposed
+    bad = _any_outcome(lambda: pm(**x))
+    ak.encode_and_pack = real
+    return bad, float((pm.gather(pm(**x)).last_hidden_state - sim).abs().max())
+
+
+def test_a_frame_of_another_shape_names_its_sender():
+    """Untrusted-peers audit: a peer's CRC-valid frame of the right size but another shape failed later, in an index
+    ("kv_pos has length 6, expected 2"), as the receiving rank's failure. The codes' shape is checked against the
+    split, and the sender named; the next call is exact."""
+    for rank, (bad, after) in enumerate(astra.launch(_frames_of_another_shape, 2, join_timeout=120)):
+        assert bad.startswith(f"RankFailedError: astra rank {rank}/2: rank 0 failed in layer 1"), bad
+        assert "rank 1 sent codes of shape [6, 2, 4] where its tokens need [2, 6, 4]" in bad, bad
+        assert after < TOL, after

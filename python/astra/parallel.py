@@ -235,6 +235,16 @@ class DistRuntime(RuntimeBase):
         if prof is not None:
             prof.mark(layer, prof_.PACK)
 
+    def _codes_from(self, s: int, frame: torch.Tensor, layer: int) -> torch.Tensor:
+        """Rank ``s``'s codes ``[B, n_s, G]`` from its frame (CRC-checked by the codec), their shape checked against
+        the split: a frame of another shape failed later, in an index, blaming the rank that received it."""
+        codes = ak.unpack_codes(frame)
+        want = (self.ctx.B, int(self.ctx.chunks[s].numel()), self.codebooks.groups)
+        if tuple(codes.shape) != want:
+            raise AstraError(f"{self.place()}, layer {layer}: rank {s} sent codes of shape {list(codes.shape)} where "
+                             f"its tokens need {list(want)}: the ranks are out of step")
+        return codes
+
     def _rows(self, payload: torch.Tensor) -> torch.Tensor:
         """A rank's raw hidden states ``[B, n, D]`` from its full-precision payload bytes."""
         return payload.clone().view(self._dtype).view(self.ctx.B, -1, self.fam.hidden_size)
@@ -309,7 +319,7 @@ class DistRuntime(RuntimeBase):
         ctx, rg, prof = self.ctx, self._rg, self.profiler
         codes = h_hat = None
         if parts is not None and self.codebooks is not None:
-            codes = torch.cat([ak.unpack_codes(parts[s]).to(q.device) for s in self._kv_ranks], dim=1)
+            codes = torch.cat([self._codes_from(s, parts[s], layer).to(q.device) for s in self._kv_ranks], dim=1)
             if prof is not None:
                 prof.mark(layer, prof_.UNPACK)
             if self.predictive:
