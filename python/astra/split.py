@@ -1,6 +1,7 @@
 """The token split: which tokens each rank holds (docs/runtime.md, "Split")."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import List, Optional, Tuple
@@ -97,8 +98,10 @@ def rank_costs(seq_len: int, world_size: int, costs: Optional[Tuple[float, ...]]
     return [chunk_cost(len(c), int(c[0]), costs, last=r == world_size - 1) for r, c in enumerate(chunks)]
 
 
-def _balanced_bounds(n: int, world: int, *costs: float) -> List[int]:
-    """Chunk boundaries ``0 = b_0 < ... < b_world = n`` minimising the largest rank cost (bisection on it)."""
+@functools.lru_cache(maxsize=256)
+def _balanced_bounds(n: int, world: int, *costs: float) -> Tuple[int, ...]:
+    """Chunk boundaries ``0 = b_0 < ... < b_world = n`` minimising the largest rank cost (bisection on it). Kept per
+    ``(n, world, costs)``: every forward asks again, and the bisection's ~500 costs took 1-5 ms of Python."""
     pair, key, encode, local = costs = _full(costs)
     if not (pair >= 0 and 0 <= encode < 1 and 0 <= key <= 1 - encode and local >= pair):
         # key <= 1 - encode and local >= pair: a token moved to an earlier rank never makes a later rank dearer (so
@@ -126,7 +129,7 @@ def _balanced_bounds(n: int, world: int, *costs: float) -> List[int]:
     for _ in range(64):
         mid = 0.5 * (lo + hi)
         lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
-    return fill(hi)
+    return tuple(fill(hi))
 
 
 def causal_costs(fam: Family, codebooks) -> Tuple[float, float, float, float]:
