@@ -69,6 +69,9 @@ def test_save_refuses_what_is_not_a_regular_file_and_writes_through_links(tmp_pa
     assert link.is_symlink() and torch.equal(astra.Codebooks.load(target)[1], cb[1])
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.safetensors", "fifo", "v1.safetensors"]
+    long = tmp_path / ("x" * 240 + ".safetensors")        # a legal name: the temporary file's must fit beside it
+    cb.save(long)
+    assert torch.equal(astra.Codebooks.load(long)[0], cb[0])
 
 
 def test_load_rejects_wrong_model(tmp_path, gpt2):

@@ -54,6 +54,11 @@ def _cases(family):
         ("one-token prompt", {"input_ids": plain["input_ids"][:, :1]}, dict(max_new_tokens=4), None),
         # 2 of its tokens prefilled by 2 ranks (one each), or generated alone when shorter than the world
         ("three-token prompt", {"input_ids": plain["input_ids"][:, :3]}, dict(max_new_tokens=4), None),
+        # HF's default length (20 new tokens), a longer prompt than it, and max_length as a total: the result header's
+        # bound read the default as a total, and every rank failed (FrameMismatchError / PeerError)
+        ("default length", plain, dict(do_sample=False), None),
+        ("default length, prompt of 24", tiny_inputs(family, seq=24, seed=3), dict(do_sample=False), None),
+        ("max_length", plain, dict(max_length=14, do_sample=False), None),
     ]
 
 

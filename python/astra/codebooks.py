@@ -376,7 +376,7 @@ _FILE_DTYPES = ("F16", "BF16", "F32", "F64")
 def replace_file(path: str, data: bytes) -> None:
     """``data`` as the file ``path``: written to a new file beside it (created as any new file is, under the umask)
     and renamed over it."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(os.path.dirname(path), f".astra-{os.getpid()}-{secrets.token_hex(4)}.tmp")   # any name length
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:

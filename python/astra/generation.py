@@ -233,7 +233,8 @@ def implausible_result(prompt: Prompt, rows: int, length: int) -> Optional[str]:
     prompt's rows, at most :attr:`Prompt.expand` a row; from the prompt's length to the resolved config's limit."""
     B, T = prompt.input_ids.shape
     gc = prompt.config
-    limit = T + int(gc.max_new_tokens) if gc.max_new_tokens is not None else max(int(gc.max_length or 0), T)
+    # max_length is a total where given, and HF reads its default (20) as new tokens: T + it bounds both
+    limit = T + int(gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length or 0)
     if rows < B or rows % B or rows // B > prompt.expand:
         return f"{rows} rows for a prompt of {B} (at most {prompt.expand} a prompt row)"
     if not T <= length <= limit:
