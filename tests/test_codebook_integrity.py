@@ -258,3 +258,25 @@ def test_declared_shapes_and_dtypes_are_refused_before_any_read(tmp_path):
         _v1_file(p, dtype, [2, 4, 8], nbytes)
         with pytest.raises(ValueError, match=f"tensor layer.0 (can not be read|is declared {dtype})"):
             astra.Codebooks.load(p)
+
+
+def test_a_changed_byte_in_any_tensor_kind_is_named(tmp_path):
+    """Every kind a file holds (codebooks, bases, predictors) is checked against its own checksum (mutation audit: the
+    predictors' check removed was caught only by a test of another module)."""
+    from test_runtime_support import tiny_codebooks
+
+    model = tiny_model("gpt2")
+    p = tmp_path / "cb.safetensors"
+    tiny_codebooks(model, "gpt2", 4, predict=True).save(p)
+    raw = p.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    kinds = sorted({k.split(".")[0] for k in head if k != "__metadata__"})
+    assert {"layer", "predictor", "predictor_bias", "transform", "inverse"} <= set(kinds), kinds
+    for kind in kinds:
+        a, b = head[f"{kind}.1"]["data_offsets"]
+        changed = bytearray(raw)
+        changed[8 + n + (a + b) // 2] ^= 0x01
+        p.write_bytes(bytes(changed))
+        with pytest.raises(ValueError, match=f"{kind} 1 fails its checksum"):
+            astra.Codebooks.load(p)

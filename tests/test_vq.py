@@ -783,3 +783,13 @@ def test_threads_sharing_a_new_codebook_get_exact_codes(monkeypatch):
         for t in threads:
             t.join()
     assert not wrong
+
+
+def test_default_bits_is_the_code_width_of_k_codewords():
+    """ceil(log2 K), at least 1 (mutation audit: K instead of K - 1 gave 11 bits for K = 1024, caught only by a test
+    of another module)."""
+    widths = {1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 1023: 10, 1024: 10, 1025: 11, 65535: 16, 65536: 16}
+    assert {K: ak.default_bits(K) for K in widths} == widths
+    for bad in (0, 65537, 2.0, True):
+        with pytest.raises(ValueError, match="K .codebook entries. must be an int in 1..65536"):
+            ak.default_bits(bad)
