@@ -147,6 +147,16 @@ class Ctx:
     def skip(self, case: str, why: str = "budget spent") -> None:
         self.add(case, status="skipped", note=why)
 
+    def guarded(self, case: str, fn, *args) -> None:
+        """``fn(*args)``; an error other than the step's timeout is recorded under ``case`` and the step goes on."""
+        try:
+            fn(*args)
+        except StepTimeout:
+            raise
+        except Exception as e:  # the next case still runs
+            traceback.print_exc()
+            self.add(case, status="error", note=f"{type(e).__name__}: {e}"[:300])
+
     def save(self) -> None:
         data = dict(meta=self.meta, steps=self.steps, records=self.records)
         (self.out / "results.json").write_text(json.dumps(data, indent=1, default=str))
@@ -406,13 +416,7 @@ def step_correctness(ctx: Ctx) -> None:
         if ctx.left() < 3:
             ctx.skip(name)
             continue
-        try:
-            correctness_model(ctx, name)
-        except StepTimeout:
-            raise
-        except Exception as e:  # the next model still runs
-            traceback.print_exc()
-            ctx.add(name, status="error", note=f"{type(e).__name__}: {e}"[:300])
+        ctx.guarded(name, correctness_model, ctx, name)
 
 
 def correctness_model(ctx: Ctx, name: str) -> None:
@@ -475,13 +479,7 @@ def step_speed(ctx: Ctx) -> None:
     for name, fn in (("vq", speed_vq), ("attention", speed_attention), ("codec", speed_codec)):
         share = {"vq": 0.4, "attention": 0.4, "codec": 0.2}[name]
         end = time.monotonic() + share * max(ctx.left(), 0)
-        try:
-            fn(ctx, end)
-        except StepTimeout:
-            raise
-        except Exception as e:  # the next benchmark still runs
-            traceback.print_exc()
-            ctx.add(name, status="error", note=f"{type(e).__name__}: {e}"[:300])
+        ctx.guarded(name, fn, ctx, end)
 
 
 def speed_vq(ctx: Ctx, end: float) -> None:
