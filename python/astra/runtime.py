@@ -336,9 +336,12 @@ class RuntimeBase:
         tokens of a layer it computes itself, so a hook or a module changed between the embedding output and layer
         0's attention would reach this rank's tokens only: :class:`AstraError` naming it."""
         want = self.computed_input(idx)
-        scale = float(want.detach().abs().amax()) if want.numel() else 0.0
-        d = float((h.detach() - want.detach()).abs().amax()) if h.numel() else 0.0
-        if d > 32 * torch.finfo(h.dtype).eps * max(scale, 1.0):
+        if not want.numel():
+            return want
+        top = want.detach().abs().amax()
+        diff = (h.detach() - want.detach()).abs().amax()
+        if bool(diff > 32 * torch.finfo(h.dtype).eps * top.clamp(min=1.0)):        # (one host sync a forward)
+            d, scale = float(diff), float(top)
             raise AstraError(f"{self.place()}: layer 0's attention input differs by {d:.3g} (largest |value| "
                              f"{scale:.3g}) from what astra computes from the embedding output, which every rank uses "
                              "for the other ranks' tokens (layer 0 exchanges nothing): a hook or a changed module "
