@@ -793,3 +793,27 @@ def test_default_bits_is_the_code_width_of_k_codewords():
     for bad in (0, 65537, 2.0, True):
         with pytest.raises(ValueError, match="K .codebook entries. must be an int in 1..65536"):
             ak.default_bits(bad)
+
+
+@pytest.mark.parametrize("G, DG", [(4, 6), (2, 24), (1, 160)])
+def test_codebooks_that_repeat_codewords_encode_exactly(G, DG):
+    """k-means on fewer vectors than codewords re-seeds empty clusters with data points, so codewords repeat exactly;
+    the CPU path encodes such a codebook through its distinct codewords (copies left every token near one to the
+    exact search, ~10x slower). Codes equal the float64 reference's, ties to the lowest code, with tokens on a
+    repeated codeword, near one, and a group that repeats none."""
+    g = T.seeded_generator(131)
+    K = 64
+    base = torch.randn(G, 12, DG, generator=g)
+    pick = torch.randint(0, 12, (G, K), generator=g)
+    pick[:, 5], pick[:, 40] = 3, 3                          # code 5 is the first copy of base[3], code 40 a later one
+    cb = base.gather(1, pick[..., None].expand(G, K, DG)).contiguous()
+    if G > 1:
+        cb[1] = torch.randn(K, DG, generator=g)            # a group with no repeated codeword
+    on = cb.transpose(0, 1)[torch.randint(0, K, (30,), generator=g)].reshape(30, G * DG)
+    near = on + 1e-3 * torch.randn(30, G * DG, generator=g)
+    x = torch.cat([on, near, torch.randn(40, G * DG, generator=g)])
+    ref = vq.vq_encode_reference(x, cb)
+    T.assert_equal_ints(ak.vq_encode(x, cb, backend="torch"), ref, "codes")
+    assert not bool((ref[:, 0] == 40).any())               # a later copy never wins its tie
+    T.assert_equal_ints(ak.vq_encode(x, cb.double(), backend="torch"), vq.vq_encode_reference(x, cb.double()),
+                        "codes (float64)")
