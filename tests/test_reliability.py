@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from test_runtime_support import tiny_inputs, tiny_model
+from test_runtime_support import steering_pre_hook, tiny_inputs, tiny_model
 
 import astra
 from astra.models import family_of
@@ -825,12 +825,6 @@ def test_a_stall_past_the_timeout_aborts_no_healthy_rank_and_lets_the_survivors_
     assert time.monotonic() - t0 < 60
 
 
-def _steer(module, args, kwargs):
-    h = args[0] if args else kwargs["hidden_states"]
-    h = h + 0.5 * torch.linspace(-1, 1, h.shape[-1])
-    return ((h,) + args[1:], kwargs) if args else (args, dict(kwargs, hidden_states=h))
-
-
 def _hooked_reference(model, x, register):
     handle = register()
     with torch.no_grad():
@@ -850,7 +844,7 @@ def _user_hooks_and_compile(rank):
         x = tiny_inputs(family)
         if where == "layer 1":
             def register(model=model):
-                return model.model.layers[1].self_attn.register_forward_pre_hook(_steer, with_kwargs=True)
+                return model.model.layers[1].self_attn.register_forward_pre_hook(steering_pre_hook, with_kwargs=True)
         else:
             def register(model=model):
                 return model.embeddings.register_forward_hook(lambda m, a, o: o * 1.5 + 0.1)
@@ -863,7 +857,7 @@ def _user_hooks_and_compile(rank):
     model = tiny_model("gpt2")
     x = tiny_inputs("gpt2")
     pm = astra.parallelize(model, None, timeout=10)
-    handle = model.transformer.h[0].register_forward_pre_hook(_steer, with_kwargs=True)
+    handle = model.transformer.h[0].register_forward_pre_hook(steering_pre_hook, with_kwargs=True)
     out["layer 0"] = _any_outcome(lambda: pm(**x))
     handle.remove()
     model.compile(backend="eager")

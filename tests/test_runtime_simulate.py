@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime_support import main_output, max_diff, tiny_codebooks, tiny_inputs, tiny_model
+from test_runtime_support import main_output, max_diff, steering_pre_hook, tiny_codebooks, tiny_inputs, tiny_model
 
 import astra
 from astra.models import family_of
@@ -494,13 +494,6 @@ def test_a_head_and_its_base_model_simulated_from_two_threads_are_one_claim(monk
     assert head.config._attn_implementation != "astra" and not rtm._CLAIMED_CONFIGS
 
 
-def _steer(module, args, kwargs):
-    """A user's steering pre-hook: adds a fixed vector to a block's input."""
-    h = args[0] if args else kwargs["hidden_states"]
-    h = h + 0.5 * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)
-    return ((h,) + args[1:], kwargs) if args else (args, dict(kwargs, hidden_states=h))
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "vit"])
 def test_a_hook_changing_layer_0s_input_is_refused_and_one_on_a_later_layer_is_exact(family):
     """Every rank computes the other ranks' layer-0 inputs from the embedding output itself, so a pre-hook on the
@@ -509,7 +502,7 @@ def test_a_hook_changing_layer_0s_input_is_refused_and_one_on_a_later_layer_is_e
     model = tiny_model(family)
     inputs = tiny_inputs(family)
     for layer, steer in ((0, True), (0, False), (1, True)):
-        hook = _steer if steer else (lambda m, a, k: None)
+        hook = steering_pre_hook if steer else (lambda m, a, k: None)
         handle = BLOCKS[family](model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():

@@ -99,6 +99,13 @@ def main_output(out):
     raise KeyError(list(out.keys()))
 
 
+def steering_pre_hook(module, args, kwargs):
+    """A user's steering forward pre-hook (``with_kwargs=True``): adds a fixed vector to a block's input."""
+    h = args[0] if args else kwargs["hidden_states"]
+    h = h + 0.5 * torch.linspace(-1, 1, h.shape[-1], dtype=h.dtype)
+    return ((h,) + args[1:], kwargs) if args else (args, dict(kwargs, hidden_states=h))
+
+
 def max_diff(a, b, inputs) -> float:
     """Largest absolute difference of two outputs; padding positions excluded when ``a`` is ``[B, T, ...]``."""
     d = (a - b).abs()
